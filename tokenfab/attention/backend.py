@@ -1,0 +1,108 @@
+"""Attention backend interface, the per-step sequence layout it consumes, and the scoped forward context."""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class SeqLayout:
+    """One request's slice of a flat token batch."""
+
+    token_start: int
+    """Index of its first token in the flat batch."""
+    num_tokens: int
+    context_start: int
+    """Position of its first token (= tokens already in the KV cache)."""
+    block_tables: tuple[list[int], ...]
+    """Block ids per KV group (window group), covering positions [0, context_start + num_tokens)."""
+
+    @property
+    def context_end(self) -> int:
+        return self.context_start + self.num_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class KVGroupSpec:
+    """Layers that share a sliding window share one KV pool."""
+
+    window: int | None
+    layers: tuple[int, ...]
+
+
+class KVCache:
+    """Per-group K and V tensors: [layers_in_group, num_blocks * block_size, kv_heads, head_dim]."""
+
+    def __init__(self, groups: list[KVGroupSpec], blocks_per_group: list[int], block_size: int,
+                 kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.groups = groups
+        self.block_size = block_size
+        self.blocks_per_group = blocks_per_group
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.layer_slot: dict[int, tuple[int, int]] = {}
+        for g, (spec, blocks) in enumerate(zip(groups, blocks_per_group)):
+            shape = (len(spec.layers), blocks * block_size, kv_heads, head_dim)
+            # Zeros, not empty: padded gathers read the null block, and NaN garbage would survive a 0 weight.
+            self.k.append(torch.zeros(shape, dtype=dtype, device=device))
+            self.v.append(torch.zeros(shape, dtype=dtype, device=device))
+            for i, layer in enumerate(spec.layers):
+                self.layer_slot[layer] = (g, i)
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class AttentionBackend(abc.ABC):
+    """Computes attention over a flat batch of mixed prefill and decode tokens against the paged KV cache."""
+
+    @abc.abstractmethod
+    def build_metadata(self, seqs: list[SeqLayout], groups: list[KVGroupSpec], block_size: int,
+                       device: torch.device) -> Any:
+        """Everything the layers need for one step, computed once and shared by all layers."""
+
+    @abc.abstractmethod
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                metadata: Any, cache: KVCache) -> torch.Tensor:
+        """q: [T, H, D]; k, v: [T, KVH, D] of this step's tokens. Writes k, v to the cache; returns [T, H, D]."""
+
+
+@dataclass(slots=True)
+class ForwardContext:
+    backend: AttentionBackend
+    metadata: Any
+    cache: KVCache
+
+
+_CONTEXT: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar("tokenfab_forward", default=None)
+
+
+@contextlib.contextmanager
+def forward_context(ctx: ForwardContext) -> Iterator[None]:
+    """Scope the step's attention metadata to one model forward; nesting is a bug."""
+    if _CONTEXT.get() is not None:
+        raise RuntimeError("forward_context is already active; nested model forwards are not supported")
+    token = _CONTEXT.set(ctx)
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def current_forward_context() -> ForwardContext:
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        raise RuntimeError("attention called outside forward_context")
+    return ctx

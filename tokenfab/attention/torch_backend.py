@@ -1,0 +1,136 @@
+"""Attention on torch's SDPA: single-token (decode) sequences batched with padding, longer chunks one by one.
+
+Decode rows are laid out as [batch, kv_heads, group, dim] against keys [batch, kv_heads, ctx, dim], so grouped
+query heads never need their K/V repeated. Sliding-window groups gather only the keys inside the window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tokenfab.attention.backend import AttentionBackend, KVCache, KVGroupSpec, SeqLayout
+
+
+@dataclass(slots=True)
+class PrefillSlice:
+    token_start: int
+    token_end: int
+    key_index: torch.Tensor
+    """Cache slots of the keys this chunk attends to."""
+    mask: torch.Tensor | None
+    """[q, keys] bool, None when plain causal over exactly this chunk's keys."""
+
+
+@dataclass(slots=True)
+class GroupMetadata:
+    slot_mapping: torch.Tensor
+    num_decodes: int
+    decode_index: torch.Tensor | None
+    """[decodes, max_keys] cache slots (padded with slot 0)."""
+    decode_mask: torch.Tensor | None
+    """[decodes, 1, 1, max_keys] bool."""
+    prefills: list[PrefillSlice]
+
+
+@dataclass(slots=True)
+class TorchMetadata:
+    groups: list[GroupMetadata]
+
+
+def _slots(block_table: list[int], start: int, end: int, block_size: int) -> np.ndarray:
+    pos = np.arange(start, end, dtype=np.int64)
+    table = np.asarray(block_table, dtype=np.int64)
+    return table[pos // block_size] * block_size + pos % block_size
+
+
+def _key_start(seq: SeqLayout, window: int | None) -> int:
+    """First position any of this chunk's queries may see."""
+    return 0 if window is None else max(0, seq.context_start - window + 1)
+
+
+def _decode_metadata(seqs: list[SeqLayout], g: int, window: int | None, block_size: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    spans = [(_key_start(s, window), s.context_end) for s in seqs]
+    width = max(end - start for start, end in spans)
+    index = np.zeros((len(seqs), width), dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=bool)
+    for row, (seq, (start, end)) in enumerate(zip(seqs, spans)):
+        index[row, : end - start] = _slots(seq.block_tables[g], start, end, block_size)
+        mask[row, : end - start] = True
+    return (torch.from_numpy(index).to(device), torch.from_numpy(mask).view(len(seqs), 1, 1, width).to(device))
+
+
+def _prefill_slice(seq: SeqLayout, g: int, window: int | None, block_size: int, device: torch.device) -> PrefillSlice:
+    start = _key_start(seq, window)
+    index = torch.from_numpy(_slots(seq.block_tables[g], start, seq.context_end, block_size)).to(device)
+    end = seq.token_start + seq.num_tokens
+    if start == seq.context_start and (window is None or seq.num_tokens <= window):
+        return PrefillSlice(seq.token_start, end, index, None)
+    qpos = np.arange(seq.context_start, seq.context_end)[:, None]
+    kpos = np.arange(start, seq.context_end)[None, :]
+    allowed = kpos <= qpos
+    if window is not None:
+        allowed &= qpos - kpos < window
+    return PrefillSlice(seq.token_start, end, index, torch.from_numpy(allowed).to(device))
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Reference and CPU fast path."""
+
+    name = "torch"
+
+    def build_metadata(self, seqs: list[SeqLayout], groups: list[KVGroupSpec], block_size: int,
+                       device: torch.device) -> TorchMetadata:
+        num_decodes = 0
+        while num_decodes < len(seqs) and seqs[num_decodes].num_tokens == 1:
+            num_decodes += 1
+        if any(s.num_tokens == 1 for s in seqs[num_decodes:]):
+            raise ValueError("single-token sequences must come first in the batch")
+        out = []
+        for g, spec in enumerate(groups):
+            slots = np.concatenate([_slots(s.block_tables[g], s.context_start, s.context_end, block_size) for s in seqs])
+            index = mask = None
+            if num_decodes:
+                index, mask = _decode_metadata(seqs[:num_decodes], g, spec.window, block_size, device)
+            prefills = [_prefill_slice(s, g, spec.window, block_size, device) for s in seqs[num_decodes:]]
+            out.append(GroupMetadata(torch.from_numpy(slots).to(device), num_decodes, index, mask, prefills))
+        return TorchMetadata(out)
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                metadata: TorchMetadata, cache: KVCache) -> torch.Tensor:
+        g, i = cache.layer_slot[layer]
+        k_cache, v_cache = cache.k[g][i], cache.v[g][i]
+        meta = metadata.groups[g]
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)
+        if meta.num_decodes:
+            out[: meta.num_decodes] = _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
+        for p in meta.prefills:
+            out[p.token_start : p.token_end] = _prefill(q[p.token_start : p.token_end], k_cache, v_cache, p, scale)
+        return out
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: GroupMetadata,
+            scale: float) -> torch.Tensor:
+    batch, heads, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    qd = q.view(batch, kv_heads, heads // kv_heads, dim)
+    keys = k_cache[meta.decode_index].transpose(1, 2)
+    values = v_cache[meta.decode_index].transpose(1, 2)
+    out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=meta.decode_mask, scale=scale)
+    return out.reshape(batch, heads, dim)
+
+
+def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p: PrefillSlice,
+             scale: float) -> torch.Tensor:
+    keys = k_cache[p.key_index].transpose(0, 1).unsqueeze(0)
+    values = v_cache[p.key_index].transpose(0, 1).unsqueeze(0)
+    qp = q.transpose(0, 1).unsqueeze(0)
+    out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=p.mask, is_causal=p.mask is None,
+                                         scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)

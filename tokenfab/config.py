@@ -1,0 +1,70 @@
+"""EngineConfig: the engine's one frozen, validated configuration."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+ENV_VARS = {
+    "TOKENFAB_CACHE_DIR": "where the default model is assembled and converted models are kept",
+    "TOKENFAB_NUM_THREADS": "torch intra-op threads (default: all cores)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How to build and run one engine."""
+
+    model: str | None = None
+    """HF directory or .gguf file; None serves the embedded default (Gemma 3 270M)."""
+    dtype: str = "auto"
+    """auto | float32 | bfloat16 | float16; auto picks bfloat16 where the hardware computes it fast, else float32."""
+    device: str = "cpu"
+    max_model_len: int = 4096
+    """Longest prompt + output; capped by the model's own limit."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    kv_cache_memory_gb: float = 2.0
+    """KV cache budget across all layers."""
+    max_num_seqs: int = 64
+    """Requests running at once."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one step (prefill chunks + decodes)."""
+    enable_prefix_caching: bool = True
+    attention_backend: str = "torch"
+    seed: int = 0
+    """Seed of the engine's generator (requests without their own seed)."""
+    num_threads: int | None = None
+    pack_weights: bool = True
+    """Prepack linear weights for oneDNN on CPU."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.dtype in ("auto", "float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}"),
+            (self.block_size in (8, 16, 32, 64, 128), "block_size must be one of 8, 16, 32, 64, 128"),
+            (self.max_model_len >= 16, "max_model_len must be >= 16"),
+            (self.kv_cache_memory_gb > 0, "kv_cache_memory_gb must be > 0"),
+            (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
+            (self.max_num_batched_tokens >= self.block_size, "max_num_batched_tokens must be >= block_size"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def threads(self) -> int:
+        return self.num_threads or int(os.environ.get("TOKENFAB_NUM_THREADS", 0)) or (os.cpu_count() or 1)
+
+    def resolve_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return getattr(torch, self.dtype)
+        if self.torch_device.type == "cuda":
+            return torch.bfloat16
+        fast_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.bfloat16 if fast_bf16 else torch.float32

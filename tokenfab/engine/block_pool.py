@@ -1,0 +1,102 @@
+"""BlockPool: fixed-size KV blocks of one window group with refcounts, a verified prefix-hash map and LRU reuse.
+
+Block 0 is the null block: it pads block tables (sliding-window layers drop blocks that left the window) and is
+never handed out. Free blocks keep their hash until they are reused, so a later request can still hit them; the
+free queue is ordered least-recently-freed first, and that is the eviction order.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+NULL_BLOCK = 0
+
+BlockKey = tuple[int | None, tuple[int, ...]]
+"""(parent block's hash, this block's tokens): what a hash hit is verified against."""
+
+
+def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+    return hash((parent, tokens))
+
+
+@dataclass(slots=True)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None
+    key: BlockKey | None = None
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 2:
+            raise ValueError("a block pool needs at least 2 blocks (one is the null block)")
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
+        self.cached: dict[int, int] = {}
+        self.evictions = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free(self) -> int:
+        """Blocks that can be handed out now (cached-but-unused ones included)."""
+        return len(self.free)
+
+    def allocate(self) -> int:
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:
+            del self.cached[block.hash]
+            block.hash = block.key = None
+            self.evictions += 1
+        block.ref_count = 1
+        return block_id
+
+    def lookup(self, h: int, key: BlockKey) -> int | None:
+        """A cached block holding exactly these tokens after exactly this parent, or None."""
+        block_id = self.cached.get(h)
+        if block_id is None or self.blocks[block_id].key != key:
+            return None
+        return block_id
+
+    def touch(self, block_id: int) -> None:
+        """Take a reference on a cached block (reviving it from the free queue if unused)."""
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free[block_id]
+        block.ref_count += 1
+
+    def release(self, block_id: int) -> None:
+        if block_id == NULL_BLOCK:
+            return
+        block = self.blocks[block_id]
+        if block.ref_count <= 0:
+            raise RuntimeError(f"block {block_id} released with ref_count {block.ref_count}")
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free[block_id] = None
+
+    def register(self, block_id: int, h: int, key: BlockKey) -> None:
+        """Make a full block findable by its hash; the first block with given contents stays canonical."""
+        block = self.blocks[block_id]
+        if block.hash is not None or h in self.cached:
+            return
+        block.hash, block.key = h, key
+        self.cached[h] = block_id
+
+    def check_integrity(self) -> None:
+        free_ids = set(self.free)
+        assert len(free_ids) == len(self.free), "duplicate ids in the free queue"
+        assert NULL_BLOCK not in free_ids, "null block is in the free queue"
+        for block in self.blocks[1:]:
+            in_free = block.block_id in free_ids
+            assert block.ref_count >= 0, f"negative ref_count on block {block.block_id}"
+            assert in_free == (block.ref_count == 0), f"block {block.block_id}: ref {block.ref_count}, free {in_free}"
+            if block.hash is not None:
+                assert self.cached.get(block.hash) == block.block_id, f"block {block.block_id} hash not indexed"
+        for h, block_id in self.cached.items():
+            assert self.blocks[block_id].hash == h, f"hash map points at block {block_id} with another hash"

@@ -1,0 +1,135 @@
+"""Scheduler: token catch-up under a per-step budget.
+
+Every request holds num_computed_tokens and num_tokens; a step gives each running request the tokens it still
+needs (decodes 1, prefills a chunk), then admits waiting requests while budget, sequence slots and KV blocks last.
+Prefix-cache hits start a request with tokens already computed; when blocks run out the lowest-priority running
+request is preempted and recomputed later. Siblings of an n > 1 request wait until the first has computed the
+prompt, so they share its KV blocks through the prefix cache.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+
+from tokenfab.engine.kv_cache_manager import KVCacheManager
+from tokenfab.engine.types import Request, RequestStatus, ScheduledRequest, StepPlan
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self._waiting: list[tuple[int, float, int, Request]] = []
+        self._order = itertools.count()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.leaders: dict[str, Request] = {}
+        """Sibling request id -> the sibling that computes the shared prompt first."""
+        self.num_preemptions = 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self.running)
+
+    def add(self, request: Request, leader: Request | None = None) -> None:
+        self.requests[request.request_id] = request
+        if leader is not None:
+            self.leaders[request.request_id] = leader
+        self._push(request)
+
+    def _push(self, request: Request) -> None:
+        heapq.heappush(self._waiting, (request.priority, request.arrival, next(self._order), request))
+
+    def schedule(self) -> StepPlan:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+        budget = self._schedule_running(budget, scheduled, preempted)
+        if not preempted:
+            budget = self._admit_waiting(budget, scheduled)
+        return StepPlan(scheduled, preempted, self.max_num_batched_tokens - budget)
+
+    def _schedule_running(self, budget: int, scheduled: list[ScheduledRequest], preempted: list[Request]) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(request, n):
+                # Only requests not yet given tokens this step may be evicted (the current one included).
+                victim = max(self.running[i:], key=lambda r: (r.priority, r.arrival))
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                scheduled.append(ScheduledRequest(request, request.num_computed_tokens, n))
+                budget -= n
+                i += 1
+        return budget
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._push(request)
+
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
+        deferred: list[tuple[int, float, int, Request]] = []
+        while self._waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            entry = heapq.heappop(self._waiting)
+            request = entry[3]
+            if request.finished:
+                continue
+            if self._waits_for_leader(request):
+                deferred.append(entry)
+                continue
+            request.num_computed_tokens = self.kv.get_computed_blocks(request)
+            request.num_cached_tokens = request.num_computed_tokens
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.kv.allocate_slots(request, n):
+                self.kv.free(request)
+                request.num_computed_tokens = 0
+                deferred.append(entry)
+                break
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(ScheduledRequest(request, request.num_computed_tokens, n))
+            budget -= n
+        for entry in deferred:
+            heapq.heappush(self._waiting, entry)
+        return budget
+
+    def _waits_for_leader(self, request: Request) -> bool:
+        leader = self.leaders.get(request.request_id)
+        if leader is None or leader.finished or leader.status == RequestStatus.WAITING:
+            return False
+        return leader.num_computed_tokens < leader.num_prompt_tokens - 1
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """Mark finished and give its blocks back at once (also used for aborts)."""
+        if request.finished:
+            return
+        request.status = status
+        if request in self.running:
+            self.running.remove(request)
+        self.kv.free(request)
+        self.requests.pop(request.request_id, None)
+        self.leaders.pop(request.request_id, None)
+
+    def abort(self, request_id: str) -> Request | None:
+        request = self.requests.get(request_id)
+        if request is not None:
+            self.finish(request, RequestStatus.FINISHED_ABORTED)
+        return request

@@ -1,0 +1,184 @@
+"""One decoder-only transformer for Llama, Mistral, Qwen2, Qwen3 and Gemma 3 text, over a flat token batch.
+
+forward(input_ids [T], positions [T]) -> hidden [T, hidden]; attention reads the step's metadata and KV cache from
+the scoped forward context. Weights arrive with HF names and are fused (QKV, gate/up) and packed at load time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from tokenfab.attention.backend import current_forward_context
+from tokenfab.models.arch import ArchConfig
+from tokenfab.models.layers import Linear, RMSNorm, RotaryEmbedding, gated_activation
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: ArchConfig, layer: int, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.layer = layer
+        self.arch = arch
+        self.qkv_proj = Linear(arch.hidden_size, arch.q_size + 2 * arch.kv_size, bias=arch.qkv_bias)
+        self.o_proj = Linear(arch.q_size, arch.hidden_size)
+        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
+        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
+        self.rope = rope
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        a = self.arch
+        q, k, v = self.qkv_proj(x).split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        q = q.reshape(-1, a.num_heads, a.head_dim)
+        k = k.reshape(-1, a.num_kv_heads, a.head_dim)
+        v = v.reshape(-1, a.num_kv_heads, a.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(positions, q, k)
+        ctx = current_forward_context()
+        out = ctx.backend.forward(self.layer, q, k, v.contiguous(), a.softmax_scale, ctx.metadata, ctx.cache)
+        return self.o_proj(out.reshape(-1, a.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        self.activation = arch.activation
+        self.intermediate = arch.intermediate_size
+        self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size)
+        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(gated_activation(self.activation, gate, up))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ArchConfig, layer: int, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        eps = arch.rms_norm_eps
+        self.self_attn = Attention(arch, layer, rope)
+        self.mlp = MLP(arch)
+        self.attn_norm = RMSNorm(arch.hidden_size, eps)
+        self.mlp_norm = RMSNorm(arch.hidden_size, eps)
+        self.post_attn_norm = RMSNorm(arch.hidden_size, eps) if arch.sandwich_norm else None
+        self.post_mlp_norm = RMSNorm(arch.hidden_size, eps) if arch.sandwich_norm else None
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        h = self.self_attn(positions, self.attn_norm(x))
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + h
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, arch: ArchConfig, max_positions: int) -> None:
+        super().__init__()
+        self.arch = arch
+        rope_full = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_full.theta, arch.rope_full.scaling)
+        rope_sliding = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_sliding.theta, arch.rope_sliding.scaling)
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(
+            DecoderLayer(arch, i, rope_full if w is None else rope_sliding) for i, w in enumerate(arch.layer_windows)
+        )
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.lm_head = Linear(arch.hidden_size, arch.vocab_size)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        if self.arch.embed_scale != 1.0:
+            x = x * torch.tensor(self.arch.embed_scale, dtype=x.dtype)
+        for layer in self.layers:
+            x = layer(positions, x)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors, fusing q/k/v and gate/up; fails loudly on anything missing or unknown."""
+        load_hf_weights(self, weights)
+
+    def pack_for_cpu(self) -> None:
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
+
+
+_NORMS = {
+    "input_layernorm": "attn_norm",
+    "pre_feedforward_layernorm": "mlp_norm",
+    "post_feedforward_layernorm": "post_mlp_norm",
+}
+_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+def _target_name(model: DecoderModel, name: str) -> tuple[str, int | None]:
+    """Map an HF parameter name to (our parameter name, shard index in a fused weight or None)."""
+    name = name.removeprefix("model.language_model.").removeprefix("language_model.model.").removeprefix("model.")
+    parts = name.split(".")
+    if parts[0] == "layers":
+        if parts[2] in ("self_attn", "mlp") and parts[3] in _FUSED:
+            fused, shard = _FUSED[parts[3]]
+            return ".".join(parts[:3] + [fused, parts[4]]), shard
+        if parts[2] == "post_attention_layernorm":
+            parts[2] = "post_attn_norm" if model.arch.sandwich_norm else "mlp_norm"
+        else:
+            parts[2] = _NORMS.get(parts[2], parts[2])
+        return ".".join(parts), None
+    return name.removeprefix("language_model."), None
+
+
+def _shard_sizes(model: DecoderModel, fused: str) -> list[int]:
+    a = model.arch
+    return [a.q_size, a.kv_size, a.kv_size] if fused.startswith("qkv") else [a.intermediate_size] * 2
+
+
+def load_hf_weights(model: DecoderModel, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    for hf_name, tensor in weights:
+        if "rotary_emb" in hf_name:
+            continue
+        name, shard = _target_name(model, hf_name)
+        if name == "lm_head.weight" and model.arch.tie_word_embeddings:
+            continue
+        if name not in params:
+            raise ValueError(f"unexpected weight {hf_name!r} (mapped to {name!r})")
+        target = params[name].data
+        if shard is not None:
+            sizes = _shard_sizes(model, name.split(".")[-2])
+            offset = sum(sizes[:shard])
+            target = target.narrow(0, offset, sizes[shard])
+        if target.shape != tensor.shape:
+            raise ValueError(f"shape mismatch for {hf_name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
+        if model.arch.norm_plus_one and name.endswith("norm.weight"):
+            tensor = tensor.float() + 1.0
+        target.copy_(tensor)
+        loaded.add(f"{name}#{shard}" if shard is not None else name)
+    _check_complete(model, params, loaded)
+
+
+def _check_complete(model: DecoderModel, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
+    expected: set[str] = set()
+    for name in params:
+        if name == "lm_head.weight" and model.arch.tie_word_embeddings:
+            continue
+        fused = name.split(".")[-2] if name.endswith(".weight") or name.endswith(".bias") else ""
+        if fused in ("qkv_proj", "gate_up_proj"):
+            n = 3 if fused == "qkv_proj" else 2
+            expected.update(f"{name}#{i}" for i in range(n))
+        else:
+            expected.add(name)
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:5]}")

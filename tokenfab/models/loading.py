@@ -1,0 +1,98 @@
+"""Resolve a model reference (HF directory, .gguf file, or the embedded default) into weights, arch and tokenizer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from tokenfab.models.arch import ArchConfig, arch_from_hf_config
+from tokenfab.models.decoder import DecoderModel
+from tokenfab.tokenizer import Tokenizer, load_gguf_tokenizer, load_hf_tokenizer
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    path: Path
+    hf_config: dict[str, Any]
+    arch: ArchConfig
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.path.suffix == ".gguf"
+
+    @property
+    def name(self) -> str:
+        return self.path.stem if self.is_gguf else self.path.name
+
+
+def resolve_model(model: str | None) -> ModelSource:
+    if model is None:
+        from tokenfab.loader.default_model import default_model_path
+
+        path = default_model_path()
+    else:
+        path = Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path} (pass an HF directory or a .gguf file)")
+    if path.suffix == ".gguf":
+        from tokenfab.loader.gguf_reader import read_gguf_config
+
+        cfg = read_gguf_config(path)
+    else:
+        cfg = json.loads((path / "config.json").read_text())
+    return ModelSource(path, cfg, arch_from_hf_config(cfg))
+
+
+def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
+    if source.is_gguf:
+        from tokenfab.loader.gguf_reader import iter_gguf_tensors
+
+        yield from iter_gguf_tensors(source.path)
+        return
+    files = sorted(source.path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {source.path}")
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_tokenizer(source: ModelSource) -> Tokenizer:
+    if source.is_gguf:
+        return load_gguf_tokenizer(source.path, source.arch.model_type)
+    return load_hf_tokenizer(source.path)
+
+
+def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_positions: int,
+               pack: bool = True) -> DecoderModel:
+    with torch.device("meta"):
+        model = DecoderModel(source.arch, max_positions)
+    model = model.to_empty(device=device)
+    if source.arch.tie_word_embeddings:
+        # Materializing from meta creates new parameters, which unties them.
+        model.lm_head.weight = model.embed_tokens.weight
+    # Rotary tables are buffers computed in __init__: rebuild them for real on the target device.
+    _rebuild_rope(model, max_positions, device)
+    model.load_weights(iter_weights(source))
+    model = model.to(dtype)
+    if pack and device.type == "cpu":
+        model.pack_for_cpu()
+    return model.eval()
+
+
+def _rebuild_rope(model: DecoderModel, max_positions: int, device: torch.device) -> None:
+    from tokenfab.models.layers import RotaryEmbedding
+
+    arch = model.arch
+    with torch.device(device):
+        full = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_full.theta, arch.rope_full.scaling)
+        sliding = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_sliding.theta, arch.rope_sliding.scaling)
+    for layer, window in zip(model.layers, arch.layer_windows):
+        layer.self_attn.rope = full if window is None else sliding

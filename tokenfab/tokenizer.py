@@ -1,0 +1,126 @@
+"""Tokenizer: a `tokenizers.Tokenizer` plus special tokens and the chat template, from an HF directory or a GGUF."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers.decoders import DecodeStream
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+    add_bos_token: bool
+    chat_template: str | None
+
+
+class Tokenizer:
+    def __init__(self, inner: tokenizers.Tokenizer, special: SpecialTokens) -> None:
+        self.inner = inner
+        self.special = special
+        self._template = _compile(special.chat_template) if special.chat_template else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.inner.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.special.eos_token_ids
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.inner.encode(text, add_special_tokens=False).ids
+        bos = self.special.bos_token_id
+        if add_special_tokens and self.special.add_bos_token and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.inner.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def decode_stream(self, skip_special_tokens: bool = True) -> DecodeStream:
+        return DecodeStream(skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        if self._template is None:
+            raise ValueError("this model has no chat template")
+        tok = self.inner
+        bos = self.special.bos_token_id
+        eos = self.special.eos_token_ids[0] if self.special.eos_token_ids else None
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=tok.id_to_token(bos) if bos is not None else "",
+            eos_token=tok.id_to_token(eos) if eos is not None else "",
+        )
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        # The rendered template already carries BOS where the model wants it.
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+
+
+def _compile(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
+
+
+def _token_id(inner: tokenizers.Tokenizer, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = value.get("content")
+    return inner.token_to_id(value) if isinstance(value, str) else int(value)
+
+
+def load_hf_tokenizer(directory: Path) -> Tokenizer:
+    inner = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+    cfg = _read_json(directory / "tokenizer_config.json")
+    gen = _read_json(directory / "generation_config.json")
+    model_cfg = _read_json(directory / "config.json")
+    eos = gen.get("eos_token_id", model_cfg.get("eos_token_id"))
+    if eos is None:
+        eos = _token_id(inner, cfg.get("eos_token"))
+    eos_ids = tuple([eos] if isinstance(eos, int) else (eos or []))
+    bos = _token_id(inner, cfg.get("bos_token")) if cfg.get("bos_token") else model_cfg.get("bos_token_id")
+    template = cfg.get("chat_template")
+    jinja = directory / "chat_template.jinja"
+    if template is None and jinja.exists():
+        template = jinja.read_text()
+    # tokenizer.json's post-processor may add BOS itself; encode() adds it only when it is missing.
+    add_bos = bool(cfg.get("add_bos_token", bos is not None and _post_processor_adds(inner, bos)))
+    special = SpecialTokens(bos, eos_ids, _token_id(inner, cfg.get("pad_token")), add_bos, template)
+    return Tokenizer(inner, special)
+
+
+def _post_processor_adds(inner: tokenizers.Tokenizer, bos: int) -> bool:
+    return bos in inner.encode("a", add_special_tokens=True).ids
+
+
+def load_gguf_tokenizer(path: Path, model_type: str) -> Tokenizer:
+    from tokenfab.loader.chat_templates import default_chat_template
+    from tokenfab.loader.gguf_reader import read_gguf_tokenizer
+
+    inner, info = read_gguf_tokenizer(path)
+    eos = info.get("eos_token_id")
+    eos_ids = tuple([eos] if isinstance(eos, int) else (eos or []))
+    template = info.get("chat_template") or default_chat_template(model_type)
+    special = SpecialTokens(info.get("bos_token_id"), eos_ids, info.get("pad_token_id"),
+                            bool(info.get("add_bos_token", False)), template)
+    return Tokenizer(inner, special)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
