@@ -75,18 +75,16 @@ class KVCacheManager:
                 while run < limit and found[g][run] is not None:
                     run += 1
                 limit = run
-        for g, window in enumerate(self.windows):
-            if window is not None:
-                limit = self._sliding_hit(found[g], limit, window)
+        # Backing a hit of n blocks in a sliding group is not monotonic in n, so test every group at each n.
+        while limit > 0 and not all(self._sliding_backs(found[g], limit, w) for g, w in enumerate(self.windows)
+                                    if w is not None):
+            limit -= 1
         return limit, found
 
-    def _sliding_hit(self, found: list[int | None], limit: int, window: int) -> int:
-        bs = self.block_size
-        for n in range(limit, 0, -1):
-            first_needed = max(0, n * bs - window + 1) // bs
-            if all(b is not None for b in found[first_needed:n]):
-                return n
-        return 0
+    def _sliding_backs(self, found: list[int | None], n: int, window: int) -> bool:
+        """Whether the blocks the next token's window needs after an n-block hit are all cached."""
+        first_needed = max(0, n * self.block_size - window + 1) // self.block_size
+        return all(b is not None for b in found[first_needed:n])
 
     def get_computed_blocks(self, request: Request) -> int:
         """Admit a request: take references on its cached prefix; returns the number of computed tokens."""

