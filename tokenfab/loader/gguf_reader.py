@@ -278,7 +278,7 @@ def iter_gguf_tensors(
 
 
 def hf_tensor_name(gguf_name: str, arch: str) -> str:
-    """The HF parameter name of a GGUF tensor name, e.g. blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight."""
+    """HF name of a GGUF tensor name: blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight."""
     stem, _, suffix = gguf_name.rpartition(".")
     if stem in _GLOBAL_TENSORS:
         return f"{_GLOBAL_TENSORS[stem]}.{suffix}"
@@ -295,8 +295,8 @@ def _dequantized(tensor: ReaderTensor) -> np.ndarray:
     # ggml lists dimensions fastest-moving first; torch wants them the other way round.
     shape = tuple(int(dim) for dim in reversed(tensor.shape.tolist()))
     values = dequantize(tensor.data, tensor.tensor_type)
-    # F32 comes back as a read-only view of the memory map; the copy also makes it contiguous.
-    return np.array(values, dtype=np.float32, copy=True).reshape(shape)
+    # F32 comes back as a read-only view of the memory map and is copied; dequantized blocks are already fresh.
+    return np.require(values, dtype=np.float32, requirements=["C_CONTIGUOUS", "WRITEABLE"]).reshape(shape)
 
 
 def _undo_gguf_transforms(values: np.ndarray, gguf_name: str, arch: str, config: dict[str, Any]) -> np.ndarray:
@@ -316,13 +316,6 @@ def unpermute_rope_rows(values: np.ndarray, heads: int) -> np.ndarray:
     half = values.shape[0] // heads // 2
     grouped = values.reshape(heads, half, 2, *values.shape[1:])
     return np.ascontiguousarray(grouped.swapaxes(2, 1).reshape(values.shape))
-
-
-def permute_rope_rows(values: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's q/k row permutation (the inverse of unpermute_rope_rows)."""
-    half = values.shape[0] // heads // 2
-    grouped = values.reshape(heads, 2, half, *values.shape[1:])
-    return np.ascontiguousarray(grouped.swapaxes(1, 2).reshape(values.shape))
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
@@ -405,7 +398,8 @@ def _sentencepiece_backend(vocab: _GgufVocab) -> Tokenizer:
     if vocab.merges is not None:
         merges = [tuple(merge.split(" ")) for merge in vocab.merges]
     else:
-        merges = merges_from_vocab(ids, dict(zip(vocab.tokens, vocab.scores or [0.0] * len(vocab.tokens))))
+        scores = vocab.scores or [0.0] * len(vocab.tokens)
+        merges = merges_from_vocab(ids, dict(zip(vocab.tokens, scores, strict=False)))
     tokenizer = Tokenizer(BPE(vocab=ids, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
     # transformers always prepends; llama.cpp follows the file's flag, which only ever disables it.
     prefix = vocab.add_space_prefix is not False
@@ -482,7 +476,7 @@ def _add_gguf_added_tokens(tokenizer: Tokenizer, vocab: _GgufVocab) -> None:
     alphabet = set(bytes_to_unicode().values()) if vocab.model == "gpt2" else None
     control = [
         AddedToken(token, normalized=False, special=True)
-        for token, kind in zip(vocab.tokens, vocab.token_types)
+        for token, kind in zip(vocab.tokens, vocab.token_types, strict=False)
         # a control token outside the byte alphabet is a llama.cpp mislabel that would grow the vocab
         if kind == _CONTROL and (alphabet is None or set(token) <= alphabet)
     ]
@@ -491,7 +485,7 @@ def _add_gguf_added_tokens(tokenizer: Tokenizer, vocab: _GgufVocab) -> None:
     known = tokenizer.get_vocab(with_added_tokens=True)
     user_defined = [
         AddedToken(token, normalized=False, special=False)
-        for token, kind in zip(vocab.tokens, vocab.token_types)
+        for token, kind in zip(vocab.tokens, vocab.token_types, strict=False)
         if kind == _USER_DEFINED and token in known
     ]
     if user_defined:
