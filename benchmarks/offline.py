@@ -171,13 +171,10 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=1200)
     ap.add_argument("--out", default=str(REPO / "results" / "offline"))
     args = ap.parse_args()
-    from tokenfab.loader.convert import convert_gguf_to_hf
-    from tokenfab.loader.default_model import cache_dir, default_model_path
+    from tokenfab.loader.default_model import default_model_dir, default_model_path
 
     gguf = default_model_path()
-    hf_dir = cache_dir() / "hf" / "gemma-3-270m-f32"
-    if not (hf_dir / "model.safetensors").exists():
-        convert_gguf_to_hf(gguf, hf_dir, dtype="float32")
+    hf_dir = default_model_dir()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     prompts_file = out.with_suffix(".prompts.json")

@@ -88,3 +88,11 @@ def test_streamed_text_is_valid_utf8_and_complete(llm):
     assert all("\ufffd" not in t for t in seen)
     assert all(b.startswith(a) for a, b in zip(seen, seen[1:]))
     assert final.outputs[0].text == llm.tokenizer.decode(final.outputs[0].token_ids)
+
+
+def test_default_model_is_cached_as_hf_and_matches_the_gguf(llm):
+    default = LLM(dtype="float32", max_model_len=512, kv_cache_memory_gb=0.1)
+    assert default.engine.source.path.name.endswith("-f32") and not default.engine.source.is_gguf
+    params = SamplingParams(max_tokens=12, temperature=0)
+    assert default.generate(PROMPTS[0], params)[0].outputs[0].token_ids == \
+        llm.generate(PROMPTS[0], params)[0].outputs[0].token_ids

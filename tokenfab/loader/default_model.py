@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -47,4 +48,26 @@ def _assemble_atomically(target: Path) -> Path:
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
+    return target
+
+
+def default_model_dir(cache_dir: Path | None = None) -> Path:
+    """HF copy (fp32 safetensors) of the default model, converted from the GGUF once; it loads in seconds
+    where the GGUF needs its quantized weights and 262k-token vocabulary decoded on every start."""
+    from tokenfab.loader.convert import convert_gguf_to_hf
+
+    gguf = default_model_path(cache_dir)
+    target = gguf.parent.parent / "hf" / f"{gguf.stem}-f32"
+    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        convert_gguf_to_hf(gguf, partial, dtype="float32")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(partial, target)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial)
     return target

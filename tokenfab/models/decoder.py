@@ -13,11 +13,13 @@ from torch import nn
 
 from tokenfab.attention.backend import current_forward_context
 from tokenfab.models.arch import ArchConfig
-from tokenfab.models.layers import Linear, RMSNorm, RotaryEmbedding, gated_activation
+from tokenfab.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, gated_activation
+
+Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 class Attention(nn.Module):
-    def __init__(self, arch: ArchConfig, layer: int, rope: RotaryEmbedding) -> None:
+    def __init__(self, arch: ArchConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
         self.arch = arch
@@ -25,9 +27,8 @@ class Attention(nn.Module):
         self.o_proj = Linear(arch.q_size, arch.hidden_size)
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
-        self.rope = rope
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
         a = self.arch
         q, k, v = self.qkv_proj(x).split([a.q_size, a.kv_size, a.kv_size], dim=-1)
         q = q.reshape(-1, a.num_heads, a.head_dim)
@@ -35,7 +36,7 @@ class Attention(nn.Module):
         v = v.reshape(-1, a.num_kv_heads, a.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(positions, q, k)
+        q, k = apply_rotary(q, k, *rope)
         ctx = current_forward_context()
         out = ctx.backend.forward(self.layer, q, k, v.contiguous(), a.softmax_scale, ctx.metadata, ctx.cache)
         return self.o_proj(out.reshape(-1, a.q_size))
@@ -55,18 +56,19 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ArchConfig, layer: int, rope: RotaryEmbedding) -> None:
+    def __init__(self, arch: ArchConfig, layer: int) -> None:
         super().__init__()
+        self.sliding = arch.layer_windows[layer] is not None
         eps = arch.rms_norm_eps
-        self.self_attn = Attention(arch, layer, rope)
+        self.self_attn = Attention(arch, layer)
         self.mlp = MLP(arch)
         self.attn_norm = RMSNorm(arch.hidden_size, eps)
         self.mlp_norm = RMSNorm(arch.hidden_size, eps)
         self.post_attn_norm = RMSNorm(arch.hidden_size, eps) if arch.sandwich_norm else None
         self.post_mlp_norm = RMSNorm(arch.hidden_size, eps) if arch.sandwich_norm else None
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        h = self.self_attn(positions, self.attn_norm(x))
+    def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
+        h = self.self_attn(rope, self.attn_norm(x))
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h
@@ -80,13 +82,12 @@ class DecoderModel(nn.Module):
     def __init__(self, arch: ArchConfig, max_positions: int) -> None:
         super().__init__()
         self.arch = arch
-        rope_full = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_full.theta, arch.rope_full.scaling)
-        rope_sliding = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_sliding.theta, arch.rope_sliding.scaling)
+        self.rope_full = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_full.theta, arch.rope_full.scaling)
+        self.rope_sliding = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_sliding.theta,
+                                            arch.rope_sliding.scaling)
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(
-            DecoderLayer(arch, i, rope_full if w is None else rope_sliding) for i, w in enumerate(arch.layer_windows)
-        )
+        self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = Linear(arch.hidden_size, arch.vocab_size)
         if arch.tie_word_embeddings:
@@ -96,8 +97,10 @@ class DecoderModel(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.arch.embed_scale != 1.0:
             x = x * torch.tensor(self.arch.embed_scale, dtype=x.dtype)
+        full = self.rope_full.table(positions, x.dtype)
+        sliding = self.rope_sliding.table(positions, x.dtype) if self.arch.rope_sliding != self.arch.rope_full else full
         for layer in self.layers:
-            x = layer(positions, x)
+            x = layer(sliding if layer.sliding else full, x)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -33,9 +33,9 @@ class ModelSource:
 
 def resolve_model(model: str | None) -> ModelSource:
     if model is None:
-        from tokenfab.loader.default_model import default_model_path
+        from tokenfab.loader.default_model import default_model_dir
 
-        path = default_model_path()
+        path = default_model_dir()
     else:
         path = Path(model).expanduser()
     if not path.exists():
@@ -92,7 +92,6 @@ def _rebuild_rope(model: DecoderModel, max_positions: int, device: torch.device)
 
     arch = model.arch
     with torch.device(device):
-        full = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_full.theta, arch.rope_full.scaling)
-        sliding = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_sliding.theta, arch.rope_sliding.scaling)
-    for layer, window in zip(model.layers, arch.layer_windows):
-        layer.self_attn.rope = full if window is None else sliding
+        model.rope_full = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_full.theta, arch.rope_full.scaling)
+        model.rope_sliding = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_sliding.theta,
+                                             arch.rope_sliding.scaling)
