@@ -8,12 +8,14 @@ import time
 
 from tokenfab.config import EngineConfig
 
+_DEFAULTS = {name: f.default for name, f in EngineConfig.__dataclass_fields__.items()}
+
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded Gemma 3 270M)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--max-model-len", type=int, default=EngineConfig.max_model_len)
-    p.add_argument("--kv-cache-memory-gb", type=float, default=EngineConfig.kv_cache_memory_gb)
+    p.add_argument("--max-model-len", type=int, default=_DEFAULTS["max_model_len"])
+    p.add_argument("--kv-cache-memory-gb", type=float, default=_DEFAULTS["kv_cache_memory_gb"])
     p.add_argument("--threads", type=int, default=None)
 
 
