@@ -1,8 +1,14 @@
 """tokenfab: LLM inference built around cost per token."""
 
-from tokenfab.config import EngineConfig
-from tokenfab.engine.types import CompletionOutput, RequestOutput, SamplingParams
-from tokenfab.llm import LLM
+import os
+
+# Spinning OpenMP workers make every torch op up to ~100x slower as soon as any other process wants a core (small
+# or shared machines); waiting passively measured the same on an idle machine. Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from tokenfab.config import EngineConfig  # noqa: E402
+from tokenfab.engine.types import CompletionOutput, RequestOutput, SamplingParams  # noqa: E402
+from tokenfab.llm import LLM  # noqa: E402
 
 __all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"

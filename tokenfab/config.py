@@ -10,6 +10,7 @@ import torch
 ENV_VARS = {
     "TOKENFAB_CACHE_DIR": "where the default model is assembled and converted models are kept",
     "TOKENFAB_NUM_THREADS": "torch intra-op threads (default: all cores)",
+    "OMP_WAIT_POLICY": "set to PASSIVE on import unless given (spinning workers collapse under contention)",
 }
 
 
