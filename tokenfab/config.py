@@ -60,7 +60,7 @@ class EngineConfig:
 
     @property
     def threads(self) -> int:
-        return self.num_threads or int(os.environ.get("TOKENFAB_NUM_THREADS", 0)) or (os.cpu_count() or 1)
+        return self.num_threads or int(os.environ.get("TOKENFAB_NUM_THREADS", 0)) or len(os.sched_getaffinity(0))
 
     def resolve_dtype(self) -> torch.dtype:
         if self.dtype != "auto":
