@@ -52,8 +52,6 @@ class Group:
     prompt: str | None
     prompt_token_ids: list[int]
     children: list[Detokenized] = field(default_factory=list)
-    emitted: int = 0
-    """Tokens of each child already counted by this group's consumers."""
 
     @property
     def finished(self) -> bool:
