@@ -33,7 +33,9 @@ class Linear(nn.Module):
     def pack(self) -> None:
         """Switch to the prepacked CPU kernel when this build and dtype support it."""
         if self.weight.device.type == "cpu" and cpu_packed_linear_supported(self.weight.dtype):
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, 1)
+            # The batch hint picks oneDNN's blocking: 32 measured as fast as 1 for single-token decode and
+            # 15-20% faster for 32-row batches (AVX2, 2 threads).
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, 32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None:
