@@ -40,10 +40,14 @@ class Sampler:
             for row, request in enumerate(requests):
                 _apply_penalties(logits[row], request)
                 _suppress_early_stop(logits[row], request)
-        tokens = torch.empty(len(requests), dtype=torch.long)
         greedy = [i for i, r in enumerate(requests) if r.params.greedy]
-        if greedy:
-            tokens[greedy] = logits[greedy].argmax(dim=-1)
+        if len(greedy) == len(requests):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = torch.empty(len(requests), dtype=torch.long)
+            if greedy:
+                rows = torch.tensor(greedy)
+                tokens[rows] = logits.index_select(0, rows).argmax(dim=-1)
         for row, request in enumerate(requests):
             if not request.params.greedy:
                 tokens[row] = self._draw(logits[row], request)
