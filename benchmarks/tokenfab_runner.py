@@ -64,6 +64,7 @@ def main() -> None:
         "seconds": seconds, "peak_rss_mb": rss.stop(), "dtype": str(engine.dtype).replace("torch.", ""),
         "torch": torch.__version__, "threads": args.threads, "notes": note,
         "weight_bytes": _weight_bytes(engine), "flops_per_token": engine.arch.flops_per_token(),
+        "lm_head_flops_per_token": 2 * engine.arch.vocab_size * engine.arch.hidden_size,
         "steps": engine.counters.steps,
     })
 
