@@ -63,21 +63,10 @@ def main() -> None:
         "system": "tokenfab", "version": tokenfab.__version__, "workload": args.workload, "tokens": tokens,
         "seconds": seconds, "peak_rss_mb": rss.stop(), "dtype": str(engine.dtype).replace("torch.", ""),
         "torch": torch.__version__, "threads": args.threads, "notes": note,
-        "weight_bytes": _weight_bytes(engine), "flops_per_token": engine.arch.flops_per_token(),
+        "weight_bytes": engine.model.weight_bytes_per_token(), "flops_per_token": engine.arch.flops_per_token(),
         "lm_head_flops_per_token": 2 * engine.arch.vocab_size * engine.arch.hidden_size,
         "steps": engine.counters.steps,
     })
-
-
-def _weight_bytes(engine) -> int:
-    """Bytes of weights one forward reads: every matrix once (tied embedding read as the LM head)."""
-    seen: set[int] = set()
-    total = 0
-    for t in engine.model.parameters():
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
 
 
 if __name__ == "__main__":

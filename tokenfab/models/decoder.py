@@ -113,7 +113,13 @@ class DecoderModel(nn.Module):
     def pack_for_cpu(self) -> None:
         for module in self.modules():
             if isinstance(module, Linear):
-                module.pack()
+                module.pack(keep_plain=module is self.lm_head and self.arch.tie_word_embeddings)
+
+    def weight_bytes_per_token(self) -> int:
+        """Weight bytes a single-token forward reads (the embedding row lookup aside)."""
+        linears = sum(m.nbytes for m in self.modules() if isinstance(m, Linear))
+        norms = sum(p.numel() * p.element_size() for n, p in self.named_parameters() if "norm" in n)
+        return linears + norms
 
 
 _NORMS = {
