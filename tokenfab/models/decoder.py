@@ -82,9 +82,7 @@ class DecoderModel(nn.Module):
     def __init__(self, arch: ArchConfig, max_positions: int) -> None:
         super().__init__()
         self.arch = arch
-        self.rope_full = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_full.theta, arch.rope_full.scaling)
-        self.rope_sliding = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_sliding.theta,
-                                            arch.rope_sliding.scaling)
+        self.build_rope(max_positions)
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
@@ -92,6 +90,12 @@ class DecoderModel(nn.Module):
         self.lm_head = Linear(arch.hidden_size, arch.vocab_size)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def build_rope(self, max_positions: int) -> None:
+        """(Re)compute the rotary tables; they are buffers, so a model built on the meta device needs this again."""
+        a = self.arch
+        self.rope_full = RotaryEmbedding(a.head_dim, max_positions, a.rope_full.theta, a.rope_full.scaling)
+        self.rope_sliding = RotaryEmbedding(a.head_dim, max_positions, a.rope_sliding.theta, a.rope_sliding.scaling)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)

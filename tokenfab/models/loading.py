@@ -26,10 +26,6 @@ class ModelSource:
     def is_gguf(self) -> bool:
         return self.path.suffix == ".gguf"
 
-    @property
-    def name(self) -> str:
-        return self.path.stem if self.is_gguf else self.path.name
-
 
 def resolve_model(model: str | None) -> ModelSource:
     if model is None:
@@ -78,20 +74,10 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, ma
     if source.arch.tie_word_embeddings:
         # Materializing from meta creates new parameters, which unties them.
         model.lm_head.weight = model.embed_tokens.weight
-    # Rotary tables are buffers computed in __init__: rebuild them for real on the target device.
-    _rebuild_rope(model, max_positions, device)
+    with torch.device(device):
+        model.build_rope(max_positions)
     model.load_weights(iter_weights(source))
     model = model.to(dtype)
     if pack and device.type == "cpu":
         model.pack_for_cpu()
     return model.eval()
-
-
-def _rebuild_rope(model: DecoderModel, max_positions: int, device: torch.device) -> None:
-    from tokenfab.models.layers import RotaryEmbedding
-
-    arch = model.arch
-    with torch.device(device):
-        model.rope_full = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_full.theta, arch.rope_full.scaling)
-        model.rope_sliding = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_sliding.theta,
-                                             arch.rope_sliding.scaling)
