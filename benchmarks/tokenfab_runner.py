@@ -58,7 +58,7 @@ def main() -> None:
         tokens = run(prompts, n)
         seconds = now() - t0
         note = f"{len(prompts)} prompts x {n} tokens, ignore_eos, greedy; tok/s = generated / wall time"
-    engine = llm.engine
+    engine = llm.engine.core
     emit({
         "system": "tokenfab", "version": tokenfab.__version__, "workload": args.workload, "tokens": tokens,
         "seconds": seconds, "peak_rss_mb": rss.stop(), "dtype": str(engine.dtype).replace("torch.", ""),

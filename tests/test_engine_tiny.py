@@ -72,11 +72,11 @@ def test_prefix_cache_computes_only_the_suffix(tiny_model):
     prefix = random_prompts([512], seed=6)[0]
     a, b = random_prompts([20, 21], seed=7)
     first = llm.generate([prefix + a], GREEDY)[0]
-    before = llm.engine.counters.prompt_tokens_computed
+    before = llm.engine.core.counters.prompt_tokens_computed
     second = llm.generate([prefix + b], GREEDY)[0]
     assert first.num_cached_tokens == 0
     assert second.num_cached_tokens == 512
-    assert llm.engine.counters.prompt_tokens_computed - before == len(b)
+    assert llm.engine.core.counters.prompt_tokens_computed - before == len(b)
     uncached = make_llm(tiny_model("llama"), enable_prefix_caching=False)
     assert second.outputs[0].token_ids == uncached.generate([prefix + b], GREEDY)[0].outputs[0].token_ids
 
@@ -100,7 +100,7 @@ def test_n_siblings_share_the_prompt_blocks(tiny_model):
     assert out.outputs[0].token_ids == out.outputs[1].token_ids == out.outputs[2].token_ids
     children = llm.engine.outputs
     assert not children.groups  # finished groups are dropped
-    computed = llm.engine.counters.prompt_tokens_computed
+    computed = llm.engine.core.counters.prompt_tokens_computed
     assert computed == 70 + 2 * (70 - 64)  # siblings recompute only the partial last block
     sampled = llm.generate([prompt], SamplingParams(n=2, max_tokens=12, temperature=1.0, seed=3, ignore_eos=True))[0]
     again = llm.generate([prompt], SamplingParams(n=2, max_tokens=12, temperature=1.0, seed=3, ignore_eos=True))[0]
@@ -114,12 +114,12 @@ def test_preemption_keeps_outputs_exact(tiny_model, hf_model):
     llm = make_llm(path, kv_cache_memory_gb=0.0001, max_model_len=128)
     prompts = random_prompts([40, 45, 50, 35], seed=10)
     outs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.core.scheduler.num_preemptions > 0
     hf = hf_model(path)
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 24)
-    llm.engine.kv.check_integrity()
-    assert llm.engine.kv.num_free_blocks() == [p.num_blocks - 1 for p in llm.engine.kv.pools]
+    llm.engine.core.kv.check_integrity()
+    assert llm.engine.core.kv.num_free_blocks() == [p.num_blocks - 1 for p in llm.engine.core.kv.pools]
 
 
 def test_stops_and_lengths(tiny_model):
@@ -171,11 +171,11 @@ def test_abort_frees_blocks(tiny_model):
     engine = llm.engine
     rid = engine.add_request(random_prompts([60], seed=14)[0], SamplingParams(max_tokens=50))
     engine.step()
-    assert engine.kv.usage > 0
+    assert engine.core.kv.usage > 0
     engine.abort_request(rid)
     assert not engine.has_unfinished_requests()
-    engine.kv.check_integrity()
-    assert engine.kv.num_free_blocks() == [p.num_blocks - 1 for p in engine.kv.pools]
+    engine.core.kv.check_integrity()
+    assert engine.core.kv.num_free_blocks() == [p.num_blocks - 1 for p in engine.core.kv.pools]
 
 
 def test_bad_requests_are_rejected(tiny_model):

@@ -55,7 +55,7 @@ def test_greedy_equals_transformers_in_one_chunked_batch(llm, reference):
     outs = llm.generate(ids, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
     for prompt_ids, out in zip(ids, outs):
         assert out.outputs[0].token_ids == hf_greedy(reference, prompt_ids, NEW_TOKENS), llm.tokenizer.decode(prompt_ids)
-    assert llm.engine.counters.steps > NEW_TOKENS  # the long prompt was prefilled in several 256-token chunks
+    assert llm.engine.core.counters.steps > NEW_TOKENS  # the long prompt was prefilled in several 256-token chunks
 
 
 def test_logits_agree_with_transformers(llm, reference):
@@ -92,7 +92,7 @@ def test_streamed_text_is_valid_utf8_and_complete(llm):
 
 def test_default_model_is_cached_as_hf_and_matches_the_gguf(llm):
     default = LLM(dtype="float32", max_model_len=512, kv_cache_memory_gb=0.1)
-    assert default.engine.source.path.name.endswith("-f32") and not default.engine.source.is_gguf
+    assert default.engine.core.source.path.name.endswith("-f32") and not default.engine.core.source.is_gguf
     params = SamplingParams(max_tokens=12, temperature=0)
     assert default.generate(PROMPTS[0], params)[0].outputs[0].token_ids == \
         llm.generate(PROMPTS[0], params)[0].outputs[0].token_ids

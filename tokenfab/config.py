@@ -15,6 +15,20 @@ ENV_VARS = {
 
 
 @dataclass(frozen=True, slots=True)
+class PricingConfig:
+    """What a device-second and a joule cost; unset fields come from the price catalogue."""
+
+    profile: str | None = None
+    """Device profile in the catalogue (cpu, h100, ...); None picks one from the device."""
+    usd_per_hour: float | None = None
+    usd_per_kwh: float | None = None
+    idle_watts: float | None = None
+    peak_watts: float | None = None
+    prices_file: str | None = None
+    """TOML or JSON file with the same keys (and extra profiles); flags win over it."""
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     """How to build and run one engine."""
 
@@ -40,6 +54,7 @@ class EngineConfig:
     num_threads: int | None = None
     pack_weights: bool = True
     """Prepack linear weights for oneDNN on CPU."""
+    pricing: PricingConfig = PricingConfig()
 
     def __post_init__(self) -> None:
         checks = [

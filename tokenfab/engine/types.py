@@ -112,7 +112,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0
-    first_token_time: float | None = None
+    first_scheduled: float | None = None
+    """time.monotonic() when it was first given tokens (its queue time ends there)."""
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -179,6 +180,15 @@ class CompletionOutput:
 
 
 @dataclass(slots=True)
+class RequestMetrics:
+    """time.monotonic() stamps of a request's life (queue time = first_scheduled - arrival)."""
+
+    arrival: float
+    first_scheduled: float | None = None
+    first_token: float | None = None
+
+
+@dataclass(slots=True)
 class RequestOutput:
     """A prompt with its completions; `finished` once every completion ended."""
 
@@ -188,3 +198,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    cost: object = None
+    """RequestCost summed over the completions: this request's share of every step it took part in."""
+    metrics: RequestMetrics | None = None
+    error: str | None = None
+    """Why the engine refused the request, when it did."""

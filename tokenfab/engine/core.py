@@ -1,0 +1,170 @@
+"""EngineCore: the hot loop — schedule, run the model, sample, account — on token ids only.
+
+It knows nothing of text: detokenization, stop strings and n > 1 grouping happen in the front end
+(`OutputProcessor`), in this process for the offline engine or in the API server's process when serving.
+Each step's wall time, energy and price are split over the sequences that took part, by tokens processed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tokenfab.attention import get_backend
+from tokenfab.attention.backend import KVCache, KVGroupSpec
+from tokenfab.config import EngineConfig
+from tokenfab.economics.attribution import CostMeter, RequestCost
+from tokenfab.engine.kv_cache_manager import KVCacheManager
+from tokenfab.engine.kv_sizing import plan_kv_blocks
+from tokenfab.engine.messages import CoreOutput, CoreRequest, EngineStats
+from tokenfab.engine.model_runner import ModelRunner
+from tokenfab.engine.sampler import Sampler
+from tokenfab.engine.scheduler import Scheduler
+from tokenfab.engine.types import Request, RequestStatus, StepPlan, TokenLogprobs
+from tokenfab.models.loading import ModelSource, load_model, resolve_model
+from tokenfab.platform.power import select_meter
+from tokenfab.platform.prices import load_prices
+
+
+@dataclass(slots=True)
+class EngineCounters:
+    """Monotonic counters read by tests, benchmarks and metrics."""
+
+    steps: int = 0
+    prompt_tokens_computed: int = 0
+    """Prompt tokens that went through the model (prefix-cache hits excluded)."""
+    tokens_computed: int = 0
+    generated_tokens: int = 0
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        torch.set_num_threads(config.threads)
+        self.source: ModelSource = resolve_model(config.model)
+        arch = self.arch = self.source.arch
+        self.max_model_len = min(config.max_model_len, arch.max_position_embeddings)
+        self.dtype = config.resolve_dtype()
+        device = config.torch_device
+        self.model = load_model(self.source, self.dtype, device, self.max_model_len, config.pack_weights)
+        groups = [KVGroupSpec(w, tuple(layers)) for w, layers in arch.window_groups.items()]
+        blocks = plan_kv_blocks(config, arch, groups, self.dtype, self.max_model_len)
+        self.cache = KVCache(groups, blocks, config.block_size, arch.num_kv_heads, arch.head_dim, self.dtype, device)
+        self.kv = KVCacheManager([g.window for g in groups], blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.cache, get_backend(config.attention_backend), groups, device)
+        self.sampler = Sampler(config.seed)
+        self.counters = EngineCounters()
+        self.meter = _cost_meter(config)
+        self._costs: dict[str, RequestCost] = {}
+
+    # -- requests -----------------------------------------------------------------------------------------------
+
+    def add_request(self, req: CoreRequest) -> None:
+        """Queue a sequence; raises ValueError for a prompt the engine can never run."""
+        if req.request_id in self.scheduler.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.validate_prompt(req.prompt_token_ids)
+        eos = tuple(req.eos_token_ids) if req.eos_token_ids is not None else tuple(self.arch.eos_token_ids)
+        request = Request(req.request_id, list(req.prompt_token_ids), req.params, req.arrival, req.priority, eos)
+        leader = self.scheduler.requests.get(req.leader_id) if req.leader_id else None
+        self._costs[req.request_id] = RequestCost()
+        self.scheduler.add(request, leader=leader)
+
+    def validate_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the maximum context length is {self.max_model_len} "
+                             "(prompt plus at least one generated token)")
+        bad = [t for t in ids if not 0 <= t < self.arch.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {self.arch.vocab_size}): {bad[:5]}")
+        if len(ids) > self.kv.capacity_tokens():
+            raise ValueError(f"prompt of {len(ids)} tokens exceeds the KV cache capacity {self.kv.capacity_tokens()}")
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Finish at once and free their KV blocks; unknown or finished ids are ignored."""
+        for request_id in request_ids:
+            self.scheduler.abort(request_id)
+            self.sampler.forget(request_id)
+            self._costs.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- stepping -----------------------------------------------------------------------------------------------
+
+    def step(self) -> list[CoreOutput]:
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return []
+        self.meter.begin_step()
+        samplers, logits = self.runner.execute(plan, self.kv.block_tables)
+        requests = [s.request for s in samplers]
+        result = self.sampler(logits, requests)
+        self._account(plan)
+        for part_id, part in self.meter.end_step({s.request.request_id: s.num_tokens for s in plan.scheduled}).items():
+            self._costs[part_id].add(part)
+        return [self._emit(r, t, lp) for r, t, lp in zip(requests, result.token_ids, result.logprobs)]
+
+    def _account(self, plan: StepPlan) -> None:
+        self.counters.steps += 1
+        self.counters.tokens_computed += plan.num_batched_tokens
+        now = time.monotonic()
+        for s in plan.scheduled:
+            request = s.request
+            self.counters.prompt_tokens_computed += max(0, min(s.end, request.num_prompt_tokens) - s.start)
+            if request.first_scheduled is None:
+                request.first_scheduled = now
+            request.num_computed_tokens = s.end
+            self.kv.cache_full_blocks(request)
+
+    def _emit(self, request: Request, token: int, logprobs: TokenLogprobs | None) -> CoreOutput:
+        request.output_token_ids.append(token)
+        self.counters.generated_tokens += 1
+        status = self._stop_status(request, token)
+        cost = self._costs[request.request_id]
+        if status is not None:
+            self.scheduler.finish(request, status)
+            self.sampler.forget(request.request_id)
+            self._costs.pop(request.request_id, None)
+        return CoreOutput(request.request_id, [token], [logprobs] if logprobs is not None else None,
+                          status.value if status is not None else None, request.stop_reason,
+                          request.num_cached_tokens, request.first_scheduled, cost)
+
+    def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
+        p = request.params
+        if request.num_output_tokens >= p.min_tokens:
+            if token in p.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+            if not p.ignore_eos and token in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= p.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    # -- observation --------------------------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        c, kv, m = self.counters, self.kv, self.meter
+        total = sum(p.num_blocks - 1 for p in kv.pools)
+        return EngineStats(
+            time=time.monotonic(), num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            kv_usage=kv.usage, kv_free_blocks=sum(kv.num_free_blocks()), kv_total_blocks=total,
+            prefix_queries=kv.stats.queries, prefix_hits=kv.stats.hits,
+            num_preemptions=self.scheduler.num_preemptions, steps=c.steps,
+            prompt_tokens_computed=c.prompt_tokens_computed, tokens_computed=c.tokens_computed,
+            generated_tokens=c.generated_tokens, busy_seconds=m.busy_seconds, joules=m.joules, usd=m.usd,
+            energy_source=m.energy_source, meter=m.meter_name)
+
+
+def _cost_meter(config: EngineConfig) -> CostMeter:
+    p = config.pricing
+    cores = config.threads if config.torch_device.type == "cpu" else 1
+    prices = load_prices(p.profile, config.device, cores, p.prices_file, usd_per_hour=p.usd_per_hour,
+                         usd_per_kwh=p.usd_per_kwh, idle_watts=p.idle_watts, peak_watts=p.peak_watts)
+    return CostMeter(select_meter(config.device, prices.device, cores), prices)

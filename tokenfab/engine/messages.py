@@ -1,0 +1,70 @@
+"""Typed messages across the engine core's boundary: what goes in (requests) and what comes out (token diffs, stats).
+
+They are msgspec structs so the same objects serve the in-process engine and the engine core process (one
+serializer, `tokenfab.serve.ipc`). After a request is added, only diffs travel: each output carries the tokens
+sampled in that step, plus the request's running cost.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from tokenfab.economics.attribution import RequestCost
+from tokenfab.engine.types import SamplingParams, TokenLogprobs
+
+
+class CoreRequest(msgspec.Struct, gc=False):
+    """One sequence for the core to generate (an n > 1 request arrives as n of these)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    """Always n == 1 here: the front end fans n out into siblings."""
+    arrival: float
+    """time.monotonic() of arrival (CLOCK_MONOTONIC is shared by processes on one host)."""
+    priority: int = 0
+    leader_id: str | None = None
+    """A sibling waits until its leader has computed the shared prompt, then reuses its KV blocks."""
+    eos_token_ids: list[int] | None = None
+    """None: the model's own EOS ids."""
+
+
+class CoreOutput(msgspec.Struct, gc=False):
+    """What one step did for one sequence: the new token(s), and how it finished if it did."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None
+    """stop | length | abort (None while running)."""
+    stop_reason: int | None = None
+    """The stop token id that ended it, if one did."""
+    num_cached_tokens: int = 0
+    first_scheduled: float | None = None
+    cost: RequestCost | None = None
+    """Cumulative for this sequence."""
+    error: str | None = None
+    """Set when the core refused the request (it is then finished with reason abort)."""
+
+
+class EngineStats(msgspec.Struct, gc=False):
+    """A snapshot of the core's gauges and counters, sent with step outputs and on request."""
+
+    time: float
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    kv_free_blocks: int
+    kv_total_blocks: int
+    prefix_queries: int
+    prefix_hits: int
+    num_preemptions: int
+    steps: int
+    prompt_tokens_computed: int
+    tokens_computed: int
+    generated_tokens: int
+    busy_seconds: float
+    joules: float
+    usd: float
+    energy_source: str
+    meter: str
