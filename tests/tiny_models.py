@@ -28,6 +28,11 @@ _CONFIGS = {
 }
 
 
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}w10 {{ m['role'] }} {{ m['content'] }} w11 {% endfor %}"
+                 "{% if add_generation_prompt %}w12{% endif %}")
+"""Roles and contents become words of the tiny vocabulary (unknown words map to w3)."""
+
+
 def _tokenizer_json(vocab: int) -> dict:
     words = {f"w{i}": i for i in range(vocab)}
     return {
@@ -55,5 +60,6 @@ def write_tiny_model(kind: str, directory: Path, seed: int = 0) -> Path:
     model.save_pretrained(directory, safe_serialization=True)
     (directory / "tokenizer.json").write_text(json.dumps(_tokenizer_json(VOCAB)))
     (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "w1", "eos_token": "w2",
-                                                                 "add_bos_token": True}))
+                                                                 "add_bos_token": True,
+                                                                 "chat_template": CHAT_TEMPLATE}))
     return directory

@@ -1,4 +1,4 @@
-"""Command line: `tokenfab generate` and `tokenfab convert`."""
+"""Command line: `tokenfab serve`, `tokenfab generate` and `tokenfab convert`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import argparse
 import sys
 import time
 
-from tokenfab.config import EngineConfig
+from pathlib import Path
+
+from tokenfab.config import EngineConfig, PricingConfig
 
 _DEFAULTS = {name: f.default for name, f in EngineConfig.__dataclass_fields__.items()}
 
@@ -17,6 +19,45 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=_DEFAULTS["max_model_len"])
     p.add_argument("--kv-cache-memory-gb", type=float, default=_DEFAULTS["kv_cache_memory_gb"])
     p.add_argument("--threads", type=int, default=None)
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from tokenfab.serve.settings import ServerSettings
+
+    d = {name: f.default for name, f in ServerSettings.__dataclass_fields__.items()}
+    p.add_argument("--host", default=d["host"])
+    p.add_argument("--port", type=int, default=d["port"])
+    p.add_argument("--served-model-name", default=None, help="model id clients send (default: from the model)")
+    p.add_argument("--max-num-seqs", type=int, default=_DEFAULTS["max_num_seqs"])
+    p.add_argument("--max-num-batched-tokens", type=int, default=_DEFAULTS["max_num_batched_tokens"])
+    p.add_argument("--max-queued-requests", type=int, default=d["max_queued_requests"],
+                   help="waiting requests admitted beyond the running ones; more get 429")
+    p.add_argument("--max-queued-tokens", type=int, default=d["max_queued_tokens"])
+    p.add_argument("--request-timeout", type=float, default=d["request_timeout"])
+    p.add_argument("--graceful-shutdown-timeout", type=float, default=d["graceful_shutdown_timeout"])
+    p.add_argument("--device-profile", default=None, help="price catalogue profile: cpu, h100, h200, a100, l4")
+    p.add_argument("--usd-per-hour", type=float, default=None, help="device price (per core for cpu)")
+    p.add_argument("--usd-per-kwh", type=float, default=None, help="electricity price")
+    p.add_argument("--idle-watts", type=float, default=None)
+    p.add_argument("--peak-watts", type=float, default=None)
+    p.add_argument("--prices-file", default=None, help="TOML/JSON with profile, prices and watts")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from tokenfab.serve.server import serve
+    from tokenfab.serve.settings import ServerSettings
+
+    pricing = PricingConfig(args.device_profile, args.usd_per_hour, args.usd_per_kwh, args.idle_watts,
+                            args.peak_watts, args.prices_file)
+    engine = EngineConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+                          kv_cache_memory_gb=args.kv_cache_memory_gb, num_threads=args.threads,
+                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          pricing=pricing)
+    name = args.served_model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else "gemma-3-270m")
+    settings = ServerSettings(args.host, args.port, name, args.max_queued_requests, args.max_queued_tokens,
+                              args.request_timeout, args.graceful_shutdown_timeout)
+    return serve(engine, settings, args.log_level)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -57,6 +98,10 @@ def _convert(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenfab", description="LLM inference built around cost per token")
     sub = parser.add_subparsers(dest="command", required=True)
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (default: Gemma 3 270M on port 8000)")
+    _engine_args(srv)
+    _serve_args(srv)
+    srv.set_defaults(func=_serve)
     gen = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout")
     gen.add_argument("prompt")
     gen.add_argument("--max-tokens", type=int, default=64)

@@ -1,0 +1,153 @@
+"""The FastAPI application: OpenAI routes, health and readiness, Prometheus metrics, tokenize/detokenize."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tokenfab import __version__
+from tokenfab.serve import chat, completions, errors
+from tokenfab.serve.errors import APIError, bad_request
+from tokenfab.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                                     CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
+                                     ModelList, TokenizeRequest, TokenizeResponse)
+from tokenfab.serve.requests import chat_prompt, check_model
+from tokenfab.serve.state import ServerState
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 429, 503, 504)}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def build_app(state: ServerState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await state.start()
+        try:
+            yield
+        finally:
+            state.drain()
+            await state.client.shutdown()
+
+    app = FastAPI(title="tokenfab", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible LLM server; every response's usage carries its cost and energy.")
+    errors.install(app)
+    _routes(app, state)
+    return app
+
+
+def _routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health", summary="Liveness: 200 while the engine process is alive")
+    async def health() -> JSONResponse:
+        ok = state.client.alive
+        return JSONResponse({"status": "ok" if ok else "engine_dead"}, status_code=200 if ok else 503)
+
+    @app.get("/ready", summary="Readiness: 200 while requests are admitted (not while draining)")
+    async def ready() -> JSONResponse:
+        ok = state.ready
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": state.settings.served_model_name, "object": "model",
+                                            "created": int(state.started), "owned_by": "tokenfab",
+                                            "max_model_len": state.info.max_model_len}]}
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
+    async def create_completion(body: CompletionRequest, request: Request):
+        check_model(body.model, state.settings.served_model_name)
+        job = _checked(state, completions.prepare, body)
+        if body.stream:
+            return await _streaming(state, completions.stream(body, job, state))
+        return await _unless_disconnected(request, state, completions.complete(body, job, state))
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+        check_model(body.model, state.settings.served_model_name)
+        job = _checked(state, chat.prepare, body)
+        if body.stream:
+            return await _streaming(state, chat.stream(body, job, state))
+        return await _unless_disconnected(request, state, chat.complete(body, job, state))
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
+    async def tokenize(body: TokenizeRequest) -> dict:
+        check_model(body.model, state.settings.served_model_name)
+        if (body.prompt is None) == (body.messages is None):
+            raise bad_request("send exactly one of prompt and messages", "prompt")
+        if body.prompt is not None:
+            ids = state.tokenizer.encode(body.prompt, body.add_special_tokens)
+        else:
+            chat_body = ChatCompletionRequest(messages=body.messages, add_generation_prompt=body.add_generation_prompt)
+            ids = chat_prompt(chat_body, state.tokenizer, _unbounded(state)).token_ids
+        return {"tokens": ids, "count": len(ids), "max_model_len": state.info.max_model_len}
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        check_model(body.model, state.settings.served_model_name)
+        bad = [t for t in body.tokens if t >= state.info.vocab_size]
+        if bad:
+            raise bad_request(f"token ids out of range [0, {state.info.vocab_size}): {bad[:5]}", "tokens")
+        return {"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+
+def _checked(state: ServerState, prepare, body):
+    """Validate and build the job, counting refusals (admission itself happens when generation starts)."""
+    if not state.client.alive:
+        raise APIError(503, "the engine is not available", "service_unavailable", code="engine_unavailable")
+    try:
+        return prepare(body, state)
+    except APIError as e:
+        state.metrics.observe_rejected(e.status)
+        raise
+
+
+async def _streaming(state: ServerState, events) -> StreamingResponse:
+    """Start the stream before answering: its first item (None) comes once the request is admitted, so a
+    refusal is still a plain 4xx and not an error inside a 200 stream."""
+    try:
+        await events.__anext__()
+    except APIError as e:
+        state.metrics.observe_rejected(e.status)
+        raise
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def _unless_disconnected(request: Request, state: ServerState, work):
+    """Run a non-streaming request, aborting it (and freeing its KV blocks) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return Response(status_code=499)
+    try:
+        return task.result()
+    except APIError as e:
+        state.metrics.observe_rejected(e.status)
+        raise
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _unbounded(state: ServerState):
+    """The engine's limits without the context check (tokenize reports lengths, it does not generate)."""
+    import msgspec
+
+    return msgspec.structs.replace(state.info, max_model_len=1 << 62, kv_capacity_tokens=1 << 62)

@@ -1,0 +1,87 @@
+"""POST /v1/chat/completions: a conversation through the model's chat template, whole or streamed."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from tokenfab.engine.types import RequestOutput
+from tokenfab.serve.errors import APIError, bad_request
+from tokenfab.serve.formatting import TokenText, chat_logprobs, usage
+from tokenfab.serve.generation import Job
+from tokenfab.serve.protocol import ChatCompletionRequest
+from tokenfab.serve.requests import chat_prompt, max_new_tokens, sampling_params
+from tokenfab.serve.sse import DONE, error_event, event
+from tokenfab.serve.state import ServerState
+
+
+def prepare(body: ChatCompletionRequest, state: ServerState) -> Job:
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+    if body.max_tokens is not None and body.max_completion_tokens is not None \
+            and body.max_tokens != body.max_completion_tokens:
+        raise bad_request("max_tokens and max_completion_tokens disagree; send one", "max_completion_tokens")
+    info = state.info
+    prompt = chat_prompt(body, state.tokenizer, info)
+    limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = sampling_params(body, max_new_tokens(limit, [prompt], info), logprobs, info)
+    return Job(f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, body.priority)
+
+
+async def complete(body: ChatCompletionRequest, job: Job, state: ServerState) -> dict:
+    final: RequestOutput | None = None
+    async for _, out in state.generation.run(job, state.generation.admit(job)):
+        final = out
+    text = TokenText(state.tokenizer)
+    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs(c.logprobs, text) if c.logprobs is not None else None,
+                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in final.outputs]
+    return {"id": job.request_id, "object": "chat.completion", "created": int(time.time()),
+            "model": state.settings.served_model_name, "choices": choices,
+            "usage": usage([final], state.info.energy_source)}
+
+
+async def stream(body: ChatCompletionRequest, job: Job, state: ServerState) -> AsyncIterator[str | None]:
+    created, model = int(time.time()), state.settings.served_model_name
+    text = TokenText(state.tokenizer)
+    sent: dict[int, tuple[int, int]] = {}
+    done: set[int] = set()
+    final: RequestOutput | None = None
+
+    def chunk(choices: list[dict], usage_: dict | None = None) -> str:
+        return event({"id": job.request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                      "choices": choices, "usage": usage_})
+
+    ticket = state.generation.admit(job)
+    try:
+        yield None  # admitted: the caller may now send the 200 and stream the rest
+        yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for k in range(job.params.n)])
+        async for _, out in state.generation.run(job, ticket):
+            final = out
+            choices = []
+            for c in out.outputs:
+                if c.index in done:
+                    continue
+                chars, tokens = sent.get(c.index, (0, 0))
+                if len(c.text) == chars and len(c.token_ids) == tokens and not c.finish_reason:
+                    continue
+                lp = chat_logprobs(c.logprobs[tokens:], text) if c.logprobs is not None else None
+                delta = {"content": c.text[chars:]} if len(c.text) > chars else {}
+                choices.append({"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": c.finish_reason,
+                                "stop_reason": c.stop_reason})
+                sent[c.index] = (len(c.text), len(c.token_ids))
+                if c.finish_reason:
+                    done.add(c.index)
+            if choices:
+                yield chunk(choices)
+        if body.stream_options is not None and body.stream_options.include_usage and final is not None:
+            yield chunk([], usage([final], state.info.energy_source))
+        yield DONE
+    except APIError as e:
+        yield error_event(e)
+        yield DONE
+    finally:
+        state.generation.admission.release(ticket)

@@ -1,0 +1,104 @@
+"""Generation: one API request's trip through the engine — admission, fan-out over prompts, timeout, metrics.
+
+Completions and chat both come here with token-id prompts and SamplingParams; they get back (prompt index,
+cumulative RequestOutput) pairs as the engine produces them. Leaving the iterator early (client gone, timeout,
+error) aborts every sequence of the request in the engine and frees its KV blocks; the admission ticket taken
+by `admit` (before a stream's first byte, so overload is a 429 and not a broken 200) is returned whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from tokenfab.engine.types import RequestOutput, SamplingParams
+from tokenfab.serve.admission import Admission, Ticket
+from tokenfab.serve.engine_client import AsyncEngineClient, EngineDead
+from tokenfab.serve.errors import APIError, bad_request
+from tokenfab.serve.metrics import ServerMetrics
+from tokenfab.serve.settings import ServerSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    text: str | None
+    token_ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    request_id: str
+    prompts: list[Prompt]
+    params: SamplingParams
+    priority: int = 0
+
+
+class _Done:
+    """Sentinel a pump puts when its prompt is finished."""
+
+
+class Generation:
+    def __init__(self, client: AsyncEngineClient, admission: Admission, metrics: ServerMetrics,
+                 settings: ServerSettings) -> None:
+        self.client = client
+        self.admission = admission
+        self.metrics = metrics
+        self.settings = settings
+
+    def admit(self, job: Job) -> Ticket:
+        """Reserve room for the job or raise 429 (or 503 while draining)."""
+        return self.admission.admit(sum(len(p.token_ids) for p in job.prompts) * job.params.n)
+
+    async def run(self, job: Job, ticket: Ticket) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """The job's outputs as they grow; the ticket is released when this ends, however it ends."""
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [asyncio.create_task(self._pump(job, i, p, queue)) for i, p in enumerate(job.prompts)]
+        try:
+            async with asyncio.timeout(self.settings.request_timeout):
+                remaining = len(tasks)
+                while remaining:
+                    item = await queue.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    if isinstance(item, _Done):
+                        remaining -= 1
+                        continue
+                    yield item
+        except TimeoutError:
+            raise APIError(504, f"the request did not finish within {self.settings.request_timeout:g} s and was "
+                           "aborted", "timeout_error", code="request_timeout") from None
+        except EngineDead as e:
+            raise APIError(503, f"the engine is not available: {e}", "service_unavailable",
+                           code="engine_unavailable") from None
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.admission.release(ticket)
+
+    async def _pump(self, job: Job, index: int, prompt: Prompt, queue: asyncio.Queue) -> None:
+        request_id = job.request_id if len(job.prompts) == 1 else f"{job.request_id}-{index}"
+        last_time, last_count = time.monotonic(), 0
+        try:
+            async for out in self.client.generate(request_id, prompt.token_ids, job.params, prompt.text,
+                                                  job.priority):
+                if out.error is not None:
+                    raise bad_request(out.error, "prompt")
+                now = time.monotonic()
+                count = sum(len(c.token_ids) for c in out.outputs)
+                if count > last_count:
+                    if last_count == 0:
+                        self.metrics.observe_first_token(out)
+                    else:
+                        self.metrics.observe_gap(now - last_time, count - last_count)
+                    last_time, last_count = now, count
+                if out.finished:
+                    self.metrics.observe_finished(out, now)
+                queue.put_nowait((index, out))
+            queue.put_nowait(_Done())
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - handed to the request's consumer, which raises it
+            queue.put_nowait(e)

@@ -1,0 +1,164 @@
+"""Prometheus metrics in the style of vLLM's `vllm:*`, under `tokenfab:`, on one registry per server.
+
+Per-request latencies (TTFT, inter-token, TPOT, E2E, queue time) are observed in the front end as outputs
+arrive; engine gauges and counters (running/waiting, KV usage, prefix cache, preemptions, cost and energy
+totals) are read from the core's latest stats when /metrics is scraped. The rolling $/Mtok and J/token gauges
+cover the last minute of engine activity.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from tokenfab.engine.messages import EngineStats
+from tokenfab.engine.types import RequestOutput
+
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                   20.0, 40.0, 80.0, 160.0, 640.0)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+ROLLING_WINDOW_S = 60.0
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats | None]) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"labelnames": ["model_name"], "registry": self.registry}
+        self._model = model_name
+        self.finished = Counter("tokenfab:request_success", "Finished requests by reason",
+                                ["model_name", "finished_reason"], registry=self.registry)
+        self.rejected = Counter("tokenfab:request_rejected", "Requests refused before reaching the engine",
+                                ["model_name", "status"], registry=self.registry)
+        self.prompt_tokens = Counter("tokenfab:prompt_tokens", "Prompt tokens of finished requests", **labels)
+        self.generation_tokens = Counter("tokenfab:generation_tokens", "Generated tokens of finished requests",
+                                         **labels)
+        self.ttft = Histogram("tokenfab:time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS,
+                              **labels)
+        self.itl = Histogram("tokenfab:inter_token_latency_seconds", "Time between output deliveries per token",
+                             buckets=LATENCY_BUCKETS, **labels)
+        self.tpot = Histogram("tokenfab:request_time_per_output_token_seconds",
+                              "Mean time per output token after the first, per request", buckets=LATENCY_BUCKETS,
+                              **labels)
+        self.e2e = Histogram("tokenfab:e2e_request_latency_seconds", "End-to-end request latency",
+                             buckets=LATENCY_BUCKETS, **labels)
+        self.queue = Histogram("tokenfab:request_queue_time_seconds", "Time from arrival to first scheduled",
+                               buckets=LATENCY_BUCKETS, **labels)
+        self.prompt_len = Histogram("tokenfab:request_prompt_tokens", "Prompt length", buckets=TOKEN_BUCKETS,
+                                    **labels)
+        self.output_len = Histogram("tokenfab:request_generation_tokens", "Generated tokens per request",
+                                    buckets=TOKEN_BUCKETS, **labels)
+        self.request_usd = Counter("tokenfab:request_cost_usd", "Sum of usage.cost.usd over finished requests",
+                                   **labels)
+        self.request_joules = Counter("tokenfab:request_energy_joules",
+                                      "Sum of usage.cost.joules over finished requests", **labels)
+        self._engine = _EngineCollector(model_name, stats)
+        self.registry.register(self._engine)
+
+    def observe_finished(self, out: RequestOutput, now: float) -> None:
+        m = self._model
+        n_out = sum(len(o.token_ids) for o in out.outputs)
+        reason = out.outputs[0].finish_reason or "abort"
+        self.finished.labels(m, reason).inc()
+        self.prompt_tokens.labels(m).inc(len(out.prompt_token_ids))
+        self.generation_tokens.labels(m).inc(n_out)
+        self.prompt_len.labels(m).observe(len(out.prompt_token_ids))
+        self.output_len.labels(m).observe(n_out)
+        if out.cost is not None:
+            self.request_usd.labels(m).inc(out.cost.usd)
+            self.request_joules.labels(m).inc(out.cost.joules)
+        t = out.metrics
+        if t is None:
+            return
+        self.e2e.labels(m).observe(now - t.arrival)
+        if t.first_scheduled is not None:
+            self.queue.labels(m).observe(max(0.0, t.first_scheduled - t.arrival))
+        longest = max(len(o.token_ids) for o in out.outputs)
+        if t.first_token is not None and longest > 1:
+            self.tpot.labels(m).observe((now - t.first_token) / (longest - 1))
+
+    def observe_first_token(self, out: RequestOutput) -> None:
+        if out.metrics is not None and out.metrics.first_token is not None:
+            self.ttft.labels(self._model).observe(out.metrics.first_token - out.metrics.arrival)
+
+    def observe_gap(self, seconds: float, tokens: int) -> None:
+        if tokens > 0:
+            self.itl.labels(self._model).observe(seconds / tokens)
+
+    def observe_stats(self, stats: EngineStats) -> None:
+        self._engine.remember(stats)
+
+    def observe_rejected(self, status: int) -> None:
+        self.rejected.labels(self._model, str(status)).inc()
+
+
+class _EngineCollector:
+    """Exports the core's latest stats at scrape time, plus rolling cost-per-token gauges."""
+
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats | None]) -> None:
+        self._model = model_name
+        self._stats = stats
+        self._history: deque[EngineStats] = deque()
+
+    def remember(self, s: EngineStats) -> None:
+        """Keep about one snapshot per second of the last minute for the rolling gauges."""
+        if not self._history or s.time - self._history[-1].time >= 1.0:
+            self._history.append(s)
+        while len(self._history) > 2 and s.time - self._history[0].time > ROLLING_WINDOW_S:
+            self._history.popleft()
+
+    def collect(self):
+        s = self._stats()
+        if s is None:
+            return
+        labels = [self._model]
+        for name, doc, value in (
+            ("num_requests_running", "Sequences running in the engine", s.num_running),
+            ("num_requests_waiting", "Sequences waiting in the engine", s.num_waiting),
+            ("kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full)", s.kv_usage),
+            ("kv_cache_free_blocks", "KV blocks free (cached-free included), all groups", s.kv_free_blocks),
+            ("kv_cache_total_blocks", "KV blocks, all groups", s.kv_total_blocks),
+            ("prefix_cache_hit_rate", "Prompt tokens found cached / looked up, since start",
+             s.prefix_hits / s.prefix_queries if s.prefix_queries else 0.0),
+        ):
+            yield _gauge(name, doc, labels, value)
+        for name, doc, value in (
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", s.prefix_queries),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache", s.prefix_hits),
+            ("num_preemptions", "Sequences preempted (recomputed later)", s.num_preemptions),
+            ("engine_steps", "Engine steps", s.steps),
+            ("prompt_tokens_computed", "Prompt tokens run through the model (cache hits excluded)",
+             s.prompt_tokens_computed),
+            ("engine_generated_tokens", "Tokens sampled by the engine", s.generated_tokens),
+            ("engine_busy_seconds", "Wall time of engine steps", s.busy_seconds),
+            ("cost_usd", "Price of engine steps (device time + energy)", s.usd),
+            ("energy_joules", f"Energy of engine steps ({s.energy_source}, {s.meter})", s.joules),
+        ):
+            c = CounterMetricFamily(f"tokenfab:{name}", doc, labels=["model_name"])
+            c.add_metric(labels, value)
+            yield c
+        yield from self._rolling(s, labels)
+
+    def _rolling(self, s: EngineStats, labels: list[str]):
+        first = self._history[0] if self._history else s
+        usd, joules = s.usd - first.usd, s.joules - first.joules
+        out_tokens = s.generated_tokens - first.generated_tokens
+        all_tokens = out_tokens + s.prompt_tokens_computed - first.prompt_tokens_computed
+        usd_g = GaugeMetricFamily("tokenfab:usd_per_million_tokens", "Rolling $ per million tokens (last minute)",
+                                  labels=["model_name", "tokens"])
+        j_g = GaugeMetricFamily("tokenfab:joules_per_token", "Rolling joules per token (last minute)",
+                                labels=["model_name", "tokens", "energy_source"])
+        for kind, n in (("output", out_tokens), ("total", all_tokens)):
+            usd_g.add_metric([*labels, kind], usd * 1e6 / n if n else 0.0)
+            j_g.add_metric([*labels, kind, s.energy_source], joules / n if n else 0.0)
+        yield usd_g
+        yield j_g
+
+
+def _gauge(name: str, doc: str, labels: list[str], value: float) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(f"tokenfab:{name}", doc, labels=["model_name"])
+    g.add_metric(labels, value)
+    return g
+

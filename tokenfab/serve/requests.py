@@ -1,0 +1,96 @@
+"""Validated API requests -> engine inputs: prompts as token ids, SamplingParams, context-length checks."""
+
+from __future__ import annotations
+
+from tokenfab.engine.types import SamplingParams
+from tokenfab.serve.errors import APIError, bad_request
+from tokenfab.serve.generation import Prompt
+from tokenfab.serve.ipc import CoreInfo
+from tokenfab.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from tokenfab.tokenizer import Tokenizer
+
+
+def check_model(requested: str | None, served: str) -> None:
+    if requested is not None and requested != served:
+        raise APIError(404, f"The model '{requested}' does not exist; this server serves '{served}'",
+                       "not_found_error", "model", "model_not_found")
+
+
+def completion_prompts(body: CompletionRequest, tokenizer: Tokenizer, info: CoreInfo) -> list[Prompt]:
+    raw = body.prompt
+    items = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
+    prompts = []
+    for item in items:
+        if isinstance(item, str):
+            if not item:
+                raise bad_request("prompt must not be empty", "prompt")
+            prompts.append(Prompt(item, tokenizer.encode(item)))
+        else:
+            prompts.append(Prompt(None, list(item)))
+    for p in prompts:
+        check_prompt(p.token_ids, info)
+    return prompts
+
+
+def chat_prompt(body: ChatCompletionRequest, tokenizer: Tokenizer, info: CoreInfo) -> Prompt:
+    messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages, body.add_generation_prompt)
+    except Exception as e:  # noqa: BLE001 - a template rejecting a conversation is the caller's input error
+        raise bad_request(f"the conversation cannot be rendered by the model's chat template: {e}", "messages")
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    check_prompt(ids, info)
+    return Prompt(text, ids)
+
+
+def check_prompt(ids: list[int], info: CoreInfo) -> None:
+    if not ids:
+        raise bad_request("prompt must not be empty", "prompt")
+    bad = [t for t in ids if t >= info.vocab_size]
+    if bad:
+        raise bad_request(f"token ids out of range [0, {info.vocab_size}): {bad[:5]}", "prompt", "invalid_value")
+    limit = min(info.max_model_len - 1, info.kv_capacity_tokens)
+    if len(ids) > limit:
+        raise context_exceeded(len(ids), 1, info.max_model_len)
+
+
+def context_exceeded(prompt: int, new: int, max_len: int) -> APIError:
+    return bad_request(f"This model's maximum context length is {max_len} tokens. However, you requested "
+                       f"{prompt + new} tokens ({prompt} in the prompt, {new} for the completion). Please reduce "
+                       "the prompt or the completion length.", "messages", "context_length_exceeded")
+
+
+def max_new_tokens(requested: int | None, prompts: list[Prompt], info: CoreInfo) -> int:
+    """The completion budget: as asked, or what the context leaves; never more than the context holds."""
+    longest = max(len(p.token_ids) for p in prompts)
+    if requested is None:
+        return info.max_model_len - longest
+    if longest + requested > info.max_model_len:
+        raise context_exceeded(longest, requested, info.max_model_len)
+    return requested
+
+
+def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, info: CoreInfo) -> SamplingParams:
+    if body.stream_options is not None and not body.stream:
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+    if body.min_tokens > max_tokens:
+        raise bad_request(f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens")
+    if any(t >= info.vocab_size for t in body.stop_token_ids or []):
+        raise bad_request(f"stop_token_ids must be in [0, {info.vocab_size})", "stop_token_ids")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if any(not s for s in stop):
+        raise bad_request("stop strings must not be empty", "stop")
+    try:
+        return SamplingParams(
+            n=body.n, max_tokens=max_tokens, temperature=_or(body.temperature, 1.0), top_p=_or(body.top_p, 1.0),
+            top_k=_or(body.top_k, 0), min_p=_or(body.min_p, 0.0), presence_penalty=_or(body.presence_penalty, 0.0),
+            frequency_penalty=_or(body.frequency_penalty, 0.0),
+            repetition_penalty=_or(body.repetition_penalty, 1.0), seed=body.seed, stop=stop,
+            stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos, logprobs=logprobs,
+            min_tokens=body.min_tokens, skip_special_tokens=body.skip_special_tokens)
+    except ValueError as e:
+        raise bad_request(str(e)) from None
+
+
+def _or(value, default):
+    return default if value is None else value

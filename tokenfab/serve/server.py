@@ -1,0 +1,50 @@
+"""`tokenfab serve`: build the state and app, run uvicorn, drain on SIGTERM/SIGINT and exit 0."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import uvicorn
+
+from tokenfab.config import EngineConfig
+from tokenfab.models.loading import load_tokenizer, resolve_model
+from tokenfab.serve.app import build_app
+from tokenfab.serve.engine_client import AsyncEngineClient
+from tokenfab.serve.metrics import ServerMetrics
+from tokenfab.serve.settings import ServerSettings
+from tokenfab.serve.state import ServerState
+
+log = logging.getLogger("tokenfab.serve")
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn stops accepting connections on SIGTERM and waits for in-flight ones; we also refuse new requests
+    on connections that stay open (503) and report not-ready at once."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self._state = state
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            self._state.drain()
+        super().handle_exit(sig, frame)
+
+
+def build_state(engine: EngineConfig, settings: ServerSettings) -> ServerState:
+    tokenizer = load_tokenizer(resolve_model(engine.model))
+    # Both lambdas look the other object up when called, after both exist.
+    metrics = ServerMetrics(settings.served_model_name, lambda: client.stats)
+    client = AsyncEngineClient(engine, tokenizer, on_step=lambda result, _: metrics.observe_stats(result.stats))
+    return ServerState(settings, tokenizer, client, metrics)
+
+
+def serve(engine: EngineConfig, settings: ServerSettings, log_level: str = "info") -> int:
+    state = build_state(engine, settings)
+    config = uvicorn.Config(build_app(state), host=settings.host, port=settings.port, log_level=log_level,
+                            timeout_graceful_shutdown=settings.graceful_shutdown_timeout, lifespan="on",
+                            access_log=log_level == "debug")
+    server = _DrainingServer(config, state)
+    server.run()
+    return 0 if server.started else 1

@@ -1,0 +1,47 @@
+"""ServerState: what the routes share — settings, tokenizer, engine client, admission, metrics — built once."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from tokenfab.serve.admission import Admission
+from tokenfab.serve.engine_client import AsyncEngineClient
+from tokenfab.serve.generation import Generation
+from tokenfab.serve.ipc import CoreInfo
+from tokenfab.serve.metrics import ServerMetrics
+from tokenfab.serve.settings import ServerSettings
+from tokenfab.tokenizer import Tokenizer
+
+
+@dataclass(slots=True)
+class ServerState:
+    settings: ServerSettings
+    tokenizer: Tokenizer
+    client: AsyncEngineClient
+    metrics: ServerMetrics
+    admission: Admission | None = None
+    generation: Generation | None = None
+    started: float = 0.0
+    """Unix time the engine became ready."""
+
+    @property
+    def info(self) -> CoreInfo:
+        assert self.client.info is not None, "the engine has not started"
+        return self.client.info
+
+    @property
+    def ready(self) -> bool:
+        return self.client.alive and self.admission is not None and self.admission.accepting
+
+    async def start(self) -> None:
+        info = await self.client.start()
+        self.started = time.time()
+        s = self.settings
+        self.admission = Admission(info.max_num_seqs + s.max_queued_requests, s.max_queued_tokens)
+        self.generation = Generation(self.client, self.admission, self.metrics, s)
+
+    def drain(self) -> None:
+        """Stop admitting; in-flight requests go on."""
+        if self.admission is not None:
+            self.admission.accepting = False
