@@ -67,11 +67,12 @@ class CostMeter:
     that processed no tokens has no one to bill and is left out of both.
     """
 
-    __slots__ = ("_clock", "_meter", "_open", "_prices", "busy_seconds", "joules", "tokens", "usd")
+    __slots__ = ("_clock", "_last_end", "_meter", "_open", "_prices", "busy_seconds", "joules", "tokens", "usd")
 
     def __init__(self, meter: PowerMeter, prices: Prices, clock: Callable[[], float] = time.monotonic) -> None:
         self._meter, self._prices, self._clock = meter, prices, clock
         self._open: tuple[float, float] | None = None
+        self._last_end: tuple[float, float] | None = None
         self.busy_seconds = 0.0
         self.joules = 0.0
         self.usd = 0.0
@@ -94,12 +95,23 @@ class CostMeter:
             raise RuntimeError("begin_step called twice without end_step")
         self._open = (self._clock(), self._meter.energy_joules())
 
+    def continue_step(self) -> None:
+        """Begin a step where the previous one ended: while work is queued back to back, the time between
+        steps (collecting requests, sending outputs) is spent on the same requests and is billed with them."""
+        if self._last_end is None:
+            self.begin_step()
+            return
+        if self._open is not None:
+            raise RuntimeError("continue_step called while a step is open")
+        self._open = self._last_end
+
     def end_step(self, tokens: Mapping[str, int]) -> dict[str, RequestCost]:
         if self._open is None:
             raise RuntimeError("end_step called without begin_step")
         (start, start_joules), self._open = self._open, None
-        seconds = self._clock() - start
-        joules = self._meter.energy_joules() - start_joules
+        end, end_joules = self._clock(), self._meter.energy_joules()
+        self._last_end = (end, end_joules)
+        seconds, joules = end - start, end_joules - start_joules
         step = StepCost(seconds, joules, self._prices.usd(seconds, joules))
         parts = split_step(step, tokens)
         if parts:

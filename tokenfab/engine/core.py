@@ -59,6 +59,8 @@ class EngineCore:
         self.counters = EngineCounters()
         self.meter = _cost_meter(config)
         self._costs: dict[str, RequestCost] = {}
+        self._back_to_back = False
+        """Whether work was left when the last step ended (the next step's cost then starts where it ended)."""
 
     # -- requests -----------------------------------------------------------------------------------------------
 
@@ -91,6 +93,7 @@ class EngineCore:
             self.scheduler.abort(request_id)
             self.sampler.forget(request_id)
             self._costs.pop(request_id, None)
+        self._back_to_back = self._back_to_back and self.scheduler.has_unfinished()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -98,17 +101,24 @@ class EngineCore:
     # -- stepping -----------------------------------------------------------------------------------------------
 
     def step(self) -> list[CoreOutput]:
+        if self._back_to_back:
+            self.meter.continue_step()
+        else:
+            self.meter.begin_step()
         plan = self.scheduler.schedule()
         if plan.empty:
+            self.meter.end_step({})
+            self._back_to_back = False
             return []
-        self.meter.begin_step()
         samplers, logits = self.runner.execute(plan, self.kv.block_tables)
         requests = [s.request for s in samplers]
         result = self.sampler(logits, requests)
         self._account(plan)
         for part_id, part in self.meter.end_step({s.request.request_id: s.num_tokens for s in plan.scheduled}).items():
             self._costs[part_id].add(part)
-        return [self._emit(r, t, lp) for r, t, lp in zip(requests, result.token_ids, result.logprobs)]
+        outputs = [self._emit(r, t, lp) for r, t, lp in zip(requests, result.token_ids, result.logprobs)]
+        self._back_to_back = self.scheduler.has_unfinished()
+        return outputs
 
     def _account(self, plan: StepPlan) -> None:
         self.counters.steps += 1
@@ -126,11 +136,12 @@ class EngineCore:
         request.output_token_ids.append(token)
         self.counters.generated_tokens += 1
         status = self._stop_status(request, token)
-        cost = self._costs[request.request_id]
+        total = self._costs[request.request_id]
+        cost = RequestCost(total.usd, total.joules, total.device_seconds)
         if status is not None:
             self.scheduler.finish(request, status)
             self.sampler.forget(request.request_id)
-            self._costs.pop(request.request_id, None)
+            del self._costs[request.request_id]
         return CoreOutput(request.request_id, [token], [logprobs] if logprobs is not None else None,
                           status.value if status is not None else None, request.stop_reason,
                           request.num_cached_tokens, request.first_scheduled, cost)

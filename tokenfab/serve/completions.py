@@ -23,7 +23,7 @@ def prepare(body: CompletionRequest, state: ServerState) -> Job:
         raise bad_request("echo with logprobs would need prompt logprobs, which are not supported", "echo")
     info = state.info
     prompts = completion_prompts(body, state.tokenizer, info)
-    params = sampling_params(body, max_new_tokens(body.max_tokens, prompts, info), body.logprobs, info)
+    params = sampling_params(body, max_new_tokens(body.max_tokens, prompts, info, "prompt"), body.logprobs, info)
     return Job(f"cmpl-{uuid.uuid4().hex}", prompts, params, body.priority)
 
 

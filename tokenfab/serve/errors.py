@@ -32,7 +32,7 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if not errors:
         return bad_request("invalid request")
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_member(str(p))]
     param = ".".join(loc) or None
     kind = first.get("type", "")
     if kind == "json_invalid":
@@ -45,6 +45,11 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if not loc:
         return bad_request(f"Invalid request body: {first.get('msg', '')}", code="invalid_body")
     return bad_request(f"Invalid value for '{param}': {first.get('msg', '')}", param, "invalid_value")
+
+
+def _union_member(part: str) -> bool:
+    """pydantic names the union member it tried (`str`, `list[int]`, ...) in the error location."""
+    return part in ("str", "int", "float", "bool", "list", "dict", "none") or any(c in part for c in "[(-")
 
 
 async def handle_api_error(_: Request, exc: APIError) -> JSONResponse:

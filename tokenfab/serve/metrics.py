@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from tokenfab.engine.messages import EngineStats
@@ -26,6 +26,10 @@ ROLLING_WINDOW_S = 60.0
 class ServerMetrics:
     def __init__(self, model_name: str, stats: Callable[[], EngineStats | None]) -> None:
         self.registry = CollectorRegistry()
+        self.price = Gauge("tokenfab:device_price_usd_per_hour", "Price of the device time the engine uses",
+                           ["model_name"], registry=self.registry)
+        self.energy_price = Gauge("tokenfab:energy_price_usd_per_kwh", "Electricity price", ["model_name"],
+                                  registry=self.registry)
         labels = {"labelnames": ["model_name"], "registry": self.registry}
         self._model = model_name
         self.finished = Counter("tokenfab:request_success", "Finished requests by reason",
@@ -86,6 +90,10 @@ class ServerMetrics:
     def observe_gap(self, seconds: float, tokens: int) -> None:
         if tokens > 0:
             self.itl.labels(self._model).observe(seconds / tokens)
+
+    def set_prices(self, usd_per_hour: float, usd_per_kwh: float) -> None:
+        self.price.labels(self._model).set(usd_per_hour)
+        self.energy_price.labels(self._model).set(usd_per_kwh)
 
     def observe_stats(self, stats: EngineStats) -> None:
         self._engine.remember(stats)

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 MAX_N = 16
 MAX_STOP = 16
+INT32 = 2**31 - 1
 
 
 class Strict(BaseModel):
@@ -39,24 +40,24 @@ class SamplingFields(Strict):
     user: StrictStr | None = None
     """Recorded with the request; not used for sampling."""
     # Extensions (as in vLLM's OpenAI server).
-    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1, le=INT32)] | None = None
     min_p: Annotated[StrictFloat, Field(ge=0.0, le=1.0)] | None = None
     repetition_penalty: Annotated[StrictFloat, Field(gt=0.0, le=10.0)] | None = None
     ignore_eos: StrictBool = False
-    min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
-    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
+    min_tokens: Annotated[StrictInt, Field(ge=0, le=INT32)] = 0
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0, le=INT32)]] | None = None
     skip_special_tokens: StrictBool = True
-    priority: StrictInt = 0
+    priority: Annotated[StrictInt, Field(ge=-INT32, le=INT32)] = 0
     """Lower is served first (FCFS among equals)."""
 
 
-TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0, le=INT32)]], Field(min_length=1)]
 
 
 class CompletionRequest(SamplingFields):
     prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1)] | TokenIds | Annotated[
         list[TokenIds], Field(min_length=1)]
-    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = 16
+    max_tokens: Annotated[StrictInt, Field(ge=1, le=INT32)] | None = 16
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     echo: StrictBool = False
     best_of: Annotated[StrictInt, Field(ge=1, le=MAX_N)] | None = None
@@ -81,8 +82,8 @@ class ChatMessage(Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1, le=INT32)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=INT32)] | None = None
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     add_generation_prompt: StrictBool = True
@@ -99,7 +100,7 @@ class TokenizeRequest(Strict):
 
 class DetokenizeRequest(Strict):
     model: StrictStr | None = None
-    tokens: list[Annotated[StrictInt, Field(ge=0)]]
+    tokens: list[Annotated[StrictInt, Field(ge=0, le=INT32)]]
 
 
 # -- responses ----------------------------------------------------------------------------------------------------

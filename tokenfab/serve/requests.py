@@ -28,7 +28,7 @@ def completion_prompts(body: CompletionRequest, tokenizer: Tokenizer, info: Core
         else:
             prompts.append(Prompt(None, list(item)))
     for p in prompts:
-        check_prompt(p.token_ids, info)
+        check_prompt(p.token_ids, info, "prompt")
     return prompts
 
 
@@ -39,34 +39,34 @@ def chat_prompt(body: ChatCompletionRequest, tokenizer: Tokenizer, info: CoreInf
     except Exception as e:  # noqa: BLE001 - a template rejecting a conversation is the caller's input error
         raise bad_request(f"the conversation cannot be rendered by the model's chat template: {e}", "messages")
     ids = tokenizer.encode(text, add_special_tokens=False)
-    check_prompt(ids, info)
+    check_prompt(ids, info, "messages")
     return Prompt(text, ids)
 
 
-def check_prompt(ids: list[int], info: CoreInfo) -> None:
+def check_prompt(ids: list[int], info: CoreInfo, param: str) -> None:
     if not ids:
-        raise bad_request("prompt must not be empty", "prompt")
+        raise bad_request("prompt must not be empty", param)
     bad = [t for t in ids if t >= info.vocab_size]
     if bad:
-        raise bad_request(f"token ids out of range [0, {info.vocab_size}): {bad[:5]}", "prompt", "invalid_value")
+        raise bad_request(f"token ids out of range [0, {info.vocab_size}): {bad[:5]}", param, "invalid_value")
     limit = min(info.max_model_len - 1, info.kv_capacity_tokens)
     if len(ids) > limit:
-        raise context_exceeded(len(ids), 1, info.max_model_len)
+        raise context_exceeded(len(ids), 1, info.max_model_len, param)
 
 
-def context_exceeded(prompt: int, new: int, max_len: int) -> APIError:
+def context_exceeded(prompt: int, new: int, max_len: int, param: str) -> APIError:
     return bad_request(f"This model's maximum context length is {max_len} tokens. However, you requested "
                        f"{prompt + new} tokens ({prompt} in the prompt, {new} for the completion). Please reduce "
-                       "the prompt or the completion length.", "messages", "context_length_exceeded")
+                       "the prompt or the completion length.", param, "context_length_exceeded")
 
 
-def max_new_tokens(requested: int | None, prompts: list[Prompt], info: CoreInfo) -> int:
+def max_new_tokens(requested: int | None, prompts: list[Prompt], info: CoreInfo, param: str) -> int:
     """The completion budget: as asked, or what the context leaves; never more than the context holds."""
     longest = max(len(p.token_ids) for p in prompts)
     if requested is None:
         return info.max_model_len - longest
     if longest + requested > info.max_model_len:
-        raise context_exceeded(longest, requested, info.max_model_len)
+        raise context_exceeded(longest, requested, info.max_model_len, param)
     return requested
 
 

@@ -30,6 +30,9 @@ class _DrainingServer(uvicorn.Server):
         if sig in (signal.SIGTERM, signal.SIGINT):
             self._state.drain()
         super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals after shutting down, which would end the process with -SIGTERM;
+        # a drained, clean shutdown exits 0.
+        self._captured_signals = [s for s in self._captured_signals if s not in (signal.SIGTERM, signal.SIGINT)]
 
 
 def build_state(engine: EngineConfig, settings: ServerSettings) -> ServerState:

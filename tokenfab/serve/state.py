@@ -37,6 +37,7 @@ class ServerState:
     async def start(self) -> None:
         info = await self.client.start()
         self.started = time.time()
+        self.metrics.set_prices(info.usd_per_hour, info.usd_per_kwh)
         s = self.settings
         self.admission = Admission(info.max_num_seqs + s.max_queued_requests, s.max_queued_tokens)
         self.generation = Generation(self.client, self.admission, self.metrics, s)
