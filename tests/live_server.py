@@ -20,11 +20,14 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, model: Path, *args: str, startup_timeout: float = 120.0) -> None:
+    def __init__(self, model: Path | None, *args: str, startup_timeout: float = 180.0) -> None:
+        """model None serves the embedded default (Gemma 3 270M) under its default name."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "tokenfab.cli", "serve", "--model", str(model), "--port", str(self.port),
-               "--served-model-name", "tiny", "--threads", "1", "--kv-cache-memory-gb", "0.05", *args]
+        cmd = [sys.executable, "-m", "tokenfab.cli", "serve", "--port", str(self.port), *args]
+        if model is not None:
+            cmd += ["--model", str(model), "--served-model-name", "tiny", "--threads", "1", "--kv-cache-memory-gb",
+                    "0.05"]
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"tokenfab-server-{self.port}.log", "w+")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + startup_timeout

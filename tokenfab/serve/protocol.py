@@ -171,9 +171,10 @@ class AssistantMessage(BaseModel):
 
 
 class ChatChoice(BaseModel):
+    """A whole response's choice (streamed chunks carry `delta` instead of `message`)."""
+
     index: int
-    message: AssistantMessage | None = None
-    delta: AssistantMessage | None = None
+    message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length", "abort"] | None = None
     stop_reason: int | str | None = None
@@ -181,7 +182,7 @@ class ChatChoice(BaseModel):
 
 class ChatCompletionResponse(BaseModel):
     id: str
-    object: Literal["chat.completion", "chat.completion.chunk"] = "chat.completion"
+    object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
     choices: list[ChatChoice]
