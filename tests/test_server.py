@@ -4,6 +4,7 @@ bad input gets a named 4xx, cost in usage adds up to the server's counters."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -22,8 +23,13 @@ def model_path(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def server(model_path):
-    live = LiveServer(model_path)
+def request_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("log") / "requests.jsonl"
+
+
+@pytest.fixture(scope="module")
+def server(model_path, request_log):
+    live = LiveServer(model_path, "--request-log", str(request_log))
     yield live
     assert live.stop() == 0
 
@@ -230,3 +236,12 @@ def test_usage_cost_adds_up_to_the_server_counters(server):
     kwh = after["tokenfab:energy_price_usd_per_kwh"] / 3.6e6
     assert usd == pytest.approx(seconds * price + joules * kwh, rel=1e-6)
     assert {c["energy_source"] for c in costs} == {"modelled"}  # no RAPL or NVML on the test machines
+
+
+def test_request_log_bills_the_user(client, request_log):
+    resp = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=5, user="alice-42")
+    records = [json.loads(line) for line in request_log.read_text().splitlines()]
+    mine = [r for r in records if r["id"] == resp.id]
+    assert len(mine) == 1 and mine[0]["user"] == "alice-42" and mine[0]["status"] == "ok"
+    assert mine[0]["completion_tokens"] == resp.usage.completion_tokens
+    assert mine[0]["cost"]["usd"] == pytest.approx(resp.usage.model_extra["cost"]["usd"], rel=1e-9)

@@ -41,6 +41,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--idle-watts", type=float, default=None)
     p.add_argument("--peak-watts", type=float, default=None)
     p.add_argument("--prices-file", default=None, help="TOML/JSON with profile, prices and watts")
+    p.add_argument("--request-log", default=None, help="JSONL file: one line per request with user, tokens, cost")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -56,7 +57,7 @@ def _serve(args: argparse.Namespace) -> int:
                           pricing=pricing)
     name = args.served_model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else "gemma-3-270m")
     settings = ServerSettings(args.host, args.port, name, args.max_queued_requests, args.max_queued_tokens,
-                              args.request_timeout, args.graceful_shutdown_timeout)
+                              args.request_timeout, args.graceful_shutdown_timeout, args.request_log)
     return serve(engine, settings, args.log_level)
 
 

@@ -30,8 +30,7 @@ def build_app(state: ServerState) -> FastAPI:
         try:
             yield
         finally:
-            state.drain()
-            await state.client.shutdown()
+            await state.stop()
 
     app = FastAPI(title="tokenfab", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible LLM server; every response's usage carries its cost and energy.")

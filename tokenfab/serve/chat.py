@@ -27,7 +27,7 @@ def prepare(body: ChatCompletionRequest, state: ServerState) -> Job:
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_new_tokens(limit, [prompt], info, "messages"), logprobs, info)
-    return Job(f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, body.priority)
+    return Job(f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, body.priority, body.user)
 
 
 async def complete(body: ChatCompletionRequest, job: Job, state: ServerState) -> dict:

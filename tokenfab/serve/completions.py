@@ -24,7 +24,7 @@ def prepare(body: CompletionRequest, state: ServerState) -> Job:
     info = state.info
     prompts = completion_prompts(body, state.tokenizer, info)
     params = sampling_params(body, max_new_tokens(body.max_tokens, prompts, info, "prompt"), body.logprobs, info)
-    return Job(f"cmpl-{uuid.uuid4().hex}", prompts, params, body.priority)
+    return Job(f"cmpl-{uuid.uuid4().hex}", prompts, params, body.priority, body.user)
 
 
 def _prefix(body: CompletionRequest, prompt: Prompt, state: ServerState) -> str:

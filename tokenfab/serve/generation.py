@@ -18,6 +18,7 @@ from tokenfab.serve.admission import Admission, Ticket
 from tokenfab.serve.engine_client import AsyncEngineClient, EngineDead
 from tokenfab.serve.errors import APIError, bad_request
 from tokenfab.serve.metrics import ServerMetrics
+from tokenfab.serve.request_log import RequestLog
 from tokenfab.serve.settings import ServerSettings
 
 
@@ -33,6 +34,8 @@ class Job:
     prompts: list[Prompt]
     params: SamplingParams
     priority: int = 0
+    user: str | None = None
+    """The caller's end-user id (OpenAI `user`), written to the request log with the request's cost."""
 
 
 class _Done:
@@ -41,11 +44,12 @@ class _Done:
 
 class Generation:
     def __init__(self, client: AsyncEngineClient, admission: Admission, metrics: ServerMetrics,
-                 settings: ServerSettings) -> None:
+                 settings: ServerSettings, request_log: RequestLog | None = None) -> None:
         self.client = client
         self.admission = admission
         self.metrics = metrics
         self.settings = settings
+        self.request_log = request_log
 
     def admit(self, job: Job) -> Ticket:
         """Reserve room for the job or raise 429 (or 503 while draining)."""
@@ -55,6 +59,8 @@ class Generation:
         """The job's outputs as they grow; the ticket is released when this ends, however it ends."""
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(self._pump(job, i, p, queue)) for i, p in enumerate(job.prompts)]
+        latest: dict[int, RequestOutput] = {}
+        start, status = time.monotonic(), "aborted"
         try:
             async with asyncio.timeout(self.settings.request_timeout):
                 remaining = len(tasks)
@@ -65,11 +71,18 @@ class Generation:
                     if isinstance(item, _Done):
                         remaining -= 1
                         continue
+                    latest[item[0]] = item[1]
                     yield item
+            status = "ok"
         except TimeoutError:
+            status = "timeout"
             raise APIError(504, f"the request did not finish within {self.settings.request_timeout:g} s and was "
                            "aborted", "timeout_error", code="request_timeout") from None
+        except APIError:
+            status = "error"
+            raise
         except EngineDead as e:
+            status = "engine_unavailable"
             raise APIError(503, f"the engine is not available: {e}", "service_unavailable",
                            code="engine_unavailable") from None
         finally:
@@ -77,6 +90,10 @@ class Generation:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self.admission.release(ticket)
+            if self.request_log is not None:
+                energy = self.client.info.energy_source if self.client.info else "modelled"
+                self.request_log.write(job.request_id, job.user, status, [latest[i] for i in sorted(latest)], energy,
+                                       time.monotonic() - start)
 
     async def _pump(self, job: Job, index: int, prompt: Prompt, queue: asyncio.Queue) -> None:
         request_id = job.request_id if len(job.prompts) == 1 else f"{job.request_id}-{index}"

@@ -38,7 +38,7 @@ class SamplingFields(Strict):
     presence_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] | None = None
     user: StrictStr | None = None
-    """Recorded with the request; not used for sampling."""
+    """End-user id: written with the request's cost to the request log (--request-log); not used for sampling."""
     # Extensions (as in vLLM's OpenAI server).
     top_k: Annotated[StrictInt, Field(ge=-1, le=INT32)] | None = None
     min_p: Annotated[StrictFloat, Field(ge=0.0, le=1.0)] | None = None

@@ -19,6 +19,8 @@ class ServerSettings:
     """Seconds a request may take end to end before it is aborted."""
     graceful_shutdown_timeout: float = 30.0
     """After SIGTERM, how long in-flight requests may take to finish before they are aborted."""
+    request_log: str | None = None
+    """JSONL file: one line per finished request with its user, tokens, latency and cost."""
 
     def __post_init__(self) -> None:
         checks = [

@@ -10,6 +10,7 @@ from tokenfab.serve.engine_client import AsyncEngineClient
 from tokenfab.serve.generation import Generation
 from tokenfab.serve.ipc import CoreInfo
 from tokenfab.serve.metrics import ServerMetrics
+from tokenfab.serve.request_log import RequestLog
 from tokenfab.serve.settings import ServerSettings
 from tokenfab.tokenizer import Tokenizer
 
@@ -40,7 +41,14 @@ class ServerState:
         self.metrics.set_prices(info.usd_per_hour, info.usd_per_kwh)
         s = self.settings
         self.admission = Admission(info.max_num_seqs + s.max_queued_requests, s.max_queued_tokens)
-        self.generation = Generation(self.client, self.admission, self.metrics, s)
+        log = RequestLog(s.request_log) if s.request_log else None
+        self.generation = Generation(self.client, self.admission, self.metrics, s, log)
+
+    async def stop(self) -> None:
+        self.drain()
+        await self.client.shutdown()
+        if self.generation is not None and self.generation.request_log is not None:
+            self.generation.request_log.close()
 
     def drain(self) -> None:
         """Stop admitting; in-flight requests go on."""
