@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 
@@ -139,5 +140,38 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_path):
         results = asyncio.run(run())
         assert [finish for finish, _ in results] == ["length"] * 6
         assert server.proc.wait(60) == 0
+    finally:
+        server.stop()
+
+
+def test_request_timeout_aborts_and_frees_blocks(model_path):
+    server = LiveServer(model_path, "--request-timeout", "0.5")
+    try:
+        body = {"prompt": "w5 w6", "max_tokens": 1000, "temperature": 0, "ignore_eos": True, "n": 8}
+        r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+        time.sleep(0.5)
+        m = server.metrics()
+        assert m["tokenfab:num_requests_running"] == 0
+        assert m["tokenfab:kv_cache_free_blocks"] == m["tokenfab:kv_cache_total_blocks"]
+        quick = httpx.post(f"{server.url}/v1/completions", json={"prompt": "w5", "max_tokens": 2}, timeout=30)
+        assert quick.status_code == 200
+    finally:
+        assert server.stop() == 0
+
+
+def test_dead_engine_is_reported_not_hung(model_path):
+    server = LiveServer(model_path)
+    try:
+        with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
+            children = [int(p) for p in f.read().split()]
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and httpx.get(f"{server.url}/health").status_code == 200:
+            time.sleep(0.2)
+        assert httpx.get(f"{server.url}/health").status_code == 503
+        r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "w5", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
     finally:
         server.stop()
