@@ -27,6 +27,8 @@ sys.path.insert(0, str(REPO / "benchmarks" / "peers"))
 
 from common import synth_prompts  # noqa: E402
 
+from tokenfab.platform.machine import cpu_name  # noqa: E402
+
 WORKLOADS = ("offline", "tg128", "pp512")
 
 
@@ -47,34 +49,10 @@ def systems(hf_dir: Path, gguf: Path) -> dict[str, tuple[list[str], str | None]]
 
 
 def measure_ceilings() -> dict:
-    """Memory read bandwidth and fp32 GEMM throughput of this machine, with torch on all cores."""
-    code = r"""
-import json, time, torch
-def best(f, n):
-    f(); ts = []
-    for _ in range(n):
-        t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2]
-x = torch.ones(128 * 1024 * 1024 // 4)
-bw = x.numel() * 4 / best(lambda: x.sum(), 7) / 1e9
-a = torch.randn(2048, 2048); b = torch.randn(2048, 2048)
-fp32 = 2 * 2048 ** 3 / best(lambda: a @ b, 5) / 1e9
-bf16_ok = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-print(json.dumps({"mem_read_gbps": round(bw, 1), "fp32_gemm_gflops": round(fp32, 1), "hw_bf16": bf16_ok,
-                  "threads": torch.get_num_threads()}))
-"""
+    """This machine's ceilings, measured in a fresh process of the project's environment."""
+    code = "import json; from tokenfab.platform.machine import measure_ceilings; print(json.dumps(measure_ceilings()))"
     out = subprocess.run([str(REPO / ".venv/bin/python"), "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def run_one(cmd: list[str], workload: str, prompts_file: Path, timeout: int) -> dict:

@@ -30,6 +30,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: from the model)")
     p.add_argument("--max-num-seqs", type=int, default=_DEFAULTS["max_num_seqs"])
     p.add_argument("--max-num-batched-tokens", type=int, default=_DEFAULTS["max_num_batched_tokens"])
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=_DEFAULTS["enable_prefix_caching"], help="reuse KV blocks of shared prompt prefixes")
     p.add_argument("--max-queued-requests", type=int, default=d["max_queued_requests"],
                    help="waiting requests admitted beyond the running ones; more get 429")
     p.add_argument("--max-queued-tokens", type=int, default=d["max_queued_tokens"])
@@ -54,7 +56,7 @@ def _serve(args: argparse.Namespace) -> int:
     engine = EngineConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                           kv_cache_memory_gb=args.kv_cache_memory_gb, num_threads=args.threads,
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          pricing=pricing)
+                          enable_prefix_caching=args.enable_prefix_caching, pricing=pricing)
     name = args.served_model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else "gemma-3-270m")
     settings = ServerSettings(args.host, args.port, name, args.max_queued_requests, args.max_queued_tokens,
                               args.request_timeout, args.graceful_shutdown_timeout, args.request_log)
@@ -114,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _engine_args(gen)
     gen.set_defaults(func=_generate)
+    from tokenfab.economics.bench.cli import add_parser as add_bench
+
+    add_bench(sub)
     conv = sub.add_parser("convert", help="write an HF safetensors directory from a GGUF file")
     conv.add_argument("gguf")
     conv.add_argument("out_dir")
@@ -126,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"tokenfab: error: {e}", file=sys.stderr)
         return 2
 

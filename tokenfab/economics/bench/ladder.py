@@ -1,0 +1,128 @@
+"""The ladder: delivered tokens per dollar at a fixed SLO, from a naive baseline through each tokenfab
+optimization switched on in turn, with the gain of each step and the compounded gain.
+
+The workload is agentic sessions (each turn re-sends the growing conversation), served by tokenfab on the
+embedded model. Each rung starts its own server, sweeps concurrency, and keeps the highest-throughput point
+where at least 90 % of requests meet the SLO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from tokenfab.economics.bench import runner
+from tokenfab.economics.bench.launch import free_port, launch, server_spec
+from tokenfab.economics.bench.sweep import new_document, sweep_system
+
+
+@dataclass(frozen=True, slots=True)
+class Rung:
+    name: str
+    flags: tuple[str, ...]
+    max_seqs: int
+    concurrencies: tuple[int, ...] | None = None
+    """None: the ladder's concurrency list."""
+
+
+def rungs(concurrencies: tuple[int, ...]) -> list[Rung]:
+    top = max(concurrencies)
+    return [
+        Rung("naive: one request at a time, no prefix cache", ("--no-enable-prefix-caching",), 1, (1,)),
+        Rung("+ continuous batching", ("--no-enable-prefix-caching",), top),
+        Rung("+ prefix caching", ("--enable-prefix-caching",), top),
+    ]
+
+
+def best_point(entry: dict, fraction: float = 0.9) -> dict | None:
+    """The point with the most output tok/s among those where >= fraction of requests met the SLO."""
+    good = [p for p in entry["points"] if (p["summary"]["goodput_fraction"] or 0.0) >= fraction]
+    return max(good, key=lambda p: p["summary"]["output_tok_s"] or 0.0, default=None)
+
+
+def ladder_rows(entries: list[tuple[Rung, dict]], price_per_hour: float) -> list[dict]:
+    rows, base, previous = [], None, None
+    for rung, entry in entries:
+        point = best_point(entry)
+        tok_s = point["summary"]["output_tok_s"] if point else 0.0
+        per_usd = tok_s * 3600 / price_per_hour if price_per_hour else None
+        base = per_usd if base is None else base
+        rows.append({"rung": rung.name, "concurrency": point["concurrency"] if point else None,
+                     "output_tok_s": tok_s, "tokens_per_usd": per_usd,
+                     "step_gain": per_usd / previous if previous and per_usd else None,
+                     "compounded_gain": per_usd / base if base and per_usd else None,
+                     "ttft_p50_s": point["summary"]["ttft_s"]["p50"] if point else None,
+                     "tpot_p50_s": point["summary"]["tpot_s"]["p50"] if point else None})
+        previous = per_usd or previous
+    return rows
+
+
+def main(args: argparse.Namespace) -> int:
+    args.workload, args.prefix_len, args.think_time, args.seed, args.url = "agentic", 512, 0.0, 0, None
+    concurrencies = tuple(int(x) for x in args.concurrency.split(","))
+    workload = runner.build_workload(args)
+    config = runner.build_config(args, concurrencies, False)
+    doc = new_document(workload, config, None)
+    doc["kind"] = "tokenfab-bench-ladder"
+    out = args.out / "ladder.json"
+    entries: list[tuple[Rung, dict]] = []
+    for rung in rungs(concurrencies):
+        rung_config = config if rung.concurrencies is None else runner.SweepConfig(
+            list(rung.concurrencies), False, config.requests_per_point, config.warmup, config.max_duration_s,
+            config.price_per_hour, config.slo, config.power_watts, config.request_timeout_s)
+        port = free_port()
+        extra = list(rung.flags) + (["--model", args.model] if args.model else [])
+        spec = server_spec("tokenfab", port, Path(".peers"), 2, rung.max_seqs, 4096, extra)
+        server = launch(spec, port, args.out / "logs")
+        try:
+            runner._run_with_progress(lambda progress: sweep_system(server.url, rung.name, workload, rung_config,
+                                                                    doc, out, progress), len(rung_config.points))
+        finally:
+            server.stop()
+        entries.append((rung, doc["systems"][-1]))
+    rows = ladder_rows(entries, config.price_per_hour)
+    doc["ladder"] = rows
+    out.write_text(json.dumps(doc, indent=1))
+    (args.out / "ladder.md").write_text(markdown(doc, rows))
+    _print(rows, doc)
+    return 0
+
+
+def markdown(doc: dict, rows: list[dict]) -> str:
+    w, slo = doc["workload"], doc["slo"]
+    lines = [f"# Ladder: tokens per dollar at an SLO ({time.strftime('%Y-%m-%d')})", "",
+             f"Workload: agentic sessions ({w['sessions']} sessions x {w['turns']} turns; system prompt "
+             f"{w['system_len']} tokens, tool outputs ~{w['tool_len']}, replies ~{w['reply_len']} tokens). "
+             f"SLO: TTFT <= {slo['ttft_s']} s and TPOT <= {slo['tpot_s']} s for >= 90 % of requests. "
+             f"Price: ${doc['price_per_hour']}/device-hour. Machine: {doc['machine']['cpu']}, "
+             f"{doc['machine']['cores']} cores.", "",
+             "| rung | best concurrency | output tok/s | tokens per $ | step gain | compounded |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['rung']} | {r['concurrency'] or '-'} | {r['output_tok_s']:.2f} | "
+                     f"{_num(r['tokens_per_usd'])} | {_x(r['step_gain'])} | {_x(r['compounded_gain'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:,.0f}"
+
+
+def _x(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _print(rows: list[dict], doc: dict) -> None:
+    table = Table(title=f"tokens per $ at SLO TTFT<={doc['slo']['ttft_s']}s TPOT<={doc['slo']['tpot_s']}s")
+    for col in ("rung", "concurrency", "out tok/s", "tokens/$", "step", "compounded"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["rung"], str(r["concurrency"] or "-"), f"{r['output_tok_s']:.2f}", _num(r["tokens_per_usd"]),
+                      _x(r["step_gain"]), _x(r["compounded_gain"]))
+    Console().print(table)

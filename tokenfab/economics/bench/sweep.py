@@ -1,0 +1,149 @@
+"""Sweeps: the same workload at several concurrencies (or rates), per system, into one versioned JSON document.
+
+Each point is summarized as it finishes and the document is rewritten, so an interrupted sweep still leaves
+every finished point on disk. With launchers, each system is started, swept and stopped in turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from tokenfab import __version__
+from tokenfab.economics.bench.client import Unreachable, probe
+from tokenfab.economics.bench.load import LoadPlan, run_requests, run_sessions
+from tokenfab.economics.bench.records import SCHEMA_VERSION, SLO, RequestRecord
+from tokenfab.economics.bench.scrape import deltas, scrape
+from tokenfab.economics.bench.stats import summarize
+from tokenfab.economics.bench.workloads import RequestSpec, SessionSpec
+from tokenfab.platform import machine
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """A named workload, built once and replayed at every point: requests or sessions (not both)."""
+
+    name: str
+    params: dict
+    requests: list[RequestSpec] = field(default_factory=list)
+    sessions: list[SessionSpec] = field(default_factory=list)
+    count_tokens: Callable[[str], int] | None = None
+
+    @property
+    def longest(self) -> int:
+        """Prompt + output tokens of the longest request (sessions: estimated at their last turn)."""
+        if self.requests:
+            return max(r.prompt_tokens + r.max_tokens for r in self.requests)
+        return max(len(s.system) // 3 + sum(len(t) // 3 for t in s.tool_outputs) + sum(s.reply_tokens)
+                   for s in self.sessions)
+
+
+@dataclass(frozen=True, slots=True)
+class SweepConfig:
+    points: list[int] | list[float]
+    """Concurrencies (closed loop) or request rates (open loop)."""
+    open_loop: bool = False
+    requests_per_point: int = 0
+    """0: max(16, 4 x concurrency) requests, or all of the workload's requests in open loop."""
+    warmup: int = 1
+    max_duration_s: float | None = None
+    price_per_hour: float = 0.09
+    slo: SLO = SLO()
+    power_watts: float | None = None
+    """Client-side power model for systems that don't report energy (labelled modelled-client)."""
+    request_timeout_s: float = 600.0
+    burstiness: float = 1.0
+
+
+def new_document(workload: Workload, config: SweepConfig, ceilings: dict | None) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION, "kind": "tokenfab-bench-sweep",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tokenfab_version": __version__,
+        "machine": {**machine.describe(), **(ceilings or {})},
+        "workload": {"name": workload.name, **workload.params},
+        "slo": {"ttft_s": config.slo.ttft_s, "tpot_s": config.slo.tpot_s},
+        "price_per_hour": config.price_per_hour, "power_watts_model": config.power_watts,
+        "load": "open loop (rate, req/s)" if config.open_loop else "closed loop (concurrency)",
+        "systems": [],
+    }
+
+
+async def sweep_system(url: str, system: str, workload: Workload, config: SweepConfig, doc: dict, out: Path | None,
+                       progress: Callable[[str, RequestRecord], None] | None = None) -> dict:
+    """Sweep one running server; appends (and returns) its entry in doc, writing doc after every point."""
+    entry = {"system": system, "url": url, "status": "ok", "points": []}
+    doc["systems"].append(entry)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=config.request_timeout_s) as client:
+        try:
+            card = await probe(client)
+        except Unreachable as e:
+            entry["status"] = f"failed: {e}"
+            _write(doc, out)
+            raise
+        entry["model"] = card.get("id")
+        entry["max_model_len"] = card.get("max_model_len")
+        limit = card.get("max_model_len")
+        if limit and workload.requests and workload.longest > limit:
+            entry["status"] = f"failed: workload needs {workload.longest} tokens; the model's context is {limit}"
+            _write(doc, out)
+            raise ValueError(entry["status"])
+        for point in config.points:
+            records, seconds, counters = await _run_point(client, card["id"], workload, config, point, system,
+                                                          progress)
+            summary = summarize(records, price_per_hour=config.price_per_hour, slo=config.slo,
+                                power_watts=config.power_watts)
+            entry["points"].append({
+                "concurrency": None if config.open_loop else point, "rate": point if config.open_loop else None,
+                "wall_s": seconds, "summary": summary.as_dict(), "server_counters": counters,
+            })
+            _write(doc, out)
+    return entry
+
+
+async def _run_point(client: httpx.AsyncClient, model: str, workload: Workload, config: SweepConfig, point,
+                     system: str, progress) -> tuple[list[RequestRecord], float, dict | None]:
+    plan = LoadPlan(concurrency=None if config.open_loop else int(point),
+                    rate=float(point) if config.open_loop else None, warmup=config.warmup,
+                    max_duration_s=config.max_duration_s, request_timeout_s=config.request_timeout_s,
+                    burstiness=config.burstiness)
+    hook = (lambda r: progress(system, r)) if progress else None
+    before = await scrape(client)
+    start = time.monotonic()
+    if workload.sessions:
+        n = config.requests_per_point or max(4, 2 * int(point))
+        records = await run_sessions(client, model, workload.sessions[:n], plan, workload.count_tokens, hook)
+    else:
+        n = config.requests_per_point or (len(workload.requests) if config.open_loop else max(16, 4 * int(point)))
+        specs = _cycle(workload.requests, n + config.warmup)
+        records = await run_requests(client, model, specs, plan, hook)
+    seconds = time.monotonic() - start
+    return records, seconds, deltas(before, await scrape(client))
+
+
+def _cycle(specs: list[RequestSpec], n: int) -> list[RequestSpec]:
+    return [specs[i % len(specs)] for i in range(n)]
+
+
+def _write(doc: dict, out: Path | None) -> None:
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(out)
+
+
+def run(coro):
+    """asyncio.run that turns Ctrl-C into a normal return of whatever was written so far."""
+    try:
+        return asyncio.run(coro)
+    except KeyboardInterrupt:
+        return None
+
