@@ -97,3 +97,24 @@ def test_interrupted_sweep_keeps_finished_points(model_path, tmp_path):
         assert 1 <= len(points) < 8 and points[0]["summary"]["completed"] == 3
     finally:
         server.stop()
+
+
+def test_agentic_sessions_reuse_their_prefixes_and_open_loop_runs(model_path, tmp_path):
+    server = LiveServer(model_path, "--max-num-seqs", "8")
+    try:
+        proc = bench("serve", "--url", server.url, "--model", str(model_path), "--workload", "agentic",
+                     "--sessions", "4", "--turns", "3", "--prefix-len", "48", "--isl", "12", "--osl", "6",
+                     "--think-time", "0", "--concurrency", "2", "--warmup", "0",
+                     "--out", str(tmp_path / "agentic.json"))
+        assert proc.returncode == 0, proc.stderr
+        s = json.loads((tmp_path / "agentic.json").read_text())["systems"][0]["points"][0]["summary"]
+        assert s["sent"] == 4 * 3 and s["completed"] == 12  # max(4, 2 x 2) sessions x 3 turns
+        assert s["prefix_cache_hit_rate"] > 0.3  # later turns find the conversation so far cached
+        proc = bench("serve", "--url", server.url, "--model", str(model_path), "--rate", "40", "--num-requests",
+                     "10", "--warmup", "0", "--isl", "16", "--osl", "4", "--out", str(tmp_path / "open.json"))
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads((tmp_path / "open.json").read_text())
+        point = doc["systems"][0]["points"][0]
+        assert point["rate"] == 40 and point["concurrency"] is None and point["summary"]["completed"] == 10
+    finally:
+        assert server.stop() == 0

@@ -93,7 +93,7 @@ def test_markdown_has_one_row_per_point_and_header_facts():
 
 def test_missing_system_is_listed_with_its_reason():
     md = report.markdown(make_doc())
-    section = md.split("## Missing or failed", 1)[1].split("## Pareto frontier", 1)[0]
+    section = md.split("## Missing or failed", 1)[1].split("## Goodput", 1)[0]
     assert [line for line in section.splitlines() if line.startswith("- ")] == [
         "- **llama.cpp**: missing: llama-server not built"
     ]
@@ -291,3 +291,17 @@ def test_load_runs_rejects_invalid_json(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="broken.json: not valid JSON"):
         report.load_runs([bad])
+
+
+def test_goodput_section_names_the_best_point_within_slo():
+    doc = {"schema_version": 1, "kind": "tokenfab-bench-sweep", "workload": {"name": "random"},
+           "slo": {"ttft_s": 2.0, "tpot_s": 0.1}, "price_per_hour": 0.09, "machine": {},
+           "systems": [{"system": "a", "status": "ok", "points": [
+               {"concurrency": 1, "summary": {"goodput_fraction": 1.0, "request_rate": 0.5, "output_tok_s": 10.0}},
+               {"concurrency": 4, "summary": {"goodput_fraction": 0.9, "request_rate": 1.25, "output_tok_s": 30.0}},
+               {"concurrency": 8, "summary": {"goodput_fraction": 0.5, "request_rate": 2.0, "output_tok_s": 40.0}}]},
+               {"system": "b", "status": "ok", "points": [
+                   {"concurrency": 1, "summary": {"goodput_fraction": 0.2, "request_rate": 1.0}}]}]}
+    md = report.markdown(doc)
+    assert "- **a**: 1.25 req/s (c=4, 30.0 output tok/s)" in md
+    assert "- **b**: no point met the SLO" in md

@@ -62,19 +62,11 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def create_completion(body: CompletionRequest, request: Request):
-        check_model(body.model, state.settings.served_model_name)
-        job = _checked(state, completions.prepare, body)
-        if body.stream:
-            return await _streaming(state, completions.stream(body, job, state))
-        return await _unless_disconnected(request, state, completions.complete(body, job, state))
+        return await _generate(state, completions, body, request)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-        check_model(body.model, state.settings.served_model_name)
-        job = _checked(state, chat.prepare, body)
-        if body.stream:
-            return await _streaming(state, chat.stream(body, job, state))
-        return await _unless_disconnected(request, state, chat.complete(body, job, state))
+        return await _generate(state, chat, body, request)
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
     async def tokenize(body: TokenizeRequest) -> dict:
@@ -95,6 +87,15 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         if bad:
             raise bad_request(f"token ids out of range [0, {state.info.vocab_size}): {bad[:5]}", "tokens")
         return {"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+
+async def _generate(state: ServerState, kind, body, request: Request):
+    """Completions and chat alike: validate, then stream or answer whole (`kind` is the module that formats)."""
+    check_model(body.model, state.settings.served_model_name)
+    job = _checked(state, kind.prepare, body)
+    if body.stream:
+        return await _streaming(state, kind.stream(body, job, state))
+    return await _unless_disconnected(request, state, kind.complete(body, job, state))
 
 
 def _checked(state: ServerState, prepare, body):

@@ -37,7 +37,7 @@ def add_parser(sub) -> None:
     _load(lad)
     lad.add_argument("--out", type=Path, default=Path("results/ladder"))
     lad.add_argument("--model", default=None, help="HF directory or .gguf (default: embedded Gemma 3 270M)")
-    lad.add_argument("--concurrency", default="1,2,4,8,16", help="points searched for the best one within SLO")
+    lad.add_argument("--concurrency", default="1,4,8", help="points searched for the best one within SLO")
     lad.add_argument("--sessions", type=int, default=16)
     lad.add_argument("--turns", type=int, default=4)
     lad.add_argument("--isl", type=int, default=128, help="tool output tokens per turn")
@@ -70,7 +70,7 @@ def _workload(p: argparse.ArgumentParser) -> None:
 
 
 def _load(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-requests", type=int, default=0, help="per point (default: max(16, 4 x concurrency))")
+    p.add_argument("--num-requests", type=int, default=0, help="per point (default: max(8, 2 x concurrency))")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--max-duration", type=float, default=None, help="seconds per point")
     p.add_argument("--burstiness", type=float, default=1.0, help="open loop gamma shape (1 = Poisson)")

@@ -66,8 +66,8 @@ def ladder_rows(entries: list[tuple[Rung, dict]], price_per_hour: float) -> list
 def main(args: argparse.Namespace) -> int:
     args.workload, args.prefix_len, args.think_time, args.seed, args.url = "agentic", 512, 0.0, 0, None
     concurrencies = tuple(int(x) for x in args.concurrency.split(","))
-    workload = runner.build_workload(args)
     config = runner.build_config(args, concurrencies, False)
+    workload = runner.build_workload(args, runner.items_needed(config, True))
     doc = new_document(workload, config, None)
     doc["kind"] = "tokenfab-bench-ladder"
     out = args.out / "ladder.json"
@@ -97,7 +97,8 @@ def main(args: argparse.Namespace) -> int:
 def markdown(doc: dict, rows: list[dict]) -> str:
     w, slo = doc["workload"], doc["slo"]
     lines = [f"# Ladder: tokens per dollar at an SLO ({time.strftime('%Y-%m-%d')})", "",
-             f"Workload: agentic sessions ({w['sessions']} sessions x {w['turns']} turns; system prompt "
+             "Workload: agentic sessions (max(4, 2 x concurrency) fresh sessions per point, "
+             f"{w['turns']} turns each; system prompt "
              f"{w['system_len']} tokens, tool outputs ~{w['tool_len']}, replies ~{w['reply_len']} tokens). "
              f"SLO: TTFT <= {slo['ttft_s']} s and TPOT <= {slo['tpot_s']} s for >= 90 % of requests. "
              f"Price: ${doc['price_per_hour']}/device-hour. Machine: {doc['machine']['cpu']}, "

@@ -133,6 +133,7 @@ def markdown(doc: dict[str, Any]) -> str:
     if bad:
         lines = [f"- **{_cell(s['system'])}**: {s.get('status')}" for s in bad]
         parts.append("## Missing or failed\n\n" + "\n".join(lines))
+    parts.append(_goodput_section(doc))
     parts.append(_frontier_section(doc))
     return "\n\n".join(parts) + "\n"
 
@@ -194,6 +195,23 @@ def _completed_failed(s: dict[str, Any]) -> str:
 def _ms_pair(dist: dict[str, Any] | None) -> str:
     dist = dist or {}
     return f"{_num(_scale(dist.get('p50'), 1000), '.1f')} / {_num(_scale(dist.get('p99'), 1000), '.1f')}"
+
+
+def _goodput_section(doc: dict[str, Any]) -> str:
+    """Per system, the highest measured request rate at which at least 90 % of requests met the SLO."""
+    lines = ["## Goodput", "", "Highest completed-request rate among the points where >= 90 % of requests met the "
+             "SLO (TTFT and TPOT).", ""]
+    for system in doc.get("systems", []):
+        good = [p for p in system.get("points", [])
+                if (p.get("summary", {}).get("goodput_fraction") or 0.0) >= 0.9]
+        best = max(good, key=lambda p: p["summary"].get("request_rate") or 0.0, default=None)
+        if best is None:
+            lines.append(f"- **{_cell(system['system'])}**: no point met the SLO")
+        else:
+            s = best["summary"]
+            lines.append(f"- **{_cell(system['system'])}**: {_num(s.get('request_rate'))} req/s "
+                         f"({_load_label(best)}, {_num(s.get('output_tok_s'), '.1f')} output tok/s)")
+    return "\n".join(lines)
 
 
 def _frontier_section(doc: dict[str, Any]) -> str:

@@ -15,15 +15,15 @@ from tokenfab.economics.bench import workloads as wl
 from tokenfab.economics.bench.client import Unreachable
 from tokenfab.economics.bench.launch import free_port, launch, server_spec
 from tokenfab.economics.bench.records import SLO
-from tokenfab.economics.bench.sweep import SweepConfig, Workload, new_document, sweep_system
+from tokenfab.economics.bench.sweep import SweepConfig, Workload, items_needed, new_document, sweep_system
 from tokenfab.platform.prices import PROFILES
 
 
-def build_workload(args: argparse.Namespace) -> Workload:
+def build_workload(args: argparse.Namespace, n: int) -> Workload:
+    """The workload with n distinct requests (sessions for agentic)."""
     from tokenfab.models.loading import load_tokenizer, resolve_model
 
     tok = load_tokenizer(resolve_model(args.model))
-    n = max(64, args.num_requests or 0)
     name = args.workload
     if name == "random":
         return Workload(name, {"isl": args.isl, "osl": args.osl}, wl.random_workload(tok, args.isl, args.osl, n,
@@ -40,9 +40,9 @@ def build_workload(args: argparse.Namespace) -> Workload:
         if args.trace is None:
             raise ValueError("--workload trace needs --trace FILE")
         return Workload(name, {"trace": str(args.trace)}, wl.trace_workload(args.trace, tok, args.seed))
-    params = {"sessions": args.sessions, "turns": args.turns, "system_len": args.prefix_len, "tool_len": args.isl,
+    params = {"sessions": max(n, args.sessions), "turns": args.turns, "system_len": args.prefix_len, "tool_len": args.isl,
               "reply_len": args.osl, "think_time_s": args.think_time}
-    sessions = wl.agentic_sessions(tok, args.sessions, args.turns, args.prefix_len, args.isl, args.osl,
+    sessions = wl.agentic_sessions(tok, max(n, args.sessions), args.turns, args.prefix_len, args.isl, args.osl,
                                    args.think_time, args.seed)
     return Workload(name, params, sessions=sessions, count_tokens=lambda t: len(tok.encode(t)))
 
@@ -63,7 +63,8 @@ def _ceilings() -> dict:
 
 
 def sweep_urls(args: argparse.Namespace, points, open_loop: bool, out: Path) -> dict:
-    workload, config = build_workload(args), build_config(args, points, open_loop)
+    config = build_config(args, points, open_loop)
+    workload = build_workload(args, items_needed(config, args.workload == "agentic"))
     doc = new_document(workload, config, None)
     system = args.system or "server"
     if not _run_with_progress(lambda progress: sweep_system(args.url, system, workload, config, doc, out, progress),
@@ -73,7 +74,8 @@ def sweep_urls(args: argparse.Namespace, points, open_loop: bool, out: Path) -> 
 
 
 def sweep_launched(args: argparse.Namespace, points, open_loop: bool, out: Path) -> dict:
-    workload, config = build_workload(args), build_config(args, points, open_loop)
+    config = build_config(args, points, open_loop)
+    workload = build_workload(args, items_needed(config, args.workload == "agentic"))
     doc = new_document(workload, config, _ceilings())
     max_seqs = max(int(p) for p in points) if not open_loop else 64
     for system in [s.strip() for s in args.launch.split(",") if s.strip()]:

@@ -50,7 +50,7 @@ class SweepConfig:
     """Concurrencies (closed loop) or request rates (open loop)."""
     open_loop: bool = False
     requests_per_point: int = 0
-    """0: max(16, 4 x concurrency) requests, or all of the workload's requests in open loop."""
+    """0: max(8, 2 x concurrency) requests (two waves), or all of the workload's requests in open loop."""
     warmup: int = 1
     max_duration_s: float | None = None
     price_per_hour: float = 0.09
@@ -94,9 +94,11 @@ async def sweep_system(url: str, system: str, workload: Workload, config: SweepC
             entry["status"] = f"failed: workload needs {workload.longest} tokens; the model's context is {limit}"
             _write(doc, out)
             raise ValueError(entry["status"])
+        offset = 0
         for point in config.points:
-            records, seconds, counters = await _run_point(client, card["id"], workload, config, point, system,
-                                                          progress)
+            records, seconds, counters, used = await _run_point(client, card["id"], workload, config, point, offset,
+                                                                system, progress)
+            offset += used
             summary = summarize(records, price_per_hour=config.price_per_hour, slo=config.slo,
                                 power_watts=config.power_watts)
             entry["points"].append({
@@ -108,7 +110,9 @@ async def sweep_system(url: str, system: str, workload: Workload, config: SweepC
 
 
 async def _run_point(client: httpx.AsyncClient, model: str, workload: Workload, config: SweepConfig, point,
-                     system: str, progress) -> tuple[list[RequestRecord], float, dict | None]:
+                     offset: int, system: str, progress) -> tuple[list[RequestRecord], float, dict | None, int]:
+    """One point on fresh requests (from `offset` on), so no point hits a prefix cached by an earlier one;
+    returns its records, wall time, server counter deltas and how many workload items it used."""
     plan = LoadPlan(concurrency=None if config.open_loop else int(point),
                     rate=float(point) if config.open_loop else None, warmup=config.warmup,
                     max_duration_s=config.max_duration_s, request_timeout_s=config.request_timeout_s,
@@ -116,19 +120,39 @@ async def _run_point(client: httpx.AsyncClient, model: str, workload: Workload, 
     hook = (lambda r: progress(system, r)) if progress else None
     before = await scrape(client)
     start = time.monotonic()
+    n = requests_for(config, point, workload)
     if workload.sessions:
-        n = config.requests_per_point or max(4, 2 * int(point))
-        records = await run_sessions(client, model, workload.sessions[:n], plan, workload.count_tokens, hook)
+        sessions = _cycle(workload.sessions, offset, n)
+        records = await run_sessions(client, model, sessions, plan, workload.count_tokens, hook)
     else:
-        n = config.requests_per_point or (len(workload.requests) if config.open_loop else max(16, 4 * int(point)))
-        specs = _cycle(workload.requests, n + config.warmup)
+        specs = _cycle(workload.requests, offset, n + config.warmup)
         records = await run_requests(client, model, specs, plan, hook)
+        n += config.warmup
     seconds = time.monotonic() - start
-    return records, seconds, deltas(before, await scrape(client))
+    return records, seconds, deltas(before, await scrape(client)), n
 
 
-def _cycle(specs: list[RequestSpec], n: int) -> list[RequestSpec]:
-    return [specs[i % len(specs)] for i in range(n)]
+def requests_for(config: SweepConfig, point, workload: Workload | None = None) -> int:
+    """Requests (or sessions) one point sends, warm-up excluded."""
+    if config.requests_per_point:
+        return config.requests_per_point
+    if workload is not None and workload.sessions:
+        return max(4, 2 * int(point))
+    if config.open_loop:
+        return len(workload.requests) if workload is not None else 64
+    return max(8, 2 * int(point))
+
+
+def items_needed(config: SweepConfig, sessions: bool) -> int:
+    """Workload items a whole sweep uses when every point takes fresh ones."""
+    if sessions:
+        return sum(config.requests_per_point or max(4, 2 * int(p)) for p in config.points)
+    return sum(requests_for(config, p) + config.warmup for p in config.points)
+
+
+def _cycle(items: list, offset: int, n: int) -> list:
+    """n items from offset on, wrapping around only if the workload is shorter than the sweep."""
+    return [items[(offset + i) % len(items)] for i in range(n)]
 
 
 def _write(doc: dict, out: Path | None) -> None:
