@@ -7,13 +7,14 @@ import uuid
 from collections.abc import AsyncIterator
 
 from tokenfab.engine.types import RequestOutput
-from tokenfab.serve.errors import APIError, bad_request
+from tokenfab.serve.errors import bad_request
 from tokenfab.serve.formatting import TokenText, chat_logprobs, usage
 from tokenfab.serve.generation import Job
 from tokenfab.serve.protocol import ChatCompletionRequest
 from tokenfab.serve.requests import chat_prompt, max_new_tokens, sampling_params
-from tokenfab.serve.sse import DONE, error_event, event
+from tokenfab.serve.sse import event
 from tokenfab.serve.state import ServerState
+from tokenfab.serve.streaming import Deltas, admitted
 
 
 def prepare(body: ChatCompletionRequest, state: ServerState) -> Job:
@@ -43,45 +44,32 @@ async def complete(body: ChatCompletionRequest, job: Job, state: ServerState) ->
             "usage": usage([final], state.info.energy_source)}
 
 
-async def stream(body: ChatCompletionRequest, job: Job, state: ServerState) -> AsyncIterator[str | None]:
+def stream(body: ChatCompletionRequest, job: Job, state: ServerState) -> AsyncIterator[str | None]:
     created, model = int(time.time()), state.settings.served_model_name
     text = TokenText(state.tokenizer)
-    sent: dict[int, tuple[int, int]] = {}
-    done: set[int] = set()
-    final: RequestOutput | None = None
 
     def chunk(choices: list[dict], usage_: dict | None = None) -> str:
         return event({"id": job.request_id, "object": "chat.completion.chunk", "created": created, "model": model,
                       "choices": choices, "usage": usage_})
 
-    ticket = state.generation.admit(job)
-    try:
-        yield None  # admitted: the caller may now send the 200 and stream the rest
+    async def events(ticket) -> AsyncIterator[str]:
+        deltas, final = Deltas(), None
         yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for k in range(job.params.n)])
         async for _, out in state.generation.run(job, ticket):
             final = out
             choices = []
             for c in out.outputs:
-                if c.index in done:
+                new = deltas.new(c.index, c)
+                if new is None:
                     continue
-                chars, tokens = sent.get(c.index, (0, 0))
-                if len(c.text) == chars and len(c.token_ids) == tokens and not c.finish_reason:
-                    continue
-                lp = chat_logprobs(c.logprobs[tokens:], text) if c.logprobs is not None else None
-                delta = {"content": c.text[chars:]} if len(c.text) > chars else {}
-                choices.append({"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": c.finish_reason,
-                                "stop_reason": c.stop_reason})
-                sent[c.index] = (len(c.text), len(c.token_ids))
-                if c.finish_reason:
-                    done.add(c.index)
+                piece, logprobs, _ = new
+                choices.append({"index": c.index, "delta": {"content": piece} if piece else {},
+                                "logprobs": chat_logprobs(logprobs, text) if logprobs is not None else None,
+                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
             if choices:
                 yield chunk(choices)
         if body.stream_options is not None and body.stream_options.include_usage and final is not None:
             yield chunk([], usage([final], state.info.energy_source))
-        yield DONE
-    except APIError as e:
-        yield error_event(e)
-        yield DONE
-    finally:
-        state.generation.admission.release(ticket)
+
+    return admitted(state, job, events)

@@ -7,13 +7,14 @@ import uuid
 from collections.abc import AsyncIterator
 
 from tokenfab.engine.types import RequestOutput
-from tokenfab.serve.errors import APIError, bad_request
+from tokenfab.serve.errors import bad_request
 from tokenfab.serve.formatting import TokenText, completion_logprobs, usage
 from tokenfab.serve.generation import Job, Prompt
 from tokenfab.serve.protocol import CompletionRequest
 from tokenfab.serve.requests import completion_prompts, max_new_tokens, sampling_params
-from tokenfab.serve.sse import DONE, error_event, event
+from tokenfab.serve.sse import event
 from tokenfab.serve.state import ServerState
+from tokenfab.serve.streaming import Deltas, admitted
 
 
 def prepare(body: CompletionRequest, state: ServerState) -> Job:
@@ -52,20 +53,16 @@ async def complete(body: CompletionRequest, job: Job, state: ServerState) -> dic
             "usage": usage(outputs, state.info.energy_source)}
 
 
-async def stream(body: CompletionRequest, job: Job, state: ServerState) -> AsyncIterator[str | None]:
+def stream(body: CompletionRequest, job: Job, state: ServerState) -> AsyncIterator[str | None]:
     created, model, n = int(time.time()), state.settings.served_model_name, job.params.n
     text = TokenText(state.tokenizer)
-    sent: dict[int, tuple[int, int]] = {}  # choice index -> (characters, tokens) already sent
-    done: set[int] = set()
-    finals: dict[int, RequestOutput] = {}
 
     def chunk(choices: list[dict], usage_: dict | None = None) -> str:
         return event({"id": job.request_id, "object": "text_completion", "created": created, "model": model,
                       "choices": choices, "usage": usage_})
 
-    ticket = state.generation.admit(job)
-    try:
-        yield None  # admitted: the caller may now send the 200 and stream the rest
+    async def events(ticket) -> AsyncIterator[str]:
+        deltas, finals = Deltas(), {}
         for i, prompt in enumerate(job.prompts):
             prefix = _prefix(body, prompt, state)
             if prefix:
@@ -74,25 +71,18 @@ async def stream(body: CompletionRequest, job: Job, state: ServerState) -> Async
         async for i, out in state.generation.run(job, ticket):
             choices = []
             for c in out.outputs:
-                index = i * n + c.index
-                chars, tokens = sent.get(index, (0, 0))
-                if index in done or (len(c.text) == chars and len(c.token_ids) == tokens and not c.finish_reason):
+                new = deltas.new(i * n + c.index, c)
+                if new is None:
                     continue
-                lp = completion_logprobs(c.logprobs[tokens:], text, chars) if c.logprobs is not None else None
-                choices.append({"index": index, "text": c.text[chars:], "logprobs": lp,
-                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-                sent[index] = (len(c.text), len(c.token_ids))
-                if c.finish_reason:
-                    done.add(index)
+                piece, logprobs, before = new
+                choices.append({"index": i * n + c.index, "text": piece,
+                                "logprobs": completion_logprobs(logprobs, text, before) if logprobs is not None
+                                else None, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
             if out.finished:
                 finals[i] = out
             if choices:
                 yield chunk(choices)
         if body.stream_options is not None and body.stream_options.include_usage:
             yield chunk([], usage([finals[i] for i in sorted(finals)], state.info.energy_source))
-        yield DONE
-    except APIError as e:
-        yield error_event(e)
-        yield DONE
-    finally:
-        state.generation.admission.release(ticket)
+
+    return admitted(state, job, events)

@@ -19,6 +19,9 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+NonEmpty = Annotated[StrictStr, Field(min_length=1)]
+
+
 class StreamOptions(Strict):
     include_usage: StrictBool = False
     """Send a last chunk (empty choices) carrying the usage of the whole request."""
@@ -31,7 +34,7 @@ class SamplingFields(Strict):
     n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: StrictStr | Annotated[list[Annotated[StrictStr, Field(min_length=1)]], Field(max_length=MAX_STOP)] | None = None
+    stop: StrictStr | Annotated[list[NonEmpty], Field(max_length=MAX_STOP)] | None = None
     seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     temperature: Annotated[StrictFloat, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[StrictFloat, Field(gt=0.0, le=1.0)] | None = None

@@ -89,7 +89,8 @@ def server_spec(system: str, port: int, peers: Path, threads: int, max_seqs: int
 def _vllm_preload(python: Path) -> list[str]:
     """tcmalloc and Intel OpenMP, which vLLM's CPU backend wants preloaded."""
     found = []
-    for pattern in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", str(python.parent.parent / "lib" / "libiomp5.so")):
+    iomp = python.parent.parent / "lib" / "libiomp5.so"
+    for pattern in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", str(iomp)):
         hits = sorted(glob.glob(pattern))
         if hits:
             found.append(hits[0])

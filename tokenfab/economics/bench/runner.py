@@ -34,14 +34,14 @@ def build_workload(args: argparse.Namespace, n: int) -> Workload:
         return Workload(name, params, wl.prefix_workload(tok, args.num_prefixes, args.prefix_len, args.isl,
                                                          args.osl, n, args.seed))
     if name == "chat":
-        return Workload(name, {"distribution": "log-normal, mean in 256 / out 192"}, wl.chat_workload(tok, n,
-                                                                                                   args.seed))
+        params = {"distribution": "log-normal, mean in 256 / out 192"}
+        return Workload(name, params, wl.chat_workload(tok, n, args.seed))
     if name == "trace":
         if args.trace is None:
             raise ValueError("--workload trace needs --trace FILE")
         return Workload(name, {"trace": str(args.trace)}, wl.trace_workload(args.trace, tok, args.seed))
-    params = {"sessions": max(n, args.sessions), "turns": args.turns, "system_len": args.prefix_len, "tool_len": args.isl,
-              "reply_len": args.osl, "think_time_s": args.think_time}
+    params = {"sessions": max(n, args.sessions), "turns": args.turns, "system_len": args.prefix_len,
+              "tool_len": args.isl, "reply_len": args.osl, "think_time_s": args.think_time}
     sessions = wl.agentic_sessions(tok, max(n, args.sessions), args.turns, args.prefix_len, args.isl, args.osl,
                                    args.think_time, args.seed)
     return Workload(name, params, sessions=sessions, count_tokens=lambda t: len(tok.encode(t)))
