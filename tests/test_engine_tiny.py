@@ -186,6 +186,12 @@ def test_bad_requests_are_rejected(tiny_model):
         llm.generate([list(range(4, 100))], GREEDY)
     with pytest.raises(ValueError, match="out of range"):
         llm.generate([[5, 100000]], GREEDY)
+    assert not llm.engine.outputs.groups and not llm.engine.has_unfinished_requests()  # refusals leave nothing
+    rid = llm.engine.add_request([5, 6, 7], GREEDY, request_id="same")
+    with pytest.raises(ValueError, match="already in use"):
+        llm.engine.add_request([8, 9], GREEDY, request_id="same")
+    assert llm.engine.outputs.child_ids(rid) == ["same"]  # the first request is untouched
+    llm.engine.abort_request(rid)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
     with pytest.raises(TypeError, match="unknown engine options"):

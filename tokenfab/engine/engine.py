@@ -28,9 +28,13 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self.core.validate_prompt(ids)
-        for core_request in self.outputs.add_group(request_id, text, ids, params, time.monotonic(), priority):
-            self.core.add_request(core_request)
+        core_requests = self.outputs.add_group(request_id, text, ids, params, time.monotonic(), priority)
+        try:
+            for core_request in core_requests:
+                self.core.add_request(core_request)  # validates the prompt
+        except ValueError:
+            self.abort_request(request_id)
+            raise
         return request_id
 
     def abort_request(self, request_id: str) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from tokenfab.economics.attribution import RequestCost
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -198,8 +200,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
-    cost: object = None
-    """RequestCost summed over the completions: this request's share of every step it took part in."""
+    cost: RequestCost | None = None
+    """Summed over the completions: this request's share of every step it took part in."""
     metrics: RequestMetrics | None = None
     error: str | None = None
     """Why the engine refused the request, when it did."""

@@ -56,10 +56,10 @@ class Admission:
         self._finished.append(self._clock())
 
     def retry_after(self) -> int:
-        """Seconds until about one queue's worth of requests has finished at the recent rate (1..60)."""
+        """Seconds for the requests now admitted to finish at the recent finishing rate (1..60)."""
         now = self._clock()
         recent = [t for t in self._finished if now - t <= 30.0]
         if len(recent) < 2:
             return 1
         rate = len(recent) / max(now - recent[0], 1e-3)
-        return max(1, min(60, math.ceil(max(1, self.requests - self.max_requests // 2) / rate)))
+        return max(1, min(60, math.ceil(self.requests / rate)))

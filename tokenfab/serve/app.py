@@ -15,7 +15,7 @@ from tokenfab.serve.errors import APIError, bad_request
 from tokenfab.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                      CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
                                      ModelList, TokenizeRequest, TokenizeResponse)
-from tokenfab.serve.requests import chat_prompt, check_model
+from tokenfab.serve.requests import check_model, render_chat
 from tokenfab.serve.state import ServerState
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 429, 503, 504)}
@@ -75,8 +75,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         if body.prompt is not None:
             ids = state.tokenizer.encode(body.prompt, body.add_special_tokens)
         else:
-            chat_body = ChatCompletionRequest(messages=body.messages, add_generation_prompt=body.add_generation_prompt)
-            ids = chat_prompt(chat_body, state.tokenizer, _unbounded(state)).token_ids
+            ids = render_chat(body.messages, body.add_generation_prompt, state.tokenizer).token_ids
         return {"tokens": ids, "count": len(ids), "max_model_len": state.info.max_model_len}
 
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
@@ -143,10 +142,3 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-def _unbounded(state: ServerState):
-    """The engine's limits without the context check (tokenize reports lengths, it does not generate)."""
-    import msgspec
-
-    return msgspec.structs.replace(state.info, max_model_len=1 << 62, kv_capacity_tokens=1 << 62)

@@ -12,9 +12,8 @@ from tokenfab.serve.formatting import TokenText, chat_logprobs, usage
 from tokenfab.serve.generation import Job
 from tokenfab.serve.protocol import ChatCompletionRequest
 from tokenfab.serve.requests import chat_prompt, max_new_tokens, sampling_params
-from tokenfab.serve.sse import event
 from tokenfab.serve.state import ServerState
-from tokenfab.serve.streaming import Deltas, admitted
+from tokenfab.serve.streaming import Deltas, admitted, event
 
 
 def prepare(body: ChatCompletionRequest, state: ServerState) -> Job:

@@ -12,9 +12,8 @@ from tokenfab.serve.formatting import TokenText, completion_logprobs, usage
 from tokenfab.serve.generation import Job, Prompt
 from tokenfab.serve.protocol import CompletionRequest
 from tokenfab.serve.requests import completion_prompts, max_new_tokens, sampling_params
-from tokenfab.serve.sse import event
 from tokenfab.serve.state import ServerState
-from tokenfab.serve.streaming import Deltas, admitted
+from tokenfab.serve.streaming import Deltas, admitted, event
 
 
 def prepare(body: CompletionRequest, state: ServerState) -> Job:

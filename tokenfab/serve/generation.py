@@ -17,6 +17,7 @@ from tokenfab.engine.types import RequestOutput, SamplingParams
 from tokenfab.serve.admission import Admission, Ticket
 from tokenfab.serve.engine_client import AsyncEngineClient, EngineDead
 from tokenfab.serve.errors import APIError, bad_request
+from tokenfab.serve.formatting import usage
 from tokenfab.serve.metrics import ServerMetrics
 from tokenfab.serve.request_log import RequestLog
 from tokenfab.serve.settings import ServerSettings
@@ -92,7 +93,8 @@ class Generation:
             self.admission.release(ticket)
             if self.request_log is not None:
                 energy = self.client.info.energy_source if self.client.info else "modelled"
-                self.request_log.write(job.request_id, job.user, status, [latest[i] for i in sorted(latest)], energy,
+                outputs = [latest[i] for i in sorted(latest)]
+                self.request_log.write(job.request_id, job.user, status, usage(outputs, energy),
                                        time.monotonic() - start)
 
     async def _pump(self, job: Job, index: int, prompt: Prompt, queue: asyncio.Queue) -> None:

@@ -6,7 +6,7 @@ from tokenfab.engine.types import SamplingParams
 from tokenfab.serve.errors import APIError, bad_request
 from tokenfab.serve.generation import Prompt
 from tokenfab.serve.ipc import CoreInfo
-from tokenfab.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from tokenfab.serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 from tokenfab.tokenizer import Tokenizer
 
 
@@ -33,14 +33,19 @@ def completion_prompts(body: CompletionRequest, tokenizer: Tokenizer, info: Core
 
 
 def chat_prompt(body: ChatCompletionRequest, tokenizer: Tokenizer, info: CoreInfo) -> Prompt:
-    messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
+    prompt = render_chat(body.messages, body.add_generation_prompt, tokenizer)
+    check_prompt(prompt.token_ids, info, "messages")
+    return prompt
+
+
+def render_chat(messages: list[ChatMessage], add_generation_prompt: bool, tokenizer: Tokenizer) -> Prompt:
+    """The conversation through the model's chat template, as text and token ids (no length checks)."""
+    turns = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in messages]
     try:
-        text = tokenizer.apply_chat_template(messages, body.add_generation_prompt)
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt)
     except Exception as e:  # noqa: BLE001 - a template rejecting a conversation is the caller's input error
         raise bad_request(f"the conversation cannot be rendered by the model's chat template: {e}", "messages")
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    check_prompt(ids, info, "messages")
-    return Prompt(text, ids)
+    return Prompt(text, tokenizer.encode(text, add_special_tokens=False))
 
 
 def check_prompt(ids: list[int], info: CoreInfo, param: str) -> None:

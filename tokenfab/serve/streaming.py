@@ -1,16 +1,23 @@
-"""What completions and chat streams share: admission before the first byte, the SSE ending, and per-choice
-deltas (each chunk carries only what the client has not seen; a finished choice is sent once)."""
+"""What completions and chat streams share: server-sent-event framing (`data: ...`, as OpenAI streams use),
+admission before the first byte, the stream's ending, and per-choice deltas (each chunk carries only what the
+client has not seen; a finished choice is sent once)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 
 from tokenfab.engine.types import CompletionOutput, TokenLogprobs
 from tokenfab.serve.admission import Ticket
 from tokenfab.serve.errors import APIError
 from tokenfab.serve.generation import Job
-from tokenfab.serve.sse import DONE, error_event
 from tokenfab.serve.state import ServerState
+
+DONE = "data: [DONE]\n\n"
+
+
+def event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 async def admitted(state: ServerState, job: Job,
@@ -24,7 +31,7 @@ async def admitted(state: ServerState, job: Job,
             yield item
         yield DONE
     except APIError as e:
-        yield error_event(e)
+        yield event(e.body())  # the status is already 200: a late failure travels as an error event
         yield DONE
     finally:
         state.generation.admission.release(ticket)

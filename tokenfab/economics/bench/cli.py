@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 
-from tokenfab.economics.bench.records import SLO
 
 
 def add_parser(sub) -> None:
@@ -129,11 +127,3 @@ def _ladder(args: argparse.Namespace) -> int:
     from tokenfab.economics.bench import ladder
 
     return ladder.main(args)
-
-
-def slo_of(args: argparse.Namespace) -> SLO:
-    return SLO(args.slo_ttft, args.slo_tpot)
-
-
-def run_async(coro):
-    return asyncio.run(coro)

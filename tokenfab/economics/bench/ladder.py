@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -19,6 +19,7 @@ from rich.table import Table
 
 from tokenfab.economics.bench import runner
 from tokenfab.economics.bench.launch import free_port, launch, server_spec
+from tokenfab.economics.bench.stats import best_within_slo
 from tokenfab.economics.bench.sweep import new_document, sweep_system
 
 
@@ -40,16 +41,10 @@ def rungs(concurrencies: tuple[int, ...]) -> list[Rung]:
     ]
 
 
-def best_point(entry: dict, fraction: float = 0.9) -> dict | None:
-    """The point with the most output tok/s among those where >= fraction of requests met the SLO."""
-    good = [p for p in entry["points"] if (p["summary"]["goodput_fraction"] or 0.0) >= fraction]
-    return max(good, key=lambda p: p["summary"]["output_tok_s"] or 0.0, default=None)
-
-
 def ladder_rows(entries: list[tuple[Rung, dict]], price_per_hour: float) -> list[dict]:
     rows, base, previous = [], None, None
     for rung, entry in entries:
-        point = best_point(entry)
+        point = best_within_slo(entry["points"], "output_tok_s")
         tok_s = point["summary"]["output_tok_s"] if point else 0.0
         per_usd = tok_s * 3600 / price_per_hour if price_per_hour else None
         base = per_usd if base is None else base
@@ -73,15 +68,13 @@ def main(args: argparse.Namespace) -> int:
     out = args.out / "ladder.json"
     entries: list[tuple[Rung, dict]] = []
     for rung in rungs(concurrencies):
-        rung_config = config if rung.concurrencies is None else runner.SweepConfig(
-            list(rung.concurrencies), False, config.requests_per_point, config.warmup, config.max_duration_s,
-            config.price_per_hour, config.slo, config.power_watts, config.request_timeout_s)
+        rung_config = config if rung.concurrencies is None else replace(config, points=list(rung.concurrencies))
         port = free_port()
         extra = list(rung.flags) + (["--model", args.model] if args.model else [])
         spec = server_spec("tokenfab", port, Path(".peers"), 2, rung.max_seqs, 4096, extra)
         server = launch(spec, port, args.out / "logs")
         try:
-            runner._run_with_progress(lambda progress: sweep_system(server.url, rung.name, workload, rung_config,
+            runner.run_with_progress(lambda progress: sweep_system(server.url, rung.name, workload, rung_config,
                                                                     doc, out, progress), len(rung_config.points))
         finally:
             server.stop()

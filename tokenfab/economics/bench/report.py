@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenfab.economics.bench.records import SCHEMA_VERSION
-from tokenfab.economics.bench.stats import pareto_front
+from tokenfab.economics.bench.stats import best_within_slo, pareto_front
 
 SWEEP_KIND = "tokenfab-bench-sweep"
 KNOWN_SCHEMA_VERSIONS = frozenset({SCHEMA_VERSION})
@@ -202,9 +202,7 @@ def _goodput_section(doc: dict[str, Any]) -> str:
     lines = ["## Goodput", "", "Highest completed-request rate among the points where >= 90 % of requests met the "
              "SLO (TTFT and TPOT).", ""]
     for system in doc.get("systems", []):
-        good = [p for p in system.get("points", [])
-                if (p.get("summary", {}).get("goodput_fraction") or 0.0) >= 0.9]
-        best = max(good, key=lambda p: p["summary"].get("request_rate") or 0.0, default=None)
+        best = best_within_slo(system.get("points", []), "request_rate")
         if best is None:
             lines.append(f"- **{_cell(system['system'])}**: no point met the SLO")
         else:

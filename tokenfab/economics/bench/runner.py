@@ -67,7 +67,7 @@ def sweep_urls(args: argparse.Namespace, points, open_loop: bool, out: Path) -> 
     workload = build_workload(args, items_needed(config, args.workload == "agentic"))
     doc = new_document(workload, config, None)
     system = args.system or "server"
-    if not _run_with_progress(lambda progress: sweep_system(args.url, system, workload, config, doc, out, progress),
+    if not run_with_progress(lambda progress: sweep_system(args.url, system, workload, config, doc, out, progress),
                               len(points)):
         doc["interrupted"] = True
     return doc
@@ -90,7 +90,7 @@ def sweep_launched(args: argparse.Namespace, points, open_loop: bool, out: Path)
             doc["systems"].append({"system": system, "status": str(e), "points": []})
             continue
         try:
-            finished = _run_with_progress(lambda progress: sweep_system(server.url, system, workload, config, doc,
+            finished = run_with_progress(lambda progress: sweep_system(server.url, system, workload, config, doc,
                                                                         out, progress), len(points))
         except (Unreachable, ValueError) as e:
             doc["systems"][-1]["status"] = f"failed: {e}"
@@ -103,7 +103,7 @@ def sweep_launched(args: argparse.Namespace, points, open_loop: bool, out: Path)
     return doc
 
 
-def _run_with_progress(make, num_points: int) -> bool:
+def run_with_progress(make, num_points: int) -> bool:
     """Run one system's sweep with a progress bar; False when Ctrl-C stopped it."""
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   transient=False) as bar:

@@ -268,14 +268,18 @@ def goodput_rate(points: Iterable[tuple[float, Summary]], fraction: float = 0.9)
     The measured rate, not the offered one: a sweep may be by concurrency, and a server that falls behind an
     offered Poisson rate only served what it served.
     """
+    best = best_within_slo([{"summary": s.as_dict()} for _, s in points], "request_rate", fraction)
+    return None if best is None else best["summary"]["request_rate"]
+
+
+def best_within_slo(points: Sequence[dict], key: str, fraction: float = 0.9) -> dict | None:
+    """Of sweep points in their JSON form ({"summary": {...}, ...}), the one with the largest summary[key]
+    among those where >= `fraction` of requests met the SLO; None when no point qualifies."""
     if not 0 <= fraction <= 1:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    rates = [
-        s.request_rate
-        for _, s in points
-        if s.goodput_fraction is not None and s.goodput_fraction >= fraction and s.request_rate is not None
-    ]
-    return max(rates, default=None)
+    good = [p for p in points if (g := p["summary"].get("goodput_fraction")) is not None and g >= fraction
+            and p["summary"].get(key) is not None]
+    return max(good, key=lambda p: p["summary"][key], default=None)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:

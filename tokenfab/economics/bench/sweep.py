@@ -6,7 +6,6 @@ every finished point on disk. With launchers, each system is started, swept and 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -37,11 +36,8 @@ class Workload:
 
     @property
     def longest(self) -> int:
-        """Prompt + output tokens of the longest request (sessions: estimated at their last turn)."""
-        if self.requests:
-            return max(r.prompt_tokens + r.max_tokens for r in self.requests)
-        return max(len(s.system) // 3 + sum(len(t) // 3 for t in s.tool_outputs) + sum(s.reply_tokens)
-                   for s in self.sessions)
+        """Prompt + output tokens of the longest request (0 for sessions: they grow as they run)."""
+        return max((r.prompt_tokens + r.max_tokens for r in self.requests), default=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +86,7 @@ async def sweep_system(url: str, system: str, workload: Workload, config: SweepC
         entry["model"] = card.get("id")
         entry["max_model_len"] = card.get("max_model_len")
         limit = card.get("max_model_len")
-        if limit and workload.requests and workload.longest > limit:
+        if limit and workload.longest > limit:
             entry["status"] = f"failed: workload needs {workload.longest} tokens; the model's context is {limit}"
             _write(doc, out)
             raise ValueError(entry["status"])
@@ -162,12 +158,3 @@ def _write(doc: dict, out: Path | None) -> None:
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1))
     tmp.replace(out)
-
-
-def run(coro):
-    """asyncio.run that turns Ctrl-C into a normal return of whatever was written so far."""
-    try:
-        return asyncio.run(coro)
-    except KeyboardInterrupt:
-        return None
-
