@@ -53,7 +53,10 @@ class EngineConfig:
     """Seed of the engine's generator (requests without their own seed)."""
     num_threads: int | None = None
     pack_weights: bool = True
-    """Prepack linear weights for oneDNN on CPU."""
+    """Give linear weights to a storage format (oneDNN-packed on CPU, or `quantization`); False keeps plain
+    torch weights (a reference path for tests)."""
+    quantization: str = "none"
+    """Weight format of the linear layers (tokenfab.quant.WEIGHT_FORMATS); none keeps the model dtype."""
     pricing: PricingConfig = PricingConfig()
 
     def __post_init__(self) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 from tokenfab.attention.backend import current_forward_context
 from tokenfab.models.arch import ArchConfig
 from tokenfab.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, gated_activation
+from tokenfab.quant import build_weight
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -114,10 +115,12 @@ class DecoderModel(nn.Module):
         """Load HF-named tensors, fusing q/k/v and gate/up; fails loudly on anything missing or unknown."""
         load_hf_weights(self, weights)
 
-    def pack_for_cpu(self) -> None:
+    def prepare_weights(self, fmt: str) -> None:
+        """Hand every linear's loaded weight to the storage format `fmt` (see tokenfab.quant)."""
         for module in self.modules():
-            if isinstance(module, Linear):
-                module.pack(keep_plain=module is self.lm_head and self.arch.tie_word_embeddings)
+            if isinstance(module, Linear) and module.stored is None:
+                tied = module is self.lm_head and self.arch.tie_word_embeddings
+                module.use(build_weight(fmt, module.weight.data), keep_plain=tied)
 
     def weight_bytes_per_token(self) -> int:
         """Weight bytes a single-token forward reads (the embedding row lookup aside)."""

@@ -1,4 +1,4 @@
-"""Building blocks of the decoder: RMSNorm, rotary embedding, gated MLP activation and a CPU-packed linear."""
+"""Building blocks of the decoder: RMSNorm, rotary embedding, gated MLP activation and a linear over any weight format."""
 
 from __future__ import annotations
 
@@ -9,18 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def cpu_packed_linear_supported(dtype: torch.dtype) -> bool:
-    """oneDNN prepacked weights avoid re-packing the weight on every call (2-3x on batched CPU GEMMs)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    if dtype == torch.float32:
-        return True
-    return dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+from tokenfab.quant.base import LinearWeight, tensor_bytes
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b); on CPU the weight can be prepacked once for oneDNN."""
+    """y = x W^T (+ b). The weight loads as a plain parameter; `use` then hands it to a storage format
+    (oneDNN-packed, bf16, quantized: see tokenfab.quant) that owns the matmul."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
@@ -28,28 +22,28 @@ class Linear(nn.Module):
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self._packed: torch.Tensor | None = None
+        self.stored: LinearWeight | None = None
 
-    def pack(self, keep_plain: bool = False) -> None:
-        """Switch to the prepacked CPU kernel when this build and dtype support it; the plain weight is dropped
-        unless something else (a tied embedding) still reads it."""
-        if self.weight.device.type == "cpu" and cpu_packed_linear_supported(self.weight.dtype):
-            # The batch hint picks oneDNN's blocking: 32 measured as fast as 1 for single-token decode and
-            # 15-20% faster for 32-row batches (AVX2, 2 threads).
-            self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, 32)
-            if not keep_plain:
-                self.weight = None
+    def use(self, stored: LinearWeight, keep_plain: bool = False) -> None:
+        """Compute through `stored` from now on; the plain weight is dropped unless something else (a tied
+        embedding) still reads it."""
+        if stored.shape != (self.out_features, self.in_features):
+            raise ValueError(f"weight format shape {stored.shape} != {(self.out_features, self.in_features)}")
+        self.stored = stored
+        if not keep_plain:
+            self.weight = None
 
     @property
     def nbytes(self) -> int:
         """Bytes one forward reads."""
-        w = self._packed if self._packed is not None else self.weight
-        return w.numel() * w.element_size() + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
+        w = self.stored.nbytes if self.stored is not None else tensor_bytes(self.weight)
+        return w + tensor_bytes(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        if self.stored is None:
+            return F.linear(x, self.weight, self.bias)
+        y = self.stored.matmul(x)
+        return y if self.bias is None else y + self.bias
 
 
 class RMSNorm(nn.Module):

@@ -67,7 +67,8 @@ def load_tokenizer(source: ModelSource) -> Tokenizer:
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_positions: int,
-               pack: bool = True) -> DecoderModel:
+               weight_format: str | None = "none") -> DecoderModel:
+    """weight_format: a tokenfab.quant format for the linear layers, or None to keep plain torch weights."""
     with torch.device("meta"):
         model = DecoderModel(source.arch, max_positions)
     model = model.to_empty(device=device)
@@ -78,6 +79,6 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, ma
         model.build_rope(max_positions)
     model.load_weights(iter_weights(source))
     model = model.to(dtype)
-    if pack and device.type == "cpu":
-        model.pack_for_cpu()
+    if weight_format is not None:
+        model.prepare_weights(weight_format)
     return model.eval()
