@@ -214,3 +214,32 @@ def test_sampled_distribution_follows_temperature(tiny_model, hf_model):
     for tok, p in zip(top_ids.tolist(), top_p.tolist()):
         observed = tokens.count(tok) / draws
         assert abs(observed - p) < 4 * math.sqrt(p * (1 - p) / draws) + 0.01, (tok, observed, p)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_bf16_weight_storage_matches_transformers_on_bf16_rounded_weights(kind, tiny_model):
+    """dtype=bfloat16 on a CPU without bf16 arithmetic stores linear and embedding weights in bf16 and computes
+    in fp32: exactly transformers in fp32 on the same bf16-rounded weights."""
+    path = tiny_model(kind)
+    llm = make_llm(path, dtype="bfloat16")
+    core = llm.engine.core
+    if core.dtype == torch.bfloat16:
+        pytest.skip("this CPU computes in bf16 natively")
+    assert core.model.weight_bytes_per_token() < make_llm(path).engine.core.model.weight_bytes_per_token() * 0.6
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()  # a private copy
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(("proj.weight", "embed_tokens.weight", "lm_head.weight")):
+                p.copy_(p.bfloat16().float())
+    prompts = random_prompts([5, 40, 100], seed=3)
+    outs = llm.generate(prompts, GREEDY)
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 16)
+    out = llm.generate([prompts[1]], SamplingParams(max_tokens=1, temperature=0, logprobs=5))[0].outputs[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompts[1]])).logits[0, -1], -1)
+    top_vals, top_ids = ref.topk(5)
+    assert [t for t, _ in out.logprobs[0].top] == top_ids.tolist()
+    assert max(abs(a - b) for (_, a), b in zip(out.logprobs[0].top, top_vals.tolist())) < 1e-4

@@ -85,5 +85,19 @@ class EngineConfig:
             return getattr(torch, self.dtype)
         if self.torch_device.type == "cuda":
             return torch.bfloat16
-        fast_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        return torch.bfloat16 if fast_bf16 else torch.float32
+        return torch.bfloat16 if _cpu_computes_bf16() else torch.float32
+
+    def resolve_weights(self) -> tuple[torch.dtype, str | None]:
+        """(activation and KV dtype, linear weight format or None for plain torch weights).
+
+        bfloat16 on a CPU without bf16 arithmetic means bf16 storage with fp32 compute: the bytes are halved and
+        nothing runs through torch's slow emulated bf16 paths."""
+        dtype = self.resolve_dtype()
+        fmt = self.quantization if self.pack_weights else None
+        if dtype == torch.bfloat16 and self.torch_device.type == "cpu" and fmt == "none" and not _cpu_computes_bf16():
+            return torch.float32, "bf16"
+        return dtype, fmt
+
+
+def _cpu_computes_bf16() -> bool:
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())

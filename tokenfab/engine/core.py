@@ -46,10 +46,9 @@ class EngineCore:
         self.source: ModelSource = resolve_model(config.model)
         arch = self.arch = self.source.arch
         self.max_model_len = min(config.max_model_len, arch.max_position_embeddings)
-        self.dtype = config.resolve_dtype()
+        self.dtype, weight_format = config.resolve_weights()
         device = config.torch_device
-        self.model = load_model(self.source, self.dtype, device, self.max_model_len,
-                                 config.quantization if config.pack_weights else None)
+        self.model = load_model(self.source, self.dtype, device, self.max_model_len, weight_format)
         groups = [KVGroupSpec(w, tuple(layers)) for w, layers in arch.window_groups.items()]
         blocks = plan_kv_blocks(config, arch, groups, self.dtype, self.max_model_len)
         self.cache = KVCache(groups, blocks, config.block_size, arch.num_kv_heads, arch.head_dim, self.dtype, device)

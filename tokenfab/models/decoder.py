@@ -15,6 +15,7 @@ from tokenfab.attention.backend import current_forward_context
 from tokenfab.models.arch import ArchConfig
 from tokenfab.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, gated_activation
 from tokenfab.quant import build_weight
+from tokenfab.quant.bf16 import BF16Weight
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -99,7 +100,7 @@ class DecoderModel(nn.Module):
         self.rope_sliding = RotaryEmbedding(a.head_dim, max_positions, a.rope_sliding.theta, a.rope_sliding.scaling)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)
         if self.arch.embed_scale != 1.0:
             x = x * torch.tensor(self.arch.embed_scale, dtype=x.dtype)
         full = self.rope_full.table(positions, x.dtype)
@@ -120,7 +121,13 @@ class DecoderModel(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear) and module.stored is None:
                 tied = module is self.lm_head and self.arch.tie_word_embeddings
-                module.use(build_weight(fmt, module.weight.data), keep_plain=tied)
+                stored = build_weight(fmt, module.weight.data)
+                module.use(stored, keep_plain=tied and not isinstance(stored, BF16Weight))
+        if fmt == "bf16":
+            # The lookup reads a bf16 table too (the LM head's own when tied) and widens the rows it takes.
+            head = self.lm_head.stored
+            table = head.weight if self.arch.tie_word_embeddings else self.embed_tokens.weight.data.bfloat16()
+            self.embed_tokens.weight = nn.Parameter(table, requires_grad=False)
 
     def weight_bytes_per_token(self) -> int:
         """Weight bytes a single-token forward reads (the embedding row lookup aside)."""

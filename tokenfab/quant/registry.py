@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from tokenfab.quant.base import LinearWeight
+from tokenfab.quant.bf16 import BF16Weight
 from tokenfab.quant.dense import DenseWeight, OneDNNPackedWeight, onednn_packing_supported
 
 
@@ -18,6 +19,7 @@ def _dense(weight: torch.Tensor) -> LinearWeight:
 
 WEIGHT_FORMATS: dict[str, Callable[[torch.Tensor], LinearWeight]] = {
     "none": _dense,
+    "bf16": BF16Weight.quantize,
 }
 """Builders from a float weight [out, in] (already in the model's dtype, on its device)."""
 

@@ -1,0 +1,104 @@
+"""The C++ CPU kernels against torch references: every weight format, decode and panel paths, row tails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenfab.kernels import cpu as kernels
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels need g++ and AVX2/FMA/F16C")
+
+SHAPES = [(1, 8, 16), (1, 37, 640), (2, 1027, 64), (3, 64, 256), (4, 29, 128), (5, 1000, 640), (33, 70, 2048)]
+"""(M, N, K): decode sizes (register path), M >= 4 (panel path), N not a multiple of the 4-row block."""
+
+
+def _close(y: torch.Tensor, ref: torch.Tensor) -> None:
+    # fp32 accumulation in a different order than torch's GEMM: relative to the output scale.
+    scale = ref.abs().max().clamp_min(1e-6)
+    assert ((y - ref).abs().max() / scale).item() < 2e-5
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_bf16_linear_matches_widened_weight(M: int, N: int, K: int) -> None:
+    g = torch.Generator().manual_seed(M * N + K)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g).bfloat16()
+    _close(kernels.linear_bf16(x, w), x @ w.float().t())
+    assert torch.equal(kernels.dequant_bf16(w), w.float())
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_int8_linear_applies_row_scales(M: int, N: int, K: int) -> None:
+    g = torch.Generator().manual_seed(M + N * K)
+    x = torch.randn(M, K, generator=g)
+    q = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+    scale = torch.rand(N, generator=g) / 100
+    w = q.float() * scale[:, None]
+    _close(kernels.linear_int8(x, q, scale), x @ w.t())
+    assert torch.equal(kernels.dequant_int8(q, scale), w)
+
+
+def test_fp8_decode_is_exact_for_every_code() -> None:
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F]  # e4m3fn's two NaN codes
+    w = codes.view(torch.float8_e4m3fn).reshape(2, -1)[:, :120].contiguous()
+    scale = torch.tensor([1.0, 0.5])
+    assert torch.equal(kernels.dequant_fp8(w, scale), w.float() * scale[:, None])
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_fp8_linear(M: int, N: int, K: int) -> None:
+    g = torch.Generator().manual_seed(N + K)
+    x = torch.randn(M, K, generator=g)
+    w = (torch.randn(N, K, generator=g) * 40).to(torch.float8_e4m3fn)
+    scale = torch.rand(N, generator=g) + 0.5
+    _close(kernels.linear_fp8(x, w, scale), x @ (w.float() * scale[:, None]).t())
+
+
+def _pack(codes: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] in 0..15 -> [N, K/2] bytes, even column in the low nibble."""
+    c = codes.to(torch.uint8)
+    return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
+
+
+@pytest.mark.parametrize("table,mult,group", [(kernels.E2M1_DOUBLED, 0.5, 16), (kernels.INT4_TWOS_COMPLEMENT, 1.0, 32)])
+@pytest.mark.parametrize("M,N,K", [s for s in SHAPES if s[2] % 32 == 0])
+def test_lut4_linear_decodes_codes_scales_and_row_scales(table: torch.Tensor, mult: float, group: int,
+                                                         M: int, N: int, K: int) -> None:
+    g = torch.Generator().manual_seed(M * 7 + N + K)
+    codes = torch.randint(0, 16, (N, K), generator=g)
+    scales = (torch.rand(N, K // group, generator=g) + 0.1).half()
+    rows = torch.rand(N, generator=g) + 0.5
+    w = table[codes].float() * mult * scales.float().repeat_interleave(group, dim=1) * rows[:, None]
+    packed = _pack(codes)
+    x = torch.randn(M, K, generator=g)
+    _close(kernels.linear_lut4(x, packed, scales, group, rows, table, mult), x @ w.t())
+    torch.testing.assert_close(kernels.dequant_lut4(packed, scales, group, rows, table, mult), w)
+
+
+def test_lut4_covers_all_sixteen_codes_in_column_order() -> None:
+    codes = torch.arange(16).repeat(2, 2)  # [2, 32]: code c at column c and c + 16
+    packed = _pack(codes)
+    ones_h, ones = torch.ones(2, 2, dtype=torch.float16), torch.ones(2)
+    w = kernels.dequant_lut4(packed, ones_h, 16, ones, kernels.E2M1_DOUBLED, 0.5)
+    e2m1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, 0, -0.5, -1, -1.5, -2, -3, -4, -6])
+    assert torch.equal(w, e2m1.repeat(2, 2))
+
+
+@pytest.mark.parametrize("rows,dim", [(1, 640), (5, 256), (300, 640), (3, 100)])
+def test_rms_norm(rows: int, dim: int) -> None:
+    g = torch.Generator().manual_seed(rows + dim)
+    x, w = torch.randn(rows, dim, generator=g) * 3, torch.randn(dim, generator=g)
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), F.rms_norm(x, (dim,), w, 1e-6), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_weight_format_uses_kernel_and_torch_for_large_batches() -> None:
+    from tokenfab.quant.bf16 import KERNEL_MAX_ROWS, BF16Weight
+
+    g = torch.Generator().manual_seed(3)
+    w = BF16Weight(torch.randn(96, 64, generator=g))
+    assert w.use_kernel and w.nbytes == 96 * 64 * 2
+    for m in (1, KERNEL_MAX_ROWS + 1):
+        x = torch.randn(m, 64, generator=g)
+        _close(w.matmul(x), x @ w.dequantize().t())

@@ -1,0 +1,116 @@
+"""Typed wrappers over the CPU kernels: tensors in, tensors out, shapes and dtypes checked at the boundary.
+
+Every function takes x [M, K] float32 (contiguous) and returns x W^T as float32 [M, N]; `dequant_*` return W as
+float32 [N, K]. The caller checks `available()` first; formats fall back to torch when it is False.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokenfab.kernels.build import load_library
+
+E2M1_DOUBLED = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=torch.int8)
+"""NVFP4's E2M1 code -> 2 x value (exact integers; the 1/2 goes into the row scale)."""
+INT4_TWOS_COMPLEMENT = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, -1], dtype=torch.int8)
+
+
+def available() -> bool:
+    return load_library() is not None
+
+
+def supports(K: int, step: int = 8) -> bool:
+    """The kernels walk K in steps of 8 (16 for 4-bit codes)."""
+    return available() and K % step == 0
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _prepare(x: torch.Tensor, K: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features, weight expects {K}")
+    x2 = x.reshape(-1, K)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    return x2, x2.shape[0], x2
+
+
+def _finish(x: torch.Tensor, y: torch.Tensor, N: int) -> torch.Tensor:
+    return y.reshape(*x.shape[:-1], N)
+
+
+def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    N, K = w.shape
+    x2, M, _ = _prepare(x, K)
+    y = torch.empty(M, N, dtype=torch.float32)
+    load_library().tf_linear_bf16(_ptr(x2), _ptr(w), _ptr(y), M, N, K, torch.get_num_threads())
+    return _finish(x, y, N)
+
+
+def linear_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    N, K = w.shape
+    x2, M, _ = _prepare(x, K)
+    y = torch.empty(M, N, dtype=torch.float32)
+    load_library().tf_linear_i8(_ptr(x2), _ptr(w), _ptr(scale), _ptr(y), M, N, K, torch.get_num_threads())
+    return _finish(x, y, N)
+
+
+def linear_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """w: float8_e4m3fn [N, K] (or its bytes as uint8); scale float32 [N]."""
+    N, K = w.shape
+    x2, M, _ = _prepare(x, K)
+    y = torch.empty(M, N, dtype=torch.float32)
+    load_library().tf_linear_fp8(_ptr(x2), _ptr(w), _ptr(scale), _ptr(y), M, N, K, torch.get_num_threads())
+    return _finish(x, y, N)
+
+
+def linear_lut4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int, rows: torch.Tensor,
+                lut: torch.Tensor, lut_mult: float) -> torch.Tensor:
+    """packed uint8 [N, K/2] (even column in the low nibble); scales float16 [N, K/group]; rows float32 [N];
+    lut int8 [16] code -> value / lut_mult."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    x2, M, _ = _prepare(x, K)
+    y = torch.empty(M, N, dtype=torch.float32)
+    load_library().tf_linear_lut4(_ptr(x2), _ptr(packed), _ptr(scales), group, _ptr(rows), _ptr(lut), lut_mult,
+                                  _ptr(y), M, N, K, torch.get_num_threads())
+    return _finish(x, y, N)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x float32 contiguous [..., dim]; weight float32 [dim]."""
+    dim = x.shape[-1]
+    out = torch.empty_like(x)
+    load_library().tf_rmsnorm(_ptr(x), _ptr(weight), _ptr(out), x.numel() // dim, dim, eps, torch.get_num_threads())
+    return out
+
+
+def dequant_bf16(w: torch.Tensor) -> torch.Tensor:
+    N, K = w.shape
+    out = torch.empty(N, K, dtype=torch.float32)
+    load_library().tf_dequant_bf16(_ptr(w), _ptr(out), N, K, torch.get_num_threads())
+    return out
+
+
+def dequant_int8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    N, K = w.shape
+    out = torch.empty(N, K, dtype=torch.float32)
+    load_library().tf_dequant_i8(_ptr(w), _ptr(scale), _ptr(out), N, K, torch.get_num_threads())
+    return out
+
+
+def dequant_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    N, K = w.shape
+    out = torch.empty(N, K, dtype=torch.float32)
+    load_library().tf_dequant_fp8(_ptr(w), _ptr(scale), _ptr(out), N, K, torch.get_num_threads())
+    return out
+
+
+def dequant_lut4(packed: torch.Tensor, scales: torch.Tensor, group: int, rows: torch.Tensor, lut: torch.Tensor,
+                 lut_mult: float) -> torch.Tensor:
+    N, K = packed.shape[0], packed.shape[1] * 2
+    out = torch.empty(N, K, dtype=torch.float32)
+    load_library().tf_dequant_lut4(_ptr(packed), _ptr(scales), group, _ptr(rows), _ptr(lut), lut_mult, _ptr(out),
+                                   N, K, torch.get_num_threads())
+    return out

@@ -1,0 +1,263 @@
+// CPU kernels of the decode path: RMSNorm, and y[M, N] = x[M, K] . W[N, K]^T with W stored as bf16, int8, fp8 (e4m3) or 4-bit codes, x and y float32.
+//
+// Decode (small M) is memory-bound: each weight is read once, widened to fp32 in registers and used for every
+// row of x. Larger M decodes a panel of weight rows into an L1/L2-resident fp32 scratch once and runs an fp32
+// register-blocked kernel over all rows. Threads split the output features.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int NB = 4;  // weight rows per block
+
+inline float hsum(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+// A decoder yields STEP consecutive weights of row n from column k as STEP/8 fp32 vectors (block scales
+// applied) and a per-row scale applied to the finished dot product.
+struct BF16 {
+  static constexpr int STEP = 8;
+  const uint16_t* w;
+  int64_t K;
+  inline void load(int64_t n, int64_t k, __m256* out) const {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + n * K + k));
+    out[0] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  inline float row_scale(int64_t) const { return 1.0f; }
+};
+
+struct I8 {
+  static constexpr int STEP = 8;
+  const int8_t* w;
+  const float* scale;
+  int64_t K;
+  inline void load(int64_t n, int64_t k, __m256* out) const {
+    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + n * K + k));
+    out[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  }
+  inline float row_scale(int64_t n) const { return scale[n]; }
+};
+
+// e4m3 -> fp16 by moving the bits: exponent and mantissa land in place, the value comes out 2^-8 too small
+// (bias 15 vs 7), subnormals included; the 2^8 goes into the row scale.
+struct FP8 {
+  static constexpr int STEP = 8;
+  const uint8_t* w;
+  const float* scale;
+  int64_t K;
+  inline void load(int64_t n, int64_t k, __m256* out) const {
+    __m128i h = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + n * K + k)));
+    __m128i mag = _mm_slli_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7F)), 7);
+    __m128i sgn = _mm_slli_epi16(_mm_and_si128(h, _mm_set1_epi16(0x80)), 8);
+    out[0] = _mm256_cvtph_ps(_mm_or_si128(mag, sgn));
+  }
+  inline float row_scale(int64_t n) const { return scale[n] * 256.0f; }
+};
+
+// Two 4-bit codes per byte, even column in the low nibble; a 16-entry int8 table gives each code's value
+// (exact small integers: int4 -8..7, NVFP4's E2M1 doubled), an fp16 scale per group of columns, a float
+// per row (NVFP4's per-tensor scale, the table's multiplier).
+struct LUT4 {
+  static constexpr int STEP = 16;
+  const uint8_t* packed;
+  const uint16_t* scales;
+  const float* rows;
+  __m128i lut;
+  float lut_mult;
+  int64_t K, group;
+  inline void load(int64_t n, int64_t k, __m256* out) const {
+    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + (n * K + k) / 2));
+    __m128i m = _mm_set1_epi8(0x0F);
+    __m128i idx = _mm_unpacklo_epi8(_mm_and_si128(b, m), _mm_and_si128(_mm_srli_epi16(b, 4), m));
+    __m128i v = _mm_shuffle_epi8(lut, idx);
+    __m256 s = _mm256_set1_ps(_cvtsh_ss(scales[(n * K + k) / group]));
+    out[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s);
+    out[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), s);
+  }
+  inline float row_scale(int64_t n) const { return rows[n] * lut_mult; }
+};
+
+// Rows [m0, m0+MB) of x against weight rows [n0, n0+NBK), decoding weights on the fly.
+template <class D, int MB, int NBK>
+inline void tile_direct(const D& d, const float* x, int64_t K, float* y, int64_t N, int64_t m0, int64_t n0) {
+  constexpr int V = D::STEP / 8;
+  __m256 acc[MB][NBK];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NBK; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += D::STEP) {
+    __m256 w[NBK][V];
+    for (int j = 0; j < NBK; ++j) d.load(n0 + j, k, w[j]);
+    for (int s = 0; s < V; ++s)
+      for (int i = 0; i < MB; ++i) {
+        __m256 xv = _mm256_loadu_ps(x + (m0 + i) * K + k + 8 * s);
+        for (int j = 0; j < NBK; ++j) acc[i][j] = _mm256_fmadd_ps(w[j][s], xv, acc[i][j]);
+      }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NBK; ++j) y[(m0 + i) * N + n0 + j] = hsum(acc[i][j]) * d.row_scale(n0 + j);
+}
+
+// Rows [m0, m0+MB) of x against NBK weight rows already decoded into `panel` [NBK, K].
+template <int MB, int NBK>
+inline void tile_panel(const float* panel, const float* x, int64_t K, float* out, int64_t N, int64_t m0) {
+  __m256 acc[MB][NBK];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NBK; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    __m256 w[NBK];
+    for (int j = 0; j < NBK; ++j) w[j] = _mm256_loadu_ps(panel + j * K + k);
+    for (int i = 0; i < MB; ++i) {
+      __m256 xv = _mm256_loadu_ps(x + (m0 + i) * K + k);
+      for (int j = 0; j < NBK; ++j) acc[i][j] = _mm256_fmadd_ps(w[j], xv, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NBK; ++j) out[(m0 + i) * N + j] = hsum(acc[i][j]);
+}
+
+template <class D, int NBK>
+inline void decode_rows(const D& d, int64_t n0, int64_t K, float* panel) {
+  constexpr int V = D::STEP / 8;
+  for (int j = 0; j < NBK; ++j)
+    for (int64_t k = 0; k < K; k += D::STEP) {
+      __m256 w[V];
+      d.load(n0 + j, k, w);
+      for (int s = 0; s < V; ++s) _mm256_storeu_ps(panel + j * K + k + 8 * s, w[s]);
+    }
+}
+
+template <class D, int NBK>
+inline void block_direct(const D& d, const float* x, int64_t M, int64_t K, float* y, int64_t N, int64_t n0) {
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2) tile_direct<D, 2, NBK>(d, x, K, y, N, m, n0);
+  for (; m < M; ++m) tile_direct<D, 1, NBK>(d, x, K, y, N, m, n0);
+}
+
+template <class D, int NBK>
+inline void block_panel(const D& d, const float* x, int64_t M, int64_t K, float* y, int64_t N, int64_t n0,
+                        float* panel) {
+  decode_rows<D, NBK>(d, n0, K, panel);
+  float scale[NBK];
+  for (int j = 0; j < NBK; ++j) scale[j] = d.row_scale(n0 + j);
+  float* out = y + n0;
+  int64_t m = 0;
+  for (; m + 3 <= M; m += 3) tile_panel<3, NBK>(panel, x, K, out, N, m);
+  for (; m < M; ++m) tile_panel<1, NBK>(panel, x, K, out, N, m);
+  for (int64_t i = 0; i < M; ++i)
+    for (int j = 0; j < NBK; ++j) out[i * N + j] *= scale[j];
+}
+
+constexpr int64_t PANEL_MIN_M = 4;  // below this the weights are decoded in registers for every row pair
+
+// Work is handed out in chunks rather than split statically: on a shared machine a descheduled thread then
+// delays the call by one chunk, not by half the matrix.
+template <class D>
+void linear(const D& d, const float* x, float* y, int64_t M, int64_t N, int64_t K, int threads) {
+  const int64_t blocks = (N + NB - 1) / NB;
+  const int64_t chunk = std::max<int64_t>(1, blocks / (16 * threads));
+  const bool panel = M >= PANEL_MIN_M;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> scratch(panel ? NB * K : 0);
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t n0 = b * NB;
+      if (n0 + NB > N) {
+        for (int64_t n = n0; n < N; ++n) block_direct<D, 1>(d, x, M, K, y, N, n);
+      } else if (panel) {
+        block_panel<D, NB>(d, x, M, K, y, N, n0, scratch.data());
+      } else {
+        block_direct<D, NB>(d, x, M, K, y, N, n0);
+      }
+    }
+  }
+}
+
+template <class D>
+void dequantize(const D& d, float* out, int64_t N, int64_t K, int threads) {
+#pragma omp parallel for schedule(dynamic, 64) num_threads(threads)
+  for (int64_t n = 0; n < N; ++n) {
+    decode_rows<D, 1>(d, n, K, out + n * K);
+    const float s = d.row_scale(n);
+    if (s != 1.0f)
+      for (int64_t k = 0; k < K; ++k) out[n * K + k] *= s;
+  }
+}
+
+LUT4 make_lut4(const uint8_t* packed, const uint16_t* scales, int64_t group, const float* rows,
+               const int8_t* lut, float lut_mult, int64_t K) {
+  return LUT4{packed, scales, rows, _mm_loadu_si128(reinterpret_cast<const __m128i*>(lut)), lut_mult, K, group};
+}
+
+}  // namespace
+
+extern "C" {
+
+int tf_abi_version() { return 1; }
+
+void tf_linear_bf16(const float* x, const uint16_t* w, float* y, int64_t M, int64_t N, int64_t K, int threads) {
+  linear(BF16{w, K}, x, y, M, N, K, threads);
+}
+void tf_linear_i8(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t N, int64_t K,
+                  int threads) {
+  linear(I8{w, scale, K}, x, y, M, N, K, threads);
+}
+void tf_linear_fp8(const float* x, const uint8_t* w, const float* scale, float* y, int64_t M, int64_t N, int64_t K,
+                   int threads) {
+  linear(FP8{w, scale, K}, x, y, M, N, K, threads);
+}
+void tf_linear_lut4(const float* x, const uint8_t* packed, const uint16_t* scales, int64_t group,
+                    const float* rows, const int8_t* lut, float lut_mult, float* y, int64_t M, int64_t N, int64_t K,
+                    int threads) {
+  linear(make_lut4(packed, scales, group, rows, lut, lut_mult, K), x, y, M, N, K, threads);
+}
+
+// out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, rows of length dim; a single pass over x for the sum of
+// squares, one to scale (the row stays in L1 between them).
+void tf_rmsnorm(const float* x, const float* w, float* out, int64_t rows, int64_t dim, float eps, int threads) {
+  const int nt = rows * dim >= (1 << 16) ? threads : 1;
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * dim;
+    float* o = out + r * dim;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= dim; k += 8) {
+      __m256 v = _mm256_loadu_ps(xr + k);
+      acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    float ss = hsum(acc);
+    for (; k < dim; ++k) ss += xr[k] * xr[k];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(dim) + eps);
+    const __m256 iv = _mm256_set1_ps(inv);
+    for (k = 0; k + 8 <= dim; k += 8)
+      _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + k), iv), _mm256_loadu_ps(w + k)));
+    for (; k < dim; ++k) o[k] = xr[k] * inv * w[k];
+  }
+}
+
+void tf_dequant_bf16(const uint16_t* w, float* out, int64_t N, int64_t K, int threads) {
+  dequantize(BF16{w, K}, out, N, K, threads);
+}
+void tf_dequant_i8(const int8_t* w, const float* scale, float* out, int64_t N, int64_t K, int threads) {
+  dequantize(I8{w, scale, K}, out, N, K, threads);
+}
+void tf_dequant_fp8(const uint8_t* w, const float* scale, float* out, int64_t N, int64_t K, int threads) {
+  dequantize(FP8{w, scale, K}, out, N, K, threads);
+}
+void tf_dequant_lut4(const uint8_t* packed, const uint16_t* scales, int64_t group, const float* rows,
+                     const int8_t* lut, float lut_mult, float* out, int64_t N, int64_t K, int threads) {
+  dequantize(make_lut4(packed, scales, group, rows, lut, lut_mult, K), out, N, K, threads);
+}
+
+}  // extern "C"
