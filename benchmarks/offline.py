@@ -30,21 +30,24 @@ from common import synth_prompts  # noqa: E402
 from tokenfab.platform.machine import cpu_name  # noqa: E402
 
 WORKLOADS = ("offline", "tg128", "pp512")
+TOKENFAB_VARIANTS = {"tokenfab": [], "tokenfab-bf16": ["--dtype", "bfloat16"]}
+"""tokenfab configurations: the default (fp32 on CPUs without bf16 arithmetic) and bf16 weight storage."""
 
 
 def systems(hf_dir: Path, gguf: Path) -> dict[str, tuple[list[str], str | None]]:
     """name -> (command prefix, reason it is unavailable or None)."""
     bench = REPO / "benchmarks"
     py = str(REPO / ".venv" / "bin" / "python")
-    table = {
-        "tokenfab": ([py, str(bench / "tokenfab_runner.py"), "--model", str(hf_dir)], None),
+    runner = [py, str(bench / "tokenfab_runner.py"), "--model", str(hf_dir)]
+    table = {name: (runner + extra, None) for name, extra in TOKENFAB_VARIANTS.items()}
+    table.update({
         "vllm": ([str(PEERS / "vllm/bin/python"), str(bench / "peers/vllm_runner.py"), "--model", str(hf_dir)],
                  None if (PEERS / "vllm/bin/python").exists() else "no .peers/vllm (run benchmarks/peers/setup_peers.sh)"),
         "llamacpp": ([sys.executable, str(bench / "peers/llamacpp_runner.py"), "--model", str(gguf)],
                      None if (PEERS / "llamacpp/build/bin/llama-bench").exists() else "llama.cpp not built"),
         "hf": ([str(PEERS / "hf/bin/python"), str(bench / "peers/hf_runner.py"), "--model", str(hf_dir)],
                None if (PEERS / "hf/bin/python").exists() else "no .peers/hf"),
-    }
+    })
     return table
 
 
@@ -87,14 +90,18 @@ def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, dic
 
 
 def efficiency(summary: dict, raw: dict, ceilings: dict) -> dict:
-    """What tokenfab's runs achieve against the measured ceilings."""
-    tf = raw.get("tokenfab", {})
-    sample = next((r for rs in tf.values() for r in rs if "weight_bytes" in r), None)
+    """What each tokenfab configuration achieves against the measured ceilings."""
+    return {name: e for name in summary if name.startswith("tokenfab")
+            if (e := _efficiency(summary[name], raw.get(name, {}), ceilings))}
+
+
+def _efficiency(summary: dict, raw: dict, ceilings: dict) -> dict:
+    sample = next((r for rs in raw.values() for r in rs if "weight_bytes" in r), None)
     if sample is None:
         return {}
     weights, flops = sample["weight_bytes"], sample["flops_per_token"]
     eff: dict = {"weight_bytes": weights, "flops_per_token": flops}
-    tg = summary["tokenfab"].get("tg128", {}).get("tok_per_s")
+    tg = summary.get("tg128", {}).get("tok_per_s")
     if tg:
         bound = ceilings["mem_read_gbps"] * 1e9 / weights
         eff["tg128_gbps"] = round(tg * weights / 1e9, 1)
@@ -103,7 +110,7 @@ def efficiency(summary: dict, raw: dict, ceilings: dict) -> dict:
     # A prompt token skips the LM head (only the last one is sampled); a generated token pays for it.
     per_token = {"offline": flops, "pp512": flops - sample["lm_head_flops_per_token"]}
     for w, f in per_token.items():
-        rate = summary["tokenfab"].get(w, {}).get("tok_per_s")
+        rate = summary.get(w, {}).get("tok_per_s")
         if rate:
             eff[f"{w}_gflops"] = round(rate * f / 1e9, 1)
             eff[f"{w}_fraction_of_fp32_peak"] = round(rate * f / 1e9 / ceilings["fp32_gemm_gflops"], 3)
@@ -125,21 +132,24 @@ def markdown(report: dict) -> str:
         rss = max((per.get(w, {}).get("peak_rss_mb", 0) for w in WORKLOADS), default=0)
         dtype = next((per[w].get("dtype") for w in WORKLOADS if per.get(w, {}).get("dtype")), "?")
         lines.append(f"| {system} | {dtype} | " + " | ".join(cells) + f" | {rss} |")
-    lines += ["", "tokenfab / peer (tok/s ratio):", "", "| peer | offline | tg128 | pp512 |", "|---|---|---|---|"]
-    for system, per in s.items():
-        if system == "tokenfab":
-            continue
-        ratios = []
-        for w in WORKLOADS:
-            a, b = s["tokenfab"].get(w, {}).get("tok_per_s"), per.get(w, {}).get("tok_per_s")
-            ratios.append(f"{a / b:.2f}x" if a and b else "—")
-        lines.append(f"| {system} | " + " | ".join(ratios) + " |")
-    if e:
-        lines += ["", f"tokenfab efficiency: batch-1 decode reads {e['weight_bytes'] / 1e6:.0f} MB of weights per "
-                  f"token -> {e.get('tg128_gbps')} GB/s = {e.get('tg128_fraction_of_bound')} of the bandwidth bound "
-                  f"({e.get('tg128_bandwidth_bound_tok_s')} tok/s); offline {e.get('offline_gflops')} GFLOP/s = "
-                  f"{e.get('offline_fraction_of_fp32_peak')} of fp32 GEMM peak; prefill {e.get('pp512_gflops')} "
-                  f"GFLOP/s = {e.get('pp512_fraction_of_fp32_peak')} of peak."]
+    lines += ["", "tokenfab / peer (tok/s ratio):", "", "| tokenfab | peer | offline | tg128 | pp512 |",
+              "|---|---|---|---|---|"]
+    ours = [name for name in s if name.startswith("tokenfab")]
+    for mine in ours:
+        for system, per in s.items():
+            if system in ours:
+                continue
+            ratios = []
+            for w in WORKLOADS:
+                a, b = s[mine].get(w, {}).get("tok_per_s"), per.get(w, {}).get("tok_per_s")
+                ratios.append(f"{a / b:.2f}x" if a and b else "—")
+            lines.append(f"| {mine} | {system} | " + " | ".join(ratios) + " |")
+    for mine, x in e.items():
+        lines += ["", f"{mine} efficiency: batch-1 decode reads {x['weight_bytes'] / 1e6:.0f} MB of weights per "
+                  f"token -> {x.get('tg128_gbps')} GB/s = {x.get('tg128_fraction_of_bound')} of the bandwidth bound "
+                  f"({x.get('tg128_bandwidth_bound_tok_s')} tok/s); offline {x.get('offline_gflops')} GFLOP/s = "
+                  f"{x.get('offline_fraction_of_fp32_peak')} of fp32 GEMM peak; prefill {x.get('pp512_gflops')} "
+                  f"GFLOP/s = {x.get('pp512_fraction_of_fp32_peak')} of peak."]
     return "\n".join(lines) + "\n"
 
 
@@ -153,7 +163,7 @@ def rebuild(out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--systems", default="tokenfab,vllm,llamacpp,hf")
+    ap.add_argument("--systems", default="tokenfab,tokenfab-bf16,vllm,llamacpp,hf")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--timeout", type=int, default=1200)

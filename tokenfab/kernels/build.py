@@ -40,7 +40,7 @@ def _compiler() -> str | None:
 
 
 def _key(compiler: str, flags: set[str]) -> str:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
     h = hashlib.sha256(SOURCE.read_bytes())
     for part in (version, " ".join(FLAGS), " ".join(sorted(flags))):
         h.update(part.encode())
@@ -51,7 +51,8 @@ def _compile(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *FLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *FLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True,
+                              check=False)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-2000:])
         os.replace(out, target)  # atomic: a concurrent builder sees the old file or the whole new one

@@ -13,7 +13,13 @@ from torch import nn
 
 from tokenfab.attention.backend import current_forward_context
 from tokenfab.models.arch import ArchConfig
-from tokenfab.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, gated_activation
+from tokenfab.models.layers import (
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    gated_activation,
+)
 from tokenfab.quant import build_weight
 from tokenfab.quant.bf16 import BF16Weight
 

@@ -44,7 +44,7 @@ def measure_ceilings() -> dict:
             times.append(time.perf_counter() - t)
         return sorted(times)[len(times) // 2]
 
-    x = torch.ones(128 * 1024 * 1024 // 4)
+    x = torch.ones(512 * 1024 * 1024 // 4)  # 16x the L3 of a typical part: DRAM, not cache
     bandwidth = x.numel() * 4 / median_time(lambda: x.sum(), 7) / 1e9
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     gflops = 2 * 2048**3 / median_time(lambda: a @ b, 5) / 1e9

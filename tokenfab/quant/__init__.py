@@ -3,4 +3,4 @@
 from tokenfab.quant.base import LinearWeight
 from tokenfab.quant.registry import WEIGHT_FORMATS, build_weight
 
-__all__ = ["LinearWeight", "WEIGHT_FORMATS", "build_weight"]
+__all__ = ["WEIGHT_FORMATS", "LinearWeight", "build_weight"]

@@ -22,8 +22,7 @@ class BF16Weight(LinearWeight):
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight.to(torch.bfloat16).contiguous()
-        N, K = self.weight.shape
-        self.use_kernel = self.weight.device.type == "cpu" and kernels.supports(K)
+        self.use_kernel = self.weight.device.type == "cpu" and kernels.supports(self.weight.shape[1])
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> BF16Weight:

@@ -8,7 +8,11 @@ import torch
 
 from tokenfab.quant.base import LinearWeight
 from tokenfab.quant.bf16 import BF16Weight
-from tokenfab.quant.dense import DenseWeight, OneDNNPackedWeight, onednn_packing_supported
+from tokenfab.quant.dense import (
+    DenseWeight,
+    OneDNNPackedWeight,
+    onednn_packing_supported,
+)
 
 
 def _dense(weight: torch.Tensor) -> LinearWeight:
