@@ -102,3 +102,25 @@ def test_bf16_weight_format_uses_kernel_and_torch_for_large_batches() -> None:
     for m in (1, KERNEL_MAX_ROWS + 1):
         x = torch.randn(m, 64, generator=g)
         _close(w.matmul(x), x @ w.dequantize().t())
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 1, 256), (8, 2, 64), (2, 2, 20)])
+def test_paged_decode_attention_matches_softmax_over_the_span(heads: int, kv_heads: int, dim: int) -> None:
+    """Scattered blocks, spans that start mid-block (sliding window) and end mid-block, one-token spans."""
+    g = torch.Generator().manual_seed(heads * dim)
+    block_size, num_blocks = 4, 40
+    k_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=g)
+    v_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=g)
+    spans = [(0, 1), (3, 17), (5, 24), (0, 32)]
+    blocks = torch.stack([torch.randperm(num_blocks, generator=g)[:8] for _ in spans])
+    lo = torch.tensor([a for a, _ in spans], dtype=torch.int32)
+    hi = torch.tensor([b for _, b in spans], dtype=torch.int32)
+    q = torch.randn(len(spans), heads, dim, generator=g)
+    out = kernels.paged_decode_attention(q, k_cache, v_cache, blocks, lo, hi, block_size, 0.125)
+    for b, (a, e) in enumerate(spans):
+        pos = torch.arange(a, e)
+        slots = blocks[b, pos // block_size] * block_size + pos % block_size
+        keys = k_cache[slots].repeat_interleave(heads // kv_heads, dim=1)  # [span, heads, dim]
+        values = v_cache[slots].repeat_interleave(heads // kv_heads, dim=1)
+        weights = torch.softmax(torch.einsum("hd,shd->hs", q[b], keys) * 0.125, dim=-1)
+        torch.testing.assert_close(out[b], torch.einsum("hs,shd->hd", weights, values), rtol=1e-5, atol=1e-5)

@@ -1,7 +1,8 @@
 """Attention on torch's SDPA: single-token (decode) sequences batched with padding, longer chunks one by one.
 
 Decode rows are laid out as [batch, kv_heads, group, dim] against keys [batch, kv_heads, ctx, dim], so grouped
-query heads never need their K/V repeated. Sliding-window groups gather only the keys inside the window.
+query heads never need their K/V repeated. Sliding-window groups gather only the keys inside the window. On CPUs
+with the C++ kernels, decodes read K/V in place from the paged cache instead (tokenfab.kernels).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenfab.attention.backend import AttentionBackend, KVCache, KVGroupSpec, SeqLayout
+from tokenfab.kernels import cpu as kernels
 
 
 @dataclass(slots=True)
@@ -33,6 +35,8 @@ class GroupMetadata:
     """[decodes, max_blocks] block ids (padded with the null block)."""
     decode_mask: torch.Tensor | None
     """[decodes, 1, 1, max_blocks * block_size] bool."""
+    decode_span: tuple[torch.Tensor, torch.Tensor] | None
+    """[decodes] int32 first and end position each decode attends to, relative to its first block in the index."""
     prefills: list[PrefillSlice]
 
 
@@ -52,19 +56,24 @@ def _key_start(seq: SeqLayout, window: int | None) -> int:
     return 0 if window is None else max(0, seq.context_start - window + 1)
 
 
-def _decode_metadata(seqs: list[SeqLayout], g: int, window: int | None, block_size: int,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole blocks per sequence (a block is one contiguous copy) and a mask of the positions that count."""
+def _decode_metadata(seqs: list[SeqLayout], g: int, window: int | None, block_size: int, device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Whole blocks per sequence (a block is one contiguous copy), a mask of the positions that count, and the
+    same positions as [lo, hi) spans."""
     spans = [(_key_start(s, window) // block_size, -(-s.context_end // block_size)) for s in seqs]
     width = max(end - start for start, end in spans)
     index = np.zeros((len(seqs), width), dtype=np.int64)
     mask = np.zeros((len(seqs), width * block_size), dtype=bool)
+    lo = np.zeros(len(seqs), dtype=np.int32)
+    hi = np.zeros(len(seqs), dtype=np.int32)
     for row, (seq, (first, last)) in enumerate(zip(seqs, spans)):
         index[row, : last - first] = seq.block_tables[g][first:last]
-        lo = _key_start(seq, window) - first * block_size
-        mask[row, lo : seq.context_end - first * block_size] = True
+        lo[row] = _key_start(seq, window) - first * block_size
+        hi[row] = seq.context_end - first * block_size
+        mask[row, lo[row] : hi[row]] = True
     return (torch.from_numpy(index).to(device),
-            torch.from_numpy(mask).view(len(seqs), 1, 1, width * block_size).to(device))
+            torch.from_numpy(mask).view(len(seqs), 1, 1, width * block_size).to(device),
+            (torch.from_numpy(lo).to(device), torch.from_numpy(hi).to(device)))
 
 
 def _prefill_slice(seq: SeqLayout, g: int, window: int | None, block_size: int, device: torch.device) -> PrefillSlice:
@@ -96,11 +105,11 @@ class TorchAttentionBackend(AttentionBackend):
         out = []
         for g, spec in enumerate(groups):
             slots = np.concatenate([_slots(s.block_tables[g], s.context_start, s.context_end, block_size) for s in seqs])
-            index = mask = None
+            index = mask = span = None
             if num_decodes:
-                index, mask = _decode_metadata(seqs[:num_decodes], g, spec.window, block_size, device)
+                index, mask, span = _decode_metadata(seqs[:num_decodes], g, spec.window, block_size, device)
             prefills = [_prefill_slice(s, g, spec.window, block_size, device) for s in seqs[num_decodes:]]
-            out.append(GroupMetadata(torch.from_numpy(slots).to(device), num_decodes, index, mask, prefills))
+            out.append(GroupMetadata(torch.from_numpy(slots).to(device), num_decodes, index, mask, span, prefills))
         return TorchMetadata(out)
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -120,6 +129,11 @@ class TorchAttentionBackend(AttentionBackend):
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: GroupMetadata,
             scale: float) -> torch.Tensor:
+    if k_cache.dtype == torch.float32 and k_cache.device.type == "cpu" and kernels.available():
+        # Reads K/V in place from the blocks: no gathered copy of every context each step.
+        block_size = meta.decode_mask.shape[-1] // meta.decode_index.shape[1]
+        return kernels.paged_decode_attention(q, k_cache, v_cache, meta.decode_index, *meta.decode_span,
+                                              block_size, scale)
     batch, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     width = meta.decode_mask.shape[-1]

@@ -86,6 +86,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
+                           lo: torch.Tensor, hi: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """q [B, H, D] float32; caches [slots, KVH, D] float32; blocks int64 [B, max_blocks]; sequence b attends to
+    positions [lo[b], hi[b]) (int32) of its block list. Returns [B, H, D]."""
+    batch, heads, dim = q.shape
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    load_library().tf_paged_decode_attention(
+        _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(blocks), blocks.shape[1], _ptr(lo), _ptr(hi), batch, heads,
+        k_cache.shape[1], dim, block_size, scale, _ptr(out), torch.get_num_threads())
+    return out
+
+
 def dequant_bf16(w: torch.Tensor) -> torch.Tensor:
     N, K = w.shape
     out = torch.empty(N, K, dtype=torch.float32)

@@ -246,6 +246,73 @@ void tf_rmsnorm(const float* x, const float* w, float* out, int64_t rows, int64_
   }
 }
 
+// Decode attention straight from the paged cache: no gathered copy of K/V, no padding. One task per
+// (sequence, kv head); the group of query heads sharing that kv head reads each key and value once.
+// Sequence b attends to positions [lo[b], hi[b]) of its block list `blocks[b, :]` (block ids, fp32 cache laid
+// out [slots, kv_heads, dim], slot = block * block_size + offset). Scores for the whole span are kept so the
+// softmax is exact (two passes: keys, then values).
+void tf_paged_decode_attention(const float* q, const float* k_cache, const float* v_cache, const int64_t* blocks,
+                               int64_t max_blocks, const int32_t* lo, const int32_t* hi, int64_t batch,
+                               int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size, float scale,
+                               float* out, int threads) {
+  const int64_t group = heads / kv_heads;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> scores;
+    std::vector<float> acc(group * dim);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < batch * kv_heads; ++task) {
+      const int64_t b = task / kv_heads, h = task % kv_heads;
+      const int64_t span = hi[b] - lo[b];
+      scores.resize(group * span);
+      const float* qb = q + (b * heads + h * group) * dim;
+      const int64_t* table = blocks + b * max_blocks;
+      std::vector<float> best(group, -INFINITY);
+      for (int64_t p = 0; p < span; ++p) {
+        const int64_t pos = lo[b] + p;
+        const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
+        const float* kp = k_cache + (slot * kv_heads + h) * dim;
+        for (int64_t g = 0; g < group; ++g) {
+          __m256 a = _mm256_setzero_ps();
+          int64_t d = 0;
+          for (; d + 8 <= dim; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qb + g * dim + d), _mm256_loadu_ps(kp + d), a);
+          float sc = hsum(a);
+          for (; d < dim; ++d) sc += qb[g * dim + d] * kp[d];
+          sc *= scale;
+          scores[g * span + p] = sc;
+          best[g] = std::max(best[g], sc);
+        }
+      }
+      std::vector<float> total(group, 0.0f);
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t p = 0; p < span; ++p) {
+          const float e = std::exp(scores[g * span + p] - best[g]);
+          scores[g * span + p] = e;
+          total[g] += e;
+        }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t p = 0; p < span; ++p) {
+        const int64_t pos = lo[b] + p;
+        const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
+        const float* vp = v_cache + (slot * kv_heads + h) * dim;
+        for (int64_t g = 0; g < group; ++g) {
+          const __m256 w = _mm256_set1_ps(scores[g * span + p]);
+          float* ag = acc.data() + g * dim;
+          int64_t d = 0;
+          for (; d + 8 <= dim; d += 8)
+            _mm256_storeu_ps(ag + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(vp + d), _mm256_loadu_ps(ag + d)));
+          for (; d < dim; ++d) ag[d] += scores[g * span + p] * vp[d];
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* o = out + (b * heads + h * group + g) * dim;
+        const float inv = span > 0 ? 1.0f / total[g] : 0.0f;
+        for (int64_t d = 0; d < dim; ++d) o[d] = acc[g * dim + d] * inv;
+      }
+    }
+  }
+}
+
 void tf_dequant_bf16(const uint16_t* w, float* out, int64_t N, int64_t K, int threads) {
   dequantize(BF16{w, K}, out, N, K, threads);
 }
