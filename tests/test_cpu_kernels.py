@@ -124,3 +124,26 @@ def test_paged_decode_attention_matches_softmax_over_the_span(heads: int, kv_hea
         values = v_cache[slots].repeat_interleave(heads // kv_heads, dim=1)
         weights = torch.softmax(torch.einsum("hd,shd->hs", q[b], keys) * 0.125, dim=-1)
         torch.testing.assert_close(out[b], torch.einsum("hs,shd->hd", weights, values), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_qk_norm_rope_in_place_matches_norm_then_rotary(with_norm: bool) -> None:
+    from tokenfab.models.layers import RotaryEmbedding, apply_rotary
+
+    g = torch.Generator().manual_seed(int(with_norm))
+    heads, kv_heads, dim, tokens = 4, 2, 32, 5
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim + 3, generator=g)[:, :-3]  # rows strided, not packed
+    rope = RotaryEmbedding(dim, 64, 10000.0, None)
+    cos, sin = rope.table(torch.tensor([0, 7, 8, 30, 63]), torch.float32)
+    qw, kw = (torch.randn(dim, generator=g), torch.randn(dim, generator=g)) if with_norm else (None, None)
+    q = qkv[:, : heads * dim].reshape(tokens, heads, dim)
+    k = qkv[:, heads * dim : (heads + kv_heads) * dim].reshape(tokens, kv_heads, dim)
+    v_before = qkv[:, (heads + kv_heads) * dim :].clone()
+    if with_norm:
+        q, k = F.rms_norm(q, (dim,), qw, 1e-6), F.rms_norm(k, (dim,), kw, 1e-6)
+    ref_q, ref_k = apply_rotary(q, k, cos, sin)
+    kernels.qk_norm_rope_(qkv, heads, kv_heads, dim, qw, kw, 1e-6, cos.view(-1, dim), sin.view(-1, dim))
+    torch.testing.assert_close(qkv[:, : heads * dim].reshape(tokens, heads, dim), ref_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(qkv[:, heads * dim : (heads + kv_heads) * dim].reshape(tokens, kv_heads, dim), ref_k,
+                               rtol=1e-5, atol=1e-5)
+    assert torch.equal(qkv[:, (heads + kv_heads) * dim :], v_before)

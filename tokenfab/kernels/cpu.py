@@ -86,6 +86,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
+def qk_norm_rope_(qkv: torch.Tensor, heads: int, kv_heads: int, dim: int, q_weight: torch.Tensor | None,
+                  k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """In place on qkv [T, >= (heads + kv_heads) * dim] float32 (rows contiguous): per-head RMSNorm of query and
+    key heads (when weights are given), then rotate-half rotary with cos/sin [T, dim] float32."""
+    tokens = qkv.shape[0]
+    if qkv.stride(1) != 1 or not (cos.is_contiguous() and sin.is_contiguous()):
+        raise ValueError("qkv rows and cos/sin must be contiguous")
+    qw = _ptr(q_weight) if q_weight is not None else None
+    kw = _ptr(k_weight) if k_weight is not None else None
+    load_library().tf_qk_norm_rope(_ptr(qkv), tokens, qkv.stride(0), heads, kv_heads, dim, qw, kw, eps, _ptr(cos),
+                                   _ptr(sin), torch.get_num_threads())
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
                            lo: torch.Tensor, hi: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
     """q [B, H, D] float32; caches [slots, KVH, D] float32; blocks int64 [B, max_blocks]; sequence b attends to

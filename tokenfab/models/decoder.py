@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from tokenfab.attention.backend import current_forward_context
+from tokenfab.kernels import cpu as kernels
 from tokenfab.models.arch import ArchConfig
 from tokenfab.models.layers import (
     Linear,
@@ -38,16 +39,26 @@ class Attention(nn.Module):
 
     def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
         a = self.arch
-        q, k, v = self.qkv_proj(x).split([a.q_size, a.kv_size, a.kv_size], dim=-1)
-        q = q.reshape(-1, a.num_heads, a.head_dim)
-        k = k.reshape(-1, a.num_kv_heads, a.head_dim)
-        v = v.reshape(-1, a.num_kv_heads, a.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, *rope)
+        qkv = self.qkv_proj(x)
+        if qkv.dtype == torch.float32 and qkv.device.type == "cpu" and kernels.available():
+            norms = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
+            kernels.qk_norm_rope_(qkv, a.num_heads, a.num_kv_heads, a.head_dim, *norms, a.rms_norm_eps,
+                                  rope[0].view(-1, a.head_dim), rope[1].view(-1, a.head_dim))
+            q, k, v = self._split(qkv)
+        else:
+            q, k, v = self._split(qkv)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rotary(q, k, *rope)
         ctx = current_forward_context()
         out = ctx.backend.forward(self.layer, q, k, v.contiguous(), a.softmax_scale, ctx.metadata, ctx.cache)
         return self.o_proj(out.reshape(-1, a.q_size))
+
+    def _split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a = self.arch
+        q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        return (q.reshape(-1, a.num_heads, a.head_dim), k.reshape(-1, a.num_kv_heads, a.head_dim),
+                v.reshape(-1, a.num_kv_heads, a.head_dim))
 
 
 class MLP(nn.Module):

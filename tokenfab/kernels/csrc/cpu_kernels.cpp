@@ -246,6 +246,35 @@ void tf_rmsnorm(const float* x, const float* w, float* out, int64_t rows, int64_
   }
 }
 
+// In place on a fused qkv projection [T, row_stride] whose rows start with H query heads then KVH key heads
+// (D each): optional per-head RMSNorm (query and key weights, Qwen3/Gemma 3), then rotate-half rotary embedding
+// with per-token cos/sin [T, D]. One call replaces a dozen small tensor ops per layer.
+void tf_qk_norm_rope(float* qkv, int64_t tokens, int64_t row_stride, int64_t heads, int64_t kv_heads, int64_t dim,
+                     const float* q_weight, const float* k_weight, float eps, const float* cos, const float* sin,
+                     int threads) {
+  const int64_t half = dim / 2, per_row = heads + kv_heads;
+  const int nt = tokens * per_row * dim >= (1 << 16) ? threads : 1;
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t task = 0; task < tokens * per_row; ++task) {
+    const int64_t t = task / per_row, h = task % per_row;
+    float* x = qkv + t * row_stride + h * dim;
+    const float* w = h < heads ? q_weight : k_weight;
+    if (w != nullptr) {
+      float ss = 0.0f;
+      for (int64_t d = 0; d < dim; ++d) ss += x[d] * x[d];
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(dim) + eps);
+      for (int64_t d = 0; d < dim; ++d) x[d] = x[d] * inv * w[d];
+    }
+    const float* c = cos + t * dim;
+    const float* s = sin + t * dim;
+    for (int64_t d = 0; d < half; ++d) {
+      const float a = x[d], b = x[d + half];
+      x[d] = a * c[d] - b * s[d];
+      x[d + half] = b * c[d + half] + a * s[d + half];
+    }
+  }
+}
+
 // Decode attention straight from the paged cache: no gathered copy of K/V, no padding. One task per
 // (sequence, kv head); the group of query heads sharing that kv head reads each key and value once.
 // Sequence b attends to positions [lo[b], hi[b]) of its block list `blocks[b, :]` (block ids, fp32 cache laid
