@@ -78,6 +78,39 @@ def linear_lut4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, gro
     return _finish(x, y, N)
 
 
+def linear_lut4_q8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int, rows: torch.Tensor,
+                   lut: torch.Tensor, lut_mult: float) -> torch.Tensor:
+    """linear_lut4 with x quantized to int8 per 32 columns (W4A8, exact int32 dot products); K % 32 == 0 and
+    group in (16, 32)."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    if K % 32 or group not in (16, 32):
+        raise ValueError(f"W4A8 needs K % 32 == 0 and group 16 or 32 (K={K}, group={group})")
+    x2, M, _ = _prepare(x, K)
+    y = torch.empty(M, N, dtype=torch.float32)
+    load_library().tf_linear_lut4_q8(_ptr(x2), _ptr(packed), _ptr(scales), group, _ptr(rows), _ptr(lut), lut_mult,
+                                     _ptr(y), M, N, K, torch.get_num_threads())
+    return _finish(x, y, N)
+
+
+def linear_int8_q8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """linear_int8 with x quantized to int8 per 32 columns (W8A8); K % 32 == 0."""
+    N, K = w.shape
+    if K % 32:
+        raise ValueError(f"W8A8 needs K % 32 == 0 (K={K})")
+    x2, M, _ = _prepare(x, K)
+    y = torch.empty(M, N, dtype=torch.float32)
+    load_library().tf_linear_i8_q8(_ptr(x2), _ptr(w), _ptr(scale), _ptr(y), M, N, K, torch.get_num_threads())
+    return _finish(x, y, N)
+
+
+def quantize_rows_q8(x: torch.Tensor) -> torch.Tensor:
+    """Reference for the integer paths' activation rounding: x [M, K] -> x rounded to int8 per 32 columns."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(scale > 0, torch.round(blocks / torch.where(scale > 0, scale, 1)), 0)
+    return (q * scale).reshape_as(x)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x float32 contiguous [..., dim]; weight float32 [dim]."""
     dim = x.shape[-1]

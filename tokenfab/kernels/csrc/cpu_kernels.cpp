@@ -194,6 +194,124 @@ void dequantize(const D& d, float* out, int64_t N, int64_t K, int threads) {
   }
 }
 
+// ---- Integer paths: activations quantized to int8 per 32 columns (scale = max|x| / 127), products summed
+// exactly in int32 with maddubs, one float FMA per 32 weights. Each row of x is quantized on its own, so a row's
+// result does not depend on the other rows in the batch.
+
+struct Q8Rows {
+  std::vector<int8_t> q;  // [M, K]
+  std::vector<float> s;   // [M, K / 32]
+};
+
+// For 4-bit codes the columns of each 16-group are stored even-then-odd, the order nibbles unpack in.
+Q8Rows quantize_rows(const float* x, int64_t M, int64_t K, bool even_odd_16) {
+  Q8Rows r{std::vector<int8_t>(M * K), std::vector<float>(M * (K / 32))};
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < K / 32; ++j) {
+      const float* xb = x + m * K + j * 32;
+      float amax = 0.0f;
+      for (int c = 0; c < 32; ++c) amax = std::max(amax, std::fabs(xb[c]));
+      const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      r.s[m * (K / 32) + j] = scale;
+      int8_t* qb = r.q.data() + m * K + j * 32;
+      for (int c = 0; c < 32; ++c) {
+        const int dst = even_odd_16 ? (c & ~15) + ((c & 15) >> 1) + 8 * (c & 1) : c;
+        qb[dst] = static_cast<int8_t>(std::nearbyint(xb[c] * inv));
+      }
+    }
+  return r;
+}
+
+inline __m256 int_dot(__m256i absw, __m256i signw, const int8_t* xq) {
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+  const __m256i p16 = _mm256_maddubs_epi16(absw, _mm256_sign_epi8(xv, signw));
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
+// 32 weights of one row as (|w|, w) int8 vectors plus their scale per 32-bit lane.
+struct Lut4Int {
+  const uint8_t* packed;
+  const uint16_t* scales;
+  const float* rows;
+  __m256i lut;
+  float lut_mult;
+  int64_t K, group;
+  inline void load(int64_t n, int64_t j, __m256i& absw, __m256i& w, __m256& scale) const {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + n * K / 2 + j * 16));
+    const __m128i hi = _mm_srli_epi16(b, 4);
+    const __m256i idx = _mm256_and_si256(_mm256_set_m128i(_mm_unpackhi_epi64(b, hi), _mm_unpacklo_epi64(b, hi)),
+                                         _mm256_set1_epi8(0x0F));
+    w = _mm256_shuffle_epi8(lut, idx);
+    absw = _mm256_sign_epi8(w, w);
+    if (group == 16) {
+      int32_t two;
+      std::memcpy(&two, scales + n * (K / 16) + 2 * j, sizeof two);
+      const __m128 s2 = _mm_cvtph_ps(_mm_cvtsi32_si128(two));
+      scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s2), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    } else {
+      scale = _mm256_set1_ps(_cvtsh_ss(scales[(n * K + j * 32) / group]));
+    }
+  }
+  inline float row_scale(int64_t n) const { return rows[n] * lut_mult; }
+};
+
+struct I8Int {
+  const int8_t* w;
+  const float* scale_;
+  int64_t K;
+  inline void load(int64_t n, int64_t j, __m256i& absw, __m256i& wv, __m256& scale) const {
+    wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * K + j * 32));
+    absw = _mm256_sign_epi8(wv, wv);  // -128 stays 0x80, which maddubs reads as unsigned 128
+    scale = _mm256_set1_ps(1.0f);
+  }
+  inline float row_scale(int64_t n) const { return scale_[n]; }
+};
+
+template <class D, int MB, int NBK>
+inline void tile_int(const D& d, const Q8Rows& xr, int64_t K, float* y, int64_t N, int64_t m0, int64_t n0) {
+  __m256 acc[MB][NBK];
+  for (int i = 0; i < MB; ++i)
+    for (int jn = 0; jn < NBK; ++jn) acc[i][jn] = _mm256_setzero_ps();
+  const int64_t blocks = K / 32;
+  for (int64_t j = 0; j < blocks; ++j)
+    for (int jn = 0; jn < NBK; ++jn) {
+      __m256i absw, w;
+      __m256 ws;
+      d.load(n0 + jn, j, absw, w, ws);
+      for (int i = 0; i < MB; ++i) {
+        const int64_t m = m0 + i;
+        const __m256 s = _mm256_mul_ps(ws, _mm256_set1_ps(xr.s[m * blocks + j]));
+        acc[i][jn] = _mm256_fmadd_ps(int_dot(absw, w, xr.q.data() + m * K + j * 32), s, acc[i][jn]);
+      }
+    }
+  for (int i = 0; i < MB; ++i)
+    for (int jn = 0; jn < NBK; ++jn) y[(m0 + i) * N + n0 + jn] = hsum(acc[i][jn]) * d.row_scale(n0 + jn);
+}
+
+template <class D, int NBK>
+inline void block_int(const D& d, const Q8Rows& xr, int64_t M, int64_t K, float* y, int64_t N, int64_t n0) {
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2) tile_int<D, 2, NBK>(d, xr, K, y, N, m, n0);
+  for (; m < M; ++m) tile_int<D, 1, NBK>(d, xr, K, y, N, m, n0);
+}
+
+template <class D>
+void linear_int(const D& d, const float* x, float* y, int64_t M, int64_t N, int64_t K, bool even_odd_16,
+                int threads) {
+  const Q8Rows xr = quantize_rows(x, M, K, even_odd_16);
+  const int64_t blocks = (N + NB - 1) / NB;
+  const int64_t chunk = std::max<int64_t>(1, blocks / (16 * threads));
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t n0 = b * NB;
+    if (n0 + NB > N) {
+      for (int64_t n = n0; n < N; ++n) block_int<D, 1>(d, xr, M, K, y, N, n);
+    } else {
+      block_int<D, NB>(d, xr, M, K, y, N, n0);
+    }
+  }
+}
+
 LUT4 make_lut4(const uint8_t* packed, const uint16_t* scales, int64_t group, const float* rows,
                const int8_t* lut, float lut_mult, int64_t K) {
   return LUT4{packed, scales, rows, _mm_loadu_si128(reinterpret_cast<const __m128i*>(lut)), lut_mult, K, group};
@@ -340,6 +458,18 @@ void tf_paged_decode_attention(const float* q, const float* k_cache, const float
       }
     }
   }
+}
+
+// K % 32 == 0; 4-bit groups of 16 or 32.
+void tf_linear_lut4_q8(const float* x, const uint8_t* packed, const uint16_t* scales, int64_t group,
+                       const float* rows, const int8_t* lut, float lut_mult, float* y, int64_t M, int64_t N,
+                       int64_t K, int threads) {
+  const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut)));
+  linear_int(Lut4Int{packed, scales, rows, table, lut_mult, K, group}, x, y, M, N, K, true, threads);
+}
+void tf_linear_i8_q8(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t N, int64_t K,
+                     int threads) {
+  linear_int(I8Int{w, scale, K}, x, y, M, N, K, false, threads);
 }
 
 void tf_dequant_bf16(const uint16_t* w, float* out, int64_t N, int64_t K, int threads) {
