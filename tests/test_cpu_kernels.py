@@ -175,6 +175,18 @@ def test_int8_w8a8(M: int, N: int, K: int) -> None:
     _close_loose(kernels.linear_int8_q8(x, q, scale), kernels.quantize_rows_q8(x) @ w.t())
 
 
+def test_lut4_w4a8_reads_nvfp4_fp8_block_scales_directly() -> None:
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 16, (70, 256), generator=g)
+    scales8 = (torch.rand(70, 16, generator=g) * 300 + 2**-9).to(torch.float8_e4m3fn)
+    rows = torch.rand(70, generator=g)
+    x = torch.randn(3, 256, generator=g)
+    args = (_pack(codes), 16, rows, kernels.E2M1_DOUBLED, 0.5)
+    via_fp8 = kernels.linear_lut4_q8(x, args[0], scales8, *args[1:])
+    via_fp16 = kernels.linear_lut4_q8(x, args[0], scales8.float().half(), *args[1:])  # e4m3 -> fp16 is exact
+    torch.testing.assert_close(via_fp8, via_fp16, rtol=1e-6, atol=1e-6)
+
+
 def test_integer_paths_are_batch_invariant() -> None:
     """A row's result is bitwise the same alone and inside a batch (rows are quantized independently)."""
     g = torch.Generator().manual_seed(11)

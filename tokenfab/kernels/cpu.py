@@ -81,14 +81,18 @@ def linear_lut4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, gro
 def linear_lut4_q8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int, rows: torch.Tensor,
                    lut: torch.Tensor, lut_mult: float) -> torch.Tensor:
     """linear_lut4 with x quantized to int8 per 32 columns (W4A8, exact int32 dot products); K % 32 == 0 and
-    group in (16, 32)."""
+    group in (16, 32). Scales are float16, or (group 16) float8_e4m3fn as NVFP4 stores them."""
     N, K = packed.shape[0], packed.shape[1] * 2
-    if K % 32 or group not in (16, 32):
-        raise ValueError(f"W4A8 needs K % 32 == 0 and group 16 or 32 (K={K}, group={group})")
+    fp8 = scales.dtype == torch.float8_e4m3fn
+    if K % 32 or group not in (16, 32) or (fp8 and group != 16):
+        raise ValueError(f"W4A8 needs K % 32 == 0 and group 16 or 32, fp8 scales with 16 (K={K}, group={group})")
+    if scales.dtype not in (torch.float16, torch.float8_e4m3fn):
+        raise ValueError(f"scales must be float16 or float8_e4m3fn, not {scales.dtype}")
     x2, M, _ = _prepare(x, K)
     y = torch.empty(M, N, dtype=torch.float32)
-    load_library().tf_linear_lut4_q8(_ptr(x2), _ptr(packed), _ptr(scales), group, _ptr(rows), _ptr(lut), lut_mult,
-                                     _ptr(y), M, N, K, torch.get_num_threads())
+    mult = lut_mult * 256.0 if fp8 else lut_mult  # the kernel's fp8 -> fp16 widening leaves values 2^-8 small
+    load_library().tf_linear_lut4_q8(_ptr(x2), _ptr(packed), _ptr(scales), group, int(fp8), _ptr(rows), _ptr(lut),
+                                     mult, _ptr(y), M, N, K, torch.get_num_threads())
     return _finish(x, y, N)
 
 

@@ -236,6 +236,7 @@ struct Lut4Int {
   __m256i lut;
   float lut_mult;
   int64_t K, group;
+  bool fp8_scales;  // group 16 only: scales are e4m3 bytes (NVFP4 as stored) rather than fp16
   inline void load(int64_t n, int64_t j, __m256i& absw, __m256i& w, __m256& scale) const {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + n * K / 2 + j * 16));
     const __m128i hi = _mm_srli_epi16(b, 4);
@@ -244,8 +245,16 @@ struct Lut4Int {
     w = _mm256_shuffle_epi8(lut, idx);
     absw = _mm256_sign_epi8(w, w);
     if (group == 16) {
-      int32_t two;
-      std::memcpy(&two, scales + n * (K / 16) + 2 * j, sizeof two);
+      int32_t two = 0;
+      if (fp8_scales) {
+        // e4m3 -> fp16 bits as in FP8 above; the 2^8 is in lut_mult.
+        std::memcpy(&two, reinterpret_cast<const uint8_t*>(scales) + n * (K / 16) + 2 * j, 2);
+        const __m128i h = _mm_cvtepu8_epi16(_mm_cvtsi32_si128(two));
+        two = _mm_cvtsi128_si32(_mm_or_si128(_mm_slli_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7F)), 7),
+                                             _mm_slli_epi16(_mm_and_si128(h, _mm_set1_epi16(0x80)), 8)));
+      } else {
+        std::memcpy(&two, scales + n * (K / 16) + 2 * j, sizeof two);
+      }
       const __m128 s2 = _mm_cvtph_ps(_mm_cvtsi32_si128(two));
       scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s2), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
     } else {
@@ -460,12 +469,13 @@ void tf_paged_decode_attention(const float* q, const float* k_cache, const float
   }
 }
 
-// K % 32 == 0; 4-bit groups of 16 or 32.
-void tf_linear_lut4_q8(const float* x, const uint8_t* packed, const uint16_t* scales, int64_t group,
+// K % 32 == 0; 4-bit groups of 16 or 32 (fp8_scales: group 16 only).
+void tf_linear_lut4_q8(const float* x, const uint8_t* packed, const uint16_t* scales, int64_t group, int fp8_scales,
                        const float* rows, const int8_t* lut, float lut_mult, float* y, int64_t M, int64_t N,
                        int64_t K, int threads) {
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut)));
-  linear_int(Lut4Int{packed, scales, rows, table, lut_mult, K, group}, x, y, M, N, K, true, threads);
+  linear_int(Lut4Int{packed, scales, rows, table, lut_mult, K, group, fp8_scales != 0}, x, y, M, N, K, true,
+             threads);
 }
 void tf_linear_i8_q8(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t N, int64_t K,
                      int threads) {
