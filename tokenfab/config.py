@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenfab.quant.plan import QuantPlan, build_plan
+
 ENV_VARS = {
     "TOKENFAB_CACHE_DIR": "where the default model is assembled and converted models are kept",
     "TOKENFAB_NUM_THREADS": "torch intra-op threads (default: all cores)",
@@ -56,7 +58,12 @@ class EngineConfig:
     """Give linear weights to a storage format (oneDNN-packed on CPU, or `quantization`); False keeps plain
     torch weights (a reference path for tests)."""
     quantization: str = "none"
-    """Weight format of the linear layers (tokenfab.quant.WEIGHT_FORMATS); none keeps the model dtype."""
+    """Weight format of the linear layers (tokenfab.quant.WEIGHT_FORMATS), quantized at load from the float
+    weights; none keeps the model dtype (a pre-quantized checkpoint's layers keep their own format)."""
+    quantization_exclude: tuple[str, ...] | None = None
+    """Layer-name globs kept unquantized; None takes the format's measured defaults (tokenfab.quant.plan)."""
+    quantization_overrides: tuple[str, ...] = ()
+    """`PATTERN=FORMAT` rules, e.g. `lm_head=int8`; checked before the exclusions."""
     pricing: PricingConfig = PricingConfig()
 
     def __post_init__(self) -> None:
@@ -71,6 +78,18 @@ class EngineConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        # Lists from Python callers become tuples, so the config stays hashable and frozen.
+        if self.quantization_exclude is not None:
+            object.__setattr__(self, "quantization_exclude", tuple(self.quantization_exclude))
+        object.__setattr__(self, "quantization_overrides", tuple(self.quantization_overrides))
+        plan = self.quant_plan  # validates format names and override syntax
+        if not self.pack_weights and (plan.default != "none" or plan.rules):
+            raise ValueError("quantization needs pack_weights=True")
+
+    @property
+    def quant_plan(self) -> QuantPlan:
+        """The weight format of every linear layer."""
+        return build_plan(self.quantization, self.quantization_exclude, self.quantization_overrides)
 
     @property
     def torch_device(self) -> torch.device:
