@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     conv.set_defaults(func=_convert)
     _add_quantize(sub)
+    from tokenfab.evaluation.cli import add_parser as add_eval
+
+    add_eval(sub)
     return parser
 
 

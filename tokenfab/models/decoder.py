@@ -14,7 +14,7 @@ from torch import nn
 from tokenfab.attention.backend import current_forward_context
 from tokenfab.models.arch import ArchConfig
 from tokenfab.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, gated_activation
-from tokenfab.quant import LinearWeight, build_weight
+from tokenfab.quant import QUANTIZED_FORMATS, LinearWeight, build_weight
 from tokenfab.quant.plan import QuantPlan
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -126,7 +126,16 @@ class DecoderModel(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, Linear) and module.stored is None:
                 tied = module is self.lm_head and self.arch.tie_word_embeddings
-                module.use(build_weight(plan.format_for(name), module.weight.data), keep_plain=tied)
+                module.use(self._build_weight(name, module.weight.data, plan.format_for(name)), keep_plain=tied)
+
+    def _build_weight(self, name: str, weight: torch.Tensor, fmt: str) -> LinearWeight:
+        """Fused layers are quantized projection by projection, as a checkpoint stores them (NVFP4's per-tensor
+        scale is then each projection's own), and the parts joined row-wise."""
+        cls = QUANTIZED_FORMATS.get(fmt)
+        fused = name.rpartition(".")[2]
+        if cls is None or fused not in ("qkv_proj", "gate_up_proj") or not cls.supports(tuple(weight.shape)):
+            return build_weight(fmt, weight)
+        return cls.cat_rows([cls.quantize(part) for part in weight.split(_shard_sizes(self, fused))])
 
     def weight_bytes_per_token(self) -> int:
         """Weight bytes a single-token forward reads (the embedding row lookup aside)."""
