@@ -117,8 +117,10 @@ class NVFP4Weight(QuantizedWeight):
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            from tokenfab.quant import triton_gemm
+            from tokenfab.quant import native_fp4, triton_gemm
 
+            if native_fp4.supported(x.device):
+                return native_fp4.nvfp4_scaled_mm(x, self)
             if triton_gemm.available():
                 return triton_gemm.nvfp4_matmul(x, self)
         return dequantized_linear(x, self)
