@@ -20,6 +20,9 @@ def main() -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--quantization", default="none", help="weight format of the linear layers")
+    p.add_argument("--quantization-exclude", action="append", default=None)
+    p.add_argument("--quantization-override", action="append", default=[])
     args = p.parse_args()
     rss = RssSampler().start()
     import torch
@@ -29,7 +32,8 @@ def main() -> None:
 
     llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, max_model_len=2048,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, quantization=args.quantization,
+              quantization_exclude=args.quantization_exclude, quantization_overrides=args.quantization_override)
 
     def run(prompts: list[list[int]], n: int) -> int:
         outs = llm.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
@@ -65,7 +69,7 @@ def main() -> None:
         "torch": torch.__version__, "threads": args.threads, "notes": note,
         "weight_bytes": engine.model.weight_bytes_per_token(), "flops_per_token": engine.arch.flops_per_token(),
         "lm_head_flops_per_token": 2 * engine.arch.vocab_size * engine.arch.hidden_size,
-        "steps": engine.counters.steps,
+        "steps": engine.counters.steps, "quantization": engine.quantization_label,
     })
 
 

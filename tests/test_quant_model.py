@@ -156,3 +156,12 @@ def test_eval_command_writes_json_and_markdown(tiny_model, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "tokenfab.cli", "eval", "--model", str(tiny_model("qwen2")),
                           "--formats", "int4[lm_head]"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "is not PATTERN=FORMAT" in bad.stderr
+
+
+def test_the_ladder_gets_a_quantization_rung():
+    from tokenfab.economics.bench.ladder import rungs
+
+    assert len(rungs((1, 4))) == 3
+    last = rungs((1, 4), "int4")[-1]
+    assert last.name == "+ int4 weights" and last.max_seqs == 4
+    assert last.flags == ("--enable-prefix-caching", "--quantization", "int4")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from tokenfab.evaluation.corpus import corpus_text, windows
-from tokenfab.evaluation.scoring import Tally, score_window
+from tokenfab.evaluation.scoring import ModelScorer, Scorer, Tally, score_window
 from tokenfab.models.decoder import DecoderModel
 from tokenfab.models.loading import ModelSource, load_model, load_tokenizer, resolve_model
 from tokenfab.quant.plan import QuantPlan, build_plan, parse_override
@@ -68,17 +68,20 @@ def _share_embedding(model: DecoderModel, reference: DecoderModel) -> DecoderMod
 
 
 def evaluate(model: str | None, variants: list[Variant], window: int = 512, max_tokens: int | None = None,
-             corpus: Path | None = None, progress=print) -> dict:
+             corpus: Path | None = None, progress=print, others: dict[str, Scorer] | None = None) -> dict:
+    """`others`: further scorers (e.g. another engine on the same tokens), reported after the variants."""
     torch.manual_seed(0)
     source = resolve_model(model)
     tokenizer = load_tokenizer(source)
     chunks = windows(tokenizer, corpus_text(corpus), window, max_tokens)
     reference = load_variant(source, QuantPlan("none"), window)
     models = {v.name: _share_embedding(load_variant(source, v.plan, window), reference) for v in variants}
-    tallies = {name: Tally() for name in ["reference", *models]}
+    scorers: dict[str, Scorer] = {name: ModelScorer(m) for name, m in models.items()}
+    scorers.update(others or {})
+    tallies = {name: Tally() for name in ["reference", *scorers]}
     start = time.perf_counter()
     for i, ids in enumerate(chunks):
-        score_window(reference, models, ids, tallies)
+        score_window(ModelScorer(reference), scorers, ids, tallies)
         progress(f"window {i + 1}/{len(chunks)}: {len(ids)} tokens, {time.perf_counter() - start:.0f} s")
     ref = tallies["reference"].summary()
     rows = [{"variant": "bf16 (reference)", "plan": "none", **ref, "ppl_delta_pct": 0.0,
@@ -88,6 +91,10 @@ def evaluate(model: str | None, variants: list[Variant], window: int = 512, max_
         rows.append({"variant": v.name, "plan": v.plan.label, **s,
                      "ppl_delta_pct": 100 * (s["perplexity"] / ref["perplexity"] - 1),
                      "weight_bytes": models[v.name].weight_bytes_per_token()})
+    for name in others or {}:
+        s = tallies[name].summary()
+        rows.append({"variant": name, "plan": "external", **s,
+                     "ppl_delta_pct": 100 * (s["perplexity"] / ref["perplexity"] - 1), "weight_bytes": None})
     return {"model": str(source.path), "corpus": str(corpus) if corpus else "tokenfab/evaluation/data/corpus.txt",
             "window": window, "windows": len(chunks), "scored_tokens": ref["tokens"],
             "reference": "weights rounded to bf16, computed in fp32", "seconds": time.perf_counter() - start,
@@ -102,7 +109,8 @@ def markdown(result: dict) -> str:
              "| variant | plan | weight MB/token | perplexity | Δ ppl | KL mean | KL p99 | greedy agreement |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['variant']} | {r['plan']} | {r['weight_bytes'] / 1e6:.1f} | {r['perplexity']:.3f} | "
+        size = "-" if r["weight_bytes"] is None else f"{r['weight_bytes'] / 1e6:.1f}"
+        lines.append(f"| {r['variant']} | {r['plan']} | {size} | {r['perplexity']:.3f} | "
                      f"{r['ppl_delta_pct']:+.2f} % | {r['kl_mean']:.4f} | {r['kl_p99']:.4f} | "
                      f"{100 * r['greedy_agreement']:.1f} % |")
     return "\n".join(lines) + "\n"

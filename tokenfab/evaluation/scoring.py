@@ -4,6 +4,7 @@ log-probabilities of every next token, compared with a reference model's."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -51,22 +52,45 @@ class Tally:
                 "kl_max": float(kl.max()), "greedy_agreement": self.agree / max(1, self.tokens)}
 
 
+class Scorer(Protocol):
+    """Something that prefills a window and yields next-token log-probabilities for a range of its positions."""
+
+    def prepare(self, ids: list[int]) -> None: ...
+
+    def logprobs(self, rows: slice) -> torch.Tensor:
+        """[rows, vocab] fp32 log-softmax of the predictions made at positions `rows` of the prepared window."""
+
+
+class ModelScorer:
+    """A tokenfab DecoderModel (any weight formats)."""
+
+    def __init__(self, model: DecoderModel) -> None:
+        self.model = model
+        self._hidden: torch.Tensor | None = None
+
+    def prepare(self, ids: list[int]) -> None:
+        self._hidden = window_hidden(self.model, ids)
+
+    @torch.inference_mode()
+    def logprobs(self, rows: slice) -> torch.Tensor:
+        return torch.log_softmax(self.model.compute_logits(self._hidden[rows]), dim=-1)
+
+
 @torch.inference_mode()
-def score_window(reference: DecoderModel, models: dict[str, DecoderModel], ids: list[int],
-                 tallies: dict[str, Tally]) -> None:
-    """Add one window's next-token statistics to each model's tally; `tallies` also holds the reference's
-    under "reference". KL is KL(reference || model) over the full vocabulary, in float64 sums."""
-    hidden = {"reference": window_hidden(reference, ids)}
-    hidden.update({name: window_hidden(model, ids) for name, model in models.items()})
+def score_window(reference: Scorer, scorers: dict[str, Scorer], ids: list[int], tallies: dict[str, Tally]) -> None:
+    """Add one window's next-token statistics to each scorer's tally; `tallies` also holds the reference's under
+    "reference". KL is KL(reference || scorer) over the full vocabulary, summed in float64."""
+    everyone = {"reference": reference, **scorers}
+    for scorer in everyone.values():
+        scorer.prepare(ids)
     targets = torch.tensor(ids[1:])
-    everyone = {"reference": reference, **models}
     for start in range(0, len(ids) - 1, LOGIT_ROWS):
         rows = slice(start, min(start + LOGIT_ROWS, len(ids) - 1))
-        ref_lp = torch.log_softmax(reference.compute_logits(hidden["reference"][rows]), dim=-1)
+        ref_lp = reference.logprobs(rows)
         ref_top = ref_lp.argmax(dim=-1)
         ref_p = ref_lp.exp()
-        for name, model in everyone.items():
-            lp = ref_lp if name == "reference" else torch.log_softmax(model.compute_logits(hidden[name][rows]), -1)
+        for name, scorer in everyone.items():
+            lp = ref_lp if name == "reference" else scorer.logprobs(rows)
             tally = tallies[name]
             target = targets[rows].to(lp.device)
             tally.nll -= float(lp.gather(1, target[:, None]).double().sum())
