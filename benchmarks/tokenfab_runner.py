@@ -18,9 +18,11 @@ from common import (GEMMA_BOS, OFFLINE_MAX_TOKENS, PP_TOKENS, TG_TOKENS, RssSamp
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--quantization", default="none")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--quantization", default="none", help="weight format of the linear layers")
+    p.add_argument("--quantization-exclude", action="append", default=None)
+    p.add_argument("--quantization-override", action="append", default=[])
     args = p.parse_args()
     rss = RssSampler().start()
     import torch
@@ -30,7 +32,8 @@ def main() -> None:
 
     llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, max_model_len=2048,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=False, quantization=args.quantization)
+              enable_prefix_caching=False, quantization=args.quantization,
+              quantization_exclude=args.quantization_exclude, quantization_overrides=args.quantization_override)
 
     def run(prompts: list[list[int]], n: int) -> int:
         outs = llm.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
@@ -62,20 +65,12 @@ def main() -> None:
     engine = llm.engine.core
     emit({
         "system": "tokenfab", "version": tokenfab.__version__, "workload": args.workload, "tokens": tokens,
-        "seconds": seconds, "peak_rss_mb": rss.stop(), "dtype": _weights_label(engine),
+        "seconds": seconds, "peak_rss_mb": rss.stop(), "dtype": str(engine.dtype).replace("torch.", ""),
         "torch": torch.__version__, "threads": args.threads, "notes": note,
         "weight_bytes": engine.model.weight_bytes_per_token(), "flops_per_token": engine.arch.flops_per_token(),
         "lm_head_flops_per_token": 2 * engine.arch.vocab_size * engine.arch.hidden_size,
-        "steps": engine.counters.steps,
+        "steps": engine.counters.steps, "quantization": engine.quantization_label,
     })
-
-
-def _weights_label(engine) -> str:
-    """What the linear weights are stored as (the activations' dtype when that differs)."""
-    formats = sorted({type(m.stored).name for m in engine.model.modules() if getattr(m, "stored", None) is not None})
-    act = str(engine.dtype).replace("torch.", "")
-    stored = "+".join(f for f in formats if f not in ("onednn", "dense"))
-    return f"{stored} weights, {act} compute" if stored else act
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Command line: `tokenfab serve`, `tokenfab generate` and `tokenfab convert`."""
+"""Command line: `tokenfab serve`, `generate`, `convert`, `quantize`, `eval` and `bench`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,25 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=_DEFAULTS["max_model_len"])
     p.add_argument("--kv-cache-memory-gb", type=float, default=_DEFAULTS["kv_cache_memory_gb"])
     p.add_argument("--threads", type=int, default=None)
+    _quantization_args(p)
+
+
+def _quantization_args(p: argparse.ArgumentParser) -> None:
+    from tokenfab.quant import WEIGHT_FORMATS
+
+    p.add_argument("--quantization", default="none", choices=list(WEIGHT_FORMATS),
+                   help="weight format of the linear layers, quantized at load from the float weights")
+    p.add_argument("--quantization-exclude", action="append", default=None, metavar="GLOB",
+                   help="layer names kept unquantized, e.g. lm_head or 'layers.0.*' (repeatable; default: the "
+                        "format's measured defaults, see tokenfab.quant.plan)")
+    p.add_argument("--quantization-override", action="append", default=[], metavar="GLOB=FORMAT",
+                   help="another format for matching layers, e.g. lm_head=int8 (repeatable)")
+
+
+def _quantization_options(args: argparse.Namespace) -> dict:
+    exclude = tuple(args.quantization_exclude) if args.quantization_exclude is not None else None
+    return dict(quantization=args.quantization, quantization_exclude=exclude,
+                quantization_overrides=tuple(args.quantization_override))
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -56,7 +75,8 @@ def _serve(args: argparse.Namespace) -> int:
     engine = EngineConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                           kv_cache_memory_gb=args.kv_cache_memory_gb, num_threads=args.threads,
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          enable_prefix_caching=args.enable_prefix_caching, pricing=pricing)
+                          enable_prefix_caching=args.enable_prefix_caching, pricing=pricing,
+                          **_quantization_options(args))
     name = args.served_model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else "gemma-3-270m")
     settings = ServerSettings(args.host, args.port, name, args.max_queued_requests, args.max_queued_tokens,
                               args.request_timeout, args.graceful_shutdown_timeout, args.request_log)
@@ -67,7 +87,7 @@ def _generate(args: argparse.Namespace) -> int:
     from tokenfab import LLM, SamplingParams
 
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-              kv_cache_memory_gb=args.kv_cache_memory_gb, num_threads=args.threads)
+              kv_cache_memory_gb=args.kv_cache_memory_gb, num_threads=args.threads, **_quantization_options(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop or [])
     prompt = args.prompt
@@ -98,6 +118,32 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from tokenfab.quant.export import quantize_checkpoint
+
+    exclude = tuple(args.quantization_exclude) if args.quantization_exclude is not None else None
+    out = quantize_checkpoint(None if args.model == "default" else args.model, args.out_dir, args.format,
+                              exclude, tuple(args.quantization_override), args.dtype)
+    print(out)
+    return 0
+
+
+def _add_quantize(sub) -> None:
+    from tokenfab.quant import QUANTIZED_FORMATS
+
+    q = sub.add_parser("quantize", help="write a quantized HF checkpoint (NVFP4 in NVIDIA ModelOpt's layout)")
+    q.add_argument("model", help="HF directory or .gguf file, or 'default' for the embedded Gemma 3 270M")
+    q.add_argument("out_dir")
+    q.add_argument("--format", required=True, choices=list(QUANTIZED_FORMATS))
+    q.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                   help="dtype of the float tensors, and of the weights before quantization")
+    q.add_argument("--quantization-exclude", action="append", default=None, metavar="GLOB",
+                   help="layer names kept in float (repeatable; default: lm_head)")
+    q.add_argument("--quantization-override", action="append", default=[], metavar="GLOB=FORMAT",
+                   help="another format for matching layers (written in tokenfab's layout)")
+    q.set_defaults(func=_quantize)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenfab", description="LLM inference built around cost per token")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("out_dir")
     conv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     conv.set_defaults(func=_convert)
+    _add_quantize(sub)
+    from tokenfab.evaluation.cli import add_parser as add_eval
+
+    add_eval(sub)
     return parser
 
 

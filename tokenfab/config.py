@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenfab.quant.plan import QuantPlan, build_plan
+
 ENV_VARS = {
     "TOKENFAB_CACHE_DIR": "where the default model is assembled and converted models are kept",
     "TOKENFAB_NUM_THREADS": "torch intra-op threads (default: all cores)",
@@ -56,7 +58,12 @@ class EngineConfig:
     """Give linear weights to a storage format (oneDNN-packed on CPU, or `quantization`); False keeps plain
     torch weights (a reference path for tests)."""
     quantization: str = "none"
-    """Weight format of the linear layers (tokenfab.quant.WEIGHT_FORMATS); none keeps the model dtype."""
+    """Weight format of the linear layers (tokenfab.quant.WEIGHT_FORMATS), quantized at load from the float
+    weights; none keeps the model dtype (a pre-quantized checkpoint's layers keep their own format)."""
+    quantization_exclude: tuple[str, ...] | None = None
+    """Layer-name globs kept unquantized; None takes the format's measured defaults (tokenfab.quant.plan)."""
+    quantization_overrides: tuple[str, ...] = ()
+    """`PATTERN=FORMAT` rules, e.g. `lm_head=int8`; checked before the exclusions."""
     pricing: PricingConfig = PricingConfig()
 
     def __post_init__(self) -> None:
@@ -71,6 +78,18 @@ class EngineConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        # Lists from Python callers become tuples, so the config stays hashable and frozen.
+        if self.quantization_exclude is not None:
+            object.__setattr__(self, "quantization_exclude", tuple(self.quantization_exclude))
+        object.__setattr__(self, "quantization_overrides", tuple(self.quantization_overrides))
+        plan = self.quant_plan  # validates format names and override syntax
+        if not self.pack_weights and (plan.default != "none" or plan.rules):
+            raise ValueError("quantization needs pack_weights=True")
+
+    @property
+    def quant_plan(self) -> QuantPlan:
+        """The weight format of every linear layer."""
+        return build_plan(self.quantization, self.quantization_exclude, self.quantization_overrides)
 
     @property
     def torch_device(self) -> torch.device:
@@ -87,16 +106,22 @@ class EngineConfig:
             return torch.bfloat16
         return torch.bfloat16 if _cpu_computes_bf16() else torch.float32
 
-    def resolve_weights(self) -> tuple[torch.dtype, str | None]:
-        """(activation and KV dtype, linear weight format or None for plain torch weights).
+    def resolve_weights(self) -> tuple[torch.dtype, QuantPlan | None]:
+        """(activation and KV dtype, the linear layers' weight plan or None for plain torch weights).
 
         bfloat16 on a CPU without bf16 arithmetic means bf16 storage with fp32 compute: the bytes are halved and
-        nothing runs through torch's slow emulated bf16 paths."""
+        nothing runs through torch's slow emulated bf16 paths; layers the plan leaves unquantized become bf16."""
         dtype = self.resolve_dtype()
-        fmt = self.quantization if self.pack_weights else None
-        if dtype == torch.bfloat16 and self.torch_device.type == "cpu" and fmt == "none" and not _cpu_computes_bf16():
-            return torch.float32, "bf16"
-        return dtype, fmt
+        if not self.pack_weights:
+            return dtype, None
+        plan = self.quant_plan
+        if dtype == torch.bfloat16 and self.torch_device.type == "cpu" and not _cpu_computes_bf16():
+            def bf16(fmt: str) -> str:
+                return "bf16" if fmt == "none" else fmt
+
+            plan = QuantPlan(bf16(plan.default), tuple((p, bf16(f)) for p, f in plan.rules))
+            return torch.float32, plan
+        return dtype, plan
 
 
 def _cpu_computes_bf16() -> bool:

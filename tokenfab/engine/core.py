@@ -46,9 +46,9 @@ class EngineCore:
         self.source: ModelSource = resolve_model(config.model)
         arch = self.arch = self.source.arch
         self.max_model_len = min(config.max_model_len, arch.max_position_embeddings)
-        self.dtype, weight_format = config.resolve_weights()
+        self.dtype, weight_plan = config.resolve_weights()
         device = config.torch_device
-        self.model = load_model(self.source, self.dtype, device, self.max_model_len, weight_format)
+        self.model = load_model(self.source, self.dtype, device, self.max_model_len, weight_plan)
         groups = [KVGroupSpec(w, tuple(layers)) for w, layers in arch.window_groups.items()]
         blocks = plan_kv_blocks(config, arch, groups, self.dtype, self.max_model_len)
         self.cache = KVCache(groups, blocks, config.block_size, arch.num_kv_heads, arch.head_dim, self.dtype, device)
@@ -61,6 +61,13 @@ class EngineCore:
         self._costs: dict[str, RequestCost] = {}
         self._back_to_back = False
         """Whether work was left when the last step ended (the next step's cost then starts where it ended)."""
+
+    @property
+    def quantization_label(self) -> str:
+        """What the linear layers are stored as, e.g. `int4 (lm_head: int8)` or `checkpoint nvfp4; none`."""
+        label = self.config.quant_plan.label
+        stored = self.source.quantization
+        return f"checkpoint {stored.format}; {label}" if stored is not None else label
 
     # -- requests -----------------------------------------------------------------------------------------------
 

@@ -33,14 +33,19 @@ def convert_gguf_to_hf(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = read_gguf_config(gguf_path)
-    tokenizer, info = read_gguf_tokenizer(gguf_path)
     _write_weights(gguf_path, out / "model.safetensors", DTYPES[dtype])
     _write_json(out / "config.json", {**config, "torch_dtype": dtype})
+    write_tokenizer_files(gguf_path, out, config)
+    return out
+
+
+def write_tokenizer_files(gguf_path: str | os.PathLike[str], out: Path, config: dict[str, Any]) -> None:
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json and generation_config.json of a GGUF."""
+    tokenizer, info = read_gguf_tokenizer(gguf_path)
     tokenizer.save(str(out / "tokenizer.json"))
     _write_json(out / "tokenizer_config.json", tokenizer_config(config, info))
     _write_json(out / "special_tokens_map.json", special_tokens_map(info))
     _write_json(out / "generation_config.json", generation_config(info))
-    return out
 
 
 def _write_weights(gguf_path: str | os.PathLike[str], target: Path, dtype: torch.dtype) -> None:

@@ -6,7 +6,7 @@ the scoped forward context. Weights arrive with HF names and are fused (QKV, gat
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -14,14 +14,9 @@ from torch import nn
 from tokenfab.attention.backend import current_forward_context
 from tokenfab.kernels import cpu as kernels
 from tokenfab.models.arch import ArchConfig
-from tokenfab.models.layers import (
-    Linear,
-    RMSNorm,
-    RotaryEmbedding,
-    apply_rotary,
-    gated_activation,
-)
-from tokenfab.quant import build_weight
+from tokenfab.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, gated_activation
+from tokenfab.quant import QUANTIZED_FORMATS, LinearWeight, build_weight
+from tokenfab.quant.plan import QuantPlan
 from tokenfab.quant.bf16 import BF16Weight
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -129,22 +124,36 @@ class DecoderModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load HF-named tensors, fusing q/k/v and gate/up; fails loudly on anything missing or unknown."""
-        load_hf_weights(self, weights)
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                     stored: Callable[[], Mapping[str, LinearWeight]] | None = None) -> None:
+        """Load HF-named tensors, fusing q/k/v and gate/up; fails loudly on anything missing or unknown.
+        `stored` gives, once `weights` is exhausted, the projections a quantized checkpoint holds in a weight
+        format, by HF module name (see tokenfab.quant.checkpoint)."""
+        load_hf_weights(self, weights, stored)
 
-    def prepare_weights(self, fmt: str) -> None:
-        """Hand every linear's loaded weight to the storage format `fmt` (see tokenfab.quant)."""
-        for module in self.modules():
+    def prepare_weights(self, plan: str | QuantPlan) -> None:
+        """Hand every linear's loaded weight to its storage format (see tokenfab.quant); layers a quantized
+        checkpoint already stored are left as they are."""
+        plan = QuantPlan(plan) if isinstance(plan, str) else plan
+        for name, module in self.named_modules():
             if isinstance(module, Linear) and module.stored is None:
                 tied = module is self.lm_head and self.arch.tie_word_embeddings
-                stored = build_weight(fmt, module.weight.data)
+                stored = self._build_weight(name, module.weight.data, plan.format_for(name))
                 module.use(stored, keep_plain=tied and not isinstance(stored, BF16Weight))
-        if fmt == "bf16":
-            # The lookup reads a bf16 table too (the LM head's own when tied) and widens the rows it takes.
-            head = self.lm_head.stored
-            table = head.weight if self.arch.tie_word_embeddings else self.embed_tokens.weight.data.bfloat16()
-            self.embed_tokens.weight = nn.Parameter(table, requires_grad=False)
+        # bf16 storage: the lookup reads a bf16 table too (the LM head's own when tied) and widens its rows.
+        if isinstance(self.lm_head.stored, BF16Weight) and self.arch.tie_word_embeddings:
+            self.embed_tokens.weight = nn.Parameter(self.lm_head.stored.weight, requires_grad=False)
+        elif plan.default == "bf16":
+            self.embed_tokens.weight = nn.Parameter(self.embed_tokens.weight.data.bfloat16(), requires_grad=False)
+
+    def _build_weight(self, name: str, weight: torch.Tensor, fmt: str) -> LinearWeight:
+        """Fused layers are quantized projection by projection, as a checkpoint stores them (NVFP4's per-tensor
+        scale is then each projection's own), and the parts joined row-wise."""
+        cls = QUANTIZED_FORMATS.get(fmt)
+        fused = name.rpartition(".")[2]
+        if cls is None or fused not in ("qkv_proj", "gate_up_proj") or not cls.supports(tuple(weight.shape)):
+            return build_weight(fmt, weight)
+        return cls.cat_rows([cls.quantize(part) for part in weight.split(_shard_sizes(self, fused))])
 
     def weight_bytes_per_token(self) -> int:
         """Weight bytes a single-token forward reads (the embedding row lookup aside)."""
@@ -183,7 +192,20 @@ def _shard_sizes(model: DecoderModel, fused: str) -> list[int]:
     return [a.q_size, a.kv_size, a.kv_size] if fused.startswith("qkv") else [a.intermediate_size] * 2
 
 
-def load_hf_weights(model: DecoderModel, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+def linear_layer_name(hf_name: str) -> str | None:
+    """The engine's Linear module an HF weight name belongs to (`model.layers.0.self_attn.k_proj.weight` ->
+    `layers.0.self_attn.qkv_proj`), or None for anything that is not a linear layer's weight."""
+    name = hf_name.removeprefix("model.language_model.").removeprefix("language_model.model.").removeprefix("model.")
+    parts = name.removeprefix("language_model.").split(".")
+    if parts == ["lm_head", "weight"]:
+        return "lm_head"
+    if len(parts) != 5 or parts[0] != "layers" or parts[4] != "weight" or not parts[3].endswith("_proj"):
+        return None
+    return ".".join(parts[:3] + [_FUSED.get(parts[3], (parts[3],))[0]])
+
+
+def load_hf_weights(model: DecoderModel, weights: Iterable[tuple[str, torch.Tensor]],
+                    stored: Callable[[], Mapping[str, LinearWeight]] | None = None) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     for hf_name, tensor in weights:
@@ -205,7 +227,36 @@ def load_hf_weights(model: DecoderModel, weights: Iterable[tuple[str, torch.Tens
             tensor = tensor.float() + 1.0
         target.copy_(tensor)
         loaded.add(f"{name}#{shard}" if shard is not None else name)
+    if stored is not None:
+        loaded |= _install_stored(model, stored())
     _check_complete(model, params, loaded)
+
+
+def _install_stored(model: DecoderModel, stored: Mapping[str, LinearWeight]) -> set[str]:
+    """Give each Linear its checkpoint-stored weight, fusing shards row-wise (exact for every format);
+    returns the parameter names (with shard markers) now accounted for."""
+    fused: dict[str, dict[int | None, LinearWeight]] = {}
+    for module, weight in stored.items():
+        name, shard = _target_name(model, module + ".weight")
+        fused.setdefault(name, {})[shard] = weight
+    loaded: set[str] = set()
+    for name, shards in fused.items():
+        linear = model.get_submodule(name.removesuffix(".weight")) if name.endswith(".weight") else None
+        if not isinstance(linear, Linear):
+            raise ValueError(f"quantized tensors for {name!r}, which is not a linear layer")
+        if None in shards:
+            weight, keys = shards[None], {name}
+        else:
+            count = len(_shard_sizes(model, name.split(".")[-2]))
+            parts = [shards.get(i) for i in range(count)]
+            kinds = {type(p) for p in parts}
+            if None in parts or len(kinds) != 1:
+                raise ValueError(f"{name}: fused projections must all be quantized in one format")
+            weight, keys = kinds.pop().cat_rows(parts), {f"{name}#{i}" for i in range(count)}
+        tied = linear is model.lm_head and model.arch.tie_word_embeddings
+        linear.use(weight, keep_plain=tied)
+        loaded |= keys
+    return loaded
 
 
 def _check_complete(model: DecoderModel, params: dict[str, nn.Parameter], loaded: set[str]) -> None:

@@ -13,6 +13,8 @@ from safetensors import safe_open
 
 from tokenfab.models.arch import ArchConfig, arch_from_hf_config
 from tokenfab.models.decoder import DecoderModel
+from tokenfab.quant.checkpoint import CheckpointQuantization, QuantizedTensorSplitter, detect_quantization
+from tokenfab.quant.plan import QuantPlan
 from tokenfab.tokenizer import Tokenizer, load_gguf_tokenizer, load_hf_tokenizer
 
 
@@ -21,6 +23,8 @@ class ModelSource:
     path: Path
     hf_config: dict[str, Any]
     arch: ArchConfig
+    quantization: CheckpointQuantization | None = None
+    """How a pre-quantized checkpoint stores its linear layers (None: float weights)."""
 
     @property
     def is_gguf(self) -> bool:
@@ -42,7 +46,7 @@ def resolve_model(model: str | None) -> ModelSource:
         cfg = read_gguf_config(path)
     else:
         cfg = json.loads((path / "config.json").read_text())
-    return ModelSource(path, cfg, arch_from_hf_config(cfg))
+    return ModelSource(path, cfg, arch_from_hf_config(cfg), detect_quantization(path, cfg))
 
 
 def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
@@ -67,8 +71,9 @@ def load_tokenizer(source: ModelSource) -> Tokenizer:
 
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_positions: int,
-               weight_format: str | None = "none") -> DecoderModel:
-    """weight_format: a tokenfab.quant format for the linear layers, or None to keep plain torch weights."""
+               weight_format: str | QuantPlan | None = "none") -> DecoderModel:
+    """weight_format: a tokenfab.quant format (or a per-layer plan) for the linear layers, or None to keep plain
+    torch weights. Layers a quantized checkpoint stores keep the checkpoint's format either way."""
     with torch.device("meta"):
         model = DecoderModel(source.arch, max_positions)
     model = model.to_empty(device=device)
@@ -77,7 +82,12 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, ma
         model.lm_head.weight = model.embed_tokens.weight
     with torch.device(device):
         model.build_rope(max_positions)
-    model.load_weights(iter_weights(source))
+    weights = iter_weights(source)
+    stored = None
+    if source.quantization is not None:
+        splitter = QuantizedTensorSplitter(source.quantization, device)
+        weights, stored = splitter.plain(weights), splitter.built
+    model.load_weights(weights, stored)
     model = model.to(dtype)
     if weight_format is not None:
         model.prepare_weights(weight_format)

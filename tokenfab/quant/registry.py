@@ -6,13 +6,13 @@ from collections.abc import Callable
 
 import torch
 
-from tokenfab.quant.base import LinearWeight
+from tokenfab.quant.base import LinearWeight, QuantizedWeight
 from tokenfab.quant.bf16 import BF16Weight
-from tokenfab.quant.dense import (
-    DenseWeight,
-    OneDNNPackedWeight,
-    onednn_packing_supported,
-)
+from tokenfab.quant.dense import DenseWeight, OneDNNPackedWeight, onednn_packing_supported
+from tokenfab.quant.fp8 import FP8Weight
+from tokenfab.quant.int4 import Int4Weight
+from tokenfab.quant.int8 import Int8Weight
+from tokenfab.quant.nvfp4 import NVFP4Weight
 
 
 def _dense(weight: torch.Tensor) -> LinearWeight:
@@ -21,9 +21,26 @@ def _dense(weight: torch.Tensor) -> LinearWeight:
     return DenseWeight(weight)
 
 
+QUANTIZED_FORMATS: dict[str, type[QuantizedWeight]] = {
+    "nvfp4": NVFP4Weight,
+    "fp8": FP8Weight,
+    "int8": Int8Weight,
+    "int4": Int4Weight,
+}
+
+
+def _quantized(cls: type[QuantizedWeight]) -> Callable[[torch.Tensor], LinearWeight]:
+    def build(weight: torch.Tensor) -> LinearWeight:
+        # A shape the format cannot block (e.g. in_features not a multiple of the group) stays dense.
+        return cls.quantize(weight) if cls.supports(tuple(weight.shape)) else _dense(weight)
+
+    return build
+
+
 WEIGHT_FORMATS: dict[str, Callable[[torch.Tensor], LinearWeight]] = {
     "none": _dense,
     "bf16": BF16Weight.quantize,
+    **{name: _quantized(cls) for name, cls in QUANTIZED_FORMATS.items()},
 }
 """Builders from a float weight [out, in] (already in the model's dtype, on its device)."""
 

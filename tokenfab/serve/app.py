@@ -57,7 +57,9 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     async def models() -> dict:
         return {"object": "list", "data": [{"id": state.settings.served_model_name, "object": "model",
                                             "created": int(state.started), "owned_by": "tokenfab",
-                                            "max_model_len": state.info.max_model_len}]}
+                                            "max_model_len": state.info.max_model_len,
+                                            "quantization": state.info.quantization,
+                                            "weight_bytes": state.info.weight_bytes}]}
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def create_completion(body: CompletionRequest, request: Request):

@@ -81,4 +81,5 @@ def _info(core: EngineCore) -> CoreInfo:
         kv_capacity_tokens=core.kv.capacity_tokens(), max_num_seqs=core.config.max_num_seqs,
         max_num_batched_tokens=core.config.max_num_batched_tokens, dtype=str(core.dtype).replace("torch.", ""),
         energy_source=core.meter.energy_source, meter=core.meter.meter_name,
-        usd_per_hour=prices.usd_per_second * 3600, usd_per_kwh=prices.usd_per_kwh)
+        usd_per_hour=prices.usd_per_second * 3600, usd_per_kwh=prices.usd_per_kwh,
+        quantization=core.quantization_label, weight_bytes=core.model.weight_bytes_per_token())

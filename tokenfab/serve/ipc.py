@@ -37,6 +37,10 @@ class CoreInfo(msgspec.Struct):
     meter: str
     usd_per_hour: float
     usd_per_kwh: float
+    quantization: str = "none"
+    """Weight formats of the linear layers (a plan label, with a quantized checkpoint's own format)."""
+    weight_bytes: int = 0
+    """Weight bytes a single-token forward reads."""
 
 
 class Ready(msgspec.Struct, tag=True):

@@ -198,6 +198,10 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "tokenfab"
     max_model_len: int
+    quantization: str = "none"
+    """Weight formats of the linear layers."""
+    weight_bytes: int = 0
+    """Weight bytes one decode step reads."""
 
 
 class ModelList(BaseModel):

@@ -40,6 +40,8 @@ def add_parser(sub) -> None:
     lad.add_argument("--turns", type=int, default=4)
     lad.add_argument("--isl", type=int, default=128, help="tool output tokens per turn")
     lad.add_argument("--osl", type=int, default=32, help="reply tokens per turn")
+    lad.add_argument("--quantization", default="int4", choices=["none", "fp8", "int8", "int4", "nvfp4"],
+                     help="weight format of the last rung, on top of prefix caching ('none': no such rung)")
     lad.set_defaults(func=_ladder, slo_ttft=5.0, slo_tpot=0.25)
 
 

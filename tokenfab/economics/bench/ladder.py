@@ -32,13 +32,17 @@ class Rung:
     """None: the ladder's concurrency list."""
 
 
-def rungs(concurrencies: tuple[int, ...]) -> list[Rung]:
+def rungs(concurrencies: tuple[int, ...], quantization: str = "none") -> list[Rung]:
+    """quantization: the weight format of the last rung ('none' leaves that rung out)."""
     top = max(concurrencies)
-    return [
+    out = [
         Rung("naive: one request at a time, no prefix cache", ("--no-enable-prefix-caching",), 1, (1,)),
         Rung("+ continuous batching", ("--no-enable-prefix-caching",), top),
         Rung("+ prefix caching", ("--enable-prefix-caching",), top),
     ]
+    if quantization != "none":
+        out.append(Rung(f"+ {quantization} weights", ("--enable-prefix-caching", "--quantization", quantization), top))
+    return out
 
 
 def ladder_rows(entries: list[tuple[Rung, dict]], price_per_hour: float) -> list[dict]:
@@ -67,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
     doc["kind"] = "tokenfab-bench-ladder"
     out = args.out / "ladder.json"
     entries: list[tuple[Rung, dict]] = []
-    for rung in rungs(concurrencies):
+    for rung in rungs(concurrencies, args.quantization):
         rung_config = config if rung.concurrencies is None else replace(config, points=list(rung.concurrencies))
         port = free_port()
         extra = list(rung.flags) + (["--model", args.model] if args.model else [])

@@ -1,0 +1,1 @@
+"""Accuracy of weight formats: perplexity, KL divergence and greedy agreement against a reference model."""
