@@ -6,7 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenfab.quant import QUANTIZED_FORMATS, FP8Weight, Int4Weight, Int8Weight, NVFP4Weight, build_weight
+from tokenfab.kernels import cpu as kernels
+from tokenfab.quant import (
+    QUANTIZED_FORMATS,
+    FP8Weight,
+    Int4Weight,
+    Int8Weight,
+    NVFP4Weight,
+    build_weight,
+)
 from tokenfab.quant.dense import DenseWeight, OneDNNPackedWeight
 from tokenfab.quant.nibbles import pack_nibbles, unpack_nibbles
 from tokenfab.quant.nvfp4 import block_scales, e2m1_codes, tensor_scale
@@ -193,11 +201,17 @@ def test_dequantize_error_within_the_format_bound(cls):
         assert (err <= step * (1 + 1e-6)).all()  # half the widest gap (4 -> 6) or the 6.375 -> 6 saturation
 
 
+INT8_ACTIVATIONS = {"nvfp4", "int4", "int8"}
+"""Formats whose CPU kernels quantize activations to int8 (tokenfab.quant.cpu_linear)."""
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("cls", FORMATS, ids=lambda c: c.name)
 def test_matmul_equals_linear_over_the_dequantized_weight(cls, dtype, tol, monkeypatch):
     """Tolerance relative to max |y|: fp32 1e-5 (summation order, scale applied after the dot for int8/fp8);
-    bf16 2e-2 (bf16 rounding of the weight and the output)."""
+    bf16 2e-2 (bf16 rounding of the weight and the output). On CPU with the kernels, nvfp4/int4/int8 run with
+    activations rounded to int8 per 32 columns (W4A8/W8A8): checked against the same rounding of x at 1e-3
+    (float scale products), and the dequantize-then-linear reference they fall back to at the float tolerance."""
     import tokenfab.quant.base as base
     import tokenfab.quant.int8 as int8
 
@@ -211,6 +225,11 @@ def test_matmul_equals_linear_over_the_dequantized_weight(cls, dtype, tol, monke
         y = q.matmul(x)
         ref = F.linear(x.double(), q.dequantize().double())
         assert y.dtype == dtype and y.shape == (rows, 300)
+        if cls.name in INT8_ACTIVATIONS and kernels.available():
+            fallback = base.dequantized_linear(x, q) if cls.name != "int8" else int8.scaled_rows_linear(x, q.qweight, q.scale)
+            assert (fallback.double() - ref).abs().max() <= tol * ref.abs().max()
+            ref = F.linear(kernels.quantize_rows_q8(x.float()).double(), q.dequantize().double())
+            tol = max(tol, 1e-3)
         assert (y.double() - ref).abs().max() <= tol * ref.abs().max()
 
 

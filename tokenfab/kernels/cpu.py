@@ -28,6 +28,10 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+def _opt(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 def _prepare(x: torch.Tensor, K: int) -> tuple[torch.Tensor, int, torch.Tensor]:
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} features, weight expects {K}")
@@ -66,19 +70,19 @@ def linear_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.T
     return _finish(x, y, N)
 
 
-def linear_lut4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int, rows: torch.Tensor,
+def linear_lut4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int, rows: torch.Tensor | None,
                 lut: torch.Tensor, lut_mult: float) -> torch.Tensor:
-    """packed uint8 [N, K/2] (even column in the low nibble); scales float16 [N, K/group]; rows float32 [N];
+    """packed uint8 [N, K/2] (even column in the low nibble); scales float16 [N, K/group]; rows float32 [N] or None;
     lut int8 [16] code -> value / lut_mult."""
     N, K = packed.shape[0], packed.shape[1] * 2
     x2, M, _ = _prepare(x, K)
     y = torch.empty(M, N, dtype=torch.float32)
-    load_library().tf_linear_lut4(_ptr(x2), _ptr(packed), _ptr(scales), group, _ptr(rows), _ptr(lut), lut_mult,
+    load_library().tf_linear_lut4(_ptr(x2), _ptr(packed), _ptr(scales), group, _opt(rows), _ptr(lut), lut_mult,
                                   _ptr(y), M, N, K, torch.get_num_threads())
     return _finish(x, y, N)
 
 
-def linear_lut4_q8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int, rows: torch.Tensor,
+def linear_lut4_q8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int, rows: torch.Tensor | None,
                    lut: torch.Tensor, lut_mult: float) -> torch.Tensor:
     """linear_lut4 with x quantized to int8 per 32 columns (W4A8, exact int32 dot products); K % 32 == 0 and
     group in (16, 32). Scales are float16, or (group 16) float8_e4m3fn as NVFP4 stores them."""
@@ -91,7 +95,7 @@ def linear_lut4_q8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
     x2, M, _ = _prepare(x, K)
     y = torch.empty(M, N, dtype=torch.float32)
     mult = lut_mult * 256.0 if fp8 else lut_mult  # the kernel's fp8 -> fp16 widening leaves values 2^-8 small
-    load_library().tf_linear_lut4_q8(_ptr(x2), _ptr(packed), _ptr(scales), group, int(fp8), _ptr(rows), _ptr(lut),
+    load_library().tf_linear_lut4_q8(_ptr(x2), _ptr(packed), _ptr(scales), group, int(fp8), _opt(rows), _ptr(lut),
                                      mult, _ptr(y), M, N, K, torch.get_num_threads())
     return _finish(x, y, N)
 

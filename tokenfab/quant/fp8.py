@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from tokenfab.quant import cpu_linear
 from tokenfab.quant.base import QuantizedWeight, tensor_bytes
 from tokenfab.quant.int8 import scaled_rows_linear
 
@@ -48,6 +49,8 @@ class FP8Weight(QuantizedWeight):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and fp8_gemm_supported(x.device):
             return fp8_scaled_mm(x, self.qweight, self.scale)
+        if (y := cpu_linear.fp8(x, self)) is not None:
+            return y
         return scaled_rows_linear(x, self.qweight, self.scale)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from tokenfab.quant.base import QuantizedWeight, dequantized_linear, row_chunks, tensor_bytes
+from tokenfab.quant import cpu_linear
+from tokenfab.quant.base import (
+    QuantizedWeight,
+    dequantized_linear,
+    row_chunks,
+    tensor_bytes,
+)
 from tokenfab.quant.nibbles import byte_table, decode_bytes, pack_nibbles
 
 GROUP_SIZE = 32
@@ -95,6 +101,8 @@ class Int4Weight(QuantizedWeight):
 
             if triton_gemm.available():
                 return triton_gemm.int4_matmul(x, self)
+        elif (y := cpu_linear.int4(x, self)) is not None:
+            return y
         return dequantized_linear(x, self)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:

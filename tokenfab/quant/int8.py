@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tokenfab.quant import cpu_linear
 from tokenfab.quant.base import QuantizedWeight, tensor_bytes
 
 
@@ -40,6 +41,8 @@ class Int8Weight(QuantizedWeight):
         return (self.qweight[start:end].float() * self.scale[start:end, None]).to(dtype)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if (y := cpu_linear.int8(x, self)) is not None:
+            return y
         return scaled_rows_linear(x, self.qweight, self.scale)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:

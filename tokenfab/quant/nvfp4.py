@@ -16,8 +16,19 @@ from __future__ import annotations
 
 import torch
 
-from tokenfab.quant.base import QuantizedWeight, dequantized_linear, row_chunks, tensor_bytes
-from tokenfab.quant.nibbles import byte_table, decode_bytes, pack_nibbles, unpack_nibbles
+from tokenfab.quant import cpu_linear
+from tokenfab.quant.base import (
+    QuantizedWeight,
+    dequantized_linear,
+    row_chunks,
+    tensor_bytes,
+)
+from tokenfab.quant.nibbles import (
+    byte_table,
+    decode_bytes,
+    pack_nibbles,
+    unpack_nibbles,
+)
 
 BLOCK = 16
 E2M1_MAX = 6.0
@@ -123,6 +134,8 @@ class NVFP4Weight(QuantizedWeight):
                 return native_fp4.nvfp4_scaled_mm(x, self)
             if triton_gemm.available():
                 return triton_gemm.nvfp4_matmul(x, self)
+        elif (y := cpu_linear.nvfp4(x, self)) is not None:
+            return y
         return dequantized_linear(x, self)
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:

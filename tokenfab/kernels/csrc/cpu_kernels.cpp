@@ -66,7 +66,7 @@ struct FP8 {
 
 // Two 4-bit codes per byte, even column in the low nibble; a 16-entry int8 table gives each code's value
 // (exact small integers: int4 -8..7, NVFP4's E2M1 doubled), an fp16 scale per group of columns, a float
-// per row (NVFP4's per-tensor scale, the table's multiplier).
+// per row (NVFP4's per-tensor scale; rows may be null for none) times the table's multiplier.
 struct LUT4 {
   static constexpr int STEP = 16;
   const uint8_t* packed;
@@ -84,7 +84,7 @@ struct LUT4 {
     out[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s);
     out[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), s);
   }
-  inline float row_scale(int64_t n) const { return rows[n] * lut_mult; }
+  inline float row_scale(int64_t n) const { return (rows != nullptr ? rows[n] : 1.0f) * lut_mult; }
 };
 
 // Rows [m0, m0+MB) of x against weight rows [n0, n0+NBK), decoding weights on the fly.
@@ -261,7 +261,7 @@ struct Lut4Int {
       scale = _mm256_set1_ps(_cvtsh_ss(scales[(n * K + j * 32) / group]));
     }
   }
-  inline float row_scale(int64_t n) const { return rows[n] * lut_mult; }
+  inline float row_scale(int64_t n) const { return (rows != nullptr ? rows[n] : 1.0f) * lut_mult; }
 };
 
 struct I8Int {
