@@ -13,6 +13,8 @@ ENV_VARS = {
     "TOKENFAB_CACHE_DIR": "where the default model is assembled and converted models are kept",
     "TOKENFAB_NUM_THREADS": "torch intra-op threads (default: all cores)",
     "OMP_WAIT_POLICY": "set to PASSIVE on import unless given (spinning workers collapse under contention)",
+    "TOKENFAB_DISABLE_CPU_KERNELS": "set to skip building/loading the C++ CPU kernels (torch paths only)",
+    "CXX": "C++ compiler for the CPU kernels (default: g++ or c++ on PATH)",
 }
 
 
