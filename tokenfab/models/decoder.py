@@ -6,7 +6,7 @@ the scoped forward context. Weights arrive with HF names and are fused (QKV, gat
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -111,8 +111,9 @@ class DecoderModel(nn.Module):
         return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load HF-named tensors, fusing q/k/v and gate/up; fails loudly on anything missing or unknown."""
-        load_hf_weights(self, weights)
+        """Load HF-named tensors, fusing q/k/v and gate/up; fails loudly on anything missing or unknown. MTP
+        modules, stored as the layers after the decoder's, are left to speculative decoding."""
+        load_hf_weights(self, weights, keep=lambda name: (layer_index(name) or 0) < self.arch.num_layers)
 
     def pack_for_cpu(self) -> None:
         for module in self.modules():
@@ -151,18 +152,28 @@ def _target_name(model: DecoderModel, name: str) -> tuple[str, int | None]:
     return name.removeprefix("language_model."), None
 
 
+def layer_index(name: str) -> int | None:
+    """The layer number of a mapped parameter name (layers.<i>.…), else None."""
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit() else None
+
+
 def _shard_sizes(model: DecoderModel, fused: str) -> list[int]:
     a = model.arch
     return [a.q_size, a.kv_size, a.kv_size] if fused.startswith("qkv") else [a.intermediate_size] * 2
 
 
-def load_hf_weights(model: DecoderModel, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+def load_hf_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                    keep: Callable[[str], bool] = lambda name: True) -> None:
+    """Copy HF-named tensors into `model` (which has an `arch`); mapped names that `keep` refuses are skipped."""
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     for hf_name, tensor in weights:
         if "rotary_emb" in hf_name:
             continue
         name, shard = _target_name(model, hf_name)
+        if not keep(name):
+            continue
         if name == "lm_head.weight" and model.arch.tie_word_embeddings:
             continue
         if name not in params:
