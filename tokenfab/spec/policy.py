@@ -47,7 +47,7 @@ class StepShape:
 class CostModel:
     """Online ridge regression of step seconds on StepShape, pulled toward a prior, forgetting old steps."""
 
-    def __init__(self, prior: tuple[float, float, float, float], prior_weight: float = 4.0,
+    def __init__(self, prior: tuple[float, float, float, float], prior_weight: float = 1.0,
                  decay: float = 0.98) -> None:
         self.prior = np.asarray(prior, dtype=float)
         typical = np.array([1.0, 32.0, 8.0, 2.0])
@@ -90,7 +90,7 @@ class PolicyConfig:
     adaptive: bool = True
     ema: float = 0.8
     """Weight kept by a request's acceptance estimate per verified step."""
-    prior_trials: float = 2.0
+    prior_trials: float = 1.0
     """How many trials the engine-wide estimate counts for in a request's estimate."""
     probe_interval: int = 32
     probe_alpha: float = 0.9
