@@ -50,9 +50,6 @@ class DraftModelProposer(Proposer):
     def build(cls, config: EngineConfig, target) -> DraftModelProposer:
         source = resolve_model(config.speculative.draft_model)
         arch = source.arch
-        if arch.vocab_size != target.model.arch.vocab_size:
-            raise ValueError(f"the draft model's vocabulary ({arch.vocab_size}) differs from the target's "
-                             f"({target.model.arch.vocab_size}); a draft must share the target's tokenizer")
         max_len = min(target.max_model_len, arch.max_position_embeddings)
         model = load_model(source, target.dtype, target.device, max_len, config.pack_weights)
         groups = [KVGroupSpec(w, tuple(layers)) for w, layers in arch.window_groups.items()]

@@ -109,9 +109,6 @@ class MTPProposer(Proposer):
     def build(cls, config: EngineConfig, target) -> MTPProposer:
         arch = target.model.arch
         n = arch.num_mtp_layers
-        if n == 0:
-            raise ValueError(f"{target.source.path} ships no MTP modules (num_nextn_predict_layers); use "
-                             "--speculative ngram or draft:<model>")
         g = next((i for i, spec in enumerate(target.groups) if spec.window is None), 0)
         window = target.groups[g].window
         ext = dataclasses.replace(arch, num_layers=arch.num_layers + n, layer_windows=arch.layer_windows + (window,) * n)

@@ -17,7 +17,7 @@ from tokenfab.config import EngineConfig
 from tokenfab.engine.kv_cache_manager import KVCacheManager
 from tokenfab.engine.types import Request, ScheduledRequest
 from tokenfab.models.decoder import DecoderModel
-from tokenfab.models.loading import ModelSource
+from tokenfab.models.loading import ModelSource, resolve_model
 from tokenfab.spec.policy import AdaptivePolicy, Candidate, CostModel, PolicyConfig, StepShape
 from tokenfab.spec.proposer import Proposer, StepView
 
@@ -132,8 +132,22 @@ def build_speculator(config: EngineConfig, target: TargetParts) -> Speculator | 
     return Speculator(proposer, policy, spec.num_speculative_tokens, target.max_model_len)
 
 
+def check_speculative(config: EngineConfig, source: ModelSource) -> None:
+    """Refuse a speculative method the model cannot use, before anything is loaded (ValueError says why)."""
+    spec = config.speculative
+    if spec.method == "mtp" and source.arch.num_mtp_layers == 0:
+        raise ValueError(f"{source.path} ships no MTP modules (num_nextn_predict_layers); use --speculative ngram "
+                         "or draft:<model>")
+    if spec.method == "draft":
+        draft = resolve_model(spec.draft_model)
+        if draft.arch.vocab_size != source.arch.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({draft.arch.vocab_size}) differs from the target's "
+                             f"({source.arch.vocab_size}); a draft must share the target's tokenizer")
+
+
 def _build_proposer(config: EngineConfig, target: TargetParts) -> Proposer:
     spec = config.speculative
+    check_speculative(config, target.source)
     if spec.method == "ngram":
         from tokenfab.spec.ngram import NgramProposer
 
