@@ -72,3 +72,35 @@ def test_generate_with_speculation_and_bad_options(model_path):
                          (["--speculative", "ngram", "--num-speculative-tokens", "0"], "num_speculative_tokens")]:
         proc = run_cli("serve", *common, *bad)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_the_meter_sends_sampling_fields_and_reads_the_spec_counters(server, model_path):
+    import asyncio
+
+    import httpx
+
+    from tokenfab.economics.bench.client import stream_completion
+    from tokenfab.economics.bench.scrape import scrape
+
+    async def go():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            record, text = await stream_completion(client, "tiny", PROMPTS[0], 0, 24,
+                                                   sampling={"temperature": 0.8, "top_p": 0.9, "seed": 11})
+            return record, text, await scrape(client)
+
+    record, text, counters = asyncio.run(go())
+    plain = LLM(str(model_path), num_threads=1, kv_cache_memory_gb=0.05)
+    params = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
+    assert text == plain.generate(PROMPTS[0], params)[0].outputs[0].text  # seeded: the same tokens as without drafts
+    assert record.output_tokens == 24
+    assert counters["tokenfab:spec_proposed_tokens_total"] > 0
+
+
+def test_the_ladder_has_a_speculation_rung_with_valid_flags():
+    from tokenfab.cli import _speculative, build_parser
+    from tokenfab.economics.bench.ladder import rungs
+
+    rung = rungs((1, 4))[-1]
+    assert "speculative" in rung.name
+    args = build_parser().parse_args(["serve", *rung.flags])
+    assert _speculative(args).method == "ngram" and args.enable_prefix_caching

@@ -153,7 +153,9 @@ class AdaptivePolicy:
         alphas = [self.alpha(c.request_id) for c in candidates]
         best, best_rate = None, -1.0
         rates: dict[int, float] = {}
-        for cap in range(self.config.max_k + 1):
+        top = self.config.max_k
+        # Only caps where the proposer's pass count steps up matter (n-gram lookup: 0 and the largest).
+        for cap in [c for c in range(top + 1) if c == top or rounds(c) != rounds(c + 1)]:
             choice = self._dinkelbach(candidates, alphas, base, cap, pass_seconds * rounds(cap))
             rates[cap] = choice.expected_tokens / choice.seconds if choice.seconds > 0 else 0.0
             if rates[cap] > best_rate * (1 + 1e-9):

@@ -38,6 +38,7 @@ def rungs(concurrencies: tuple[int, ...]) -> list[Rung]:
         Rung("naive: one request at a time, no prefix cache", ("--no-enable-prefix-caching",), 1, (1,)),
         Rung("+ continuous batching", ("--no-enable-prefix-caching",), top),
         Rung("+ prefix caching", ("--enable-prefix-caching",), top),
+        Rung("+ speculative decoding (n-gram, adaptive)", ("--enable-prefix-caching", "--speculative", "ngram"), top),
     ]
 
 
