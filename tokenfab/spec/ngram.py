@@ -27,6 +27,7 @@ class _History:
 
 class NgramProposer(Proposer):
     name = "ngram"
+    cheap = True
 
     def __init__(self, ngram_min: int, ngram_max: int) -> None:
         self.ngram_min = ngram_min

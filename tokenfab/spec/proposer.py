@@ -38,6 +38,8 @@ class Proposer(abc.ABC):
     name: str = ""
     max_proposal: int = 1 << 30
     """Most drafts it can make per request and step (MTP: its number of modules)."""
+    cheap: bool = False
+    """Proposing costs next to nothing (a lookup): propose first, so the policy only weighs real drafts."""
 
     @abc.abstractmethod
     def propose(self, step: StepView, requests: list[Request], budgets: list[int]) -> list[Proposal]:

@@ -84,11 +84,15 @@ class Speculator:
     def propose(self, step: StepView, decoding: list[Request], running: list[Request], budget: int) -> None:
         """Drafts for the requests that sampled this step and run on (`decoding`)."""
         start = time.perf_counter()
-        candidates = [Candidate(r.request_id, self._cap(r)) for r in decoding]
+        caps = [self._cap(r) for r in decoding]
+        early = self.proposer.propose(step, decoding, caps) if self.proposer.cheap else None
+        if early is not None:
+            caps = [len(p.token_ids) for p in early]
+        candidates = [Candidate(r.request_id, cap) for r, cap in zip(decoding, caps)]
         choice = self.policy.choose(candidates, _next_shape(running, budget), self._pass_seconds,
                                     self.proposer.rounds)
         self.counters.probes += choice.probes
-        proposals = self.proposer.propose(step, decoding, choice.ks)
+        proposals = early if early is not None else self.proposer.propose(step, decoding, choice.ks)
         for request, k, proposal in zip(decoding, choice.ks, proposals):
             request.spec_token_ids = proposal.token_ids[:k]
             request.spec_probs = None if proposal.probs is None else proposal.probs[:k]
