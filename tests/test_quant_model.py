@@ -163,7 +163,7 @@ def test_eval_command_writes_json_and_markdown(tiny_model, tmp_path):
 def test_the_ladder_gets_a_quantization_rung():
     from tokenfab.economics.bench.ladder import rungs
 
-    assert len(rungs((1, 4))) == 3
+    assert len(rungs((1, 4), "int4")) == len(rungs((1, 4))) + 1
     last = rungs((1, 4), "int4")[-1]
     assert last.name == "+ int4 weights" and last.max_seqs == 4
-    assert last.flags == ("--enable-prefix-caching", "--quantization", "int4")
+    assert last.flags == (*rungs((1, 4))[-1].flags, "--quantization", "int4")

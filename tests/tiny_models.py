@@ -63,3 +63,51 @@ def write_tiny_model(kind: str, directory: Path, seed: int = 0) -> Path:
                                                                  "add_bos_token": True,
                                                                  "chat_template": CHAT_TEMPLATE}))
     return directory
+
+
+def add_mtp_modules(directory: Path, num_modules: int, copy_tokens: bool, seed: int = 0) -> Path:
+    """Give a tiny checkpoint DeepSeek-V3-style MTP modules (layers num_layers.. plus num_nextn_predict_layers).
+
+    copy_tokens: make each module predict the token it is fed (eh_proj passes the token embedding through and
+    the block adds little), so its drafts are accepted wherever the model repeats a token; otherwise random.
+    """
+    from safetensors.torch import save_file
+
+    cfg = json.loads((directory / "config.json").read_text())
+    h, heads, kv_heads = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or h // heads
+    inter, first = cfg["intermediate_size"], cfg["num_hidden_layers"]
+    g = torch.Generator().manual_seed(seed)
+    block_scale = 0.01 if copy_tokens else 0.08
+    gemma = cfg["model_type"].startswith("gemma")
+    one = torch.zeros(h) if gemma else torch.ones(h)  # Gemma stores RMSNorm scales as w in (1 + w)
+
+    def rand(*shape, scale=0.08):
+        return torch.randn(*shape, generator=g) * scale
+
+    tensors = {}
+    for j in range(num_modules):
+        p = f"model.layers.{first + j}."
+        eh = torch.cat([torch.eye(h), torch.zeros(h, h)], dim=1) if copy_tokens else rand(h, 2 * h)
+        tensors.update({
+            p + "self_attn.q_proj.weight": rand(heads * head_dim, h), p + "self_attn.k_proj.weight": rand(kv_heads * head_dim, h),
+            p + "self_attn.v_proj.weight": rand(kv_heads * head_dim, h),
+            p + "self_attn.o_proj.weight": rand(h, heads * head_dim, scale=block_scale),
+            p + "mlp.gate_proj.weight": rand(inter, h), p + "mlp.up_proj.weight": rand(inter, h),
+            p + "mlp.down_proj.weight": rand(h, inter, scale=block_scale),
+            p + "input_layernorm.weight": one, p + "post_attention_layernorm.weight": one,
+            p + "enorm.weight": one, p + "hnorm.weight": one, p + "eh_proj.weight": eh,
+            p + "shared_head.norm.weight": one,
+        })
+        if gemma:
+            norm = torch.zeros(head_dim)
+            tensors.update({p + "pre_feedforward_layernorm.weight": one, p + "post_feedforward_layernorm.weight": one,
+                            p + "self_attn.q_norm.weight": norm, p + "self_attn.k_norm.weight": norm})
+        if cfg.get("attention_bias", cfg["model_type"] == "qwen2"):
+            tensors[p + "self_attn.q_proj.bias"] = torch.zeros(heads * head_dim)
+            tensors[p + "self_attn.k_proj.bias"] = torch.zeros(kv_heads * head_dim)
+            tensors[p + "self_attn.v_proj.bias"] = torch.zeros(kv_heads * head_dim)
+    save_file({k: v.clone().contiguous() for k, v in tensors.items()}, str(directory / "mtp.safetensors"))
+    cfg["num_nextn_predict_layers"] = num_modules
+    (directory / "config.json").write_text(json.dumps(cfg))
+    return directory

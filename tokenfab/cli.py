@@ -8,7 +8,7 @@ import time
 
 from pathlib import Path
 
-from tokenfab.config import EngineConfig, PricingConfig
+from tokenfab.config import EngineConfig, PricingConfig, SpeculativeConfig
 
 _DEFAULTS = {name: f.default for name, f in EngineConfig.__dataclass_fields__.items()}
 
@@ -19,6 +19,16 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=_DEFAULTS["max_model_len"])
     p.add_argument("--kv-cache-memory-gb", type=float, default=_DEFAULTS["kv_cache_memory_gb"])
     p.add_argument("--threads", type=int, default=None)
+    d = {name: f.default for name, f in SpeculativeConfig.__dataclass_fields__.items()}
+    p.add_argument("--speculative", default="none", metavar="none|ngram|mtp|draft:MODEL",
+                   help="speculative decoding: n-gram prompt lookup, the checkpoint's MTP modules, or a draft model "
+                        "with the same tokenizer (HF directory or .gguf)")
+    p.add_argument("--num-speculative-tokens", type=int, default=d["num_speculative_tokens"],
+                   help="most draft tokens per request and step")
+    p.add_argument("--spec-ngram-min", type=int, default=d["ngram_min"], help="shortest suffix n-gram looked up")
+    p.add_argument("--spec-ngram-max", type=int, default=d["ngram_max"], help="longest suffix n-gram looked up")
+    p.add_argument("--spec-adaptive", action=argparse.BooleanOptionalAction, default=d["adaptive"],
+                   help="pick 0..K drafts per request and step from measured acceptance and step cost")
     _quantization_args(p)
 
 
@@ -38,6 +48,12 @@ def _quantization_options(args: argparse.Namespace) -> dict:
     exclude = tuple(args.quantization_exclude) if args.quantization_exclude is not None else None
     return dict(quantization=args.quantization, quantization_exclude=exclude,
                 quantization_overrides=tuple(args.quantization_override))
+
+
+def _speculative(args: argparse.Namespace) -> SpeculativeConfig:
+    return SpeculativeConfig.parse(args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                                   ngram_min=args.spec_ngram_min, ngram_max=args.spec_ngram_max,
+                                   adaptive=args.spec_adaptive)
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -76,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
                           kv_cache_memory_gb=args.kv_cache_memory_gb, num_threads=args.threads,
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           enable_prefix_caching=args.enable_prefix_caching, pricing=pricing,
-                          **_quantization_options(args))
+                          speculative=_speculative(args), **_quantization_options(args))
     name = args.served_model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else "gemma-3-270m")
     settings = ServerSettings(args.host, args.port, name, args.max_queued_requests, args.max_queued_tokens,
                               args.request_timeout, args.graceful_shutdown_timeout, args.request_log)
@@ -87,7 +103,8 @@ def _generate(args: argparse.Namespace) -> int:
     from tokenfab import LLM, SamplingParams
 
     llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-              kv_cache_memory_gb=args.kv_cache_memory_gb, num_threads=args.threads, **_quantization_options(args))
+              kv_cache_memory_gb=args.kv_cache_memory_gb, num_threads=args.threads, speculative=_speculative(args),
+              **_quantization_options(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=args.stop or [])
     prompt = args.prompt
@@ -105,7 +122,12 @@ def _generate(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     n = len(final.outputs[0].token_ids) if final else 0
     sys.stdout.write("\n")
-    print(f"[{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tok/s, finish: {final.outputs[0].finish_reason}]",
+    stats = llm.engine.core.stats()
+    spec = ""
+    if stats.spec_verified_seqs:
+        spec = (f", {stats.spec_method} drafts: {stats.spec_accepted_tokens}/{stats.spec_proposed_tokens} accepted, "
+                f"mean acceptance length {1 + stats.spec_accepted_tokens / stats.spec_verified_seqs:.2f}")
+    print(f"[{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tok/s, finish: {final.outputs[0].finish_reason}{spec}]",
           file=sys.stderr)
     return 0
 

@@ -32,6 +32,56 @@ class PricingConfig:
     """TOML or JSON file with the same keys (and extra profiles); flags win over it."""
 
 
+SPECULATIVE_METHODS = ("none", "ngram", "draft", "mtp")
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """Speculative decoding: who proposes draft tokens and how many the target model verifies per step."""
+
+    method: str = "none"
+    """none | ngram (prompt lookup) | draft (a smaller model, same tokenizer) | mtp (the checkpoint's MTP modules)."""
+    draft_model: str | None = None
+    """HF directory or .gguf of the draft model (method draft only)."""
+    num_speculative_tokens: int = 4
+    """Most draft tokens per request and step (k); the adaptive policy picks 0..k."""
+    ngram_min: int = 2
+    """Shortest suffix the n-gram proposer looks up in the request's history."""
+    ngram_max: int = 4
+    """Longest suffix looked up (longer matches are tried first)."""
+    adaptive: bool = True
+    """Choose k per request and step from measured acceptance and step cost (see tokenfab/spec/policy.py);
+    off: always propose k tokens."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.method in SPECULATIVE_METHODS, f"unknown speculative method {self.method!r}; choose one of "
+                                                 f"{', '.join(SPECULATIVE_METHODS)}"),
+            ((self.method == "draft") == (self.draft_model is not None),
+             "a draft model is given with method draft, and only then (draft:<model>)"),
+            (1 <= self.num_speculative_tokens <= 16, "num_speculative_tokens must be in 1..16"),
+            (1 <= self.ngram_min <= self.ngram_max <= 32, "need 1 <= ngram_min <= ngram_max <= 32"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    @classmethod
+    def parse(cls, spec: str | None, **options) -> SpeculativeConfig:
+        """From the command-line form: none | ngram | mtp | draft:<model path>."""
+        spec = (spec or "none").strip()
+        method, _, model = spec.partition(":")
+        if method == "draft" and not model:
+            raise ValueError("--speculative draft needs a model: draft:<HF directory or .gguf>")
+        if model and method != "draft":
+            raise ValueError(f"unknown speculative method {spec!r}; choose none, ngram, mtp or draft:<model>")
+        return cls(method=method, draft_model=model or None, **options)
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     """How to build and run one engine."""
@@ -67,9 +117,11 @@ class EngineConfig:
     quantization_overrides: tuple[str, ...] = ()
     """`PATTERN=FORMAT` rules, e.g. `lm_head=int8`; checked before the exclusions."""
     pricing: PricingConfig = PricingConfig()
+    speculative: SpeculativeConfig = SpeculativeConfig()
 
     def __post_init__(self) -> None:
         checks = [
+            (isinstance(self.speculative, SpeculativeConfig), "speculative must be a SpeculativeConfig"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}"),
             (self.block_size in (8, 16, 32, 64, 128), "block_size must be one of 8, 16, 32, 64, 128"),
             (self.max_model_len >= 16, "max_model_len must be >= 16"),

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import fields
 from typing import Any
 
-from tokenfab.config import EngineConfig
+from tokenfab.config import EngineConfig, SpeculativeConfig
 from tokenfab.engine.engine import LLMEngine
 from tokenfab.engine.types import RequestOutput, SamplingParams
 
@@ -15,13 +15,22 @@ Messages = list[dict[str, Any]]
 
 
 class LLM:
-    """`LLM()` serves the embedded default model; `LLM(model=path)` an HF directory or a .gguf file."""
+    """`LLM()` serves the embedded default model; `LLM(model=path)` an HF directory or a .gguf file.
+
+    `speculative` takes a SpeculativeConfig, its fields as a dict, or the command-line form ("ngram", "mtp",
+    "draft:<model>").
+    """
 
     def __init__(self, model: str | None = None, **engine_options: Any) -> None:
         known = {f.name for f in fields(EngineConfig)}
         unknown = sorted(set(engine_options) - known)
         if unknown:
             raise TypeError(f"unknown engine options: {', '.join(unknown)}")
+        spec = engine_options.get("speculative")
+        if isinstance(spec, str):
+            engine_options["speculative"] = SpeculativeConfig.parse(spec)
+        elif isinstance(spec, dict):
+            engine_options["speculative"] = SpeculativeConfig(**spec)
         self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
         self.tokenizer = self.engine.tokenizer
 

@@ -70,7 +70,9 @@ class BlockPool:
             del self.free[block_id]
         block.ref_count += 1
 
-    def release(self, block_id: int) -> None:
+    def release(self, block_id: int, reuse_first: bool = False) -> None:
+        """Drop a reference; an unused block joins the free queue at its end (evicted last), or at its front
+        with reuse_first (a block that never held reusable KV, so nothing is lost by handing it out first)."""
         if block_id == NULL_BLOCK:
             return
         block = self.blocks[block_id]
@@ -79,6 +81,8 @@ class BlockPool:
         block.ref_count -= 1
         if block.ref_count == 0:
             self.free[block_id] = None
+            if reuse_first and block.hash is None:
+                self.free.move_to_end(block_id, last=False)
 
     def register(self, block_id: int, h: int, key: BlockKey) -> None:
         """Make a full block findable by its hash; the first block with given contents stays canonical."""

@@ -1,8 +1,11 @@
-"""EngineCore: the hot loop — schedule, run the model, sample, account — on token ids only.
+"""EngineCore: the hot loop — schedule, run the model, sample, account, speculate — on token ids only.
 
 It knows nothing of text: detokenization, stop strings and n > 1 grouping happen in the front end
 (`OutputProcessor`), in this process for the offline engine or in the API server's process when serving.
-Each step's wall time, energy and price are split over the sequences that took part, by tokens processed.
+Each step's wall time, energy and price are split over the sequences that took part, by tokens processed
+(draft tokens under verification included: a request pays for the guesses made for it, and the proposer's time
+is inside the step). With speculative decoding a step can emit several tokens per request; only the accepted
+ones count as computed, and the KV blocks of rejected drafts are given back.
 """
 
 from __future__ import annotations
@@ -19,13 +22,17 @@ from tokenfab.economics.attribution import CostMeter, RequestCost
 from tokenfab.engine.kv_cache_manager import KVCacheManager
 from tokenfab.engine.kv_sizing import plan_kv_blocks
 from tokenfab.engine.messages import CoreOutput, CoreRequest, EngineStats
-from tokenfab.engine.model_runner import ModelRunner
+from tokenfab.engine.model_runner import ModelRunner, RunOutput
 from tokenfab.engine.sampler import Sampler
 from tokenfab.engine.scheduler import Scheduler
-from tokenfab.engine.types import Request, RequestStatus, StepPlan, TokenLogprobs
+from tokenfab.engine.sampler import SampleResult
+from tokenfab.engine.types import Request, RequestStatus, ScheduledRequest, StepPlan, TokenLogprobs
 from tokenfab.models.loading import ModelSource, load_model, resolve_model
 from tokenfab.platform.power import select_meter
 from tokenfab.platform.prices import load_prices
+from tokenfab.spec.policy import StepShape
+from tokenfab.spec.proposer import StepView
+from tokenfab.spec.speculator import SpecCounters, TargetParts, build_speculator
 
 
 @dataclass(slots=True)
@@ -37,6 +44,16 @@ class EngineCounters:
     """Prompt tokens that went through the model (prefix-cache hits excluded)."""
     tokens_computed: int = 0
     generated_tokens: int = 0
+
+
+@dataclass(slots=True)
+class _Emitted:
+    """What one step appended to one request."""
+
+    request: Request
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None
+    status: RequestStatus | None
 
 
 class EngineCore:
@@ -54,8 +71,11 @@ class EngineCore:
         self.cache = KVCache(groups, blocks, config.block_size, arch.num_kv_heads, arch.head_dim, self.dtype, device)
         self.kv = KVCacheManager([g.window for g in groups], blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.cache, get_backend(config.attention_backend), groups, device)
+        backend = get_backend(config.attention_backend)
+        self.runner = ModelRunner(self.model, self.cache, backend, groups, device)
         self.sampler = Sampler(config.seed)
+        self.speculator = build_speculator(config, TargetParts(self.model, self.source, self.cache, groups, backend,
+                                                               self.kv, self.dtype, device, self.max_model_len))
         self.counters = EngineCounters()
         self.meter = _cost_meter(config)
         self._costs: dict[str, RequestCost] = {}
@@ -98,8 +118,7 @@ class EngineCore:
         """Finish at once and free their KV blocks; unknown or finished ids are ignored."""
         for request_id in request_ids:
             self.scheduler.abort(request_id)
-            self.sampler.forget(request_id)
-            self._costs.pop(request_id, None)
+            self._forget(request_id, finished=True)
         self._back_to_back = self._back_to_back and self.scheduler.has_unfinished()
 
     def has_unfinished(self) -> bool:
@@ -112,22 +131,28 @@ class EngineCore:
             self.meter.continue_step()
         else:
             self.meter.begin_step()
+        start = time.perf_counter()
         plan = self.scheduler.schedule()
+        for request in plan.preempted:
+            self._forget(request.request_id, finished=False)
         if plan.empty:
             self.meter.end_step({})
             self._back_to_back = False
             return []
-        samplers, logits = self.runner.execute(plan, self.kv.block_tables)
-        requests = [s.request for s in samplers]
-        result = self.sampler(logits, requests)
-        self._account(plan)
+        run = self.runner.execute(plan, self.kv.block_tables)
+        result = self.sampler(run.logits, [s.request for s in run.samplers], [s.spec_token_ids for s in run.samplers],
+                              [s.spec_probs for s in run.samplers])
+        emitted = self._account(plan, run.samplers, result)
+        if self.speculator is not None:
+            self._speculate(plan, run, result, time.perf_counter() - start)
         for part_id, part in self.meter.end_step({s.request.request_id: s.num_tokens for s in plan.scheduled}).items():
             self._costs[part_id].add(part)
-        outputs = [self._emit(r, t, lp) for r, t, lp in zip(requests, result.token_ids, result.logprobs)]
+        outputs = [self._output(e) for e in emitted]
         self._back_to_back = self.scheduler.has_unfinished()
         return outputs
 
-    def _account(self, plan: StepPlan) -> None:
+    def _account(self, plan: StepPlan, samplers: list[ScheduledRequest], result: SampleResult) -> list[_Emitted]:
+        """Advance every scheduled request: computed tokens, emitted tokens and stops, blocks to cache or give back."""
         self.counters.steps += 1
         self.counters.tokens_computed += plan.num_batched_tokens
         now = time.monotonic()
@@ -136,22 +161,58 @@ class EngineCore:
             self.counters.prompt_tokens_computed += max(0, min(s.end, request.num_prompt_tokens) - s.start)
             if request.first_scheduled is None:
                 request.first_scheduled = now
-            request.num_computed_tokens = s.end
-            self.kv.cache_full_blocks(request)
+            if not s.samples:
+                request.num_computed_tokens = s.end
+                self.kv.cache_full_blocks(request)
+        return [self._append(s, tokens, logprobs, accepted)
+                for s, tokens, logprobs, accepted in zip(samplers, result.token_ids, result.logprobs,
+                                                         result.num_accepted)]
 
-    def _emit(self, request: Request, token: int, logprobs: TokenLogprobs | None) -> CoreOutput:
-        request.output_token_ids.append(token)
-        self.counters.generated_tokens += 1
-        status = self._stop_status(request, token)
-        total = self._costs[request.request_id]
-        cost = RequestCost(total.usd, total.joules, total.device_seconds)
+    def _append(self, s: ScheduledRequest, tokens: list[int], logprobs: list[TokenLogprobs] | None,
+                accepted: int) -> _Emitted:
+        """Append a sampling request's tokens up to the first stop; its KV counts up to the last accepted draft."""
+        request = s.request
+        known = request.num_tokens
+        status = None
+        for n, token in enumerate(tokens, 1):
+            request.output_token_ids.append(token)
+            status = self._stop_status(request, token)
+            if status is not None:
+                tokens, logprobs = tokens[:n], None if logprobs is None else logprobs[:n]
+                break
+        self.counters.generated_tokens += len(tokens)
+        request.num_computed_tokens = min(known + accepted, request.num_tokens)
+        if s.num_spec:
+            self.kv.rollback(request)
+        self.kv.cache_full_blocks(request)
         if status is not None:
             self.scheduler.finish(request, status)
-            self.sampler.forget(request.request_id)
-            del self._costs[request.request_id]
-        return CoreOutput(request.request_id, [token], [logprobs] if logprobs is not None else None,
-                          status.value if status is not None else None, request.stop_reason,
-                          request.num_cached_tokens, request.first_scheduled, cost)
+        return _Emitted(request, tokens, logprobs, status)
+
+    def _speculate(self, plan: StepPlan, run: RunOutput, result: SampleResult, seconds: float) -> None:
+        accepted = {s.request.request_id: n for s, n in zip(run.samplers, result.num_accepted)}
+        shape = StepShape(plan.num_batched_tokens, int(run.logits.shape[0]),
+                          sum(s.num_tokens > 1 for s in plan.scheduled))
+        self.speculator.record(plan.scheduled, accepted, shape, seconds)
+        decoding = [s.request for s in run.samplers if not s.request.finished]
+        self.speculator.propose(StepView(plan, run), decoding, self.scheduler.running,
+                                self.config.max_num_batched_tokens)
+
+    def _output(self, e: _Emitted) -> CoreOutput:
+        request = e.request
+        total = self._costs[request.request_id]
+        cost = RequestCost(total.usd, total.joules, total.device_seconds)
+        if e.status is not None:
+            self._forget(request.request_id, finished=True)
+        return CoreOutput(request.request_id, e.token_ids, e.logprobs, e.status.value if e.status is not None else None,
+                          request.stop_reason, request.num_cached_tokens, request.first_scheduled, cost)
+
+    def _forget(self, request_id: str, finished: bool) -> None:
+        if finished:
+            self.sampler.forget(request_id)
+            self._costs.pop(request_id, None)
+        if self.speculator is not None:
+            self.speculator.forget(request_id, finished)
 
     def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
         p = request.params
@@ -170,6 +231,7 @@ class EngineCore:
     def stats(self) -> EngineStats:
         c, kv, m = self.counters, self.kv, self.meter
         total = sum(p.num_blocks - 1 for p in kv.pools)
+        sc = self.speculator.counters if self.speculator is not None else SpecCounters()
         return EngineStats(
             time=time.monotonic(), num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             kv_usage=kv.usage, kv_free_blocks=sum(kv.num_free_blocks()), kv_total_blocks=total,
@@ -177,7 +239,10 @@ class EngineCore:
             num_preemptions=self.scheduler.num_preemptions, steps=c.steps,
             prompt_tokens_computed=c.prompt_tokens_computed, tokens_computed=c.tokens_computed,
             generated_tokens=c.generated_tokens, busy_seconds=m.busy_seconds, joules=m.joules, usd=m.usd,
-            energy_source=m.energy_source, meter=m.meter_name)
+            energy_source=m.energy_source, meter=m.meter_name, spec_method=self.config.speculative.method,
+            spec_proposed_tokens=sc.proposed_tokens, spec_accepted_tokens=sc.accepted_tokens,
+            spec_verified_seqs=sc.verified_seqs, spec_draft_seconds=sc.draft_seconds, spec_steps_on=sc.steps_on,
+            spec_steps_off=sc.steps_off)
 
 
 def _cost_meter(config: EngineConfig) -> CostMeter:

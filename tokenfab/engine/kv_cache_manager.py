@@ -147,6 +147,17 @@ class KVCacheManager:
                     pool.register(table[i], state.hashes[i], state.keys[i])
         state.registered = max(state.registered, full)
 
+    def rollback(self, request: Request) -> None:
+        """Give back the trailing blocks that hold no computed token: after a step that verified draft tokens,
+        those of the rejected drafts. They were never registered (only blocks full of computed tokens are), so
+        the prefix cache only ever covers accepted tokens; a kept partial block's stale slots are overwritten
+        when the sequence grows into them."""
+        state = self.requests[request.request_id]
+        keep = -(-request.num_computed_tokens // self.block_size)
+        for pool, table in zip(self.pools, state.tables):
+            while len(table) > keep:
+                pool.release(table.pop(), reuse_first=True)
+
     def free(self, request: Request) -> None:
         """Release in reverse so a sequence's tail is evicted before its (more shareable) head."""
         state = self.requests.pop(request.request_id, None)

@@ -68,3 +68,15 @@ class EngineStats(msgspec.Struct, gc=False):
     usd: float
     energy_source: str
     meter: str
+    spec_method: str = "none"
+    spec_proposed_tokens: int = 0
+    """Draft tokens the target verified."""
+    spec_accepted_tokens: int = 0
+    spec_verified_seqs: int = 0
+    """Request-steps that verified drafts; mean acceptance length = 1 + accepted / verified."""
+    spec_draft_seconds: float = 0.0
+    """Time spent proposing drafts (inside busy_seconds)."""
+    spec_steps_on: int = 0
+    """Steps that verified drafts."""
+    spec_steps_off: int = 0
+    """Steps that sampled without drafts (speculation off, or nothing worth proposing)."""

@@ -40,20 +40,26 @@ class Completion:
         return self.finish_reason is not None
 
     def add(self, tokenizer: Tokenizer, out: CoreOutput) -> None:
-        before = len(self.text)
-        self.token_ids.extend(out.new_token_ids)
-        if out.new_logprobs:
-            self.logprobs.extend(out.new_logprobs)
-        for token in out.new_token_ids:
+        """Take one step's tokens (several with speculative decoding); a stop string ends the completion at the
+        token that completed it, and later tokens of the same step are dropped."""
+        stopped = False
+        for i, token in enumerate(out.new_token_ids):
+            before = len(self.text)
+            self.token_ids.append(token)
+            if out.new_logprobs:
+                self.logprobs.append(out.new_logprobs[i])
             piece = self.stream.step(tokenizer.inner, token)
             if piece:
                 self.text += piece
+            if self._check_stop(before):
+                stopped = True
+                break
         if out.cost is not None:
             self.cost = out.cost
         self.num_cached_tokens = out.num_cached_tokens
         self.first_scheduled = self.first_scheduled or out.first_scheduled
         self.error = out.error
-        if not self._check_stop(before) and out.finish_reason is not None:
+        if not stopped and out.finish_reason is not None:
             self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
 
     def _check_stop(self, before: int) -> bool:

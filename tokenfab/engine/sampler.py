@@ -1,9 +1,14 @@
-"""Sampler: logits of the requests that sample this step -> one token each (+ logprobs when asked).
+"""Sampler: logits of the requests that sample this step -> the tokens each emits (+ logprobs when asked).
 
 Order of processing per row: penalties (repetition, presence, frequency), min_tokens suppression of stop ids,
 then greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw. Logprobs are of the raw model distribution
 (before penalties and temperature), as OpenAI reports them. A request with a seed draws its noise from its own
 generator, so its tokens do not depend on what else is in the batch.
+
+A request verifying k draft tokens has k + 1 rows: row j is the distribution after the sequence plus the first j
+drafts, so penalties and min_tokens are applied at row j as if those drafts were already emitted (they are
+whenever row j is used). Drafts are accepted or rejected by `tokenfab.spec.rejection`; a request emits its
+accepted drafts plus one token drawn at the first rejected position (or after the last draft).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenfab.engine.types import Request, SamplingParams, TokenLogprobs
+from tokenfab.spec.rejection import accept_greedy, race, verify_draft
 
 _NUCLEUS_PROBE = 512
 """Top-p first looks for the nucleus among this many tokens; a full sort only when it is wider."""
@@ -20,8 +26,11 @@ _NUCLEUS_PROBE = 512
 
 @dataclass(slots=True)
 class SampleResult:
-    token_ids: list[int]
-    logprobs: list[TokenLogprobs | None]
+    token_ids: list[list[int]]
+    """Per request, the tokens it emits this step (its accepted drafts, then one sampled token)."""
+    logprobs: list[list[TokenLogprobs] | None]
+    num_accepted: list[int]
+    """Per request, how many of its drafts were accepted."""
 
 
 class Sampler:
@@ -32,14 +41,26 @@ class Sampler:
     def forget(self, request_id: str) -> None:
         self._request_generators.pop(request_id, None)
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
+    def __call__(self, logits: torch.Tensor, requests: list[Request], drafts: list[list[int]] | None = None,
+                 draft_probs: list[torch.Tensor | None] | None = None) -> SampleResult:
+        """logits: [sum over requests of 1 + len(drafts[i]), vocab], each request's rows consecutive."""
         logits = logits.float()
+        if not drafts or not any(drafts):
+            tokens, logprobs = self._sample_one_each(logits, requests)
+            return SampleResult([[t] for t in tokens], [None if lp is None else [lp] for lp in logprobs],
+                                [0] * len(requests))
+        return self._verify(logits, requests, drafts, draft_probs or [None] * len(requests))
+
+    # -- one token per request ------------------------------------------------------------------------------------
+
+    def _sample_one_each(self, logits: torch.Tensor, requests: list[Request]
+                         ) -> tuple[list[int], list[TokenLogprobs | None]]:
         raw = logits
         if any(r.params.needs_penalties or r.num_output_tokens < r.params.min_tokens for r in requests):
             logits = logits.clone()
             for row, request in enumerate(requests):
-                _apply_penalties(logits[row], request)
-                _suppress_early_stop(logits[row], request)
+                _apply_penalties(logits[row], request, ())
+                _suppress_early_stop(logits[row], request, 0)
         greedy = [i for i, r in enumerate(requests) if r.params.greedy]
         if len(greedy) == len(requests):
             tokens = logits.argmax(dim=-1)
@@ -52,23 +73,65 @@ class Sampler:
             if not request.params.greedy:
                 tokens[row] = self._draw(logits[row], request)
         token_list = tokens.tolist()
-        return SampleResult(token_list, _logprobs(raw, requests, token_list))
+        wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+        logprobs: list[TokenLogprobs | None] = [None] * len(requests)
+        if wanted:
+            for i, lp in zip(wanted, _logprobs(raw[wanted], [token_list[i] for i in wanted],
+                                               [requests[i].params.logprobs or 0 for i in wanted])):
+                logprobs[i] = lp
+        return token_list, logprobs
 
     def _draw(self, logits: torch.Tensor, request: Request) -> int:
-        p = request.params
-        scores = logits / p.temperature
-        candidates: torch.Tensor | None = None
-        if p.top_k and p.top_k < scores.numel():
-            scores, candidates = scores.topk(p.top_k)
-        if p.top_p < 1.0:
-            scores, candidates = _top_p(scores, candidates, p.top_p)
-        probs = torch.softmax(scores, dim=-1)
-        if p.min_p > 0.0:
-            probs = torch.where(probs >= p.min_p * probs.max(), probs, torch.zeros_like(probs))
+        probs, candidates = _distribution(logits, request.params)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p and needs one noise vector per step.
-        noise = torch.empty_like(probs).exponential_(generator=self._generator(request))
-        choice = int((probs / noise).argmax())
-        return int(candidates[choice]) if candidates is not None else choice
+        return race(probs, candidates, self._generator(request))
+
+    # -- verification of drafts -----------------------------------------------------------------------------------
+
+    def _verify(self, logits: torch.Tensor, requests: list[Request], drafts: list[list[int]],
+                draft_probs: list[torch.Tensor | None]) -> SampleResult:
+        simple = not any(r.params.needs_penalties or r.num_output_tokens < r.params.min_tokens for r in requests)
+        argmax = logits.argmax(dim=-1).tolist() if simple else None
+        out_tokens: list[list[int]] = []
+        out_logprobs: list[list[TokenLogprobs] | None] = []
+        accepted: list[int] = []
+        row = 0
+        for request, draft, q in zip(requests, drafts, draft_probs):
+            rows = logits[row : row + len(draft) + 1]
+            if request.params.greedy and argmax is not None:
+                n = accept_greedy(argmax[row : row + len(draft)], draft)
+                tokens = draft[:n] + [argmax[row + n]]
+            else:
+                tokens, n = self._verify_one(rows, request, draft, q)
+            row += len(draft) + 1
+            out_tokens.append(tokens)
+            accepted.append(n)
+            k = request.params.logprobs
+            out_logprobs.append(None if k is None else _logprobs(rows[: len(tokens)], tokens, [k] * len(tokens)))
+        return SampleResult(out_tokens, out_logprobs, accepted)
+
+    def _verify_one(self, rows: torch.Tensor, request: Request, draft: list[int], q: torch.Tensor | None
+                    ) -> tuple[list[int], int]:
+        """Walk the rows in order; stop at the first rejected draft. Returns (emitted tokens, drafts accepted)."""
+        p = request.params
+        for j in range(len(draft) + 1):
+            row = rows[j]
+            if p.needs_penalties or request.num_output_tokens + j < p.min_tokens:
+                row = row.clone()
+                _apply_penalties(row, request, draft[:j])
+                _suppress_early_stop(row, request, j)
+            if p.greedy:
+                token = int(row.argmax())
+                ok = j < len(draft) and token == draft[j]
+            elif j < len(draft):
+                probs, candidates = _distribution(row, p)
+                token, ok = verify_draft(probs, candidates, draft[j], None if q is None else q[j],
+                                         self._generator(request))
+            else:
+                token, ok = self._draw(row, request), False
+            if not ok:
+                return draft[:j] + [token], j
+        raise AssertionError("unreachable: the last row never accepts")
 
     def _generator(self, request: Request) -> torch.Generator:
         if request.params.seed is None:
@@ -78,6 +141,20 @@ class Sampler:
             gen = torch.Generator().manual_seed(request.params.seed)
             self._request_generators[request.request_id] = gen
         return gen
+
+
+def _distribution(logits: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Probabilities after temperature, top-k, top-p and min-p, over `candidates` (None: the whole vocabulary)."""
+    scores = logits / p.temperature
+    candidates: torch.Tensor | None = None
+    if p.top_k and p.top_k < scores.numel():
+        scores, candidates = scores.topk(p.top_k)
+    if p.top_p < 1.0:
+        scores, candidates = _top_p(scores, candidates, p.top_p)
+    probs = torch.softmax(scores, dim=-1)
+    if p.min_p > 0.0:
+        probs = torch.where(probs >= p.min_p * probs.max(), probs, torch.zeros_like(probs))
+    return probs, candidates
 
 
 def _top_p(scores: torch.Tensor, candidates: torch.Tensor | None, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,13 +171,14 @@ def _top_p(scores: torch.Tensor, candidates: torch.Tensor | None, top_p: float) 
     return scores[idx], base
 
 
-def _apply_penalties(row: torch.Tensor, request: Request) -> None:
+def _apply_penalties(row: torch.Tensor, request: Request, drafts: list[int] | tuple) -> None:
+    """Penalties as if `drafts` had already been emitted after the request's output."""
     p: SamplingParams = request.params
     if not p.needs_penalties:
         return
-    out = torch.tensor(request.output_token_ids, dtype=torch.long)
+    out = torch.tensor(request.output_token_ids + list(drafts), dtype=torch.long)
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(request.all_token_ids, dtype=torch.long).unique()
+        seen = torch.tensor(request.all_token_ids + list(drafts), dtype=torch.long).unique()
         vals = row[seen]
         row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
     if out.numel() and (p.presence_penalty or p.frequency_penalty):
@@ -108,8 +186,9 @@ def _apply_penalties(row: torch.Tensor, request: Request) -> None:
         row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
 
 
-def _suppress_early_stop(row: torch.Tensor, request: Request) -> None:
-    if request.num_output_tokens >= request.params.min_tokens:
+def _suppress_early_stop(row: torch.Tensor, request: Request, ahead: int) -> None:
+    """Forbid stop ids while fewer than min_tokens were generated (counting `ahead` drafts before this row)."""
+    if request.num_output_tokens + ahead >= request.params.min_tokens:
         return
     stop_ids = set(request.params.stop_token_ids)
     if not request.params.ignore_eos:
@@ -118,20 +197,16 @@ def _suppress_early_stop(row: torch.Tensor, request: Request) -> None:
         row[list(stop_ids)] = float("-inf")
 
 
-def _logprobs(raw: torch.Tensor, requests: list[Request], tokens: list[int]) -> list[TokenLogprobs | None]:
-    wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
-    out: list[TokenLogprobs | None] = [None] * len(requests)
-    if not wanted:
-        return out
-    logprobs = torch.log_softmax(raw[wanted], dim=-1)
-    for row, i in enumerate(wanted):
-        token = tokens[i]
+def _logprobs(raw: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenLogprobs]:
+    """Raw-distribution logprob, rank and top-k alternatives of tokens[i] at row i."""
+    logprobs = torch.log_softmax(raw, dim=-1)
+    out = []
+    for row, (token, k) in enumerate(zip(tokens, ks)):
         chosen = float(logprobs[row, token])
         rank = int((logprobs[row] > chosen).sum()) + 1
-        k = requests[i].params.logprobs or 0
         top: list[tuple[int, float]] = []
         if k:
             values, ids = logprobs[row].topk(k)
             top = list(zip(ids.tolist(), values.tolist()))
-        out[i] = TokenLogprobs(token, chosen, rank, top)
+        out.append(TokenLogprobs(token, chosen, rank, top))
     return out

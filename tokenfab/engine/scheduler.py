@@ -5,6 +5,10 @@ needs (decodes 1, prefills a chunk), then admits waiting requests while budget, 
 Prefix-cache hits start a request with tokens already computed; when blocks run out the lowest-priority running
 request is preempted and recomputed later. Siblings of an n > 1 request wait until the first has computed the
 prompt, so they share its KV blocks through the prefix cache.
+
+Speculative draft tokens ride on the same rule: a decoding request with k drafts needs 1 + k tokens. Drafts are
+the first thing given up: when the budget or the KV blocks run short, a request keeps fewer (or none) of them
+before anyone is preempted.
 """
 
 from __future__ import annotations
@@ -62,8 +66,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(request, n):
+            needed = request.num_tokens - request.num_computed_tokens
+            n = min(needed, budget)
+            num_spec = min(len(request.spec_token_ids), budget - n) if n == needed else 0
+            if num_spec and not self.kv.allocate_slots(request, n + num_spec):
+                num_spec = 0
+            while not num_spec and not self.kv.allocate_slots(request, n):
                 # Only requests not yet given tokens this step may be evicted (the current one included).
                 victim = max(self.running[i:], key=lambda r: (r.priority, r.arrival))
                 self._preempt(victim)
@@ -71,14 +79,28 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                scheduled.append(ScheduledRequest(request, request.num_computed_tokens, n))
-                budget -= n
+                scheduled.append(self._take_drafts(ScheduledRequest(request, request.num_computed_tokens, n),
+                                                   num_spec))
+                budget -= n + num_spec
                 i += 1
         return budget
+
+    @staticmethod
+    def _take_drafts(s: ScheduledRequest, num_spec: int) -> ScheduledRequest:
+        """Move the request's first num_spec drafts into the step; the rest are dropped (proposals are only
+        good for the step right after them)."""
+        request = s.request
+        if num_spec:
+            s.spec_token_ids = request.spec_token_ids[:num_spec]
+            s.spec_probs = None if request.spec_probs is None else request.spec_probs[:num_spec]
+            s.num_tokens += num_spec
+        request.spec_token_ids, request.spec_probs = [], None
+        return s
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.kv.free(request)
+        request.spec_token_ids, request.spec_probs = [], None
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -125,6 +147,7 @@ class Scheduler:
         if request in self.running:
             self.running.remove(request)
         self.kv.free(request)
+        request.spec_token_ids, request.spec_probs = [], None
         self.requests.pop(request.request_id, None)
         self.leaders.pop(request.request_id, None)
 

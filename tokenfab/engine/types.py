@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from tokenfab.economics.attribution import RequestCost
 
@@ -116,6 +117,11 @@ class Request:
     num_preemptions: int = 0
     first_scheduled: float | None = None
     """time.monotonic() when it was first given tokens (its queue time ends there)."""
+    spec_token_ids: list[int] = field(default_factory=list)
+    """Draft tokens proposed after the last step, for the next step to verify (never part of the sequence)."""
+    spec_probs: Any = None
+    """Draft distributions [len(spec_token_ids), vocab] the drafts were sampled from; None: chosen
+    deterministically (the draft distribution is one-hot)."""
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -140,20 +146,38 @@ class Request:
 
 @dataclass(slots=True)
 class ScheduledRequest:
-    """One request's share of a step: compute tokens [start, start + num_tokens)."""
+    """One request's share of a step: compute tokens [start, start + num_tokens), the last num_spec of them
+    draft tokens (positions num_tokens.. of the request) that this step verifies."""
 
     request: Request
     start: int
     num_tokens: int
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_probs: Any = None
+    """[num_spec, vocab] draft distributions, or None for deterministic drafts."""
 
     @property
     def end(self) -> int:
         return self.start + self.num_tokens
 
     @property
+    def num_spec(self) -> int:
+        return len(self.spec_token_ids)
+
+    @property
     def samples(self) -> bool:
         """A request samples a token once its step reaches the last known token."""
-        return self.end == self.request.num_tokens
+        return self.end - self.num_spec == self.request.num_tokens
+
+    @property
+    def num_logit_rows(self) -> int:
+        """Positions whose next-token distribution this step needs: the last known token and each draft."""
+        return 1 + self.num_spec if self.samples else 0
+
+    def token_ids(self) -> list[int]:
+        """The tokens this step feeds to the model."""
+        tokens = self.request.all_token_ids[self.start : self.end]
+        return tokens + self.spec_token_ids if self.spec_token_ids else tokens
 
 
 @dataclass(slots=True)

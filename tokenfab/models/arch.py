@@ -57,6 +57,9 @@ class ArchConfig:
     """Softmax scale; derived from head_dim when 0."""
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    num_mtp_layers: int = 0
+    """Multi-token-prediction modules the checkpoint ships after its decoder layers (DeepSeek-V3 style,
+    `num_nextn_predict_layers`); their weights are layers num_layers.. and only speculative decoding uses them."""
 
     @property
     def softmax_scale(self) -> float:
@@ -176,4 +179,5 @@ def arch_from_hf_config(cfg: dict[str, Any]) -> ArchConfig:
         attn_scale=float(cfg.get("query_pre_attn_scalar", head_dim)) ** -0.5 if gemma else 0.0,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
+        num_mtp_layers=int(cfg.get("num_nextn_predict_layers") or 0),
     )

@@ -128,8 +128,9 @@ class DecoderModel(nn.Module):
                      stored: Callable[[], Mapping[str, LinearWeight]] | None = None) -> None:
         """Load HF-named tensors, fusing q/k/v and gate/up; fails loudly on anything missing or unknown.
         `stored` gives, once `weights` is exhausted, the projections a quantized checkpoint holds in a weight
-        format, by HF module name (see tokenfab.quant.checkpoint)."""
-        load_hf_weights(self, weights, stored)
+        format, by HF module name (see tokenfab.quant.checkpoint). MTP modules, stored as the layers after the
+        decoder's, are left to speculative decoding."""
+        load_hf_weights(self, weights, stored, keep=lambda name: (layer_index(name) or 0) < self.arch.num_layers)
 
     def prepare_weights(self, plan: str | QuantPlan) -> None:
         """Hand every linear's loaded weight to its storage format (see tokenfab.quant); layers a quantized
@@ -187,6 +188,12 @@ def _target_name(model: DecoderModel, name: str) -> tuple[str, int | None]:
     return name.removeprefix("language_model."), None
 
 
+def layer_index(name: str) -> int | None:
+    """The layer number of a mapped parameter name (layers.<i>.…), else None."""
+    parts = name.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit() else None
+
+
 def _shard_sizes(model: DecoderModel, fused: str) -> list[int]:
     a = model.arch
     return [a.q_size, a.kv_size, a.kv_size] if fused.startswith("qkv") else [a.intermediate_size] * 2
@@ -204,14 +211,18 @@ def linear_layer_name(hf_name: str) -> str | None:
     return ".".join(parts[:3] + [_FUSED.get(parts[3], (parts[3],))[0]])
 
 
-def load_hf_weights(model: DecoderModel, weights: Iterable[tuple[str, torch.Tensor]],
-                    stored: Callable[[], Mapping[str, LinearWeight]] | None = None) -> None:
+def load_hf_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                    stored: Callable[[], Mapping[str, LinearWeight]] | None = None,
+                    keep: Callable[[str], bool] = lambda name: True) -> None:
+    """Copy HF-named tensors into `model` (which has an `arch`); mapped names that `keep` refuses are skipped."""
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     for hf_name, tensor in weights:
         if "rotary_emb" in hf_name:
             continue
         name, shard = _target_name(model, hf_name)
+        if not keep(name):
+            continue
         if name == "lm_head.weight" and model.arch.tie_word_embeddings:
             continue
         if name not in params:

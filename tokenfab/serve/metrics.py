@@ -2,8 +2,8 @@
 
 Per-request latencies (TTFT, inter-token, TPOT, E2E, queue time) are observed in the front end as outputs
 arrive; engine gauges and counters (running/waiting, KV usage, prefix cache, preemptions, cost and energy
-totals) are read from the core's latest stats when /metrics is scraped. The rolling $/Mtok and J/token gauges
-cover the last minute of engine activity.
+totals, speculative decoding) are read from the core's latest stats when /metrics is scraped. The rolling $/Mtok
+and J/token gauges cover the last minute of engine activity.
 """
 
 from __future__ import annotations
@@ -148,6 +148,8 @@ class _EngineCollector:
             c.add_metric(labels, value)
             yield c
         yield from self._rolling(s, labels)
+        if s.spec_method != "none":
+            yield from _speculative(s, labels)
 
     def _rolling(self, s: EngineStats, labels: list[str]):
         first = self._history[0] if self._history else s
@@ -163,6 +165,29 @@ class _EngineCollector:
             j_g.add_metric([*labels, kind, s.energy_source], joules / n if n else 0.0)
         yield usd_g
         yield j_g
+
+
+def _speculative(s: EngineStats, labels: list[str]):
+    """Speculative decoding counters since start, and the ratios read from them."""
+    for name, doc, value in (
+        ("spec_proposed_tokens", f"Draft tokens ({s.spec_method}) verified by the target", s.spec_proposed_tokens),
+        ("spec_accepted_tokens", "Draft tokens accepted", s.spec_accepted_tokens),
+        ("spec_verifications", "Request-steps that verified drafts", s.spec_verified_seqs),
+        ("spec_draft_seconds", "Time spent proposing drafts (part of engine busy time)", s.spec_draft_seconds),
+        ("spec_steps_on", "Engine steps that verified drafts", s.spec_steps_on),
+        ("spec_steps_off", "Engine steps that sampled without drafts (speculation switched off or no guess)",
+         s.spec_steps_off),
+    ):
+        c = CounterMetricFamily(f"tokenfab:{name}", doc, labels=["model_name"])
+        c.add_metric(labels, value)
+        yield c
+    verified = s.spec_verified_seqs
+    yield _gauge("spec_mean_acceptance_length", "Tokens emitted per verification (1 + accepted drafts), since start",
+                 labels, 1 + s.spec_accepted_tokens / verified if verified else 0.0)
+    yield _gauge("spec_acceptance_rate", "Accepted / proposed draft tokens, since start", labels,
+                 s.spec_accepted_tokens / s.spec_proposed_tokens if s.spec_proposed_tokens else 0.0)
+    yield _gauge("spec_draft_time_share", "Draft time / engine busy time, since start", labels,
+                 s.spec_draft_seconds / s.busy_seconds if s.busy_seconds else 0.0)
 
 
 def _gauge(name: str, doc: str, labels: list[str], value: float) -> GaugeMetricFamily:

@@ -14,6 +14,7 @@ from tokenfab.serve.engine_client import AsyncEngineClient
 from tokenfab.serve.metrics import ServerMetrics
 from tokenfab.serve.settings import ServerSettings
 from tokenfab.serve.state import ServerState
+from tokenfab.spec.speculator import check_speculative
 
 log = logging.getLogger("tokenfab.serve")
 
@@ -36,7 +37,9 @@ class _DrainingServer(uvicorn.Server):
 
 
 def build_state(engine: EngineConfig, settings: ServerSettings) -> ServerState:
-    tokenizer = load_tokenizer(resolve_model(engine.model))
+    source = resolve_model(engine.model)
+    check_speculative(engine, source)
+    tokenizer = load_tokenizer(source)
     # Both lambdas look the other object up when called, after both exist.
     metrics = ServerMetrics(settings.served_model_name, lambda: client.stats)
     client = AsyncEngineClient(engine, tokenizer, on_step=lambda result, _: metrics.observe_stats(result.stats))

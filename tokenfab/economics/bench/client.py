@@ -34,10 +34,12 @@ async def probe(client: httpx.AsyncClient) -> dict:
 
 async def stream_completion(client: httpx.AsyncClient, model: str, prompt: str, prompt_tokens: int,
                             max_tokens: int, ignore_eos: bool = True, timeout: float = 600.0,
-                            session: str | None = None, turn: int = 0) -> tuple[RequestRecord, str]:
-    """Send one request; returns its record and the generated text."""
+                            session: str | None = None, turn: int = 0, sampling: dict | None = None
+                            ) -> tuple[RequestRecord, str]:
+    """Send one request (greedy unless `sampling` sets temperature, top_p, seed, ...); returns its record and the
+    generated text."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos}
+            "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos, **(sampling or {})}
     record = RequestRecord(start=time.monotonic(), end=0.0, prompt_tokens=prompt_tokens, session=session, turn=turn)
     pieces: list[str] = []
     try:

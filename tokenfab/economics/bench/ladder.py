@@ -39,9 +39,11 @@ def rungs(concurrencies: tuple[int, ...], quantization: str = "none") -> list[Ru
         Rung("naive: one request at a time, no prefix cache", ("--no-enable-prefix-caching",), 1, (1,)),
         Rung("+ continuous batching", ("--no-enable-prefix-caching",), top),
         Rung("+ prefix caching", ("--enable-prefix-caching",), top),
+        Rung("+ speculative decoding (n-gram, adaptive)", ("--enable-prefix-caching", "--speculative", "ngram"), top),
     ]
     if quantization != "none":
-        out.append(Rung(f"+ {quantization} weights", ("--enable-prefix-caching", "--quantization", quantization), top))
+        # The rungs compound: the last keeps everything above it.
+        out.append(Rung(f"+ {quantization} weights", (*out[-1].flags, "--quantization", quantization), top))
     return out
 
 

@@ -65,11 +65,13 @@ class Run:
         return bound is not None and time.monotonic() - self.started >= bound
 
     async def send(self, client: httpx.AsyncClient, model: str, prompt: str, prompt_tokens: int, max_tokens: int,
-                   session: str | None = None, turn: int = 0) -> tuple[RequestRecord, str]:
+                   session: str | None = None, turn: int = 0, sampling: dict | None = None
+                   ) -> tuple[RequestRecord, str]:
         index = self._sent
         self._sent += 1
         record, text = await stream_completion(client, model, prompt, prompt_tokens, max_tokens,
-                                               self.plan.ignore_eos, self.plan.request_timeout_s, session, turn)
+                                               self.plan.ignore_eos, self.plan.request_timeout_s, session, turn,
+                                               sampling)
         if index >= self.plan.warmup:
             self.records.append(record)
             if self.progress is not None:
@@ -94,7 +96,8 @@ async def _closed_loop(run: Run, client: httpx.AsyncClient, model: str, specs: l
     async def worker() -> None:
         while queue and not run.expired():
             spec = queue.pop()
-            await run.send(client, model, spec.prompt, spec.prompt_tokens, spec.max_tokens, spec.session)
+            await run.send(client, model, spec.prompt, spec.prompt_tokens, spec.max_tokens, spec.session,
+                           sampling=spec.sampling)
 
     await _all(worker() for _ in range(concurrency))
 
@@ -115,7 +118,7 @@ async def _open_loop(run: Run, client: httpx.AsyncClient, model: str, specs: lis
         if run.expired():
             break
         tasks.append(asyncio.create_task(run.send(client, model, spec.prompt, spec.prompt_tokens, spec.max_tokens,
-                                                  spec.session)))
+                                                  spec.session, sampling=spec.sampling)))
     await _all(tasks)
 
 

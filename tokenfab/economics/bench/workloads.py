@@ -23,6 +23,8 @@ class RequestSpec:
     arrival: float | None = None
     """Seconds after the run's start (trace replay); None lets the load generator decide."""
     session: str | None = None
+    sampling: dict | None = None
+    """Extra request fields such as temperature, top_p and seed; None sends greedy requests."""
 
 
 @dataclass(frozen=True, slots=True)
