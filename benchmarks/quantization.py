@@ -101,7 +101,7 @@ class LlamaCppScorer:
 def accuracy(formats: list[str], gguf: Path, args) -> dict:
     from tokenfab.evaluation.runner import evaluate, parse_variant
 
-    variants = [parse_variant(f) for f in formats if f != "none"]
+    variants = [parse_variant(f) for f in formats + args.accuracy_only if f != "none"]
     others = {}
     try:
         others[LLAMACPP] = LlamaCppScorer(gguf, args.window, args.threads)
@@ -175,6 +175,8 @@ def main() -> None:
     ap.add_argument("--tg-tokens", type=int, default=128)
     ap.add_argument("--offline-prompts", type=int, default=32)
     ap.add_argument("--offline-tokens", type=int, default=128)
+    ap.add_argument("--accuracy-only", default="int4/gptq,nvfp4/gptq",
+                    help="further eval variants (tokenfab eval syntax) measured for accuracy only")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--max-eval-tokens", type=int, default=None)
     ap.add_argument("--timeout", type=int, default=3600)
@@ -187,6 +189,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     gguf, hf_dir = default_model_path(), default_model_dir()
     formats = [f for f in args.formats.split(",") if f]
+    args.accuracy_only = [f for f in args.accuracy_only.split(",") if f]
     runs = {} if args.skip_speed else speed_runs(systems(formats, hf_dir, gguf), args)
     acc = accuracy(formats, gguf, args)
     report = {"schema": 1, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rounds": args.rounds,
@@ -195,7 +198,8 @@ def main() -> None:
               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                           "torch": torch.__version__},
               "model": {"gguf": str(gguf), "hf_dir": str(hf_dir)}, "accuracy": acc, "raw": runs}
-    report["rows"] = summarize(runs or {f: {} for f in formats + [LLAMACPP]}, acc, gguf)
+    report["rows"] = summarize({**(runs or {f: {} for f in formats + [LLAMACPP]}),
+                                **{f: {} for f in args.accuracy_only}}, acc, gguf)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quantization.json").write_text(json.dumps(report, indent=1))

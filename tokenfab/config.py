@@ -64,6 +64,8 @@ class EngineConfig:
     """Layer-name globs kept unquantized; None takes the format's measured defaults (tokenfab.quant.plan)."""
     quantization_overrides: tuple[str, ...] = ()
     """`PATTERN=FORMAT` rules, e.g. `lm_head=int8`; checked before the exclusions."""
+    quantization_method: str = "rtn"
+    """rtn (round to nearest) or gptq (error-compensated on shipped calibration text; int4/nvfp4 layers)."""
     pricing: PricingConfig = PricingConfig()
 
     def __post_init__(self) -> None:
@@ -89,7 +91,8 @@ class EngineConfig:
     @property
     def quant_plan(self) -> QuantPlan:
         """The weight format of every linear layer."""
-        return build_plan(self.quantization, self.quantization_exclude, self.quantization_overrides)
+        return build_plan(self.quantization, self.quantization_exclude, self.quantization_overrides,
+                          self.quantization_method)
 
     @property
     def torch_device(self) -> torch.device:
