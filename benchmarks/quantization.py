@@ -130,8 +130,9 @@ def summarize(runs: dict, acc: dict, gguf: Path) -> list[dict]:
         rows.append({
             "system": "llama.cpp" if name == LLAMACPP else "tokenfab",
             "format": name if name != "none" else "none (model dtype)",
-            "plan": sample.get("quantization", sample.get("quant")),
-            "weight_bytes": gguf_weight_bytes(gguf) if name == LLAMACPP else sample.get("weight_bytes"),
+            "plan": "Q4_K_M (GGUF)" if name == LLAMACPP else sample.get("quantization") or a.get("plan"),
+            "weight_bytes": gguf_weight_bytes(gguf) if name == LLAMACPP else
+            sample.get("weight_bytes", a.get("weight_bytes")),
             "peak_rss_mb": max((r.get("peak_rss_mb", 0) for rs in ok.values() for r in rs), default=None),
             "decode_tok_s": _median(ok.get("tg", [])), "offline_tok_s": _median(ok.get("offline", [])),
             "errors": [r["error"] for rs in per.values() for r in rs if "error" in r],
