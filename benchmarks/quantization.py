@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # this checkout's tokenfab, whichever checkout the environment was installed from
 PEERS = Path(os.environ.get("TOKENFAB_PEERS_DIR", REPO / ".peers"))
 LLAMACPP = "llama.cpp Q4_K_M"
 
@@ -52,7 +53,8 @@ def speed_runs(systems: dict[str, list[str]], args) -> dict[str, dict[str, list[
 
 
 def run_json(cmd: list[str], timeout: int) -> dict:
-    env = {**os.environ, "TOKENFAB_PEERS_DIR": str(PEERS)}
+    env = {**os.environ, "TOKENFAB_PEERS_DIR": str(PEERS),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     except subprocess.TimeoutExpired:
