@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # this checkout's tokenfab, whichever checkout the environment was installed from
 PEERS = Path(os.environ.get("TOKENFAB_PEERS_DIR", REPO / ".peers"))
 LLAMACPP = "llama.cpp Q4_K_M"
 
@@ -52,7 +53,8 @@ def speed_runs(systems: dict[str, list[str]], args) -> dict[str, dict[str, list[
 
 
 def run_json(cmd: list[str], timeout: int) -> dict:
-    env = {**os.environ, "TOKENFAB_PEERS_DIR": str(PEERS)}
+    env = {**os.environ, "TOKENFAB_PEERS_DIR": str(PEERS),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     except subprocess.TimeoutExpired:
@@ -101,7 +103,7 @@ class LlamaCppScorer:
 def accuracy(formats: list[str], gguf: Path, args) -> dict:
     from tokenfab.evaluation.runner import evaluate, parse_variant
 
-    variants = [parse_variant(f) for f in formats if f != "none"]
+    variants = [parse_variant(f) for f in formats + args.accuracy_only if f != "none"]
     others = {}
     try:
         others[LLAMACPP] = LlamaCppScorer(gguf, args.window, args.threads)
@@ -130,8 +132,9 @@ def summarize(runs: dict, acc: dict, gguf: Path) -> list[dict]:
         rows.append({
             "system": "llama.cpp" if name == LLAMACPP else "tokenfab",
             "format": name if name != "none" else "none (model dtype)",
-            "plan": sample.get("quantization", sample.get("quant")),
-            "weight_bytes": gguf_weight_bytes(gguf) if name == LLAMACPP else sample.get("weight_bytes"),
+            "plan": "Q4_K_M (GGUF)" if name == LLAMACPP else sample.get("quantization") or a.get("plan"),
+            "weight_bytes": gguf_weight_bytes(gguf) if name == LLAMACPP else
+            sample.get("weight_bytes", a.get("weight_bytes")),
             "peak_rss_mb": max((r.get("peak_rss_mb", 0) for rs in ok.values() for r in rs), default=None),
             "decode_tok_s": _median(ok.get("tg", [])), "offline_tok_s": _median(ok.get("offline", [])),
             "errors": [r["error"] for rs in per.values() for r in rs if "error" in r],
@@ -175,6 +178,8 @@ def main() -> None:
     ap.add_argument("--tg-tokens", type=int, default=128)
     ap.add_argument("--offline-prompts", type=int, default=32)
     ap.add_argument("--offline-tokens", type=int, default=128)
+    ap.add_argument("--accuracy-only", default="int4/gptq,nvfp4/gptq",
+                    help="further eval variants (tokenfab eval syntax) measured for accuracy only")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--max-eval-tokens", type=int, default=None)
     ap.add_argument("--timeout", type=int, default=3600)
@@ -187,6 +192,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     gguf, hf_dir = default_model_path(), default_model_dir()
     formats = [f for f in args.formats.split(",") if f]
+    args.accuracy_only = [f for f in args.accuracy_only.split(",") if f]
     runs = {} if args.skip_speed else speed_runs(systems(formats, hf_dir, gguf), args)
     acc = accuracy(formats, gguf, args)
     report = {"schema": 1, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rounds": args.rounds,
@@ -195,7 +201,8 @@ def main() -> None:
               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                           "torch": torch.__version__},
               "model": {"gguf": str(gguf), "hf_dir": str(hf_dir)}, "accuracy": acc, "raw": runs}
-    report["rows"] = summarize(runs or {f: {} for f in formats + [LLAMACPP]}, acc, gguf)
+    report["rows"] = summarize({**(runs or {f: {} for f in formats + [LLAMACPP]}),
+                                **{f: {} for f in args.accuracy_only}}, acc, gguf)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quantization.json").write_text(json.dumps(report, indent=1))

@@ -274,3 +274,24 @@ def test_shapes_a_format_cannot_block_stay_dense():
     assert isinstance(build_weight("int8", w), Int8Weight)
     with pytest.raises(ValueError, match="unknown weight format 'int3'"):
         build_weight("int3", w)
+
+
+@pytest.mark.parametrize("cls", [Int4Weight, NVFP4Weight], ids=lambda c: c.name)
+def test_gptq_lowers_the_output_error_on_its_calibration_inputs_and_keeps_the_format(cls):
+    from tokenfab.quant.gptq import gptq_quantize
+
+    g = torch.Generator().manual_seed(5)
+    k = 128
+    mixing = torch.randn(k, k, generator=g) * 0.2 + torch.eye(k)
+    x = (torch.randn(1024, k, generator=g) * torch.logspace(-1, 0.5, k)) @ mixing  # correlated, uneven inputs
+    w = torch.randn(64, k, generator=g) * 0.05
+    hessian = 2 * x.t() @ x / x.shape[0]
+    rtn, gptq = cls.quantize(w), gptq_quantize(cls, w, hessian)
+
+    def output_error(q):
+        return ((x @ (q.dequantize() - w).t()).norm() / (x @ w.t()).norm()).item()
+
+    assert output_error(gptq) < 0.8 * output_error(rtn)  # measured 0.049 vs 0.086 (int4), 0.053 vs 0.096
+    assert type(gptq) is cls and gptq.shape == w.shape and gptq.nbytes == rtn.nbytes
+    if cls is NVFP4Weight:
+        assert torch.equal(gptq.global_scale, rtn.global_scale)  # scale_2 from the original amax, as ModelOpt

@@ -167,3 +167,16 @@ def test_the_ladder_gets_a_quantization_rung():
     last = rungs((1, 4), "int4")[-1]
     assert last.name == "+ int4 weights" and last.max_seqs == 4
     assert last.flags == (*rungs((1, 4))[-1].flags, "--quantization", "int4")
+
+
+def test_gptq_method_quantizes_at_load_from_calibration_text(tiny_model):
+    path = tiny_model("gemma3")
+    rtn = make_llm(path, quantization="int4")
+    gptq = make_llm(path, quantization="int4", quantization_method="gptq")
+    assert gptq.engine.core.quantization_label == "int4/gptq (lm_head: int8)"
+    a = rtn.engine.core.model.layers[2].mlp.down_proj.stored
+    b = gptq.engine.core.model.layers[2].mlp.down_proj.stored
+    assert isinstance(b, Int4Weight) and b.nbytes == a.nbytes and not torch.equal(a.packed, b.packed)
+    assert isinstance(gptq.engine.core.model.lm_head.stored, Int8Weight)  # int8 layers stay round-to-nearest
+    out = gptq.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 4

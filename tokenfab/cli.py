@@ -42,12 +42,16 @@ def _quantization_args(p: argparse.ArgumentParser) -> None:
                         "format's measured defaults, see tokenfab.quant.plan)")
     p.add_argument("--quantization-override", action="append", default=[], metavar="GLOB=FORMAT",
                    help="another format for matching layers, e.g. lm_head=int8 (repeatable)")
+    p.add_argument("--quantization-method", default="rtn", choices=["rtn", "gptq"],
+                   help="rtn: round to nearest; gptq: error-compensated codes on shipped calibration text "
+                        "(int4 and nvfp4 layers; slower to load)")
 
 
 def _quantization_options(args: argparse.Namespace) -> dict:
     exclude = tuple(args.quantization_exclude) if args.quantization_exclude is not None else None
     return dict(quantization=args.quantization, quantization_exclude=exclude,
-                quantization_overrides=tuple(args.quantization_override))
+                quantization_overrides=tuple(args.quantization_override),
+                quantization_method=args.quantization_method)
 
 
 def _speculative(args: argparse.Namespace) -> SpeculativeConfig:

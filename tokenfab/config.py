@@ -116,6 +116,8 @@ class EngineConfig:
     """Layer-name globs kept unquantized; None takes the format's measured defaults (tokenfab.quant.plan)."""
     quantization_overrides: tuple[str, ...] = ()
     """`PATTERN=FORMAT` rules, e.g. `lm_head=int8`; checked before the exclusions."""
+    quantization_method: str = "rtn"
+    """rtn (round to nearest) or gptq (error-compensated on shipped calibration text; int4/nvfp4 layers)."""
     pricing: PricingConfig = PricingConfig()
     speculative: SpeculativeConfig = SpeculativeConfig()
 
@@ -143,7 +145,8 @@ class EngineConfig:
     @property
     def quant_plan(self) -> QuantPlan:
         """The weight format of every linear layer."""
-        return build_plan(self.quantization, self.quantization_exclude, self.quantization_overrides)
+        return build_plan(self.quantization, self.quantization_exclude, self.quantization_overrides,
+                          self.quantization_method)
 
     @property
     def torch_device(self) -> torch.device:
@@ -173,7 +176,7 @@ class EngineConfig:
             def bf16(fmt: str) -> str:
                 return "bf16" if fmt == "none" else fmt
 
-            plan = QuantPlan(bf16(plan.default), tuple((p, bf16(f)) for p, f in plan.rules))
+            plan = QuantPlan(bf16(plan.default), tuple((p, bf16(f)) for p, f in plan.rules), plan.method)
             return torch.float32, plan
         return dtype, plan
 

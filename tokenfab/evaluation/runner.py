@@ -19,10 +19,10 @@ import torch
 from tokenfab.evaluation.corpus import corpus_text, windows
 from tokenfab.evaluation.scoring import ModelScorer, Scorer, Tally, score_window
 from tokenfab.models.decoder import DecoderModel
-from tokenfab.models.loading import ModelSource, load_model, load_tokenizer, resolve_model
+from tokenfab.models.loading import ModelSource, load_model, load_tokenizer, quantize_model, resolve_model
 from tokenfab.quant.plan import QuantPlan, build_plan, parse_override
 
-_SPEC = re.compile(r"^(?P<fmt>[a-z0-9]+)(\[(?P<rules>[^\]]*)\])?$")
+_SPEC = re.compile(r"^(?P<fmt>[a-z0-9]+)(/(?P<method>[a-z]+))?(\[(?P<rules>[^\]]*)\])?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,16 +33,17 @@ class Variant:
 
 def parse_variant(spec: str) -> Variant:
     """`int4` (the format with its serving defaults), `int4[]` (every linear layer int4), or
-    `int4[lm_head=int8,layers.0.*=none]` (only the rules given)."""
+    `int4[lm_head=int8,layers.0.*=none]` (only the rules given); `int4/gptq...` picks the gptq method."""
     m = _SPEC.match(spec.strip())
     if not m:
-        raise ValueError(f"bad variant {spec!r}: use FORMAT, FORMAT[] or FORMAT[GLOB=FORMAT,...]")
+        raise ValueError(f"bad variant {spec!r}: use FORMAT[/METHOD], FORMAT[] or FORMAT[GLOB=FORMAT,...]")
+    method = m.group("method") or "rtn"
     if m.group("rules") is None:
-        return Variant(spec, build_plan(m.group("fmt")))
+        return Variant(spec, build_plan(m.group("fmt"), method=method))
     rules = tuple(r for r in m.group("rules").split(",") if r)
     for rule in rules:
         parse_override(rule)
-    return Variant(spec, build_plan(m.group("fmt"), (), rules))
+    return Variant(spec, build_plan(m.group("fmt"), (), rules, method))
 
 
 def load_variant(source: ModelSource, plan: QuantPlan, max_positions: int,
@@ -52,7 +53,7 @@ def load_variant(source: ModelSource, plan: QuantPlan, max_positions: int,
     with torch.no_grad():
         for p in model.parameters():  # tied parameters are visited once
             p.copy_(p.to(reference_dtype).float())
-    model.prepare_weights(plan)
+    quantize_model(model, source, plan)
     return model
 
 

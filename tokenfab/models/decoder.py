@@ -132,14 +132,16 @@ class DecoderModel(nn.Module):
         decoder's, are left to speculative decoding."""
         load_hf_weights(self, weights, stored, keep=lambda name: (layer_index(name) or 0) < self.arch.num_layers)
 
-    def prepare_weights(self, plan: str | QuantPlan) -> None:
+    def prepare_weights(self, plan: str | QuantPlan, hessians: Mapping[str, torch.Tensor] | None = None) -> None:
         """Hand every linear's loaded weight to its storage format (see tokenfab.quant); layers a quantized
-        checkpoint already stored are left as they are."""
+        checkpoint already stored are left as they are. `hessians` (layer name -> X^T X of its inputs) are
+        needed by plans whose method is gptq (see tokenfab.quant.calibration)."""
         plan = QuantPlan(plan) if isinstance(plan, str) else plan
         for name, module in self.named_modules():
             if isinstance(module, Linear) and module.stored is None:
                 tied = module is self.lm_head and self.arch.tie_word_embeddings
-                stored = self._build_weight(name, module.weight.data, plan.format_for(name))
+                hessian = hessians.get(name) if hessians is not None and plan.method == "gptq" else None
+                stored = self._build_weight(name, module.weight.data, plan.format_for(name), hessian)
                 module.use(stored, keep_plain=tied and not isinstance(stored, BF16Weight))
         # bf16 storage: the lookup reads a bf16 table too (the LM head's own when tied) and widens its rows.
         if isinstance(self.lm_head.stored, BF16Weight) and self.arch.tie_word_embeddings:
@@ -147,14 +149,22 @@ class DecoderModel(nn.Module):
         elif plan.default == "bf16":
             self.embed_tokens.weight = nn.Parameter(self.embed_tokens.weight.data.bfloat16(), requires_grad=False)
 
-    def _build_weight(self, name: str, weight: torch.Tensor, fmt: str) -> LinearWeight:
+    def _build_weight(self, name: str, weight: torch.Tensor, fmt: str, hessian: torch.Tensor | None) -> LinearWeight:
         """Fused layers are quantized projection by projection, as a checkpoint stores them (NVFP4's per-tensor
-        scale is then each projection's own), and the parts joined row-wise."""
+        scale is then each projection's own), and the parts joined row-wise; GPTQ treats rows independently
+        given the (shared) input Hessian, so it splits the same way."""
+        from tokenfab.quant import gptq
+
         cls = QUANTIZED_FORMATS.get(fmt)
-        fused = name.rpartition(".")[2]
-        if cls is None or fused not in ("qkv_proj", "gate_up_proj") or not cls.supports(tuple(weight.shape)):
+        if cls is None or not cls.supports(tuple(weight.shape)):
             return build_weight(fmt, weight)
-        return cls.cat_rows([cls.quantize(part) for part in weight.split(_shard_sizes(self, fused))])
+        fused = name.rpartition(".")[2]
+        parts = weight.split(_shard_sizes(self, fused)) if fused in ("qkv_proj", "gate_up_proj") else [weight]
+        if hessian is not None and gptq.supports(cls):
+            built = [gptq.gptq_quantize(cls, part, hessian) for part in parts]
+        else:
+            built = [cls.quantize(part) for part in parts]
+        return built[0] if len(built) == 1 else cls.cat_rows(built)
 
     def weight_bytes_per_token(self) -> int:
         """Weight bytes a single-token forward reads (the embedding row lookup aside)."""

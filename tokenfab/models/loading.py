@@ -90,5 +90,15 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, ma
     model.load_weights(weights, stored)
     model = model.to(dtype)
     if weight_format is not None:
-        model.prepare_weights(weight_format)
+        quantize_model(model, source, weight_format)
     return model.eval()
+
+
+def quantize_model(model: DecoderModel, source: ModelSource, plan: str | QuantPlan) -> None:
+    """prepare_weights, after calibrating on the shipped calibration text when the plan's method needs it."""
+    hessians = None
+    if isinstance(plan, QuantPlan) and plan.method == "gptq":
+        from tokenfab.quant.calibration import calibration_windows, collect_hessians
+
+        hessians = collect_hessians(model, calibration_windows(load_tokenizer(source)))
+    model.prepare_weights(plan, hessians)
