@@ -30,8 +30,10 @@ from common import synth_prompts  # noqa: E402
 from tokenfab.platform.machine import cpu_name  # noqa: E402
 
 WORKLOADS = ("offline", "tg128", "pp512")
-TOKENFAB_VARIANTS = {"tokenfab": [], "tokenfab-bf16": ["--dtype", "bfloat16"]}
-"""tokenfab configurations: the default (fp32 on CPUs without bf16 arithmetic) and bf16 weight storage."""
+TOKENFAB_VARIANTS = {"tokenfab": [], "tokenfab-bf16": ["--dtype", "bfloat16"],
+                     **{f"tokenfab-{q}": ["--quantization", q] for q in ("int8", "int4", "nvfp4")}}
+"""tokenfab configurations: the default (fp32 on CPUs without bf16 arithmetic), bf16 weight storage, and the
+quantized formats with their default plans (4-bit formats keep the LM head in int8)."""
 
 
 def systems(hf_dir: Path, gguf: Path) -> dict[str, tuple[list[str], str | None]]:
