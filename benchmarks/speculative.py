@@ -8,8 +8,8 @@ Workloads (deterministic, fresh prompts for every point so no point hits a prefi
   with one word replaced, quote a tool's output back, and agentic turns that quote the tool output of the turn.
 - open-ended, sampled (temperature 0.8, top-p 0.95, a seed per request): stories, letters, essays, explanations.
 
-Systems run one after another and the whole set is repeated (A B C D A B C D ...); each figure is the median over
-repeats. Reported per point: tok/s per user (1 / median TPOT), total output tok/s, mean acceptance length
+All servers are started at once (an idle one takes no CPU) and every point runs on each system in turn
+(A B C D), the whole set repeated with fresh prompts; each figure is the median over repeats. Reported per point: tok/s per user (1 / median TPOT), total output tok/s, mean acceptance length
 (1 + accepted drafts per verification, from each server's own counters), $/Mtok output from device time at the
 stated price, and for tokenfab also from the usage.cost it reports. Writes speculative.json and speculative.md.
 """
@@ -175,25 +175,40 @@ def point_summary(result: dict, price_per_hour: float) -> dict:
             "server_counters": result["counters"]}
 
 
-def run_system(name: str, args: argparse.Namespace, points: list[tuple[str, int]], seed: int) -> dict:
-    kind, flags = SYSTEMS[name]
-    port = free_port()
-    spec = server_spec(kind, port, args.peers_dir, args.threads, max(c for _, c in points), args.max_model_len,
-                       flags)
-    server = launch(spec, port, args.out / "logs")
-    results = {}
+def launch_all(systems: list[str], args: argparse.Namespace, max_seqs: int) -> dict:
+    """Start every system's server at once; an idle server takes no CPU, so points can alternate between them."""
+    servers = {}
     try:
+        for name in systems:
+            kind, flags = SYSTEMS[name]
+            if kind == "tokenfab":
+                flags = [*flags, "--kv-cache-memory-gb", str(args.kv_cache_memory_gb)]
+            port = free_port()
+            spec = server_spec(kind, port, args.peers_dir, args.threads, max_seqs, args.max_model_len, flags)
+            servers[name] = launch(spec, port, args.out / "logs")
+    except BaseException:
+        for server in servers.values():
+            server.stop()
+        raise
+    return servers
+
+
+def run_points(servers: dict, args: argparse.Namespace, points: list[tuple[str, int]]) -> dict:
+    """Every point on every system in turn (A B C D per point), repeated; fresh prompts each time."""
+    runs: dict[str, dict[str, list[dict]]] = {name: {} for name in servers}
+    for repeat in range(args.repeats):
         for workload_name, concurrency in points:
             n = 1 + (args.requests_c1 if concurrency == 1 else 2 * concurrency)
-            specs = workload(workload_name, n, args.max_tokens, seed * 100 + concurrency)
-            result = asyncio.run(run_point(server.url, specs, concurrency, args.timeout))
-            results[f"{workload_name}@{concurrency}"] = point_summary(result, args.price_per_hour)
-            r = results[f"{workload_name}@{concurrency}"]
-            print(f"  {name:16s} {workload_name:5s} c={concurrency:<3d} {r['tok_s_per_user'] or 0:7.1f} tok/s/user "
-                  f"{r['total_tok_s'] or 0:7.1f} tok/s  accept {r['acceptance_length'] or 0:.2f}", flush=True)
-    finally:
-        server.stop()
-    return results
+            for name, server in servers.items():
+                seed = repeat * 100 + concurrency  # the same prompts for every system
+                result = asyncio.run(run_point(server.url, workload(workload_name, n, args.max_tokens, seed),
+                                               concurrency, args.timeout))
+                r = point_summary(result, args.price_per_hour)
+                runs[name].setdefault(f"{workload_name}@{concurrency}", []).append(r)
+                print(f"  [{repeat + 1}/{args.repeats}] {name:16s} {workload_name:5s} c={concurrency:<3d} "
+                      f"{r['tok_s_per_user'] or 0:7.1f} tok/s/user {r['total_tok_s'] or 0:7.1f} tok/s  "
+                      f"acceptance length {r['acceptance_length'] or 0:.2f}", flush=True)
+    return runs
 
 
 def median(values: list) -> float | None:
@@ -214,8 +229,8 @@ def markdown(doc: dict) -> str:
              f"{doc['threads']} threads. Price ${doc['price_per_hour']}/device-hour. tokenfab serves the default "
              "model (the Q4_K_M GGUF dequantized, fp32 here); llama.cpp serves the Q4_K_M GGUF itself. "
              f"{doc['max_tokens']} output tokens per request; concurrency 1: {doc['requests_c1']} requests, "
-             f"concurrency 16: 32 requests (after one warm-up request each). Medians over {doc['repeats']} repeats "
-             "(systems interleaved).", "",
+             f"concurrency 16: 32 requests (after one warm-up request each). Medians over {doc['repeats']} repeats; "
+             "the systems take turns at every point.", "",
              f"Command: `{doc['command']}`", "",
              "| system | workload | concurrency | tok/s per user | total tok/s | acceptance length | "
              "$/Mtok (device time) | $/Mtok (usage.cost) |", "|---|---|---|---|---|---|---|---|"]
@@ -257,6 +272,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="per tokenfab server")
     p.add_argument("--price-per-hour", type=float, default=0.09, help="device $/h (default: 2 cores x $0.045)")
     p.add_argument("--peers-dir", type=Path, default=Path("/work/main/.peers"))
     p.add_argument("--timeout", type=float, default=900.0)
@@ -265,12 +281,13 @@ def main() -> None:
     systems = [s for s in args.systems.split(",") if s]
     points = [(w, int(c)) for w in args.workloads.split(",") for c in args.concurrency.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, list[dict]] = {s: [] for s in systems}
-    for repeat in range(args.repeats):
-        for system in systems:
-            print(f"repeat {repeat + 1}/{args.repeats}: {system}", flush=True)
-            runs[system].append(run_system(system, args, points, seed=repeat))
-    results = {s: {f"{w}@{c}": combine([r[f"{w}@{c}"] for r in runs[s]]) for w, c in points} for s in systems}
+    servers = launch_all(systems, args, max(c for _, c in points))
+    try:
+        runs = run_points(servers, args, points)
+    finally:
+        for server in servers.values():
+            server.stop()
+    results = {s: {p: combine(r) for p, r in runs[s].items()} for s in systems}
     doc = {"kind": "tokenfab-speculative-benchmark", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "tokenfab_version": __version__, "machine": machine.describe(), "threads": args.threads,
            "price_per_hour": args.price_per_hour, "max_tokens": args.max_tokens, "requests_c1": args.requests_c1,

@@ -6,9 +6,9 @@ import os
 # or shared machines); waiting passively measured the same on an idle machine. Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from tokenfab.config import EngineConfig  # noqa: E402
+from tokenfab.config import EngineConfig, SpeculativeConfig  # noqa: E402
 from tokenfab.engine.types import CompletionOutput, RequestOutput, SamplingParams  # noqa: E402
 from tokenfab.llm import LLM  # noqa: E402
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "EngineConfig", "SpeculativeConfig", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"

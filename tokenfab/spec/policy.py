@@ -194,11 +194,11 @@ class AdaptivePolicy:
         worth = self.config.probe_alpha > rate * (c_tok + c_row + c_seq)
         for i, c in enumerate(candidates):
             state = self._requests.setdefault(c.request_id, _Acceptance())
-            if choice.ks[i] or c.cap == 0:
+            if choice.ks[i]:
                 state.steps_off = 0
                 continue
             state.steps_off += 1
-            if worth and state.steps_off >= self.config.probe_interval:
+            if worth and c.cap and state.steps_off >= self.config.probe_interval:
                 choice.ks[i] = 1
                 choice.probes += 1
                 state.steps_off = 0
