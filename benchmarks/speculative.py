@@ -240,7 +240,8 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {system} | {workload_name} | {concurrency} | {_f(r['tok_s_per_user'])} | "
                          f"{_f(r['total_tok_s'])} | {_f(r['acceptance_length'], 2)} | "
                          f"{_f(r['usd_per_mtok_device'], 3)} | {_f(r['usd_per_mtok_reported'], 3)} |")
-    lines += ["", "Speculation on / off, same system:", "", "| system | copy c=1 tok/s per user | copy c=16 total tok/s | "
+    lines += ["", "Speculation on / off, same system (median over repeats of the ratio within a repeat, where the two "
+              "ran back to back):", "", "| system | copy c=1 tok/s per user | copy c=16 total tok/s | "
               "open c=1 tok/s per user | open c=16 total tok/s |", "|---|---|---|---|---|"]
     for base in ("tokenfab", "llama.cpp"):
         on, off = doc["results"].get(f"{base}+ngram"), doc["results"].get(base)
@@ -258,8 +259,11 @@ def _f(v, digits: int = 1) -> str:
 
 
 def _x(on: dict, off: dict, point: str, key: str) -> str:
-    a, b = on.get(point, {}).get(key), off.get(point, {}).get(key)
-    return f"{a / b:.2f}x" if a and b else "-"
+    pairs = zip(on.get(point, {}).get("repeats", []), off.get(point, {}).get("repeats", []))
+    ratios = [a[key] / b[key] for a, b in pairs if a[key] and b[key]]
+    if not ratios:
+        return "-"
+    return f"{statistics.median(ratios):.2f}x ({', '.join(f'{r:.2f}' for r in ratios)})"
 
 
 def main() -> None:
@@ -277,7 +281,11 @@ def main() -> None:
     p.add_argument("--peers-dir", type=Path, default=Path("/work/main/.peers"))
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/reports/speculative"))
+    p.add_argument("--render", type=Path, default=None, help="only rewrite the Markdown of this JSON")
     args = p.parse_args()
+    if args.render:
+        args.render.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())))
+        return
     systems = [s for s in args.systems.split(",") if s]
     points = [(w, int(c)) for w in args.workloads.split(",") for c in args.concurrency.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
