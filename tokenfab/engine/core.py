@@ -23,9 +23,8 @@ from tokenfab.engine.kv_cache_manager import KVCacheManager
 from tokenfab.engine.kv_sizing import plan_kv_blocks
 from tokenfab.engine.messages import CoreOutput, CoreRequest, EngineStats
 from tokenfab.engine.model_runner import ModelRunner, RunOutput
-from tokenfab.engine.sampler import Sampler
+from tokenfab.engine.sampler import SampleResult, Sampler
 from tokenfab.engine.scheduler import Scheduler
-from tokenfab.engine.sampler import SampleResult
 from tokenfab.engine.types import Request, RequestStatus, ScheduledRequest, StepPlan, TokenLogprobs
 from tokenfab.models.loading import ModelSource, load_model, resolve_model
 from tokenfab.platform.power import select_meter
