@@ -32,54 +32,46 @@ def _opt(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _prepare(x: torch.Tensor, K: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+def _prepare(x: torch.Tensor, K: int) -> tuple[torch.Tensor, int]:
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} features, weight expects {K}")
     x2 = x.reshape(-1, K)
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
-    return x2, x2.shape[0], x2
+    return x2, x2.shape[0]
 
 
 def _finish(x: torch.Tensor, y: torch.Tensor, N: int) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], N)
 
 
-def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    N, K = w.shape
-    x2, M, _ = _prepare(x, K)
+def _linear(kernel: str, x: torch.Tensor, N: int, K: int, *weight_args: object) -> torch.Tensor:
+    """Run `kernel(x, *weight_args, y, M, N, K, threads)` and shape y like x."""
+    x2, M = _prepare(x, K)
     y = torch.empty(M, N, dtype=torch.float32)
-    load_library().tf_linear_bf16(_ptr(x2), _ptr(w), _ptr(y), M, N, K, torch.get_num_threads())
+    getattr(load_library(), kernel)(_ptr(x2), *weight_args, _ptr(y), M, N, K, torch.get_num_threads())
     return _finish(x, y, N)
+
+
+def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return _linear("tf_linear_bf16", x, *w.shape, _ptr(w))
 
 
 def linear_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    N, K = w.shape
-    x2, M, _ = _prepare(x, K)
-    y = torch.empty(M, N, dtype=torch.float32)
-    load_library().tf_linear_i8(_ptr(x2), _ptr(w), _ptr(scale), _ptr(y), M, N, K, torch.get_num_threads())
-    return _finish(x, y, N)
+    return _linear("tf_linear_i8", x, *w.shape, _ptr(w), _ptr(scale))
 
 
 def linear_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """w: float8_e4m3fn [N, K] (or its bytes as uint8); scale float32 [N]."""
-    N, K = w.shape
-    x2, M, _ = _prepare(x, K)
-    y = torch.empty(M, N, dtype=torch.float32)
-    load_library().tf_linear_fp8(_ptr(x2), _ptr(w), _ptr(scale), _ptr(y), M, N, K, torch.get_num_threads())
-    return _finish(x, y, N)
+    return _linear("tf_linear_fp8", x, *w.shape, _ptr(w), _ptr(scale))
 
 
 def linear_lut4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int, rows: torch.Tensor | None,
                 lut: torch.Tensor, lut_mult: float) -> torch.Tensor:
     """packed uint8 [N, K/2] (even column in the low nibble); scales float16 [N, K/group]; rows float32 [N] or None;
     lut int8 [16] code -> value / lut_mult."""
-    N, K = packed.shape[0], packed.shape[1] * 2
-    x2, M, _ = _prepare(x, K)
-    y = torch.empty(M, N, dtype=torch.float32)
-    load_library().tf_linear_lut4(_ptr(x2), _ptr(packed), _ptr(scales), group, _opt(rows), _ptr(lut), lut_mult,
-                                  _ptr(y), M, N, K, torch.get_num_threads())
-    return _finish(x, y, N)
+    return _linear("tf_linear_lut4", x, packed.shape[0], packed.shape[1] * 2, _ptr(packed), _ptr(scales), group,
+                   _opt(rows), _ptr(lut), lut_mult)
 
 
 def linear_lut4_q8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int, rows: torch.Tensor | None,
@@ -92,12 +84,9 @@ def linear_lut4_q8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
         raise ValueError(f"W4A8 needs K % 32 == 0 and group 16 or 32, fp8 scales with 16 (K={K}, group={group})")
     if scales.dtype not in (torch.float16, torch.float8_e4m3fn):
         raise ValueError(f"scales must be float16 or float8_e4m3fn, not {scales.dtype}")
-    x2, M, _ = _prepare(x, K)
-    y = torch.empty(M, N, dtype=torch.float32)
     mult = lut_mult * 256.0 if fp8 else lut_mult  # the kernel's fp8 -> fp16 widening leaves values 2^-8 small
-    load_library().tf_linear_lut4_q8(_ptr(x2), _ptr(packed), _ptr(scales), group, int(fp8), _opt(rows), _ptr(lut),
-                                     mult, _ptr(y), M, N, K, torch.get_num_threads())
-    return _finish(x, y, N)
+    return _linear("tf_linear_lut4_q8", x, N, K, _ptr(packed), _ptr(scales), group, int(fp8), _opt(rows), _ptr(lut),
+                   mult)
 
 
 def linear_int8_q8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -105,10 +94,7 @@ def linear_int8_q8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> tor
     N, K = w.shape
     if K % 32:
         raise ValueError(f"W8A8 needs K % 32 == 0 (K={K})")
-    x2, M, _ = _prepare(x, K)
-    y = torch.empty(M, N, dtype=torch.float32)
-    load_library().tf_linear_i8_q8(_ptr(x2), _ptr(w), _ptr(scale), _ptr(y), M, N, K, torch.get_num_threads())
-    return _finish(x, y, N)
+    return _linear("tf_linear_i8_q8", x, N, K, _ptr(w), _ptr(scale))
 
 
 def quantize_rows_q8(x: torch.Tensor) -> torch.Tensor:
