@@ -104,26 +104,55 @@ def test_bf16_weight_format_uses_kernel_and_torch_for_large_batches() -> None:
         _close(w.matmul(x), x @ w.dequantize().t())
 
 
+SHORT_SPANS = [(0, 1), (3, 17), (5, 24), (0, 32)]
+LONG_SPANS = [(0, 1), (6, 301), (0, 129), (64, 64)]
+"""Long spans are split across threads (each part merged by its own max and sum), including parts left empty
+by a short span and an empty span."""
+
+
+@pytest.mark.parametrize("spans,threads", [(SHORT_SPANS, 2), (LONG_SPANS, 2), (LONG_SPANS[1:2], 2),
+                                           (LONG_SPANS, 5)])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(4, 1, 256), (8, 2, 64), (2, 2, 20)])
-def test_paged_decode_attention_matches_softmax_over_the_span(heads: int, kv_heads: int, dim: int) -> None:
+def test_paged_decode_attention_matches_softmax_over_the_span(spans: list[tuple[int, int]], threads: int,
+                                                              heads: int, kv_heads: int, dim: int) -> None:
     """Scattered blocks, spans that start mid-block (sliding window) and end mid-block, one-token spans."""
     g = torch.Generator().manual_seed(heads * dim)
-    block_size, num_blocks = 4, 40
+    block_size, num_blocks = 4, 100
     k_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=g)
     v_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=g)
-    spans = [(0, 1), (3, 17), (5, 24), (0, 32)]
-    blocks = torch.stack([torch.randperm(num_blocks, generator=g)[:8] for _ in spans])
+    blocks = torch.stack([torch.randperm(num_blocks, generator=g)[:80] for _ in spans])
     lo = torch.tensor([a for a, _ in spans], dtype=torch.int32)
     hi = torch.tensor([b for _, b in spans], dtype=torch.int32)
     q = torch.randn(len(spans), heads, dim, generator=g)
-    out = kernels.paged_decode_attention(q, k_cache, v_cache, blocks, lo, hi, block_size, 0.125)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = kernels.paged_decode_attention(q, k_cache, v_cache, blocks, lo, hi, block_size, 0.125)
+    finally:
+        torch.set_num_threads(before)
     for b, (a, e) in enumerate(spans):
         pos = torch.arange(a, e)
         slots = blocks[b, pos // block_size] * block_size + pos % block_size
         keys = k_cache[slots].repeat_interleave(heads // kv_heads, dim=1)  # [span, heads, dim]
         values = v_cache[slots].repeat_interleave(heads // kv_heads, dim=1)
+        if e == a:
+            assert torch.equal(out[b], torch.zeros_like(out[b]))
+            continue
         weights = torch.softmax(torch.einsum("hd,shd->hs", q[b], keys) * 0.125, dim=-1)
         torch.testing.assert_close(out[b], torch.einsum("hs,shd->hd", weights, values), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("post", [True, False])
+@pytest.mark.parametrize("rows,dim", [(1, 640), (3, 20), (70, 1152)])
+def test_add_rms_norm_equals_post_norm_add_then_norm(post: bool, rows: int, dim: int) -> None:
+    g = torch.Generator().manual_seed(rows * dim + post)
+    x, h = torch.randn(rows, dim, generator=g) * 2, torch.randn(rows, dim, generator=g) * 5
+    hw, w = torch.randn(dim, generator=g), torch.randn(dim, generator=g)
+    ref_x = x + (kernels.rms_norm(h, hw, 1e-6) if post else h)
+    normed = kernels.add_rms_norm_(x, h, hw if post else None, w, 1e-6)
+    assert torch.equal(x, ref_x)  # the residual is updated in place, bit for bit as the separate ops
+    assert torch.equal(normed, kernels.rms_norm(ref_x, w, 1e-6))
+    torch.testing.assert_close(normed, F.rms_norm(ref_x, (dim,), w, 1e-6), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("with_norm", [True, False])

@@ -113,6 +113,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
+def add_rms_norm_(x: torch.Tensor, h: torch.Tensor, h_weight: torch.Tensor | None, weight: torch.Tensor,
+                  eps: float) -> torch.Tensor:
+    """In place on the residual x [T, dim] (float32, contiguous): x += rms_norm(h) * h_weight (or x += h when
+    h_weight is None); returns rms_norm(x) * weight, all in one pass per row."""
+    if not (x.is_contiguous() and h.is_contiguous()) or x.shape != h.shape:
+        raise ValueError("x and h must be contiguous and of one shape")
+    dim = x.shape[-1]
+    out = torch.empty_like(x)
+    load_library().tf_add_rmsnorm(_ptr(x), _ptr(h), _opt(h_weight), _ptr(weight), _ptr(out), x.numel() // dim, dim,
+                                  eps, torch.get_num_threads())
+    return out
+
+
 def qk_norm_rope_(qkv: torch.Tensor, heads: int, kv_heads: int, dim: int, q_weight: torch.Tensor | None,
                   k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """In place on qkv [T, >= (heads + kv_heads) * dim] float32 (rows contiguous): per-head RMSNorm of query and

@@ -14,7 +14,7 @@ from torch import nn
 from tokenfab.attention.backend import current_forward_context
 from tokenfab.kernels import cpu as kernels
 from tokenfab.models.arch import ArchConfig
-from tokenfab.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, gated_activation
+from tokenfab.models.layers import Linear, RMSNorm, RotaryEmbedding, add_norm, apply_rotary, gated_activation
 from tokenfab.quant import QUANTIZED_FORMATS, LinearWeight, build_weight
 from tokenfab.quant.plan import QuantPlan
 from tokenfab.quant.bf16 import BF16Weight
@@ -82,14 +82,18 @@ class DecoderLayer(nn.Module):
         self.post_mlp_norm = RMSNorm(arch.hidden_size, eps) if arch.sandwich_norm else None
 
     def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
-        h = self.self_attn(rope, self.attn_norm(x))
-        if self.post_attn_norm is not None:
-            h = self.post_attn_norm(h)
-        x = x + h
-        h = self.mlp(self.mlp_norm(x))
-        if self.post_mlp_norm is not None:
-            h = self.post_mlp_norm(h)
-        return x + h
+        """The layer on its own (MTP modules): the residual stream after it."""
+        x, _ = self.run(rope, x.clone(), self.attn_norm(x), None)
+        return x
+
+    def run(self, rope: Rope, x: torch.Tensor, normed: torch.Tensor, next_norm: RMSNorm | None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: the residual stream (may be updated in place); normed: attn_norm(x). Returns the stream after the
+        layer and next_norm of it: each norm is fused with the residual add before it (see add_norm)."""
+        h = self.self_attn(rope, normed)
+        x, normed = add_norm(x, h, self.post_attn_norm, self.mlp_norm)
+        h = self.mlp(normed)
+        return add_norm(x, h, self.post_mlp_norm, next_norm)
 
 
 class DecoderModel(nn.Module):
@@ -117,9 +121,12 @@ class DecoderModel(nn.Module):
             x = x * torch.tensor(self.arch.embed_scale, dtype=x.dtype)
         full = self.rope_full.table(positions, x.dtype)
         sliding = self.rope_sliding.table(positions, x.dtype) if self.arch.rope_sliding != self.arch.rope_full else full
-        for layer in self.layers:
-            x = layer(sliding if layer.sliding else full, x)
-        return self.norm(x)
+        normed = self.layers[0].attn_norm(x)
+        for i, layer in enumerate(self.layers):
+            last = i + 1 == len(self.layers)
+            x, normed = layer.run(sliding if layer.sliding else full, x, normed,
+                                  self.norm if last else self.layers[i + 1].attn_norm)
+        return normed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -62,6 +62,19 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
+def add_norm(x: torch.Tensor, h: torch.Tensor, post: RMSNorm | None, norm: RMSNorm | None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The residual step after a sublayer: x + post(h) (x + h without a post-sublayer norm), and `norm` of that
+    sum for the next sublayer (None without one). May update x in place: the caller owns the residual stream.
+    On CPU in fp32 it is one kernel call instead of three tensor ops and two norms."""
+    if norm is not None and x.dtype == torch.float32 and x.device.type == "cpu" and kernels.available():
+        normed = kernels.add_rms_norm_(x, h.contiguous(), post.weight if post is not None else None, norm.weight,
+                                       norm.eps)
+        return x, normed
+    x = x + (post(h) if post is not None else h)
+    return x, norm(x) if norm is not None else None
+
+
 def gated_activation(name: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if name == "gelu_tanh":
         return F.gelu(gate, approximate="tanh") * up

@@ -354,6 +354,22 @@ LUT4 make_lut4(const uint8_t* packed, const uint16_t* scales, int64_t group, con
   return LUT4{packed, scales, rows, _mm_loadu_si128(reinterpret_cast<const __m128i*>(lut)), lut_mult, K, group};
 }
 
+inline void rmsnorm_row(const float* x, const float* w, float* out, int64_t dim, float eps) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= dim; k += 8) {
+    __m256 v = _mm256_loadu_ps(x + k);
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  float ss = hsum(acc);
+  for (; k < dim; ++k) ss += x[k] * x[k];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(dim) + eps);
+  const __m256 iv = _mm256_set1_ps(inv);
+  for (k = 0; k + 8 <= dim; k += 8)
+    _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), iv), _mm256_loadu_ps(w + k)));
+  for (; k < dim; ++k) out[k] = x[k] * inv * w[k];
+}
+
 }  // namespace
 
 extern "C" {
@@ -382,22 +398,29 @@ void tf_linear_lut4(const float* x, const uint8_t* packed, const uint16_t* scale
 void tf_rmsnorm(const float* x, const float* w, float* out, int64_t rows, int64_t dim, float eps, int threads) {
   const int nt = rows * dim >= (1 << 16) ? threads : 1;
 #pragma omp parallel for schedule(static) num_threads(nt)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * dim;
-    float* o = out + r * dim;
-    __m256 acc = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= dim; k += 8) {
-      __m256 v = _mm256_loadu_ps(xr + k);
-      acc = _mm256_fmadd_ps(v, v, acc);
+  for (int64_t r = 0; r < rows; ++r) rmsnorm_row(x + r * dim, w, out + r * dim, dim, eps);
+}
+
+// The residual step between sublayers, in one pass per row: x[r] += (hw ? rmsnorm(h[r]) * hw : h[r]) (Gemma's
+// post-sublayer norm when hw is given), then out[r] = rmsnorm(x[r]) * w (the next sublayer's input norm).
+// Same arithmetic as tf_rmsnorm and an fp32 add, so it equals the three separate operations bit for bit.
+void tf_add_rmsnorm(float* x, const float* h, const float* hw, const float* w, float* out, int64_t rows,
+                    int64_t dim, float eps, int threads) {
+  const int nt = rows * dim >= (1 << 16) ? threads : 1;
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> normed(hw != nullptr ? dim : 0);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      float* xr = x + r * dim;
+      const float* hr = h + r * dim;
+      if (hw != nullptr) {
+        rmsnorm_row(hr, hw, normed.data(), dim, eps);
+        hr = normed.data();
+      }
+      for (int64_t k = 0; k < dim; ++k) xr[k] += hr[k];
+      rmsnorm_row(xr, w, out + r * dim, dim, eps);
     }
-    float ss = hsum(acc);
-    for (; k < dim; ++k) ss += xr[k] * xr[k];
-    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(dim) + eps);
-    const __m256 iv = _mm256_set1_ps(inv);
-    for (k = 0; k + 8 <= dim; k += 8)
-      _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + k), iv), _mm256_loadu_ps(w + k)));
-    for (; k < dim; ++k) o[k] = xr[k] * inv * w[k];
   }
 }
 
@@ -430,72 +453,109 @@ void tf_qk_norm_rope(float* qkv, int64_t tokens, int64_t row_stride, int64_t hea
   }
 }
 
-// Decode attention straight from the paged cache: no gathered copy of K/V, no padding. One task per
-// (sequence, kv head); the group of query heads sharing that kv head reads each key and value once.
-// Sequence b attends to positions [lo[b], hi[b]) of its block list `blocks[b, :]` (block ids, fp32 cache laid
-// out [slots, kv_heads, dim], slot = block * block_size + offset). Scores for the whole span are kept so the
-// softmax is exact (two passes: keys, then values).
-void tf_paged_decode_attention(const float* q, const float* k_cache, const float* v_cache, const int64_t* blocks,
-                               int64_t max_blocks, const int32_t* lo, const int32_t* hi, int64_t batch,
-                               int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size, float scale,
-                               float* out, int threads) {
-  const int64_t group = heads / kv_heads;
+}  // extern "C"
+
+// Decode attention straight from the paged cache: no gathered copy of K/V, no padding. Sequence b attends to
+// positions [lo[b], hi[b]) of its block list `blocks[b, :]` (block ids, fp32 cache laid out
+// [slots, kv_heads, dim], slot = block * block_size + offset); the group of query heads sharing a kv head reads
+// each key and value once. Work is split into (sequence, kv head, span part) tasks so that a single sequence
+// with one kv head (batch-1 decode of a small GQA model) still uses every thread: each part keeps its own
+// running max, sum and unnormalized output, merged exactly afterwards (split-K, as in flash-decoding).
+namespace {
+
+constexpr int64_t MIN_SPAN_PER_PART = 64;
+
+// Positions [p0, p1) of one (sequence, kv head): scores into `scores`, then max, sum of exponentials and the
+// unnormalized weighted values (relative to that max) for each query head of the group.
+void attend_part(const float* qb, const float* k_cache, const float* v_cache, const int64_t* table, int64_t lo,
+                 int64_t p0, int64_t p1, int64_t h, int64_t group, int64_t kv_heads, int64_t dim,
+                 int64_t block_size, float scale, float* scores, float* best, float* total, float* acc) {
+  const int64_t span = p1 - p0;
+  for (int64_t g = 0; g < group; ++g) best[g] = -INFINITY, total[g] = 0.0f;
+  for (int64_t p = 0; p < span; ++p) {
+    const int64_t pos = lo + p0 + p;
+    const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
+    const float* kp = k_cache + (slot * kv_heads + h) * dim;
+    for (int64_t g = 0; g < group; ++g) {
+      __m256 a = _mm256_setzero_ps();
+      int64_t d = 0;
+      for (; d + 8 <= dim; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qb + g * dim + d), _mm256_loadu_ps(kp + d), a);
+      float sc = hsum(a);
+      for (; d < dim; ++d) sc += qb[g * dim + d] * kp[d];
+      sc *= scale;
+      scores[g * span + p] = sc;
+      best[g] = std::max(best[g], sc);
+    }
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t p = 0; p < span; ++p) {
+      const float e = std::exp(scores[g * span + p] - best[g]);
+      scores[g * span + p] = e;
+      total[g] += e;
+    }
+  std::fill(acc, acc + group * dim, 0.0f);
+  for (int64_t p = 0; p < span; ++p) {
+    const int64_t pos = lo + p0 + p;
+    const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
+    const float* vp = v_cache + (slot * kv_heads + h) * dim;
+    for (int64_t g = 0; g < group; ++g) {
+      const __m256 w = _mm256_set1_ps(scores[g * span + p]);
+      float* ag = acc + g * dim;
+      int64_t d = 0;
+      for (; d + 8 <= dim; d += 8) _mm256_storeu_ps(ag + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(vp + d), _mm256_loadu_ps(ag + d)));
+      for (; d < dim; ++d) ag[d] += scores[g * span + p] * vp[d];
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" void tf_paged_decode_attention(const float* q, const float* k_cache, const float* v_cache,
+                                          const int64_t* blocks, int64_t max_blocks, const int32_t* lo,
+                                          const int32_t* hi, int64_t batch, int64_t heads, int64_t kv_heads,
+                                          int64_t dim, int64_t block_size, float scale, float* out, int threads) {
+  const int64_t group = heads / kv_heads, pairs = batch * kv_heads;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) longest = std::max<int64_t>(longest, hi[b] - lo[b]);
+  const int64_t parts = std::max<int64_t>(
+      1, std::min<int64_t>((threads + pairs - 1) / pairs, longest / MIN_SPAN_PER_PART));
+  std::vector<float> best(pairs * parts * group), total(pairs * parts * group), acc(pairs * parts * group * dim);
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> scores;
-    std::vector<float> acc(group * dim);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < batch * kv_heads; ++task) {
-      const int64_t b = task / kv_heads, h = task % kv_heads;
-      const int64_t span = hi[b] - lo[b];
-      scores.resize(group * span);
-      const float* qb = q + (b * heads + h * group) * dim;
-      const int64_t* table = blocks + b * max_blocks;
-      std::vector<float> best(group, -INFINITY);
-      for (int64_t p = 0; p < span; ++p) {
-        const int64_t pos = lo[b] + p;
-        const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
-        const float* kp = k_cache + (slot * kv_heads + h) * dim;
-        for (int64_t g = 0; g < group; ++g) {
-          __m256 a = _mm256_setzero_ps();
-          int64_t d = 0;
-          for (; d + 8 <= dim; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qb + g * dim + d), _mm256_loadu_ps(kp + d), a);
-          float sc = hsum(a);
-          for (; d < dim; ++d) sc += qb[g * dim + d] * kp[d];
-          sc *= scale;
-          scores[g * span + p] = sc;
-          best[g] = std::max(best[g], sc);
-        }
-      }
-      std::vector<float> total(group, 0.0f);
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t p = 0; p < span; ++p) {
-          const float e = std::exp(scores[g * span + p] - best[g]);
-          scores[g * span + p] = e;
-          total[g] += e;
-        }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t p = 0; p < span; ++p) {
-        const int64_t pos = lo[b] + p;
-        const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
-        const float* vp = v_cache + (slot * kv_heads + h) * dim;
-        for (int64_t g = 0; g < group; ++g) {
-          const __m256 w = _mm256_set1_ps(scores[g * span + p]);
-          float* ag = acc.data() + g * dim;
-          int64_t d = 0;
-          for (; d + 8 <= dim; d += 8)
-            _mm256_storeu_ps(ag + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(vp + d), _mm256_loadu_ps(ag + d)));
-          for (; d < dim; ++d) ag[d] += scores[g * span + p] * vp[d];
-        }
-      }
+    for (int64_t task = 0; task < pairs * parts; ++task) {
+      const int64_t pair = task / parts, part = task % parts, b = pair / kv_heads, h = pair % kv_heads;
+      const int64_t span = hi[b] - lo[b], p0 = span * part / parts, p1 = span * (part + 1) / parts;
+      scores.resize(group * std::max<int64_t>(p1 - p0, 1));
+      attend_part(q + (b * heads + h * group) * dim, k_cache, v_cache, blocks + b * max_blocks, lo[b], p0, p1, h,
+                  group, kv_heads, dim, block_size, scale, scores.data(), best.data() + task * group,
+                  total.data() + task * group, acc.data() + task * group * dim);
+    }
+#pragma omp for schedule(static)
+    for (int64_t pair = 0; pair < pairs; ++pair) {
+      const int64_t b = pair / kv_heads, h = pair % kv_heads;
       for (int64_t g = 0; g < group; ++g) {
+        float m = -INFINITY, sum = 0.0f;
+        for (int64_t part = 0; part < parts; ++part) m = std::max(m, best[(pair * parts + part) * group + g]);
         float* o = out + (b * heads + h * group + g) * dim;
-        const float inv = span > 0 ? 1.0f / total[g] : 0.0f;
-        for (int64_t d = 0; d < dim; ++d) o[d] = acc[g * dim + d] * inv;
+        std::fill(o, o + dim, 0.0f);
+        for (int64_t part = 0; part < parts; ++part) {
+          const int64_t i = (pair * parts + part) * group + g;
+          if (total[i] == 0.0f) continue;  // an empty part
+          const float w = std::exp(best[i] - m);
+          sum += total[i] * w;
+          const float* a = acc.data() + i * dim;
+          for (int64_t d = 0; d < dim; ++d) o[d] += a[d] * w;
+        }
+        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+        for (int64_t d = 0; d < dim; ++d) o[d] *= inv;
       }
     }
   }
 }
+
+extern "C" {
 
 // K % 32 == 0; 4-bit groups of 16 or 32 (fp8_scales: group 16 only).
 void tf_linear_lut4_q8(const float* x, const uint8_t* packed, const uint16_t* scales, int64_t group, int fp8_scales,
