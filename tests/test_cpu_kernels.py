@@ -232,3 +232,15 @@ def _close_loose(y: torch.Tensor, ref: torch.Tensor) -> None:
     # Exact integer dot products, float scales applied per 32-column block: only rounding of the scale products
     # (and an activation landing exactly on a rounding tie) separates the kernel from the reference.
     assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-3
+
+
+def test_argmax_rows_matches_torch_including_ties_nan_and_tails() -> None:
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 1003, generator=g)
+    x[1, 17] = x[1, 900] = 50.0  # tie: the first index wins
+    x[2, 1002] = 99.0  # in the scalar tail
+    x[3, 5] = float("nan")
+    x[3, 800] = float("nan")  # NaN counts as the largest, first NaN wins
+    x[4] = float("-inf")
+    x[5, 0] = float("inf")
+    assert torch.equal(kernels.argmax_rows(x), x.argmax(dim=-1))

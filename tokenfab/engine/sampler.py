@@ -18,10 +18,19 @@ from dataclasses import dataclass
 import torch
 
 from tokenfab.engine.types import Request, SamplingParams, TokenLogprobs
+from tokenfab.kernels import cpu as kernels
 from tokenfab.spec.rejection import accept_greedy, race, verify_draft
 
 _NUCLEUS_PROBE = 512
 """Top-p first looks for the nucleus among this many tokens; a full sort only when it is wider."""
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """argmax per row (first index of the maximum). torch's CPU argmax reads ~1 GB/s, a quarter of a
+    millisecond per 262k-entry row; the kernel is ~10x faster."""
+    if logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.dim() == 2 and kernels.available():
+        return kernels.argmax_rows(logits.contiguous())
+    return logits.argmax(dim=-1)
 
 
 @dataclass(slots=True)
@@ -63,12 +72,12 @@ class Sampler:
                 _suppress_early_stop(logits[row], request, 0)
         greedy = [i for i, r in enumerate(requests) if r.params.greedy]
         if len(greedy) == len(requests):
-            tokens = logits.argmax(dim=-1)
+            tokens = greedy_tokens(logits)
         else:
             tokens = torch.empty(len(requests), dtype=torch.long)
             if greedy:
                 rows = torch.tensor(greedy)
-                tokens[rows] = logits.index_select(0, rows).argmax(dim=-1)
+                tokens[rows] = greedy_tokens(logits.index_select(0, rows))
         for row, request in enumerate(requests):
             if not request.params.greedy:
                 tokens[row] = self._draw(logits[row], request)
@@ -91,7 +100,7 @@ class Sampler:
     def _verify(self, logits: torch.Tensor, requests: list[Request], drafts: list[list[int]],
                 draft_probs: list[torch.Tensor | None]) -> SampleResult:
         simple = not any(r.params.needs_penalties or r.num_output_tokens < r.params.min_tokens for r in requests)
-        argmax = logits.argmax(dim=-1).tolist() if simple else None
+        argmax = greedy_tokens(logits).tolist() if simple else None
         out_tokens: list[list[int]] = []
         out_logprobs: list[list[TokenLogprobs] | None] = []
         accepted: list[int] = []

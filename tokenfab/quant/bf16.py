@@ -22,7 +22,7 @@ class BF16Weight(LinearWeight):
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight.to(torch.bfloat16).contiguous()
-        self.use_kernel = self.weight.device.type == "cpu" and kernels.supports(self.weight.shape[1])
+        self.use_kernel = self.weight.device.type == "cpu" and kernels.supports(self.weight.shape[1], step=16)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> BF16Weight:
