@@ -93,6 +93,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tf_rmsnorm": [p, p, p, i64, i64, f32, i32],
         "tf_add_rmsnorm": [p, p, p, p, p, i64, i64, f32, i32],
         "tf_argmax_rows": [p, i64, i64, p],
+        "tf_gated_act": [p, p, i64, i64, i32, i32],
         "tf_qk_norm_rope": [p, i64, i64, i64, i64, i64, p, p, f32, p, p, i32],
         "tf_paged_decode_attention": [p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, f32, p, i32],
         "tf_dequant_bf16": [p, p, i64, i64, i32],

@@ -107,6 +107,18 @@ def quantize_rows_q8(x: torch.Tensor) -> torch.Tensor:
     return (q * scale).reshape_as(x)
 
 
+def gated_act(gate_up: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
+    """act(gate) * up of a fused projection gate_up [..., 2 * inter] (gate first), float32 contiguous;
+    act = gelu with the tanh approximation or silu. Returns [..., inter]."""
+    if gate_up.dtype != torch.float32 or not gate_up.is_contiguous() or gate_up.shape[-1] % 2:
+        raise ValueError("gate_up must be contiguous float32 with an even last dimension")
+    inter = gate_up.shape[-1] // 2
+    out = gate_up.new_empty((*gate_up.shape[:-1], inter))
+    load_library().tf_gated_act(_ptr(gate_up), _ptr(out), gate_up.numel() // (2 * inter), inter, int(gelu_tanh),
+                                torch.get_num_threads())
+    return out
+
+
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """torch.argmax(x, dim=-1) for x float32 [rows, n] contiguous: first index of the maximum, NaN largest."""
     if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous():

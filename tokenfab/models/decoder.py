@@ -60,13 +60,11 @@ class MLP(nn.Module):
     def __init__(self, arch: ArchConfig) -> None:
         super().__init__()
         self.activation = arch.activation
-        self.intermediate = arch.intermediate_size
         self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size)
         self.down_proj = Linear(arch.intermediate_size, arch.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(gated_activation(self.activation, gate, up))
+        return self.down_proj(gated_activation(self.activation, self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

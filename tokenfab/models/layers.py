@@ -75,7 +75,12 @@ def add_norm(x: torch.Tensor, h: torch.Tensor, post: RMSNorm | None, norm: RMSNo
     return x, norm(x) if norm is not None else None
 
 
-def gated_activation(name: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def gated_activation(name: str, gate_up: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up of a fused gate/up projection [..., 2 * intermediate] (gate first); act is `name`
+    (gelu_tanh or silu)."""
+    if gate_up.dtype == torch.float32 and gate_up.device.type == "cpu" and kernels.available():
+        return kernels.gated_act(gate_up.contiguous(), name == "gelu_tanh")
+    gate, up = gate_up.chunk(2, dim=-1)
     if name == "gelu_tanh":
         return F.gelu(gate, approximate="tanh") * up
     return F.silu(gate) * up

@@ -362,6 +362,39 @@ LUT4 make_lut4(const uint8_t* packed, const uint16_t* scales, int64_t group, con
   return LUT4{packed, scales, rows, _mm_loadu_si128(reinterpret_cast<const __m128i*>(lut)), lut_mult, K, group};
 }
 
+// e^x for fp32 lanes (Cephes' polynomial, as in avx_mathfun): about 1 ulp on [-88, 88], clamped outside.
+inline __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+// gelu with the tanh approximation (Gemma) or silu (Llama, Qwen) of a vector.
+inline __m256 act256(__m256 x, bool gelu) {
+  // 0.5 * (1 + tanh(u)) = 1 / (1 + e^(-2u)): gelu's tanh form without the cancellation of 1 + tanh near -1.
+  const __m256 one = _mm256_set1_ps(1.0f);
+  __m256 z = _mm256_sub_ps(_mm256_setzero_ps(), x);
+  if (gelu)
+    z = _mm256_mul_ps(_mm256_set1_ps(-1.5957691216057308f),
+                      _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), x), _mm256_mul_ps(x, x), x));
+  return _mm256_div_ps(x, _mm256_add_ps(one, exp256(z)));
+}
+
+inline float act1(float x, bool gelu) {
+  const float z = gelu ? -1.5957691216057308f * (x + 0.044715f * x * x * x) : -x;
+  return x / (1.0f + std::exp(z));
+}
+
 inline void rmsnorm_row(const float* x, const float* w, float* out, int64_t dim, float eps) {
   __m256 acc = _mm256_setzero_ps();
   int64_t k = 0;
@@ -576,6 +609,22 @@ void tf_linear_lut4_q8(const float* x, const uint8_t* packed, const uint16_t* sc
 void tf_linear_i8_q8(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t N, int64_t K,
                      int threads) {
   linear_int(I8Int{w, scale, K}, x, y, M, N, K, false, threads);
+}
+
+// out[r, :] = act(gu[r, :inter]) * gu[r, inter:] for a fused gate/up projection [rows, 2 * inter]: one pass
+// instead of a split, the activation and a product.
+void tf_gated_act(const float* gu, float* out, int64_t rows, int64_t inter, int gelu, int threads) {
+  const int nt = rows * inter >= (1 << 16) ? threads : 1;
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* g = gu + r * 2 * inter;
+    const float* u = g + inter;
+    float* o = out + r * inter;
+    int64_t k = 0;
+    for (; k + 8 <= inter; k += 8)
+      _mm256_storeu_ps(o + k, _mm256_mul_ps(act256(_mm256_loadu_ps(g + k), gelu != 0), _mm256_loadu_ps(u + k)));
+    for (; k < inter; ++k) o[k] = act1(g[k], gelu != 0) * u[k];
+  }
 }
 
 // out[r] = the first index of the largest value of row r (a NaN counts as the largest, as in torch.argmax);
