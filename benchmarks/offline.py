@@ -60,6 +60,15 @@ def measure_ceilings() -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def median_ceilings(samples: list[dict]) -> dict:
+    """Medians of the ceilings sampled during the run, with every sample kept."""
+    out = dict(samples[-1])
+    for key in ("mem_read_gbps", "fp32_gemm_gflops"):
+        out[key] = round(statistics.median(s[key] for s in samples), 1)
+        out[f"{key}_samples"] = [s[key] for s in samples]
+    return out
+
+
 def run_one(cmd: list[str], workload: str, prompts_file: Path, timeout: int) -> dict:
     full = cmd + ["--workload", workload, "--threads", str(os.cpu_count() or 2), "--prompts-file", str(prompts_file)]
     try:
@@ -85,7 +94,7 @@ def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, dic
                 "tok_per_s": round(statistics.median(r["tok_per_s"] for r in ok), 2),
                 "runs": [round(r["tok_per_s"], 2) for r in ok],
                 "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in ok),
-                "dtype": ok[-1].get("dtype", ok[-1].get("quant")),
+                "dtype": ok[-1].get("weights", ok[-1].get("dtype", ok[-1].get("quant"))),
                 "version": ok[-1].get("version"),
             }
     return out
@@ -123,7 +132,9 @@ def markdown(report: dict) -> str:
     s, c, e = report["summary"], report["machine"], report["efficiency"]
     lines = [f"# Offline benchmark — Gemma 3 270M, {c['cpu']} ({c['cores']} cores)", "",
              f"Ceilings measured in this run: memory read {c['ceilings']['mem_read_gbps']} GB/s, fp32 GEMM "
-             f"{c['ceilings']['fp32_gemm_gflops']} GFLOP/s, hardware bf16: {c['ceilings']['hw_bf16']}.",
+             f"{c['ceilings']['fp32_gemm_gflops']} GFLOP/s (medians of the samples taken before each round and at "
+             f"the end: {c['ceilings'].get('mem_read_gbps_samples', '—')} GB/s), hardware bf16: "
+             f"{c['ceilings']['hw_bf16']}.",
              f"Medians of {report['rounds']} alternating rounds. Offline = 32 prompts x 128 tokens (ignore_eos); "
              "tg128 = batch-1 decode; pp512 = one 512-token prefill.", "",
              "| system | weights | offline tok/s | tg128 tok/s | pp512 tok/s | peak RSS MB |",
@@ -186,7 +197,11 @@ def main() -> None:
     table = systems(hf_dir, gguf)
     chosen = [s for s in args.systems.split(",") if s]
     raw: dict[str, dict[str, list[dict]]] = {s: {} for s in chosen}
+    samples: list[dict] = []
     for r in range(args.rounds):
+        # This VM's memory bandwidth drifts by ~20% over minutes: ceilings are sampled around every round.
+        samples.append(measure_ceilings())
+        print(f"round {r + 1} ceilings {samples[-1]}", flush=True)
         for workload in args.workloads.split(","):
             for system in chosen:
                 cmd, missing = table[system]
@@ -194,7 +209,8 @@ def main() -> None:
                 raw[system].setdefault(workload, []).append(result)
                 print(f"round {r + 1} {workload:8s} {system:9s} "
                       f"{result.get('tok_per_s', result.get('error'))}", flush=True)
-    ceilings = measure_ceilings()
+    samples.append(measure_ceilings())
+    ceilings = median_ceilings(samples)
     summary = summarize(raw)
     report = {
         "schema": 1, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rounds": args.rounds,

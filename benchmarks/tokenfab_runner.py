@@ -63,13 +63,15 @@ def main() -> None:
         seconds = now() - t0
         note = f"{len(prompts)} prompts x {n} tokens, ignore_eos, greedy; tok/s = generated / wall time"
     engine = llm.engine.core
+    _, plan = engine.config.resolve_weights()
+    weights = plan.label if plan is not None and plan.label != "none" else str(engine.dtype).replace("torch.", "")
     emit({
         "system": "tokenfab", "version": tokenfab.__version__, "workload": args.workload, "tokens": tokens,
         "seconds": seconds, "peak_rss_mb": rss.stop(), "dtype": str(engine.dtype).replace("torch.", ""),
         "torch": torch.__version__, "threads": args.threads, "notes": note,
         "weight_bytes": engine.model.weight_bytes_per_token(), "flops_per_token": engine.arch.flops_per_token(),
         "lm_head_flops_per_token": 2 * engine.arch.vocab_size * engine.arch.hidden_size,
-        "steps": engine.counters.steps, "quantization": engine.quantization_label,
+        "steps": engine.counters.steps, "quantization": engine.quantization_label, "weights": weights,
     })
 
 
