@@ -119,6 +119,8 @@ class TorchAttentionBackend(AttentionBackend):
         meta = metadata.groups[g]
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
+        if meta.num_decodes == q.shape[0]:  # decodes only: no output to assemble
+            return _decode(q, k_cache, v_cache, meta, scale)
         out = torch.empty_like(q)
         if meta.num_decodes:
             out[: meta.num_decodes] = _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale)

@@ -23,6 +23,7 @@ class BF16Weight(LinearWeight):
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight.to(torch.bfloat16).contiguous()
         self.use_kernel = self.weight.device.type == "cpu" and kernels.supports(self.weight.shape[1], step=16)
+        self._kernel = kernels.bind_linear_bf16(self.weight) if self.use_kernel else None
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> BF16Weight:
@@ -37,11 +38,12 @@ class BF16Weight(LinearWeight):
         return tensor_bytes(self.weight)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.use_kernel:
+        if self._kernel is None:
             return F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
         rows = x.numel() // x.shape[-1]
         if rows <= KERNEL_MAX_ROWS:
-            return kernels.linear_bf16(x, self.weight).to(x.dtype)
+            y = self._kernel(x)
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
         return F.linear(x.float(), kernels.dequant_bf16(self.weight)).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
