@@ -237,6 +237,7 @@ def _close_loose(y: torch.Tensor, ref: torch.Tensor) -> None:
 def test_argmax_rows_matches_torch_including_ties_nan_and_tails() -> None:
     g = torch.Generator().manual_seed(11)
     x = torch.randn(6, 1003, generator=g)
+    x[0, 40] = 30.0  # in the unrolled part
     x[1, 17] = x[1, 900] = 50.0  # tie: the first index wins
     x[2, 1002] = 99.0  # in the scalar tail
     x[3, 5] = float("nan")

@@ -632,15 +632,22 @@ void tf_gated_act(const float* gu, float* out, int64_t rows, int64_t inter, int 
 void tf_argmax_rows(const float* x, int64_t rows, int64_t n, int64_t* out) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * n;
-    __m256 best = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+    __m256 best[4], nan = _mm256_setzero_ps();
+    for (auto& b : best) b = _mm256_set1_ps(-INFINITY);
     int64_t i = 0;
+    for (; i + 32 <= n; i += 32)  // four independent max chains
+      for (int c = 0; c < 4; ++c) {
+        const __m256 v = _mm256_loadu_ps(xr + i + 8 * c);
+        best[c] = _mm256_max_ps(best[c], v);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      }
     for (; i + 8 <= n; i += 8) {
       const __m256 v = _mm256_loadu_ps(xr + i);
-      best = _mm256_max_ps(best, v);
+      best[0] = _mm256_max_ps(best[0], v);
       nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     }
     float vals[8];
-    _mm256_storeu_ps(vals, best);
+    _mm256_storeu_ps(vals, _mm256_max_ps(_mm256_max_ps(best[0], best[1]), _mm256_max_ps(best[2], best[3])));
     float m = -INFINITY;
     for (float v : vals) m = std::max(m, v);
     bool has_nan = _mm256_movemask_ps(nan) != 0;
@@ -649,11 +656,18 @@ void tf_argmax_rows(const float* x, int64_t rows, int64_t n, int64_t* out) {
       m = std::max(m, xr[i]);
     }
     int64_t at = 0;
-    for (int64_t j = 0; j < n; ++j)
-      if (has_nan ? std::isnan(xr[j]) : xr[j] == m) {
-        at = j;
-        break;
+    if (has_nan) {
+      while (!std::isnan(xr[at])) ++at;
+    } else {
+      const __m256 mv = _mm256_set1_ps(m);
+      int64_t j = 0;
+      for (; j + 8 <= n; j += 8) {
+        const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(xr + j), mv, _CMP_EQ_OQ));
+        if (hit != 0) break;
       }
+      while (xr[j] != m) ++j;  // within the matching vector, or the scalar tail
+      at = j;
+    }
     out[r] = at;
   }
 }
