@@ -35,6 +35,11 @@ SHAPES = [  # (name, [(type, rows)...] fused segments, K)
     ("gate_up Q4_0", [(T.Q4_0, 4096)], 640),
     ("gate_up Q8_0", [(T.Q8_0, 4096)], 640),
     ("lm_head Q8_0", [(T.Q8_0, 262144)], 640),
+    # ~100 MB of one format in one call: the format's streaming rate without per-call costs.
+    ("stream Q5_0", [(T.Q5_0, 229376)], 640),
+    ("stream Q4_K", [(T.Q4_K, 86016)], 2048),
+    ("stream Q5_K", [(T.Q5_K, 57344)], 2048 + 1024),
+    ("stream Q6_K", [(T.Q6_K, 59392)], 2048),
 ]
 FP16_FIELDS = {T.Q4_0: [0], T.Q5_0: [0], T.Q8_0: [0], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}
 POOL_BYTES = 256 << 20

@@ -56,20 +56,23 @@ class SegmentTable:
         self.data = (ctypes.c_void_p * count)(*(d.data_ptr() for _, d in segments))
         self.segments = list(segments)  # keeps the memory behind the pointers alive
         self.out_features = sum(d.shape[0] for _, d in segments)
+        self.call = load_library().tf_gguf_linear
 
 
 def linear(x: torch.Tensor, table: SegmentTable, K: int) -> torch.Tensor:
-    """x [..., K] (float32, else converted) times the segments' rows: float32 [..., N]."""
+    """x [..., K] (float32, else converted) times the segments' rows: float32 [..., N]. Decode calls this ~70 times
+    per token on small matrices, so it does only what it must in Python."""
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} features, weight expects {K}")
-    x2 = x if x.dim() == 2 else x.reshape(-1, K)
+    flat = x.dim() == 2
+    x2 = x if flat else x.reshape(-1, K)
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
     M, N = x2.shape[0], table.out_features
-    y = torch.empty(M, N, dtype=torch.float32)
-    load_library().tf_gguf_linear(x2.data_ptr(), table.count, table.layouts, table.rows, table.data, y.data_ptr(), M,
-                                  N, K, torch.get_num_threads())
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
+    y = torch.empty(M, N)
+    table.call(x2.data_ptr(), table.count, table.layouts, table.rows, table.data, y.data_ptr(), M, N, K,
+               torch.get_num_threads())
+    return y if flat else y.reshape(*x.shape[:-1], N)
 
 
 def dequantize(layout: int, data: torch.Tensor, K: int, ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -68,6 +68,7 @@ class GGUFWeight(LinearWeight):
         self.in_features = in_features
         usable = all(p.layout != p.qtype or kernels.supports(p.qtype, in_features) for p in self.parts)
         self._table = kernels.SegmentTable([(p.layout, p.data) for p in self.parts]) if usable else None
+        self._kernel_elements = KERNEL_MAX_ROWS * in_features
 
     @classmethod
     def from_blocks(cls, qtype: int, data: torch.Tensor, in_features: int) -> GGUFWeight:
@@ -96,8 +97,9 @@ class GGUFWeight(LinearWeight):
         return [p.qtype.name for p in self.parts]
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self._table is not None and x.device.type == "cpu" and x.numel() <= KERNEL_MAX_ROWS * self.in_features:
-            return kernels.linear(x, self._table, self.in_features).to(x.dtype)
+        if self._table is not None and x.numel() <= self._kernel_elements and x.is_cpu:
+            y = kernels.linear(x, self._table, self.in_features)
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
         return dequantized_linear(x, self)
 
     def dequantize_rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:

@@ -20,6 +20,9 @@
 
 namespace {
 
+// Kernel building blocks are forced inline: GCC otherwise keeps some out of line and spills their accumulators.
+#define TF_INLINE inline __attribute__((always_inline))
+
 // ggml_type ids of the formats handled here.
 enum GgmlType : int { Q4_0 = 2, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
 
@@ -105,14 +108,15 @@ struct XBuffers {
   std::vector<float> d, s, h;
   std::vector<int16_t> o;
   void reserve(int64_t M, int64_t K) {
-    q.resize(M * K);
+    q.resize(M * K + 64);  // + room to start at a cache line
     d.resize(M * (K / 32) + 8);
     s.resize(M * (K / 32) + 8);
     h.resize(M * (K / 16) + 8);
     o.resize(M * (K / 2));
   }
-  XRow row(int64_t m, int64_t K) const {
-    return XRow{q.data() + m * K, d.data() + m * (K / 32), s.data() + m * (K / 32), h.data() + m * (K / 16),
+  XRow row(int64_t m, int64_t K) {
+    int8_t* base = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(q.data()) + 63) & ~uintptr_t{63});
+    return XRow{base + m * K, d.data() + m * (K / 32), s.data() + m * (K / 32), h.data() + m * (K / 16),
                 o.data() + m * (K / 2)};
   }
 };
@@ -156,33 +160,46 @@ void quantize_row(const float* x, int64_t K, XRow r) {
   }
 }
 
-// ---- formats. A format's dot<MB> adds step j of one weight row times MB rows of x into acc[0..MB); a step is
-// one block (one group of 8 blocks for the repacked legacy formats). Every sum lands in 8 float lanes that are
-// added up at the end, so terms may go to any lane. Each step sums into fresh local accumulators before touching
-// acc, so consecutive steps do not wait on one another's FMA latency.
+// ---- formats. A format's step<MB, NBK> adds step j of NBK weight rows times MB rows of x into acc[NBK][MB]; a
+// step is one block (Q8_0, the K-quants) or a group of 8 blocks (the repacked legacy formats). Every sum lands in
+// 8 float lanes that are added up at the end, so terms may go to any lane. Multi-block steps sum into fresh local
+// accumulators before touching acc, so consecutive steps do not wait on one another's FMA latency.
 
 // Formats stored block after block as in the file.
 template <class Block>
 struct Native {
   static constexpr int64_t STEP = Block::QK;
   static int64_t row_bytes(int64_t K) { return K / Block::QK * Block::BYTES; }
-  template <int MB>
-  static inline void dot(const uint8_t* row, int64_t, int64_t j, const XRow* x, __m256* acc) {
-    Block::template dot<MB>(row + j * Block::BYTES, x, j, acc);
+  template <int MB, int NBK>
+  static TF_INLINE void step(const uint8_t* w, int64_t row_bytes, int64_t, int64_t j, const XRow* x,
+                             __m256 (&acc)[NBK][MB]) {
+#pragma GCC unroll 4
+    for (int jn = 0; jn < NBK; ++jn) Block::template dot<MB>(w + jn * row_bytes + j * Block::BYTES, x, j, acc[jn]);
   }
 };
 
-struct BlockQ8_0 {  // d fp16, qs[32] int8
-  static constexpr int QK = 32, BYTES = 34;
-  template <int MB>
-  static inline void dot(const uint8_t* b, const XRow* x, int64_t j, __m256* acc) {
-    const __m256i w = load256(b + 2);
-    const __m256i aw = _mm256_sign_epi8(w, w);  // -128 stays 0x80, which maddubs reads as unsigned 128
-    const __m256 dw = _mm256_set1_ps(fp16(b));
+// Q8_0 (d fp16, qs[32] int8), the activations loaded once per block for all NBK rows.
+struct Q8_0Rows {
+  static constexpr int64_t STEP = 32;
+  static int64_t row_bytes(int64_t K) { return K / 32 * 34; }
+  template <int MB, int NBK>
+  static TF_INLINE void step(const uint8_t* w, int64_t row_bytes, int64_t, int64_t j, const XRow* x,
+                             __m256 (&acc)[NBK][MB]) {
+    __m256i xv[MB];
+    __m256 dx[MB];
     for (int i = 0; i < MB; ++i) {
-      const __m256i xv = load256(x[i].q + j * 32);
-      const __m256 p = pairs_to_float(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)));
-      acc[i] = _mm256_fmadd_ps(p, _mm256_mul_ps(dw, _mm256_set1_ps(x[i].d[j])), acc[i]);
+      xv[i] = load256(x[i].q + j * 32);
+      dx[i] = _mm256_set1_ps(x[i].d[j]);
+    }
+    for (int jn = 0; jn < NBK; ++jn) {
+      const uint8_t* b = w + jn * row_bytes + j * 34;
+      const __m256i wv = load256(b + 2);
+      const __m256i aw = _mm256_sign_epi8(wv, wv);  // -128 stays 0x80, which maddubs reads as unsigned 128
+      const __m256 dw = _mm256_set1_ps(fp16(b));
+      for (int i = 0; i < MB; ++i) {
+        const __m256 p = pairs_to_float(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[i], wv)));
+        acc[jn][i] = _mm256_fmadd_ps(p, _mm256_mul_ps(dw, dx[i]), acc[jn][i]);
+      }
     }
   }
 };
@@ -191,7 +208,7 @@ template <int HIGH_BITS>
 struct BlockLegacy4 {  // Q4_0: d fp16, qs[16], value d * (q - 8); Q5_0: d, qh[4], qs[16], value d * (q - 16)
   static constexpr int QK = 32, BYTES = HIGH_BITS ? 22 : 18;
   template <int MB>
-  static inline void dot(const uint8_t* b, const XRow* x, int64_t j, __m256* acc) {
+  static TF_INLINE void dot(const uint8_t* b, const XRow* x, int64_t j, __m256* acc) {
     __m256i q = nibbles_32(b + (HIGH_BITS ? 6 : 2));
     if constexpr (HIGH_BITS) q = _mm256_or_si256(q, _mm256_and_si256(bytes_from_bits_32(b + 2), _mm256_set1_epi8(0x10)));
     const __m256 dw = _mm256_set1_ps(fp16(b));
@@ -217,7 +234,7 @@ struct Pairs {
   static constexpr float OFFSET = HIGH_BITS ? 16.0f : 8.0f;
   static int64_t row_bytes(int64_t K) { return K / 32 * (HIGH_BITS ? 22 : 18); }
   template <int MB>
-  static inline void pair(const uint8_t* qs, const uint8_t* qh, const XRow* x, int64_t b, int p,
+  static TF_INLINE void pair(const uint8_t* qs, const uint8_t* qh, const XRow* x, int64_t b, int p,
                           const float (*sv)[8], __m256* a0, __m256* a1) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const __m256i qb = load256(qs);
@@ -236,14 +253,26 @@ struct Pairs {
                               _mm256_broadcast_ss(&sv[i][2 * p + 1]), a1[i]);
     }
   }
-  template <int MB>
-  static inline void dot(const uint8_t* row, int64_t K, int64_t j, const XRow* x, __m256* acc) {
-    const int64_t nb = K / 32, b0 = 8 * j, count = std::min<int64_t>(8, nb - b0);
+  template <int MB, int NBK>
+  static TF_INLINE void step(const uint8_t* w, int64_t row_bytes, int64_t K, int64_t j, const XRow* x,
+                             __m256 (&acc)[NBK][MB]) {
+    const int64_t nb = K / 32;
+    if (8 * j + 8 <= nb) {
+#pragma GCC unroll 4
+      for (int jn = 0; jn < NBK; ++jn) dot<MB, 8>(w + jn * row_bytes, nb, j, x, acc[jn]);
+    } else {
+      for (int jn = 0; jn < NBK; ++jn) dot<MB, 0>(w + jn * row_bytes, nb, j, x, acc[jn]);
+    }
+  }
+  // COUNT: 8 for a full group of blocks, 0 for the row's last, shorter one.
+  template <int MB, int COUNT>
+  static TF_INLINE void dot(const uint8_t* row, int64_t nb, int64_t j, const XRow* x, __m256* acc) {
+    const int64_t b0 = 8 * j, count = COUNT ? COUNT : nb - b0;
     const uint8_t* qh = row + 2 * nb + 4 * b0;
     const uint8_t* qs = row + (HIGH_BITS ? 6 : 2) * nb + 16 * b0;
     // 8 d from b0 on; past the row's last block the lanes read other bytes of the row and are cleared.
     __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * b0)));
-    if (count < 8)
+    if (!COUNT)
       dw = _mm256_and_ps(dw, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
                                                                     _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
     const __m256 doff = _mm256_mul_ps(dw, _mm256_set1_ps(OFFSET));
@@ -254,6 +283,7 @@ struct Pairs {
       a0[i] = _mm256_fnmadd_ps(doff, _mm256_loadu_ps(x[i].s + b0), _mm256_setzero_ps());
       a1[i] = _mm256_setzero_ps();
     }
+#pragma GCC unroll 4
     for (int p = 0; p < count / 2; ++p) pair<MB>(qs + 32 * p, qh + 8 * p, x, b0 + 2 * p, p, sv, a0, a1);
     for (int i = 0; i < MB; ++i) acc[i] = _mm256_add_ps(acc[i], _mm256_add_ps(a0[i], a1[i]));
   }
@@ -266,7 +296,7 @@ template <int HIGH_BITS>
 struct BlockK4 {
   static constexpr int QK = 256, BYTES = HIGH_BITS ? 176 : 144;
   template <int T, int MB>
-  static inline void sub_pair(const uint8_t* qs, __m256i qh, const XRow* x, int64_t j, const float (*sv)[8],
+  static TF_INLINE void sub_pair(const uint8_t* qs, __m256i qh, const XRow* x, int64_t j, const float (*sv)[8],
                               __m256* a0, __m256* a1) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const __m256i qb = load256(qs + 32 * T);
@@ -284,7 +314,7 @@ struct BlockK4 {
     }
   }
   template <int MB>
-  static inline void dot(const uint8_t* b, const XRow* x, int64_t j, __m256* acc) {
+  static TF_INLINE void dot(const uint8_t* b, const XRow* x, int64_t j, __m256* acc) {
     uint32_t sm[4];
     unpack_k_scales(b + 4, sm);
     const __m256 sc = _mm256_mul_ps(u8x8_to_float(sm), _mm256_set1_ps(fp16(b)));
@@ -314,7 +344,7 @@ using BlockQ5_K = BlockK4<1>;
 struct BlockQ6_K {
   static constexpr int QK = 256, BYTES = 210;
   template <int MB>
-  static inline void sub(__m256i q, int blk, __m128i scales, const XRow* x, int64_t j, const float (*sv)[8],
+  static TF_INLINE void sub(__m256i q, int blk, __m128i scales, const XRow* x, int64_t j, const float (*sv)[8],
                          __m256* a) {
     const __m128i pick = _mm_set_epi64x(0x0101010101010101LL * (2 * blk + 1), 0x0101010101010101LL * (2 * blk));
     const __m256i s16 = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, pick));
@@ -325,7 +355,7 @@ struct BlockQ6_K {
     }
   }
   template <int MB>
-  static inline void dot(const uint8_t* b, const XRow* x, int64_t j, __m256* acc) {
+  static TF_INLINE void dot(const uint8_t* b, const XRow* x, int64_t j, __m256* acc) {
     const float dw = fp16(b + 208);
     const __m256 d = _mm256_set1_ps(dw);
     const __m128i scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192));
@@ -364,22 +394,22 @@ constexpr int PAIRS = 0x100;
 // ---- the linear: tasks of NB weight rows, each against every row of x
 
 // Weight rows [0, NBK) starting at w (row_bytes apart) against x rows [0, MB); y rows ldy apart.
-template <class F, int MB, int NBK>
-inline void tile(const uint8_t* w, int64_t K, const XRow* x, float* y, int64_t ldy, bool prefetch) {
+template <class F, int MB, int NBK, bool PREFETCH>
+__attribute__((noinline)) void tile(const uint8_t* w, int64_t K, const XRow* x, float* y, int64_t ldy) {
   const int64_t row_bytes = F::row_bytes(K), steps = (K + F::STEP - 1) / F::STEP;
   const int64_t step_bytes = (row_bytes * NBK + steps - 1) / steps;
   __m256 acc[NBK][MB];
   for (int jn = 0; jn < NBK; ++jn)
     for (int i = 0; i < MB; ++i) acc[jn][i] = _mm256_setzero_ps();
   // The NBK rows are contiguous: fetch linearly ahead of where a front-to-back read of them would be.
-  const char* ahead = reinterpret_cast<const char*>(w) + PREFETCH_AHEAD;
-  const char* fetched = ahead;
+  const char* fetched = reinterpret_cast<const char*>(w) + PREFETCH_AHEAD;
+  const char* until = fetched;
   for (int64_t j = 0; j < steps; ++j) {
-    if (prefetch) {
-      const char* until = ahead + (j + 1) * step_bytes;
+    if constexpr (PREFETCH) {
+      until += step_bytes;
       for (; fetched < until; fetched += 64) _mm_prefetch(fetched, _MM_HINT_T0);
     }
-    for (int jn = 0; jn < NBK; ++jn) F::template dot<MB>(w + jn * row_bytes, K, j, x, acc[jn]);
+    F::template step<MB, NBK>(w, row_bytes, K, j, x, acc);
   }
   for (int i = 0; i < MB; ++i)
     for (int jn = 0; jn < NBK; ++jn) y[i * ldy + jn] = hsum(acc[jn][i]);
@@ -389,8 +419,14 @@ template <class F, int NBK>
 inline void rows_against_x(const uint8_t* w, int64_t K, const std::vector<XRow>& x, float* y, int64_t ldy) {
   const int64_t M = static_cast<int64_t>(x.size());
   int64_t m = 0;
-  for (; m + 2 <= M; m += 2) tile<F, 2, NBK>(w, K, x.data() + m, y + m * ldy, ldy, m == 0);
-  for (; m < M; ++m) tile<F, 1, NBK>(w, K, x.data() + m, y + m * ldy, ldy, m == 0);
+  for (; m + 2 <= M; m += 2) {
+    if (m == 0) tile<F, 2, NBK, true>(w, K, x.data() + m, y + m * ldy, ldy);
+    else tile<F, 2, NBK, false>(w, K, x.data() + m, y + m * ldy, ldy);
+  }
+  for (; m < M; ++m) {
+    if (m == 0) tile<F, 1, NBK, true>(w, K, x.data() + m, y + m * ldy, ldy);
+    else tile<F, 1, NBK, false>(w, K, x.data() + m, y + m * ldy, ldy);
+  }
 }
 
 template <class F>
@@ -423,7 +459,7 @@ void dispatch_rows(int layout, const uint8_t* w, int64_t rows, int64_t K, const 
   switch (layout) {
     case Q4_0: run_rows<Native<BlockLegacy4<0>>>(w, rows, K, x, y, ldy); break;
     case Q5_0: run_rows<Native<BlockLegacy4<1>>>(w, rows, K, x, y, ldy); break;
-    case Q8_0: run_rows<Native<BlockQ8_0>>(w, rows, K, x, y, ldy); break;
+    case Q8_0: run_rows<Q8_0Rows>(w, rows, K, x, y, ldy); break;
     case PAIRS | Q4_0: run_rows<Pairs<0>>(w, rows, K, x, y, ldy); break;
     case PAIRS | Q5_0: run_rows<Pairs<1>>(w, rows, K, x, y, ldy); break;
     case Q4_K: run_rows<Native<BlockQ4_K>>(w, rows, K, x, y, ldy); break;
@@ -605,7 +641,15 @@ int tf_gguf_repack(int type, const void* src, void* dst, int64_t rows, int64_t K
 // layout layouts[s] at data[s], row after row; N = sum(rows). Every layout must handle K (tf_gguf_row_bytes > 0).
 void tf_gguf_linear(const float* x, int nseg, const int32_t* layouts, const int64_t* rows, const void* const* data,
                     float* y, int64_t M, int64_t N, int64_t K, int threads) {
-  std::vector<Segment> segs;
+  // Per calling thread and reused, so a decode-sized call allocates nothing. The OpenMP workers reach them
+  // through these references (naming a thread_local inside the parallel region would give each its own).
+  static thread_local std::vector<Segment> segs_storage;
+  static thread_local XBuffers buffers_storage;
+  static thread_local std::vector<XRow> rows_storage;
+  std::vector<Segment>& segs = segs_storage;
+  XBuffers& buffers = buffers_storage;
+  std::vector<XRow>& xr = rows_storage;
+  segs.clear();
   int64_t tasks = 0, column = 0;
   for (int s = 0; s < nseg; ++s) {
     segs.push_back(Segment{layouts[s], rows[s], tasks, layout_row_bytes(layouts[s], K),
@@ -613,9 +657,8 @@ void tf_gguf_linear(const float* x, int nseg, const int32_t* layouts, const int6
     tasks += (rows[s] + NB - 1) / NB;
     column += rows[s];
   }
-  static thread_local XBuffers buffers;
   buffers.reserve(M, K);
-  std::vector<XRow> xr(M);
+  xr.resize(M);
   for (int64_t m = 0; m < M; ++m) xr[m] = buffers.row(m, K);
   const int64_t chunk = std::max<int64_t>(1, tasks / (CHUNKS_PER_THREAD * threads));
   const int nt = static_cast<int>(std::min<int64_t>(threads, std::max<int64_t>(1, tasks)));
