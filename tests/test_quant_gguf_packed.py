@@ -154,12 +154,14 @@ def test_fused_rows_of_mixed_types_are_the_parts_side_by_side() -> None:
 
 
 @needs_kernels
-def test_large_batches_use_the_dequantized_gemm() -> None:
+def test_large_batches_use_the_dequantized_gemm_unless_told_otherwise() -> None:
     K, M = 256, gguf_packed.KERNEL_MAX_ROWS + 1
     blocks = random_blocks(T.Q4_K, 20, K, seed=3)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(2))
-    y = packed(T.Q4_K, blocks, K).matmul(x)
-    torch.testing.assert_close(y, x @ reference(blocks, T.Q4_K, K).T, rtol=1e-5, atol=1e-5)
+    weight = packed(T.Q4_K, blocks, K)
+    torch.testing.assert_close(weight.matmul(x), x @ reference(blocks, T.Q4_K, K).T, rtol=1e-5, atol=1e-5)
+    weight.kernel_max_rows = M  # what tokenfab eval does: decode's arithmetic at any batch size
+    assert torch.equal(weight.matmul(x)[:3], weight.matmul(x[:3]))
 
 
 @needs_kernels
@@ -292,3 +294,42 @@ def test_gguf_model_keeps_the_files_blocks_and_follows_the_dequantized_model(qua
 def test_gguf_format_needs_a_gguf_model(tiny_model) -> None:
     with pytest.raises(ValueError, match="not a .gguf file"):
         LLM(str(tiny_model("qwen2")), quantization="gguf", dtype="float32", max_model_len=64, kv_cache_memory_gb=0.01)
+
+
+# ---- the default model (Gemma 3 270M Q4_K_M): its own blocks against the same file dequantized to fp32
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village by the sea,",
+           "Water boils at a temperature of"]
+NEW_TOKENS = 32
+
+
+@pytest.mark.slow
+@needs_kernels
+def test_default_model_packed_follows_its_dequantized_self() -> None:
+    """Measured: first-step logits 2.3-3.4 % off in norm (int8 activations in 73 matmuls, each ~1 %, compounding
+    over 18 layers); the same greedy token as the fp32 model at 94-100 % of teacher-forced positions; free-running
+    greedy continuations identical for the first 10-32 tokens (then a near-tie flips and the texts part)."""
+    from gguf import GGUFReader
+
+    from tokenfab.loader.default_model import default_model_path
+
+    reference = LLM(dtype="float32", max_model_len=256, kv_cache_memory_gb=0.1)  # the HF copy: the GGUF dequantized
+    packed_llm = LLM(quantization="gguf", dtype="float32", max_model_len=256, kv_cache_memory_gb=0.1)
+    model, ref_model = packed_llm.engine.core.model, reference.engine.core.model
+    # Every tensor of the file once (the tied LM head is the embedding table), linears packed, norms fp32 as stored.
+    assert model.weight_bytes_per_token() == sum(int(t.n_bytes) for t in GGUFReader(default_model_path()).tensors)
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    same = 0
+    with torch.inference_mode():
+        for text in PROMPTS:
+            prompt = reference.tokenizer.encode(text)
+            expected = reference.generate([prompt], params)[0].outputs[0].token_ids
+            got = packed_llm.generate([prompt], params)[0].outputs[0].token_ids
+            assert got[:6] == expected[:6], text
+            sequence = prompt + expected
+            want, have = (m.compute_logits(window_hidden(m, sequence)) for m in (ref_model, model))
+            first = len(prompt) - 1
+            assert ((have[first] - want[first]).norm() / want[first].norm()).item() < 0.06, text
+            scored = slice(first, first + NEW_TOKENS)
+            same += int((have[scored].argmax(-1) == want[scored].argmax(-1)).sum())
+    assert same / (NEW_TOKENS * len(PROMPTS)) >= 0.9

@@ -22,9 +22,11 @@ from gguf.quants import dequantize as gguf_dequantize
 from tokenfab.kernels import gguf as kernels
 from tokenfab.quant.base import LinearWeight, dequantized_linear
 
-KERNEL_MAX_ROWS = 64
+KERNEL_MAX_ROWS = 96
 """Above this many rows, dequantizing the weight and running torch's fp32 GEMM beats the integer kernels
-(benchmarks/gguf_kernels.py --rows M on AVX2, 2 threads)."""
+(benchmarks/gguf_kernels.py --rows M, AVX2, 2 threads: the kernels win 1.0-1.5x at 64 rows, lose 0.85-1.07x at
+128 and 0.7x at 512). Without VNNI an int8 product costs as much as an fp32 FMA, so the kernels' edge is the
+bytes they read, which larger batches amortize."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +70,7 @@ class GGUFWeight(LinearWeight):
         self.in_features = in_features
         usable = all(p.layout != p.qtype or kernels.supports(p.qtype, in_features) for p in self.parts)
         self._table = kernels.SegmentTable([(p.layout, p.data) for p in self.parts]) if usable else None
-        self._kernel_elements = KERNEL_MAX_ROWS * in_features
+        self.kernel_max_rows = KERNEL_MAX_ROWS
 
     @classmethod
     def from_blocks(cls, qtype: int, data: torch.Tensor, in_features: int) -> GGUFWeight:
@@ -82,6 +84,17 @@ class GGUFWeight(LinearWeight):
             layout, data = kernels.repack(qtype, data, in_features)
             return cls([PackedRows(qtype, layout, data)], in_features)
         return cls([PackedRows(qtype, int(qtype), data)], in_features)
+
+    @property
+    def kernel_max_rows(self) -> int:
+        """Batches of up to this many rows run the integer kernels (decode arithmetic: int8 activations), larger
+        ones the dequantized GEMM. `tokenfab eval` raises it so that scoring long windows measures what decode
+        computes."""
+        return self._kernel_elements // self.in_features
+
+    @kernel_max_rows.setter
+    def kernel_max_rows(self, rows: int) -> None:
+        self._kernel_elements = rows * self.in_features
 
     @property
     def shape(self) -> tuple[int, int]:
