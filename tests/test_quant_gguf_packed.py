@@ -24,7 +24,8 @@ needs_kernels = pytest.mark.skipif(not kernels.available(), reason="GGUF kernels
 
 LEGACY = [T.Q4_0, T.Q5_0, T.Q8_0]
 K_QUANTS = [T.Q4_K, T.Q5_K, T.Q6_K]
-FP16_FIELDS = {T.Q4_0: (0,), T.Q5_0: (0,), T.Q8_0: (0,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+FP16_FIELDS = {T.Q4_0: (0,), T.Q5_0: (0,), T.Q8_0: (0,), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,),
+               T.Q2_K: (80, 82)}
 """Byte offsets of each block's fp16 scales (d, and dmin for Q4_K/Q5_K)."""
 EDGE_SCALES = np.array([0.0, -0.0, 2.0**-24, -(2.0**-14), 65504.0, -65504.0, 1.0, -0.5], dtype=np.float16)
 """Zero of both signs, the smallest subnormal and normal, the largest finite: every product stays exact."""
@@ -198,16 +199,18 @@ HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS = 256, 4, 2, 64, 512, 2
 LAYER_TYPES = [  # per layer: q, k, v, o, gate, up, down (Q4_K_M-like mixes, and every kernel type)
     {"attn_q": T.Q5_0, "attn_k": T.Q5_0, "attn_v": T.Q8_0, "attn_output": T.Q4_K, "ffn_gate": T.Q5_0,
      "ffn_up": T.Q5_0, "ffn_down": T.Q6_K},
-    {"attn_q": T.Q4_0, "attn_k": T.Q4_0, "attn_v": T.Q5_0, "attn_output": T.Q5_K, "ffn_gate": T.Q8_0,
+    {"attn_q": T.Q4_0, "attn_k": T.Q4_0, "attn_v": T.Q2_K, "attn_output": T.Q5_K, "ffn_gate": T.Q8_0,
      "ffn_up": T.Q8_0, "ffn_down": T.Q4_K},
 ]
+"""Layer 1's v is Q2_K, which has no kernel: its fused q/k/v loads dequantized and stays dense."""
 SHAPES_OUT_IN = {"attn_q": (HEADS * HEAD_DIM, HIDDEN), "attn_k": (KV_HEADS * HEAD_DIM, HIDDEN),
                  "attn_v": (KV_HEADS * HEAD_DIM, HIDDEN), "attn_output": (HIDDEN, HEADS * HEAD_DIM),
                  "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN), "ffn_down": (HIDDEN, FFN)}
 
 
-def write_quantized_llama(path: Path) -> int:
-    """A tiny llama (untied: token_embd Q8_0, output Q6_K) in the types above; returns the linears' bytes."""
+def write_quantized_llama(path: Path) -> dict[str, int]:
+    """A tiny llama (untied: token_embd Q8_0, output Q6_K) in the types above; returns its quantized tensors'
+    bytes by GGUF name."""
     from test_gguf_loader import sentencepiece_vocab
 
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -229,18 +232,16 @@ def write_quantized_llama(path: Path) -> int:
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     rng = np.random.default_rng(0)
-    linear_bytes = 0
+    sizes: dict[str, int] = {}
 
     def add(name: str, qtype: T, rows: int, cols: int) -> None:
-        nonlocal linear_bytes
         # K-quant scales multiply 6-bit sub-block scales and codes: these keep |w| near the legacy types' 0.05.
         scale = 1e-5 if qtype == T.Q6_K else 1e-4
         blocks = random_blocks(qtype, rows, cols, seed=int(rng.integers(1 << 30)), scale=scale, edges=False)
         writer.add_tensor(name, blocks, raw_dtype=qtype)
-        linear_bytes += blocks.nbytes
+        sizes[name] = blocks.nbytes
 
     add("token_embd.weight", T.Q8_0, len(tokens), HIDDEN)
-    linear_bytes -= len(tokens) * HIDDEN // 32 * 34  # a lookup, not part of a token's linear reads
     add("output.weight", T.Q6_K, len(tokens), HIDDEN)
     writer.add_tensor("output_norm.weight", np.ones(HIDDEN, dtype=np.float32))
     for i, layer_types in enumerate(LAYER_TYPES):
@@ -252,11 +253,11 @@ def write_quantized_llama(path: Path) -> int:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return linear_bytes
+    return sizes
 
 
 @pytest.fixture(scope="module")
-def quantized_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+def quantized_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
     path = tmp_path_factory.mktemp("gguf") / "tiny-packed.gguf"
     return path, write_quantized_llama(path)
 
@@ -267,16 +268,21 @@ def _llm(path: Path, **kw) -> LLM:
 
 @needs_kernels
 def test_gguf_model_keeps_the_files_blocks_and_follows_the_dequantized_model(quantized_llama) -> None:
-    path, linear_bytes = quantized_llama
+    path, sizes = quantized_llama
     packed_llm, float_llm = _llm(path, quantization="gguf"), _llm(path)
     model = packed_llm.engine.core.model
     linears = {n: m for n, m in model.named_modules() if isinstance(m, Linear)}
-    assert all(isinstance(m.stored, GGUFWeight) for m in linears.values())
+    dense = "layers.1.self_attn.qkv_proj"
+    assert all(isinstance(m.stored, GGUFWeight) != (n == dense) for n, m in linears.items())
     assert linears["layers.0.self_attn.qkv_proj"].stored.types == ["Q5_0", "Q8_0"]
     assert linears["layers.1.mlp.down_proj"].stored.types == ["Q4_K"]
     assert isinstance(model.embed_tokens, PackedEmbedding)
+    # A token reads the packed linears' file bytes (the embedding table is a lookup), the dense layer's fp32 and
+    # the norms.
+    packed_bytes = sum(n for name, n in sizes.items() if name != "token_embd.weight" and not name.startswith(
+        ("blk.1.attn_q", "blk.1.attn_k", "blk.1.attn_v")))
     norms = sum(p.numel() * 4 for n, p in model.named_parameters() if "norm" in n)
-    assert model.weight_bytes_per_token() == linear_bytes + norms
+    assert model.weight_bytes_per_token() == packed_bytes + linears[dense].stored.nbytes + norms
     # The packed model is the dequantized one (llama's q/k rows unpermuted alike) up to int8 activations.
     reference = float_llm.engine.core.model
     for name, linear in linears.items():

@@ -116,7 +116,9 @@ def evaluate(model: str | None, variants: list[Variant], window: int = 512, max_
                      "ppl_delta_pct": 100 * (s["perplexity"] / ref["perplexity"] - 1), "weight_bytes": None})
     return {"model": str(source.path), "corpus": str(corpus) if corpus else "tokenfab/evaluation/data/corpus.txt",
             "window": window, "windows": len(chunks), "scored_tokens": ref["tokens"],
-            "reference": f"weights rounded to {reference_name}, computed in fp32", "seconds": time.perf_counter() - start,
+            "reference": (f"weights rounded to {reference_name}, computed in fp32" if reference_name != "fp32"
+                          else "the checkpoint's fp32 weights, computed in fp32"),
+            "seconds": time.perf_counter() - start,
             "rows": rows}
 
 

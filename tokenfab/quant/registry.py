@@ -41,16 +41,13 @@ def _quantized(cls: type[QuantizedWeight]) -> Callable[[torch.Tensor], LinearWei
     return build
 
 
-def _gguf(weight: torch.Tensor) -> LinearWeight:
-    raise ValueError("the gguf format keeps a GGUF file's own quantized blocks; it cannot be made from float weights "
-                     "(load a .gguf model, or leave the layer out of the gguf rules)")
-
-
 WEIGHT_FORMATS: dict[str, Callable[[torch.Tensor], LinearWeight]] = {
     "none": _dense,
     "bf16": BF16Weight.quantize,
     **{name: _quantized(cls) for name, cls in QUANTIZED_FORMATS.items()},
-    "gguf": _gguf,
+    # A GGUF file's own blocks, which tokenfab.models.loading keeps packed; a layer that still reaches a builder
+    # arrived as floats (a type without a kernel in the file) and stays dense.
+    "gguf": _dense,
 }
 """Builders from a float weight [out, in] (already in the model's dtype, on its device)."""
 
