@@ -86,6 +86,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, ma
         model.build_rope(max_positions)
     plan = QuantPlan(weight_format) if isinstance(weight_format, str) else weight_format
     if plan is not None and plan.uses("gguf"):
+        if device.type != "cpu":
+            raise ValueError(f"the gguf format runs on CPU (its kernels are C++/AVX2), not {device}")
         packed = gguf_packed_splitter(source, plan)
         weights, stored = packed.plain(), packed.built
     else:
