@@ -1,14 +1,17 @@
 // CPU kernels over GGUF's quantized blocks as llama.cpp stores them: y[M, N] = x[M, K] . W[N, K]^T with W rows
-// in Q4_0, Q5_0, Q8_0, Q4_K, Q5_K or Q6_K (the file's bytes, unchanged), x and y float32; and W rows -> float32.
+// in Q4_0, Q5_0, Q8_0, Q4_K, Q5_K or Q6_K (the file's bytes; Q4_0/Q5_0 rearranged by pairs of blocks, see Pairs),
+// x and y float32; W rows -> float32 (exact); and the pair repacking.
 //
 // x is quantized to int8 per 32 columns (scale max|x| / 127), each row on its own, so a row's result does not
 // depend on the rest of the batch. Weight codes are multiplied with it exactly in int32 (maddubs: unsigned codes
-// times signed activations), and the formats' offsets are folded in through sums of the int8 activations that are
-// computed once per call: Q4_0/Q5_0/Q6_K's -8/-16/-32 as 16 x (pair sums) in int16, the K-quants' -dmin*m through
-// each 32-block's dx * sum(xq). One float FMA per 32 weights applies the block's weight and activation scales.
+// times signed activations), and the formats' offsets are folded in through sums of the int8 activations computed
+// once per call: dx * sum(q) per 32 (the K-quants' -dmin * m, the repacked -8/-16), per 16 (Q6_K's -32), or in
+// int16 pairs (the native legacy blocks). One float FMA per 32 weights applies the weight and activation scales.
+// Without VNNI each 32 products cost ~4 multiply-pipe instructions, so the kernels are near their compute limit
+// when streaming from memory on two cores; the Q8_0 LM head reaches the read ceiling.
 //
-// Decode is memory-bound: the weights stream once, NB rows at a time, with software prefetch ahead of the block's
-// progress (see PREFETCH_AHEAD in cpu_kernels.cpp for why the hardware prefetcher alone falls short here).
+// Decode streams every weight once, NB rows at a time, with software prefetch ahead of the block's progress (see
+// PREFETCH_AHEAD in cpu_kernels.cpp for why the hardware prefetcher alone falls short here).
 #include <immintrin.h>
 #include <omp.h>
 
