@@ -36,7 +36,8 @@ def _quantization_args(p: argparse.ArgumentParser) -> None:
     from tokenfab.quant import WEIGHT_FORMATS
 
     p.add_argument("--quantization", default="none", choices=list(WEIGHT_FORMATS),
-                   help="weight format of the linear layers, quantized at load from the float weights")
+                   help="weight format of the linear layers, quantized at load from the float weights; gguf keeps "
+                        "a .gguf model's own quantized blocks (the default model's GGUF when --model is left out)")
     p.add_argument("--quantization-exclude", action="append", default=None, metavar="GLOB",
                    help="layer names kept unquantized, e.g. lm_head or 'layers.0.*' (repeatable; default: the "
                         "format's measured defaults, see tokenfab.quant.plan)")

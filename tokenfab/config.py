@@ -111,7 +111,8 @@ class EngineConfig:
     torch weights (a reference path for tests)."""
     quantization: str = "none"
     """Weight format of the linear layers (tokenfab.quant.WEIGHT_FORMATS), quantized at load from the float
-    weights; none keeps the model dtype (a pre-quantized checkpoint's layers keep their own format)."""
+    weights; none keeps the model dtype (a pre-quantized checkpoint's layers keep their own format); gguf keeps a
+    .gguf model's own quantized blocks packed (model None: the default model's GGUF rather than its fp32 copy)."""
     quantization_exclude: tuple[str, ...] | None = None
     """Layer-name globs kept unquantized; None takes the format's measured defaults (tokenfab.quant.plan)."""
     quantization_overrides: tuple[str, ...] = ()

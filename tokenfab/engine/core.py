@@ -59,7 +59,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         torch.set_num_threads(config.threads)
-        self.source: ModelSource = resolve_model(config.model)
+        self.source: ModelSource = resolve_model(config.model, prefer_gguf=config.quant_plan.uses("gguf"))
         arch = self.arch = self.source.arch
         self.max_model_len = min(config.max_model_len, arch.max_position_embeddings)
         self.dtype, weight_plan = config.resolve_weights()

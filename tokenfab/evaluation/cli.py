@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N corpus tokens")
     p.add_argument("--corpus", type=Path, default=None, help="UTF-8 text file (default: the shipped corpus)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--reference", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="what the reference model's weights are rounded to (float32: the checkpoint's own values, "
+                        "e.g. to measure the gguf format against the GGUF dequantized)")
     p.add_argument("--out", type=Path, default=Path("results/eval"), help="writes OUT/eval.json and OUT/eval.md")
     p.set_defaults(func=main)
 
@@ -50,7 +53,8 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     variants = [parse_variant(s) for s in split_variants(args.formats)]
     result = evaluate(args.model, variants, args.window, args.max_tokens, args.corpus,
-                      progress=lambda m: print(m, file=sys.stderr, flush=True))
+                      progress=lambda m: print(m, file=sys.stderr, flush=True),
+                      reference_dtype=getattr(torch, args.reference))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "eval.json").write_text(json.dumps(result, indent=1))
     (args.out / "eval.md").write_text(markdown(result))

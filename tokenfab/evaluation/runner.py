@@ -3,23 +3,27 @@
 The reference is the model with its weights rounded to bf16 ("the bf16 model"), computed in fp32: this CPU has
 no fast bf16 matmul, and bf16-rounded weights in fp32 arithmetic give the bf16 model's logits up to activation
 rounding. Every variant is quantized from those same bf16-rounded weights and computed in fp32, so differences
-come from the weight format alone. All models score the same windows in lockstep, so the reference's
-full-vocabulary distributions are never stored.
+come from the weight format alone (`--reference float32` keeps the checkpoint's values instead: the measure for the
+gguf format, which runs a GGUF file's own blocks and is compared with that file dequantized). All models score the
+same windows in lockstep, so the reference's full-vocabulary distributions are never stored.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from tokenfab.evaluation.corpus import corpus_text, windows
 from tokenfab.evaluation.scoring import ModelScorer, Scorer, Tally, score_window
 from tokenfab.models.decoder import DecoderModel
 from tokenfab.models.loading import ModelSource, load_model, load_tokenizer, quantize_model, resolve_model
+from tokenfab.quant.gguf_packed import GGUFWeight
 from tokenfab.quant.plan import QuantPlan, build_plan, parse_override
 
 _SPEC = re.compile(r"^(?P<fmt>[a-z0-9]+)(/(?P<method>[a-z]+))?(\[(?P<rules>[^\]]*)\])?$")
@@ -48,7 +52,14 @@ def parse_variant(spec: str) -> Variant:
 
 def load_variant(source: ModelSource, plan: QuantPlan, max_positions: int,
                  reference_dtype: torch.dtype = torch.bfloat16) -> DecoderModel:
-    """The model in fp32 with weights rounded to `reference_dtype`, then stored per `plan`."""
+    """The model in fp32 with weights rounded to `reference_dtype`, then stored per `plan`; a plan using the gguf
+    format loads the file's own blocks (`source` must be the .gguf) and leaves its weights unrounded."""
+    if plan.uses("gguf"):
+        model = load_model(source, torch.float32, torch.device("cpu"), max_positions, weight_format=plan)
+        for module in model.modules():  # score with decode's arithmetic (int8 activations) at every window size
+            if isinstance(getattr(module, "stored", None), GGUFWeight):
+                module.stored.kernel_max_rows = sys.maxsize
+        return model
     model = load_model(source, torch.float32, torch.device("cpu"), max_positions, weight_format=None)
     with torch.no_grad():
         for p in model.parameters():  # tied parameters are visited once
@@ -60,6 +71,8 @@ def load_variant(source: ModelSource, plan: QuantPlan, max_positions: int,
 def _share_embedding(model: DecoderModel, reference: DecoderModel) -> DecoderModel:
     """Point the variant's (never quantized, identical) embedding at the reference's: 670 MB less per variant
     for Gemma 3 270M, which keeps all models of a run in memory at once."""
+    if not isinstance(model.embed_tokens, nn.Embedding):
+        return model  # a packed table (gguf) is not the reference's
     shared = reference.embed_tokens.weight
     if torch.equal(model.embed_tokens.weight, shared):
         model.embed_tokens.weight = shared
@@ -69,14 +82,18 @@ def _share_embedding(model: DecoderModel, reference: DecoderModel) -> DecoderMod
 
 
 def evaluate(model: str | None, variants: list[Variant], window: int = 512, max_tokens: int | None = None,
-             corpus: Path | None = None, progress=print, others: dict[str, Scorer] | None = None) -> dict:
-    """`others`: further scorers (e.g. another engine on the same tokens), reported after the variants."""
+             corpus: Path | None = None, progress=print, others: dict[str, Scorer] | None = None,
+             reference_dtype: torch.dtype = torch.bfloat16) -> dict:
+    """`others`: further scorers (e.g. another engine on the same tokens), reported after the variants.
+    reference_dtype: what the reference's weights are rounded to (float32: not at all)."""
     torch.manual_seed(0)
     source = resolve_model(model)
     tokenizer = load_tokenizer(source)
     chunks = windows(tokenizer, corpus_text(corpus), window, max_tokens)
-    reference = load_variant(source, QuantPlan("none"), window)
-    models = {v.name: _share_embedding(load_variant(source, v.plan, window), reference) for v in variants}
+    reference = load_variant(source, QuantPlan("none"), window, reference_dtype)
+    gguf = resolve_model(model, prefer_gguf=True) if any(v.plan.uses("gguf") for v in variants) else None
+    models = {v.name: _share_embedding(load_variant(gguf if v.plan.uses("gguf") else source, v.plan, window,
+                                                    reference_dtype), reference) for v in variants}
     scorers: dict[str, Scorer] = {name: ModelScorer(m) for name, m in models.items()}
     scorers.update(others or {})
     tallies = {name: Tally() for name in ["reference", *scorers]}
@@ -85,7 +102,8 @@ def evaluate(model: str | None, variants: list[Variant], window: int = 512, max_
         score_window(ModelScorer(reference), scorers, ids, tallies)
         progress(f"window {i + 1}/{len(chunks)}: {len(ids)} tokens, {time.perf_counter() - start:.0f} s")
     ref = tallies["reference"].summary()
-    rows = [{"variant": "bf16 (reference)", "plan": "none", **ref, "ppl_delta_pct": 0.0,
+    reference_name = {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(reference_dtype, str(reference_dtype))
+    rows = [{"variant": f"{reference_name} (reference)", "plan": "none", **ref, "ppl_delta_pct": 0.0,
              "weight_bytes": reference.weight_bytes_per_token()}]
     for v in variants:
         s = tallies[v.name].summary()
@@ -98,7 +116,9 @@ def evaluate(model: str | None, variants: list[Variant], window: int = 512, max_
                      "ppl_delta_pct": 100 * (s["perplexity"] / ref["perplexity"] - 1), "weight_bytes": None})
     return {"model": str(source.path), "corpus": str(corpus) if corpus else "tokenfab/evaluation/data/corpus.txt",
             "window": window, "windows": len(chunks), "scored_tokens": ref["tokens"],
-            "reference": "weights rounded to bf16, computed in fp32", "seconds": time.perf_counter() - start,
+            "reference": (f"weights rounded to {reference_name}, computed in fp32" if reference_name != "fp32"
+                          else "the checkpoint's fp32 weights, computed in fp32"),
+            "seconds": time.perf_counter() - start,
             "rows": rows}
 
 

@@ -21,10 +21,10 @@ LOGIT_ROWS = 128
 def window_hidden(model: DecoderModel, ids: list[int]) -> torch.Tensor:
     """Final hidden states [T, hidden] of one sequence, prefilled at once from position 0."""
     arch = model.arch
-    device = model.embed_tokens.weight.device
+    device = model.norm.weight.device
     groups = [KVGroupSpec(w, tuple(layers)) for w, layers in arch.window_groups.items()]
     blocks = -(-len(ids) // BLOCK_SIZE) + 1  # + the null block, which no table uses
-    dtype = model.embed_tokens.weight.dtype
+    dtype = model.norm.weight.dtype
     cache = KVCache(groups, [blocks] * len(groups), BLOCK_SIZE, arch.num_kv_heads, arch.head_dim, dtype, device)
     table = list(range(1, blocks))
     layout = SeqLayout(0, len(ids), 0, tuple(table for _ in groups))

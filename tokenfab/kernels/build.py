@@ -1,8 +1,8 @@
 """Build the C++ CPU kernels once per machine and load them with ctypes.
 
-The library is compiled for the host (-march=native) into the cache directory, keyed by the source, the
-compiler and the CPU's flags, so a changed source or a different machine never loads a stale build. Anything
-that stops the build (no compiler, no AVX2/FMA/F16C) leaves the pure-torch paths in charge.
+One library of every csrc/*.cpp is compiled for the host (-march=native) into the cache directory, keyed by the
+sources, the compiler and the CPU's flags, so a changed source or a different machine never loads a stale build.
+Anything that stops the build (no compiler, no AVX2/FMA/F16C) leaves the pure-torch paths in charge.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tokenfab.loader.default_model import cache_dir
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+SOURCE_DIR = Path(__file__).with_name("csrc")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 DISABLE_ENV = "TOKENFAB_DISABLE_CPU_KERNELS"
@@ -39,9 +39,17 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
+def _sources() -> list[Path]:
+    """Every C++ file in csrc/, compiled together into the one library."""
+    return sorted(SOURCE_DIR.glob("*.cpp"))
+
+
 def _key(compiler: str, flags: set[str]) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    h = hashlib.sha256(SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for source in _sources():
+        h.update(source.name.encode())
+        h.update(source.read_bytes())
     for part in (version, " ".join(FLAGS), " ".join(sorted(flags))):
         h.update(part.encode())
     return h.hexdigest()[:16]
@@ -51,8 +59,8 @@ def _compile(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *FLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True,
-                              check=False)
+        command = [compiler, *FLAGS, "-o", str(out), *map(str, _sources())]
+        proc = subprocess.run(command, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-2000:])
         os.replace(out, target)  # atomic: a concurrent builder sees the old file or the whole new one
@@ -100,9 +108,15 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tf_dequant_i8": [p, p, p, i64, i64, i32],
         "tf_dequant_fp8": [p, p, p, i64, i64, i32],
         "tf_dequant_lut4": [p, p, i64, p, p, f32, p, i64, i64, i32],
+        "tf_gguf_linear": [p, i32, p, p, p, p, *shape],
+        "tf_gguf_dequantize": [i32, p, p, i64, i64, p, i32],
     }
     for name, args in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes = args
         fn.restype = None
+    lib.tf_gguf_row_bytes.argtypes = [i32, i64]
+    lib.tf_gguf_row_bytes.restype = i64
+    lib.tf_gguf_repack.argtypes = [i32, p, p, i64, i64, i32]
+    lib.tf_gguf_repack.restype = i32
     return lib

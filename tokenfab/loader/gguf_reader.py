@@ -11,6 +11,7 @@ import functools
 import os
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -262,19 +263,51 @@ def _add_rope(config: dict[str, Any], model_type: str) -> None:
 # ----------------------------------------------------------------------------------------------- tensors
 
 
-def iter_gguf_tensors(
-    path: str | os.PathLike[str], dtype: torch.dtype = torch.float32
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, dequantized tensor in HF layout) one tensor at a time, in file order."""
+@dataclass(frozen=True)
+class GGUFEntry:
+    """One tensor of a GGUF file as stored, with what turns it into its HF counterpart."""
+
+    hf_name: str
+    tensor: ReaderTensor
+    """The file's tensor: `tensor.data` holds its raw blocks, `tensor.tensor_type` their ggml type."""
+    rope_heads: int | None
+    """llama q/k: the file permutes rows within each of this many heads (see unpermute_rope_rows)."""
+    norm_offset: float
+    """Subtracted from the values (Gemma's norms are stored as 1 + w)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """HF layout: ggml lists dimensions fastest-moving first."""
+        return tuple(int(dim) for dim in reversed(self.tensor.shape.tolist()))
+
+    def values(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dequantized, in HF layout."""
+        values = _dequantized(self.tensor)
+        if self.norm_offset:
+            values = values - np.float32(self.norm_offset)
+        if self.rope_heads is not None:
+            values = unpermute_rope_rows(values, self.rope_heads)
+        return torch.from_numpy(values).to(dtype)
+
+
+def iter_gguf_entries(path: str | os.PathLike[str]) -> Iterator[GGUFEntry]:
+    """Every tensor of the file, in file order, with its HF name and transforms."""
     reader = _reader(path)
     arch = _architecture(reader)
     config = read_gguf_config(path)
     for tensor in reader.tensors:
-        if tensor.name in _IGNORED_TENSORS:
-            continue
-        hf_name = hf_tensor_name(tensor.name, arch)
-        values = _undo_gguf_transforms(_dequantized(tensor), tensor.name, arch, config)
-        yield hf_name, torch.from_numpy(values).to(dtype)
+        if tensor.name not in _IGNORED_TENSORS:
+            # llama.cpp folds Gemma's (1 + w) into the stored norm weight; HF applies the +1 at runtime.
+            offset = 1.0 if arch == "gemma3" and "norm.weight" in tensor.name else 0.0
+            yield GGUFEntry(hf_tensor_name(tensor.name, arch), tensor, _rope_heads(tensor.name, arch, config), offset)
+
+
+def iter_gguf_tensors(
+    path: str | os.PathLike[str], dtype: torch.dtype = torch.float32
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, dequantized tensor in HF layout) one tensor at a time, in file order."""
+    for entry in iter_gguf_entries(path):
+        yield entry.hf_name, entry.values(dtype)
 
 
 def hf_tensor_name(gguf_name: str, arch: str) -> str:
@@ -299,16 +332,15 @@ def _dequantized(tensor: ReaderTensor) -> np.ndarray:
     return np.require(values, dtype=np.float32, requirements=["C_CONTIGUOUS", "WRITEABLE"]).reshape(shape)
 
 
-def _undo_gguf_transforms(values: np.ndarray, gguf_name: str, arch: str, config: dict[str, Any]) -> np.ndarray:
-    if arch == "gemma3" and "norm.weight" in gguf_name:
-        # llama.cpp folds Gemma's (1 + w) into the stored weight; HF applies the +1 at runtime.
-        return values - np.float32(1.0)
-    if arch == "llama" and (".attn_q." in gguf_name or ".attn_k." in gguf_name):
-        heads = config["num_attention_heads"]
-        if ".attn_k." in gguf_name:
-            heads = config["num_key_value_heads"]
-        return unpermute_rope_rows(values, heads)
-    return values
+def _rope_heads(gguf_name: str, arch: str, config: dict[str, Any]) -> int | None:
+    # llama.cpp permutes llama's q/k rows to turn HF's half-split rope into interleaved pairs.
+    if arch != "llama":
+        return None
+    if ".attn_q." in gguf_name:
+        return config["num_attention_heads"]
+    if ".attn_k." in gguf_name:
+        return config["num_key_value_heads"]
+    return None
 
 
 def unpermute_rope_rows(values: np.ndarray, heads: int) -> np.ndarray:

@@ -14,10 +14,19 @@ from torch import nn
 from tokenfab.attention.backend import current_forward_context
 from tokenfab.kernels import cpu as kernels
 from tokenfab.models.arch import ArchConfig
-from tokenfab.models.layers import Linear, RMSNorm, RotaryEmbedding, add_norm, apply_rotary, gated_activation
+from tokenfab.models.layers import (
+    Linear,
+    PackedEmbedding,
+    RMSNorm,
+    RotaryEmbedding,
+    add_norm,
+    apply_rotary,
+    gated_activation,
+)
 from tokenfab.quant import QUANTIZED_FORMATS, LinearWeight, build_weight
 from tokenfab.quant.plan import QuantPlan
 from tokenfab.quant.bf16 import BF16Weight
+from tokenfab.quant.gguf_packed import GGUFWeight
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -151,7 +160,7 @@ class DecoderModel(nn.Module):
         # bf16 storage: the lookup reads a bf16 table too (the LM head's own when tied) and widens its rows.
         if isinstance(self.lm_head.stored, BF16Weight) and self.arch.tie_word_embeddings:
             self.embed_tokens.weight = nn.Parameter(self.lm_head.stored.weight, requires_grad=False)
-        elif plan.default == "bf16":
+        elif plan.default == "bf16" and isinstance(self.embed_tokens, nn.Embedding):
             self.embed_tokens.weight = nn.Parameter(self.embed_tokens.weight.data.bfloat16(), requires_grad=False)
 
     def _build_weight(self, name: str, weight: torch.Tensor, fmt: str, hessian: torch.Tensor | None) -> LinearWeight:
@@ -262,10 +271,13 @@ def _install_stored(model: DecoderModel, stored: Mapping[str, LinearWeight]) -> 
     """Give each Linear its checkpoint-stored weight, fusing shards row-wise (exact for every format);
     returns the parameter names (with shard markers) now accounted for."""
     fused: dict[str, dict[int | None, LinearWeight]] = {}
+    loaded: set[str] = set()
     for module, weight in stored.items():
         name, shard = _target_name(model, module + ".weight")
-        fused.setdefault(name, {})[shard] = weight
-    loaded: set[str] = set()
+        if name == "embed_tokens.weight":
+            loaded |= _install_embedding(model, weight)
+        else:
+            fused.setdefault(name, {})[shard] = weight
     for name, shards in fused.items():
         linear = model.get_submodule(name.removesuffix(".weight")) if name.endswith(".weight") else None
         if not isinstance(linear, Linear):
@@ -283,6 +295,18 @@ def _install_stored(model: DecoderModel, stored: Mapping[str, LinearWeight]) -> 
         linear.use(weight, keep_plain=tied)
         loaded |= keys
     return loaded
+
+
+def _install_embedding(model: DecoderModel, table: LinearWeight) -> set[str]:
+    """A packed embedding table (a GGUF file's), which a tied LM head computes with too."""
+    if not isinstance(table, GGUFWeight):
+        raise ValueError(f"the embedding table can be stored packed in the gguf format only, not {table.name}")
+    if table.shape != tuple(model.embed_tokens.weight.shape):
+        raise ValueError(f"embedding table {table.shape} != {tuple(model.embed_tokens.weight.shape)}")
+    model.embed_tokens = PackedEmbedding(table)
+    if model.arch.tie_word_embeddings:
+        model.lm_head.use(table)
+    return {"embed_tokens.weight"}
 
 
 def _check_complete(model: DecoderModel, params: dict[str, nn.Parameter], loaded: set[str]) -> None:

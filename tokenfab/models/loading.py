@@ -12,8 +12,9 @@ import torch
 from safetensors import safe_open
 
 from tokenfab.models.arch import ArchConfig, arch_from_hf_config
-from tokenfab.models.decoder import DecoderModel
+from tokenfab.models.decoder import DecoderModel, linear_layer_name
 from tokenfab.quant.checkpoint import CheckpointQuantization, QuantizedTensorSplitter, detect_quantization
+from tokenfab.quant.gguf_source import GGUFPackedSplitter
 from tokenfab.quant.plan import QuantPlan
 from tokenfab.tokenizer import Tokenizer, load_gguf_tokenizer, load_hf_tokenizer
 
@@ -31,11 +32,12 @@ class ModelSource:
         return self.path.suffix == ".gguf"
 
 
-def resolve_model(model: str | None) -> ModelSource:
+def resolve_model(model: str | None, prefer_gguf: bool = False) -> ModelSource:
+    """prefer_gguf: for the embedded default, its GGUF file rather than the fp32 HF copy (for the gguf format)."""
     if model is None:
-        from tokenfab.loader.default_model import default_model_dir
+        from tokenfab.loader.default_model import default_model_dir, default_model_path
 
-        path = default_model_dir()
+        path = default_model_path() if prefer_gguf else default_model_dir()
     else:
         path = Path(model).expanduser()
     if not path.exists():
@@ -82,8 +84,14 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, ma
         model.lm_head.weight = model.embed_tokens.weight
     with torch.device(device):
         model.build_rope(max_positions)
-    weights = iter_weights(source)
-    stored = None
+    plan = QuantPlan(weight_format) if isinstance(weight_format, str) else weight_format
+    if plan is not None and plan.uses("gguf"):
+        if device.type != "cpu":
+            raise ValueError(f"the gguf format runs on CPU (its kernels are C++/AVX2), not {device}")
+        packed = gguf_packed_splitter(source, plan)
+        weights, stored = packed.plain(), packed.built
+    else:
+        weights, stored = iter_weights(source), None
     if source.quantization is not None:
         splitter = QuantizedTensorSplitter(source.quantization, device)
         weights, stored = splitter.plain(weights), splitter.built
@@ -92,6 +100,24 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, ma
     if weight_format is not None:
         quantize_model(model, source, weight_format)
     return model.eval()
+
+
+def gguf_packed_splitter(source: ModelSource, plan: QuantPlan) -> GGUFPackedSplitter:
+    """The file's tensors with the layers `plan` gives the gguf format kept packed (and the embedding table with
+    them, see tokenfab.quant.plan)."""
+    if not source.is_gguf:
+        raise ValueError(f"quantization 'gguf' keeps a GGUF file's own quantized blocks, but {source.path} is not a "
+                         ".gguf file (pass --model FILE.gguf, or leave --model out for the default model's GGUF)")
+    tied = source.arch.tie_word_embeddings
+    packed_embedding = plan.format_for("lm_head") == "gguf" if tied else plan.default == "gguf"
+
+    def group_of(hf_name: str) -> str | None:
+        if hf_name.endswith("embed_tokens.weight"):
+            return "embed_tokens" if packed_embedding else None
+        layer = linear_layer_name(hf_name)
+        return layer if layer is not None and plan.format_for(layer) == "gguf" else None
+
+    return GGUFPackedSplitter(source.path, group_of)
 
 
 def quantize_model(model: DecoderModel, source: ModelSource, plan: str | QuantPlan) -> None:

@@ -3,7 +3,9 @@
 Layers are named as the engine names them: `lm_head`, `layers.<i>.self_attn.qkv_proj` (q, k and v fused),
 `layers.<i>.self_attn.o_proj`, `layers.<i>.mlp.gate_up_proj` (gate and up fused), `layers.<i>.mlp.down_proj`.
 Rules are shell-style globs (fnmatch); the first that matches a layer decides its format, `none` keeping it in
-the model's dtype. The token embedding is a lookup, not a linear layer, and is never quantized.
+the model's dtype. The token embedding is a lookup, not a linear layer, and is never quantized at load; with `gguf`
+(a GGUF file's own blocks, kept packed) it stays packed as the file stores it when the (tied) LM head is gguf, or
+(untied) when gguf is the default.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ class QuantPlan:
         for fmt in (self.default, *(f for _, f in self.rules)):
             if fmt not in WEIGHT_FORMATS:
                 raise ValueError(f"unknown weight format {fmt!r} (choose from {', '.join(WEIGHT_FORMATS)})")
+
+    def uses(self, fmt: str) -> bool:
+        """Whether any layer may get `fmt`."""
+        return self.default == fmt or any(f == fmt for _, f in self.rules)
 
     def format_for(self, layer: str) -> str:
         for pattern, fmt in self.rules:

@@ -45,6 +45,9 @@ WEIGHT_FORMATS: dict[str, Callable[[torch.Tensor], LinearWeight]] = {
     "none": _dense,
     "bf16": BF16Weight.quantize,
     **{name: _quantized(cls) for name, cls in QUANTIZED_FORMATS.items()},
+    # A GGUF file's own blocks, which tokenfab.models.loading keeps packed; a layer that still reaches a builder
+    # arrived as floats (a type without a kernel in the file) and stays dense.
+    "gguf": _dense,
 }
 """Builders from a float weight [out, in] (already in the model's dtype, on its device)."""
 

@@ -37,7 +37,7 @@ class _DrainingServer(uvicorn.Server):
 
 
 def build_state(engine: EngineConfig, settings: ServerSettings) -> ServerState:
-    source = resolve_model(engine.model)
+    source = resolve_model(engine.model, prefer_gguf=engine.quant_plan.uses("gguf"))
     check_speculative(engine, source)
     tokenizer = load_tokenizer(source)
     # Both lambdas look the other object up when called, after both exist.
