@@ -31,17 +31,19 @@ from tokenfab.platform.machine import cpu_name  # noqa: E402
 
 WORKLOADS = ("offline", "tg128", "pp512")
 TOKENFAB_VARIANTS = {"tokenfab": [], "tokenfab-bf16": ["--dtype", "bfloat16"],
-                     **{f"tokenfab-{q}": ["--quantization", q] for q in ("int8", "int4", "nvfp4")}}
-"""tokenfab configurations: the default (fp32 on CPUs without bf16 arithmetic), bf16 weight storage, and the
-quantized formats with their default plans (4-bit formats keep the LM head in int8)."""
+                     **{f"tokenfab-{q}": ["--quantization", q] for q in ("int8", "int4", "nvfp4", "gguf")}}
+"""tokenfab configurations: the default (fp32 on CPUs without bf16 arithmetic), bf16 weight storage, the
+quantized formats with their default plans (4-bit formats keep the LM head in int8), and gguf: the GGUF file's
+own Q4_K_M blocks, the bytes llama.cpp reads."""
 
 
 def systems(hf_dir: Path, gguf: Path) -> dict[str, tuple[list[str], str | None]]:
     """name -> (command prefix, reason it is unavailable or None)."""
     bench = REPO / "benchmarks"
     py = str(REPO / ".venv" / "bin" / "python")
-    runner = [py, str(bench / "tokenfab_runner.py"), "--model", str(hf_dir)]
-    table = {name: (runner + extra, None) for name, extra in TOKENFAB_VARIANTS.items()}
+    runner = [py, str(bench / "tokenfab_runner.py"), "--model"]
+    table = {name: (runner + [str(gguf if name == "tokenfab-gguf" else hf_dir)] + extra, None)
+             for name, extra in TOKENFAB_VARIANTS.items()}
     table.update({
         "vllm": ([str(PEERS / "vllm/bin/python"), str(bench / "peers/vllm_runner.py"), "--model", str(hf_dir)],
                  None if (PEERS / "vllm/bin/python").exists() else "no .peers/vllm (run benchmarks/peers/setup_peers.sh)"),
