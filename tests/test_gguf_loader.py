@@ -408,16 +408,18 @@ def gguf_name(hf_name: str) -> str:
     return f"{GGUF_NAMES[leaf]}.{suffix}"
 
 
-def write_metadata(writer: gguf.GGUFWriter, arch: str, name: str, head_dim: int) -> None:
+def write_metadata(writer: gguf.GGUFWriter, arch: str, name: str, head_dim: int, *, hidden: int = HIDDEN,
+                   layers: int = LAYERS, ffn: int = FFN, heads: int = HEADS, kv_heads: int = KV_HEADS,
+                   rope_base: float = 500000.0) -> None:
     writer.add_name(name)
     writer.add_context_length(256)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_block_count(LAYERS)
-    writer.add_feed_forward_length(FFN)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_freq_base(500000.0)
+    writer.add_rope_freq_base(rope_base)
     if arch == "llama":
         writer.add_rope_dimension_count(head_dim)
     if arch == "qwen3":

@@ -213,26 +213,12 @@ SHAPES_OUT_IN = {"attn_q": (HEADS * HEAD_DIM, HIDDEN), "attn_k": (KV_HEADS * HEA
 def write_quantized_llama(path: Path) -> dict[str, int]:
     """A tiny llama (untied: token_embd Q8_0, output Q6_K) in the types above; returns its quantized tensors'
     bytes by GGUF name."""
-    from test_gguf_loader import sentencepiece_vocab
+    from test_gguf_loader import write_metadata, write_tokenizer
 
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny packed llama")
-    writer.add_context_length(256)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_block_count(LAYERS)
-    writer.add_feed_forward_length(FFN)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_rope_dimension_count(HEAD_DIM)
-    tokens, scores, types = sentencepiece_vocab()
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    write_metadata(writer, "llama", "tiny packed llama", HEAD_DIM, hidden=HIDDEN, layers=LAYERS, ffn=FFN,
+                   heads=HEADS, kv_heads=KV_HEADS, rope_base=10000.0)
+    vocab = write_tokenizer(writer, "llama")
     rng = np.random.default_rng(0)
     sizes: dict[str, int] = {}
 
@@ -243,8 +229,8 @@ def write_quantized_llama(path: Path) -> dict[str, int]:
         writer.add_tensor(name, blocks, raw_dtype=qtype)
         sizes[name] = blocks.nbytes
 
-    add("token_embd.weight", T.Q8_0, len(tokens), HIDDEN)
-    add("output.weight", T.Q6_K, len(tokens), HIDDEN)
+    add("token_embd.weight", T.Q8_0, vocab, HIDDEN)
+    add("output.weight", T.Q6_K, vocab, HIDDEN)
     writer.add_tensor("output_norm.weight", np.ones(HIDDEN, dtype=np.float32))
     for i, layer_types in enumerate(LAYER_TYPES):
         for leaf, qtype in layer_types.items():
