@@ -16,6 +16,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from tokenfab.kernels.build import load_library
+from tokenfab.kernels.cpu import launch
 
 KERNEL_TYPES = frozenset({T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K})
 """ggml types with a kernel (activations int8 per 32 columns, exact int32 dot products)."""
@@ -60,19 +61,8 @@ class SegmentTable:
 
 
 def linear(x: torch.Tensor, table: SegmentTable, K: int) -> torch.Tensor:
-    """x [..., K] (float32, else converted) times the segments' rows: float32 [..., N]. Decode calls this ~70 times
-    per token on small matrices, so it does only what it must in Python."""
-    if x.shape[-1] != K:
-        raise ValueError(f"x has {x.shape[-1]} features, weight expects {K}")
-    flat = x.dim() == 2
-    x2 = x if flat else x.reshape(-1, K)
-    if x2.dtype != torch.float32 or not x2.is_contiguous():
-        x2 = x2.float().contiguous()
-    M, N = x2.shape[0], table.out_features
-    y = torch.empty(M, N)
-    table.call(x2.data_ptr(), table.count, table.layouts, table.rows, table.data, y.data_ptr(), M, N, K,
-               torch.get_num_threads())
-    return y if flat else y.reshape(*x.shape[:-1], N)
+    """x [..., K] (float32, else converted) times the segments' rows: float32 [..., N]."""
+    return launch(table.call, x, table.out_features, K, table.count, table.layouts, table.rows, table.data)
 
 
 def dequantize(layout: int, data: torch.Tensor, K: int, ids: torch.Tensor | None = None) -> torch.Tensor:
