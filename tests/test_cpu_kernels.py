@@ -258,3 +258,56 @@ def test_gated_activation_matches_torch(gelu: bool, rows: int, inter: int) -> No
     # x * sigmoid(2u) form does not.
     ref = ((F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)) * up).float()
     torch.testing.assert_close(kernels.gated_act(gate_up, gelu), ref, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("gelu", [True, False])
+@pytest.mark.parametrize("M,K,inter,hidden", [(1, 64, 96, 64), (3, 640, 2048, 640), (5, 32, 48, 33),
+                                              (17, 128, 64, 130)])
+def test_gated_mlp_bf16_is_the_three_calls_bit_for_bit(gelu: bool, M: int, K: int, inter: int, hidden: int) -> None:
+    """Register (M < 4) and panel paths, outputs not a multiple of the 4-row block; the fused call must equal
+    the unfused one exactly, so a request's tokens do not depend on which of the two its batch took."""
+    g = torch.Generator().manual_seed(M * K + inter)
+    x = torch.randn(M, K, generator=g)
+    w_gu = (torch.randn(2 * inter, K, generator=g) / K**0.5).bfloat16()
+    w_down = (torch.randn(hidden, inter, generator=g) / inter**0.5).bfloat16()
+    fused = kernels.gated_mlp_bf16(x, w_gu, w_down, gelu)
+    unfused = kernels.linear_bf16(kernels.gated_act(kernels.linear_bf16(x, w_gu), gelu), w_down)
+    assert torch.equal(fused, unfused)
+    gate, up = (x @ w_gu.float().t()).chunk(2, dim=-1)
+    act = F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)
+    _close(fused, (act * up) @ w_down.float().t())
+
+
+@pytest.mark.parametrize("with_norm", [True, False])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 1, 256), (8, 2, 64), (2, 2, 20)])
+def test_decode_attention_step_is_norm_rope_cache_write_and_attention(with_norm: bool, heads: int, kv_heads: int,
+                                                                     dim: int) -> None:
+    """The fused decode call equals its four parts exactly: q/k norm + rotary in place, the new key and value in
+    their slots, attention over spans that end at (and include) the new token."""
+    from tokenfab.models.layers import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(heads * dim + with_norm)
+    block_size, num_blocks, batch = 4, 60, 3
+    k_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=g)
+    v_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=g)
+    blocks = torch.stack([torch.randperm(num_blocks, generator=g)[:40] for _ in range(batch)])
+    lo = torch.tensor([0, 5, 0], dtype=torch.int32)
+    hi = torch.tensor([1, 150, 77], dtype=torch.int32)
+    pos = (hi - 1).long()
+    slots = blocks[torch.arange(batch), pos // block_size] * block_size + pos % block_size
+    width = (heads + 2 * kv_heads) * dim
+    qkv = torch.randn(batch, width + 5, generator=g)[:, :width]  # rows strided
+    cos, sin = RotaryEmbedding(dim, 256, 10000.0, None).table(pos, torch.float32)
+    qw, kw = (torch.randn(dim, generator=g), torch.randn(dim, generator=g)) if with_norm else (None, None)
+
+    ref_qkv, ref_k, ref_v = qkv.clone(), k_cache.clone(), v_cache.clone()
+    kernels.qk_norm_rope_(ref_qkv, heads, kv_heads, dim, qw, kw, 1e-6, cos.view(-1, dim), sin.view(-1, dim))
+    q, k, v = ref_qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    ref_k.index_copy_(0, slots, k.reshape(batch, kv_heads, dim))
+    ref_v.index_copy_(0, slots, v.reshape(batch, kv_heads, dim))
+    ref = kernels.paged_decode_attention(q.reshape(batch, heads, dim), ref_k, ref_v, blocks, lo, hi, block_size, 0.1)
+
+    out = kernels.decode_attention_step(qkv, heads, kv_heads, dim, qw, kw, 1e-6, cos, sin, k_cache, v_cache, slots,
+                                        blocks, lo, hi, block_size, 0.1)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+    assert torch.equal(out, ref)

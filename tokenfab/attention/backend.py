@@ -65,6 +65,18 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+@dataclass(frozen=True, slots=True)
+class HeadLayout:
+    """A layer's heads as its fused qkv projection lays them out per token: `heads` query heads, then `kv_heads`
+    key heads and `kv_heads` value heads, `head_dim` each. `eps` is the q/k norms' (where the model has them)."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scale: float
+    eps: float
+
+
 class AttentionBackend(abc.ABC):
     """Computes attention over a flat batch of mixed prefill and decode tokens against the paged KV cache."""
 
@@ -77,6 +89,15 @@ class AttentionBackend(abc.ABC):
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                 metadata: Any, cache: KVCache) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, KVH, D] of this step's tokens. Writes k, v to the cache; returns [T, H, D]."""
+
+    def forward_qkv(self, layer: int, qkv: torch.Tensor, layout: HeadLayout,
+                    qk_norms: tuple[torch.Tensor, torch.Tensor] | None, rope: tuple[torch.Tensor, torch.Tensor],
+                    metadata: Any, cache: KVCache) -> torch.Tensor | None:
+        """All of attention from the fused projection qkv [T, (H + 2 KVH) * D]: q/k RMSNorm (weights `qk_norms`),
+        rotary (cos, sin [T, 1, D]), the cache write and attention, in one step -> [T, H, D]; or None where the
+        backend has no such path for this step (the caller then does the parts and calls `forward`). qkv may be
+        modified in place."""
+        return None
 
 
 @dataclass(slots=True)

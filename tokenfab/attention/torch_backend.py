@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tokenfab.attention.backend import AttentionBackend, KVCache, KVGroupSpec, SeqLayout
+from tokenfab.attention.backend import AttentionBackend, HeadLayout, KVCache, KVGroupSpec, SeqLayout
 from tokenfab.kernels import cpu as kernels
 
 
@@ -128,10 +128,28 @@ class TorchAttentionBackend(AttentionBackend):
             out[p.token_start : p.token_end] = _prefill(q[p.token_start : p.token_end], k_cache, v_cache, p, scale)
         return out
 
+    def forward_qkv(self, layer: int, qkv: torch.Tensor, layout: HeadLayout,
+                    qk_norms: tuple[torch.Tensor, torch.Tensor] | None, rope: tuple[torch.Tensor, torch.Tensor],
+                    metadata: TorchMetadata, cache: KVCache) -> torch.Tensor | None:
+        """Decode-only steps on the CPU kernels: one call per layer (see kernels.decode_attention_step)."""
+        g, i = cache.layer_slot[layer]
+        meta = metadata.groups[g]
+        k_cache = cache.k[g][i]
+        if meta.num_decodes != qkv.shape[0] or qkv.dtype != torch.float32 or not _kernel_decode(k_cache):
+            return None
+        q_weight, k_weight = qk_norms if qk_norms is not None else (None, None)
+        return kernels.decode_attention_step(qkv, layout.heads, layout.kv_heads, layout.head_dim, q_weight, k_weight,
+                                             layout.eps, *rope, k_cache, cache.v[g][i], meta.slot_mapping,
+                                             meta.decode_index, *meta.decode_span, cache.block_size, layout.scale)
+
+
+def _kernel_decode(k_cache: torch.Tensor) -> bool:
+    return k_cache.dtype == torch.float32 and k_cache.device.type == "cpu" and kernels.available()
+
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: GroupMetadata,
             scale: float) -> torch.Tensor:
-    if k_cache.dtype == torch.float32 and k_cache.device.type == "cpu" and kernels.available():
+    if _kernel_decode(k_cache):
         # Reads K/V in place from the blocks: no gathered copy of every context each step.
         block_size = meta.decode_mask.shape[-1] // meta.decode_index.shape[1]
         return kernels.paged_decode_attention(q, k_cache, v_cache, meta.decode_index, *meta.decode_span,

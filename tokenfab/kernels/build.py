@@ -44,10 +44,14 @@ def _sources() -> list[Path]:
     return sorted(SOURCE_DIR.glob("*.cpp"))
 
 
+def _headers() -> list[Path]:
+    return sorted(SOURCE_DIR.glob("*.h"))
+
+
 def _key(compiler: str, flags: set[str]) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
     h = hashlib.sha256()
-    for source in _sources():
+    for source in _sources() + _headers():
         h.update(source.name.encode())
         h.update(source.read_bytes())
     for part in (version, " ".join(FLAGS), " ".join(sorted(flags))):
@@ -102,8 +106,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tf_add_rmsnorm": [p, p, p, p, p, i64, i64, f32, i32],
         "tf_argmax_rows": [p, i64, i64, p],
         "tf_gated_act": [p, p, i64, i64, i32, i32],
+        "tf_gated_mlp_bf16": [p, p, p, p, i64, i64, i64, i64, i32, i32],
         "tf_qk_norm_rope": [p, i64, i64, i64, i64, i64, p, p, f32, p, p, i32],
         "tf_paged_decode_attention": [p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, f32, p, i32],
+        "tf_decode_attention_step": [p, i64, i64, i64, i64, i64, p, p, f32, p, p, p, p, p, p, i64, p, p, i64, f32, p,
+                                     i32],
         "tf_dequant_bf16": [p, p, i64, i64, i32],
         "tf_dequant_i8": [p, p, p, i64, i64, i32],
         "tf_dequant_fp8": [p, p, p, i64, i64, i32],

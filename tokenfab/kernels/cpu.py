@@ -137,6 +137,20 @@ def gated_act(gate_up: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
     return out
 
 
+def gated_mlp_bf16(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)) for x float32 [M, K] contiguous, w_gate_up bfloat16 [2 * inter, K] (gate rows
+    first), w_down bfloat16 [hidden, inter]; K and inter % 16 == 0. One call, equal bit for bit to linear_bf16,
+    gated_act and linear_bf16 in turn. Returns [M, hidden]."""
+    (two_inter, K), (hidden, inter) = w_gate_up.shape, w_down.shape
+    if x.dim() != 2 or x.shape[1] != K or two_inter != 2 * inter or x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(f"gated MLP shapes: x {tuple(x.shape)} {x.dtype}, gate/up {tuple(w_gate_up.shape)}, "
+                         f"down {tuple(w_down.shape)}")
+    y = torch.empty(x.shape[0], hidden, dtype=torch.float32)
+    load_library().tf_gated_mlp_bf16(x.data_ptr(), w_gate_up.data_ptr(), w_down.data_ptr(), y.data_ptr(), x.shape[0],
+                                     K, inter, hidden, int(gelu_tanh), torch.get_num_threads())
+    return y
+
+
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """torch.argmax(x, dim=-1) for x float32 [rows, n] contiguous: first index of the maximum, NaN largest."""
     if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous():
@@ -190,6 +204,25 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     load_library().tf_paged_decode_attention(
         _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(blocks), blocks.shape[1], _ptr(lo), _ptr(hi), batch, heads,
         k_cache.shape[1], dim, block_size, scale, _ptr(out), torch.get_num_threads())
+    return out
+
+
+def decode_attention_step(qkv: torch.Tensor, heads: int, kv_heads: int, dim: int, q_weight: torch.Tensor | None,
+                          k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, blocks: torch.Tensor,
+                          lo: torch.Tensor, hi: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """Attention of B single-token sequences from their fused projection qkv [B, >= (heads + 2 kv_heads) * dim]
+    (float32, rows contiguous; q/k normed and rotated in place as qk_norm_rope_ does): writes each token's key
+    and value to cache slot slots[b] (int64), then attends as paged_decode_attention. Returns [B, heads, dim].
+    A decode step makes one of these per layer, so only the cheap checks are done here."""
+    batch = qkv.shape[0]
+    if qkv.stride(1) != 1 or not (cos.is_contiguous() and sin.is_contiguous()):
+        raise ValueError("qkv rows and cos/sin must be contiguous")
+    out = qkv.new_empty((batch, heads, dim))
+    load_library().tf_decode_attention_step(
+        qkv.data_ptr(), batch, qkv.stride(0), heads, kv_heads, dim, _opt(q_weight), _opt(k_weight), eps,
+        cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), blocks.data_ptr(),
+        blocks.shape[1], lo.data_ptr(), hi.data_ptr(), block_size, scale, out.data_ptr(), torch.get_num_threads())
     return out
 
 

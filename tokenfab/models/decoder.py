@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from tokenfab.attention.backend import current_forward_context
+from tokenfab.attention.backend import HeadLayout, current_forward_context
 from tokenfab.kernels import cpu as kernels
 from tokenfab.models.arch import ArchConfig
 from tokenfab.models.layers import (
@@ -25,7 +25,7 @@ from tokenfab.models.layers import (
 )
 from tokenfab.quant import QUANTIZED_FORMATS, LinearWeight, build_weight
 from tokenfab.quant.plan import QuantPlan
-from tokenfab.quant.bf16 import BF16Weight
+from tokenfab.quant.bf16 import BF16Weight, fused_gated_mlp
 from tokenfab.quant.gguf_packed import GGUFWeight
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -36,14 +36,26 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.arch = arch
+        self.layout = HeadLayout(arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.softmax_scale,
+                                 arch.rms_norm_eps)
         self.qkv_proj = Linear(arch.hidden_size, arch.q_size + 2 * arch.kv_size, bias=arch.qkv_bias)
         self.o_proj = Linear(arch.q_size, arch.hidden_size)
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
 
     def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
-        a = self.arch
         qkv = self.qkv_proj(x)
+        ctx = current_forward_context()
+        norms = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else None
+        out = ctx.backend.forward_qkv(self.layer, qkv, self.layout, norms, rope, ctx.metadata, ctx.cache)
+        if out is None:
+            q, k, v = self._project(qkv, rope)
+            out = ctx.backend.forward(self.layer, q, k, v, self.layout.scale, ctx.metadata, ctx.cache)
+        return self.o_proj(out.reshape(-1, self.arch.q_size))
+
+    def _project(self, qkv: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (normed and rotated) and v of the fused projection."""
+        a = self.arch
         if qkv.dtype == torch.float32 and qkv.device.type == "cpu" and kernels.available():
             norms = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
             kernels.qk_norm_rope_(qkv, a.num_heads, a.num_kv_heads, a.head_dim, *norms, a.rms_norm_eps,
@@ -54,9 +66,7 @@ class Attention(nn.Module):
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rotary(q, k, *rope)
-        ctx = current_forward_context()
-        out = ctx.backend.forward(self.layer, q, k, v.contiguous(), a.softmax_scale, ctx.metadata, ctx.cache)
-        return self.o_proj(out.reshape(-1, a.q_size))
+        return q, k, v.contiguous()
 
     def _split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a = self.arch
@@ -73,6 +83,9 @@ class MLP(nn.Module):
         self.down_proj = Linear(arch.intermediate_size, arch.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = fused_gated_mlp(self.gate_up_proj.stored, self.down_proj.stored, x, self.activation == "gelu_tanh")
+        if fused is not None:
+            return fused
         return self.down_proj(gated_activation(self.activation, self.gate_up_proj(x)))
 
 

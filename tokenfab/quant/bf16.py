@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenfab.kernels import cpu as kernels
+from tokenfab.quant.base import LinearWeight
 from tokenfab.quant.dense import DenseWeight
 
 KERNEL_MAX_ROWS = 48
@@ -41,3 +42,13 @@ class BF16Weight(DenseWeight):
             y = self._kernel(x)
             return y if x.dtype == torch.float32 else y.to(x.dtype)
         return F.linear(x.float(), kernels.dequant_bf16(self.weight)).to(x.dtype)
+
+
+def fused_gated_mlp(gate_up: LinearWeight | None, down: LinearWeight | None, x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor | None:
+    """down(act(gate(x)) * up(x)) in one kernel call when both projections are stored bf16 on the CPU kernels and
+    x [rows, K] float32 is a batch they would each compute with the kernel (the result is then the same bit for
+    bit); None otherwise."""
+    if not (isinstance(gate_up, BF16Weight) and isinstance(down, BF16Weight) and gate_up.use_kernel
+            and down.use_kernel and x.dim() == 2 and x.shape[0] <= KERNEL_MAX_ROWS and x.dtype == torch.float32):
+        return None
+    return kernels.gated_mlp_bf16(x.contiguous(), gate_up.weight, down.weight, gelu_tanh)

@@ -12,16 +12,15 @@
 #include <cstring>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-constexpr int NB = 4;  // weight rows per block
+using tf::exp256;
+using tf::hsum;
+using tf::rmsnorm_row;
 
-inline float hsum(__m256 v) {
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
+constexpr int NB = 4;  // weight rows per block
 
 // A decoder yields STEP consecutive weights of row n from column k as STEP/8 fp32 vectors (block scales
 // applied) and a per-row scale applied to the finished dot product.
@@ -191,25 +190,32 @@ constexpr int64_t PANEL_MIN_M = 4;  // below this the weights are decoded in reg
 // delays the call by one chunk, not by half the matrix. Few, long chunks stream best (each chunk start
 // restarts the prefetch; 4 per thread measured 27-32 GB/s against 26-30 for 16).
 constexpr int64_t CHUNKS_PER_THREAD = 4;
+// The blocks of y's N columns shared among the threads of the enclosing parallel region (an orphaned omp for:
+// the caller opens the region, so several products can run in one). `panel`: NB * K floats of this thread's
+// scratch when M >= PANEL_MIN_M.
+template <class D>
+void linear_shared(const D& d, const float* x, float* y, int64_t M, int64_t N, int64_t K, float* panel) {
+  const int64_t blocks = (N + NB - 1) / NB;
+  const int64_t chunk = std::max<int64_t>(1, blocks / (CHUNKS_PER_THREAD * omp_get_num_threads()));
+#pragma omp for schedule(dynamic, chunk)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t n0 = b * NB;
+    if (n0 + NB > N) {
+      for (int64_t n = n0; n < N; ++n) block_direct<D, 1>(d, x, M, K, y, N, n);
+    } else if (M >= PANEL_MIN_M) {
+      block_panel<D, NB>(d, x, M, K, y, N, n0, panel);
+    } else {
+      block_direct<D, NB>(d, x, M, K, y, N, n0);
+    }
+  }
+}
+
 template <class D>
 void linear(const D& d, const float* x, float* y, int64_t M, int64_t N, int64_t K, int threads) {
-  const int64_t blocks = (N + NB - 1) / NB;
-  const int64_t chunk = std::max<int64_t>(1, blocks / (CHUNKS_PER_THREAD * threads));
-  const bool panel = M >= PANEL_MIN_M;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> scratch(panel ? NB * K : 0);
-#pragma omp for schedule(dynamic, chunk)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t n0 = b * NB;
-      if (n0 + NB > N) {
-        for (int64_t n = n0; n < N; ++n) block_direct<D, 1>(d, x, M, K, y, N, n);
-      } else if (panel) {
-        block_panel<D, NB>(d, x, M, K, y, N, n0, scratch.data());
-      } else {
-        block_direct<D, NB>(d, x, M, K, y, N, n0);
-      }
-    }
+    std::vector<float> scratch(M >= PANEL_MIN_M ? NB * K : 0);
+    linear_shared(d, x, y, M, N, K, scratch.data());
   }
 }
 
@@ -362,23 +368,6 @@ LUT4 make_lut4(const uint8_t* packed, const uint16_t* scales, int64_t group, con
   return LUT4{packed, scales, rows, _mm_loadu_si128(reinterpret_cast<const __m128i*>(lut)), lut_mult, K, group};
 }
 
-// e^x for fp32 lanes (Cephes' polynomial, as in avx_mathfun): about 1 ulp on [-88, 88], clamped outside.
-inline __m256 exp256(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
-  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
-}
-
 // gelu with the tanh approximation (Gemma) or silu (Llama, Qwen) of a vector.
 inline __m256 act256(__m256 x, bool gelu) {
   // 0.5 * (1 + tanh(u)) = 1 / (1 + e^(-2u)): gelu's tanh form without the cancellation of 1 + tanh near -1.
@@ -395,20 +384,13 @@ inline float act1(float x, bool gelu) {
   return x / (1.0f + std::exp(z));
 }
 
-inline void rmsnorm_row(const float* x, const float* w, float* out, int64_t dim, float eps) {
-  __m256 acc = _mm256_setzero_ps();
+// o[k] = act(g[k]) * u[k] with u = g + inter (one row of a fused gate/up projection).
+inline void gated_act_row(const float* g, float* o, int64_t inter, bool gelu) {
+  const float* u = g + inter;
   int64_t k = 0;
-  for (; k + 8 <= dim; k += 8) {
-    __m256 v = _mm256_loadu_ps(x + k);
-    acc = _mm256_fmadd_ps(v, v, acc);
-  }
-  float ss = hsum(acc);
-  for (; k < dim; ++k) ss += x[k] * x[k];
-  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(dim) + eps);
-  const __m256 iv = _mm256_set1_ps(inv);
-  for (k = 0; k + 8 <= dim; k += 8)
-    _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), iv), _mm256_loadu_ps(w + k)));
-  for (; k < dim; ++k) out[k] = x[k] * inv * w[k];
+  for (; k + 8 <= inter; k += 8)
+    _mm256_storeu_ps(o + k, _mm256_mul_ps(act256(_mm256_loadu_ps(g + k), gelu), _mm256_loadu_ps(u + k)));
+  for (; k < inter; ++k) o[k] = act1(g[k], gelu) * u[k];
 }
 
 }  // namespace
@@ -465,136 +447,7 @@ void tf_add_rmsnorm(float* x, const float* h, const float* hw, const float* w, f
   }
 }
 
-// In place on a fused qkv projection [T, row_stride] whose rows start with H query heads then KVH key heads
-// (D each): optional per-head RMSNorm (query and key weights, Qwen3/Gemma 3), then rotate-half rotary embedding
-// with per-token cos/sin [T, D]. One call replaces a dozen small tensor ops per layer.
-void tf_qk_norm_rope(float* qkv, int64_t tokens, int64_t row_stride, int64_t heads, int64_t kv_heads, int64_t dim,
-                     const float* q_weight, const float* k_weight, float eps, const float* cos, const float* sin,
-                     int threads) {
-  const int64_t half = dim / 2, per_row = heads + kv_heads;
-  const int nt = tokens * per_row * dim >= (1 << 16) ? threads : 1;
-#pragma omp parallel for schedule(static) num_threads(nt)
-  for (int64_t task = 0; task < tokens * per_row; ++task) {
-    const int64_t t = task / per_row, h = task % per_row;
-    float* x = qkv + t * row_stride + h * dim;
-    const float* w = h < heads ? q_weight : k_weight;
-    if (w != nullptr) {
-      float ss = 0.0f;
-      for (int64_t d = 0; d < dim; ++d) ss += x[d] * x[d];
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(dim) + eps);
-      for (int64_t d = 0; d < dim; ++d) x[d] = x[d] * inv * w[d];
-    }
-    const float* c = cos + t * dim;
-    const float* s = sin + t * dim;
-    for (int64_t d = 0; d < half; ++d) {
-      const float a = x[d], b = x[d + half];
-      x[d] = a * c[d] - b * s[d];
-      x[d + half] = b * c[d + half] + a * s[d + half];
-    }
-  }
-}
-
 }  // extern "C"
-
-// Decode attention straight from the paged cache: no gathered copy of K/V, no padding. Sequence b attends to
-// positions [lo[b], hi[b]) of its block list `blocks[b, :]` (block ids, fp32 cache laid out
-// [slots, kv_heads, dim], slot = block * block_size + offset); the group of query heads sharing a kv head reads
-// each key and value once. Work is split into (sequence, kv head, span part) tasks so that a single sequence
-// with one kv head (batch-1 decode of a small GQA model) still uses every thread: each part keeps its own
-// running max, sum and unnormalized output, merged exactly afterwards (split-K, as in flash-decoding).
-namespace {
-
-constexpr int64_t MIN_SPAN_PER_PART = 64;
-
-// Positions [p0, p1) of one (sequence, kv head): scores into `scores`, then max, sum of exponentials and the
-// unnormalized weighted values (relative to that max) for each query head of the group.
-void attend_part(const float* qb, const float* k_cache, const float* v_cache, const int64_t* table, int64_t lo,
-                 int64_t p0, int64_t p1, int64_t h, int64_t group, int64_t kv_heads, int64_t dim,
-                 int64_t block_size, float scale, float* scores, float* best, float* total, float* acc) {
-  const int64_t span = p1 - p0;
-  for (int64_t g = 0; g < group; ++g) best[g] = -INFINITY, total[g] = 0.0f;
-  for (int64_t p = 0; p < span; ++p) {
-    const int64_t pos = lo + p0 + p;
-    const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
-    const float* kp = k_cache + (slot * kv_heads + h) * dim;
-    for (int64_t g = 0; g < group; ++g) {
-      __m256 a = _mm256_setzero_ps();
-      int64_t d = 0;
-      for (; d + 8 <= dim; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qb + g * dim + d), _mm256_loadu_ps(kp + d), a);
-      float sc = hsum(a);
-      for (; d < dim; ++d) sc += qb[g * dim + d] * kp[d];
-      sc *= scale;
-      scores[g * span + p] = sc;
-      best[g] = std::max(best[g], sc);
-    }
-  }
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t p = 0; p < span; ++p) {
-      const float e = std::exp(scores[g * span + p] - best[g]);
-      scores[g * span + p] = e;
-      total[g] += e;
-    }
-  std::fill(acc, acc + group * dim, 0.0f);
-  for (int64_t p = 0; p < span; ++p) {
-    const int64_t pos = lo + p0 + p;
-    const int64_t slot = table[pos / block_size] * block_size + pos % block_size;
-    const float* vp = v_cache + (slot * kv_heads + h) * dim;
-    for (int64_t g = 0; g < group; ++g) {
-      const __m256 w = _mm256_set1_ps(scores[g * span + p]);
-      float* ag = acc + g * dim;
-      int64_t d = 0;
-      for (; d + 8 <= dim; d += 8) _mm256_storeu_ps(ag + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(vp + d), _mm256_loadu_ps(ag + d)));
-      for (; d < dim; ++d) ag[d] += scores[g * span + p] * vp[d];
-    }
-  }
-}
-
-}  // namespace
-
-extern "C" void tf_paged_decode_attention(const float* q, const float* k_cache, const float* v_cache,
-                                          const int64_t* blocks, int64_t max_blocks, const int32_t* lo,
-                                          const int32_t* hi, int64_t batch, int64_t heads, int64_t kv_heads,
-                                          int64_t dim, int64_t block_size, float scale, float* out, int threads) {
-  const int64_t group = heads / kv_heads, pairs = batch * kv_heads;
-  int64_t longest = 0;
-  for (int64_t b = 0; b < batch; ++b) longest = std::max<int64_t>(longest, hi[b] - lo[b]);
-  const int64_t parts = std::max<int64_t>(
-      1, std::min<int64_t>((threads + pairs - 1) / pairs, longest / MIN_SPAN_PER_PART));
-  std::vector<float> best(pairs * parts * group), total(pairs * parts * group), acc(pairs * parts * group * dim);
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> scores;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < pairs * parts; ++task) {
-      const int64_t pair = task / parts, part = task % parts, b = pair / kv_heads, h = pair % kv_heads;
-      const int64_t span = hi[b] - lo[b], p0 = span * part / parts, p1 = span * (part + 1) / parts;
-      scores.resize(group * std::max<int64_t>(p1 - p0, 1));
-      attend_part(q + (b * heads + h * group) * dim, k_cache, v_cache, blocks + b * max_blocks, lo[b], p0, p1, h,
-                  group, kv_heads, dim, block_size, scale, scores.data(), best.data() + task * group,
-                  total.data() + task * group, acc.data() + task * group * dim);
-    }
-#pragma omp for schedule(static)
-    for (int64_t pair = 0; pair < pairs; ++pair) {
-      const int64_t b = pair / kv_heads, h = pair % kv_heads;
-      for (int64_t g = 0; g < group; ++g) {
-        float m = -INFINITY, sum = 0.0f;
-        for (int64_t part = 0; part < parts; ++part) m = std::max(m, best[(pair * parts + part) * group + g]);
-        float* o = out + (b * heads + h * group + g) * dim;
-        std::fill(o, o + dim, 0.0f);
-        for (int64_t part = 0; part < parts; ++part) {
-          const int64_t i = (pair * parts + part) * group + g;
-          if (total[i] == 0.0f) continue;  // an empty part
-          const float w = std::exp(best[i] - m);
-          sum += total[i] * w;
-          const float* a = acc.data() + i * dim;
-          for (int64_t d = 0; d < dim; ++d) o[d] += a[d] * w;
-        }
-        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-        for (int64_t d = 0; d < dim; ++d) o[d] *= inv;
-      }
-    }
-  }
-}
 
 extern "C" {
 
@@ -616,14 +469,22 @@ void tf_linear_i8_q8(const float* x, const int8_t* w, const float* scale, float*
 void tf_gated_act(const float* gu, float* out, int64_t rows, int64_t inter, int gelu, int threads) {
   const int nt = rows * inter >= (1 << 16) ? threads : 1;
 #pragma omp parallel for schedule(static) num_threads(nt)
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* g = gu + r * 2 * inter;
-    const float* u = g + inter;
-    float* o = out + r * inter;
-    int64_t k = 0;
-    for (; k + 8 <= inter; k += 8)
-      _mm256_storeu_ps(o + k, _mm256_mul_ps(act256(_mm256_loadu_ps(g + k), gelu != 0), _mm256_loadu_ps(u + k)));
-    for (; k < inter; ++k) o[k] = act1(g[k], gelu != 0) * u[k];
+  for (int64_t r = 0; r < rows; ++r) gated_act_row(gu + r * 2 * inter, out + r * inter, inter, gelu != 0);
+}
+
+// A gated MLP, y = down(act(gate(x)) * up(x)), with gate/up fused in w_gu [2 * inter, K] (gate rows first) and
+// w_down [hidden, inter], both bf16: the two products and the activation in one parallel region, each step
+// computed exactly as tf_linear_bf16 and tf_gated_act compute it (so the result is theirs bit for bit).
+void tf_gated_mlp_bf16(const float* x, const uint16_t* w_gu, const uint16_t* w_down, float* y, int64_t M, int64_t K,
+                       int64_t inter, int64_t hidden, int gelu, int threads) {
+  std::vector<float> gu(M * 2 * inter), act(M * inter);
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> scratch(M >= PANEL_MIN_M ? NB * std::max(K, inter) : 0);
+    linear_shared(BF16{w_gu, K}, x, gu.data(), M, 2 * inter, K, scratch.data());
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < M; ++r) gated_act_row(gu.data() + r * 2 * inter, act.data() + r * inter, inter, gelu != 0);
+    linear_shared(BF16{w_down, inter}, act.data(), y, M, hidden, inter, scratch.data());
   }
 }
 

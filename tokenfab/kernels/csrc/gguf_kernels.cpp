@@ -21,6 +21,8 @@
 #include <cstring>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
 // Kernel building blocks are forced inline: GCC otherwise keeps some out of line and spills their accumulators.
@@ -33,12 +35,7 @@ constexpr int NB = 4;                      // weight rows per task
 constexpr int64_t PREFETCH_AHEAD = 8192;   // bytes ahead of a task's progress through its rows
 constexpr int64_t CHUNKS_PER_THREAD = 4;   // dynamic schedule: a descheduled thread delays the call by one chunk
 
-inline float hsum(__m256 v) {
-  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-  return _mm_cvtss_f32(lo);
-}
+using tf::hsum;
 
 inline float fp16(const uint8_t* p) {
   uint16_t h;
