@@ -216,7 +216,7 @@ def test_sampled_distribution_follows_temperature(tiny_model, hf_model):
         assert abs(observed - p) < 4 * math.sqrt(p * (1 - p) / draws) + 0.01, (tok, observed, p)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma3"])
 def test_bf16_weight_storage_matches_transformers_on_bf16_rounded_weights(kind, tiny_model):
     """dtype=bfloat16 on a CPU without bf16 arithmetic stores linear and embedding weights in bf16 and computes
     in fp32: exactly transformers in fp32 on the same bf16-rounded weights."""

@@ -15,6 +15,7 @@ import torch
 
 from tokenfab.attention.backend import AttentionBackend, ForwardContext, KVCache, KVGroupSpec, SeqLayout, forward_context
 from tokenfab.engine.types import ScheduledRequest, StepPlan
+from tokenfab.models.cpu_decode import CpuDecodeStep
 from tokenfab.models.decoder import DecoderModel
 
 
@@ -38,6 +39,8 @@ class ModelRunner:
         self.backend = backend
         self.groups = groups
         self.device = device
+        self.decode_step = CpuDecodeStep.bind(model, cache)
+        """Decode-only steps in one kernel call where the model qualifies (see tokenfab.models.cpu_decode)."""
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, block_tables: Callable[[str], tuple[list[int], ...]]) -> RunOutput:
@@ -61,7 +64,9 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         with forward_context(ForwardContext(self.backend, metadata, self.cache)):
-            hidden = self.model(input_ids, pos)
+            hidden = self.decode_step.forward(input_ids, pos, metadata) if self.decode_step is not None else None
+            if hidden is None:
+                hidden = self.model(input_ids, pos)
         if not sample_rows:
             logits = hidden.new_empty((0, self.model.arch.vocab_size), dtype=torch.float32)
         else:

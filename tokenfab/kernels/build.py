@@ -122,6 +122,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes = args
         fn.restype = None
+    lib.tf_decode_layers.argtypes = [p, p, i64, p, p, p, p, p, i64, i32]
+    lib.tf_decode_layers.restype = None
     lib.tf_gguf_row_bytes.argtypes = [i32, i64]
     lib.tf_gguf_row_bytes.restype = i64
     lib.tf_gguf_repack.argtypes = [i32, p, p, i64, i64, i32]

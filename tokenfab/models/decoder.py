@@ -136,17 +136,23 @@ class DecoderModel(nn.Module):
         self.rope_sliding = RotaryEmbedding(a.head_dim, max_positions, a.rope_sliding.theta, a.rope_sliding.scaling)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)
-        if self.arch.embed_scale != 1.0:
-            x = x * torch.tensor(self.arch.embed_scale, dtype=x.dtype)
-        full = self.rope_full.table(positions, x.dtype)
-        sliding = self.rope_sliding.table(positions, x.dtype) if self.arch.rope_sliding != self.arch.rope_full else full
+        x, (full, sliding) = self.embed(input_ids, positions)
         normed = self.layers[0].attn_norm(x)
         for i, layer in enumerate(self.layers):
             last = i + 1 == len(self.layers)
             x, normed = layer.run(sliding if layer.sliding else full, x, normed,
                                   self.norm if last else self.layers[i + 1].attn_norm)
         return normed
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, tuple[Rope, Rope]]:
+        """The residual stream's start (a fresh tensor, scaled embeddings) and the step's rotary tables (full,
+        sliding; the same pair where the model uses one rope)."""
+        x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)
+        if self.arch.embed_scale != 1.0:
+            x = x * torch.tensor(self.arch.embed_scale, dtype=x.dtype)
+        full = self.rope_full.table(positions, x.dtype)
+        sliding = self.rope_sliding.table(positions, x.dtype) if self.arch.rope_sliding != self.arch.rope_full else full
+        return x, (full, sliding)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

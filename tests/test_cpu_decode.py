@@ -1,0 +1,53 @@
+"""Decode steps in one kernel call (tokenfab.models.cpu_decode) equal the model's forward bit for bit."""
+
+import pytest
+import torch
+from conftest import random_prompts
+
+from tokenfab import LLM, SamplingParams
+from tokenfab.kernels import cpu as kernels
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels need g++ and AVX2/FMA/F16C")
+
+
+def make_llm(path, dtype):
+    return LLM(str(path), dtype=dtype, kv_cache_memory_gb=0.02, max_model_len=1024, max_num_batched_tokens=64)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_decode_steps_equal_the_model_forward(kind, tiny_model):
+    """Every decode-only step of a mixed workload (prefills chunked beside decodes, sliding windows passed,
+    batches of 1 to 4) is computed both ways: the hidden states must be identical, and the KV the model's
+    forward writes again must be what the fused step wrote."""
+    llm = make_llm(tiny_model(kind), "bfloat16")
+    core = llm.engine.core
+    runner, model = core.runner, core.model
+    fused = runner.decode_step
+    if core.dtype != torch.float32:
+        pytest.skip("this CPU computes in bf16 natively")
+    assert fused is not None
+    checked = []
+
+    def both(input_ids, positions, metadata):
+        hidden = fused.forward(input_ids, positions, metadata)
+        if hidden is not None:
+            k_after, v_after = [k.clone() for k in core.cache.k], [v.clone() for v in core.cache.v]
+            assert torch.equal(hidden, model(input_ids, positions))
+            assert all(torch.equal(a, b) for a, b in zip(k_after + v_after, core.cache.k + core.cache.v))
+            checked.append(input_ids.shape[0])
+        return hidden
+
+    runner.decode_step = type("Both", (), {"forward": staticmethod(both)})()
+    prompts = random_prompts([5, 40, 100, 17], seed=2)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    assert all(len(o.outputs[0].token_ids) == 40 for o in outs)
+    llm.generate([prompts[2]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert 1 in checked and max(checked) == 4  # single sequences and full batches both took the fused step
+
+
+def test_only_bf16_kernel_models_bind(tiny_model):
+    """fp32 weights (oneDNN) and quantized formats keep the per-layer forward."""
+    path = tiny_model("llama")
+    assert make_llm(path, "float32").engine.core.runner.decode_step is None
+    int8 = LLM(str(path), quantization="int8", kv_cache_memory_gb=0.02, max_model_len=1024)
+    assert int8.engine.core.runner.decode_step is None

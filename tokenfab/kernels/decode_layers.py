@@ -1,0 +1,111 @@
+"""The decode step through every decoder layer in one kernel call (csrc/decode_layers.cpp): typed bindings.
+
+`DecodeLayers` holds the layers' weight and cache pointers, bound once; `run` passes a step's varying parts (KV
+group metadata, rotary tables, the residual stream) and makes a single call into the library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+
+from tokenfab.kernels.build import load_library
+
+_P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class _Dims(ctypes.Structure):
+    _fields_ = [("hidden", _I64), ("heads", _I64), ("kv_heads", _I64), ("head_dim", _I64), ("inter", _I64),
+                ("block_size", _I64), ("eps", _F32), ("scale", _F32), ("gelu", _I64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(name, _P) for name in ("qkv", "qkv_bias", "o", "gate_up", "down", "q_norm", "k_norm",
+                                        "post_attn_norm", "mlp_norm", "post_mlp_norm", "next_norm", "k_cache",
+                                        "v_cache")] + [("group", _I64), ("sliding", _I64)]
+
+
+class _Group(ctypes.Structure):
+    _fields_ = [("slots", _P), ("blocks", _P), ("max_blocks", _I64), ("lo", _P), ("hi", _P)]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeDims:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    inter: int
+    block_size: int
+    eps: float
+    scale: float
+    gelu_tanh: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LayerTensors:
+    """One layer's weights (bf16 [out, in] contiguous), norm weights (float32; None where the model has none) and
+    KV cache tensors (float32 [slots, kv_heads, head_dim]); `group` is its KV group, `sliding` its rotary table."""
+
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    post_attn_norm: torch.Tensor | None
+    mlp_norm: torch.Tensor
+    post_mlp_norm: torch.Tensor | None
+    next_norm: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    group: int
+    sliding: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GroupStep:
+    """A KV group's metadata for one decode step (see TorchAttentionBackend): each sequence's new-token slot
+    (int64 [B]), its block list (int64 [B, max_blocks]) and the span [lo, hi) it attends to (int32 [B])."""
+
+    slots: torch.Tensor
+    blocks: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class DecodeLayers:
+    """Every layer of a decoder bound for single-token steps. Holds the tensors it points to."""
+
+    def __init__(self, dims: DecodeDims, layers: list[LayerTensors]) -> None:
+        self._fn = load_library().tf_decode_layers
+        self._keep = layers
+        self.hidden = dims.hidden
+        self._dims = _Dims(dims.hidden, dims.heads, dims.kv_heads, dims.head_dim, dims.inter, dims.block_size,
+                           dims.eps, dims.scale, int(dims.gelu_tanh))
+        self._layers = (_Layer * len(layers))(*(
+            _Layer(*(_ptr(getattr(t, f)) for f, _ in _Layer._fields_[:13]), t.group, int(t.sliding))
+            for t in layers))
+        self._num_layers = len(layers)
+
+    def run(self, x: torch.Tensor, normed: torch.Tensor, groups: list[GroupStep],
+            rope: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """x [M, hidden] float32 (the residual stream, updated in place); normed: the first layer's input norm of x,
+        overwritten with the final norm of the stream. rope: (cos, sin) of the full and the sliding tables,
+        [M, head_dim] contiguous each."""
+        if x.shape != normed.shape or x.shape[-1] != self.hidden or not (x.is_contiguous() and normed.is_contiguous()):
+            raise ValueError(f"x and normed must be contiguous [M, {self.hidden}]")
+        step = (_Group * len(groups))(*(_Group(g.slots.data_ptr(), g.blocks.data_ptr(), g.blocks.shape[1],
+                                               g.lo.data_ptr(), g.hi.data_ptr()) for g in groups))
+        (cos_full, sin_full), (cos_sliding, sin_sliding) = rope
+        cos = (_P * 2)(cos_full.data_ptr(), cos_sliding.data_ptr())
+        sin = (_P * 2)(sin_full.data_ptr(), sin_sliding.data_ptr())
+        self._fn(ctypes.byref(self._dims), self._layers, self._num_layers, step, cos, sin, x.data_ptr(),
+                 normed.data_ptr(), x.shape[0], torch.get_num_threads())
