@@ -4,6 +4,8 @@ import pytest
 import torch
 from conftest import random_prompts
 
+from gguf import GGMLQuantizationType as T
+
 from tokenfab import LLM, SamplingParams
 from tokenfab.kernels import cpu as kernels
 
@@ -14,17 +16,13 @@ def make_llm(path, dtype):
     return LLM(str(path), dtype=dtype, kv_cache_memory_gb=0.02, max_model_len=1024, max_num_batched_tokens=64)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma3"])
-def test_decode_steps_equal_the_model_forward(kind, tiny_model):
+def check_decode_steps(llm: LLM, prompts: list[list[int]]) -> None:
     """Every decode-only step of a mixed workload (prefills chunked beside decodes, sliding windows passed,
     batches of 1 to 4) is computed both ways: the hidden states must be identical, and the KV the model's
     forward writes again must be what the fused step wrote."""
-    llm = make_llm(tiny_model(kind), "bfloat16")
     core = llm.engine.core
     runner, model = core.runner, core.model
     fused = runner.decode_step
-    if core.dtype != torch.float32:
-        pytest.skip("this CPU computes in bf16 natively")
     assert fused is not None
     checked = []
 
@@ -38,15 +36,34 @@ def test_decode_steps_equal_the_model_forward(kind, tiny_model):
         return hidden
 
     runner.decode_step = type("Both", (), {"forward": staticmethod(both)})()
-    prompts = random_prompts([5, 40, 100, 17], seed=2)
     outs = llm.generate(prompts, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
     assert all(len(o.outputs[0].token_ids) == 40 for o in outs)
     llm.generate([prompts[2]], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
-    assert 1 in checked and max(checked) == 4  # single sequences and full batches both took the fused step
+    assert 1 in checked and max(checked) == len(prompts)  # single sequences and full batches took the fused step
 
 
-def test_only_bf16_kernel_models_bind(tiny_model):
-    """fp32 weights (oneDNN) and quantized formats keep the per-layer forward."""
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_bf16_decode_steps_equal_the_model_forward(kind, tiny_model):
+    llm = make_llm(tiny_model(kind), "bfloat16")
+    if llm.engine.core.dtype != torch.float32:
+        pytest.skip("this CPU computes in bf16 natively")
+    check_decode_steps(llm, random_prompts([5, 40, 100, 17], seed=2))
+
+
+def test_gguf_decode_steps_equal_the_model_forward(tmp_path):
+    """A GGUF model packed, every projection type with a kernel, q/k/v of mixed types in one fused weight."""
+    from test_quant_gguf_packed import LAYER_TYPES, write_quantized_llama
+
+    path = tmp_path / "tiny.gguf"
+    types = [{leaf: T.Q8_0 if leaf == "attn_v" else t for leaf, t in layer.items()} for layer in LAYER_TYPES]
+    write_quantized_llama(path, types)
+    llm = LLM(str(path), quantization="gguf", dtype="float32", max_model_len=256, kv_cache_memory_gb=0.02,
+              max_num_batched_tokens=64)
+    check_decode_steps(llm, random_prompts([5, 40, 100], seed=4, vocab=200))
+
+
+def test_only_bf16_and_gguf_kernel_models_bind(tiny_model):
+    """fp32 weights (oneDNN) and the other quantized formats keep the per-layer forward."""
     path = tiny_model("llama")
     assert make_llm(path, "float32").engine.core.runner.decode_step is None
     int8 = LLM(str(path), quantization="int8", kv_cache_memory_gb=0.02, max_model_len=1024)

@@ -210,9 +210,9 @@ SHAPES_OUT_IN = {"attn_q": (HEADS * HEAD_DIM, HIDDEN), "attn_k": (KV_HEADS * HEA
                  "ffn_gate": (FFN, HIDDEN), "ffn_up": (FFN, HIDDEN), "ffn_down": (HIDDEN, FFN)}
 
 
-def write_quantized_llama(path: Path) -> dict[str, int]:
-    """A tiny llama (untied: token_embd Q8_0, output Q6_K) in the types above; returns its quantized tensors'
-    bytes by GGUF name."""
+def write_quantized_llama(path: Path, layer_types: list[dict[str, T]] = LAYER_TYPES) -> dict[str, int]:
+    """A tiny llama (untied: token_embd Q8_0, output Q6_K) in the types above (or `layer_types`); returns its
+    quantized tensors' bytes by GGUF name."""
     from test_gguf_loader import write_metadata, write_tokenizer
 
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -232,8 +232,8 @@ def write_quantized_llama(path: Path) -> dict[str, int]:
     add("token_embd.weight", T.Q8_0, vocab, HIDDEN)
     add("output.weight", T.Q6_K, vocab, HIDDEN)
     writer.add_tensor("output_norm.weight", np.ones(HIDDEN, dtype=np.float32))
-    for i, layer_types in enumerate(LAYER_TYPES):
-        for leaf, qtype in layer_types.items():
+    for i, types in enumerate(layer_types):
+        for leaf, qtype in types.items():
             add(f"blk.{i}.{leaf}.weight", qtype, *SHAPES_OUT_IN[leaf])
         for norm in ("attn_norm", "ffn_norm"):
             writer.add_tensor(f"blk.{i}.{norm}.weight", (1 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenfab.kernels.build import load_library
+from tokenfab.kernels.gguf import SegmentTable
 
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -21,10 +22,18 @@ class _Dims(ctypes.Structure):
                 ("block_size", _I64), ("eps", _F32), ("scale", _F32), ("gelu", _I64)]
 
 
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", _I64), ("N", _I64), ("K", _I64), ("bf16", _P), ("segments", _I64), ("layouts", _P),
+                ("rows", _P), ("data", _P)]
+
+
+_BF16, _GGUF = 1, 2
+_NORMS = ("q_norm", "k_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm", "next_norm", "k_cache", "v_cache")
+
+
 class _Layer(ctypes.Structure):
-    _fields_ = [(name, _P) for name in ("qkv", "qkv_bias", "o", "gate_up", "down", "q_norm", "k_norm",
-                                        "post_attn_norm", "mlp_norm", "post_mlp_norm", "next_norm", "k_cache",
-                                        "v_cache")] + [("group", _I64), ("sliding", _I64)]
+    _fields_ = [("qkv", _Linear), ("qkv_bias", _P), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear),
+                *((name, _P) for name in _NORMS), ("group", _I64), ("sliding", _I64)]
 
 
 class _Group(ctypes.Structure):
@@ -45,15 +54,32 @@ class DecodeDims:
 
 
 @dataclass(frozen=True, slots=True)
-class LayerTensors:
-    """One layer's weights (bf16 [out, in] contiguous), norm weights (float32; None where the model has none) and
-    KV cache tensors (float32 [slots, kv_heads, head_dim]); `group` is its KV group, `sliding` its rotary table."""
+class KernelLinear:
+    """A projection's weight [N, K] as a kernel reads it: bf16 rows (contiguous), or GGUF block segments."""
 
-    qkv: torch.Tensor
+    N: int
+    K: int
+    bf16: torch.Tensor | None = None
+    gguf: SegmentTable | None = None
+
+    def _struct(self) -> _Linear:
+        if self.bf16 is not None:
+            return _Linear(_BF16, self.N, self.K, self.bf16.data_ptr(), 0, None, None, None)
+        t = self.gguf
+        return _Linear(_GGUF, self.N, self.K, None, t.count, ctypes.addressof(t.layouts), ctypes.addressof(t.rows),
+                       ctypes.addressof(t.data))
+
+
+@dataclass(frozen=True, slots=True)
+class LayerTensors:
+    """One layer's projections, norm weights (float32; None where the model has none) and KV cache tensors
+    (float32 [slots, kv_heads, head_dim]); `group` is its KV group, `sliding` its rotary table."""
+
+    qkv: KernelLinear
     qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    o: KernelLinear
+    gate_up: KernelLinear
+    down: KernelLinear
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     post_attn_norm: torch.Tensor | None
@@ -91,7 +117,8 @@ class DecodeLayers:
         self._dims = _Dims(dims.hidden, dims.heads, dims.kv_heads, dims.head_dim, dims.inter, dims.block_size,
                            dims.eps, dims.scale, int(dims.gelu_tanh))
         self._layers = (_Layer * len(layers))(*(
-            _Layer(*(_ptr(getattr(t, f)) for f, _ in _Layer._fields_[:13]), t.group, int(t.sliding))
+            _Layer(t.qkv._struct(), _ptr(t.qkv_bias), t.o._struct(), t.gate_up._struct(), t.down._struct(),
+                   *(_ptr(getattr(t, name)) for name in _NORMS), t.group, int(t.sliding))
             for t in layers))
         self._num_layers = len(layers)
 

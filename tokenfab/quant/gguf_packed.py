@@ -86,6 +86,11 @@ class GGUFWeight(LinearWeight):
         return cls([PackedRows(qtype, int(qtype), data)], in_features)
 
     @property
+    def kernel_table(self) -> kernels.SegmentTable | None:
+        """The segments as the kernels take them, None where a range has no kernel (then matmul dequantizes)."""
+        return self._table
+
+    @property
     def kernel_max_rows(self) -> int:
         """Batches of up to this many rows run the integer kernels (decode arithmetic: int8 activations), larger
         ones the dequantized GEMM. `tokenfab eval` raises it so that scoring long windows measures what decode

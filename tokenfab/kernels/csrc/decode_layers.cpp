@@ -1,7 +1,8 @@
 // A decode step through every decoder layer in one call: the per-layer sequence of kernels the Python model runs
-// for single-token sequences (bf16 weights, fp32 activations and KV cache), without returning to the interpreter
-// between them. At batch 1 the interpreter's share of a layer (about a dozen calls, each converting its arguments
-// and allocating its output) is comparable to the layer's small matmuls; here it is paid once per step.
+// for single-token sequences (bf16 or GGUF-block weights, fp32 activations and KV cache), without returning to
+// the interpreter between them. At batch 1 the interpreter's share of a layer (about a dozen calls, each
+// converting its arguments and allocating its output) is comparable to the layer's small matmuls; here it is paid
+// once per step.
 // Each kernel is the one the model calls, in the same order on the same data, so the result is the model's bit
 // for bit.
 #include <cstdint>
@@ -9,7 +10,7 @@
 
 #include "entry_points.h"
 
-extern "C" {
+namespace {
 
 // Shapes shared by the layers (one model).
 struct TfDecodeDims {
@@ -18,13 +19,30 @@ struct TfDecodeDims {
   int64_t gelu;  // gated activation: gelu (tanh approximation) or silu
 };
 
-// One layer's weights (bf16 [out, in]; norms fp32; null where the model has none) and its KV cache tensors.
+// A projection's weight [N, K] in a format with a kernel: bf16 rows, or GGUF block rows in segments (see
+// tf_gguf_linear).
+enum TfLinearKind : int64_t { TF_BF16 = 1, TF_GGUF = 2 };
+struct TfLinear {
+  int64_t kind, N, K;
+  const uint16_t* bf16;
+  int64_t segments;
+  const int32_t* layouts;
+  const int64_t* rows;
+  const void* const* data;
+};
+
+void linear(const TfLinear& w, const float* x, float* y, int64_t M, int threads) {
+  if (w.kind == TF_BF16)
+    tf_linear_bf16(x, w.bf16, y, M, w.N, w.K, threads);
+  else
+    tf_gguf_linear(x, static_cast<int>(w.segments), w.layouts, w.rows, w.data, y, M, w.N, w.K, threads);
+}
+
+// One layer's projections, norms (fp32; null where the model has none) and KV cache tensors.
 struct TfDecodeLayer {
-  const uint16_t* qkv;
+  TfLinear qkv;
   const float* qkv_bias;
-  const uint16_t* o;
-  const uint16_t* gate_up;
-  const uint16_t* down;
+  TfLinear o, gate_up, down;
   const float* q_norm;
   const float* k_norm;
   const float* post_attn_norm;
@@ -46,6 +64,10 @@ struct TfDecodeGroup {
   const int32_t* hi;
 };
 
+}  // namespace
+
+extern "C" {
+
 // x [M, hidden]: the residual stream, updated in place; normed [M, hidden]: the first layer's input norm of x on
 // entry, the final norm of the stream on return. cos/sin [2] (full, sliding): [M, head_dim] each.
 void tf_decode_layers(const TfDecodeDims* dims, const TfDecodeLayer* layers, int64_t num_layers,
@@ -53,21 +75,29 @@ void tf_decode_layers(const TfDecodeDims* dims, const TfDecodeLayer* layers, int
                       float* normed, int64_t M, int threads) {
   const TfDecodeDims& d = *dims;
   const int64_t q = d.heads * d.head_dim, width = q + 2 * d.kv_heads * d.head_dim;
-  std::vector<float> qkv(M * width), attn(M * q), h(M * d.hidden);
+  std::vector<float> qkv(M * width), attn(M * q), h(M * d.hidden), gu, act;
   for (int64_t i = 0; i < num_layers; ++i) {
     const TfDecodeLayer& L = layers[i];
     const TfDecodeGroup& g = groups[L.group];
-    tf_linear_bf16(normed, L.qkv, qkv.data(), M, width, d.hidden, threads);
+    linear(L.qkv, normed, qkv.data(), M, threads);
     if (L.qkv_bias != nullptr)
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = 0; n < width; ++n) qkv[m * width + n] += L.qkv_bias[n];
     tf_decode_attention_step(qkv.data(), M, width, d.heads, d.kv_heads, d.head_dim, L.q_norm, L.k_norm, d.eps,
                              cos[L.sliding], sin[L.sliding], L.k_cache, L.v_cache, g.slots, g.blocks, g.max_blocks,
                              g.lo, g.hi, d.block_size, d.scale, attn.data(), threads);
-    tf_linear_bf16(attn.data(), L.o, h.data(), M, d.hidden, q, threads);
+    linear(L.o, attn.data(), h.data(), M, threads);
     tf_add_rmsnorm(x, h.data(), L.post_attn_norm, L.mlp_norm, normed, M, d.hidden, d.eps, threads);
-    tf_gated_mlp_bf16(normed, L.gate_up, L.down, h.data(), M, d.hidden, d.inter, d.hidden, static_cast<int>(d.gelu),
-                      threads);
+    if (L.gate_up.kind == TF_BF16 && L.down.kind == TF_BF16) {
+      tf_gated_mlp_bf16(normed, L.gate_up.bf16, L.down.bf16, h.data(), M, d.hidden, d.inter, d.hidden,
+                        static_cast<int>(d.gelu), threads);
+    } else {
+      gu.resize(M * 2 * d.inter);
+      act.resize(M * d.inter);
+      linear(L.gate_up, normed, gu.data(), M, threads);
+      tf_gated_act(gu.data(), act.data(), M, d.inter, static_cast<int>(d.gelu), threads);
+      linear(L.down, act.data(), h.data(), M, threads);
+    }
     tf_add_rmsnorm(x, h.data(), L.post_mlp_norm, L.next_norm, normed, M, d.hidden, d.eps, threads);
   }
 }

@@ -1,4 +1,4 @@
-// The library's C entry points that other kernel files compose (defined in cpu_kernels.cpp and
+// The library's C entry points that other kernel files compose (defined in cpu_kernels.cpp, gguf_kernels.cpp and
 // attention_kernels.cpp; each documents its arguments there).
 #pragma once
 
@@ -11,6 +11,9 @@ void tf_add_rmsnorm(float* x, const float* h, const float* hw, const float* w, f
                     int64_t dim, float eps, int threads);
 void tf_gated_mlp_bf16(const float* x, const uint16_t* w_gu, const uint16_t* w_down, float* y, int64_t M, int64_t K,
                        int64_t inter, int64_t hidden, int gelu, int threads);
+void tf_gated_act(const float* gu, float* out, int64_t rows, int64_t inter, int gelu, int threads);
+void tf_gguf_linear(const float* x, int nseg, const int32_t* layouts, const int64_t* rows, const void* const* data,
+                    float* y, int64_t M, int64_t N, int64_t K, int threads);
 void tf_decode_attention_step(float* qkv, int64_t batch, int64_t row_stride, int64_t heads, int64_t kv_heads,
                               int64_t dim, const float* q_weight, const float* k_weight, float eps, const float* cos,
                               const float* sin, float* k_cache, float* v_cache, const int64_t* slots,
