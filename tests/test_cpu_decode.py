@@ -62,9 +62,16 @@ def test_gguf_decode_steps_equal_the_model_forward(tmp_path):
     check_decode_steps(llm, random_prompts([5, 40, 100], seed=4, vocab=200))
 
 
-def test_only_bf16_and_gguf_kernel_models_bind(tiny_model):
-    """fp32 weights (oneDNN) and the other quantized formats keep the per-layer forward."""
+@pytest.mark.parametrize("kind", ["qwen2", "gemma3"])
+def test_int8_decode_steps_equal_the_model_forward(kind, tiny_model):
+    llm = LLM(str(tiny_model(kind)), quantization="int8", kv_cache_memory_gb=0.02, max_model_len=1024,
+              max_num_batched_tokens=64)
+    check_decode_steps(llm, random_prompts([5, 40, 100, 17, 3], seed=5))
+
+
+def test_other_weight_formats_keep_the_forward(tiny_model):
+    """fp32 weights (oneDNN) and the formats without a bound kernel keep the per-layer forward."""
     path = tiny_model("llama")
     assert make_llm(path, "float32").engine.core.runner.decode_step is None
-    int8 = LLM(str(path), quantization="int8", kv_cache_memory_gb=0.02, max_model_len=1024)
-    assert int8.engine.core.runner.decode_step is None
+    fp8 = LLM(str(path), quantization="fp8", kv_cache_memory_gb=0.02, max_model_len=1024)
+    assert fp8.engine.core.runner.decode_step is None

@@ -23,11 +23,11 @@ class _Dims(ctypes.Structure):
 
 
 class _Linear(ctypes.Structure):
-    _fields_ = [("kind", _I64), ("N", _I64), ("K", _I64), ("bf16", _P), ("segments", _I64), ("layouts", _P),
-                ("rows", _P), ("data", _P)]
+    _fields_ = [("kind", _I64), ("N", _I64), ("K", _I64), ("w", _P), ("scale", _P), ("segments", _I64),
+                ("layouts", _P), ("rows", _P), ("data", _P)]
 
 
-_BF16, _GGUF = 1, 2
+_BF16, _GGUF, _INT8 = 1, 2, 3
 _NORMS = ("q_norm", "k_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm", "next_norm", "k_cache", "v_cache")
 
 
@@ -55,19 +55,24 @@ class DecodeDims:
 
 @dataclass(frozen=True, slots=True)
 class KernelLinear:
-    """A projection's weight [N, K] as a kernel reads it: bf16 rows (contiguous), or GGUF block segments."""
+    """A projection's weight [N, K] as a kernel reads it: bf16 rows, int8 rows with a float32 scale per row (W8A8),
+    or GGUF block segments (one of them given; tensors contiguous)."""
 
     N: int
     K: int
     bf16: torch.Tensor | None = None
+    int8: tuple[torch.Tensor, torch.Tensor] | None = None
     gguf: SegmentTable | None = None
 
     def _struct(self) -> _Linear:
         if self.bf16 is not None:
-            return _Linear(_BF16, self.N, self.K, self.bf16.data_ptr(), 0, None, None, None)
+            return _Linear(_BF16, self.N, self.K, self.bf16.data_ptr(), None, 0, None, None, None)
+        if self.int8 is not None:
+            q, scale = self.int8
+            return _Linear(_INT8, self.N, self.K, q.data_ptr(), scale.data_ptr(), 0, None, None, None)
         t = self.gguf
-        return _Linear(_GGUF, self.N, self.K, None, t.count, ctypes.addressof(t.layouts), ctypes.addressof(t.rows),
-                       ctypes.addressof(t.data))
+        return _Linear(_GGUF, self.N, self.K, None, None, t.count, ctypes.addressof(t.layouts),
+                       ctypes.addressof(t.rows), ctypes.addressof(t.data))
 
 
 @dataclass(frozen=True, slots=True)

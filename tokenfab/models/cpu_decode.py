@@ -5,11 +5,13 @@ calling each from Python (arguments converted, outputs allocated, module dispatc
 layer: an eighth of the step. Bound once to the model's weights and the KV cache, `CpuDecodeStep` runs the same
 kernels in the same order from C, so its result is the model's forward bit for bit. It applies to steps where
 every sequence decodes one token (at most the rows the projections' kernels take) and to models whose
-projections are all stored bf16 or in GGUF blocks on the CPU kernels, with fp32 activations and cache; other
-steps and models use the forward.
+projections are all stored bf16, int8 or in GGUF blocks on the CPU kernels, with fp32 activations and cache;
+other steps and models use the forward.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -19,9 +21,10 @@ from tokenfab.kernels import cpu as kernels
 from tokenfab.kernels.decode_layers import DecodeDims, DecodeLayers, GroupStep, KernelLinear, LayerTensors
 from tokenfab.models.decoder import DecoderLayer, DecoderModel
 from tokenfab.models.layers import Linear
-from tokenfab.quant import bf16
+from tokenfab.quant import bf16, cpu_linear
 from tokenfab.quant.bf16 import BF16Weight
 from tokenfab.quant.gguf_packed import GGUFWeight
+from tokenfab.quant.int8 import Int8Weight
 
 
 def _kernel_linear(linear: Linear) -> tuple[KernelLinear, int] | None:
@@ -31,6 +34,8 @@ def _kernel_linear(linear: Linear) -> tuple[KernelLinear, int] | None:
         return KernelLinear(*stored.shape, bf16=stored.weight), bf16.KERNEL_MAX_ROWS
     if isinstance(stored, GGUFWeight) and stored.kernel_table is not None:
         return KernelLinear(*stored.shape, gguf=stored.kernel_table), stored.kernel_max_rows
+    if isinstance(stored, Int8Weight) and cpu_linear.int8_runs_kernel(stored):
+        return KernelLinear(*stored.shape, int8=(stored.qweight, stored.scale)), sys.maxsize
     return None
 
 

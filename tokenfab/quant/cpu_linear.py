@@ -47,6 +47,12 @@ def int8(x: torch.Tensor, w: Int8Weight) -> torch.Tensor | None:
     return kernels.linear_int8_q8(x, w.qweight, w.scale).to(x.dtype)
 
 
+def int8_runs_kernel(w: Int8Weight) -> bool:
+    """Whether `int8` computes float32 CPU activations of this weight with the W8A8 kernel (at any batch size)."""
+    x = torch.empty(0, w.shape[1])
+    return w.qweight.device.type == "cpu" and _usable(x, 32, w.qweight, w.scale) and w.scale.dtype == torch.float32
+
+
 def fp8(x: torch.Tensor, w: FP8Weight) -> torch.Tensor | None:
     if w.qweight.dtype != torch.float8_e4m3fn or not _usable(x, 8, w.qweight, w.scale):
         return None

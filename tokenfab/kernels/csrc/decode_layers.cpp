@@ -1,5 +1,5 @@
 // A decode step through every decoder layer in one call: the per-layer sequence of kernels the Python model runs
-// for single-token sequences (bf16 or GGUF-block weights, fp32 activations and KV cache), without returning to
+// for single-token sequences (bf16, int8 or GGUF-block weights, fp32 activations and KV cache), without returning to
 // the interpreter between them. At batch 1 the interpreter's share of a layer (about a dozen calls, each
 // converting its arguments and allocating its output) is comparable to the layer's small matmuls; here it is paid
 // once per step.
@@ -19,12 +19,13 @@ struct TfDecodeDims {
   int64_t gelu;  // gated activation: gelu (tanh approximation) or silu
 };
 
-// A projection's weight [N, K] in a format with a kernel: bf16 rows, or GGUF block rows in segments (see
-// tf_gguf_linear).
-enum TfLinearKind : int64_t { TF_BF16 = 1, TF_GGUF = 2 };
+// A projection's weight [N, K] in a format with a kernel: bf16 rows, int8 rows with a scale per row (W8A8, see
+// tf_linear_i8_q8), or GGUF block rows in segments (see tf_gguf_linear).
+enum TfLinearKind : int64_t { TF_BF16 = 1, TF_GGUF = 2, TF_INT8 = 3 };
 struct TfLinear {
   int64_t kind, N, K;
-  const uint16_t* bf16;
+  const void* w;
+  const float* scale;
   int64_t segments;
   const int32_t* layouts;
   const int64_t* rows;
@@ -32,10 +33,11 @@ struct TfLinear {
 };
 
 void linear(const TfLinear& w, const float* x, float* y, int64_t M, int threads) {
-  if (w.kind == TF_BF16)
-    tf_linear_bf16(x, w.bf16, y, M, w.N, w.K, threads);
-  else
-    tf_gguf_linear(x, static_cast<int>(w.segments), w.layouts, w.rows, w.data, y, M, w.N, w.K, threads);
+  switch (w.kind) {
+    case TF_BF16: tf_linear_bf16(x, static_cast<const uint16_t*>(w.w), y, M, w.N, w.K, threads); break;
+    case TF_INT8: tf_linear_i8_q8(x, static_cast<const int8_t*>(w.w), w.scale, y, M, w.N, w.K, threads); break;
+    default: tf_gguf_linear(x, static_cast<int>(w.segments), w.layouts, w.rows, w.data, y, M, w.N, w.K, threads);
+  }
 }
 
 // One layer's projections, norms (fp32; null where the model has none) and KV cache tensors.
@@ -89,8 +91,8 @@ void tf_decode_layers(const TfDecodeDims* dims, const TfDecodeLayer* layers, int
     linear(L.o, attn.data(), h.data(), M, threads);
     tf_add_rmsnorm(x, h.data(), L.post_attn_norm, L.mlp_norm, normed, M, d.hidden, d.eps, threads);
     if (L.gate_up.kind == TF_BF16 && L.down.kind == TF_BF16) {
-      tf_gated_mlp_bf16(normed, L.gate_up.bf16, L.down.bf16, h.data(), M, d.hidden, d.inter, d.hidden,
-                        static_cast<int>(d.gelu), threads);
+      tf_gated_mlp_bf16(normed, static_cast<const uint16_t*>(L.gate_up.w), static_cast<const uint16_t*>(L.down.w),
+                        h.data(), M, d.hidden, d.inter, d.hidden, static_cast<int>(d.gelu), threads);
     } else {
       gu.resize(M * 2 * d.inter);
       act.resize(M * d.inter);

@@ -7,6 +7,8 @@
 extern "C" {
 
 void tf_linear_bf16(const float* x, const uint16_t* w, float* y, int64_t M, int64_t N, int64_t K, int threads);
+void tf_linear_i8_q8(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t N, int64_t K,
+                     int threads);
 void tf_add_rmsnorm(float* x, const float* h, const float* hw, const float* w, float* out, int64_t rows,
                     int64_t dim, float eps, int threads);
 void tf_gated_mlp_bf16(const float* x, const uint16_t* w_gu, const uint16_t* w_down, float* y, int64_t M, int64_t K,
