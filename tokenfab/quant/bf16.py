@@ -44,7 +44,8 @@ class BF16Weight(DenseWeight):
         return F.linear(x.float(), kernels.dequant_bf16(self.weight)).to(x.dtype)
 
 
-def fused_gated_mlp(gate_up: LinearWeight | None, down: LinearWeight | None, x: torch.Tensor, gelu_tanh: bool) -> torch.Tensor | None:
+def fused_gated_mlp(gate_up: LinearWeight | None, down: LinearWeight | None, x: torch.Tensor,
+                    gelu_tanh: bool) -> torch.Tensor | None:
     """down(act(gate(x)) * up(x)) in one kernel call when both projections are stored bf16 on the CPU kernels and
     x [rows, K] float32 is a batch they would each compute with the kernel (the result is then the same bit for
     bit); None otherwise."""

@@ -49,8 +49,8 @@ def int8(x: torch.Tensor, w: Int8Weight) -> torch.Tensor | None:
 
 def int8_runs_kernel(w: Int8Weight) -> bool:
     """Whether `int8` computes float32 CPU activations of this weight with the W8A8 kernel (at any batch size)."""
-    x = torch.empty(0, w.shape[1])
-    return w.qweight.device.type == "cpu" and _usable(x, 32, w.qweight, w.scale) and w.scale.dtype == torch.float32
+    return (w.qweight.device.type == "cpu" and w.shape[1] % 32 == 0 and kernels.available()
+            and w.qweight.is_contiguous() and w.scale.is_contiguous() and w.scale.dtype == torch.float32)
 
 
 def fp8(x: torch.Tensor, w: FP8Weight) -> torch.Tensor | None:
