@@ -10,8 +10,10 @@ from tokenfab.kernels import cpu as kernels
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels need g++ and AVX2/FMA/F16C")
 
-SHAPES = [(1, 8, 16), (1, 37, 640), (2, 1027, 64), (3, 64, 256), (4, 29, 128), (5, 1000, 640), (33, 70, 2048)]
-"""(M, N, K): decode sizes (register path), M >= 4 (panel path), N not a multiple of the 4-row block."""
+SHAPES = [(1, 8, 16), (1, 37, 640), (2, 1027, 64), (3, 64, 256), (4, 29, 128), (5, 1000, 640), (7, 33, 64),
+          (8, 30, 64), (17, 50, 96), (24, 49, 640), (33, 70, 2048)]
+"""(M, N, K): decode sizes (register path), M >= 8 (GEMM path: groups of 16 rows and a last one of 8, row tiles of
+6 and panels of 24 weight rows with tails), N not a multiple of the 4-row block."""
 
 
 def _close(y: torch.Tensor, ref: torch.Tensor) -> None:
@@ -264,7 +266,7 @@ def test_gated_activation_matches_torch(gelu: bool, rows: int, inter: int) -> No
 @pytest.mark.parametrize("M,K,inter,hidden", [(1, 64, 96, 64), (3, 640, 2048, 640), (5, 32, 48, 33),
                                               (17, 128, 64, 130)])
 def test_gated_mlp_bf16_is_the_three_calls_bit_for_bit(gelu: bool, M: int, K: int, inter: int, hidden: int) -> None:
-    """Register (M < 4) and panel paths, outputs not a multiple of the 4-row block; the fused call must equal
+    """Register (M < 8) and GEMM paths, outputs not a multiple of the 4-row block; the fused call must equal
     the unfused one exactly, so a request's tokens do not depend on which of the two its batch took."""
     g = torch.Generator().manual_seed(M * K + inter)
     x = torch.randn(M, K, generator=g)
@@ -311,3 +313,14 @@ def test_decode_attention_step_is_norm_rope_cache_write_and_attention(with_norm:
                                         blocks, lo, hi, block_size, 0.1)
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
     assert torch.equal(out, ref)
+
+
+def test_gemm_path_rows_do_not_depend_on_the_batch() -> None:
+    """Each output of the GEMM path is one FMA chain over k in order: a row's result is the same bit for bit in
+    batches of 8 to 48 rows, wherever it sits in them."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(100, 640, generator=g).bfloat16()
+    x = torch.randn(48, 640, generator=g)
+    ref = kernels.linear_bf16(x, w)
+    for rows in (slice(0, 8), slice(5, 22), slice(17, 48), slice(40, 48)):
+        assert torch.equal(kernels.linear_bf16(x[rows].contiguous(), w), ref[rows])
