@@ -49,16 +49,17 @@ class Attention(nn.Module):
         norms = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else None
         out = ctx.backend.forward_qkv(self.layer, qkv, self.layout, norms, rope, ctx.metadata, ctx.cache)
         if out is None:
-            q, k, v = self._project(qkv, rope)
+            q, k, v = self._project(qkv, rope, norms)
             out = ctx.backend.forward(self.layer, q, k, v, self.layout.scale, ctx.metadata, ctx.cache)
         return self.o_proj(out.reshape(-1, self.arch.q_size))
 
-    def _project(self, qkv: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k (normed and rotated) and v of the fused projection."""
+    def _project(self, qkv: torch.Tensor, rope: Rope, norms: tuple[torch.Tensor, torch.Tensor] | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (normed with `norms` where given, and rotated) and v of the fused projection."""
         a = self.arch
         if qkv.dtype == torch.float32 and qkv.device.type == "cpu" and kernels.available():
-            norms = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else (None, None)
-            kernels.qk_norm_rope_(qkv, a.num_heads, a.num_kv_heads, a.head_dim, *norms, a.rms_norm_eps,
+            q_weight, k_weight = norms if norms is not None else (None, None)
+            kernels.qk_norm_rope_(qkv, a.num_heads, a.num_kv_heads, a.head_dim, q_weight, k_weight, a.rms_norm_eps,
                                   rope[0].view(-1, a.head_dim), rope[1].view(-1, a.head_dim))
             q, k, v = self._split(qkv)
         else:

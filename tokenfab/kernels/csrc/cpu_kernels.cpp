@@ -134,15 +134,15 @@ inline void tile_direct(const D& d, const float* x, int64_t K, float* y, int64_t
     }
 }
 
-template <class D, int NBK>
-inline void decode_rows(const D& d, int64_t n0, int64_t K, float* panel) {
+// Row n of W as fp32 into out [K] (block scales applied, the row scale not).
+template <class D>
+inline void decode_row(const D& d, int64_t n, int64_t K, float* out) {
   constexpr int V = D::STEP / 8;
-  for (int j = 0; j < NBK; ++j)
-    for (int64_t k = 0; k < K; k += D::STEP) {
-      __m256 w[V];
-      d.load(n0 + j, k, w);
-      for (int s = 0; s < V; ++s) _mm256_storeu_ps(panel + j * K + k + 8 * s, w[s]);
-    }
+  for (int64_t k = 0; k < K; k += D::STEP) {
+    __m256 w[V];
+    d.load(n, k, w);
+    for (int s = 0; s < V; ++s) _mm256_storeu_ps(out + k + 8 * s, w[s]);
+  }
 }
 
 template <class D, int NBK>
@@ -222,7 +222,7 @@ void block_gemm(const D& d, const float* xt, int64_t Mp, int64_t M, int64_t K, f
                 int64_t rows, float* panel) {
   float scale[PANEL_ROWS];
   for (int64_t j = 0; j < rows; ++j) {
-    decode_rows<D, 1>(d, n0 + j, K, panel + j * K);
+    decode_row(d, n0 + j, K, panel + j * K);
     scale[j] = d.row_scale(n0 + j);
   }
   for (int64_t m0 = 0; m0 < Mp; m0 += 16)
@@ -243,6 +243,22 @@ constexpr int64_t PANEL_MIN_M = 8;
 // delays the call by one chunk, not by half the matrix. Few, long chunks stream best (each chunk start
 // restarts the prefetch; 4 per thread measured 27-32 GB/s against 26-30 for 16).
 constexpr int64_t CHUNKS_PER_THREAD = 4;
+// The dynamic schedule's chunk for `blocks` tasks shared by `threads` (see CHUNKS_PER_THREAD).
+inline int64_t chunk_of(int64_t blocks, int threads) {
+  return std::max<int64_t>(1, blocks / (CHUNKS_PER_THREAD * threads));
+}
+
+// Block b of NB weight rows through `block(n0)`, or row by row through `row(n)` where it would pass N.
+template <class Block, class Row>
+inline void row_block(int64_t b, int64_t N, Block&& block, Row&& row) {
+  const int64_t n0 = b * NB;
+  if (n0 + NB > N) {
+    for (int64_t n = n0; n < N; ++n) row(n);
+  } else {
+    block(n0);
+  }
+}
+
 // Scratch of a product: the transposed x, shared by the threads of the region, and a panel per thread.
 struct GemmScratch {
   std::vector<float> xt;
@@ -263,8 +279,7 @@ void linear_shared(const D& d, const float* x, float* y, int64_t M, int64_t N, i
       transpose_x(x, M, K, shared.xt.data(), Mp);
     }
     const int64_t blocks = (N + PANEL_ROWS - 1) / PANEL_ROWS;
-    const int64_t chunk = std::max<int64_t>(1, blocks / (CHUNKS_PER_THREAD * threads));
-#pragma omp for schedule(dynamic, chunk)
+#pragma omp for schedule(dynamic, chunk_of(blocks, threads))
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t n0 = b * PANEL_ROWS;
       block_gemm(d, shared.xt.data(), Mp, M, K, y, N, n0, std::min(PANEL_ROWS, N - n0), panel);
@@ -272,16 +287,10 @@ void linear_shared(const D& d, const float* x, float* y, int64_t M, int64_t N, i
     return;
   }
   const int64_t blocks = (N + NB - 1) / NB;
-  const int64_t chunk = std::max<int64_t>(1, blocks / (CHUNKS_PER_THREAD * threads));
-#pragma omp for schedule(dynamic, chunk)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t n0 = b * NB;
-    if (n0 + NB > N) {
-      for (int64_t n = n0; n < N; ++n) block_direct<D, 1>(d, x, M, K, y, N, n);
-    } else {
-      block_direct<D, NB>(d, x, M, K, y, N, n0);
-    }
-  }
+#pragma omp for schedule(dynamic, chunk_of(blocks, threads))
+  for (int64_t b = 0; b < blocks; ++b)
+    row_block(b, N, [&](int64_t n0) { block_direct<D, NB>(d, x, M, K, y, N, n0); },
+              [&](int64_t n) { block_direct<D, 1>(d, x, M, K, y, N, n); });
 }
 
 template <class D>
@@ -298,7 +307,7 @@ template <class D>
 void dequantize(const D& d, float* out, int64_t N, int64_t K, int threads) {
 #pragma omp parallel for schedule(dynamic, 64) num_threads(threads)
   for (int64_t n = 0; n < N; ++n) {
-    decode_rows<D, 1>(d, n, K, out + n * K);
+    decode_row(d, n, K, out + n * K);
     const float s = d.row_scale(n);
     if (s != 1.0f)
       for (int64_t k = 0; k < K; ++k) out[n * K + k] *= s;
@@ -426,16 +435,10 @@ void linear_int(const D& d, const float* x, float* y, int64_t M, int64_t N, int6
                 int threads) {
   const Q8Rows xr = quantize_rows(x, M, K, even_odd_16);
   const int64_t blocks = (N + NB - 1) / NB;
-  const int64_t chunk = std::max<int64_t>(1, blocks / (CHUNKS_PER_THREAD * threads));
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t n0 = b * NB;
-    if (n0 + NB > N) {
-      for (int64_t n = n0; n < N; ++n) block_int<D, 1>(d, xr, M, K, y, N, n);
-    } else {
-      block_int<D, NB>(d, xr, M, K, y, N, n0);
-    }
-  }
+#pragma omp parallel for schedule(dynamic, chunk_of(blocks, threads)) num_threads(threads)
+  for (int64_t b = 0; b < blocks; ++b)
+    row_block(b, N, [&](int64_t n0) { block_int<D, NB>(d, xr, M, K, y, N, n0); },
+              [&](int64_t n) { block_int<D, 1>(d, xr, M, K, y, N, n); });
 }
 
 LUT4 make_lut4(const uint8_t* packed, const uint16_t* scales, int64_t group, const float* rows,
