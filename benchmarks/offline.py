@@ -27,14 +27,17 @@ sys.path.insert(0, str(REPO / "benchmarks" / "peers"))
 
 from common import synth_prompts  # noqa: E402
 
+from tokenfab.platform import cpu_isa  # noqa: E402
 from tokenfab.platform.machine import cpu_name  # noqa: E402
 
 WORKLOADS = ("offline", "tg128", "pp512")
 TOKENFAB_VARIANTS = {"tokenfab": [], "tokenfab-bf16": ["--dtype", "bfloat16"],
+                     "tokenfab-torch-bf16": ["--dtype", "bfloat16", "--no-batch-invariant"],
                      **{f"tokenfab-{q}": ["--quantization", q] for q in ("int8", "int4", "nvfp4", "gguf")}}
-"""tokenfab configurations: the default (fp32 on CPUs without bf16 arithmetic), bf16 weight storage, the
-quantized formats with their default plans (4-bit formats keep the LM head in int8), and gguf: the GGUF file's
-own Q4_K_M blocks, the bytes llama.cpp reads."""
+"""tokenfab configurations: the default (fp32 on CPUs without bf16 arithmetic, else bf16 weights computed in fp32
+by the kernels), bf16 weight storage, torch's native bf16 matmuls (not batch-invariant; only differs from
+tokenfab-bf16 on CPUs with native bf16), the quantized formats with their default plans (4-bit formats keep the LM
+head in int8), and gguf: the GGUF file's own Q4_K_M blocks, the bytes llama.cpp reads."""
 
 
 def systems(hf_dir: Path, gguf: Path) -> dict[str, tuple[list[str], str | None]]:
@@ -98,6 +101,7 @@ def summarize(runs: dict[str, dict[str, list[dict]]]) -> dict[str, dict[str, dic
                 "peak_rss_mb": max(r.get("peak_rss_mb", 0) for r in ok),
                 "dtype": ok[-1].get("weights", ok[-1].get("dtype", ok[-1].get("quant"))),
                 "version": ok[-1].get("version"),
+                "kernels": ok[-1].get("kernel_isa", "—"),
             }
     return out
 
@@ -139,14 +143,16 @@ def markdown(report: dict) -> str:
              f"{c['ceilings']['hw_bf16']}.",
              f"Medians of {report['rounds']} alternating rounds. Offline = 32 prompts x 128 tokens (ignore_eos); "
              "tg128 = batch-1 decode; pp512 = one 512-token prefill.", "",
-             "| system | weights | offline tok/s | tg128 tok/s | pp512 tok/s | peak RSS MB |",
-             "|---|---|---|---|---|---|"]
+             f"CPU vector flags: {' '.join(c.get('cpu_flags', []))}.", "",
+             "| system | weights | kernels | offline tok/s | tg128 tok/s | pp512 tok/s | peak RSS MB |",
+             "|---|---|---|---|---|---|---|"]
     for system, per in s.items():
         cells = [per.get(w, {}).get("tok_per_s", per.get(w, {}).get("error", "—")) for w in WORKLOADS]
         cells = [f"{v}" if isinstance(v, (int, float)) else f"n/a ({str(v)[:60]})" for v in cells]
         rss = max((per.get(w, {}).get("peak_rss_mb", 0) for w in WORKLOADS), default=0)
         dtype = next((per[w].get("dtype") for w in WORKLOADS if per.get(w, {}).get("dtype")), "?")
-        lines.append(f"| {system} | {dtype} | " + " | ".join(cells) + f" | {rss} |")
+        path = next((per[w].get("kernels") for w in WORKLOADS if per.get(w, {}).get("kernels")), "—")
+        lines.append(f"| {system} | {dtype} | {path} | " + " | ".join(cells) + f" | {rss} |")
     lines += ["", "tokenfab / peer (tok/s ratio):", "", "| tokenfab | peer | offline | tg128 | pp512 |",
               "|---|---|---|---|---|"]
     ours = [name for name in s if name.startswith("tokenfab")]
@@ -216,7 +222,8 @@ def main() -> None:
     summary = summarize(raw)
     report = {
         "schema": 1, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rounds": args.rounds,
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "ceilings": ceilings, "python": platform.python_version()},
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "ceilings": ceilings,
+                    "python": platform.python_version(), **cpu_isa.describe()},
         "model": {"gguf": str(gguf), "hf_dir": str(hf_dir)},
         "summary": summary, "efficiency": efficiency(summary, raw, ceilings), "raw": raw,
     }

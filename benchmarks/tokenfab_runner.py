@@ -23,16 +23,19 @@ def main() -> None:
     p.add_argument("--quantization", default="none", help="weight format of the linear layers")
     p.add_argument("--quantization-exclude", action="append", default=None)
     p.add_argument("--quantization-override", action="append", default=[])
+    p.add_argument("--no-batch-invariant", action="store_true",
+                   help="let a CPU with native bf16 run torch's bf16 matmuls (EngineConfig.batch_invariant=False)")
     args = p.parse_args()
     rss = RssSampler().start()
     import torch
 
     import tokenfab
     from tokenfab import LLM, SamplingParams
+    from tokenfab.kernels.build import kernel_path
 
     llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, max_model_len=2048,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=False, quantization=args.quantization,
+              enable_prefix_caching=False, quantization=args.quantization, batch_invariant=not args.no_batch_invariant,
               quantization_exclude=args.quantization_exclude, quantization_overrides=args.quantization_override)
 
     def run(prompts: list[list[int]], n: int) -> int:
@@ -72,6 +75,7 @@ def main() -> None:
         "weight_bytes": engine.model.weight_bytes_per_token(), "flops_per_token": engine.arch.flops_per_token(),
         "lm_head_flops_per_token": 2 * engine.arch.vocab_size * engine.arch.hidden_size,
         "steps": engine.counters.steps, "quantization": engine.quantization_label, "weights": weights,
+        "batch_invariant": engine.config.batch_invariant, **kernel_path().as_dict(),
     })
 
 

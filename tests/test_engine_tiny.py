@@ -41,18 +41,23 @@ def test_logprobs_match_transformers(kind, tiny_model, hf_model):
     assert lp.rank == 1 and lp.token_id == top_ids[0]
 
 
-def test_batch_invariance_of_greedy_and_seeded_requests(tiny_model):
-    llm = make_llm(tiny_model("gemma3"), max_num_batched_tokens=96)
+@pytest.mark.parametrize("options", [{}, {"dtype": "bfloat16"}, {"quantization": "int8"}],
+                         ids=["fp32", "bf16", "int8"])
+def test_batch_invariance_of_greedy_and_seeded_requests(options, tiny_model):
+    """A request alone and inside a 16-request mixed batch (its prefill chunked beside decodes): the same tokens
+    and the same logprobs to the bit. bf16 is the default where the CPU has native bf16."""
+    llm = make_llm(tiny_model("gemma3"), max_num_batched_tokens=96, **options)
     probe = random_prompts([50], seed=3)[0]
-    seeded = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True)
-    alone_greedy = llm.generate([probe], GREEDY)[0].outputs[0].token_ids
-    alone_seeded = llm.generate([probe], seeded)[0].outputs[0].token_ids
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2)
+    seeded = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True, logprobs=2)
+    alone = [llm.generate([probe], p)[0].outputs[0] for p in (greedy, seeded)]
     others = random_prompts([3, 8, 30, 90, 12, 64, 25, 7, 40, 55, 18, 33, 77, 5], seed=4)
     mixed = [SamplingParams(max_tokens=4 + i, temperature=0.8 * (i % 2), ignore_eos=True) for i in range(len(others))]
-    outs = llm.generate(others[:7] + [probe, probe] + others[7:], mixed[:7] + [GREEDY, seeded] + mixed[7:])
+    outs = llm.generate(others[:7] + [probe, probe] + others[7:], mixed[:7] + [greedy, seeded] + mixed[7:])
     assert len(outs) == 16
-    assert outs[7].outputs[0].token_ids == alone_greedy
-    assert outs[8].outputs[0].token_ids == alone_seeded
+    for out, ref in zip((outs[7].outputs[0], outs[8].outputs[0]), alone):
+        assert out.token_ids == ref.token_ids
+        assert [lp.top for lp in out.logprobs] == [lp.top for lp in ref.logprobs]
 
 
 def test_seeds_reproduce_and_differ(tiny_model):

@@ -13,6 +13,8 @@ import pytest
 from live_server import LiveServer
 
 from tokenfab import LLM, SamplingParams
+from tokenfab.kernels import build
+from tokenfab.platform import cpu_isa
 
 PROMPTS = ["w5 w6 w7", "w9 w10 w11 w12 w13 w14"]
 
@@ -191,6 +193,9 @@ def test_service_endpoints(server, offline):
     assert httpx.get(f"{server.url}/ready").json() == {"ready": True}
     models = httpx.get(f"{server.url}/v1/models").json()
     assert models["data"][0]["id"] == "tiny" and models["data"][0]["max_model_len"] == 1024
+    card = models["data"][0]
+    assert card["kernel_isa"] == (build.kernel_path().level or "torch") and card["kernel_isa_reason"]
+    assert card["cpu_flags"] == cpu_isa.vector_flags() and card["batch_invariant"] is True
     tok = httpx.post(f"{server.url}/tokenize", json={"prompt": PROMPTS[0]}).json()
     assert tok["tokens"] == offline.tokenizer.encode(PROMPTS[0]) and tok["count"] == len(tok["tokens"])
     text = httpx.post(f"{server.url}/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"]

@@ -19,6 +19,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=_DEFAULTS["max_model_len"])
     p.add_argument("--kv-cache-memory-gb", type=float, default=_DEFAULTS["kv_cache_memory_gb"])
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=_DEFAULTS["batch_invariant"],
+                   help="tokens never depend on the batch (tokenfab's CPU kernels at every batch size); "
+                        "--no-batch-invariant lets a CPU with native bf16 run torch's bf16 matmuls")
     d = {name: f.default for name, f in SpeculativeConfig.__dataclass_fields__.items()}
     p.add_argument("--speculative", default="none", metavar="none|ngram|mtp|draft:MODEL",
                    help="speculative decoding: n-gram prompt lookup, the checkpoint's MTP modules, or a draft model "
@@ -93,7 +96,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     pricing = PricingConfig(args.device_profile, args.usd_per_hour, args.usd_per_kwh, args.idle_watts,
                             args.peak_watts, args.prices_file)
-    engine = EngineConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+    engine = EngineConfig(model=args.model, dtype=args.dtype, batch_invariant=args.batch_invariant,
+                          max_model_len=args.max_model_len,
                           kv_cache_memory_gb=args.kv_cache_memory_gb, num_threads=args.threads,
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           enable_prefix_caching=args.enable_prefix_caching, pricing=pricing,
@@ -107,7 +111,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from tokenfab import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+    llm = LLM(args.model, dtype=args.dtype, batch_invariant=args.batch_invariant, max_model_len=args.max_model_len,
               kv_cache_memory_gb=args.kv_cache_memory_gb, num_threads=args.threads, speculative=_speculative(args),
               **_quantization_options(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,

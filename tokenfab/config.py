@@ -89,7 +89,12 @@ class EngineConfig:
     model: str | None = None
     """HF directory or .gguf file; None serves the embedded default (Gemma 3 270M)."""
     dtype: str = "auto"
-    """auto | float32 | bfloat16 | float16; auto picks bfloat16 where the hardware computes it fast, else float32."""
+    """auto | float32 | bfloat16 | float16; auto picks bfloat16 where the hardware computes it fast, else float32.
+    On CPU, bfloat16 means bf16 weights computed in fp32 by tokenfab's kernels (see batch_invariant)."""
+    batch_invariant: bool = True
+    """A request's greedy tokens and seeded samples never depend on what else is batched: on CPU every linear layer
+    runs tokenfab's kernels, which sum each output in one order at every batch size and ISA level. False lets a CPU
+    with native bf16 run torch's bf16 matmuls (bf16 activations; faster large batches on AMX, batch-dependent)."""
     device: str = "cpu"
     max_model_len: int = 4096
     """Longest prompt + output; capped by the model's own limit."""
@@ -167,19 +172,28 @@ class EngineConfig:
     def resolve_weights(self) -> tuple[torch.dtype, QuantPlan | None]:
         """(activation and KV dtype, the linear layers' weight plan or None for plain torch weights).
 
-        bfloat16 on a CPU without bf16 arithmetic means bf16 storage with fp32 compute: the bytes are halved and
-        nothing runs through torch's slow emulated bf16 paths; layers the plan leaves unquantized become bf16."""
+        bfloat16 on a CPU means bf16 storage with fp32 compute on tokenfab's kernels (batch-invariant, and no slow
+        emulated bf16 where the CPU lacks bf16 arithmetic); layers the plan leaves unquantized become bf16. Only
+        batch_invariant=False on a CPU with native bf16, or a machine without the kernels, runs torch's bf16."""
         dtype = self.resolve_dtype()
         if not self.pack_weights:
             return dtype, None
         plan = self.quant_plan
-        if dtype == torch.bfloat16 and self.torch_device.type == "cpu" and not _cpu_computes_bf16():
+        if dtype == torch.bfloat16 and self.torch_device.type == "cpu" and self._cpu_bf16_on_kernels():
             def bf16(fmt: str) -> str:
                 return "bf16" if fmt == "none" else fmt
 
             plan = QuantPlan(bf16(plan.default), tuple((p, bf16(f)) for p, f in plan.rules), plan.method)
             return torch.float32, plan
         return dtype, plan
+
+    def _cpu_bf16_on_kernels(self) -> bool:
+        from tokenfab.kernels import cpu as kernels
+
+        native = _cpu_computes_bf16()
+        if not kernels.available():
+            return not native
+        return self.batch_invariant or not native
 
 
 def _cpu_computes_bf16() -> bool:

@@ -2,7 +2,9 @@
 
 Decode rows are laid out as [batch, kv_heads, group, dim] against keys [batch, kv_heads, ctx, dim], so grouped
 query heads never need their K/V repeated. Sliding-window groups gather only the keys inside the window. On CPUs
-with the C++ kernels, decodes read K/V in place from the paged cache instead (tokenfab.kernels).
+with the C++ kernels, decodes and prefill chunks read K/V in place from the paged cache instead (tokenfab.kernels):
+every query token is computed on its own over its own span, so a prompt's attention does not depend on how it was
+chunked, nor a decode's on the batch.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class PrefillSlice:
     """Cache slots of the keys this chunk attends to."""
     mask: torch.Tensor | None
     """[q, keys] bool, None when plain causal over exactly this chunk's keys."""
+    paged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    """For the CPU kernel: [q, blocks] block ids and each query's [lo, hi) positions in them (int32)."""
 
 
 @dataclass(slots=True)
@@ -76,18 +80,32 @@ def _decode_metadata(seqs: list[SeqLayout], g: int, window: int | None, block_si
             (torch.from_numpy(lo).to(device), torch.from_numpy(hi).to(device)))
 
 
+def _paged_queries(seq: SeqLayout, g: int, window: int | None, block_size: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunk's queries as single-token sequences for the paged kernel: each attends to [its window start, its
+    position], given relative to the chunk's first block."""
+    first = _key_start(seq, window) // block_size
+    blocks = np.asarray(seq.block_tables[g][first : -(-seq.context_end // block_size)], dtype=np.int64)
+    pos = np.arange(seq.context_start, seq.context_end)
+    lo = np.zeros_like(pos) if window is None else np.maximum(0, pos - window + 1)
+    index = np.broadcast_to(blocks, (len(pos), len(blocks))).copy()
+    return (torch.from_numpy(index), torch.from_numpy((lo - first * block_size).astype(np.int32)),
+            torch.from_numpy((pos + 1 - first * block_size).astype(np.int32)))
+
+
 def _prefill_slice(seq: SeqLayout, g: int, window: int | None, block_size: int, device: torch.device) -> PrefillSlice:
+    end = seq.token_start + seq.num_tokens
+    paged = _paged_queries(seq, g, window, block_size) if device.type == "cpu" and kernels.available() else None
     start = _key_start(seq, window)
     index = torch.from_numpy(_slots(seq.block_tables[g], start, seq.context_end, block_size)).to(device)
-    end = seq.token_start + seq.num_tokens
     if start == seq.context_start and (window is None or seq.num_tokens <= window):
-        return PrefillSlice(seq.token_start, end, index, None)
+        return PrefillSlice(seq.token_start, end, index, None, paged)
     qpos = np.arange(seq.context_start, seq.context_end)[:, None]
     kpos = np.arange(start, seq.context_end)[None, :]
     allowed = kpos <= qpos
     if window is not None:
         allowed &= qpos - kpos < window
-    return PrefillSlice(seq.token_start, end, index, torch.from_numpy(allowed).to(device))
+    return PrefillSlice(seq.token_start, end, index, torch.from_numpy(allowed).to(device), paged)
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -125,7 +143,8 @@ class TorchAttentionBackend(AttentionBackend):
         if meta.num_decodes:
             out[: meta.num_decodes] = _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
         for p in meta.prefills:
-            out[p.token_start : p.token_end] = _prefill(q[p.token_start : p.token_end], k_cache, v_cache, p, scale)
+            out[p.token_start : p.token_end] = _prefill(q[p.token_start : p.token_end], k_cache, v_cache, p, scale,
+                                                          cache.block_size)
         return out
 
     def forward_qkv(self, layer: int, qkv: torch.Tensor, layout: HeadLayout,
@@ -174,8 +193,10 @@ def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, width: int) -> tor
     return rows.view(blocks.shape[0], width, kv_heads, dim).transpose(1, 2)
 
 
-def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p: PrefillSlice,
-             scale: float) -> torch.Tensor:
+def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p: PrefillSlice, scale: float,
+             block_size: int) -> torch.Tensor:
+    if p.paged is not None and _kernel_decode(k_cache):
+        return kernels.paged_decode_attention(q, k_cache, v_cache, *p.paged, block_size, scale)
     keys = k_cache[p.key_index].transpose(0, 1).unsqueeze(0)
     values = v_cache[p.key_index].transpose(0, 1).unsqueeze(0)
     qp = q.transpose(0, 1).unsqueeze(0)

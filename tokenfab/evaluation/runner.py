@@ -11,7 +11,6 @@ same windows in lockstep, so the reference's full-vocabulary distributions are n
 from __future__ import annotations
 
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,6 @@ from tokenfab.evaluation.corpus import corpus_text, windows
 from tokenfab.evaluation.scoring import ModelScorer, Scorer, Tally, score_window
 from tokenfab.models.decoder import DecoderModel
 from tokenfab.models.loading import ModelSource, load_model, load_tokenizer, quantize_model, resolve_model
-from tokenfab.quant.gguf_packed import GGUFWeight
 from tokenfab.quant.plan import QuantPlan, build_plan, parse_override
 
 _SPEC = re.compile(r"^(?P<fmt>[a-z0-9]+)(/(?P<method>[a-z]+))?(\[(?P<rules>[^\]]*)\])?$")
@@ -55,11 +53,7 @@ def load_variant(source: ModelSource, plan: QuantPlan, max_positions: int,
     """The model in fp32 with weights rounded to `reference_dtype`, then stored per `plan`; a plan using the gguf
     format loads the file's own blocks (`source` must be the .gguf) and leaves its weights unrounded."""
     if plan.uses("gguf"):
-        model = load_model(source, torch.float32, torch.device("cpu"), max_positions, weight_format=plan)
-        for module in model.modules():  # score with decode's arithmetic (int8 activations) at every window size
-            if isinstance(getattr(module, "stored", None), GGUFWeight):
-                module.stored.kernel_max_rows = sys.maxsize
-        return model
+        return load_model(source, torch.float32, torch.device("cpu"), max_positions, weight_format=plan)
     model = load_model(source, torch.float32, torch.device("cpu"), max_positions, weight_format=None)
     with torch.no_grad():
         for p in model.parameters():  # tied parameters are visited once

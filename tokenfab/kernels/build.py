@@ -1,8 +1,11 @@
-"""Build the C++ CPU kernels once per machine and load them with ctypes.
+"""Build the C++ CPU kernels once per ISA level and load them with ctypes.
 
-One library of every csrc/*.cpp is compiled for the host (-march=native) into the cache directory, keyed by the
-sources, the compiler and the CPU's flags, so a changed source or a different machine never loads a stale build.
-Anything that stops the build (no compiler, no AVX2/FMA/F16C) leaves the pure-torch paths in charge.
+One library of every csrc/*.cpp is compiled per instruction-set level (tokenfab.platform.cpu_isa: explicit -m flags,
+never -march=native) into the cache directory, keyed by the sources, the compiler and the level, so a changed
+source never loads a stale build and a library copied to another machine runs wherever its level does. The level
+is the best the CPU has, or $TOKENFAB_CPU_ISA; `use_level` switches it for a block (tests and benchmarks compare
+levels in one process). Anything that stops the build (no compiler, no AVX2/FMA/F16C) leaves the torch paths in
+charge.
 """
 
 from __future__ import annotations
@@ -14,25 +17,34 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 from tokenfab.loader.default_model import cache_dir
+from tokenfab.platform import cpu_isa
+from tokenfab.platform.cpu_isa import IsaLevel
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 DISABLE_ENV = "TOKENFAB_DISABLE_CPU_KERNELS"
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+@dataclass(frozen=True, slots=True)
+class KernelPath:
+    """Which kernels run and why: the level, or None with the reason the torch paths run instead."""
+
+    level: str | None
+    reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {"kernel_isa": self.level or "torch", "kernel_isa_reason": self.reason, **cpu_isa.describe()}
+
+
+_forced: list[str] = []
+"""Levels set by use_level, innermost last."""
 
 
 def _compiler() -> str | None:
@@ -48,22 +60,22 @@ def _headers() -> list[Path]:
     return sorted(SOURCE_DIR.glob("*.h"))
 
 
-def _key(compiler: str, flags: set[str]) -> str:
+def _key(compiler: str, level: IsaLevel) -> str:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
     h = hashlib.sha256()
     for source in _sources() + _headers():
         h.update(source.name.encode())
         h.update(source.read_bytes())
-    for part in (version, " ".join(FLAGS), " ".join(sorted(flags))):
+    for part in (version, " ".join(FLAGS), " ".join(level.compiler_flags)):
         h.update(part.encode())
-    return h.hexdigest()[:16]
+    return f"{level.name}-{h.hexdigest()[:16]}"
 
 
-def _compile(compiler: str, target: Path) -> None:
+def _compile(compiler: str, level: IsaLevel, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        command = [compiler, *FLAGS, "-o", str(out), *map(str, _sources())]
+        command = [compiler, *FLAGS, *level.compiler_flags, "-o", str(out), *map(str, _sources())]
         proc = subprocess.run(command, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-2000:])
@@ -71,25 +83,73 @@ def _compile(compiler: str, target: Path) -> None:
 
 
 @cache
-def load_library() -> ctypes.CDLL | None:
-    """The kernel library, or None where it can't be built here (the reason is warned once)."""
+def _default_path() -> KernelPath:
     if os.environ.get(DISABLE_ENV):
+        return KernelPath(None, f"{DISABLE_ENV} is set")
+    choice = cpu_isa.choose()
+    if choice.level is None:
+        return KernelPath(None, choice.reason)
+    if _compiler() is None:
+        return KernelPath(None, "no C++ compiler found")
+    return KernelPath(choice.level.name, choice.reason)
+
+
+@cache
+def _library(name: str) -> ctypes.CDLL | None:
+    level, compiler = cpu_isa.level(name), _compiler()
+    if compiler is None:
         return None
-    flags = _cpu_flags()
-    missing = [f for f in REQUIRED_CPU_FLAGS if f not in flags]
-    compiler = _compiler()
-    if missing or compiler is None:
-        reason = f"CPU lacks {', '.join(missing)}" if missing else "no C++ compiler found"
-        warnings.warn(f"tokenfab CPU kernels unavailable ({reason}); using torch paths", stacklevel=2)
-        return None
-    target = cache_dir() / "kernels" / _key(compiler, flags) / "libtokenfab_cpu.so"
+    target = cache_dir() / "kernels" / _key(compiler, level) / "libtokenfab_cpu.so"
     try:
         if not target.exists():
-            _compile(compiler, target)
+            _compile(compiler, level, target)
         return _declare(ctypes.CDLL(str(target)))
     except (OSError, RuntimeError) as exc:
-        warnings.warn(f"tokenfab CPU kernels failed to build ({exc}); using torch paths", stacklevel=2)
+        warnings.warn(f"tokenfab CPU kernels ({name}) failed to build ({exc}); using torch paths", stacklevel=2)
         return None
+
+
+def kernel_path() -> KernelPath:
+    """The level the kernels run at now (after use_level) and why; level None where the torch paths run."""
+    if _forced:
+        return KernelPath(_forced[-1], "use_level")
+    path = _default_path()
+    if path.level is not None and _library(path.level) is None:
+        return KernelPath(None, f"the {path.level} build failed (see the warning)")
+    return path
+
+
+def load_library() -> ctypes.CDLL | None:
+    """The kernel library of the current level, or None where none can run here (the reason: kernel_path())."""
+    if _forced:
+        return _library(_forced[-1])
+    path = _default_path()
+    if path.level is None:
+        _warn_once(path.reason)
+        return None
+    return _library(path.level)
+
+
+@cache
+def _warn_once(reason: str) -> None:
+    warnings.warn(f"tokenfab CPU kernels unavailable ({reason}); using torch paths", stacklevel=3)
+
+
+@contextmanager
+def use_level(name: str) -> Iterator[ctypes.CDLL]:
+    """Run the kernels at `name` (which this CPU must support) inside the block. Kernels already bound to weights
+    (BoundLinear, decode steps) keep the level they were bound at."""
+    level = cpu_isa.level(name)
+    if level not in cpu_isa.supported():
+        raise ValueError(f"this CPU does not run the {name} level")
+    lib = _library(name)
+    if lib is None:
+        raise RuntimeError(f"the {name} kernels could not be built")
+    _forced.append(name)
+    try:
+        yield lib
+    finally:
+        _forced.pop()
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:

@@ -21,7 +21,7 @@ from tokenfab.kernels import cpu as kernels
 from tokenfab.kernels.decode_layers import DecodeDims, DecodeLayers, GroupStep, KernelLinear, LayerTensors
 from tokenfab.models.decoder import DecoderLayer, DecoderModel
 from tokenfab.models.layers import Linear
-from tokenfab.quant import bf16, cpu_linear
+from tokenfab.quant import cpu_linear
 from tokenfab.quant.bf16 import BF16Weight
 from tokenfab.quant.gguf_packed import GGUFWeight
 from tokenfab.quant.int8 import Int8Weight
@@ -31,9 +31,9 @@ def _kernel_linear(linear: Linear) -> tuple[KernelLinear, int] | None:
     """The projection as the layer program takes it and the most rows its forward runs on the kernel."""
     stored = linear.stored
     if isinstance(stored, BF16Weight) and stored.use_kernel:
-        return KernelLinear(*stored.shape, bf16=stored.weight), bf16.KERNEL_MAX_ROWS
+        return KernelLinear(*stored.shape, bf16=stored.weight), sys.maxsize
     if isinstance(stored, GGUFWeight) and stored.kernel_table is not None:
-        return KernelLinear(*stored.shape, gguf=stored.kernel_table), stored.kernel_max_rows
+        return KernelLinear(*stored.shape, gguf=stored.kernel_table), sys.maxsize
     if isinstance(stored, Int8Weight) and cpu_linear.int8_runs_kernel(stored):
         return KernelLinear(*stored.shape, int8=(stored.qweight, stored.scale)), sys.maxsize
     return None

@@ -1,24 +1,17 @@
-"""bf16 weight storage with fp32 compute: half the bytes of fp32 where the CPU has no bf16 arithmetic.
+"""bf16 weight storage with fp32 compute: half the bytes of fp32, exact fp32 arithmetic on every CPU.
 
-Decode-sized batches run the C++ kernel (weights widened to fp32 in registers, so memory traffic is the bf16
-bytes); large batches (prefill) widen the weight once into fp32 and use torch's GEMM, where the FLOPs dwarf
-the conversion.
+Every batch size runs the C++ kernel (weights widened to fp32 in registers for small batches, into an fp32 panel
+for a register-tiled GEMM from 8 rows), which sums each output in one order whatever the batch: a row's result
+never depends on the other rows (tokenfab.kernels.csrc.cpu_kernels). Without the kernels, torch's matmul runs.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from tokenfab.kernels import cpu as kernels
 from tokenfab.quant.base import LinearWeight
 from tokenfab.quant.dense import DenseWeight
-
-KERNEL_MAX_ROWS = 128
-"""Above this many rows the widened-weight GEMM can beat the kernel (measured on AVX2, 2 threads, Gemma 3 270M's
-shapes: the kernel's GEMM tile leads up to 128 rows, e.g. 135 vs 77 GFLOP/s for a 4096 x 640 weight at 128 rows;
-from 256 the two trade places by shape)."""
-
 
 class BF16Weight(DenseWeight):
     name = "bf16"
@@ -39,19 +32,15 @@ class BF16Weight(DenseWeight):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel is None:
             return super().matmul(x)
-        rows = x.numel() // x.shape[-1]
-        if rows <= KERNEL_MAX_ROWS:
-            y = self._kernel(x)
-            return y if x.dtype == torch.float32 else y.to(x.dtype)
-        return F.linear(x.float(), kernels.dequant_bf16(self.weight)).to(x.dtype)
+        y = self._kernel(x)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 def fused_gated_mlp(gate_up: LinearWeight | None, down: LinearWeight | None, x: torch.Tensor,
                     gelu_tanh: bool) -> torch.Tensor | None:
     """down(act(gate(x)) * up(x)) in one kernel call when both projections are stored bf16 on the CPU kernels and
-    x [rows, K] float32 is a batch they would each compute with the kernel (the result is then the same bit for
-    bit); None otherwise."""
+    x [rows, K] is float32 (the result is then the two products' bit for bit); None otherwise."""
     if not (isinstance(gate_up, BF16Weight) and isinstance(down, BF16Weight) and gate_up.use_kernel
-            and down.use_kernel and x.dim() == 2 and x.shape[0] <= KERNEL_MAX_ROWS and x.dtype == torch.float32):
+            and down.use_kernel and x.dim() == 2 and x.dtype == torch.float32):
         return None
     return kernels.gated_mlp_bf16(x.contiguous(), gate_up.weight, down.weight, gelu_tanh)

@@ -4,9 +4,9 @@ reads the file's bytes (Q4_K_M: ~4.9 bits per weight) rather than a dequantized 
 A weight is a list of row ranges of one ggml type each: fused projections join the file's tensors row-wise even
 where their types differ (Q4_K_M stores a layer's q/k in Q5_0 beside a Q8_0 v). On CPUs with the kernels
 (tokenfab/kernels/gguf.py) rows are kept in the kernels' layout (the same bytes; Q4_0/Q5_0 rearranged, see
-csrc/gguf_kernels.cpp) and decode-sized batches run the integer kernels: their products differ from
-x @ dequantize().T only by the int8 rounding of the activations (per 32 columns, as llama.cpp's Q8 blocks).
-Larger batches, types without a kernel and machines without the kernels dequantize and use torch's GEMM.
+csrc/gguf_kernels.cpp) and every batch runs the integer kernels: their products differ from x @ dequantize().T
+only by the int8 rounding of the activations (per 32 columns, as llama.cpp's Q8 blocks). Types without a kernel
+and machines without the kernels dequantize and use torch's GEMM.
 Dequantization reproduces gguf.quants.dequantize bit for bit.
 """
 
@@ -22,11 +22,6 @@ from gguf.quants import dequantize as gguf_dequantize
 from tokenfab.kernels import gguf as kernels
 from tokenfab.quant.base import LinearWeight, dequantized_linear
 
-KERNEL_MAX_ROWS = 96
-"""Above this many rows, dequantizing the weight and running torch's fp32 GEMM beats the integer kernels
-(benchmarks/gguf_kernels.py --rows M, AVX2, 2 threads: the kernels win 1.0-1.5x at 64 rows, lose 0.85-1.07x at
-128 and 0.7x at 512). Without VNNI an int8 product costs as much as an fp32 FMA, so the kernels' edge is the
-bytes they read, which larger batches amortize."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +65,6 @@ class GGUFWeight(LinearWeight):
         self.in_features = in_features
         usable = all(p.layout != p.qtype or kernels.supports(p.qtype, in_features) for p in self.parts)
         self._table = kernels.SegmentTable([(p.layout, p.data) for p in self.parts]) if usable else None
-        self.kernel_max_rows = KERNEL_MAX_ROWS
 
     @classmethod
     def from_blocks(cls, qtype: int, data: torch.Tensor, in_features: int) -> GGUFWeight:
@@ -91,17 +85,6 @@ class GGUFWeight(LinearWeight):
         return self._table
 
     @property
-    def kernel_max_rows(self) -> int:
-        """Batches of up to this many rows run the integer kernels (decode arithmetic: int8 activations), larger
-        ones the dequantized GEMM. `tokenfab eval` raises it so that scoring long windows measures what decode
-        computes."""
-        return self._kernel_elements // self.in_features
-
-    @kernel_max_rows.setter
-    def kernel_max_rows(self, rows: int) -> None:
-        self._kernel_elements = rows * self.in_features
-
-    @property
     def shape(self) -> tuple[int, int]:
         return sum(p.rows for p in self.parts), self.in_features
 
@@ -115,7 +98,11 @@ class GGUFWeight(LinearWeight):
         return [p.qtype.name for p in self.parts]
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self._table is not None and x.numel() <= self._kernel_elements and x.is_cpu:
+        # Every batch size runs the integer kernels, so a row's result never depends on its batch (prefill chunks
+        # included: their sizes depend on what else the step holds). A dequantized fp32 GEMM is faster for large
+        # batches on AVX2 without VNNI (benchmarks/gguf_kernels.py --rows M, 2 threads: 0.85-1.07x at 128 rows, 0.7x
+        # at 512) but computes other numbers (fp32 activations).
+        if self._table is not None and x.is_cpu:
             y = kernels.linear(x, self._table, self.in_features)
             return y if x.dtype == torch.float32 else y.to(x.dtype)
         return dequantized_linear(x, self)

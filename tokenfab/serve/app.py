@@ -59,7 +59,11 @@ def _routes(app: FastAPI, state: ServerState) -> None:
                                             "created": int(state.started), "owned_by": "tokenfab",
                                             "max_model_len": state.info.max_model_len,
                                             "quantization": state.info.quantization,
-                                            "weight_bytes": state.info.weight_bytes}]}
+                                            "weight_bytes": state.info.weight_bytes,
+                                            "kernel_isa": state.info.kernel_isa,
+                                            "kernel_isa_reason": state.info.kernel_isa_reason,
+                                            "cpu_flags": state.info.cpu_flags,
+                                            "batch_invariant": state.info.batch_invariant}]}
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def create_completion(body: CompletionRequest, request: Request):

@@ -16,6 +16,8 @@ import zmq
 from tokenfab.config import EngineConfig
 from tokenfab.engine.core import EngineCore
 from tokenfab.engine.messages import CoreOutput
+from tokenfab.kernels.build import kernel_path
+from tokenfab.platform import cpu_isa
 from tokenfab.serve.ipc import (Abort, AddRequests, CoreInfo, Failed, Ready, Shutdown, StepResult, encoder,
                                 to_core_decoder)
 
@@ -76,10 +78,13 @@ def _handle(core: EngineCore, message: AddRequests | Abort, rejected: list[CoreO
 
 def _info(core: EngineCore) -> CoreInfo:
     prices = core.meter.prices
+    path = kernel_path()
     return CoreInfo(
         model_path=str(core.source.path), max_model_len=core.max_model_len, vocab_size=core.arch.vocab_size,
         kv_capacity_tokens=core.kv.capacity_tokens(), max_num_seqs=core.config.max_num_seqs,
         max_num_batched_tokens=core.config.max_num_batched_tokens, dtype=str(core.dtype).replace("torch.", ""),
         energy_source=core.meter.energy_source, meter=core.meter.meter_name,
         usd_per_hour=prices.usd_per_second * 3600, usd_per_kwh=prices.usd_per_kwh,
-        quantization=core.quantization_label, weight_bytes=core.model.weight_bytes_per_token())
+        quantization=core.quantization_label, weight_bytes=core.model.weight_bytes_per_token(),
+        kernel_isa=path.level or "torch", kernel_isa_reason=path.reason, cpu_flags=cpu_isa.vector_flags(),
+        batch_invariant=core.config.batch_invariant)

@@ -41,6 +41,14 @@ class CoreInfo(msgspec.Struct):
     """Weight formats of the linear layers (a plan label, with a quantized checkpoint's own format)."""
     weight_bytes: int = 0
     """Weight bytes a single-token forward reads."""
+    kernel_isa: str = "torch"
+    """The ISA level tokenfab's CPU kernels run at (tokenfab.platform.cpu_isa), or torch where none runs."""
+    kernel_isa_reason: str = ""
+    """Why that level: the best the CPU has, TOKENFAB_CPU_ISA, or why the kernels cannot run."""
+    cpu_flags: list[str] = []
+    """The CPU's vector-extension flags."""
+    batch_invariant: bool = False
+    """Whether the engine runs in batch-invariant mode (EngineConfig.batch_invariant)."""
 
 
 class Ready(msgspec.Struct, tag=True):

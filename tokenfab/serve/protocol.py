@@ -202,6 +202,14 @@ class ModelCard(BaseModel):
     """Weight formats of the linear layers."""
     weight_bytes: int = 0
     """Weight bytes one decode step reads."""
+    kernel_isa: str = "torch"
+    """ISA level of tokenfab's CPU kernels (avx2, avx2_vnni, avx512, avx512_vnni), or torch where none runs."""
+    kernel_isa_reason: str = ""
+    """Why that level (the best the CPU has, TOKENFAB_CPU_ISA, or why the kernels cannot run)."""
+    cpu_flags: list[str] = []
+    """The CPU's vector-extension flags."""
+    batch_invariant: bool = False
+    """Whether a request's tokens are independent of the batch it runs in."""
 
 
 class ModelList(BaseModel):

@@ -46,7 +46,18 @@ def build_state(engine: EngineConfig, settings: ServerSettings) -> ServerState:
     return ServerState(settings, tokenizer, client, metrics)
 
 
+def _log_to_stderr(level: str) -> None:
+    """tokenfab's own log lines (start-up, the kernel path) beside uvicorn's, in its format."""
+    logger = logging.getLogger("tokenfab")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
+
+
 def serve(engine: EngineConfig, settings: ServerSettings, log_level: str = "info") -> int:
+    _log_to_stderr(log_level)
     state = build_state(engine, settings)
     config = uvicorn.Config(build_app(state), host=settings.host, port=settings.port, log_level=log_level,
                             timeout_graceful_shutdown=settings.graceful_shutdown_timeout, lifespan="on",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -13,6 +14,8 @@ from tokenfab.serve.metrics import ServerMetrics
 from tokenfab.serve.request_log import RequestLog
 from tokenfab.serve.settings import ServerSettings
 from tokenfab.tokenizer import Tokenizer
+
+logger = logging.getLogger("tokenfab.serve")
 
 
 @dataclass(slots=True)
@@ -38,6 +41,9 @@ class ServerState:
     async def start(self) -> None:
         info = await self.client.start()
         self.started = time.time()
+        logger.info("engine ready: %s, weights %s, CPU kernels %s (%s), batch-invariant %s; CPU flags: %s", info.dtype,
+                 info.quantization, info.kernel_isa, info.kernel_isa_reason, info.batch_invariant,
+                 " ".join(info.cpu_flags))
         self.metrics.set_prices(info.usd_per_hour, info.usd_per_kwh)
         s = self.settings
         self.admission = Admission(info.max_num_seqs + s.max_queued_requests, s.max_queued_tokens)

@@ -6,7 +6,8 @@
 // once, up to four heads at a time with their accumulators in registers. Work is split into (sequence, kv head,
 // span part) tasks so that a single sequence with one kv head (batch-1 decode of a small GQA model) still uses
 // every thread: each part keeps its own running max, sum and unnormalized output, merged exactly afterwards
-// (split-K, as in flash-decoding).
+// (split-K, as in flash-decoding). Parts are PART_SPAN positions of the sequence's own span, never sized from the
+// batch or the thread count, so a sequence's result is the same bits whatever else is in the batch.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -24,7 +25,7 @@ namespace {
 using tf::exp256;
 using tf::hsum;
 
-constexpr int64_t MIN_SPAN_PER_PART = 64;
+constexpr int64_t PART_SPAN = 128;
 constexpr int HEAD_BLOCK = 4;  // query heads whose accumulators share the registers
 
 // Per-head RMSNorm (when w is given) then rotate-half rotary with this token's cos/sin, in place on one head.
@@ -174,34 +175,40 @@ void paged_decode_attention(const float* q, int64_t q_stride, const float* k_cac
                             const int64_t* blocks, int64_t max_blocks, const int32_t* lo, const int32_t* hi,
                             int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
                             float scale, float* out, int threads) {
+  if (batch == 0) return;
   const int64_t group = heads / kv_heads, pairs = batch * kv_heads;
-  int64_t longest = 0;
-  for (int64_t b = 0; b < batch; ++b) longest = std::max<int64_t>(longest, hi[b] - lo[b]);
-  const int64_t parts = std::max<int64_t>(
-      1, std::min<int64_t>((threads + pairs - 1) / pairs, longest / MIN_SPAN_PER_PART));
-  const int nt = static_cast<int>(std::min<int64_t>(threads, pairs * parts));
-  std::vector<float> best(pairs * parts * group), total(pairs * parts * group), acc(pairs * parts * group * dim);
+  // Sequence b owns tasks [first[b], first[b + 1]): kv_heads x parts[b], parts of PART_SPAN positions.
+  std::vector<int64_t> parts(batch), first(batch + 1, 0);
+  for (int64_t b = 0; b < batch; ++b) {
+    parts[b] = std::max<int64_t>(1, (hi[b] - lo[b] + PART_SPAN - 1) / PART_SPAN);
+    first[b + 1] = first[b] + kv_heads * parts[b];
+  }
+  const int64_t tasks = first[batch];
+  const int nt = static_cast<int>(std::min<int64_t>(threads, tasks));
+  std::vector<float> best(tasks * group), total(tasks * group), acc(tasks * group * dim);
 #pragma omp parallel num_threads(nt)
   {
     PartScratch scratch;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < pairs * parts; ++task) {
-      const int64_t pair = task / parts, part = task % parts, b = pair / kv_heads, h = pair % kv_heads;
-      const int64_t span = hi[b] - lo[b], p0 = span * part / parts, p1 = span * (part + 1) / parts;
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
+      const int64_t h = (task - first[b]) / parts[b], part = (task - first[b]) % parts[b];
+      const int64_t span = hi[b] - lo[b], p0 = std::min(span, part * PART_SPAN);
+      const int64_t p1 = std::min(span, p0 + PART_SPAN);
       attend_part(q + b * q_stride + h * group * dim, k_cache, v_cache, blocks + b * max_blocks, lo[b], p0, p1, h,
                   group, kv_heads, dim, block_size, scale, scratch, best.data() + task * group,
                   total.data() + task * group, acc.data() + task * group * dim);
     }
 #pragma omp for schedule(static)
     for (int64_t pair = 0; pair < pairs; ++pair) {
-      const int64_t b = pair / kv_heads, h = pair % kv_heads;
+      const int64_t b = pair / kv_heads, h = pair % kv_heads, np = parts[b], t0 = first[b] + h * np;
       for (int64_t g = 0; g < group; ++g) {
         float m = -INFINITY, sum = 0.0f;
-        for (int64_t part = 0; part < parts; ++part) m = std::max(m, best[(pair * parts + part) * group + g]);
+        for (int64_t part = 0; part < np; ++part) m = std::max(m, best[(t0 + part) * group + g]);
         float* o = out + (b * heads + h * group + g) * dim;
         std::fill(o, o + dim, 0.0f);
-        for (int64_t part = 0; part < parts; ++part) {
-          const int64_t i = (pair * parts + part) * group + g;
+        for (int64_t part = 0; part < np; ++part) {
+          const int64_t i = (t0 + part) * group + g;
           if (total[i] == 0.0f) continue;  // an empty part
           const float w = std::exp(best[i] - m);
           sum += total[i] * w;

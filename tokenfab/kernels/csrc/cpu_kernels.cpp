@@ -106,16 +106,20 @@ inline void prefetch_block(const D& d, int64_t K, int64_t n0, int64_t k, int64_t
   for (int64_t b = 0; b < cols * NBK * D::BITS / 8; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
 }
 
-// Rows [m0, m0+MB) of x against weight rows [n0, n0+NBK), decoding weights on the fly. A single row keeps one
-// accumulator per vector of a step (two FMA chains per weight row: 29 -> 34 GB/s for bf16 at M = 1); two rows
-// would run out of registers and share one.
+// ---- One order of accumulation for every batch size and ISA level. Each output y[m, n] is summed in eight lanes,
+// lane l taking the products of columns k = l, l + 8, l + 16, ... in increasing k as one FMA chain from zero; the
+// lanes are then added as hsum adds them, ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)), and the row scale is
+// applied last. The direct path (small M) computes exactly that with an 8-wide vector per output; the GEMM path
+// (larger M) vectorizes over rows of x instead and runs the eight lanes as eight passes. So a row's result is the
+// same bits whatever else is in the batch, and the same on AVX2 and AVX-512 (FMA rounds once).
+
+// Rows [m0, m0+MB) of x against weight rows [n0, n0+NBK), decoding weights on the fly: one accumulator per output.
 template <class D, int MB, int NBK>
 inline void tile_direct(const D& d, const float* x, int64_t K, float* y, int64_t N, int64_t m0, int64_t n0) {
-  constexpr int V = D::STEP / 8, A = MB == 1 ? V : 1;
-  __m256 acc[MB][NBK][A];
+  constexpr int V = D::STEP / 8;
+  __m256 acc[MB][NBK];
   for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NBK; ++j)
-      for (int a = 0; a < A; ++a) acc[i][j][a] = _mm256_setzero_ps();
+    for (int j = 0; j < NBK; ++j) acc[i][j] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += D::STEP) {
     prefetch_block<D, NBK>(d, K, n0, k, D::STEP);
     __m256 w[NBK][V];
@@ -123,15 +127,11 @@ inline void tile_direct(const D& d, const float* x, int64_t K, float* y, int64_t
     for (int s = 0; s < V; ++s)
       for (int i = 0; i < MB; ++i) {
         __m256 xv = _mm256_loadu_ps(x + (m0 + i) * K + k + 8 * s);
-        for (int j = 0; j < NBK; ++j) acc[i][j][s % A] = _mm256_fmadd_ps(w[j][s], xv, acc[i][j][s % A]);
+        for (int j = 0; j < NBK; ++j) acc[i][j] = _mm256_fmadd_ps(w[j][s], xv, acc[i][j]);
       }
   }
   for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NBK; ++j) {
-      __m256 sum = acc[i][j][0];
-      for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[i][j][a]);
-      y[(m0 + i) * N + n0 + j] = hsum(sum) * d.row_scale(n0 + j);
-    }
+    for (int j = 0; j < NBK; ++j) y[(m0 + i) * N + n0 + j] = hsum(acc[i][j]) * d.row_scale(n0 + j);
 }
 
 // Row n of W as fp32 into out [K] (block scales applied, the row scale not).
@@ -152,56 +152,117 @@ inline void block_direct(const D& d, const float* x, int64_t M, int64_t K, float
   for (; m < M; ++m) tile_direct<D, 1, NBK>(d, x, K, y, N, m, n0);
 }
 
-// ---- Panel path (M >= PANEL_MIN_M): a small GEMM. x is transposed once per call into xt (see transpose_x; Mp is
-// M rounded up to 8, zero rows beyond M), weights are decoded PANEL_ROWS rows at a time into an fp32 panel
-// [rows, K], and a register tile of up to six weight rows against sixteen rows of x sweeps it: twelve
-// accumulators, per column two vector loads of xt and six broadcast weights, no horizontal sums (M = 32 against
-// the dot-product tiles this replaced: 95-105 -> 121-128 GFLOP/s, 0.7 of torch's large-GEMM peak). Each output is
-// one FMA chain over k in order, so a row's result does not depend on the other rows of the batch.
+// ---- GEMM path (M >= PANEL_MIN_M). x is transposed once per call into xt (see transpose_x; Mp is M rounded up to
+// 8, zero rows beyond M), weights are decoded PANEL_ROWS rows at a time into an fp32 panel [rows, K], and a
+// register tile of weight rows against 16 (AVX2) or 32 (AVX-512) rows of x sweeps it once per lane: per column
+// vector loads of xt and broadcast weights, no horizontal sums.
 constexpr int64_t PANEL_ROWS = 24;
-constexpr int TILE_N = 6;
 
-// xt holds x's rows in groups of 16 (the last of 8 where Mp says so), each group transposed on its own: group g
-// starts at 16 g K and holds [K, width], so a register tile streams one contiguous block.
+// xt holds x's rows in groups of 16 (the last of 8 where Mp says so), each group transposed on its own with its
+// columns in lane order: group g starts at 16 g K and holds [8 lanes][K / 8][width], element (k, i) at
+// ((k % 8) * (K / 8) + k / 8) * width + i, so each lane's pass streams one contiguous block.
 inline void transpose_x(const float* x, int64_t M, int64_t K, float* xt, int64_t Mp) {
+  const int64_t K8 = K / 8;
   for (int64_t m0 = 0; m0 < Mp; m0 += 16) {
     const int64_t width = std::min<int64_t>(16, Mp - m0);
     float* group = xt + m0 * K;
     for (int64_t i = 0; i < width; ++i)
-      for (int64_t k = 0; k < K; ++k) group[k * width + i] = m0 + i < M ? x[(m0 + i) * K + k] : 0.0f;
+      for (int64_t k = 0; k < K; ++k)
+        group[((k % 8) * K8 + k / 8) * width + i] = m0 + i < M ? x[(m0 + i) * K + k] : 0.0f;
   }
 }
 
-// y[m, n0 + r] for R panel rows (starting at `panel`) and rows m0 .. m0 + 8 MV of x (those below M).
+// The lanes' partial sums of a tile combined in hsum's order and scaled: part [8][R][rows] -> y.
+template <int R>
+inline void finish_tile(const float* part, int rows_x, int64_t m0, int64_t M, float* y, int64_t N, int64_t n0,
+                        const float* scale) {
+  const int64_t stride = static_cast<int64_t>(R) * rows_x;
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < rows_x && m0 + i < M; ++i) {
+      const float* p = part + r * rows_x + i;
+      const float sum = ((p[0] + p[4 * stride]) + (p[2 * stride] + p[6 * stride])) +
+                        ((p[stride] + p[5 * stride]) + (p[3 * stride] + p[7 * stride]));
+      y[(m0 + i) * N + n0 + r] = sum * scale[r];
+    }
+}
+
+// y[m, n0 + r] for R panel rows (starting at `panel`) and rows m0 .. m0 + 8 MV of x (those below M), 8-wide.
 template <int R, int MV>
 __attribute__((always_inline)) inline void tile_gemm(const float* panel, int64_t K, const float* xt, int64_t m0,
                                                      int64_t M, float* y, int64_t N, int64_t n0, const float* scale) {
-  __m256 acc[R][MV];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < MV; ++v) acc[r][v] = _mm256_setzero_ps();
+  const int64_t K8 = K / 8;
+  alignas(32) float part[8][R][MV * 8];
   const float* xp = xt + m0 * K;
-  for (int64_t k = 0; k < K; ++k) {
-    __m256 xv[MV];
+  for (int l = 0; l < 8; ++l) {
+    __m256 acc[R][MV];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < MV; ++v) acc[r][v] = _mm256_setzero_ps();
+    const float* xl = xp + l * K8 * 8 * MV;
+    for (int64_t kk = 0; kk < K8; ++kk) {
+      __m256 xv[MV];
 #pragma GCC unroll 2
-    for (int v = 0; v < MV; ++v) xv[v] = _mm256_loadu_ps(xp + k * 8 * MV + 8 * v);
+      for (int v = 0; v < MV; ++v) xv[v] = _mm256_loadu_ps(xl + kk * 8 * MV + 8 * v);
 #pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      const __m256 w = _mm256_broadcast_ss(panel + r * K + k);
+      for (int r = 0; r < R; ++r) {
+        const __m256 w = _mm256_broadcast_ss(panel + r * K + kk * 8 + l);
 #pragma GCC unroll 2
-      for (int v = 0; v < MV; ++v) acc[r][v] = _mm256_fmadd_ps(w, xv[v], acc[r][v]);
+        for (int v = 0; v < MV; ++v) acc[r][v] = _mm256_fmadd_ps(w, xv[v], acc[r][v]);
+      }
+    }
+    // Stored all at once with the loops unrolled: otherwise GCC keeps a memory copy of every accumulator up to
+    // date inside the k loop (measured: half the speed).
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+      for (int v = 0; v < MV; ++v) _mm256_store_ps(&part[l][r][8 * v], acc[r][v]);
+  }
+  finish_tile<R>(&part[0][0][0], 8 * MV, m0, M, y, N, n0, scale);
+}
+
+#ifdef __AVX512F__
+// The same for two groups of 16 rows of x (32 rows, one zmm per group) against R panel rows.
+template <int R>
+__attribute__((always_inline)) inline void tile_gemm512(const float* panel, int64_t K, const float* xt, int64_t m0,
+                                                        int64_t M, float* y, int64_t N, int64_t n0,
+                                                        const float* scale) {
+  const int64_t K8 = K / 8;
+  alignas(64) float part[8][R][32];
+  const float* g0 = xt + m0 * K;
+  const float* g1 = g0 + 16 * K;
+  for (int l = 0; l < 8; ++l) {
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    const float* x0 = g0 + l * K8 * 16;
+    const float* x1 = g1 + l * K8 * 16;
+    for (int64_t kk = 0; kk < K8; ++kk) {
+      const __m512 a = _mm512_loadu_ps(x0 + kk * 16), b = _mm512_loadu_ps(x1 + kk * 16);
+#pragma GCC unroll 12
+      for (int r = 0; r < R; ++r) {
+        const __m512 w = _mm512_set1_ps(panel[r * K + kk * 8 + l]);
+        acc[r][0] = _mm512_fmadd_ps(w, a, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(w, b, acc[r][1]);
+      }
+    }
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r) {
+      _mm512_store_ps(&part[l][r][0], acc[r][0]);
+      _mm512_store_ps(&part[l][r][16], acc[r][1]);
     }
   }
-  // Stored all at once with the loops unrolled: otherwise GCC keeps a memory copy of every accumulator up to date
-  // inside the k loop (measured: half the speed).
-  alignas(32) float out[R][MV][8];
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-    for (int v = 0; v < MV; ++v) _mm256_store_ps(out[r][v], acc[r][v]);
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < MV; ++v)
-      for (int i = 0; i < 8 && m0 + 8 * v + i < M; ++i) y[(m0 + 8 * v + i) * N + n0 + r] = out[r][v][i] * scale[r];
+  finish_tile<R>(&part[0][0][0], 32, m0, M, y, N, n0, scale);
 }
+
+// tile_gemm512<r> for r in 1 .. R.
+template <int R>
+inline void tile_rows512(int r, const float* panel, int64_t K, const float* xt, int64_t m0, int64_t M, float* y,
+                         int64_t N, int64_t n0, const float* scale) {
+  if (r == R) {
+    tile_gemm512<R>(panel, K, xt, m0, M, y, N, n0, scale);
+  } else if constexpr (R > 1) {
+    tile_rows512<R - 1>(r, panel, K, xt, m0, M, y, N, n0, scale);
+  }
+}
+#endif
 
 template <int MV>
 inline void tile_rows(int rows, const float* panel, int64_t K, const float* xt, int64_t m0, int64_t M, float* y,
@@ -216,6 +277,27 @@ inline void tile_rows(int rows, const float* panel, int64_t K, const float* xt, 
   }
 }
 
+// Rows m0 .. of x (up to 32, or 16 / 8 at the end of xt) against panel rows [r0, r0 + rows).
+inline void tile_any(int64_t rows, const float* panel, int64_t K, const float* xt, int64_t m0, int64_t Mp,
+                     int64_t M, float* y, int64_t N, int64_t n0, const float* scale) {
+#ifdef __AVX512F__
+  if (m0 + 32 <= Mp) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 12)
+      tile_rows512<12>(static_cast<int>(std::min<int64_t>(12, rows - r0)), panel + r0 * K, K, xt, m0, M, y, N,
+                       n0 + r0, scale + r0);
+    return;
+  }
+#endif
+  for (int64_t m = m0; m < std::min(Mp, m0 + 32); m += 16)
+    for (int64_t r0 = 0; r0 < rows; r0 += 6) {
+      const int r = static_cast<int>(std::min<int64_t>(6, rows - r0));
+      if (m + 16 <= Mp)
+        tile_rows<2>(r, panel + r0 * K, K, xt, m, M, y, N, n0 + r0, scale + r0);
+      else
+        tile_rows<1>(r, panel + r0 * K, K, xt, m, M, y, N, n0 + r0, scale + r0);
+    }
+}
+
 // Weight rows [n0, n0 + rows) (rows <= PANEL_ROWS) against every row of x.
 template <class D>
 void block_gemm(const D& d, const float* xt, int64_t Mp, int64_t M, int64_t K, float* y, int64_t N, int64_t n0,
@@ -225,14 +307,7 @@ void block_gemm(const D& d, const float* xt, int64_t Mp, int64_t M, int64_t K, f
     decode_row(d, n0 + j, K, panel + j * K);
     scale[j] = d.row_scale(n0 + j);
   }
-  for (int64_t m0 = 0; m0 < Mp; m0 += 16)
-    for (int64_t r0 = 0; r0 < rows; r0 += TILE_N) {
-      const int r = static_cast<int>(std::min<int64_t>(TILE_N, rows - r0));
-      if (m0 + 16 <= Mp)
-        tile_rows<2>(r, panel + r0 * K, K, xt, m0, M, y, N, n0 + r0, scale + r0);
-      else
-        tile_rows<1>(r, panel + r0 * K, K, xt, m0, M, y, N, n0 + r0, scale + r0);
-    }
+  for (int64_t m0 = 0; m0 < Mp; m0 += 32) tile_any(rows, panel, K, xt, m0, Mp, M, y, N, n0, scale);
 }
 
 // Below this many rows the weights are decoded in registers for every pair of rows of x (measured against the
@@ -248,11 +323,11 @@ inline int64_t chunk_of(int64_t blocks, int threads) {
   return std::max<int64_t>(1, blocks / (CHUNKS_PER_THREAD * threads));
 }
 
-// Block b of NB weight rows through `block(n0)`, or row by row through `row(n)` where it would pass N.
-template <class Block, class Row>
+// Block b of BLOCK weight rows through `block(n0)`, or row by row through `row(n)` where it would pass N.
+template <int BLOCK = NB, class Block, class Row>
 inline void row_block(int64_t b, int64_t N, Block&& block, Row&& row) {
-  const int64_t n0 = b * NB;
-  if (n0 + NB > N) {
+  const int64_t n0 = b * BLOCK;
+  if (n0 + BLOCK > N) {
     for (int64_t n = n0; n < N; ++n) row(n);
   } else {
     block(n0);
@@ -286,6 +361,14 @@ void linear_shared(const D& d, const float* x, float* y, int64_t M, int64_t N, i
     }
     return;
   }
+  if (M == 1) {  // eight weight rows a block: eight independent FMA chains hide the FMA latency
+    const int64_t blocks = (N + 2 * NB - 1) / (2 * NB);
+#pragma omp for schedule(dynamic, chunk_of(blocks, threads))
+    for (int64_t b = 0; b < blocks; ++b)
+      row_block<2 * NB>(b, N, [&](int64_t n0) { block_direct<D, 2 * NB>(d, x, M, K, y, N, n0); },
+                        [&](int64_t n) { block_direct<D, 1>(d, x, M, K, y, N, n); });
+    return;
+  }
   const int64_t blocks = (N + NB - 1) / NB;
 #pragma omp for schedule(dynamic, chunk_of(blocks, threads))
   for (int64_t b = 0; b < blocks; ++b)
@@ -315,7 +398,7 @@ void dequantize(const D& d, float* out, int64_t N, int64_t K, int threads) {
 }
 
 // ---- Integer paths: activations quantized to int8 per 32 columns (scale = max|x| / 127), products summed
-// exactly in int32 with maddubs, one float FMA per 32 weights. Each row of x is quantized on its own, so a row's
+// exactly in int32 (tf::dot_u8s8), one float FMA per 32 weights. Each row of x is quantized on its own, so a row's
 // result does not depend on the other rows in the batch.
 
 struct Q8Rows {
@@ -344,8 +427,7 @@ Q8Rows quantize_rows(const float* x, int64_t M, int64_t K, bool even_odd_16) {
 
 inline __m256 int_dot(__m256i absw, __m256i signw, const int8_t* xq) {
   const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
-  const __m256i p16 = _mm256_maddubs_epi16(absw, _mm256_sign_epi8(xv, signw));
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+  return _mm256_cvtepi32_ps(tf::dot_u8s8(absw, _mm256_sign_epi8(xv, signw)));
 }
 
 // 32 weights of one row as (|w|, w) int8 vectors plus their scale per 32-bit lane.
@@ -394,7 +476,7 @@ struct I8Int {
   const void* data() const { return w; }
   inline void load(int64_t n, int64_t j, __m256i& absw, __m256i& wv, __m256& scale) const {
     wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * K + j * 32));
-    absw = _mm256_sign_epi8(wv, wv);  // -128 stays 0x80, which maddubs reads as unsigned 128
+    absw = _mm256_sign_epi8(wv, wv);  // -128 stays 0x80, read as unsigned 128
     scale = _mm256_set1_ps(1.0f);
   }
   inline float row_scale(int64_t n) const { return scale_[n]; }

@@ -3,12 +3,12 @@
 // x and y float32; W rows -> float32 (exact); and the pair repacking.
 //
 // x is quantized to int8 per 32 columns (scale max|x| / 127), each row on its own, so a row's result does not
-// depend on the rest of the batch. Weight codes are multiplied with it exactly in int32 (maddubs: unsigned codes
-// times signed activations), and the formats' offsets are folded in through sums of the int8 activations computed
-// once per call: dx * sum(q) per 32 (the K-quants' -dmin * m, the repacked -8/-16), per 16 (Q6_K's -32), or in
-// int16 pairs (the native legacy blocks). One float FMA per 32 weights applies the weight and activation scales.
-// Without VNNI each 32 products cost ~4 multiply-pipe instructions, so the kernels are near their compute limit
-// when streaming from memory on two cores; the Q8_0 LM head reaches the read ceiling.
+// depend on the rest of the batch. Weight codes are multiplied with it exactly in int32 (unsigned codes times signed
+// activations: vpdpbusd on VNNI levels, else maddubs), and the formats' offsets are folded in through sums of the
+// int8 activations computed once per call: dx * sum(q) per 32 (the K-quants' -dmin * m, the repacked -8/-16), per
+// 16 (Q6_K's -32), or in int16 pairs (the native legacy blocks). One float FMA per 32 weights applies the weight and
+// activation scales. Without VNNI each 32 products cost ~4 multiply-pipe instructions, so the kernels are near their
+// compute limit when streaming from memory on two cores; the Q8_0 LM head reaches the read ceiling.
 //
 // Decode streams every weight once, NB rows at a time, with software prefetch ahead of the block's progress (see
 // PREFETCH_AHEAD in cpu_kernels.cpp for why the hardware prefetcher alone falls short here).
@@ -69,8 +69,10 @@ inline __m256i bit_to_4(__m256i h) {
   else return _mm256_and_si256(_mm256_srli_epi16(h, S - 4), m);
 }
 
-// Sum of the 16 int16 lanes' pairs as 8 float lanes.
-inline __m256 pairs_to_float(__m256i p16) { return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1))); }
+// Sum of the 16 int16 lanes' pairs as 8 int32 lanes.
+inline __m256i pairs_to_quads(__m256i p16) { return _mm256_madd_epi16(p16, _mm256_set1_epi16(1)); }
+// Exact u8 x s8 dot products of 4 bytes per lane, as floats (VNNI where the level has it: tf::dot_u8s8).
+inline __m256 dot_float(__m256i u, __m256i s) { return _mm256_cvtepi32_ps(tf::dot_u8s8(u, s)); }
 
 // Q4_K / Q5_K: 6-bit scales and mins of the 8 sub-blocks from their 12 packed bytes (llama.cpp's utmp unpack):
 // bytes 0..7 of the result are the scales, 8..15 the mins.
@@ -194,10 +196,10 @@ struct Q8_0Rows {
     for (int jn = 0; jn < NBK; ++jn) {
       const uint8_t* b = w + jn * row_bytes + j * 34;
       const __m256i wv = load256(b + 2);
-      const __m256i aw = _mm256_sign_epi8(wv, wv);  // -128 stays 0x80, which maddubs reads as unsigned 128
+      const __m256i aw = _mm256_sign_epi8(wv, wv);  // -128 stays 0x80, read as unsigned 128
       const __m256 dw = _mm256_set1_ps(fp16(b));
       for (int i = 0; i < MB; ++i) {
-        const __m256 p = pairs_to_float(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[i], wv)));
+        const __m256 p = dot_float(aw, _mm256_sign_epi8(xv[i], wv));
         acc[jn][i] = _mm256_fmadd_ps(p, _mm256_mul_ps(dw, dx[i]), acc[jn][i]);
       }
     }
@@ -216,7 +218,7 @@ struct BlockLegacy4 {  // Q4_0: d fp16, qs[16], value d * (q - 8); Q5_0: d, qh[4
       const __m256i xv = load256(x[i].q + j * 32);
       __m256i off = load256(x[i].o + j * 16);  // 16 x pair sums
       if constexpr (!HIGH_BITS) off = _mm256_srai_epi16(off, 1);
-      const __m256 p = pairs_to_float(_mm256_sub_epi16(_mm256_maddubs_epi16(q, xv), off));
+      const __m256 p = _mm256_cvtepi32_ps(_mm256_sub_epi32(tf::dot_u8s8(q, xv), pairs_to_quads(off)));
       acc[i] = _mm256_fmadd_ps(p, _mm256_mul_ps(dw, _mm256_set1_ps(x[i].d[j])), acc[i]);
     }
   }
@@ -248,8 +250,8 @@ struct Pairs {
     }
     for (int i = 0; i < MB; ++i) {
       const int8_t* xq = x[i].q + 32 * b;
-      a0[i] = _mm256_fmadd_ps(pairs_to_float(_mm256_maddubs_epi16(q0, load256(xq))), _mm256_broadcast_ss(&sv[i][2 * p]), a0[i]);
-      a1[i] = _mm256_fmadd_ps(pairs_to_float(_mm256_maddubs_epi16(q1, load256(xq + 32))),
+      a0[i] = _mm256_fmadd_ps(dot_float(q0, load256(xq)), _mm256_broadcast_ss(&sv[i][2 * p]), a0[i]);
+      a1[i] = _mm256_fmadd_ps(dot_float(q1, load256(xq + 32)),
                               _mm256_broadcast_ss(&sv[i][2 * p + 1]), a1[i]);
     }
   }
@@ -307,8 +309,8 @@ struct BlockK4 {
     }
     for (int i = 0; i < MB; ++i) {
       const int8_t* xq = x[i].q + j * 256 + 64 * T;
-      const __m256 p0 = pairs_to_float(_mm256_maddubs_epi16(q0, load256(xq)));
-      const __m256 p1 = pairs_to_float(_mm256_maddubs_epi16(q1, load256(xq + 32)));
+      const __m256 p0 = dot_float(q0, load256(xq));
+      const __m256 p1 = dot_float(q1, load256(xq + 32));
       a0[i] = _mm256_fmadd_ps(p0, _mm256_broadcast_ss(&sv[i][2 * T]), a0[i]);
       a1[i] = _mm256_fmadd_ps(p1, _mm256_broadcast_ss(&sv[i][2 * T + 1]), a1[i]);
     }

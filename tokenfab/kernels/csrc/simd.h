@@ -1,4 +1,6 @@
-// AVX2 helpers shared by the kernel files (each includes this inside its own translation unit).
+// SIMD helpers shared by the kernel files (each includes this inside its own translation unit). The library is
+// built once per ISA level (tokenfab/platform/cpu_isa.py); code that differs by level tests the compiler's macros
+// here and computes the same numbers on every level.
 #pragma once
 
 #include <immintrin.h>
@@ -7,6 +9,18 @@
 #include <cstdint>
 
 namespace tf {
+
+// Sum of four adjacent u8 x s8 products per 32-bit lane, exact: vpdpbusd where the level has VNNI, else maddubs and
+// madd (which never saturate for the operands used here: |u| <= 128, |s| <= 127, pairs of at most 32512).
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
 
 inline float hsum(__m256 v) {
   __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

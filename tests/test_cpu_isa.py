@@ -1,0 +1,137 @@
+"""ISA levels of the CPU kernels: detection and choice, and the same numbers at every level and every batch size.
+
+Each test that runs a level is parametrized over all of them and skips the ones this CPU lacks (with the flags it
+lacks), so one machine tests every level it has."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_prompts
+from gguf import GGMLQuantizationType as T
+
+from tokenfab import LLM, SamplingParams
+from tokenfab.kernels import build
+from tokenfab.kernels import cpu as kernels
+from tokenfab.kernels import gguf as gguf_kernels
+from tokenfab.platform import cpu_isa
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels need g++ and AVX2/FMA/F16C")
+
+LEVELS = [lv.name for lv in cpu_isa.LEVELS]
+ZEN3 = frozenset({"avx", "avx2", "fma", "f16c", "sse4_2"})
+ZEN4 = ZEN3 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"}
+ALDER_LAKE = ZEN3 | {"avx_vnni"}
+
+
+def _needs(level: str) -> None:
+    lv = cpu_isa.level(level)
+    if lv not in cpu_isa.supported():
+        missing = sorted(set(lv.cpu_flags) - cpu_isa.cpu_flags())
+        pytest.skip(f"this CPU lacks {', '.join(missing)} for the {level} level")
+
+
+def test_the_best_level_the_cpu_has_is_chosen() -> None:
+    assert cpu_isa.choose(None, ZEN3).level == cpu_isa.level("avx2")
+    assert cpu_isa.choose(None, ALDER_LAKE).level == cpu_isa.level("avx2_vnni")
+    assert cpu_isa.choose(None, ZEN4).level == cpu_isa.level("avx512_vnni")
+    assert [lv.name for lv in cpu_isa.supported(ZEN4)] == ["avx512_vnni", "avx512", "avx2"]
+    assert cpu_isa.choose("avx2", ZEN4).level == cpu_isa.level("avx2")
+    none = cpu_isa.choose(None, frozenset({"avx", "sse4_2"}))
+    assert none.level is None and "avx2" in none.reason
+
+
+def test_a_level_the_cpu_lacks_is_an_error_that_names_the_flags() -> None:
+    with pytest.raises(ValueError, match="avx512_vnni"):
+        cpu_isa.choose("avx512_vnni", ALDER_LAKE)
+    with pytest.raises(ValueError, match="unknown CPU ISA level 'sse'"):
+        cpu_isa.choose("sse", ZEN3)
+
+
+def test_the_environment_caps_the_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(cpu_isa.ISA_ENV, "avx2")
+    assert cpu_isa.choose().level == cpu_isa.level("avx2")
+    assert cpu_isa.choose().reason == f"{cpu_isa.ISA_ENV}=avx2"
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_each_level_builds_its_own_library(level: str) -> None:
+    _needs(level)
+    with build.use_level(level) as lib:
+        assert build.kernel_path() == build.KernelPath(level, "use_level")
+        assert build.load_library() is lib
+    assert build.kernel_path().reason != "use_level"
+    with pytest.raises(ValueError, match="unknown"), build.use_level("avx9"):
+        pass
+
+
+BATCHES = (1, 2, 3, 7, 8, 9, 16, 17, 31, 33, 64, 130)
+"""Register path (1-7 rows, single and pairs), GEMM path (8+: groups of 16, a last group of 8, 32-row tiles)."""
+
+
+def _float_kernels(K: int, N: int) -> dict:
+    g = torch.Generator().manual_seed(K + N)
+    w_bf16 = torch.randn(N, K, generator=g).bfloat16()
+    q = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8)
+    scale = torch.rand(N, generator=g) / 100
+    w_fp8 = (torch.randn(N, K, generator=g) * 40).to(torch.float8_e4m3fn)
+    codes = torch.randint(0, 16, (N, K // 2), generator=g, dtype=torch.uint8)
+    scales16 = (torch.rand(N, K // 32, generator=g) + 0.1).half()
+    return {
+        "bf16": lambda x: kernels.linear_bf16(x, w_bf16),
+        "int8 weight-only": lambda x: kernels.linear_int8(x, q, scale),
+        "fp8": lambda x: kernels.linear_fp8(x, w_fp8, scale),
+        "int4 weight-only": lambda x: kernels.linear_lut4(x, codes, scales16, 32, None, kernels.INT4_TWOS_COMPLEMENT,
+                                                          1.0),
+        "W8A8": lambda x: kernels.linear_int8_q8(x, q, scale),
+        "W4A8": lambda x: kernels.linear_lut4_q8(x, codes, scales16, 32, None, kernels.INT4_TWOS_COMPLEMENT, 1.0),
+    }
+
+
+def _gguf_kernels(K: int, N: int) -> dict:
+    from test_quant_gguf_packed import packed, random_blocks
+
+    out = {}
+    for qtype in (T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K):
+        w = packed(qtype, random_blocks(qtype, N, K, seed=int(qtype)), K)
+        assert w.kernel_table is not None
+        out[qtype.name] = lambda x, table=w.kernel_table: gguf_kernels.linear(x, table, K)
+    return out
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_every_format_gives_each_row_the_same_bits_at_every_batch_size_and_level(level: str) -> None:
+    """A row of x gives bit-identical outputs alone, in any batch (register and GEMM paths), and at every ISA
+    level: one order of accumulation for the float kernels, exact integer dot products (VNNI or not)."""
+    _needs(level)
+    K, N = 512, 75
+    x = torch.randn(max(BATCHES), K, generator=torch.Generator().manual_seed(1))
+    formats = {**_float_kernels(K, N), **_gguf_kernels(K, N)}
+    reference = {name: [f(x[i : i + 1]) for i in range(x.shape[0])] for name, f in formats.items()}  # default level
+    with build.use_level(level):
+        for name, f in formats.items():
+            for m in BATCHES:
+                batch = f(x[:m])
+                for i in range(m):
+                    assert torch.equal(batch[i : i + 1], reference[name][i]), (name, m, i)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_engine_tokens_are_the_same_at_every_level(level: str, tiny_model) -> None:
+    """bf16 weights on the kernels (the default where the CPU has native bf16): greedy and seeded tokens of a
+    batch are the same at every level the CPU runs."""
+    _needs(level)
+    path = tiny_model("gemma3")
+    prompts = random_prompts([5, 40, 100, 17], seed=8)
+    params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=12, temperature=0.9, seed=3, ignore_eos=True)] * 2
+
+    def run() -> list[list[int]]:
+        llm = LLM(str(path), dtype="bfloat16", kv_cache_memory_gb=0.02, max_model_len=1024,
+                  max_num_batched_tokens=64)
+        assert llm.engine.core.dtype == torch.float32  # bf16 storage, fp32 compute on the kernels
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+    expected = run()
+    with build.use_level(level):
+        assert run() == expected
