@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from tokenfab.engine.block_pool import NULL_BLOCK, Block, BlockPool, block_hash
+from tokenfab.engine.block_hash import block_hash
+from tokenfab.engine.block_pool import NULL_BLOCK, Block, BlockPool
 
 
-def key(*tokens: int, parent: int | None = None) -> tuple[int | None, tuple[int, ...]]:
+def key(*tokens: int, parent: bytes | None = None) -> tuple[bytes | None, tuple[int, ...]]:
     return (parent, tuple(tokens))
 
 
-def register_full(pool: BlockPool, block_id: int, tokens: tuple[int, ...], parent: int | None = None) -> int:
+def register_full(pool: BlockPool, block_id: int, tokens: tuple[int, ...], parent: bytes | None = None) -> bytes:
     h = block_hash(parent, tokens)
     pool.register(block_id, h, (parent, tokens))
     return h
@@ -102,8 +103,8 @@ def test_register_and_lookup_verify_the_key():
     # Same hash, other tokens: a collision is a miss, never a wrong hit.
     assert pool.lookup(h, key(1, 2, 3, 5)) is None
     # Same tokens after another parent: a miss too.
-    assert pool.lookup(h, key(1, 2, 3, 4, parent=7)) is None
-    assert pool.lookup(h + 1, key(1, 2, 3, 4)) is None
+    assert pool.lookup(h, key(1, 2, 3, 4, parent=b"\x07" * 32)) is None
+    assert pool.lookup(bytes(32), key(1, 2, 3, 4)) is None
 
 
 def test_colliding_hash_with_other_contents_is_not_registered_and_misses():

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from tokenfab.engine.block_pool import NULL_BLOCK
 from tokenfab.engine.kv_cache_manager import KVCacheManager
 from tokenfab.engine.scheduler import Scheduler
-from tokenfab.engine.types import Request, RequestStatus, SamplingParams, StepPlan
+from tokenfab.engine.types import Request, RequestStatus, SampleResult, SamplingParams, StepPlan
 
 BS = 4
 
@@ -21,20 +21,15 @@ Row = tuple[str, int, int, bool]
 
 
 def run_step(sched: Scheduler, token: int, check=None) -> tuple[StepPlan, list[Row]]:
-    """One engine step without a model, exactly like LLMEngine.step: schedule, advance num_computed_tokens, cache
-    full blocks, append `token` to every request whose chunk reached its end, finish those at max_tokens."""
+    """One engine step without a model: schedule, then the scheduler's own update with `token` sampled by every
+    request whose chunk reached its end (requests finish at max_tokens)."""
     plan = sched.schedule()
     rows = [(s.request.request_id, s.start, s.num_tokens, s.samples) for s in plan.scheduled]
     if check is not None:
         check(plan)
-    sampling = [s.request for s in plan.scheduled if s.samples]
-    for s in plan.scheduled:
-        s.request.num_computed_tokens = s.end
-        sched.kv.cache_full_blocks(s.request)
-    for request in sampling:
-        request.output_token_ids.append(token)
-        if request.num_output_tokens >= request.params.max_tokens:
-            sched.finish(request, RequestStatus.FINISHED_LENGTH)
+    samplers = [s for s in plan.scheduled if s.samples]
+    sched.update(plan, samplers, SampleResult([[token] for _ in samplers], [None] * len(samplers),
+                                              [0] * len(samplers)))
     sched.kv.check_integrity()
     return plan, rows
 

@@ -124,11 +124,19 @@ class EngineConfig:
     """`PATTERN=FORMAT` rules, e.g. `lm_head=int8`; checked before the exclusions."""
     quantization_method: str = "rtn"
     """rtn (round to nearest) or gptq (error-compensated on shipped calibration text; int4/nvfp4 layers)."""
+    kv_events_endpoint: str | None = None
+    """ZeroMQ address to publish KV cache events on (vLLM's wire format), e.g. `tcp://*:5557`; None: off."""
+    kv_events_replay_endpoint: str | None = None
+    """ROUTER address a subscriber asks for missed event batches, e.g. `tcp://*:5558`; None: no replay."""
+    kv_events_topic: str = "kv-events"
+    """Topic frame of every KV event message."""
     pricing: PricingConfig = PricingConfig()
     speculative: SpeculativeConfig = SpeculativeConfig()
 
     def __post_init__(self) -> None:
         checks = [
+            (self.kv_events_replay_endpoint is None or self.kv_events_endpoint is not None,
+             "kv_events_replay_endpoint needs kv_events_endpoint"),
             (isinstance(self.speculative, SpeculativeConfig), "speculative must be a SpeculativeConfig"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}"),
             (self.block_size in (8, 16, 32, 64, 128), "block_size must be one of 8, 16, 32, 64, 128"),

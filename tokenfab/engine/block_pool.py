@@ -2,7 +2,9 @@
 
 Block 0 is the null block: it pads block tables (sliding-window layers drop blocks that left the window) and is
 never handed out. Free blocks keep their hash until they are reused, so a later request can still hit them; the
-free queue is ordered least-recently-freed first, and that is the eviction order.
+free queue is ordered least-recently-freed first, and that is the eviction order. Hashes are the stable chained
+digests of `tokenfab.engine.block_hash`; with an event list attached, every eviction of a cached block is recorded
+there as a `BlockRemoved`.
 """
 
 from __future__ import annotations
@@ -10,32 +12,35 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from tokenfab.engine.block_hash import BlockHash, external_hash
+from tokenfab.engine.kv_events import BlockRemoved, KVEvent
+
 NULL_BLOCK = 0
 
-BlockKey = tuple[int | None, tuple[int, ...]]
+BlockKey = tuple[BlockHash | None, tuple[int, ...]]
 """(parent block's hash, this block's tokens): what a hash hit is verified against."""
-
-
-def block_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
-    return hash((parent, tokens))
 
 
 @dataclass(slots=True)
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None
+    hash: BlockHash | None = None
     key: BlockKey | None = None
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, group_idx: int = 0, medium: str | None = None) -> None:
         if num_blocks < 2:
             raise ValueError("a block pool needs at least 2 blocks (one is the null block)")
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
-        self.cached: dict[int, int] = {}
+        self.cached: dict[BlockHash, int] = {}
         self.evictions = 0
+        self.group_idx = group_idx
+        self.medium = medium
+        self.events: list[KVEvent] | None = None
+        """Where evictions are recorded (None: not recorded)."""
 
     @property
     def num_blocks(self) -> int:
@@ -51,12 +56,23 @@ class BlockPool:
         block = self.blocks[block_id]
         if block.hash is not None:
             del self.cached[block.hash]
+            if self.events is not None:
+                self._record_removed(block.hash)
             block.hash = block.key = None
             self.evictions += 1
         block.ref_count = 1
         return block_id
 
-    def lookup(self, h: int, key: BlockKey) -> int | None:
+    def _record_removed(self, h: BlockHash) -> None:
+        events = self.events
+        assert events is not None
+        last = events[-1] if events else None
+        if isinstance(last, BlockRemoved) and last.group_idx == self.group_idx:
+            last.block_hashes.append(external_hash(h))
+        else:
+            events.append(BlockRemoved([external_hash(h)], self.medium, self.group_idx))
+
+    def lookup(self, h: BlockHash, key: BlockKey) -> int | None:
         """A cached block holding exactly these tokens after exactly this parent, or None."""
         block_id = self.cached.get(h)
         if block_id is None or self.blocks[block_id].key != key:
@@ -84,13 +100,23 @@ class BlockPool:
             if reuse_first and block.hash is None:
                 self.free.move_to_end(block_id, last=False)
 
-    def register(self, block_id: int, h: int, key: BlockKey) -> None:
-        """Make a full block findable by its hash; the first block with given contents stays canonical."""
+    def register(self, block_id: int, h: BlockHash, key: BlockKey) -> bool:
+        """Make a full block findable by its hash; the first block with given contents stays canonical. Returns
+        whether the hash is new to the pool."""
         block = self.blocks[block_id]
         if block.hash is not None or h in self.cached:
-            return
+            return False
         block.hash, block.key = h, key
         self.cached[h] = block_id
+        return True
+
+    def clear_cache(self) -> int:
+        """Forget every hash (blocks in use keep their KV, but no later request finds them); returns how many."""
+        for block_id in self.cached.values():
+            self.blocks[block_id].hash = self.blocks[block_id].key = None
+        n = len(self.cached)
+        self.cached.clear()
+        return n
 
     def check_integrity(self) -> None:
         free_ids = set(self.free)

@@ -11,7 +11,6 @@ ones count as computed, and the KV blocks of rejected drafts are given back.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -21,38 +20,20 @@ from tokenfab.config import EngineConfig
 from tokenfab.economics.attribution import CostMeter, RequestCost
 from tokenfab.engine.kv_cache_manager import KVCacheManager
 from tokenfab.engine.kv_sizing import plan_kv_blocks
-from tokenfab.engine.messages import CoreOutput, CoreRequest, EngineStats
+from tokenfab.engine.messages import CoreInfo, CoreOutput, CoreRequest, EngineStats
 from tokenfab.engine.model_runner import ModelRunner, RunOutput
-from tokenfab.engine.sampler import SampleResult, Sampler
-from tokenfab.engine.scheduler import Scheduler
-from tokenfab.engine.types import Request, RequestStatus, ScheduledRequest, StepPlan, TokenLogprobs
+from tokenfab.engine.sampler import Sampler
+from tokenfab.engine.kv_events import MEDIUM_CPU, MEDIUM_GPU, EventBatch, KVEventPublisher
+from tokenfab.engine.scheduler import Emitted, Scheduler, StepUpdate
+from tokenfab.engine.types import Request, SampleResult, StepPlan
+from tokenfab.kernels.build import kernel_path
 from tokenfab.models.loading import ModelSource, load_model, resolve_model
+from tokenfab.platform import cpu_isa
 from tokenfab.platform.power import select_meter
 from tokenfab.platform.prices import load_prices
 from tokenfab.spec.policy import StepShape
 from tokenfab.spec.proposer import StepView
 from tokenfab.spec.speculator import SpecCounters, TargetParts, build_speculator
-
-
-@dataclass(slots=True)
-class EngineCounters:
-    """Monotonic counters read by tests, benchmarks and metrics."""
-
-    steps: int = 0
-    prompt_tokens_computed: int = 0
-    """Prompt tokens that went through the model (prefix-cache hits excluded)."""
-    tokens_computed: int = 0
-    generated_tokens: int = 0
-
-
-@dataclass(slots=True)
-class _Emitted:
-    """What one step appended to one request."""
-
-    request: Request
-    token_ids: list[int]
-    logprobs: list[TokenLogprobs] | None
-    status: RequestStatus | None
 
 
 class EngineCore:
@@ -68,14 +49,16 @@ class EngineCore:
         groups = [KVGroupSpec(w, tuple(layers)) for w, layers in arch.window_groups.items()]
         blocks = plan_kv_blocks(config, arch, groups, self.dtype, self.max_model_len)
         self.cache = KVCache(groups, blocks, config.block_size, arch.num_kv_heads, arch.head_dim, self.dtype, device)
-        self.kv = KVCacheManager([g.window for g in groups], blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens)
+        medium = MEDIUM_CPU if device.type == "cpu" else MEDIUM_GPU
+        self.kv = KVCacheManager([g.window for g in groups], blocks, config.block_size, config.enable_prefix_caching,
+                                 medium)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
+        self.kv_events = _kv_event_publisher(config, self.kv, self.scheduler)
         backend = get_backend(config.attention_backend)
         self.runner = ModelRunner(self.model, self.cache, backend, groups, device)
         self.sampler = Sampler(config.seed)
         self.speculator = build_speculator(config, TargetParts(self.model, self.source, self.cache, groups, backend,
                                                                self.kv, self.dtype, device, self.max_model_len))
-        self.counters = EngineCounters()
         self.meter = _cost_meter(config)
         self._costs: dict[str, RequestCost] = {}
         self._back_to_back = False
@@ -120,8 +103,25 @@ class EngineCore:
             self._forget(request_id, finished=True)
         self._back_to_back = self._back_to_back and self.scheduler.has_unfinished()
 
+    def abort_all(self) -> None:
+        """Abort every unfinished request."""
+        self.abort(self.scheduler.abort_all())
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block hash (announced at once to KV event subscribers)."""
+        self.kv.reset_prefix_cache()
+        if self.kv_events is not None:
+            self.kv_events.publish(EventBatch(time.time(), self.kv.take_events()))
+
+    def close(self) -> None:
+        """Stop publishing (the model itself needs no teardown)."""
+        if self.kv_events is not None:
+            self.kv_events.flush()
+            self.kv_events.close()
+            self.kv_events = None
 
     # -- stepping -----------------------------------------------------------------------------------------------
 
@@ -141,52 +141,14 @@ class EngineCore:
         run = self.runner.execute(plan, self.kv.block_tables)
         result = self.sampler(run.logits, [s.request for s in run.samplers], [s.spec_token_ids for s in run.samplers],
                               [s.spec_probs for s in run.samplers])
-        emitted = self._account(plan, run.samplers, result)
+        update = self.scheduler.update(plan, run.samplers, result)
         if self.speculator is not None:
             self._speculate(plan, run, result, time.perf_counter() - start)
         for part_id, part in self.meter.end_step({s.request.request_id: s.num_tokens for s in plan.scheduled}).items():
             self._costs[part_id].add(part)
-        outputs = [self._output(e) for e in emitted]
+        outputs = [self._output(e) for e in update.emitted]
         self._back_to_back = self.scheduler.has_unfinished()
         return outputs
-
-    def _account(self, plan: StepPlan, samplers: list[ScheduledRequest], result: SampleResult) -> list[_Emitted]:
-        """Advance every scheduled request: computed tokens, emitted tokens and stops, blocks to cache or give back."""
-        self.counters.steps += 1
-        self.counters.tokens_computed += plan.num_batched_tokens
-        now = time.monotonic()
-        for s in plan.scheduled:
-            request = s.request
-            self.counters.prompt_tokens_computed += max(0, min(s.end, request.num_prompt_tokens) - s.start)
-            if request.first_scheduled is None:
-                request.first_scheduled = now
-            if not s.samples:
-                request.num_computed_tokens = s.end
-                self.kv.cache_full_blocks(request)
-        return [self._append(s, tokens, logprobs, accepted)
-                for s, tokens, logprobs, accepted in zip(samplers, result.token_ids, result.logprobs,
-                                                         result.num_accepted)]
-
-    def _append(self, s: ScheduledRequest, tokens: list[int], logprobs: list[TokenLogprobs] | None,
-                accepted: int) -> _Emitted:
-        """Append a sampling request's tokens up to the first stop; its KV counts up to the last accepted draft."""
-        request = s.request
-        known = request.num_tokens
-        status = None
-        for n, token in enumerate(tokens, 1):
-            request.output_token_ids.append(token)
-            status = self._stop_status(request, token)
-            if status is not None:
-                tokens, logprobs = tokens[:n], None if logprobs is None else logprobs[:n]
-                break
-        self.counters.generated_tokens += len(tokens)
-        request.num_computed_tokens = min(known + accepted, request.num_tokens)
-        if s.num_spec:
-            self.kv.rollback(request)
-        self.kv.cache_full_blocks(request)
-        if status is not None:
-            self.scheduler.finish(request, status)
-        return _Emitted(request, tokens, logprobs, status)
 
     def _speculate(self, plan: StepPlan, run: RunOutput, result: SampleResult, seconds: float) -> None:
         accepted = {s.request.request_id: n for s, n in zip(run.samplers, result.num_accepted)}
@@ -197,7 +159,7 @@ class EngineCore:
         self.speculator.propose(StepView(plan, run), decoding, self.scheduler.running,
                                 self.config.max_num_batched_tokens)
 
-    def _output(self, e: _Emitted) -> CoreOutput:
+    def _output(self, e: Emitted) -> CoreOutput:
         request = e.request
         total = self._costs[request.request_id]
         cost = RequestCost(total.usd, total.joules, total.device_seconds)
@@ -213,22 +175,26 @@ class EngineCore:
         if self.speculator is not None:
             self.speculator.forget(request_id, finished)
 
-    def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
-        p = request.params
-        if request.num_output_tokens >= p.min_tokens:
-            if token in p.stop_token_ids:
-                request.stop_reason = token
-                return RequestStatus.FINISHED_STOPPED
-            if not p.ignore_eos and token in request.eos_token_ids:
-                return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= p.max_tokens or request.num_tokens >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
-
     # -- observation --------------------------------------------------------------------------------------------
 
+    def info(self) -> CoreInfo:
+        """What a front end needs to know about this core: limits, model, prices, kernels."""
+        prices = self.meter.prices
+        path = kernel_path()
+        return CoreInfo(
+            model_path=str(self.source.path), max_model_len=self.max_model_len, vocab_size=self.arch.vocab_size,
+            kv_capacity_tokens=self.kv.capacity_tokens(), max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens, dtype=str(self.dtype).replace("torch.", ""),
+            energy_source=self.meter.energy_source, meter=self.meter.meter_name,
+            usd_per_hour=prices.usd_per_second * 3600, usd_per_kwh=prices.usd_per_kwh,
+            quantization=self.quantization_label, weight_bytes=self.model.weight_bytes_per_token(),
+            kernel_isa=path.level or "torch", kernel_isa_reason=path.reason, cpu_flags=cpu_isa.vector_flags(),
+            batch_invariant=self.config.batch_invariant, block_size=self.config.block_size,
+            kv_events_endpoint=self.kv_events.endpoint if self.kv_events is not None else None,
+            kv_events_replay_endpoint=self.kv_events.replay_endpoint if self.kv_events is not None else None)
+
     def stats(self) -> EngineStats:
-        c, kv, m = self.counters, self.kv, self.meter
+        c, kv, m = self.scheduler.counters, self.kv, self.meter
         total = sum(p.num_blocks - 1 for p in kv.pools)
         sc = self.speculator.counters if self.speculator is not None else SpecCounters()
         return EngineStats(
@@ -242,6 +208,21 @@ class EngineCore:
             spec_proposed_tokens=sc.proposed_tokens, spec_accepted_tokens=sc.accepted_tokens,
             spec_verified_seqs=sc.verified_seqs, spec_draft_seconds=sc.draft_seconds, spec_steps_on=sc.steps_on,
             spec_steps_off=sc.steps_off)
+
+
+def _kv_event_publisher(config: EngineConfig, kv: KVCacheManager, scheduler: Scheduler) -> KVEventPublisher | None:
+    """Publish each step's KV events when an endpoint is configured (nothing is recorded otherwise)."""
+    if config.kv_events_endpoint is None:
+        return None
+    publisher = KVEventPublisher(config.kv_events_endpoint, config.kv_events_replay_endpoint, config.kv_events_topic)
+    kv.record_events()
+
+    def publish(update: StepUpdate) -> None:
+        if update.kv_events:
+            publisher.publish(EventBatch(time.time(), update.kv_events))
+
+    scheduler.hooks.append(publish)
+    return publisher
 
 
 def _cost_meter(config: EngineConfig) -> CostMeter:

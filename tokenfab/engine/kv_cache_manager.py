@@ -3,13 +3,18 @@
 A model whose layers have different sliding windows (Gemma 3: 5 of 6 layers see 512 tokens) gets one pool per
 window. A sliding group drops blocks that left the window, so it never holds more KV than the window needs; a
 prefix hit must be backed in every group (the sliding group only needs the last window's blocks).
+
+Blocks are named by stable chained hashes (`tokenfab.engine.block_hash`). With `record_events()` on, every change
+to the set of cached blocks is kept as a KV event (`tokenfab.engine.kv_events`) until `take_events()`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tokenfab.engine.block_pool import NULL_BLOCK, BlockKey, BlockPool, block_hash
+from tokenfab.engine.block_hash import BlockHash, block_hash, external_hash
+from tokenfab.engine.block_pool import NULL_BLOCK, BlockKey, BlockPool
+from tokenfab.engine.kv_events import AllBlocksCleared, BlockStored, KVEvent
 from tokenfab.engine.types import Request
 
 
@@ -24,7 +29,7 @@ class PrefixStats:
 @dataclass(slots=True)
 class _ReqState:
     tables: list[list[int]]
-    hashes: list[int] = field(default_factory=list)
+    hashes: list[BlockHash] = field(default_factory=list)
     keys: list[BlockKey] = field(default_factory=list)
     registered: int = 0
     """Leading blocks already offered to the prefix cache."""
@@ -32,13 +37,45 @@ class _ReqState:
 
 class KVCacheManager:
     def __init__(self, windows: list[int | None], blocks_per_group: list[int], block_size: int,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, medium: str | None = None) -> None:
         self.windows = windows
         self.block_size = block_size
-        self.pools = [BlockPool(n) for n in blocks_per_group]
+        self.pools = [BlockPool(n, g, medium) for g, n in enumerate(blocks_per_group)]
         self.enable_prefix_caching = enable_prefix_caching
         self.requests: dict[str, _ReqState] = {}
         self.stats = PrefixStats()
+        self.medium = medium
+        self._events: list[KVEvent] | None = None
+
+    # -- KV events ----------------------------------------------------------------------------------------------
+
+    def record_events(self) -> None:
+        """Start keeping KV events (stores, evictions, clears) until they are taken."""
+        if self._events is None:
+            self._events = []
+            for pool in self.pools:
+                pool.events = self._events
+
+    def take_events(self) -> list[KVEvent]:
+        """The events since the last call, oldest first (empty when not recording)."""
+        events = self._events
+        if not events:
+            return []
+        taken = list(events)
+        events.clear()
+        return taken
+
+    def cached_block_hashes(self) -> set[tuple[int, int]]:
+        """`(group_idx, 64-bit hash)` of every block a request can hit now: what the events describe."""
+        return {(g, external_hash(h)) for g, pool in enumerate(self.pools) for h in pool.cached}
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached hash: running requests keep their blocks, but nothing cached so far is found again
+        (blocks they fill later are registered as usual)."""
+        for pool in self.pools:
+            pool.clear_cache()
+        if self._events is not None:
+            self._events.append(AllBlocksCleared())
 
     def block_tables(self, request_id: str) -> tuple[list[int], ...]:
         return tuple(self.requests[request_id].tables)
@@ -141,11 +178,41 @@ class KVCacheManager:
         state = self.requests[request.request_id]
         self._hashes(request, state, request.num_computed_tokens)
         full = request.num_computed_tokens // self.block_size
-        for i in range(state.registered, full):
-            for pool, table in zip(self.pools, state.tables):
-                if table[i] != NULL_BLOCK:
-                    pool.register(table[i], state.hashes[i], state.keys[i])
-        state.registered = max(state.registered, full)
+        if full <= state.registered:
+            return
+        if self._events is not None:
+            self._register_recorded(state, full)
+        else:
+            for i in range(state.registered, full):
+                for pool, table in zip(self.pools, state.tables):
+                    if table[i] != NULL_BLOCK:
+                        pool.register(table[i], state.hashes[i], state.keys[i])
+        state.registered = full
+
+    def _register_recorded(self, state: _ReqState, full: int) -> None:
+        """Register like cache_full_blocks, recording one BlockStored per group and run of newly cached blocks."""
+        events = self._events
+        assert events is not None
+        for g, (pool, table) in enumerate(zip(self.pools, state.tables)):
+            run: list[int] = []
+            for i in range(state.registered, full + 1):
+                if i < full and table[i] != NULL_BLOCK and pool.register(table[i], state.hashes[i], state.keys[i]):
+                    run.append(i)
+                    continue
+                if run:
+                    events.append(self._stored(g, state, run))
+                    run = []
+
+    def _stored(self, g: int, state: _ReqState, run: list[int]) -> BlockStored:
+        first = run[0]
+        window = self.windows[g]
+        return BlockStored(
+            block_hashes=[external_hash(state.hashes[i]) for i in run],
+            parent_block_hash=external_hash(state.hashes[first - 1]) if first > 0 else None,
+            token_ids=[t for i in run for t in state.keys[i][1]], block_size=self.block_size, lora_id=None,
+            medium=self.medium, lora_name=None, group_idx=g,
+            kv_cache_spec_kind="full_attention" if window is None else "sliding_window",
+            kv_cache_spec_sliding_window=window)
 
     def rollback(self, request: Request) -> None:
         """Give back the trailing blocks that hold no computed token: after a step that verified draft tokens,

@@ -80,3 +80,36 @@ class EngineStats(msgspec.Struct, gc=False):
     """Steps that verified drafts."""
     spec_steps_off: int = 0
     """Steps that sampled without drafts (speculation off, or nothing worth proposing)."""
+
+
+class CoreInfo(msgspec.Struct):
+    """What the front end needs to validate requests before they reach the core."""
+
+    model_path: str
+    max_model_len: int
+    vocab_size: int
+    kv_capacity_tokens: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    dtype: str
+    energy_source: str
+    meter: str
+    usd_per_hour: float
+    usd_per_kwh: float
+    quantization: str = "none"
+    """Weight formats of the linear layers (a plan label, with a quantized checkpoint's own format)."""
+    weight_bytes: int = 0
+    """Weight bytes a single-token forward reads."""
+    kernel_isa: str = "torch"
+    """The ISA level tokenfab's CPU kernels run at (tokenfab.platform.cpu_isa), or torch where none runs."""
+    kernel_isa_reason: str = ""
+    """Why that level: the best the CPU has, TOKENFAB_CPU_ISA, or why the kernels cannot run."""
+    cpu_flags: list[str] = []
+    """The CPU's vector-extension flags."""
+    batch_invariant: bool = False
+    """Whether the engine runs in batch-invariant mode (EngineConfig.batch_invariant)."""
+    block_size: int = 16
+    """Tokens per KV block (what a router hashing prompts into blocks needs)."""
+    kv_events_endpoint: str | None = None
+    """Where the core publishes KV events (the bound address), if it does."""
+    kv_events_replay_endpoint: str | None = None

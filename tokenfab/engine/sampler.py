@@ -13,11 +13,9 @@ accepted drafts plus one token drawn at the first rejected position (or after th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from tokenfab.engine.types import Request, SamplingParams, TokenLogprobs
+from tokenfab.engine.types import Request, SampleResult, SamplingParams, TokenLogprobs
 from tokenfab.kernels import cpu as kernels
 from tokenfab.spec.rejection import accept_greedy, race, verify_draft
 
@@ -31,15 +29,6 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     if logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.dim() == 2 and kernels.available():
         return kernels.argmax_rows(logits.contiguous())
     return logits.argmax(dim=-1)
-
-
-@dataclass(slots=True)
-class SampleResult:
-    token_ids: list[list[int]]
-    """Per request, the tokens it emits this step (its accepted drafts, then one sampled token)."""
-    logprobs: list[list[TokenLogprobs] | None]
-    num_accepted: list[int]
-    """Per request, how many of its drafts were accepted."""
 
 
 class Sampler:

@@ -9,22 +9,71 @@ prompt, so they share its KV blocks through the prefix cache.
 Speculative draft tokens ride on the same rule: a decoding request with k drafts needs 1 + k tokens. Drafts are
 the first thing given up: when the budget or the KV blocks run short, a request keeps fewer (or none) of them
 before anyone is preempted.
+
+After the model ran, `update` applies the step: computed tokens advance, sampled tokens are appended up to the
+first stop, blocks that became full are cached, the blocks of rejected drafts are given back and finished
+requests are freed. It ends at one hook point: every function in `hooks` gets the step's `StepUpdate` (what each
+request emitted and the KV events of the step) — where KV event publishers, tiers and transfers attach.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from tokenfab.engine.kv_cache_manager import KVCacheManager
-from tokenfab.engine.types import Request, RequestStatus, ScheduledRequest, StepPlan
+from tokenfab.engine.kv_events import KVEvent
+from tokenfab.engine.types import (Request, RequestStatus, SampleResult, ScheduledRequest, StepPlan,
+                                   TokenLogprobs)
+
+
+@dataclass(slots=True)
+class SchedulerCounters:
+    """Monotonic counters read by stats, tests and benchmarks."""
+
+    steps: int = 0
+    prompt_tokens_computed: int = 0
+    """Prompt tokens that went through the model (prefix-cache hits excluded)."""
+    tokens_computed: int = 0
+    generated_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Emitted:
+    """What one step appended to one request."""
+
+    request: Request
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] | None
+    status: RequestStatus | None
+    """How it finished in this step, if it did."""
+
+
+@dataclass(slots=True)
+class StepUpdate:
+    """One step, applied: handed to every hook."""
+
+    plan: StepPlan
+    emitted: list[Emitted]
+    kv_events: list[KVEvent]
+    """Changes to the cached blocks since the previous update (empty unless the KV manager records them)."""
+
+
+StepHook = Callable[[StepUpdate], None]
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int = 1 << 62) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.counters = SchedulerCounters()
+        self.hooks: list[StepHook] = []
         self._waiting: list[tuple[int, float, int, Request]] = []
         self._order = itertools.count()
         self.running: list[Request] = []
@@ -160,3 +209,67 @@ class Scheduler:
             heapq.heapify(self._waiting)
         self.finish(request, RequestStatus.FINISHED_ABORTED)
         return request
+
+    # -- after the model ran ------------------------------------------------------------------------------------
+
+    def update(self, plan: StepPlan, samplers: list[ScheduledRequest], result: SampleResult) -> StepUpdate:
+        """Apply one executed step (`samplers`: the scheduled requests that sampled, in `result`'s order)."""
+        c = self.counters
+        c.steps += 1
+        c.tokens_computed += plan.num_batched_tokens
+        now = time.monotonic()
+        for s in plan.scheduled:
+            request = s.request
+            c.prompt_tokens_computed += max(0, min(s.end, request.num_prompt_tokens) - s.start)
+            if request.first_scheduled is None:
+                request.first_scheduled = now
+            if not s.samples:
+                request.num_computed_tokens = s.end
+                self.kv.cache_full_blocks(request)
+        emitted = [self._append(s, tokens, logprobs, accepted)
+                   for s, tokens, logprobs, accepted in zip(samplers, result.token_ids, result.logprobs,
+                                                            result.num_accepted)]
+        update = StepUpdate(plan, emitted, self.kv.take_events())
+        for hook in self.hooks:
+            hook(update)
+        return update
+
+    def _append(self, s: ScheduledRequest, tokens: list[int], logprobs: list[TokenLogprobs] | None,
+                accepted: int) -> Emitted:
+        """Append a sampling request's tokens up to the first stop; its KV counts up to the last accepted draft."""
+        request = s.request
+        known = request.num_tokens
+        status = None
+        for n, token in enumerate(tokens, 1):
+            request.output_token_ids.append(token)
+            status = self._stop_status(request, token)
+            if status is not None:
+                tokens, logprobs = tokens[:n], None if logprobs is None else logprobs[:n]
+                break
+        self.counters.generated_tokens += len(tokens)
+        request.num_computed_tokens = min(known + accepted, request.num_tokens)
+        if s.num_spec:
+            self.kv.rollback(request)
+        self.kv.cache_full_blocks(request)
+        if status is not None:
+            self.finish(request, status)
+        return Emitted(request, tokens, logprobs, status)
+
+    def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
+        p = request.params
+        if request.num_output_tokens >= p.min_tokens:
+            if token in p.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+            if not p.ignore_eos and token in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= p.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def abort_all(self) -> list[str]:
+        """Abort every unfinished request; returns their ids."""
+        ids = list(self.requests)
+        for request_id in ids:
+            self.abort(request_id)
+        return ids

@@ -194,6 +194,15 @@ class StepPlan:
 
 
 @dataclass(slots=True)
+class SampleResult:
+    token_ids: list[list[int]]
+    """Per request, the tokens it emits this step (its accepted drafts, then one sampled token)."""
+    logprobs: list[list[TokenLogprobs] | None]
+    num_accepted: list[int]
+    """Per request, how many of its drafts were accepted."""
+
+
+@dataclass(slots=True)
 class CompletionOutput:
     """One completion's state as seen by a caller."""
 

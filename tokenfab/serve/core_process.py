@@ -16,9 +16,7 @@ import zmq
 from tokenfab.config import EngineConfig
 from tokenfab.engine.core import EngineCore
 from tokenfab.engine.messages import CoreOutput
-from tokenfab.kernels.build import kernel_path
-from tokenfab.platform import cpu_isa
-from tokenfab.serve.ipc import (Abort, AddRequests, CoreInfo, Failed, Ready, Shutdown, StepResult, encoder,
+from tokenfab.serve.ipc import (Abort, AddRequests, Failed, Ready, Shutdown, StepResult, encoder,
                                 to_core_decoder)
 
 IDLE_POLL_MS = 1000
@@ -36,7 +34,7 @@ def run_core(config: EngineConfig, input_addr: str, output_addr: str) -> None:
     outbox.connect(output_addr)
     try:
         core = EngineCore(config)
-        outbox.send(encoder.encode(Ready(_info(core))))
+        outbox.send(encoder.encode(Ready(core.info())))
         _loop(core, inbox, outbox, parent)
     except Exception:  # noqa: BLE001 - whatever killed the core, the front end must hear why
         outbox.send(encoder.encode(Failed(traceback.format_exc(limit=8))))
@@ -54,7 +52,8 @@ def _loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, parent: int) 
         while inbox.poll(timeout):
             message = to_core_decoder.decode(inbox.recv())
             if isinstance(message, Shutdown):
-                core.abort(list(core.scheduler.requests))
+                core.abort_all()
+                core.close()
                 return
             _handle(core, message, rejected)
             received, timeout = True, 0
@@ -74,17 +73,3 @@ def _handle(core: EngineCore, message: AddRequests | Abort, rejected: list[CoreO
             core.add_request(request)
         except ValueError as e:
             rejected.append(CoreOutput(request.request_id, [], finish_reason="abort", error=str(e)))
-
-
-def _info(core: EngineCore) -> CoreInfo:
-    prices = core.meter.prices
-    path = kernel_path()
-    return CoreInfo(
-        model_path=str(core.source.path), max_model_len=core.max_model_len, vocab_size=core.arch.vocab_size,
-        kv_capacity_tokens=core.kv.capacity_tokens(), max_num_seqs=core.config.max_num_seqs,
-        max_num_batched_tokens=core.config.max_num_batched_tokens, dtype=str(core.dtype).replace("torch.", ""),
-        energy_source=core.meter.energy_source, meter=core.meter.meter_name,
-        usd_per_hour=prices.usd_per_second * 3600, usd_per_kwh=prices.usd_per_kwh,
-        quantization=core.quantization_label, weight_bytes=core.model.weight_bytes_per_token(),
-        kernel_isa=path.level or "torch", kernel_isa_reason=path.reason, cpu_flags=cpu_isa.vector_flags(),
-        batch_invariant=core.config.batch_invariant)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tokenfab.engine.types import SamplingParams
 from tokenfab.serve.errors import APIError, bad_request
 from tokenfab.serve.generation import Prompt
-from tokenfab.serve.ipc import CoreInfo
+from tokenfab.engine.messages import CoreInfo
 from tokenfab.serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 from tokenfab.tokenizer import Tokenizer
 

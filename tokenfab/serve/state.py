@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from tokenfab.serve.admission import Admission
 from tokenfab.serve.engine_client import AsyncEngineClient
 from tokenfab.serve.generation import Generation
-from tokenfab.serve.ipc import CoreInfo
+from tokenfab.engine.messages import CoreInfo
 from tokenfab.serve.metrics import ServerMetrics
 from tokenfab.serve.request_log import RequestLog
 from tokenfab.serve.settings import ServerSettings
