@@ -21,7 +21,7 @@ def check_decode_steps(llm: LLM, prompts: list[list[int]]) -> None:
     batches of 1 to 4) is computed both ways: the hidden states must be identical, and the KV the model's
     forward writes again must be what the fused step wrote."""
     core = llm.engine.core
-    runner, model = core.runner, core.model
+    runner, model, cache = core.worker.runner, core.model, core.worker.cache
     fused = runner.decode_step
     assert fused is not None
     checked = []
@@ -29,9 +29,9 @@ def check_decode_steps(llm: LLM, prompts: list[list[int]]) -> None:
     def both(input_ids, positions, metadata):
         hidden = fused.forward(input_ids, positions, metadata)
         if hidden is not None:
-            k_after, v_after = [k.clone() for k in core.cache.k], [v.clone() for v in core.cache.v]
+            k_after, v_after = [k.clone() for k in cache.k], [v.clone() for v in cache.v]
             assert torch.equal(hidden, model(input_ids, positions))
-            assert all(torch.equal(a, b) for a, b in zip(k_after + v_after, core.cache.k + core.cache.v))
+            assert all(torch.equal(a, b) for a, b in zip(k_after + v_after, cache.k + cache.v))
             checked.append(input_ids.shape[0])
         return hidden
 
@@ -72,6 +72,6 @@ def test_int8_decode_steps_equal_the_model_forward(kind, tiny_model):
 def test_other_weight_formats_keep_the_forward(tiny_model):
     """fp32 weights (oneDNN) and the formats without a bound kernel keep the per-layer forward."""
     path = tiny_model("llama")
-    assert make_llm(path, "float32").engine.core.runner.decode_step is None
+    assert make_llm(path, "float32").engine.core.worker.runner.decode_step is None
     fp8 = LLM(str(path), quantization="fp8", kv_cache_memory_gb=0.02, max_model_len=1024)
-    assert fp8.engine.core.runner.decode_step is None
+    assert fp8.engine.core.worker.runner.decode_step is None

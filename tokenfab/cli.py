@@ -8,85 +8,14 @@ import time
 
 from pathlib import Path
 
-from tokenfab.config import EngineConfig, PricingConfig, SpeculativeConfig
-
-_DEFAULTS = {name: f.default for name, f in EngineConfig.__dataclass_fields__.items()}
-
-
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF directory or .gguf file (default: embedded Gemma 3 270M)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--max-model-len", type=int, default=_DEFAULTS["max_model_len"])
-    p.add_argument("--kv-cache-memory-gb", type=float, default=_DEFAULTS["kv_cache_memory_gb"])
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=_DEFAULTS["batch_invariant"],
-                   help="tokens never depend on the batch (tokenfab's CPU kernels at every batch size); "
-                        "--no-batch-invariant lets a CPU with native bf16 run torch's bf16 matmuls")
-    d = {name: f.default for name, f in SpeculativeConfig.__dataclass_fields__.items()}
-    p.add_argument("--speculative", default="none", metavar="none|ngram|mtp|draft:MODEL",
-                   help="speculative decoding: n-gram prompt lookup, the checkpoint's MTP modules, or a draft model "
-                        "with the same tokenizer (HF directory or .gguf)")
-    p.add_argument("--num-speculative-tokens", type=int, default=d["num_speculative_tokens"],
-                   help="most draft tokens per request and step")
-    p.add_argument("--spec-ngram-min", type=int, default=d["ngram_min"], help="shortest suffix n-gram looked up")
-    p.add_argument("--spec-ngram-max", type=int, default=d["ngram_max"], help="longest suffix n-gram looked up")
-    p.add_argument("--spec-adaptive", action=argparse.BooleanOptionalAction, default=d["adaptive"],
-                   help="pick 0..K drafts per request and step from measured acceptance and step cost")
-    _quantization_args(p)
-
-
-def _quantization_args(p: argparse.ArgumentParser) -> None:
-    from tokenfab.quant import WEIGHT_FORMATS
-
-    p.add_argument("--quantization", default="none", choices=list(WEIGHT_FORMATS),
-                   help="weight format of the linear layers, quantized at load from the float weights; gguf keeps "
-                        "a .gguf model's own quantized blocks (the default model's GGUF when --model is left out)")
-    p.add_argument("--quantization-exclude", action="append", default=None, metavar="GLOB",
-                   help="layer names kept unquantized, e.g. lm_head or 'layers.0.*' (repeatable; default: the "
-                        "format's measured defaults, see tokenfab.quant.plan)")
-    p.add_argument("--quantization-override", action="append", default=[], metavar="GLOB=FORMAT",
-                   help="another format for matching layers, e.g. lm_head=int8 (repeatable)")
-    p.add_argument("--quantization-method", default="rtn", choices=["rtn", "gptq"],
-                   help="rtn: round to nearest; gptq: error-compensated codes on shipped calibration text "
-                        "(int4 and nvfp4 layers; slower to load)")
-
-
-def _quantization_options(args: argparse.Namespace) -> dict:
-    exclude = tuple(args.quantization_exclude) if args.quantization_exclude is not None else None
-    return dict(quantization=args.quantization, quantization_exclude=exclude,
-                quantization_overrides=tuple(args.quantization_override),
-                quantization_method=args.quantization_method)
-
-
-def _speculative(args: argparse.Namespace) -> SpeculativeConfig:
-    return SpeculativeConfig.parse(args.speculative, num_speculative_tokens=args.num_speculative_tokens,
-                                   ngram_min=args.spec_ngram_min, ngram_max=args.spec_ngram_max,
-                                   adaptive=args.spec_adaptive)
-
+from tokenfab.config_cli import add_engine_args, add_fields, engine_config, field_values
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
     from tokenfab.serve.settings import ServerSettings
 
-    d = {name: f.default for name, f in ServerSettings.__dataclass_fields__.items()}
-    p.add_argument("--host", default=d["host"])
-    p.add_argument("--port", type=int, default=d["port"])
+    add_engine_args(p)
+    add_fields(p, ServerSettings, skip={"served_model_name"})
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: from the model)")
-    p.add_argument("--max-num-seqs", type=int, default=_DEFAULTS["max_num_seqs"])
-    p.add_argument("--max-num-batched-tokens", type=int, default=_DEFAULTS["max_num_batched_tokens"])
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                   default=_DEFAULTS["enable_prefix_caching"], help="reuse KV blocks of shared prompt prefixes")
-    p.add_argument("--max-queued-requests", type=int, default=d["max_queued_requests"],
-                   help="waiting requests admitted beyond the running ones; more get 429")
-    p.add_argument("--max-queued-tokens", type=int, default=d["max_queued_tokens"])
-    p.add_argument("--request-timeout", type=float, default=d["request_timeout"])
-    p.add_argument("--graceful-shutdown-timeout", type=float, default=d["graceful_shutdown_timeout"])
-    p.add_argument("--device-profile", default=None, help="price catalogue profile: cpu, h100, h200, a100, l4")
-    p.add_argument("--usd-per-hour", type=float, default=None, help="device price (per core for cpu)")
-    p.add_argument("--usd-per-kwh", type=float, default=None, help="electricity price")
-    p.add_argument("--idle-watts", type=float, default=None)
-    p.add_argument("--peak-watts", type=float, default=None)
-    p.add_argument("--prices-file", default=None, help="TOML/JSON with profile, prices and watts")
-    p.add_argument("--request-log", default=None, help="JSONL file: one line per request with user, tokens, cost")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -94,28 +23,28 @@ def _serve(args: argparse.Namespace) -> int:
     from tokenfab.serve.server import serve
     from tokenfab.serve.settings import ServerSettings
 
-    pricing = PricingConfig(args.device_profile, args.usd_per_hour, args.usd_per_kwh, args.idle_watts,
-                            args.peak_watts, args.prices_file)
-    engine = EngineConfig(model=args.model, dtype=args.dtype, batch_invariant=args.batch_invariant,
-                          max_model_len=args.max_model_len,
-                          kv_cache_memory_gb=args.kv_cache_memory_gb, num_threads=args.threads,
-                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          enable_prefix_caching=args.enable_prefix_caching, pricing=pricing,
-                          speculative=_speculative(args), **_quantization_options(args))
+    engine = engine_config(args)
     name = args.served_model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else "gemma-3-270m")
-    settings = ServerSettings(args.host, args.port, name, args.max_queued_requests, args.max_queued_tokens,
-                              args.request_timeout, args.graceful_shutdown_timeout, args.request_log)
+    settings = ServerSettings(served_model_name=name, **field_values(args, ServerSettings))
     return serve(engine, settings, args.log_level)
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from tokenfab import LLM, SamplingParams
+def _core(args: argparse.Namespace) -> int:
+    from tokenfab.engine.client import CoreAddresses
+    from tokenfab.engine.core_process import run_core
 
-    llm = LLM(args.model, dtype=args.dtype, batch_invariant=args.batch_invariant, max_model_len=args.max_model_len,
-              kv_cache_memory_gb=args.kv_cache_memory_gb, num_threads=args.threads, speculative=_speculative(args),
-              **_quantization_options(args))
+    addresses = CoreAddresses.parse(args.connect)
+    run_core(engine_config(args), addresses.to_core, addresses.from_core, watch_parent=False)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tokenfab import SamplingParams
+    from tokenfab.llm import LLM
+
+    llm = LLM.from_config(engine_config(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop=args.stop or [])
+                            top_k=args.top_k, stop=args.stop or [])
     prompt = args.prompt
     if args.chat:
         prompt = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
@@ -179,19 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenfab", description="LLM inference built around cost per token")
     sub = parser.add_subparsers(dest="command", required=True)
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (default: Gemma 3 270M on port 8000)")
-    _engine_args(srv)
     _serve_args(srv)
     srv.set_defaults(func=_serve)
+    core = sub.add_parser("core", help="an engine core that connects to a server started with --external-core")
+    core.add_argument("--connect", required=True, metavar="tcp://HOST:PORT",
+                      help="the server's --engine-transport address")
+    add_engine_args(core)
+    core.set_defaults(func=_core)
     gen = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout")
     gen.add_argument("prompt")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    _engine_args(gen)
+    add_engine_args(gen)
     gen.set_defaults(func=_generate)
     from tokenfab.economics.bench.cli import add_parser as add_bench
 

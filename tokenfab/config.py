@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,17 +22,33 @@ ENV_VARS = {
 class PricingConfig:
     """What a device-second and a joule cost; unset fields come from the price catalogue."""
 
-    profile: str | None = None
-    """Device profile in the catalogue (cpu, h100, ...); None picks one from the device."""
+    profile: str | None = field(default=None, metadata={"flag": "--device-profile"})
+    """Device profile in the catalogue (cpu, h100, h200, a100, l4); None picks one from the device."""
     usd_per_hour: float | None = None
+    """Device price per hour (per core for cpu)."""
     usd_per_kwh: float | None = None
+    """Electricity price."""
     idle_watts: float | None = None
+    """Device power when idle."""
     peak_watts: float | None = None
+    """Device power when fully busy."""
     prices_file: str | None = None
     """TOML or JSON file with the same keys (and extra profiles); flags win over it."""
 
 
 SPECULATIVE_METHODS = ("none", "ngram", "draft", "mtp")
+
+
+def _weight_formats() -> tuple[str, ...]:
+    from tokenfab.quant import WEIGHT_FORMATS
+
+    return tuple(WEIGHT_FORMATS)
+
+
+def _attention_backends() -> tuple[str, ...]:
+    from tokenfab.attention import BACKENDS
+
+    return tuple(BACKENDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +104,7 @@ class EngineConfig:
 
     model: str | None = None
     """HF directory or .gguf file; None serves the embedded default (Gemma 3 270M)."""
-    dtype: str = "auto"
+    dtype: str = field(default="auto", metadata={"choices": lambda: ("auto", "float32", "bfloat16", "float16")})
     """auto | float32 | bfloat16 | float16; auto picks bfloat16 where the hardware computes it fast, else float32.
     On CPU, bfloat16 means bf16 weights computed in fp32 by tokenfab's kernels (see batch_invariant)."""
     batch_invariant: bool = True
@@ -96,6 +112,7 @@ class EngineConfig:
     runs tokenfab's kernels, which sum each output in one order at every batch size and ISA level. False lets a CPU
     with native bf16 run torch's bf16 matmuls (bf16 activations; faster large batches on AMX, batch-dependent)."""
     device: str = "cpu"
+    """cpu, cuda or cuda:N."""
     max_model_len: int = 4096
     """Longest prompt + output; capped by the model's own limit."""
     block_size: int = 16
@@ -107,22 +124,26 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     """Token budget of one step (prefill chunks + decodes)."""
     enable_prefix_caching: bool = True
-    attention_backend: str = "torch"
+    """Reuse the KV blocks of earlier requests that share a prompt prefix."""
+    attention_backend: str = field(default="torch", metadata={"choices": _attention_backends})
+    """Attention implementation (tokenfab.attention)."""
     seed: int = 0
     """Seed of the engine's generator (requests without their own seed)."""
-    num_threads: int | None = None
+    num_threads: int | None = field(default=None, metadata={"flag": "--threads"})
+    """CPU threads of the model (default: TOKENFAB_NUM_THREADS, else every core)."""
     pack_weights: bool = True
     """Give linear weights to a storage format (oneDNN-packed on CPU, or `quantization`); False keeps plain
     torch weights (a reference path for tests)."""
-    quantization: str = "none"
+    quantization: str = field(default="none", metadata={"choices": _weight_formats})
     """Weight format of the linear layers (tokenfab.quant.WEIGHT_FORMATS), quantized at load from the float
     weights; none keeps the model dtype (a pre-quantized checkpoint's layers keep their own format); gguf keeps a
     .gguf model's own quantized blocks packed (model None: the default model's GGUF rather than its fp32 copy)."""
-    quantization_exclude: tuple[str, ...] | None = None
+    quantization_exclude: tuple[str, ...] | None = field(default=None, metadata={"metavar": "GLOB"})
     """Layer-name globs kept unquantized; None takes the format's measured defaults (tokenfab.quant.plan)."""
-    quantization_overrides: tuple[str, ...] = ()
+    quantization_overrides: tuple[str, ...] = field(default=(), metadata={"flag": "--quantization-override",
+                                                                          "metavar": "GLOB=FORMAT"})
     """`PATTERN=FORMAT` rules, e.g. `lm_head=int8`; checked before the exclusions."""
-    quantization_method: str = "rtn"
+    quantization_method: str = field(default="rtn", metadata={"choices": lambda: ("rtn", "gptq")})
     """rtn (round to nearest) or gptq (error-compensated on shipped calibration text; int4/nvfp4 layers)."""
     kv_events_endpoint: str | None = None
     """ZeroMQ address to publish KV cache events on (vLLM's wire format), e.g. `tcp://*:5557`; None: off."""

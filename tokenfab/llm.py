@@ -34,6 +34,14 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
         self.tokenizer = self.engine.tokenizer
 
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        """An LLM over an engine built from a complete EngineConfig (what the command line produces)."""
+        llm = cls.__new__(cls)
+        llm.engine = LLMEngine(config)
+        llm.tokenizer = llm.engine.tokenizer
+        return llm
+
     def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
                  priority: Sequence[int] | None = None) -> list[RequestOutput]:
         batch = _as_batch(prompts)

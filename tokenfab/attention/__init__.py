@@ -3,11 +3,11 @@
 from tokenfab.attention.backend import AttentionBackend
 from tokenfab.attention.torch_backend import TorchAttentionBackend
 
-_BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchAttentionBackend}
+BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchAttentionBackend}
 
 
 def get_backend(name: str) -> AttentionBackend:
     try:
-        return _BACKENDS[name]()
+        return BACKENDS[name]()
     except KeyError:
-        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(_BACKENDS)}") from None
+        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(BACKENDS)}") from None

@@ -14,20 +14,19 @@ import time
 
 import torch
 
-from tokenfab.attention import get_backend
-from tokenfab.attention.backend import KVCache, KVGroupSpec
 from tokenfab.config import EngineConfig
 from tokenfab.economics.attribution import CostMeter, RequestCost
 from tokenfab.engine.kv_cache_manager import KVCacheManager
 from tokenfab.engine.kv_sizing import plan_kv_blocks
 from tokenfab.engine.messages import CoreInfo, CoreOutput, CoreRequest, EngineStats
-from tokenfab.engine.model_runner import ModelRunner, RunOutput
+from tokenfab.engine.model_runner import RunOutput
+from tokenfab.engine.worker import Worker
 from tokenfab.engine.sampler import Sampler
 from tokenfab.engine.kv_events import MEDIUM_CPU, MEDIUM_GPU, EventBatch, KVEventPublisher
 from tokenfab.engine.scheduler import Emitted, Scheduler, StepUpdate
 from tokenfab.engine.types import Request, SampleResult, StepPlan
 from tokenfab.kernels.build import kernel_path
-from tokenfab.models.loading import ModelSource, load_model, resolve_model
+from tokenfab.models.loading import ModelSource, resolve_model
 from tokenfab.platform import cpu_isa
 from tokenfab.platform.power import select_meter
 from tokenfab.platform.prices import load_prices
@@ -45,19 +44,17 @@ class EngineCore:
         self.max_model_len = min(config.max_model_len, arch.max_position_embeddings)
         self.dtype, weight_plan = config.resolve_weights()
         device = config.torch_device
-        self.model = load_model(self.source, self.dtype, device, self.max_model_len, weight_plan)
-        groups = [KVGroupSpec(w, tuple(layers)) for w, layers in arch.window_groups.items()]
-        blocks = plan_kv_blocks(config, arch, groups, self.dtype, self.max_model_len)
-        self.cache = KVCache(groups, blocks, config.block_size, arch.num_kv_heads, arch.head_dim, self.dtype, device)
+        self.worker = Worker.load(self.source, self.dtype, weight_plan, device, self.max_model_len, config.block_size,
+                                  lambda groups: plan_kv_blocks(config, arch, groups, self.dtype, self.max_model_len),
+                                  config.attention_backend)
+        self.model = self.worker.model
         medium = MEDIUM_CPU if device.type == "cpu" else MEDIUM_GPU
-        self.kv = KVCacheManager([g.window for g in groups], blocks, config.block_size, config.enable_prefix_caching,
-                                 medium)
+        self.kv = self.worker.kv_manager(config.enable_prefix_caching, medium)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         self.kv_events = _kv_event_publisher(config, self.kv, self.scheduler)
-        backend = get_backend(config.attention_backend)
-        self.runner = ModelRunner(self.model, self.cache, backend, groups, device)
         self.sampler = Sampler(config.seed)
-        self.speculator = build_speculator(config, TargetParts(self.model, self.source, self.cache, groups, backend,
+        w = self.worker
+        self.speculator = build_speculator(config, TargetParts(w.model, self.source, w.cache, w.groups, w.backend,
                                                                self.kv, self.dtype, device, self.max_model_len))
         self.meter = _cost_meter(config)
         self._costs: dict[str, RequestCost] = {}
@@ -138,7 +135,7 @@ class EngineCore:
             self.meter.end_step({})
             self._back_to_back = False
             return []
-        run = self.runner.execute(plan, self.kv.block_tables)
+        run = self.worker.execute(plan, self.kv.block_tables)
         result = self.sampler(run.logits, [s.request for s in run.samplers], [s.spec_token_ids for s in run.samplers],
                               [s.spec_probs for s in run.samplers])
         update = self.scheduler.update(plan, run.samplers, result)

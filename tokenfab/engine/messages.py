@@ -1,7 +1,7 @@
 """Typed messages across the engine core's boundary: what goes in (requests) and what comes out (token diffs, stats).
 
 They are msgspec structs so the same objects serve the in-process engine and the engine core process (one
-serializer, `tokenfab.serve.ipc`). After a request is added, only diffs travel: each output carries the tokens
+serializer, `tokenfab.engine.ipc`). After a request is added, only diffs travel: each output carries the tokens
 sampled in that step, plus the request's running cost.
 """
 

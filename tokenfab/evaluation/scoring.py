@@ -8,8 +8,7 @@ from typing import Protocol
 
 import torch
 
-from tokenfab.attention.backend import ForwardContext, KVCache, KVGroupSpec, SeqLayout, forward_context
-from tokenfab.attention.torch_backend import TorchAttentionBackend
+from tokenfab.engine.worker import Worker
 from tokenfab.models.decoder import DecoderModel
 
 BLOCK_SIZE = 16
@@ -17,21 +16,9 @@ LOGIT_ROWS = 128
 """Positions whose full-vocabulary log-probs exist at once (128 x 262k fp32 = 134 MB for Gemma)."""
 
 
-@torch.inference_mode()
 def window_hidden(model: DecoderModel, ids: list[int]) -> torch.Tensor:
     """Final hidden states [T, hidden] of one sequence, prefilled at once from position 0."""
-    arch = model.arch
-    device = model.norm.weight.device
-    groups = [KVGroupSpec(w, tuple(layers)) for w, layers in arch.window_groups.items()]
-    blocks = -(-len(ids) // BLOCK_SIZE) + 1  # + the null block, which no table uses
-    dtype = model.norm.weight.dtype
-    cache = KVCache(groups, [blocks] * len(groups), BLOCK_SIZE, arch.num_kv_heads, arch.head_dim, dtype, device)
-    table = list(range(1, blocks))
-    layout = SeqLayout(0, len(ids), 0, tuple(table for _ in groups))
-    backend = TorchAttentionBackend()
-    metadata = backend.build_metadata([layout], groups, BLOCK_SIZE, device)
-    with forward_context(ForwardContext(backend, metadata, cache)):
-        return model(torch.tensor(ids, device=device), torch.arange(len(ids), device=device))
+    return Worker.for_sequence(model, len(ids), BLOCK_SIZE).hidden_states(ids)
 
 
 @dataclass(slots=True)

@@ -8,6 +8,7 @@ import signal
 import uvicorn
 
 from tokenfab.config import EngineConfig
+from tokenfab.engine.client import make_engine_client
 from tokenfab.models.loading import load_tokenizer, resolve_model
 from tokenfab.serve.app import build_app
 from tokenfab.serve.engine_client import AsyncEngineClient
@@ -42,7 +43,8 @@ def build_state(engine: EngineConfig, settings: ServerSettings) -> ServerState:
     tokenizer = load_tokenizer(source)
     # Both lambdas look the other object up when called, after both exist.
     metrics = ServerMetrics(settings.served_model_name, lambda: client.stats)
-    client = AsyncEngineClient(engine, tokenizer, on_step=lambda result, _: metrics.observe_stats(result.stats))
+    core = make_engine_client(engine, settings.engine_transport, spawn=not settings.external_core)
+    client = AsyncEngineClient(core, tokenizer, on_step=lambda result, _: metrics.observe_stats(result.stats))
     return ServerState(settings, tokenizer, client, metrics)
 
 

@@ -21,6 +21,11 @@ class ServerSettings:
     """After SIGTERM, how long in-flight requests may take to finish before they are aborted."""
     request_log: str | None = None
     """JSONL file: one line per finished request with its user, tokens, latency and cost."""
+    engine_transport: str = "ipc"
+    """How the server reaches its engine core: ipc, tcp (loopback), tcp://HOST:PORT (binds PORT and PORT+1 on
+    HOST), or inproc (the core on a thread of the server's process)."""
+    external_core: bool = False
+    """Wait for a core started elsewhere (`tokenfab core --connect tcp://HOST:PORT`) instead of spawning one."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -30,6 +35,8 @@ class ServerSettings:
             (self.request_timeout > 0, "request_timeout must be > 0"),
             (self.graceful_shutdown_timeout >= 0, "graceful_shutdown_timeout must be >= 0"),
             (bool(self.served_model_name), "served_model_name must not be empty"),
+            (not self.external_core or self.engine_transport.startswith("tcp://"),
+             "external_core needs engine_transport tcp://HOST:PORT"),
         ]
         for ok, message in checks:
             if not ok:

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenfab.attention.backend import KVCache, KVGroupSpec
+from tokenfab.attention.backend import KVGroupSpec
 from tokenfab.config import EngineConfig
 from tokenfab.engine.kv_cache_manager import KVCacheManager
 from tokenfab.engine.kv_sizing import sliding_cap
 from tokenfab.engine.model_runner import ModelRunner
 from tokenfab.engine.types import Request, ScheduledRequest, StepPlan
-from tokenfab.models.arch import ArchConfig
-from tokenfab.models.loading import load_model, resolve_model
+from tokenfab.engine.worker import Worker
+from tokenfab.models.loading import resolve_model
 from tokenfab.spec.proposer import Proposal, Proposer, StepView
 from tokenfab.spec.rejection import race
 
@@ -49,15 +49,11 @@ class DraftModelProposer(Proposer):
     @classmethod
     def build(cls, config: EngineConfig, target) -> DraftModelProposer:
         source = resolve_model(config.speculative.draft_model)
-        arch = source.arch
-        max_len = min(target.max_model_len, arch.max_position_embeddings)
-        model = load_model(source, target.dtype, target.device, max_len, config.resolve_weights()[1])
-        groups = [KVGroupSpec(w, tuple(layers)) for w, layers in arch.window_groups.items()]
-        blocks = _draft_blocks(config, arch, groups, target.kv)
-        cache = KVCache(groups, blocks, config.block_size, arch.num_kv_heads, arch.head_dim, target.dtype,
-                        target.device)
-        kv = KVCacheManager([g.window for g in groups], blocks, config.block_size, config.enable_prefix_caching)
-        return cls(ModelRunner(model, cache, target.backend, groups, target.device), kv, max_len, config.seed)
+        max_len = min(target.max_model_len, source.arch.max_position_embeddings)
+        worker = Worker.load(source, target.dtype, config.resolve_weights()[1], target.device, max_len,
+                             config.block_size, lambda groups: _draft_blocks(config, groups, target.kv),
+                             target.backend)
+        return cls(worker.runner, worker.kv_manager(config.enable_prefix_caching), max_len, config.seed)
 
     def rounds(self, k: int) -> int:
         return k
@@ -134,8 +130,7 @@ class DraftModelProposer(Proposer):
         shadow.synced = request.num_tokens
 
 
-def _draft_blocks(config: EngineConfig, arch: ArchConfig, groups: list[KVGroupSpec], target_kv: KVCacheManager
-                  ) -> list[int]:
+def _draft_blocks(config: EngineConfig, groups: list[KVGroupSpec], target_kv: KVCacheManager) -> list[int]:
     """As many tokens of KV as the target holds, plus room for every sequence's drafts."""
     full = max((p.num_blocks for p, w in zip(target_kv.pools, target_kv.windows) if w is None),
                default=max(p.num_blocks for p in target_kv.pools))

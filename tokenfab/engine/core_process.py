@@ -1,0 +1,89 @@
+"""The engine core's service loop: receive requests and aborts, step while there is work, send diffs back.
+
+`serve_core` is the loop, over any inbox/outbox pair: ZeroMQ sockets in a core process (`run_core`, which a front
+end spawns or which `tokenfab core --connect` starts on another host), or queues for a core on a thread of the
+front end's own process. It runs the model and nothing else, so parsing, tokenizing and detokenizing never
+compete with it for the GIL. When idle it blocks on its inbox; a spawned core exits when its parent dies.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import traceback
+from collections.abc import Callable
+
+import zmq
+
+from tokenfab.config import EngineConfig
+from tokenfab.engine.core import EngineCore
+from tokenfab.engine.ipc import (Abort, AddRequests, Failed, FromCore, Ready, Shutdown, StepResult, ToCore, encoder,
+                                 to_core_decoder)
+from tokenfab.engine.messages import CoreOutput
+
+IDLE_POLL_MS = 1000
+"""How often an idle core checks that it should go on (its parent is alive, it was not stopped)."""
+
+Receive = Callable[[int], ToCore | None]
+"""Wait up to the given milliseconds for the next message; None when none came."""
+Send = Callable[[FromCore], None]
+
+
+def serve_core(core: EngineCore, receive: Receive, send: Send, keep_going: Callable[[], bool]) -> None:
+    """Run until Shutdown (or until keep_going() says stop while idle)."""
+    while True:
+        rejected: list[CoreOutput] = []
+        timeout = 0 if core.has_unfinished() else IDLE_POLL_MS
+        received = False
+        while (message := receive(timeout)) is not None:
+            if isinstance(message, Shutdown):
+                core.abort_all()
+                core.close()
+                return
+            _handle(core, message, rejected)
+            received, timeout = True, 0
+        if not received and not core.has_unfinished() and not keep_going():
+            core.close()
+            return
+        outputs = core.step() if core.has_unfinished() else []
+        if outputs or rejected or received:
+            send(StepResult(rejected + outputs, core.stats()))
+
+
+def _handle(core: EngineCore, message: AddRequests | Abort, rejected: list[CoreOutput]) -> None:
+    if isinstance(message, Abort):
+        core.abort(message.request_ids)
+        return
+    for request in message.requests:
+        try:
+            core.add_request(request)
+        except ValueError as e:
+            rejected.append(CoreOutput(request.request_id, [], finish_reason="abort", error=str(e)))
+
+
+def run_core(config: EngineConfig, input_addr: str, output_addr: str, watch_parent: bool = True) -> None:
+    """Process entry point: connect to a front end's two sockets, load the model, serve until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the front end shuts us down
+    parent = os.getppid()
+    ctx = zmq.Context()
+    inbox = ctx.socket(zmq.PULL)
+    inbox.connect(input_addr)
+    outbox = ctx.socket(zmq.PUSH)
+    outbox.connect(output_addr)
+
+    def receive(timeout_ms: int) -> ToCore | None:
+        return to_core_decoder.decode(inbox.recv()) if inbox.poll(timeout_ms) else None
+
+    def send(message: FromCore) -> None:
+        outbox.send(encoder.encode(message))
+
+    try:
+        core = EngineCore(config)
+        send(Ready(core.info()))
+        serve_core(core, receive, send, lambda: not watch_parent or os.getppid() == parent)
+    except Exception:  # noqa: BLE001 - whatever killed the core, the front end must hear why
+        send(Failed(traceback.format_exc(limit=8)))
+    finally:
+        outbox.close(linger=1000)
+        inbox.close(linger=0)
+        ctx.term()
