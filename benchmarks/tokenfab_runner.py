@@ -74,7 +74,7 @@ def main() -> None:
         "torch": torch.__version__, "threads": args.threads, "notes": note,
         "weight_bytes": engine.model.weight_bytes_per_token(), "flops_per_token": engine.arch.flops_per_token(),
         "lm_head_flops_per_token": 2 * engine.arch.vocab_size * engine.arch.hidden_size,
-        "steps": engine.stats().steps, "quantization": engine.quantization_label, "weights": weights,
+        "steps": engine.stats().scheduler.steps, "quantization": engine.quantization_label, "weights": weights,
         "batch_invariant": engine.config.batch_invariant, **kernel_path().as_dict(),
     })
 

@@ -77,11 +77,11 @@ def test_prefix_cache_computes_only_the_suffix(tiny_model):
     prefix = random_prompts([512], seed=6)[0]
     a, b = random_prompts([20, 21], seed=7)
     first = llm.generate([prefix + a], GREEDY)[0]
-    before = llm.engine.core.stats().prompt_tokens_computed
+    before = llm.engine.core.stats().scheduler.prompt_tokens_computed
     second = llm.generate([prefix + b], GREEDY)[0]
     assert first.num_cached_tokens == 0
     assert second.num_cached_tokens == 512
-    assert llm.engine.core.stats().prompt_tokens_computed - before == len(b)
+    assert llm.engine.core.stats().scheduler.prompt_tokens_computed - before == len(b)
     uncached = make_llm(tiny_model("llama"), enable_prefix_caching=False)
     assert second.outputs[0].token_ids == uncached.generate([prefix + b], GREEDY)[0].outputs[0].token_ids
 
@@ -105,7 +105,7 @@ def test_n_siblings_share_the_prompt_blocks(tiny_model):
     assert out.outputs[0].token_ids == out.outputs[1].token_ids == out.outputs[2].token_ids
     children = llm.engine.outputs
     assert not children.groups  # finished groups are dropped
-    computed = llm.engine.core.stats().prompt_tokens_computed
+    computed = llm.engine.core.stats().scheduler.prompt_tokens_computed
     assert computed == 70 + 2 * (70 - 64)  # siblings recompute only the partial last block
     sampled = llm.generate([prompt], SamplingParams(n=2, max_tokens=12, temperature=1.0, seed=3, ignore_eos=True))[0]
     again = llm.generate([prompt], SamplingParams(n=2, max_tokens=12, temperature=1.0, seed=3, ignore_eos=True))[0]

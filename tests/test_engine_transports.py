@@ -86,7 +86,7 @@ def test_in_process_client_streams_results_and_stats(model_path, expected):
                 tokens += out.new_token_ids
             if any(out.finish_reason for out in result.outputs):
                 break
-        assert client.stats is not None and client.stats.generated_tokens == 10
+        assert client.stats is not None and client.stats.scheduler.generated_tokens == 10
         await client.shutdown()
         assert not client.alive
         return tokens

@@ -55,7 +55,7 @@ def test_greedy_equals_transformers_in_one_chunked_batch(llm, reference):
     outs = llm.generate(ids, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
     for prompt_ids, out in zip(ids, outs):
         assert out.outputs[0].token_ids == hf_greedy(reference, prompt_ids, NEW_TOKENS), llm.tokenizer.decode(prompt_ids)
-    assert llm.engine.core.stats().steps > NEW_TOKENS  # the long prompt was prefilled in several 256-token chunks
+    assert llm.engine.core.stats().scheduler.steps > NEW_TOKENS  # the long prompt was prefilled in several 256-token chunks
 
 
 def test_logits_agree_with_transformers(llm, reference):

@@ -201,8 +201,10 @@ def test_replay_recovers_dropped_batches_and_the_cache_saw_evictions(events_llm)
     try:
         sub.catch_up()
         evictions = sum(p.evictions for p in core.kv.pools)
-        prompts = random_prompts([120, 130, 140, 150, 160, 170], seed=21)
-        events_llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        capacity = core.kv.capacity_tokens()
+        for seed in (21, 22, 23):  # each round alone fills most of the cache, so later rounds evict earlier blocks
+            prompts = random_prompts([capacity // 3] * 2, seed=seed)
+            events_llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
         core.kv_events.flush()
         sub.poll(200, drop=lambda seq: seq % 2 == 0)
         sub.catch_up()

@@ -97,10 +97,12 @@ def test_the_meter_sends_sampling_fields_and_reads_the_spec_counters(server, mod
 
 
 def test_the_ladder_has_a_speculation_rung_with_valid_flags():
-    from tokenfab.cli import _speculative, build_parser
+    from tokenfab.cli import build_parser
+    from tokenfab.config_cli import engine_config
     from tokenfab.economics.bench.ladder import rungs
 
     rung = rungs((1, 4))[-1]
     assert "speculative" in rung.name
     args = build_parser().parse_args(["serve", *rung.flags])
-    assert _speculative(args).method == "ngram" and args.enable_prefix_caching
+    config = engine_config(args)
+    assert config.speculative.method == "ngram" and config.enable_prefix_caching

@@ -75,11 +75,11 @@ def test_greedy_is_identical_with_every_proposer(kind, method, models):
     assert alone == expected[:2]
     assert batched == expected
     stats = llm.engine.core.stats()
-    assert stats.spec_proposed_tokens > 0 and stats.spec_steps_on > 0
+    assert stats.spec.proposed_tokens > 0 and stats.spec.steps_on > 0
     if method in ("draft-self", "mtp"):
-        assert stats.spec_accepted_tokens > 0
+        assert stats.spec.accepted_tokens > 0
     if method == "draft-self":  # the target drafting for itself is always right
-        assert stats.spec_accepted_tokens == stats.spec_proposed_tokens
+        assert stats.spec.accepted_tokens == stats.spec.proposed_tokens
     assert_clean(llm)
 
 
@@ -108,7 +108,7 @@ def test_stops_inside_an_accepted_run_end_the_request_there(method, models):
         want, got = base.generate([prompt], params)[0].outputs[0], llm.generate([prompt], params)[0].outputs[0]
         assert (got.token_ids, got.text, got.finish_reason, got.stop_reason) == \
             (want.token_ids, want.text, want.finish_reason, want.stop_reason), params
-    assert llm.engine.core.stats().spec_accepted_tokens > 0
+    assert llm.engine.core.stats().spec.accepted_tokens > 0
     assert_clean(llm)
 
 
@@ -149,7 +149,7 @@ def test_penalties_apply_per_position_of_the_draft_run(models):
     llm = make_llm(target, spec_config("draft-self", target, draft))
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
     stats = llm.engine.core.stats()
-    assert stats.spec_accepted_tokens > 0  # drafts were accepted while penalties changed each position
+    assert stats.spec.accepted_tokens > 0  # drafts were accepted while penalties changed each position
 
 
 def test_seeded_sampling_n_siblings_are_identical_with_speculation(models):
@@ -164,9 +164,9 @@ def test_seeded_sampling_n_siblings_are_identical_with_speculation(models):
         for a, b in zip(want, got):
             assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs], method
         # Sampled text of a random model rarely repeats itself, so lookup finds little and copying drafts miss.
-        assert llm.engine.core.stats().spec_proposed_tokens > 0 or method == "ngram"
+        assert llm.engine.core.stats().spec.proposed_tokens > 0 or method == "ngram"
         if method == "draft-self":
-            assert llm.engine.core.stats().spec_accepted_tokens > 0, method
+            assert llm.engine.core.stats().spec.accepted_tokens > 0, method
         assert_clean(llm)
 
 
@@ -179,7 +179,7 @@ def test_preemption_with_speculation_keeps_outputs_exact(models):
     llm = make_llm(target, spec_config("draft-self", target, draft), kv_cache_memory_gb=0.0001, max_model_len=128)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
     assert llm.engine.core.scheduler.num_preemptions > 0
-    assert llm.engine.core.stats().spec_accepted_tokens > 0
+    assert llm.engine.core.stats().spec.accepted_tokens > 0
     assert_clean(llm)
     assert llm.engine.core.speculator.proposer._shadows == {}
 
@@ -191,12 +191,12 @@ def test_cost_is_split_over_processed_tokens_and_adds_up(models):
     outs = llm.generate(copy_prompts(), GREEDY)
     core = llm.engine.core
     stats = core.stats()
-    assert stats.generated_tokens == sum(len(o.outputs[0].token_ids) for o in outs)
-    assert stats.steps < stats.generated_tokens  # several tokens per step
+    assert stats.scheduler.generated_tokens == sum(len(o.outputs[0].token_ids) for o in outs)
+    assert stats.scheduler.steps < stats.scheduler.generated_tokens  # several tokens per step
     assert math.isclose(sum(o.cost.usd for o in outs), core.meter.usd, rel_tol=1e-9)
     assert math.isclose(sum(o.cost.device_seconds for o in outs), core.meter.busy_seconds, rel_tol=1e-9)
-    assert core.meter.tokens == stats.tokens_computed  # drafts under verification are billed as processed
-    assert 0 < stats.spec_draft_seconds < stats.busy_seconds
+    assert core.meter.tokens == stats.scheduler.tokens_computed  # drafts under verification are billed as processed
+    assert 0 < stats.spec.draft_seconds < stats.cost.busy_seconds
 
 
 def test_speculative_options_are_validated(models):

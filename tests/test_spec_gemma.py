@@ -36,8 +36,8 @@ def test_ngram_greedy_equals_plain_decoding(expected):
     assert [o.outputs[0].token_ids for o in llm.generate(COPY, GREEDY)] == expected
     assert llm.generate(COPY[0], GREEDY)[0].outputs[0].token_ids == expected[0]  # alone: pure decode with drafts
     stats = llm.engine.core.stats()
-    assert stats.spec_accepted_tokens > 0.7 * stats.spec_proposed_tokens > 0
-    assert stats.spec_accepted_tokens > NEW  # copying: most of the code was accepted from drafts
+    assert stats.spec.accepted_tokens > 0.7 * stats.spec.proposed_tokens > 0
+    assert stats.spec.accepted_tokens > NEW  # copying: most of the code was accepted from drafts
     llm.engine.core.kv.check_integrity()
 
 
@@ -47,6 +47,6 @@ def test_draft_model_greedy_equals_plain_decoding(expected):
     short = [COPY[0], COPY[2]]
     assert [o.outputs[0].token_ids for o in llm.generate(short, GREEDY)] == [expected[0], expected[2]]
     stats = llm.engine.core.stats()
-    assert stats.spec_accepted_tokens == stats.spec_proposed_tokens > NEW
+    assert stats.spec.accepted_tokens == stats.spec.proposed_tokens > NEW
     llm.engine.core.kv.check_integrity()
     llm.engine.core.speculator.proposer.kv.check_integrity()

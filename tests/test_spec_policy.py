@@ -140,11 +140,11 @@ def test_engine_turns_speculation_off_when_drafts_miss_and_keeps_it_when_they_hi
     fixed, want = run(target, {"method": "draft", "draft_model": str(draft), "adaptive": False}, prompts, params)
     adaptive, got = run(target, {"method": "draft", "draft_model": str(draft)}, prompts, params)
     assert got == want
-    assert fixed.spec_accepted_tokens < 0.1 * fixed.spec_proposed_tokens  # an unrelated random draft
-    assert adaptive.spec_steps_off > 3 * adaptive.spec_steps_on
-    assert adaptive.spec_proposed_tokens < 0.25 * fixed.spec_proposed_tokens
-    assert adaptive.spec_steps_on > 0  # it tried, and re-probes now and then
+    assert fixed.spec.accepted_tokens < 0.1 * fixed.spec.proposed_tokens  # an unrelated random draft
+    assert adaptive.spec.steps_off > 3 * adaptive.spec.steps_on
+    assert adaptive.spec.proposed_tokens < 0.25 * fixed.spec.proposed_tokens
+    assert adaptive.spec.steps_on > 0  # it tried, and re-probes now and then
     rep = random_prompts([11], seed=21)[0] * 4  # greedy continues the repetition: lookup drafts hit
     hits, _ = run(target, "ngram", [rep], params)
-    assert hits.spec_steps_on > hits.spec_steps_off
-    assert hits.spec_accepted_tokens > 0.6 * hits.spec_proposed_tokens
+    assert hits.spec.steps_on > hits.spec.steps_off
+    assert hits.spec.accepted_tokens > 0.6 * hits.spec.proposed_tokens

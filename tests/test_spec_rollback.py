@@ -140,4 +140,4 @@ def test_randomized_speculation_keeps_the_kv_cache_consistent(model, base, workl
                 assert completion.token_ids == truth[tuple(prompts[i])][: s.max_tokens]
     core.kv.check_integrity()
     assert core.kv.num_free_blocks() == [p.num_blocks - 1 for p in core.kv.pools]
-    assert core.stats().spec_proposed_tokens >= core.stats().spec_accepted_tokens
+    assert core.stats().spec.proposed_tokens >= core.stats().spec.accepted_tokens

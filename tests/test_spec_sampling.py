@@ -130,7 +130,7 @@ def sample_continuations(path, speculative, prompt, n: int) -> Counter:
     params = SamplingParams(max_tokens=4, temperature=1.0, top_k=TOP_K, ignore_eos=True)
     outs = llm.generate([prompt] * n, params)
     stats = llm.engine.core.stats()
-    assert stats.spec_proposed_tokens > n // 2
+    assert stats.spec.proposed_tokens > n // 2
     llm.engine.core.kv.check_integrity()
     return Counter(tuple(o.outputs[0].token_ids[1:3]) for o in outs)
 

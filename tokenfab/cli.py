@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-
 from pathlib import Path
 
 from tokenfab.config_cli import add_engine_args, add_fields, engine_config, field_values
+
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
     from tokenfab.serve.settings import ServerSettings
@@ -24,7 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
     from tokenfab.serve.settings import ServerSettings
 
     engine = engine_config(args)
-    name = args.served_model_name or (Path(args.model).name.removesuffix(".gguf") if args.model else "gemma-3-270m")
+    name = args.served_model_name or (Path(engine.model).name.removesuffix(".gguf") if engine.model else "gemma-3-270m")
     settings = ServerSettings(served_model_name=name, **field_values(args, ServerSettings))
     return serve(engine, settings, args.log_level)
 
@@ -43,8 +43,13 @@ def _generate(args: argparse.Namespace) -> int:
     from tokenfab.llm import LLM
 
     llm = LLM.from_config(engine_config(args))
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, stop=args.stop or [])
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        stop=args.stop or [],
+    )
     prompt = args.prompt
     if args.chat:
         prompt = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
@@ -62,11 +67,15 @@ def _generate(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     stats = llm.engine.core.stats()
     spec = ""
-    if stats.spec_verified_seqs:
-        spec = (f", {stats.spec_method} drafts: {stats.spec_accepted_tokens}/{stats.spec_proposed_tokens} accepted, "
-                f"mean acceptance length {1 + stats.spec_accepted_tokens / stats.spec_verified_seqs:.2f}")
-    print(f"[{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tok/s, finish: {final.outputs[0].finish_reason}{spec}]",
-          file=sys.stderr)
+    if stats.spec.verified_seqs:
+        spec = (
+            f", {stats.spec.method} drafts: {stats.spec.accepted_tokens}/{stats.spec.proposed_tokens} accepted, "
+            f"mean acceptance length {1 + stats.spec.accepted_tokens / stats.spec.verified_seqs:.2f}"
+        )
+    print(
+        f"[{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tok/s, finish: {final.outputs[0].finish_reason}{spec}]",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -82,8 +91,14 @@ def _quantize(args: argparse.Namespace) -> int:
     from tokenfab.quant.export import quantize_checkpoint
 
     exclude = tuple(args.quantization_exclude) if args.quantization_exclude is not None else None
-    out = quantize_checkpoint(None if args.model == "default" else args.model, args.out_dir, args.format,
-                              exclude, tuple(args.quantization_override), args.dtype)
+    out = quantize_checkpoint(
+        None if args.model == "default" else args.model,
+        args.out_dir,
+        args.format,
+        exclude,
+        tuple(args.quantization_override),
+        args.dtype,
+    )
     print(out)
     return 0
 
@@ -95,12 +110,26 @@ def _add_quantize(sub) -> None:
     q.add_argument("model", help="HF directory or .gguf file, or 'default' for the embedded Gemma 3 270M")
     q.add_argument("out_dir")
     q.add_argument("--format", required=True, choices=list(QUANTIZED_FORMATS))
-    q.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
-                   help="dtype of the float tensors, and of the weights before quantization")
-    q.add_argument("--quantization-exclude", action="append", default=None, metavar="GLOB",
-                   help="layer names kept in float (repeatable; default: lm_head)")
-    q.add_argument("--quantization-override", action="append", default=[], metavar="GLOB=FORMAT",
-                   help="another format for matching layers (written in tokenfab's layout)")
+    q.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32", "float16"],
+        help="dtype of the float tensors, and of the weights before quantization",
+    )
+    q.add_argument(
+        "--quantization-exclude",
+        action="append",
+        default=None,
+        metavar="GLOB",
+        help="layer names kept in float (repeatable; default: lm_head)",
+    )
+    q.add_argument(
+        "--quantization-override",
+        action="append",
+        default=[],
+        metavar="GLOB=FORMAT",
+        help="another format for matching layers (written in tokenfab's layout)",
+    )
     q.set_defaults(func=_quantize)
 
 
@@ -111,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_args(srv)
     srv.set_defaults(func=_serve)
     core = sub.add_parser("core", help="an engine core that connects to a server started with --external-core")
-    core.add_argument("--connect", required=True, metavar="tcp://HOST:PORT",
-                      help="the server's --engine-transport address")
+    core.add_argument(
+        "--connect", required=True, metavar="tcp://HOST:PORT", help="the server's --engine-transport address"
+    )
     add_engine_args(core)
     core.set_defaults(func=_core)
     gen = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout")

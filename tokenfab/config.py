@@ -71,10 +71,14 @@ class SpeculativeConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.method in SPECULATIVE_METHODS, f"unknown speculative method {self.method!r}; choose one of "
-                                                 f"{', '.join(SPECULATIVE_METHODS)}"),
-            ((self.method == "draft") == (self.draft_model is not None),
-             "a draft model is given with method draft, and only then (draft:<model>)"),
+            (
+                self.method in SPECULATIVE_METHODS,
+                f"unknown speculative method {self.method!r}; choose one of {', '.join(SPECULATIVE_METHODS)}",
+            ),
+            (
+                (self.method == "draft") == (self.draft_model is not None),
+                "a draft model is given with method draft, and only then (draft:<model>)",
+            ),
             (1 <= self.num_speculative_tokens <= 16, "num_speculative_tokens must be in 1..16"),
             (1 <= self.ngram_min <= self.ngram_max <= 32, "need 1 <= ngram_min <= ngram_max <= 32"),
         ]
@@ -140,8 +144,9 @@ class EngineConfig:
     .gguf model's own quantized blocks packed (model None: the default model's GGUF rather than its fp32 copy)."""
     quantization_exclude: tuple[str, ...] | None = field(default=None, metadata={"metavar": "GLOB"})
     """Layer-name globs kept unquantized; None takes the format's measured defaults (tokenfab.quant.plan)."""
-    quantization_overrides: tuple[str, ...] = field(default=(), metadata={"flag": "--quantization-override",
-                                                                          "metavar": "GLOB=FORMAT"})
+    quantization_overrides: tuple[str, ...] = field(
+        default=(), metadata={"flag": "--quantization-override", "metavar": "GLOB=FORMAT"}
+    )
     """`PATTERN=FORMAT` rules, e.g. `lm_head=int8`; checked before the exclusions."""
     quantization_method: str = field(default="rtn", metadata={"choices": lambda: ("rtn", "gptq")})
     """rtn (round to nearest) or gptq (error-compensated on shipped calibration text; int4/nvfp4 layers)."""
@@ -156,8 +161,10 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.kv_events_replay_endpoint is None or self.kv_events_endpoint is not None,
-             "kv_events_replay_endpoint needs kv_events_endpoint"),
+            (
+                self.kv_events_replay_endpoint is None or self.kv_events_endpoint is not None,
+                "kv_events_replay_endpoint needs kv_events_endpoint",
+            ),
             (isinstance(self.speculative, SpeculativeConfig), "speculative must be a SpeculativeConfig"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}"),
             (self.block_size in (8, 16, 32, 64, 128), "block_size must be one of 8, 16, 32, 64, 128"),
@@ -180,8 +187,9 @@ class EngineConfig:
     @property
     def quant_plan(self) -> QuantPlan:
         """The weight format of every linear layer."""
-        return build_plan(self.quantization, self.quantization_exclude, self.quantization_overrides,
-                          self.quantization_method)
+        return build_plan(
+            self.quantization, self.quantization_exclude, self.quantization_overrides, self.quantization_method
+        )
 
     @property
     def torch_device(self) -> torch.device:
@@ -209,6 +217,7 @@ class EngineConfig:
             return dtype, None
         plan = self.quant_plan
         if dtype == torch.bfloat16 and self.torch_device.type == "cpu" and self._cpu_bf16_on_kernels():
+
             def bf16(fmt: str) -> str:
                 return "bf16" if fmt == "none" else fmt
 

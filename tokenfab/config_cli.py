@@ -18,8 +18,12 @@ from typing import Any
 
 from tokenfab.config import EngineConfig, PricingConfig, SpeculativeConfig
 
-_SPEC_FLAGS = {"num_speculative_tokens": "--num-speculative-tokens", "ngram_min": "--spec-ngram-min",
-               "ngram_max": "--spec-ngram-max", "adaptive": "--spec-adaptive"}
+_SPEC_FLAGS = {
+    "num_speculative_tokens": "--num-speculative-tokens",
+    "ngram_min": "--spec-ngram-min",
+    "ngram_max": "--spec-ngram-max",
+    "adaptive": "--spec-adaptive",
+}
 
 
 @cache
@@ -29,8 +33,13 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
     for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
             docs[node.target.id] = " ".join(after.value.value.split())
     return docs
 
@@ -45,8 +54,11 @@ def add_fields(p: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
         if f.name in skip or dataclasses.is_dataclass(f.default):
             continue
         kind = str(f.type)
-        options: dict[str, Any] = {"dest": f"{cls.__name__}.{f.name}", "default": f.default,
-                                   "help": docs.get(f.name, "")}
+        options: dict[str, Any] = {
+            "dest": f"{cls.__name__}.{f.name}",
+            "default": f.default,
+            "help": docs.get(f.name, ""),
+        }
         if "choices" in f.metadata:
             options["choices"] = list(f.metadata["choices"]())
         if kind == "bool":
@@ -66,9 +78,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     add_fields(p, EngineConfig, set())
     add_fields(p, PricingConfig, set())
     docs = field_docs(SpeculativeConfig)
-    p.add_argument("--speculative", default="none", metavar="none|ngram|mtp|draft:MODEL",
-                   help="speculative decoding: n-gram prompt lookup, the checkpoint's MTP modules, or a draft model "
-                        "with the same tokenizer (HF directory or .gguf)")
+    p.add_argument(
+        "--speculative",
+        default="none",
+        metavar="none|ngram|mtp|draft:MODEL",
+        help="speculative decoding: n-gram prompt lookup, the checkpoint's MTP modules, or a draft model "
+        "with the same tokenizer (HF directory or .gguf)",
+    )
     defaults = SpeculativeConfig()
     for name, flag in _SPEC_FLAGS.items():
         value = getattr(defaults, name)

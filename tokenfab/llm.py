@@ -42,16 +42,23 @@ class LLM:
         llm.tokenizer = llm.engine.tokenizer
         return llm
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
         batch = _as_batch(prompts)
         plist = _params_list(params, len(batch))
-        ids = [self.engine.add_request(p, sp, priority=priority[i] if priority else 0)
-               for i, (p, sp) in enumerate(zip(batch, plist))]
+        ids = [
+            self.engine.add_request(p, sp, priority=priority[i] if priority else 0)
+            for i, (p, sp) in enumerate(zip(batch, plist))
+        ]
         return self._run(ids)
 
-    def chat(self, messages: Messages | Sequence[Messages],
-             params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+    def chat(
+        self, messages: Messages | Sequence[Messages], params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [self.tokenizer.encode_chat(c) for c in conversations]
         return self.generate(prompts, params)

@@ -117,8 +117,9 @@ def load_gguf_tokenizer(path: Path, model_type: str) -> Tokenizer:
     eos = info.get("eos_token_id")
     eos_ids = tuple([eos] if isinstance(eos, int) else (eos or []))
     template = info.get("chat_template") or default_chat_template(model_type)
-    special = SpecialTokens(info.get("bos_token_id"), eos_ids, info.get("pad_token_id"),
-                            bool(info.get("add_bos_token", False)), template)
+    special = SpecialTokens(
+        info.get("bos_token_id"), eos_ids, info.get("pad_token_id"), bool(info.get("add_bos_token", False)), template
+    )
     return Tokenizer(inner, special)
 
 

@@ -40,8 +40,16 @@ class KVGroupSpec:
 class KVCache:
     """Per-group K and V tensors: [layers_in_group, num_blocks * block_size, kv_heads, head_dim]."""
 
-    def __init__(self, groups: list[KVGroupSpec], blocks_per_group: list[int], block_size: int,
-                 kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        groups: list[KVGroupSpec],
+        blocks_per_group: list[int],
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         self.groups = groups
         self.block_size = block_size
         self.blocks_per_group = blocks_per_group
@@ -81,18 +89,27 @@ class AttentionBackend(abc.ABC):
     """Computes attention over a flat batch of mixed prefill and decode tokens against the paged KV cache."""
 
     @abc.abstractmethod
-    def build_metadata(self, seqs: list[SeqLayout], groups: list[KVGroupSpec], block_size: int,
-                       device: torch.device) -> Any:
+    def build_metadata(
+        self, seqs: list[SeqLayout], groups: list[KVGroupSpec], block_size: int, device: torch.device
+    ) -> Any:
         """Everything the layers need for one step, computed once and shared by all layers."""
 
     @abc.abstractmethod
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                metadata: Any, cache: KVCache) -> torch.Tensor:
+    def forward(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, metadata: Any, cache: KVCache
+    ) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, KVH, D] of this step's tokens. Writes k, v to the cache; returns [T, H, D]."""
 
-    def forward_qkv(self, layer: int, qkv: torch.Tensor, layout: HeadLayout,
-                    qk_norms: tuple[torch.Tensor, torch.Tensor] | None, rope: tuple[torch.Tensor, torch.Tensor],
-                    metadata: Any, cache: KVCache) -> torch.Tensor | None:
+    def forward_qkv(
+        self,
+        layer: int,
+        qkv: torch.Tensor,
+        layout: HeadLayout,
+        qk_norms: tuple[torch.Tensor, torch.Tensor] | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        metadata: Any,
+        cache: KVCache,
+    ) -> torch.Tensor | None:
         """All of attention from the fused projection qkv [T, (H + 2 KVH) * D]: q/k RMSNorm (weights `qk_norms`),
         rotary (cos, sin [T, 1, D]), the cache write and attention, in one step -> [T, H, D]; or None where the
         backend has no such path for this step (the caller then does the parts and calls `forward`). qkv may be

@@ -60,8 +60,9 @@ def _key_start(seq: SeqLayout, window: int | None) -> int:
     return 0 if window is None else max(0, seq.context_start - window + 1)
 
 
-def _decode_metadata(seqs: list[SeqLayout], g: int, window: int | None, block_size: int, device: torch.device
-                     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+def _decode_metadata(
+    seqs: list[SeqLayout], g: int, window: int | None, block_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Whole blocks per sequence (a block is one contiguous copy), a mask of the positions that count, and the
     same positions as [lo, hi) spans."""
     spans = [(_key_start(s, window) // block_size, -(-s.context_end // block_size)) for s in seqs]
@@ -75,13 +76,16 @@ def _decode_metadata(seqs: list[SeqLayout], g: int, window: int | None, block_si
         lo[row] = _key_start(seq, window) - first * block_size
         hi[row] = seq.context_end - first * block_size
         mask[row, lo[row] : hi[row]] = True
-    return (torch.from_numpy(index).to(device),
-            torch.from_numpy(mask).view(len(seqs), 1, 1, width * block_size).to(device),
-            (torch.from_numpy(lo).to(device), torch.from_numpy(hi).to(device)))
+    return (
+        torch.from_numpy(index).to(device),
+        torch.from_numpy(mask).view(len(seqs), 1, 1, width * block_size).to(device),
+        (torch.from_numpy(lo).to(device), torch.from_numpy(hi).to(device)),
+    )
 
 
-def _paged_queries(seq: SeqLayout, g: int, window: int | None, block_size: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _paged_queries(
+    seq: SeqLayout, g: int, window: int | None, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunk's queries as single-token sequences for the paged kernel: each attends to [its window start, its
     position], given relative to the chunk's first block."""
     first = _key_start(seq, window) // block_size
@@ -89,8 +93,11 @@ def _paged_queries(seq: SeqLayout, g: int, window: int | None, block_size: int
     pos = np.arange(seq.context_start, seq.context_end)
     lo = np.zeros_like(pos) if window is None else np.maximum(0, pos - window + 1)
     index = np.broadcast_to(blocks, (len(pos), len(blocks))).copy()
-    return (torch.from_numpy(index), torch.from_numpy((lo - first * block_size).astype(np.int32)),
-            torch.from_numpy((pos + 1 - first * block_size).astype(np.int32)))
+    return (
+        torch.from_numpy(index),
+        torch.from_numpy((lo - first * block_size).astype(np.int32)),
+        torch.from_numpy((pos + 1 - first * block_size).astype(np.int32)),
+    )
 
 
 def _prefill_slice(seq: SeqLayout, g: int, window: int | None, block_size: int, device: torch.device) -> PrefillSlice:
@@ -113,8 +120,9 @@ class TorchAttentionBackend(AttentionBackend):
 
     name = "torch"
 
-    def build_metadata(self, seqs: list[SeqLayout], groups: list[KVGroupSpec], block_size: int,
-                       device: torch.device) -> TorchMetadata:
+    def build_metadata(
+        self, seqs: list[SeqLayout], groups: list[KVGroupSpec], block_size: int, device: torch.device
+    ) -> TorchMetadata:
         num_decodes = 0
         while num_decodes < len(seqs) and seqs[num_decodes].num_tokens == 1:
             num_decodes += 1
@@ -122,7 +130,9 @@ class TorchAttentionBackend(AttentionBackend):
             raise ValueError("single-token sequences must come first in the batch")
         out = []
         for g, spec in enumerate(groups):
-            slots = np.concatenate([_slots(s.block_tables[g], s.context_start, s.context_end, block_size) for s in seqs])
+            slots = np.concatenate(
+                [_slots(s.block_tables[g], s.context_start, s.context_end, block_size) for s in seqs]
+            )
             index = mask = span = None
             if num_decodes:
                 index, mask, span = _decode_metadata(seqs[:num_decodes], g, spec.window, block_size, device)
@@ -130,8 +140,16 @@ class TorchAttentionBackend(AttentionBackend):
             out.append(GroupMetadata(torch.from_numpy(slots).to(device), num_decodes, index, mask, span, prefills))
         return TorchMetadata(out)
 
-    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                metadata: TorchMetadata, cache: KVCache) -> torch.Tensor:
+    def forward(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        metadata: TorchMetadata,
+        cache: KVCache,
+    ) -> torch.Tensor:
         g, i = cache.layer_slot[layer]
         k_cache, v_cache = cache.k[g][i], cache.v[g][i]
         meta = metadata.groups[g]
@@ -143,13 +161,21 @@ class TorchAttentionBackend(AttentionBackend):
         if meta.num_decodes:
             out[: meta.num_decodes] = _decode(q[: meta.num_decodes], k_cache, v_cache, meta, scale)
         for p in meta.prefills:
-            out[p.token_start : p.token_end] = _prefill(q[p.token_start : p.token_end], k_cache, v_cache, p, scale,
-                                                          cache.block_size)
+            out[p.token_start : p.token_end] = _prefill(
+                q[p.token_start : p.token_end], k_cache, v_cache, p, scale, cache.block_size
+            )
         return out
 
-    def forward_qkv(self, layer: int, qkv: torch.Tensor, layout: HeadLayout,
-                    qk_norms: tuple[torch.Tensor, torch.Tensor] | None, rope: tuple[torch.Tensor, torch.Tensor],
-                    metadata: TorchMetadata, cache: KVCache) -> torch.Tensor | None:
+    def forward_qkv(
+        self,
+        layer: int,
+        qkv: torch.Tensor,
+        layout: HeadLayout,
+        qk_norms: tuple[torch.Tensor, torch.Tensor] | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        metadata: TorchMetadata,
+        cache: KVCache,
+    ) -> torch.Tensor | None:
         """Decode-only steps on the CPU kernels: one call per layer (see kernels.decode_attention_step)."""
         g, i = cache.layer_slot[layer]
         meta = metadata.groups[g]
@@ -157,22 +183,38 @@ class TorchAttentionBackend(AttentionBackend):
         if meta.num_decodes != qkv.shape[0] or qkv.dtype != torch.float32 or not _kernel_decode(k_cache):
             return None
         q_weight, k_weight = qk_norms if qk_norms is not None else (None, None)
-        return kernels.decode_attention_step(qkv, layout.heads, layout.kv_heads, layout.head_dim, q_weight, k_weight,
-                                             layout.eps, *rope, k_cache, cache.v[g][i], meta.slot_mapping,
-                                             meta.decode_index, *meta.decode_span, cache.block_size, layout.scale)
+        return kernels.decode_attention_step(
+            qkv,
+            layout.heads,
+            layout.kv_heads,
+            layout.head_dim,
+            q_weight,
+            k_weight,
+            layout.eps,
+            *rope,
+            k_cache,
+            cache.v[g][i],
+            meta.slot_mapping,
+            meta.decode_index,
+            *meta.decode_span,
+            cache.block_size,
+            layout.scale,
+        )
 
 
 def _kernel_decode(k_cache: torch.Tensor) -> bool:
     return k_cache.dtype == torch.float32 and k_cache.device.type == "cpu" and kernels.available()
 
 
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: GroupMetadata,
-            scale: float) -> torch.Tensor:
+def _decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: GroupMetadata, scale: float
+) -> torch.Tensor:
     if _kernel_decode(k_cache):
         # Reads K/V in place from the blocks: no gathered copy of every context each step.
         block_size = meta.decode_mask.shape[-1] // meta.decode_index.shape[1]
-        return kernels.paged_decode_attention(q, k_cache, v_cache, meta.decode_index, *meta.decode_span,
-                                              block_size, scale)
+        return kernels.paged_decode_attention(
+            q, k_cache, v_cache, meta.decode_index, *meta.decode_span, block_size, scale
+        )
     batch, heads, dim = q.shape
     kv_heads = k_cache.shape[1]
     width = meta.decode_mask.shape[-1]
@@ -193,13 +235,15 @@ def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, width: int) -> tor
     return rows.view(blocks.shape[0], width, kv_heads, dim).transpose(1, 2)
 
 
-def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p: PrefillSlice, scale: float,
-             block_size: int) -> torch.Tensor:
+def _prefill(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p: PrefillSlice, scale: float, block_size: int
+) -> torch.Tensor:
     if p.paged is not None and _kernel_decode(k_cache):
         return kernels.paged_decode_attention(q, k_cache, v_cache, *p.paged, block_size, scale)
     keys = k_cache[p.key_index].transpose(0, 1).unsqueeze(0)
     values = v_cache[p.key_index].transpose(0, 1).unsqueeze(0)
     qp = q.transpose(0, 1).unsqueeze(0)
-    out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=p.mask, is_causal=p.mask is None,
-                                         scale=scale, enable_gqa=True)
+    out = F.scaled_dot_product_attention(
+        qp, keys, values, attn_mask=p.mask, is_causal=p.mask is None, scale=scale, enable_gqa=True
+    )
     return out[0].transpose(0, 1)

@@ -107,12 +107,13 @@ def block_hash(parent: BlockHash | None, token_ids: Sequence[int], extra_keys: E
     return hashlib.sha256(out).digest()
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int, extra_keys: ExtraKeys = None,
-                 parent: BlockHash | None = None) -> list[BlockHash]:
+def block_hashes(
+    token_ids: Sequence[int], block_size: int, extra_keys: ExtraKeys = None, parent: BlockHash | None = None
+) -> list[BlockHash]:
     """The chain over every full block of `token_ids` (a router or indexer hashing a prompt)."""
     hashes: list[BlockHash] = []
     for i in range(len(token_ids) // block_size):
-        parent = block_hash(parent, token_ids[i * block_size:(i + 1) * block_size], extra_keys)
+        parent = block_hash(parent, token_ids[i * block_size : (i + 1) * block_size], extra_keys)
         hashes.append(parent)
     return hashes
 

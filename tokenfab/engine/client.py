@@ -32,8 +32,18 @@ import zmq.asyncio
 
 from tokenfab.config import EngineConfig
 from tokenfab.engine.core_process import run_core, serve_core
-from tokenfab.engine.ipc import (Abort, AddRequests, Failed, FromCore, Ready, Shutdown, StepResult, ToCore, encoder,
-                                 from_core_decoder)
+from tokenfab.engine.ipc import (
+    Abort,
+    AddRequests,
+    Failed,
+    FromCore,
+    Ready,
+    Shutdown,
+    StepResult,
+    ToCore,
+    encoder,
+    from_core_decoder,
+)
 from tokenfab.engine.messages import CoreInfo, CoreRequest, EngineStats
 
 
@@ -132,17 +142,21 @@ class CoreProcessClient(EngineClient):
         self._to_core.bind(addresses.to_core)
         self._from_core = self._ctx.socket(zmq.PULL)
         self._from_core.bind(addresses.from_core)
-        self.addresses = CoreAddresses(self._to_core.getsockopt_string(zmq.LAST_ENDPOINT),
-                                       self._from_core.getsockopt_string(zmq.LAST_ENDPOINT))
+        self.addresses = CoreAddresses(
+            self._to_core.getsockopt_string(zmq.LAST_ENDPOINT), self._from_core.getsockopt_string(zmq.LAST_ENDPOINT)
+        )
         """The bound addresses (real ports where the spec asked for free ones)."""
         self._process: multiprocessing.process.BaseProcess | None = None
 
     async def start(self, timeout: float = 600.0) -> CoreInfo:
         if self.spawn:
             ctx = multiprocessing.get_context("spawn")
-            self._process = ctx.Process(target=run_core, name="tokenfab-engine-core", daemon=True,
-                                        args=(self.config, _connectable(self.addresses.to_core),
-                                              _connectable(self.addresses.from_core)))
+            self._process = ctx.Process(
+                target=run_core,
+                name="tokenfab-engine-core",
+                daemon=True,
+                args=(self.config, _connectable(self.addresses.to_core), _connectable(self.addresses.from_core)),
+            )
             self._process.start()
         deadline = time.monotonic() + timeout
         while True:
@@ -211,8 +225,7 @@ class InProcessClient(EngineClient):
         loop = asyncio.get_running_loop()
         outbox: asyncio.Queue[FromCore] = asyncio.Queue()
         self._outbox = outbox
-        self._thread = threading.Thread(target=self._run, args=(loop, outbox), name="tokenfab-engine-core",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(loop, outbox), name="tokenfab-engine-core", daemon=True)
         self._thread.start()
         message = await asyncio.wait_for(outbox.get(), timeout)
         if isinstance(message, Failed):

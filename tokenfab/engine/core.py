@@ -17,14 +17,15 @@ import torch
 from tokenfab.config import EngineConfig
 from tokenfab.economics.attribution import CostMeter, RequestCost
 from tokenfab.engine.kv_cache_manager import KVCacheManager
+from tokenfab.engine.kv_events import MEDIUM_CPU, MEDIUM_GPU, EventBatch, KVEventPublisher
 from tokenfab.engine.kv_sizing import plan_kv_blocks
 from tokenfab.engine.messages import CoreInfo, CoreOutput, CoreRequest, EngineStats
 from tokenfab.engine.model_runner import RunOutput
-from tokenfab.engine.worker import Worker
 from tokenfab.engine.sampler import Sampler
-from tokenfab.engine.kv_events import MEDIUM_CPU, MEDIUM_GPU, EventBatch, KVEventPublisher
 from tokenfab.engine.scheduler import Emitted, Scheduler, StepUpdate
+from tokenfab.engine.stats import CostStats, SpecStats
 from tokenfab.engine.types import Request, SampleResult, StepPlan
+from tokenfab.engine.worker import Worker
 from tokenfab.kernels.build import kernel_path
 from tokenfab.models.loading import ModelSource, resolve_model
 from tokenfab.platform import cpu_isa
@@ -32,7 +33,7 @@ from tokenfab.platform.power import select_meter
 from tokenfab.platform.prices import load_prices
 from tokenfab.spec.policy import StepShape
 from tokenfab.spec.proposer import StepView
-from tokenfab.spec.speculator import SpecCounters, TargetParts, build_speculator
+from tokenfab.spec.speculator import TargetParts, build_speculator
 
 
 class EngineCore:
@@ -44,9 +45,16 @@ class EngineCore:
         self.max_model_len = min(config.max_model_len, arch.max_position_embeddings)
         self.dtype, weight_plan = config.resolve_weights()
         device = config.torch_device
-        self.worker = Worker.load(self.source, self.dtype, weight_plan, device, self.max_model_len, config.block_size,
-                                  lambda groups: plan_kv_blocks(config, arch, groups, self.dtype, self.max_model_len),
-                                  config.attention_backend)
+        self.worker = Worker.load(
+            self.source,
+            self.dtype,
+            weight_plan,
+            device,
+            self.max_model_len,
+            config.block_size,
+            lambda groups: plan_kv_blocks(config, arch, groups, self.dtype, self.max_model_len),
+            config.attention_backend,
+        )
         self.model = self.worker.model
         medium = MEDIUM_CPU if device.type == "cpu" else MEDIUM_GPU
         self.kv = self.worker.kv_manager(config.enable_prefix_caching, medium)
@@ -54,8 +62,12 @@ class EngineCore:
         self.kv_events = _kv_event_publisher(config, self.kv, self.scheduler)
         self.sampler = Sampler(config.seed)
         w = self.worker
-        self.speculator = build_speculator(config, TargetParts(w.model, self.source, w.cache, w.groups, w.backend,
-                                                               self.kv, self.dtype, device, self.max_model_len))
+        self.speculator = build_speculator(
+            config,
+            TargetParts(
+                w.model, self.source, w.cache, w.groups, w.backend, self.kv, self.dtype, device, self.max_model_len
+            ),
+        )
         self.meter = _cost_meter(config)
         self._costs: dict[str, RequestCost] = {}
         self._back_to_back = False
@@ -85,8 +97,10 @@ class EngineCore:
         if not ids:
             raise ValueError("prompt is empty")
         if len(ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens; the maximum context length is {self.max_model_len} "
-                             "(prompt plus at least one generated token)")
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the maximum context length is {self.max_model_len} "
+                "(prompt plus at least one generated token)"
+            )
         bad = [t for t in ids if not 0 <= t < self.arch.vocab_size]
         if bad:
             raise ValueError(f"token ids out of range [0, {self.arch.vocab_size}): {bad[:5]}")
@@ -136,8 +150,12 @@ class EngineCore:
             self._back_to_back = False
             return []
         run = self.worker.execute(plan, self.kv.block_tables)
-        result = self.sampler(run.logits, [s.request for s in run.samplers], [s.spec_token_ids for s in run.samplers],
-                              [s.spec_probs for s in run.samplers])
+        result = self.sampler(
+            run.logits,
+            [s.request for s in run.samplers],
+            [s.spec_token_ids for s in run.samplers],
+            [s.spec_probs for s in run.samplers],
+        )
         update = self.scheduler.update(plan, run.samplers, result)
         if self.speculator is not None:
             self._speculate(plan, run, result, time.perf_counter() - start)
@@ -149,12 +167,14 @@ class EngineCore:
 
     def _speculate(self, plan: StepPlan, run: RunOutput, result: SampleResult, seconds: float) -> None:
         accepted = {s.request.request_id: n for s, n in zip(run.samplers, result.num_accepted)}
-        shape = StepShape(plan.num_batched_tokens, int(run.logits.shape[0]),
-                          sum(s.num_tokens > 1 for s in plan.scheduled))
+        shape = StepShape(
+            plan.num_batched_tokens, int(run.logits.shape[0]), sum(s.num_tokens > 1 for s in plan.scheduled)
+        )
         self.speculator.record(plan.scheduled, accepted, shape, seconds)
         decoding = [s.request for s in run.samplers if not s.request.finished]
-        self.speculator.propose(StepView(plan, run), decoding, self.scheduler.running,
-                                self.config.max_num_batched_tokens)
+        self.speculator.propose(
+            StepView(plan, run), decoding, self.scheduler.running, self.config.max_num_batched_tokens
+        )
 
     def _output(self, e: Emitted) -> CoreOutput:
         request = e.request
@@ -162,8 +182,16 @@ class EngineCore:
         cost = RequestCost(total.usd, total.joules, total.device_seconds)
         if e.status is not None:
             self._forget(request.request_id, finished=True)
-        return CoreOutput(request.request_id, e.token_ids, e.logprobs, e.status.value if e.status is not None else None,
-                          request.stop_reason, request.num_cached_tokens, request.first_scheduled, cost)
+        return CoreOutput(
+            request.request_id,
+            e.token_ids,
+            e.logprobs,
+            e.status.value if e.status is not None else None,
+            request.stop_reason,
+            request.num_cached_tokens,
+            request.first_scheduled,
+            cost,
+        )
 
     def _forget(self, request_id: str, finished: bool) -> None:
         if finished:
@@ -179,32 +207,39 @@ class EngineCore:
         prices = self.meter.prices
         path = kernel_path()
         return CoreInfo(
-            model_path=str(self.source.path), max_model_len=self.max_model_len, vocab_size=self.arch.vocab_size,
-            kv_capacity_tokens=self.kv.capacity_tokens(), max_num_seqs=self.config.max_num_seqs,
-            max_num_batched_tokens=self.config.max_num_batched_tokens, dtype=str(self.dtype).replace("torch.", ""),
-            energy_source=self.meter.energy_source, meter=self.meter.meter_name,
-            usd_per_hour=prices.usd_per_second * 3600, usd_per_kwh=prices.usd_per_kwh,
-            quantization=self.quantization_label, weight_bytes=self.model.weight_bytes_per_token(),
-            kernel_isa=path.level or "torch", kernel_isa_reason=path.reason, cpu_flags=cpu_isa.vector_flags(),
-            batch_invariant=self.config.batch_invariant, block_size=self.config.block_size,
+            model_path=str(self.source.path),
+            max_model_len=self.max_model_len,
+            vocab_size=self.arch.vocab_size,
+            kv_capacity_tokens=self.kv.capacity_tokens(),
+            max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            dtype=str(self.dtype).replace("torch.", ""),
+            energy_source=self.meter.energy_source,
+            meter=self.meter.meter_name,
+            usd_per_hour=prices.usd_per_second * 3600,
+            usd_per_kwh=prices.usd_per_kwh,
+            quantization=self.quantization_label,
+            weight_bytes=self.model.weight_bytes_per_token(),
+            kernel_isa=path.level or "torch",
+            kernel_isa_reason=path.reason,
+            cpu_flags=cpu_isa.vector_flags(),
+            batch_invariant=self.config.batch_invariant,
+            block_size=self.config.block_size,
             kv_events_endpoint=self.kv_events.endpoint if self.kv_events is not None else None,
-            kv_events_replay_endpoint=self.kv_events.replay_endpoint if self.kv_events is not None else None)
+            kv_events_replay_endpoint=self.kv_events.replay_endpoint if self.kv_events is not None else None,
+        )
 
     def stats(self) -> EngineStats:
-        c, kv, m = self.scheduler.counters, self.kv, self.meter
-        total = sum(p.num_blocks - 1 for p in kv.pools)
-        sc = self.speculator.counters if self.speculator is not None else SpecCounters()
+        m = self.meter
+        spec = self.speculator.stats() if self.speculator is not None else SpecStats()
         return EngineStats(
-            time=time.monotonic(), num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
-            kv_usage=kv.usage, kv_free_blocks=sum(kv.num_free_blocks()), kv_total_blocks=total,
-            prefix_queries=kv.stats.queries, prefix_hits=kv.stats.hits,
-            num_preemptions=self.scheduler.num_preemptions, steps=c.steps,
-            prompt_tokens_computed=c.prompt_tokens_computed, tokens_computed=c.tokens_computed,
-            generated_tokens=c.generated_tokens, busy_seconds=m.busy_seconds, joules=m.joules, usd=m.usd,
-            energy_source=m.energy_source, meter=m.meter_name, spec_method=self.config.speculative.method,
-            spec_proposed_tokens=sc.proposed_tokens, spec_accepted_tokens=sc.accepted_tokens,
-            spec_verified_seqs=sc.verified_seqs, spec_draft_seconds=sc.draft_seconds, spec_steps_on=sc.steps_on,
-            spec_steps_off=sc.steps_off)
+            time.monotonic(),
+            self.scheduler.stats(),
+            self.kv.kv_stats(),
+            self.kv.prefix_stats(),
+            spec,
+            CostStats(m.busy_seconds, m.joules, m.usd, m.energy_source, m.meter_name),
+        )
 
 
 def _kv_event_publisher(config: EngineConfig, kv: KVCacheManager, scheduler: Scheduler) -> KVEventPublisher | None:
@@ -225,6 +260,14 @@ def _kv_event_publisher(config: EngineConfig, kv: KVCacheManager, scheduler: Sch
 def _cost_meter(config: EngineConfig) -> CostMeter:
     p = config.pricing
     cores = config.threads if config.torch_device.type == "cpu" else 1
-    prices = load_prices(p.profile, config.device, cores, p.prices_file, usd_per_hour=p.usd_per_hour,
-                         usd_per_kwh=p.usd_per_kwh, idle_watts=p.idle_watts, peak_watts=p.peak_watts)
+    prices = load_prices(
+        p.profile,
+        config.device,
+        cores,
+        p.prices_file,
+        usd_per_hour=p.usd_per_hour,
+        usd_per_kwh=p.usd_per_kwh,
+        idle_watts=p.idle_watts,
+        peak_watts=p.peak_watts,
+    )
     return CostMeter(select_meter(config.device, prices.device, cores), prices)

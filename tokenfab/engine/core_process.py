@@ -17,8 +17,18 @@ import zmq
 
 from tokenfab.config import EngineConfig
 from tokenfab.engine.core import EngineCore
-from tokenfab.engine.ipc import (Abort, AddRequests, Failed, FromCore, Ready, Shutdown, StepResult, ToCore, encoder,
-                                 to_core_decoder)
+from tokenfab.engine.ipc import (
+    Abort,
+    AddRequests,
+    Failed,
+    FromCore,
+    Ready,
+    Shutdown,
+    StepResult,
+    ToCore,
+    encoder,
+    to_core_decoder,
+)
 from tokenfab.engine.messages import CoreOutput
 
 IDLE_POLL_MS = 1000

@@ -12,18 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
+
 from tokenfab.engine.block_hash import BlockHash, block_hash, external_hash
 from tokenfab.engine.block_pool import NULL_BLOCK, BlockKey, BlockPool
 from tokenfab.engine.kv_events import AllBlocksCleared, BlockStored, KVEvent
+from tokenfab.engine.stats import KVStats, PrefixCacheStats
 from tokenfab.engine.types import Request
-
-
-@dataclass(slots=True)
-class PrefixStats:
-    queries: int = 0
-    """Prompt tokens looked up."""
-    hits: int = 0
-    """Prompt tokens found cached."""
 
 
 @dataclass(slots=True)
@@ -36,14 +31,20 @@ class _ReqState:
 
 
 class KVCacheManager:
-    def __init__(self, windows: list[int | None], blocks_per_group: list[int], block_size: int,
-                 enable_prefix_caching: bool = True, medium: str | None = None) -> None:
+    def __init__(
+        self,
+        windows: list[int | None],
+        blocks_per_group: list[int],
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        medium: str | None = None,
+    ) -> None:
         self.windows = windows
         self.block_size = block_size
         self.pools = [BlockPool(n, g, medium) for g, n in enumerate(blocks_per_group)]
         self.enable_prefix_caching = enable_prefix_caching
         self.requests: dict[str, _ReqState] = {}
-        self.stats = PrefixStats()
+        self.stats = PrefixCacheStats()
         self.medium = medium
         self._events: list[KVEvent] | None = None
 
@@ -85,6 +86,12 @@ class KVCacheManager:
         caps = [(p.num_blocks - 1) * self.block_size for p, w in zip(self.pools, self.windows) if w is None]
         return min(caps) if caps else 1 << 62
 
+    def kv_stats(self) -> KVStats:
+        return KVStats(self.usage, sum(self.num_free_blocks()), sum(p.num_blocks - 1 for p in self.pools))
+
+    def prefix_stats(self) -> PrefixCacheStats:
+        return msgspec.structs.replace(self.stats)
+
     @property
     def usage(self) -> float:
         used = sum(p.num_blocks - 1 - p.num_free for p in self.pools)
@@ -113,8 +120,9 @@ class KVCacheManager:
                     run += 1
                 limit = run
         # Backing a hit of n blocks in a sliding group is not monotonic in n, so test every group at each n.
-        while limit > 0 and not all(self._sliding_backs(found[g], limit, w) for g, w in enumerate(self.windows)
-                                    if w is not None):
+        while limit > 0 and not all(
+            self._sliding_backs(found[g], limit, w) for g, w in enumerate(self.windows) if w is not None
+        ):
             limit -= 1
         return limit, found
 
@@ -209,10 +217,15 @@ class KVCacheManager:
         return BlockStored(
             block_hashes=[external_hash(state.hashes[i]) for i in run],
             parent_block_hash=external_hash(state.hashes[first - 1]) if first > 0 else None,
-            token_ids=[t for i in run for t in state.keys[i][1]], block_size=self.block_size, lora_id=None,
-            medium=self.medium, lora_name=None, group_idx=g,
+            token_ids=[t for i in run for t in state.keys[i][1]],
+            block_size=self.block_size,
+            lora_id=None,
+            medium=self.medium,
+            lora_name=None,
+            group_idx=g,
             kv_cache_spec_kind="full_attention" if window is None else "sliding_window",
-            kv_cache_spec_sliding_window=window)
+            kv_cache_spec_sliding_window=window,
+        )
 
     def rollback(self, request: Request) -> None:
         """Give back the trailing blocks that hold no computed token: after a step that verified draft tokens,
@@ -248,4 +261,6 @@ class KVCacheManager:
             pool.check_integrity()
             for block in pool.blocks[1:]:
                 assert block.ref_count == refs[g][block.block_id], (
-                    f"group {g} block {block.block_id}: ref_count {block.ref_count} but {refs[g][block.block_id]} tables")
+                    f"group {g} block {block.block_id}: ref_count {block.ref_count} "
+                    f"but {refs[g][block.block_id]} tables"
+                )

@@ -85,8 +85,14 @@ class KVEventPublisher:
     otherwise (a collector that binds); `replay_endpoint` is always bound.
     """
 
-    def __init__(self, endpoint: str, replay_endpoint: str | None = None, topic: str = "kv-events",
-                 buffer_steps: int = 10_000, hwm: int = 100_000) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        replay_endpoint: str | None = None,
+        topic: str = "kv-events",
+        buffer_steps: int = 10_000,
+        hwm: int = 100_000,
+    ) -> None:
         self.topic = topic.encode()
         self._ctx = zmq.Context.instance()
         self._pub = self._ctx.socket(zmq.PUB)
@@ -100,8 +106,7 @@ class KVEventPublisher:
             self._replay = self._ctx.socket(zmq.ROUTER)
             self._replay.bind(replay_endpoint)
         self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.replay_endpoint = (self._replay.getsockopt_string(zmq.LAST_ENDPOINT) if self._replay is not None
-                                else None)
+        self.replay_endpoint = self._replay.getsockopt_string(zmq.LAST_ENDPOINT) if self._replay is not None else None
         self._queue: queue.Queue[EventBatch | None] = queue.Queue()
         self._buffer: deque[tuple[int, bytes]] = deque(maxlen=buffer_steps)
         self._seq = 0

@@ -19,12 +19,15 @@ def sliding_cap(window: int, config: EngineConfig) -> int:
     return config.max_num_seqs * per_seq + -(-config.max_num_batched_tokens // config.block_size) + 1
 
 
-def plan_kv_blocks(config: EngineConfig, arch: ArchConfig, groups: list[KVGroupSpec], dtype: torch.dtype,
-                   max_model_len: int) -> list[int]:
+def plan_kv_blocks(
+    config: EngineConfig, arch: ArchConfig, groups: list[KVGroupSpec], dtype: torch.dtype, max_model_len: int
+) -> list[int]:
     """Blocks per group (the null block included)."""
     budget = int(config.kv_cache_memory_gb * (1 << 30))
-    per_block = [KVCache.bytes_per_block(len(g.layers), config.block_size, arch.num_kv_heads, arch.head_dim, dtype)
-                 for g in groups]
+    per_block = [
+        KVCache.bytes_per_block(len(g.layers), config.block_size, arch.num_kv_heads, arch.head_dim, dtype)
+        for g in groups
+    ]
     caps = [None if g.window is None else sliding_cap(g.window, config) for g in groups]
     n = budget // sum(per_block)
     for _ in range(len(groups)):
@@ -39,6 +42,8 @@ def plan_kv_blocks(config: EngineConfig, arch: ArchConfig, groups: list[KVGroupS
     for g, b in zip(groups, blocks):
         need = needed if g.window is None else min(needed, -(-g.window // config.block_size) + 2)
         if b < need:
-            raise ValueError(f"kv_cache_memory_gb={config.kv_cache_memory_gb} holds {b} blocks for layers "
-                             f"{list(g.layers)}; max_model_len={max_model_len} needs {need}")
+            raise ValueError(
+                f"kv_cache_memory_gb={config.kv_cache_memory_gb} holds {b} blocks for layers "
+                f"{list(g.layers)}; max_model_len={max_model_len} needs {need}"
+            )
     return blocks

@@ -10,7 +10,10 @@ from __future__ import annotations
 import msgspec
 
 from tokenfab.economics.attribution import RequestCost
+from tokenfab.engine.stats import EngineStats
 from tokenfab.engine.types import SamplingParams, TokenLogprobs
+
+__all__ = ["CoreInfo", "CoreOutput", "CoreRequest", "EngineStats"]
 
 
 class CoreRequest(msgspec.Struct, gc=False):
@@ -45,41 +48,6 @@ class CoreOutput(msgspec.Struct, gc=False):
     """Cumulative for this sequence."""
     error: str | None = None
     """Set when the core refused the request (it is then finished with reason abort)."""
-
-
-class EngineStats(msgspec.Struct, gc=False):
-    """A snapshot of the core's gauges and counters, sent with step outputs and on request."""
-
-    time: float
-    num_running: int
-    num_waiting: int
-    kv_usage: float
-    kv_free_blocks: int
-    kv_total_blocks: int
-    prefix_queries: int
-    prefix_hits: int
-    num_preemptions: int
-    steps: int
-    prompt_tokens_computed: int
-    tokens_computed: int
-    generated_tokens: int
-    busy_seconds: float
-    joules: float
-    usd: float
-    energy_source: str
-    meter: str
-    spec_method: str = "none"
-    spec_proposed_tokens: int = 0
-    """Draft tokens the target verified."""
-    spec_accepted_tokens: int = 0
-    spec_verified_seqs: int = 0
-    """Request-steps that verified drafts; mean acceptance length = 1 + accepted / verified."""
-    spec_draft_seconds: float = 0.0
-    """Time spent proposing drafts (inside busy_seconds)."""
-    spec_steps_on: int = 0
-    """Steps that verified drafts."""
-    spec_steps_off: int = 0
-    """Steps that sampled without drafts (speculation off, or nothing worth proposing)."""
 
 
 class CoreInfo(msgspec.Struct):

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenfab.attention.backend import AttentionBackend, ForwardContext, KVCache, KVGroupSpec, SeqLayout, forward_context
+from tokenfab.attention.backend import (
+    AttentionBackend,
+    ForwardContext,
+    KVCache,
+    KVGroupSpec,
+    SeqLayout,
+    forward_context,
+)
 from tokenfab.engine.types import ScheduledRequest, StepPlan
 from tokenfab.models.cpu_decode import CpuDecodeStep
 from tokenfab.models.decoder import DecoderModel
@@ -32,8 +39,14 @@ class RunOutput:
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderModel, cache: KVCache, backend: AttentionBackend,
-                 groups: list[KVGroupSpec], device: torch.device) -> None:
+    def __init__(
+        self,
+        model: DecoderModel,
+        cache: KVCache,
+        backend: AttentionBackend,
+        groups: list[KVGroupSpec],
+        device: torch.device,
+    ) -> None:
         self.model = model
         self.cache = cache
         self.backend = backend

@@ -98,8 +98,15 @@ class OutputProcessor:
         self.groups: dict[str, Group] = {}
         self._children: dict[str, tuple[Group, Completion]] = {}
 
-    def add_group(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams,
-                  arrival: float, priority: int = 0) -> list[CoreRequest]:
+    def add_group(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival: float,
+        priority: int = 0,
+    ) -> list[CoreRequest]:
         """Register a request and return the sequences the core must run (n siblings for n > 1)."""
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -161,8 +168,17 @@ class OutputProcessor:
         first = group.children[0]
         metrics = RequestMetrics(group.arrival, first.first_scheduled, group.first_token_time)
         error = next((c.error for c in group.children if c.error), None)
-        return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs, group.finished,
-                             first.num_cached_tokens, cost, metrics, error)
+        return RequestOutput(
+            group.request_id,
+            group.prompt,
+            group.prompt_token_ids,
+            outs,
+            group.finished,
+            first.num_cached_tokens,
+            cost,
+            metrics,
+            error,
+        )
 
     def _drop_if_finished(self, group: Group) -> None:
         if group.finished:
@@ -182,5 +198,6 @@ def _child(request_id: str, index: int, params: SamplingParams) -> tuple[str, Sa
 
 def _completion(comp: Completion) -> CompletionOutput:
     logprobs = list(comp.logprobs) if comp.params.logprobs is not None else None
-    return CompletionOutput(comp.index, comp.visible_text(), list(comp.token_ids), comp.finish_reason,
-                            comp.stop_reason, logprobs)
+    return CompletionOutput(
+        comp.index, comp.visible_text(), list(comp.token_ids), comp.finish_reason, comp.stop_reason, logprobs
+    )

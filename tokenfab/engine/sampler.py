@@ -39,20 +39,27 @@ class Sampler:
     def forget(self, request_id: str) -> None:
         self._request_generators.pop(request_id, None)
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request], drafts: list[list[int]] | None = None,
-                 draft_probs: list[torch.Tensor | None] | None = None) -> SampleResult:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        requests: list[Request],
+        drafts: list[list[int]] | None = None,
+        draft_probs: list[torch.Tensor | None] | None = None,
+    ) -> SampleResult:
         """logits: [sum over requests of 1 + len(drafts[i]), vocab], each request's rows consecutive."""
         logits = logits.float()
         if not drafts or not any(drafts):
             tokens, logprobs = self._sample_one_each(logits, requests)
-            return SampleResult([[t] for t in tokens], [None if lp is None else [lp] for lp in logprobs],
-                                [0] * len(requests))
+            return SampleResult(
+                [[t] for t in tokens], [None if lp is None else [lp] for lp in logprobs], [0] * len(requests)
+            )
         return self._verify(logits, requests, drafts, draft_probs or [None] * len(requests))
 
     # -- one token per request ------------------------------------------------------------------------------------
 
-    def _sample_one_each(self, logits: torch.Tensor, requests: list[Request]
-                         ) -> tuple[list[int], list[TokenLogprobs | None]]:
+    def _sample_one_each(
+        self, logits: torch.Tensor, requests: list[Request]
+    ) -> tuple[list[int], list[TokenLogprobs | None]]:
         raw = logits
         if any(r.params.needs_penalties or r.num_output_tokens < r.params.min_tokens for r in requests):
             logits = logits.clone()
@@ -74,8 +81,12 @@ class Sampler:
         wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
         logprobs: list[TokenLogprobs | None] = [None] * len(requests)
         if wanted:
-            for i, lp in zip(wanted, _logprobs(raw[wanted], [token_list[i] for i in wanted],
-                                               [requests[i].params.logprobs or 0 for i in wanted])):
+            for i, lp in zip(
+                wanted,
+                _logprobs(
+                    raw[wanted], [token_list[i] for i in wanted], [requests[i].params.logprobs or 0 for i in wanted]
+                ),
+            ):
                 logprobs[i] = lp
         return token_list, logprobs
 
@@ -86,8 +97,13 @@ class Sampler:
 
     # -- verification of drafts -----------------------------------------------------------------------------------
 
-    def _verify(self, logits: torch.Tensor, requests: list[Request], drafts: list[list[int]],
-                draft_probs: list[torch.Tensor | None]) -> SampleResult:
+    def _verify(
+        self,
+        logits: torch.Tensor,
+        requests: list[Request],
+        drafts: list[list[int]],
+        draft_probs: list[torch.Tensor | None],
+    ) -> SampleResult:
         simple = not any(r.params.needs_penalties or r.num_output_tokens < r.params.min_tokens for r in requests)
         argmax = greedy_tokens(logits).tolist() if simple else None
         out_tokens: list[list[int]] = []
@@ -108,8 +124,9 @@ class Sampler:
             out_logprobs.append(None if k is None else _logprobs(rows[: len(tokens)], tokens, [k] * len(tokens)))
         return SampleResult(out_tokens, out_logprobs, accepted)
 
-    def _verify_one(self, rows: torch.Tensor, request: Request, draft: list[int], q: torch.Tensor | None
-                    ) -> tuple[list[int], int]:
+    def _verify_one(
+        self, rows: torch.Tensor, request: Request, draft: list[int], q: torch.Tensor | None
+    ) -> tuple[list[int], int]:
         """Walk the rows in order; stop at the first rejected draft. Returns (emitted tokens, drafts accepted)."""
         p = request.params
         for j in range(len(draft) + 1):
@@ -123,8 +140,9 @@ class Sampler:
                 ok = j < len(draft) and token == draft[j]
             elif j < len(draft):
                 probs, candidates = _distribution(row, p)
-                token, ok = verify_draft(probs, candidates, draft[j], None if q is None else q[j],
-                                         self._generator(request))
+                token, ok = verify_draft(
+                    probs, candidates, draft[j], None if q is None else q[j], self._generator(request)
+                )
             else:
                 token, ok = self._draw(row, request), False
             if not ok:

@@ -24,21 +24,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
+
 from tokenfab.engine.kv_cache_manager import KVCacheManager
 from tokenfab.engine.kv_events import KVEvent
-from tokenfab.engine.types import (Request, RequestStatus, SampleResult, ScheduledRequest, StepPlan,
-                                   TokenLogprobs)
-
-
-@dataclass(slots=True)
-class SchedulerCounters:
-    """Monotonic counters read by stats, tests and benchmarks."""
-
-    steps: int = 0
-    prompt_tokens_computed: int = 0
-    """Prompt tokens that went through the model (prefix-cache hits excluded)."""
-    tokens_computed: int = 0
-    generated_tokens: int = 0
+from tokenfab.engine.stats import SchedulerStats
+from tokenfab.engine.types import Request, RequestStatus, SampleResult, ScheduledRequest, StepPlan, TokenLogprobs
 
 
 @dataclass(slots=True)
@@ -66,13 +57,15 @@ StepHook = Callable[[StepUpdate], None]
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int = 1 << 62) -> None:
+    def __init__(
+        self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int = 1 << 62
+    ) -> None:
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
-        self.counters = SchedulerCounters()
+        self.counters = SchedulerStats()
+        """Monotonic counters (the gauges are filled in by stats())."""
         self.hooks: list[StepHook] = []
         self._waiting: list[tuple[int, float, int, Request]] = []
         self._order = itertools.count()
@@ -80,11 +73,17 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.leaders: dict[str, Request] = {}
         """Sibling request id -> the sibling that computes the shared prompt first."""
-        self.num_preemptions = 0
 
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.counters.num_preemptions
+
+    def stats(self) -> SchedulerStats:
+        return msgspec.structs.replace(self.counters, num_running=len(self.running), num_waiting=len(self._waiting))
 
     @property
     def num_running(self) -> int:
@@ -128,8 +127,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                scheduled.append(self._take_drafts(ScheduledRequest(request, request.num_computed_tokens, n),
-                                                   num_spec))
+                scheduled.append(self._take_drafts(ScheduledRequest(request, request.num_computed_tokens, n), num_spec))
                 budget -= n + num_spec
                 i += 1
         return budget
@@ -153,7 +151,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
-        self.num_preemptions += 1
+        self.counters.num_preemptions += 1
         self._push(request)
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
@@ -226,16 +224,18 @@ class Scheduler:
             if not s.samples:
                 request.num_computed_tokens = s.end
                 self.kv.cache_full_blocks(request)
-        emitted = [self._append(s, tokens, logprobs, accepted)
-                   for s, tokens, logprobs, accepted in zip(samplers, result.token_ids, result.logprobs,
-                                                            result.num_accepted)]
+        emitted = [
+            self._append(s, tokens, logprobs, accepted)
+            for s, tokens, logprobs, accepted in zip(samplers, result.token_ids, result.logprobs, result.num_accepted)
+        ]
         update = StepUpdate(plan, emitted, self.kv.take_events())
         for hook in self.hooks:
             hook(update)
         return update
 
-    def _append(self, s: ScheduledRequest, tokens: list[int], logprobs: list[TokenLogprobs] | None,
-                accepted: int) -> Emitted:
+    def _append(
+        self, s: ScheduledRequest, tokens: list[int], logprobs: list[TokenLogprobs] | None, accepted: int
+    ) -> Emitted:
         """Append a sampling request's tokens up to the first stop; its KV counts up to the last accepted draft."""
         request = s.request
         known = request.num_tokens

@@ -13,7 +13,14 @@ from collections.abc import Callable
 import torch
 
 from tokenfab.attention import get_backend
-from tokenfab.attention.backend import AttentionBackend, ForwardContext, KVCache, KVGroupSpec, SeqLayout, forward_context
+from tokenfab.attention.backend import (
+    AttentionBackend,
+    ForwardContext,
+    KVCache,
+    KVGroupSpec,
+    SeqLayout,
+    forward_context,
+)
 from tokenfab.engine.kv_cache_manager import KVCacheManager
 from tokenfab.engine.model_runner import ModelRunner, RunOutput
 from tokenfab.engine.types import StepPlan
@@ -29,8 +36,13 @@ def kv_groups(arch: ArchConfig) -> list[KVGroupSpec]:
 
 
 class Worker:
-    def __init__(self, model: DecoderModel, blocks_per_group: list[int], block_size: int,
-                 backend: AttentionBackend | str = "torch") -> None:
+    def __init__(
+        self,
+        model: DecoderModel,
+        blocks_per_group: list[int],
+        block_size: int,
+        backend: AttentionBackend | str = "torch",
+    ) -> None:
         arch = model.arch
         self.model = model
         self.device = model.norm.weight.device
@@ -38,14 +50,23 @@ class Worker:
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
         self.groups = kv_groups(arch)
         self.blocks_per_group = blocks_per_group
-        self.cache = KVCache(self.groups, blocks_per_group, block_size, arch.num_kv_heads, arch.head_dim, self.dtype,
-                             self.device)
+        self.cache = KVCache(
+            self.groups, blocks_per_group, block_size, arch.num_kv_heads, arch.head_dim, self.dtype, self.device
+        )
         self.runner = ModelRunner(model, self.cache, self.backend, self.groups, self.device)
 
     @classmethod
-    def load(cls, source: ModelSource, dtype: torch.dtype, weights: QuantPlan | str | None, device: torch.device,
-             max_model_len: int, block_size: int, blocks: Callable[[list[KVGroupSpec]], list[int]],
-             backend: AttentionBackend | str = "torch") -> Worker:
+    def load(
+        cls,
+        source: ModelSource,
+        dtype: torch.dtype,
+        weights: QuantPlan | str | None,
+        device: torch.device,
+        max_model_len: int,
+        block_size: int,
+        blocks: Callable[[list[KVGroupSpec]], list[int]],
+        backend: AttentionBackend | str = "torch",
+    ) -> Worker:
         """Load a model and give it a KV cache of `blocks(groups)` blocks per window group."""
         model = load_model(source, dtype, device, max_model_len, weights)
         return cls(model, blocks(kv_groups(source.arch)), block_size, backend)
@@ -56,8 +77,9 @@ class Worker:
 
     def kv_manager(self, enable_prefix_caching: bool = True, medium: str | None = None) -> KVCacheManager:
         """Block bookkeeping for this cache: one pool per window group, the same block counts."""
-        return KVCacheManager([g.window for g in self.groups], self.blocks_per_group, self.block_size,
-                              enable_prefix_caching, medium)
+        return KVCacheManager(
+            [g.window for g in self.groups], self.blocks_per_group, self.block_size, enable_prefix_caching, medium
+        )
 
     def execute(self, plan: StepPlan, block_tables: Callable[[str], tuple[list[int], ...]]) -> RunOutput:
         return self.runner.execute(plan, block_tables)

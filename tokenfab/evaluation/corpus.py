@@ -32,5 +32,5 @@ def windows(tokenizer: Tokenizer, text: str, window: int, max_tokens: int | None
     step = window - len(prefix)
     if step < 1:
         raise ValueError(f"window {window} is too short")
-    chunks = [prefix + body[i:i + step] for i in range(0, len(body), step)]
+    chunks = [prefix + body[i : i + step] for i in range(0, len(body), step)]
     return [c for c in chunks if len(c) >= 2]

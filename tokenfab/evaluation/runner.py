@@ -48,8 +48,9 @@ def parse_variant(spec: str) -> Variant:
     return Variant(spec, build_plan(m.group("fmt"), (), rules, method))
 
 
-def load_variant(source: ModelSource, plan: QuantPlan, max_positions: int,
-                 reference_dtype: torch.dtype = torch.bfloat16) -> DecoderModel:
+def load_variant(
+    source: ModelSource, plan: QuantPlan, max_positions: int, reference_dtype: torch.dtype = torch.bfloat16
+) -> DecoderModel:
     """The model in fp32 with weights rounded to `reference_dtype`, then stored per `plan`; a plan using the gguf
     format loads the file's own blocks (`source` must be the .gguf) and leaves its weights unrounded."""
     if plan.uses("gguf"):
@@ -75,9 +76,16 @@ def _share_embedding(model: DecoderModel, reference: DecoderModel) -> DecoderMod
     return model
 
 
-def evaluate(model: str | None, variants: list[Variant], window: int = 512, max_tokens: int | None = None,
-             corpus: Path | None = None, progress=print, others: dict[str, Scorer] | None = None,
-             reference_dtype: torch.dtype = torch.bfloat16) -> dict:
+def evaluate(
+    model: str | None,
+    variants: list[Variant],
+    window: int = 512,
+    max_tokens: int | None = None,
+    corpus: Path | None = None,
+    progress=print,
+    others: dict[str, Scorer] | None = None,
+    reference_dtype: torch.dtype = torch.bfloat16,
+) -> dict:
     """`others`: further scorers (e.g. another engine on the same tokens), reported after the variants.
     reference_dtype: what the reference's weights are rounded to (float32: not at all)."""
     torch.manual_seed(0)
@@ -86,8 +94,12 @@ def evaluate(model: str | None, variants: list[Variant], window: int = 512, max_
     chunks = windows(tokenizer, corpus_text(corpus), window, max_tokens)
     reference = load_variant(source, QuantPlan("none"), window, reference_dtype)
     gguf = resolve_model(model, prefer_gguf=True) if any(v.plan.uses("gguf") for v in variants) else None
-    models = {v.name: _share_embedding(load_variant(gguf if v.plan.uses("gguf") else source, v.plan, window,
-                                                    reference_dtype), reference) for v in variants}
+    models = {
+        v.name: _share_embedding(
+            load_variant(gguf if v.plan.uses("gguf") else source, v.plan, window, reference_dtype), reference
+        )
+        for v in variants
+    }
     scorers: dict[str, Scorer] = {name: ModelScorer(m) for name, m in models.items()}
     scorers.update(others or {})
     tallies = {name: Tally() for name in ["reference", *scorers]}
@@ -97,35 +109,69 @@ def evaluate(model: str | None, variants: list[Variant], window: int = 512, max_
         progress(f"window {i + 1}/{len(chunks)}: {len(ids)} tokens, {time.perf_counter() - start:.0f} s")
     ref = tallies["reference"].summary()
     reference_name = {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(reference_dtype, str(reference_dtype))
-    rows = [{"variant": f"{reference_name} (reference)", "plan": "none", **ref, "ppl_delta_pct": 0.0,
-             "weight_bytes": reference.weight_bytes_per_token()}]
+    rows = [
+        {
+            "variant": f"{reference_name} (reference)",
+            "plan": "none",
+            **ref,
+            "ppl_delta_pct": 0.0,
+            "weight_bytes": reference.weight_bytes_per_token(),
+        }
+    ]
     for v in variants:
         s = tallies[v.name].summary()
-        rows.append({"variant": v.name, "plan": v.plan.label, **s,
-                     "ppl_delta_pct": 100 * (s["perplexity"] / ref["perplexity"] - 1),
-                     "weight_bytes": models[v.name].weight_bytes_per_token()})
+        rows.append(
+            {
+                "variant": v.name,
+                "plan": v.plan.label,
+                **s,
+                "ppl_delta_pct": 100 * (s["perplexity"] / ref["perplexity"] - 1),
+                "weight_bytes": models[v.name].weight_bytes_per_token(),
+            }
+        )
     for name in others or {}:
         s = tallies[name].summary()
-        rows.append({"variant": name, "plan": "external", **s,
-                     "ppl_delta_pct": 100 * (s["perplexity"] / ref["perplexity"] - 1), "weight_bytes": None})
-    return {"model": str(source.path), "corpus": str(corpus) if corpus else "tokenfab/evaluation/data/corpus.txt",
-            "window": window, "windows": len(chunks), "scored_tokens": ref["tokens"],
-            "reference": (f"weights rounded to {reference_name}, computed in fp32" if reference_name != "fp32"
-                          else "the checkpoint's fp32 weights, computed in fp32"),
-            "seconds": time.perf_counter() - start,
-            "rows": rows}
+        rows.append(
+            {
+                "variant": name,
+                "plan": "external",
+                **s,
+                "ppl_delta_pct": 100 * (s["perplexity"] / ref["perplexity"] - 1),
+                "weight_bytes": None,
+            }
+        )
+    return {
+        "model": str(source.path),
+        "corpus": str(corpus) if corpus else "tokenfab/evaluation/data/corpus.txt",
+        "window": window,
+        "windows": len(chunks),
+        "scored_tokens": ref["tokens"],
+        "reference": (
+            f"weights rounded to {reference_name}, computed in fp32"
+            if reference_name != "fp32"
+            else "the checkpoint's fp32 weights, computed in fp32"
+        ),
+        "seconds": time.perf_counter() - start,
+        "rows": rows,
+    }
 
 
 def markdown(result: dict) -> str:
-    lines = [f"# Weight formats: accuracy on {Path(result['model']).name}", "",
-             f"Corpus: {result['corpus']} ({result['scored_tokens']} scored tokens in {result['windows']} windows of "
-             f"<= {result['window']}). Reference: {result['reference']}. KL = KL(reference || variant) of the "
-             "next-token distribution over the full vocabulary; agreement = same argmax as the reference.", "",
-             "| variant | plan | weight MB/token | perplexity | Δ ppl | KL mean | KL p99 | greedy agreement |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Weight formats: accuracy on {Path(result['model']).name}",
+        "",
+        f"Corpus: {result['corpus']} ({result['scored_tokens']} scored tokens in {result['windows']} windows of "
+        f"<= {result['window']}). Reference: {result['reference']}. KL = KL(reference || variant) of the "
+        "next-token distribution over the full vocabulary; agreement = same argmax as the reference.",
+        "",
+        "| variant | plan | weight MB/token | perplexity | Δ ppl | KL mean | KL p99 | greedy agreement |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         size = "-" if r["weight_bytes"] is None else f"{r['weight_bytes'] / 1e6:.1f}"
-        lines.append(f"| {r['variant']} | {r['plan']} | {size} | {r['perplexity']:.3f} | "
-                     f"{r['ppl_delta_pct']:+.2f} % | {r['kl_mean']:.4f} | {r['kl_p99']:.4f} | "
-                     f"{100 * r['greedy_agreement']:.1f} % |")
+        lines.append(
+            f"| {r['variant']} | {r['plan']} | {size} | {r['perplexity']:.3f} | "
+            f"{r['ppl_delta_pct']:+.2f} % | {r['kl_mean']:.4f} | {r['kl_p99']:.4f} | "
+            f"{100 * r['greedy_agreement']:.1f} % |"
+        )
     return "\n".join(lines) + "\n"

@@ -33,10 +33,15 @@ class Tally:
 
     def summary(self) -> dict:
         kl = torch.tensor(self.kl_values or [0.0], dtype=torch.float64)
-        return {"tokens": self.tokens, "nll": self.nll / max(1, self.tokens),
-                "perplexity": float(torch.tensor(self.nll / max(1, self.tokens)).exp()),
-                "kl_mean": self.kl / max(1, self.tokens), "kl_p99": float(kl.quantile(0.99)),
-                "kl_max": float(kl.max()), "greedy_agreement": self.agree / max(1, self.tokens)}
+        return {
+            "tokens": self.tokens,
+            "nll": self.nll / max(1, self.tokens),
+            "perplexity": float(torch.tensor(self.nll / max(1, self.tokens)).exp()),
+            "kl_mean": self.kl / max(1, self.tokens),
+            "kl_p99": float(kl.quantile(0.99)),
+            "kl_max": float(kl.max()),
+            "greedy_agreement": self.agree / max(1, self.tokens),
+        }
 
 
 class Scorer(Protocol):

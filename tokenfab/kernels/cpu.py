@@ -86,16 +86,40 @@ def linear_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.T
     return _linear("tf_linear_fp8", x, *w.shape, _ptr(w), _ptr(scale))
 
 
-def linear_lut4(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int, rows: torch.Tensor | None,
-                lut: torch.Tensor, lut_mult: float) -> torch.Tensor:
+def linear_lut4(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    group: int,
+    rows: torch.Tensor | None,
+    lut: torch.Tensor,
+    lut_mult: float,
+) -> torch.Tensor:
     """packed uint8 [N, K/2] (even column in the low nibble); scales float16 [N, K/group]; rows float32 [N] or None;
     lut int8 [16] code -> value / lut_mult."""
-    return _linear("tf_linear_lut4", x, packed.shape[0], packed.shape[1] * 2, _ptr(packed), _ptr(scales), group,
-                   _opt(rows), _ptr(lut), lut_mult)
+    return _linear(
+        "tf_linear_lut4",
+        x,
+        packed.shape[0],
+        packed.shape[1] * 2,
+        _ptr(packed),
+        _ptr(scales),
+        group,
+        _opt(rows),
+        _ptr(lut),
+        lut_mult,
+    )
 
 
-def linear_lut4_q8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int, rows: torch.Tensor | None,
-                   lut: torch.Tensor, lut_mult: float) -> torch.Tensor:
+def linear_lut4_q8(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    group: int,
+    rows: torch.Tensor | None,
+    lut: torch.Tensor,
+    lut_mult: float,
+) -> torch.Tensor:
     """linear_lut4 with x quantized to int8 per 32 columns (W4A8, exact int32 dot products); K % 32 == 0 and
     group in (16, 32). Scales are float16, or (group 16) float8_e4m3fn as NVFP4 stores them."""
     N, K = packed.shape[0], packed.shape[1] * 2
@@ -105,8 +129,9 @@ def linear_lut4_q8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
     if scales.dtype not in (torch.float16, torch.float8_e4m3fn):
         raise ValueError(f"scales must be float16 or float8_e4m3fn, not {scales.dtype}")
     mult = lut_mult * 256.0 if fp8 else lut_mult  # the kernel's fp8 -> fp16 widening leaves values 2^-8 small
-    return _linear("tf_linear_lut4_q8", x, N, K, _ptr(packed), _ptr(scales), group, int(fp8), _opt(rows), _ptr(lut),
-                   mult)
+    return _linear(
+        "tf_linear_lut4_q8", x, N, K, _ptr(packed), _ptr(scales), group, int(fp8), _opt(rows), _ptr(lut), mult
+    )
 
 
 def linear_int8_q8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -132,8 +157,9 @@ def gated_act(gate_up: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
         raise ValueError("gate_up must be contiguous float32 with an even last dimension")
     inter = gate_up.shape[-1] // 2
     out = gate_up.new_empty((*gate_up.shape[:-1], inter))
-    load_library().tf_gated_act(_ptr(gate_up), _ptr(out), gate_up.numel() // (2 * inter), inter, int(gelu_tanh),
-                                torch.get_num_threads())
+    load_library().tf_gated_act(
+        _ptr(gate_up), _ptr(out), gate_up.numel() // (2 * inter), inter, int(gelu_tanh), torch.get_num_threads()
+    )
     return out
 
 
@@ -143,11 +169,23 @@ def gated_mlp_bf16(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
     gated_act and linear_bf16 in turn. Returns [M, hidden]."""
     (two_inter, K), (hidden, inter) = w_gate_up.shape, w_down.shape
     if x.dim() != 2 or x.shape[1] != K or two_inter != 2 * inter or x.dtype != torch.float32 or not x.is_contiguous():
-        raise ValueError(f"gated MLP shapes: x {tuple(x.shape)} {x.dtype}, gate/up {tuple(w_gate_up.shape)}, "
-                         f"down {tuple(w_down.shape)}")
+        raise ValueError(
+            f"gated MLP shapes: x {tuple(x.shape)} {x.dtype}, gate/up {tuple(w_gate_up.shape)}, "
+            f"down {tuple(w_down.shape)}"
+        )
     y = torch.empty(x.shape[0], hidden, dtype=torch.float32)
-    load_library().tf_gated_mlp_bf16(x.data_ptr(), w_gate_up.data_ptr(), w_down.data_ptr(), y.data_ptr(), x.shape[0],
-                                     K, inter, hidden, int(gelu_tanh), torch.get_num_threads())
+    load_library().tf_gated_mlp_bf16(
+        x.data_ptr(),
+        w_gate_up.data_ptr(),
+        w_down.data_ptr(),
+        y.data_ptr(),
+        x.shape[0],
+        K,
+        inter,
+        hidden,
+        int(gelu_tanh),
+        torch.get_num_threads(),
+    )
     return y
 
 
@@ -168,21 +206,32 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
-def add_rms_norm_(x: torch.Tensor, h: torch.Tensor, h_weight: torch.Tensor | None, weight: torch.Tensor,
-                  eps: float) -> torch.Tensor:
+def add_rms_norm_(
+    x: torch.Tensor, h: torch.Tensor, h_weight: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
     """In place on the residual x [T, dim] (float32, contiguous): x += rms_norm(h) * h_weight (or x += h when
     h_weight is None); returns rms_norm(x) * weight, all in one pass per row."""
     if not (x.is_contiguous() and h.is_contiguous()) or x.shape != h.shape:
         raise ValueError("x and h must be contiguous and of one shape")
     dim = x.shape[-1]
     out = torch.empty_like(x)
-    load_library().tf_add_rmsnorm(_ptr(x), _ptr(h), _opt(h_weight), _ptr(weight), _ptr(out), x.numel() // dim, dim,
-                                  eps, torch.get_num_threads())
+    load_library().tf_add_rmsnorm(
+        _ptr(x), _ptr(h), _opt(h_weight), _ptr(weight), _ptr(out), x.numel() // dim, dim, eps, torch.get_num_threads()
+    )
     return out
 
 
-def qk_norm_rope_(qkv: torch.Tensor, heads: int, kv_heads: int, dim: int, q_weight: torch.Tensor | None,
-                  k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor) -> None:
+def qk_norm_rope_(
+    qkv: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    dim: int,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> None:
     """In place on qkv [T, >= (heads + kv_heads) * dim] float32 (rows contiguous): per-head RMSNorm of query and
     key heads (when weights are given), then rotate-half rotary with cos/sin [T, dim] float32."""
     tokens = qkv.shape[0]
@@ -190,27 +239,76 @@ def qk_norm_rope_(qkv: torch.Tensor, heads: int, kv_heads: int, dim: int, q_weig
         raise ValueError("qkv rows and cos/sin must be contiguous")
     qw = _ptr(q_weight) if q_weight is not None else None
     kw = _ptr(k_weight) if k_weight is not None else None
-    load_library().tf_qk_norm_rope(_ptr(qkv), tokens, qkv.stride(0), heads, kv_heads, dim, qw, kw, eps, _ptr(cos),
-                                   _ptr(sin), torch.get_num_threads())
+    load_library().tf_qk_norm_rope(
+        _ptr(qkv),
+        tokens,
+        qkv.stride(0),
+        heads,
+        kv_heads,
+        dim,
+        qw,
+        kw,
+        eps,
+        _ptr(cos),
+        _ptr(sin),
+        torch.get_num_threads(),
+    )
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
-                           lo: torch.Tensor, hi: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    blocks: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
     """q [B, H, D] float32; caches [slots, KVH, D] float32; blocks int64 [B, max_blocks]; sequence b attends to
     positions [lo[b], hi[b]) (int32) of its block list. Returns [B, H, D]."""
     batch, heads, dim = q.shape
     q = q.contiguous()
     out = torch.empty_like(q)
     load_library().tf_paged_decode_attention(
-        _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(blocks), blocks.shape[1], _ptr(lo), _ptr(hi), batch, heads,
-        k_cache.shape[1], dim, block_size, scale, _ptr(out), torch.get_num_threads())
+        _ptr(q),
+        _ptr(k_cache),
+        _ptr(v_cache),
+        _ptr(blocks),
+        blocks.shape[1],
+        _ptr(lo),
+        _ptr(hi),
+        batch,
+        heads,
+        k_cache.shape[1],
+        dim,
+        block_size,
+        scale,
+        _ptr(out),
+        torch.get_num_threads(),
+    )
     return out
 
 
-def decode_attention_step(qkv: torch.Tensor, heads: int, kv_heads: int, dim: int, q_weight: torch.Tensor | None,
-                          k_weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-                          k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, blocks: torch.Tensor,
-                          lo: torch.Tensor, hi: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+def decode_attention_step(
+    qkv: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    dim: int,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    blocks: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
     """Attention of B single-token sequences from their fused projection qkv [B, >= (heads + 2 kv_heads) * dim]
     (float32, rows contiguous; q/k normed and rotated in place as qk_norm_rope_ does): writes each token's key
     and value to cache slot slots[b] (int64), then attends as paged_decode_attention. Returns [B, heads, dim].
@@ -220,9 +318,29 @@ def decode_attention_step(qkv: torch.Tensor, heads: int, kv_heads: int, dim: int
         raise ValueError("qkv rows and cos/sin must be contiguous")
     out = qkv.new_empty((batch, heads, dim))
     load_library().tf_decode_attention_step(
-        qkv.data_ptr(), batch, qkv.stride(0), heads, kv_heads, dim, _opt(q_weight), _opt(k_weight), eps,
-        cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), blocks.data_ptr(),
-        blocks.shape[1], lo.data_ptr(), hi.data_ptr(), block_size, scale, out.data_ptr(), torch.get_num_threads())
+        qkv.data_ptr(),
+        batch,
+        qkv.stride(0),
+        heads,
+        kv_heads,
+        dim,
+        _opt(q_weight),
+        _opt(k_weight),
+        eps,
+        cos.data_ptr(),
+        sin.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        slots.data_ptr(),
+        blocks.data_ptr(),
+        blocks.shape[1],
+        lo.data_ptr(),
+        hi.data_ptr(),
+        block_size,
+        scale,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
     return out
 
 
@@ -247,10 +365,12 @@ def dequant_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def dequant_lut4(packed: torch.Tensor, scales: torch.Tensor, group: int, rows: torch.Tensor, lut: torch.Tensor,
-                 lut_mult: float) -> torch.Tensor:
+def dequant_lut4(
+    packed: torch.Tensor, scales: torch.Tensor, group: int, rows: torch.Tensor, lut: torch.Tensor, lut_mult: float
+) -> torch.Tensor:
     N, K = packed.shape[0], packed.shape[1] * 2
     out = torch.empty(N, K, dtype=torch.float32)
-    load_library().tf_dequant_lut4(_ptr(packed), _ptr(scales), group, _ptr(rows), _ptr(lut), lut_mult, _ptr(out),
-                                   N, K, torch.get_num_threads())
+    load_library().tf_dequant_lut4(
+        _ptr(packed), _ptr(scales), group, _ptr(rows), _ptr(lut), lut_mult, _ptr(out), N, K, torch.get_num_threads()
+    )
     return out

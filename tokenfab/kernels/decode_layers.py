@@ -18,13 +18,31 @@ _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
 class _Dims(ctypes.Structure):
-    _fields_ = [("hidden", _I64), ("heads", _I64), ("kv_heads", _I64), ("head_dim", _I64), ("inter", _I64),
-                ("block_size", _I64), ("eps", _F32), ("scale", _F32), ("gelu", _I64)]
+    _fields_ = [
+        ("hidden", _I64),
+        ("heads", _I64),
+        ("kv_heads", _I64),
+        ("head_dim", _I64),
+        ("inter", _I64),
+        ("block_size", _I64),
+        ("eps", _F32),
+        ("scale", _F32),
+        ("gelu", _I64),
+    ]
 
 
 class _Linear(ctypes.Structure):
-    _fields_ = [("kind", _I64), ("N", _I64), ("K", _I64), ("w", _P), ("scale", _P), ("segments", _I64),
-                ("layouts", _P), ("rows", _P), ("data", _P)]
+    _fields_ = [
+        ("kind", _I64),
+        ("N", _I64),
+        ("K", _I64),
+        ("w", _P),
+        ("scale", _P),
+        ("segments", _I64),
+        ("layouts", _P),
+        ("rows", _P),
+        ("data", _P),
+    ]
 
 
 _BF16, _GGUF, _INT8 = 1, 2, 3
@@ -32,8 +50,16 @@ _NORMS = ("q_norm", "k_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm", "ne
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [("qkv", _Linear), ("qkv_bias", _P), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear),
-                *((name, _P) for name in _NORMS), ("group", _I64), ("sliding", _I64)]
+    _fields_ = [
+        ("qkv", _Linear),
+        ("qkv_bias", _P),
+        ("o", _Linear),
+        ("gate_up", _Linear),
+        ("down", _Linear),
+        *((name, _P) for name in _NORMS),
+        ("group", _I64),
+        ("sliding", _I64),
+    ]
 
 
 class _Group(ctypes.Structure):
@@ -71,8 +97,17 @@ class KernelLinear:
             q, scale = self.int8
             return _Linear(_INT8, self.N, self.K, q.data_ptr(), scale.data_ptr(), 0, None, None, None)
         t = self.gguf
-        return _Linear(_GGUF, self.N, self.K, None, None, t.count, ctypes.addressof(t.layouts),
-                       ctypes.addressof(t.rows), ctypes.addressof(t.data))
+        return _Linear(
+            _GGUF,
+            self.N,
+            self.K,
+            None,
+            None,
+            t.count,
+            ctypes.addressof(t.layouts),
+            ctypes.addressof(t.rows),
+            ctypes.addressof(t.data),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,25 +154,64 @@ class DecodeLayers:
         self._fn = load_library().tf_decode_layers
         self._keep = layers
         self.hidden = dims.hidden
-        self._dims = _Dims(dims.hidden, dims.heads, dims.kv_heads, dims.head_dim, dims.inter, dims.block_size,
-                           dims.eps, dims.scale, int(dims.gelu_tanh))
-        self._layers = (_Layer * len(layers))(*(
-            _Layer(t.qkv._struct(), _ptr(t.qkv_bias), t.o._struct(), t.gate_up._struct(), t.down._struct(),
-                   *(_ptr(getattr(t, name)) for name in _NORMS), t.group, int(t.sliding))
-            for t in layers))
+        self._dims = _Dims(
+            dims.hidden,
+            dims.heads,
+            dims.kv_heads,
+            dims.head_dim,
+            dims.inter,
+            dims.block_size,
+            dims.eps,
+            dims.scale,
+            int(dims.gelu_tanh),
+        )
+        self._layers = (_Layer * len(layers))(
+            *(
+                _Layer(
+                    t.qkv._struct(),
+                    _ptr(t.qkv_bias),
+                    t.o._struct(),
+                    t.gate_up._struct(),
+                    t.down._struct(),
+                    *(_ptr(getattr(t, name)) for name in _NORMS),
+                    t.group,
+                    int(t.sliding),
+                )
+                for t in layers
+            )
+        )
         self._num_layers = len(layers)
 
-    def run(self, x: torch.Tensor, normed: torch.Tensor, groups: list[GroupStep],
-            rope: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def run(
+        self,
+        x: torch.Tensor,
+        normed: torch.Tensor,
+        groups: list[GroupStep],
+        rope: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
         """x [M, hidden] float32 (the residual stream, updated in place); normed: the first layer's input norm of x,
         overwritten with the final norm of the stream. rope: (cos, sin) of the full and the sliding tables,
         [M, head_dim] contiguous each."""
         if x.shape != normed.shape or x.shape[-1] != self.hidden or not (x.is_contiguous() and normed.is_contiguous()):
             raise ValueError(f"x and normed must be contiguous [M, {self.hidden}]")
-        step = (_Group * len(groups))(*(_Group(g.slots.data_ptr(), g.blocks.data_ptr(), g.blocks.shape[1],
-                                               g.lo.data_ptr(), g.hi.data_ptr()) for g in groups))
+        step = (_Group * len(groups))(
+            *(
+                _Group(g.slots.data_ptr(), g.blocks.data_ptr(), g.blocks.shape[1], g.lo.data_ptr(), g.hi.data_ptr())
+                for g in groups
+            )
+        )
         (cos_full, sin_full), (cos_sliding, sin_sliding) = rope
         cos = (_P * 2)(cos_full.data_ptr(), cos_sliding.data_ptr())
         sin = (_P * 2)(sin_full.data_ptr(), sin_sliding.data_ptr())
-        self._fn(ctypes.byref(self._dims), self._layers, self._num_layers, step, cos, sin, x.data_ptr(),
-                 normed.data_ptr(), x.shape[0], torch.get_num_threads())
+        self._fn(
+            ctypes.byref(self._dims),
+            self._layers,
+            self._num_layers,
+            step,
+            cos,
+            sin,
+            x.data_ptr(),
+            normed.data_ptr(),
+            x.shape[0],
+            torch.get_num_threads(),
+        )

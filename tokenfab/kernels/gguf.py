@@ -37,8 +37,9 @@ def repack(qtype: int, data: torch.Tensor, K: int) -> tuple[int, torch.Tensor]:
     file's layout is already that (K-quants, Q8_0), else a repacked copy of the same size."""
     _check(data)
     out = torch.empty_like(data)
-    layout = load_library().tf_gguf_repack(int(qtype), data.data_ptr(), out.data_ptr(), data.shape[0], K,
-                                           torch.get_num_threads())
+    layout = load_library().tf_gguf_repack(
+        int(qtype), data.data_ptr(), out.data_ptr(), data.shape[0], K, torch.get_num_threads()
+    )
     if layout == 0:
         raise ValueError(f"no kernel for ggml type {qtype} with {K} columns")
     return (layout, out) if layout != qtype else (layout, data)
@@ -76,8 +77,15 @@ def dequantize(layout: int, data: torch.Tensor, K: int, ids: torch.Tensor | None
             raise IndexError(f"row ids out of range [0, {data.shape[0]})")
     n = data.shape[0] if index is None else index.numel()
     out = torch.empty(n, K, dtype=torch.float32)
-    load_library().tf_gguf_dequantize(int(layout), data.data_ptr(), None if index is None else index.data_ptr(), n,
-                                      K, out.data_ptr(), torch.get_num_threads())
+    load_library().tf_gguf_dequantize(
+        int(layout),
+        data.data_ptr(),
+        None if index is None else index.data_ptr(),
+        n,
+        K,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
     return out
 
 

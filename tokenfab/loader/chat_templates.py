@@ -47,10 +47,7 @@ GEMMA3_CHAT_TEMPLATE = (
     "{%- endif -%}\n"
 )
 
-_DEFAULTS = {
-    "gemma3": GEMMA3_CHAT_TEMPLATE,
-    "gemma3_text": GEMMA3_CHAT_TEMPLATE,
-}
+_DEFAULTS = {"gemma3": GEMMA3_CHAT_TEMPLATE, "gemma3_text": GEMMA3_CHAT_TEMPLATE}
 
 
 def default_chat_template(model_type: str) -> str | None:

@@ -56,34 +56,85 @@ _TOKEN_ID_KEYS = {
 # What the HF config classes fall back to for values a GGUF does not state, per model_type.
 _CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {
-        "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-        "attention_bias": False, "mlp_bias": False, "attention_dropout": 0.0, "pretraining_tp": 1,
-        "initializer_range": 0.02, "use_cache": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,
+        "hidden_act": "silu",
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "pretraining_tp": 1,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": None,
     },
     "mistral": {
-        "hidden_act": "silu", "max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-        "sliding_window": 4096, "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096 * 32,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "sliding_window": 4096,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": None,
     },
     "qwen2": {
-        "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-        "use_sliding_window": False, "sliding_window": None, "max_window_layers": 28, "attention_dropout": 0.0,
-        "initializer_range": 0.02, "use_cache": True, "bos_token_id": None, "eos_token_id": None,
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": 28,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": None,
+        "eos_token_id": None,
         "pad_token_id": None,
     },
     "qwen3": {
-        "hidden_act": "silu", "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-        "head_dim": 128, "attention_bias": False, "use_sliding_window": False, "sliding_window": None,
-        "max_window_layers": 28, "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
-        "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "head_dim": 128,
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": 28,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
     },
     "gemma3_text": {
-        "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
-        "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, "query_pre_attn_scalar": 256,
-        "sliding_window": 4096, "sliding_window_pattern": 6, "final_logit_softcapping": None,
-        "attn_logit_softcapping": None, "attention_bias": False, "attention_dropout": 0.0,
-        "use_bidirectional_attention": False, "initializer_range": 0.02, "use_cache": True, "head_dim": 256,
-        "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+        "sliding_window_pattern": 6,
+        "final_logit_softcapping": None,
+        "attn_logit_softcapping": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_bidirectional_attention": False,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "head_dim": 256,
+        "bos_token_id": 2,
+        "eos_token_id": 1,
+        "pad_token_id": 0,
     },
 }
 
@@ -114,7 +165,7 @@ _ARCH_LAYER_TENSORS = {
         "ffn_norm": "pre_feedforward_layernorm",
         "post_attention_norm": "post_attention_layernorm",
         "post_ffw_norm": "post_feedforward_layernorm",
-    },
+    }
 }
 _DEFAULT_LAYER_TENSORS = {"ffn_norm": "post_attention_layernorm"}
 
@@ -240,9 +291,7 @@ def _add_layer_types(config: dict[str, Any], model_type: str) -> None:
     if model_type == "gemma3_text":
         # GGUF does not record the pattern; llama.cpp and transformers both hard-code 5 local : 1 global.
         pattern = config["sliding_window_pattern"]
-        config["layer_types"] = [
-            "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)
-        ]
+        config["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
     elif model_type in ("qwen2", "qwen3"):
         config["layer_types"] = ["full_attention"] * layers
 
@@ -374,8 +423,16 @@ def read_gguf_tokenizer(path: str | os.PathLike[str]) -> tuple[Tokenizer, dict[s
 class _GgufVocab:
     """The tokenizer.ggml.* arrays of a file."""
 
-    def __init__(self, model: str, pre: str | None, tokens: list[str], scores: list[float] | None,
-                 token_types: list[int], merges: list[str] | None, add_space_prefix: bool | None) -> None:
+    def __init__(
+        self,
+        model: str,
+        pre: str | None,
+        tokens: list[str],
+        scores: list[float] | None,
+        token_types: list[int],
+        merges: list[str] | None,
+        add_space_prefix: bool | None,
+    ) -> None:
         self.model = model
         self.pre = pre
         self.tokens = tokens
@@ -416,8 +473,14 @@ def _gemma_backend(vocab: _GgufVocab) -> Tokenizer:
     ids = {token: index for index, token in enumerate(tokens)}
     # Gemma's scores do not follow its merge order; the token order in the file does.
     ranks = {token: -index for index, token in enumerate(tokens)}
-    model = BPE(vocab=ids, merges=merges_from_vocab(ids, ranks), fuse_unk=True, unk_token="<unk>",
-                dropout=None, byte_fallback=True)
+    model = BPE(
+        vocab=ids,
+        merges=merges_from_vocab(ids, ranks),
+        fuse_unk=True,
+        unk_token="<unk>",
+        dropout=None,
+        byte_fallback=True,
+    )
     tokenizer = Tokenizer(model)
     tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
     tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
@@ -455,16 +518,19 @@ def _byte_level_backend(vocab: _GgufVocab) -> Tokenizer:
         for index, token in enumerate(vocab.tokens)
     }
     merges = [tuple(merge.split(" ")) for merge in vocab.merges]
-    tokenizer = Tokenizer(BPE(vocab=ids, merges=merges, dropout=None, continuing_subword_prefix="",
-                              end_of_word_suffix="", fuse_unk=False))
+    tokenizer = Tokenizer(
+        BPE(vocab=ids, merges=merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
+    )
     split = _PRE_TOKENIZER_SPLITS.get(vocab.pre or "")
     if split is None:
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
-        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
 

@@ -109,7 +109,9 @@ def _layer_windows(cfg: dict[str, Any], model_type: str, num_layers: int) -> tup
         layer_types = cfg.get("layer_types")
         if layer_types is None:
             pattern = int(cfg.get("sliding_window_pattern", 6))
-            layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)]
+            layer_types = [
+                "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)
+            ]
         return tuple(window if t == "sliding_attention" else None for t in layer_types)
     if model_type in ("qwen2", "qwen3"):
         if not cfg.get("use_sliding_window", False) or window is None:

@@ -39,12 +39,14 @@ def _kernel_linear(linear: Linear) -> tuple[KernelLinear, int] | None:
     return None
 
 
-def _layer_tensors(layer: DecoderLayer, next_norm: torch.Tensor, cache: KVCache, index: int
-                   ) -> tuple[LayerTensors, int] | None:
+def _layer_tensors(
+    layer: DecoderLayer, next_norm: torch.Tensor, cache: KVCache, index: int
+) -> tuple[LayerTensors, int] | None:
     attn, mlp = layer.self_attn, layer.mlp
     linears = [_kernel_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-    if any(w is None for w in linears) or any(m.bias is not None for m in (attn.o_proj, mlp.gate_up_proj,
-                                                                              mlp.down_proj)):
+    if any(w is None for w in linears) or any(
+        m.bias is not None for m in (attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    ):
         return None
     weights = [w for w, _ in linears]
     g, i = cache.layer_slot[index]
@@ -52,9 +54,21 @@ def _layer_tensors(layer: DecoderLayer, next_norm: torch.Tensor, cache: KVCache,
     def norm(module: torch.nn.Module | None) -> torch.Tensor | None:
         return None if module is None else module.weight
 
-    tensors = LayerTensors(weights[0], attn.qkv_proj.bias, *weights[1:], norm(attn.q_norm), norm(attn.k_norm),
-                           norm(layer.post_attn_norm), layer.mlp_norm.weight, norm(layer.post_mlp_norm), next_norm,
-                           cache.k[g][i], cache.v[g][i], g, layer.sliding)
+    tensors = LayerTensors(
+        weights[0],
+        attn.qkv_proj.bias,
+        *weights[1:],
+        norm(attn.q_norm),
+        norm(attn.k_norm),
+        norm(layer.post_attn_norm),
+        layer.mlp_norm.weight,
+        norm(layer.post_mlp_norm),
+        next_norm,
+        cache.k[g][i],
+        cache.v[g][i],
+        g,
+        layer.sliding,
+    )
     return tensors, min(rows for _, rows in linears)
 
 
@@ -77,16 +91,28 @@ class CpuDecodeStep:
         if any(b is None for b in bound):
             return None
         a = model.arch
-        dims = DecodeDims(a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.intermediate_size,
-                          cache.block_size, a.rms_norm_eps, a.softmax_scale, a.activation == "gelu_tanh")
+        dims = DecodeDims(
+            a.hidden_size,
+            a.num_heads,
+            a.num_kv_heads,
+            a.head_dim,
+            a.intermediate_size,
+            cache.block_size,
+            a.rms_norm_eps,
+            a.softmax_scale,
+            a.activation == "gelu_tanh",
+        )
         return cls(model, DecodeLayers(dims, [t for t, _ in bound]), min(rows for _, rows in bound))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: object) -> torch.Tensor | None:
         """model.forward(input_ids, positions) for a step of single-token sequences (attention metadata of the torch
         backend); None for any other step."""
         tokens = input_ids.shape[0]
-        if (not isinstance(metadata, TorchMetadata) or tokens > self.max_rows
-                or any(g.num_decodes != tokens for g in metadata.groups)):
+        if (
+            not isinstance(metadata, TorchMetadata)
+            or tokens > self.max_rows
+            or any(g.num_decodes != tokens for g in metadata.groups)
+        ):
             return None
         x, rope = self.model.embed(input_ids, positions)
         normed = self.model.layers[0].attn_norm(x)

@@ -24,9 +24,9 @@ from tokenfab.models.layers import (
     gated_activation,
 )
 from tokenfab.quant import QUANTIZED_FORMATS, LinearWeight, build_weight
-from tokenfab.quant.plan import QuantPlan
 from tokenfab.quant.bf16 import BF16Weight, fused_gated_mlp
 from tokenfab.quant.gguf_packed import GGUFWeight
+from tokenfab.quant.plan import QuantPlan
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -36,8 +36,9 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.arch = arch
-        self.layout = HeadLayout(arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.softmax_scale,
-                                 arch.rms_norm_eps)
+        self.layout = HeadLayout(
+            arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.softmax_scale, arch.rms_norm_eps
+        )
         self.qkv_proj = Linear(arch.hidden_size, arch.q_size + 2 * arch.kv_size, bias=arch.qkv_bias)
         self.o_proj = Linear(arch.q_size, arch.hidden_size)
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
@@ -53,14 +54,24 @@ class Attention(nn.Module):
             out = ctx.backend.forward(self.layer, q, k, v, self.layout.scale, ctx.metadata, ctx.cache)
         return self.o_proj(out.reshape(-1, self.arch.q_size))
 
-    def _project(self, qkv: torch.Tensor, rope: Rope, norms: tuple[torch.Tensor, torch.Tensor] | None
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _project(
+        self, qkv: torch.Tensor, rope: Rope, norms: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k (normed with `norms` where given, and rotated) and v of the fused projection."""
         a = self.arch
         if qkv.dtype == torch.float32 and qkv.device.type == "cpu" and kernels.available():
             q_weight, k_weight = norms if norms is not None else (None, None)
-            kernels.qk_norm_rope_(qkv, a.num_heads, a.num_kv_heads, a.head_dim, q_weight, k_weight, a.rms_norm_eps,
-                                  rope[0].view(-1, a.head_dim), rope[1].view(-1, a.head_dim))
+            kernels.qk_norm_rope_(
+                qkv,
+                a.num_heads,
+                a.num_kv_heads,
+                a.head_dim,
+                q_weight,
+                k_weight,
+                a.rms_norm_eps,
+                rope[0].view(-1, a.head_dim),
+                rope[1].view(-1, a.head_dim),
+            )
             q, k, v = self._split(qkv)
         else:
             q, k, v = self._split(qkv)
@@ -72,8 +83,11 @@ class Attention(nn.Module):
     def _split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a = self.arch
         q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
-        return (q.reshape(-1, a.num_heads, a.head_dim), k.reshape(-1, a.num_kv_heads, a.head_dim),
-                v.reshape(-1, a.num_kv_heads, a.head_dim))
+        return (
+            q.reshape(-1, a.num_heads, a.head_dim),
+            k.reshape(-1, a.num_kv_heads, a.head_dim),
+            v.reshape(-1, a.num_kv_heads, a.head_dim),
+        )
 
 
 class MLP(nn.Module):
@@ -107,8 +121,9 @@ class DecoderLayer(nn.Module):
         x, _ = self.run(rope, x.clone(), self.attn_norm(x), None)
         return x
 
-    def run(self, rope: Rope, x: torch.Tensor, normed: torch.Tensor, next_norm: RMSNorm | None
-            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def run(
+        self, rope: Rope, x: torch.Tensor, normed: torch.Tensor, next_norm: RMSNorm | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: the residual stream (may be updated in place); normed: attn_norm(x). Returns the stream after the
         layer and next_norm of it: each norm is fused with the residual add before it (see add_norm)."""
         h = self.self_attn(rope, normed)
@@ -141,8 +156,9 @@ class DecoderModel(nn.Module):
         normed = self.layers[0].attn_norm(x)
         for i, layer in enumerate(self.layers):
             last = i + 1 == len(self.layers)
-            x, normed = layer.run(sliding if layer.sliding else full, x, normed,
-                                  self.norm if last else self.layers[i + 1].attn_norm)
+            x, normed = layer.run(
+                sliding if layer.sliding else full, x, normed, self.norm if last else self.layers[i + 1].attn_norm
+            )
         return normed
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, tuple[Rope, Rope]]:
@@ -158,8 +174,11 @@ class DecoderModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
-                     stored: Callable[[], Mapping[str, LinearWeight]] | None = None) -> None:
+    def load_weights(
+        self,
+        weights: Iterable[tuple[str, torch.Tensor]],
+        stored: Callable[[], Mapping[str, LinearWeight]] | None = None,
+    ) -> None:
         """Load HF-named tensors, fusing q/k/v and gate/up; fails loudly on anything missing or unknown.
         `stored` gives, once `weights` is exhausted, the projections a quantized checkpoint holds in a weight
         format, by HF module name (see tokenfab.quant.checkpoint). MTP modules, stored as the layers after the
@@ -212,8 +231,13 @@ _NORMS = {
     "pre_feedforward_layernorm": "mlp_norm",
     "post_feedforward_layernorm": "post_mlp_norm",
 }
-_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+_FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
 
 
 def _target_name(model: DecoderModel, name: str) -> tuple[str, int | None]:
@@ -255,9 +279,12 @@ def linear_layer_name(hf_name: str) -> str | None:
     return ".".join(parts[:3] + [_FUSED.get(parts[3], (parts[3],))[0]])
 
 
-def load_hf_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
-                    stored: Callable[[], Mapping[str, LinearWeight]] | None = None,
-                    keep: Callable[[str], bool] = lambda name: True) -> None:
+def load_hf_weights(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    stored: Callable[[], Mapping[str, LinearWeight]] | None = None,
+    keep: Callable[[str], bool] = lambda name: True,
+) -> None:
     """Copy HF-named tensors into `model` (which has an `arch`); mapped names that `keep` refuses are skipped."""
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
@@ -277,7 +304,9 @@ def load_hf_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]
             offset = sum(sizes[:shard])
             target = target.narrow(0, offset, sizes[shard])
         if target.shape != tensor.shape:
-            raise ValueError(f"shape mismatch for {hf_name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
+            raise ValueError(
+                f"shape mismatch for {hf_name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}"
+            )
         if model.arch.norm_plus_one and name.endswith("norm.weight"):
             tensor = tensor.float() + 1.0
         target.copy_(tensor)

@@ -1,4 +1,5 @@
-"""Building blocks of the decoder: RMSNorm, rotary embedding, gated MLP activation and a linear over any weight format."""
+"""Building blocks of the decoder: RMSNorm, rotary embedding, gated MLP activation, a linear over any weight
+format."""
 
 from __future__ import annotations
 
@@ -76,14 +77,16 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
-def add_norm(x: torch.Tensor, h: torch.Tensor, post: RMSNorm | None, norm: RMSNorm | None
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def add_norm(
+    x: torch.Tensor, h: torch.Tensor, post: RMSNorm | None, norm: RMSNorm | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The residual step after a sublayer: x + post(h) (x + h without a post-sublayer norm), and `norm` of that
     sum for the next sublayer (None without one). May update x in place: the caller owns the residual stream.
     On CPU in fp32 it is one kernel call instead of three tensor ops and two norms."""
     if norm is not None and x.dtype == torch.float32 and x.device.type == "cpu" and kernels.available():
-        normed = kernels.add_rms_norm_(x, h.contiguous(), post.weight if post is not None else None, norm.weight,
-                                       norm.eps)
+        normed = kernels.add_rms_norm_(
+            x, h.contiguous(), post.weight if post is not None else None, norm.weight, norm.eps
+        )
         return x, normed
     x = x + (post(h) if post is not None else h)
     return x, norm(x) if norm is not None else None
@@ -139,8 +142,9 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [T, H, D], k: [T, KVH, D]."""
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 

@@ -72,8 +72,13 @@ def load_tokenizer(source: ModelSource) -> Tokenizer:
     return load_hf_tokenizer(source.path)
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_positions: int,
-               weight_format: str | QuantPlan | None = "none") -> DecoderModel:
+def load_model(
+    source: ModelSource,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    weight_format: str | QuantPlan | None = "none",
+) -> DecoderModel:
     """weight_format: a tokenfab.quant format (or a per-layer plan) for the linear layers, or None to keep plain
     torch weights. Layers a quantized checkpoint stores keep the checkpoint's format either way."""
     with torch.device("meta"):
@@ -106,8 +111,10 @@ def gguf_packed_splitter(source: ModelSource, plan: QuantPlan) -> GGUFPackedSpli
     """The file's tensors with the layers `plan` gives the gguf format kept packed (and the embedding table with
     them, see tokenfab.quant.plan)."""
     if not source.is_gguf:
-        raise ValueError(f"quantization 'gguf' keeps a GGUF file's own quantized blocks, but {source.path} is not a "
-                         ".gguf file (pass --model FILE.gguf, or leave --model out for the default model's GGUF)")
+        raise ValueError(
+            f"quantization 'gguf' keeps a GGUF file's own quantized blocks, but {source.path} is not a "
+            ".gguf file (pass --model FILE.gguf, or leave --model out for the default model's GGUF)"
+        )
     tied = source.arch.tie_word_embeddings
     packed_embedding = plan.format_for("lm_head") == "gguf" if tied else plan.default == "gguf"
 

@@ -33,11 +33,19 @@ _GCC_AVX2 = ("-mavx2", "-mfma", "-mf16c")
 _GCC_AVX512 = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
 
 LEVELS: tuple[IsaLevel, ...] = (
-    IsaLevel("avx512_vnni", _AVX2 + _AVX512 + ("avx512_vnni",), _GCC_AVX2 + _GCC_AVX512 + ("-mavx512vnni",),
-             "16-lane fp32 GEMM tiles; int8 dot products with vpdpbusd"),
+    IsaLevel(
+        "avx512_vnni",
+        _AVX2 + _AVX512 + ("avx512_vnni",),
+        _GCC_AVX2 + _GCC_AVX512 + ("-mavx512vnni",),
+        "16-lane fp32 GEMM tiles; int8 dot products with vpdpbusd",
+    ),
     IsaLevel("avx512", _AVX2 + _AVX512, _GCC_AVX2 + _GCC_AVX512, "16-lane fp32 GEMM tiles"),
-    IsaLevel("avx2_vnni", _AVX2 + ("avx_vnni",), _GCC_AVX2 + ("-mavxvnni",),
-             "8-lane fp32 tiles; int8 dot products with vpdpbusd (VEX)"),
+    IsaLevel(
+        "avx2_vnni",
+        _AVX2 + ("avx_vnni",),
+        _GCC_AVX2 + ("-mavxvnni",),
+        "8-lane fp32 tiles; int8 dot products with vpdpbusd (VEX)",
+    ),
     IsaLevel("avx2", _AVX2, _GCC_AVX2, "8-lane fp32 tiles; int8 dot products with vpmaddubsw"),
 )
 """Best first. Every level computes the same numbers: the float kernels accumulate in one order on all of them and

@@ -27,8 +27,12 @@ def memory_gb() -> float:
 
 
 def describe() -> dict:
-    return {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)), "memory_gb": memory_gb(),
-            "platform": platform.platform()}
+    return {
+        "cpu": cpu_name(),
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gb": memory_gb(),
+        "platform": platform.platform(),
+    }
 
 
 def measure_ceilings() -> dict:
@@ -49,5 +53,9 @@ def measure_ceilings() -> dict:
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     gflops = 2 * 2048**3 / median_time(lambda: a @ b, 5) / 1e9
     bf16 = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return {"mem_read_gbps": round(bandwidth, 1), "fp32_gemm_gflops": round(gflops, 1), "hw_bf16": bf16,
-            "threads": torch.get_num_threads()}
+    return {
+        "mem_read_gbps": round(bandwidth, 1),
+        "fp32_gemm_gflops": round(gflops, 1),
+        "hw_bf16": bf16,
+        "threads": torch.get_num_threads(),
+    }

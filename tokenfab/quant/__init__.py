@@ -7,5 +7,14 @@ from tokenfab.quant.int8 import Int8Weight
 from tokenfab.quant.nvfp4 import NVFP4Weight
 from tokenfab.quant.registry import QUANTIZED_FORMATS, WEIGHT_FORMATS, build_weight
 
-__all__ = ["FP8Weight", "Int4Weight", "Int8Weight", "LinearWeight", "NVFP4Weight", "QUANTIZED_FORMATS",
-           "QuantizedWeight", "WEIGHT_FORMATS", "build_weight"]
+__all__ = [
+    "FP8Weight",
+    "Int4Weight",
+    "Int8Weight",
+    "LinearWeight",
+    "NVFP4Weight",
+    "QUANTIZED_FORMATS",
+    "QuantizedWeight",
+    "WEIGHT_FORMATS",
+    "build_weight",
+]

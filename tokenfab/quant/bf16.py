@@ -13,6 +13,7 @@ from tokenfab.kernels import cpu as kernels
 from tokenfab.quant.base import LinearWeight
 from tokenfab.quant.dense import DenseWeight
 
+
 class BF16Weight(DenseWeight):
     name = "bf16"
 
@@ -36,11 +37,18 @@ class BF16Weight(DenseWeight):
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
-def fused_gated_mlp(gate_up: LinearWeight | None, down: LinearWeight | None, x: torch.Tensor,
-                    gelu_tanh: bool) -> torch.Tensor | None:
+def fused_gated_mlp(
+    gate_up: LinearWeight | None, down: LinearWeight | None, x: torch.Tensor, gelu_tanh: bool
+) -> torch.Tensor | None:
     """down(act(gate(x)) * up(x)) in one kernel call when both projections are stored bf16 on the CPU kernels and
     x [rows, K] is float32 (the result is then the two products' bit for bit); None otherwise."""
-    if not (isinstance(gate_up, BF16Weight) and isinstance(down, BF16Weight) and gate_up.use_kernel
-            and down.use_kernel and x.dim() == 2 and x.dtype == torch.float32):
+    if not (
+        isinstance(gate_up, BF16Weight)
+        and isinstance(down, BF16Weight)
+        and gate_up.use_kernel
+        and down.use_kernel
+        and x.dim() == 2
+        and x.dtype == torch.float32
+    ):
         return None
     return kernels.gated_mlp_bf16(x.contiguous(), gate_up.weight, down.weight, gelu_tanh)

@@ -41,6 +41,7 @@ def collect_hessians(model: DecoderModel, windows: list[list[int]]) -> dict[str,
                 counts[name] = 0
             hessians[name].addmm_(x.t(), x)
             counts[name] += x.shape[0]
+
         return add
 
     for name, module in model.named_modules():

@@ -87,7 +87,9 @@ def _tokenfab(config: dict[str, Any]) -> CheckpointQuantization:
     formats = [config.get("format"), *config.get("layers", {}).values()]
     unknown = [f for f in formats if f not in QUANTIZED_FORMATS]
     if unknown:
-        raise ValueError(f"unknown tokenfab checkpoint format {unknown[0]!r} (choose from {', '.join(QUANTIZED_FORMATS)})")
+        raise ValueError(
+            f"unknown tokenfab checkpoint format {unknown[0]!r} (choose from {', '.join(QUANTIZED_FORMATS)})"
+        )
     return CheckpointQuantization("tokenfab", config["format"], config, dict(config.get("layers", {})))
 
 

@@ -23,22 +23,26 @@ if TYPE_CHECKING:
 
 
 def _usable(x: torch.Tensor, k_step: int, *tensors: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.shape[-1] % k_step == 0 and kernels.available()
-            and all(t.is_contiguous() for t in tensors))
+    return (
+        x.device.type == "cpu"
+        and x.shape[-1] % k_step == 0
+        and kernels.available()
+        and all(t.is_contiguous() for t in tensors)
+    )
 
 
 def nvfp4(x: torch.Tensor, w: NVFP4Weight) -> torch.Tensor | None:
     if not _usable(x, 32, w.packed, w.block_scale, w.global_scale):
         return None
-    return kernels.linear_lut4_q8(x, w.packed, w.block_scale, 16, w.global_scale, kernels.E2M1_DOUBLED, 0.5
-                                  ).to(x.dtype)
+    return kernels.linear_lut4_q8(x, w.packed, w.block_scale, 16, w.global_scale, kernels.E2M1_DOUBLED, 0.5).to(x.dtype)
 
 
 def int4(x: torch.Tensor, w: Int4Weight) -> torch.Tensor | None:
     if w.group_size not in (16, 32) or w.scales.dtype != torch.float16 or not _usable(x, 32, w.packed, w.scales):
         return None
-    return kernels.linear_lut4_q8(x, w.packed, w.scales, w.group_size, None, kernels.INT4_TWOS_COMPLEMENT, 1.0
-                                  ).to(x.dtype)
+    return kernels.linear_lut4_q8(x, w.packed, w.scales, w.group_size, None, kernels.INT4_TWOS_COMPLEMENT, 1.0).to(
+        x.dtype
+    )
 
 
 def int8(x: torch.Tensor, w: Int8Weight) -> torch.Tensor | None:
@@ -49,8 +53,14 @@ def int8(x: torch.Tensor, w: Int8Weight) -> torch.Tensor | None:
 
 def int8_runs_kernel(w: Int8Weight) -> bool:
     """Whether `int8` computes float32 CPU activations of this weight with the W8A8 kernel (at any batch size)."""
-    return (w.qweight.device.type == "cpu" and w.shape[1] % 32 == 0 and kernels.available()
-            and w.qweight.is_contiguous() and w.scale.is_contiguous() and w.scale.dtype == torch.float32)
+    return (
+        w.qweight.device.type == "cpu"
+        and w.shape[1] % 32 == 0
+        and kernels.available()
+        and w.qweight.is_contiguous()
+        and w.scale.is_contiguous()
+        and w.scale.dtype == torch.float32
+    )
 
 
 def fp8(x: torch.Tensor, w: FP8Weight) -> torch.Tensor | None:

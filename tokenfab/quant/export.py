@@ -25,13 +25,25 @@ from tokenfab.quant.registry import QUANTIZED_FORMATS
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 DEFAULT_EXCLUDE = ("lm_head",)
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                    "tokenizer.model", "chat_template.jinja", "chat_template.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
-def quantize_checkpoint(model: str | None, out_dir: str | os.PathLike[str], fmt: str,
-                        exclude: tuple[str, ...] | None = None, overrides: tuple[str, ...] = (),
-                        dtype: str = "bfloat16") -> Path:
+def quantize_checkpoint(
+    model: str | None,
+    out_dir: str | os.PathLike[str],
+    fmt: str,
+    exclude: tuple[str, ...] | None = None,
+    overrides: tuple[str, ...] = (),
+    dtype: str = "bfloat16",
+) -> Path:
     """Write `model` (HF directory, .gguf, or None for the default) quantized as `fmt` into out_dir."""
     if fmt not in QUANTIZED_FORMATS:
         raise ValueError(f"unknown quantized format {fmt!r} (choose from {', '.join(QUANTIZED_FORMATS)})")
@@ -47,20 +59,28 @@ def quantize_checkpoint(model: str | None, out_dir: str | os.PathLike[str], fmt:
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = {**source.hf_config, "torch_dtype": dtype}
     modelopt = set(formats.values()) <= {"nvfp4"}
-    config["quantization_config"] = (_modelopt_config(ignored) if modelopt else
-                                     _tokenfab_config(fmt, formats, ignored))
+    config["quantization_config"] = _modelopt_config(ignored) if modelopt else _tokenfab_config(fmt, formats, ignored)
     _write_json(out / "config.json", config)
     if modelopt:
-        _write_json(out / "hf_quant_config.json", {
-            "producer": {"name": "tokenfab", "version": __version__},
-            "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16,
-                             "exclude_modules": ignored}})
+        _write_json(
+            out / "hf_quant_config.json",
+            {
+                "producer": {"name": "tokenfab", "version": __version__},
+                "quantization": {
+                    "quant_algo": "NVFP4",
+                    "kv_cache_quant_algo": None,
+                    "group_size": 16,
+                    "exclude_modules": ignored,
+                },
+            },
+        )
     _copy_tokenizer(source, out)
     return out
 
 
-def _quantized_tensors(source: ModelSource, plan: QuantPlan, dtype: torch.dtype
-                       ) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+def _quantized_tensors(
+    source: ModelSource, plan: QuantPlan, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
     """(tensors to save, HF module -> format of each quantized projection, HF modules left in float)."""
     tensors: dict[str, torch.Tensor] = {}
     formats: dict[str, str] = {}
@@ -93,15 +113,24 @@ def _quantized_tensors(source: ModelSource, plan: QuantPlan, dtype: torch.dtype
 def _modelopt_config(ignored: list[str]) -> dict[str, Any]:
     """config.json's quantization_config as ModelOpt writes it (its convert_hf_quant_config_format)."""
     group = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
-    return {"config_groups": {"group_0": {"input_activations": dict(group), "weights": dict(group),
-                                          "targets": ["Linear"]}},
-            "ignore": ignored, "quant_algo": "NVFP4", "group_size": 16,
-            "producer": {"name": "tokenfab", "version": __version__}, "quant_method": "modelopt"}
+    return {
+        "config_groups": {"group_0": {"input_activations": dict(group), "weights": dict(group), "targets": ["Linear"]}},
+        "ignore": ignored,
+        "quant_algo": "NVFP4",
+        "group_size": 16,
+        "producer": {"name": "tokenfab", "version": __version__},
+        "quant_method": "modelopt",
+    }
 
 
 def _tokenfab_config(fmt: str, formats: dict[str, str], ignored: list[str]) -> dict[str, Any]:
-    config: dict[str, Any] = {"quant_method": "tokenfab", "format": fmt, "version": 1,
-                              "layers": {m: f for m, f in formats.items() if f != fmt}, "ignore": ignored}
+    config: dict[str, Any] = {
+        "quant_method": "tokenfab",
+        "format": fmt,
+        "version": 1,
+        "layers": {m: f for m, f in formats.items() if f != fmt},
+        "ignore": ignored,
+    }
     if fmt == "int4" or "int4" in formats.values():
         from tokenfab.quant.int4 import GROUP_SIZE
 

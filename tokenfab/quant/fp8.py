@@ -20,8 +20,10 @@ class FP8Weight(QuantizedWeight):
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor) -> None:
         if qweight.dtype != torch.float8_e4m3fn or scale.shape != (qweight.shape[0],):
-            raise ValueError(f"fp8 needs float8_e4m3fn qweight [N, K] and scale [N], got {qweight.dtype} "
-                             f"{tuple(qweight.shape)}, {tuple(scale.shape)}")
+            raise ValueError(
+                f"fp8 needs float8_e4m3fn qweight [N, K] and scale [N], got {qweight.dtype} "
+                f"{tuple(qweight.shape)}, {tuple(scale.shape)}"
+            )
         self.qweight = qweight
         """float8_e4m3fn [N, K]."""
         self.scale = scale.float()
@@ -75,6 +77,11 @@ def fp8_scaled_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -
     x2 = x.reshape(-1, shape[-1])
     x_scale = (x2.abs().amax(dim=1, keepdim=True).float() / E4M3_MAX).clamp_(min=1e-12)
     xq = (x2.float() / x_scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    out = torch._scaled_mm(xq, qweight.t(), scale_a=x_scale, scale_b=scale.view(1, -1),
-                           out_dtype=torch.bfloat16 if x.dtype == torch.float32 else x.dtype)
+    out = torch._scaled_mm(
+        xq,
+        qweight.t(),
+        scale_a=x_scale,
+        scale_b=scale.view(1, -1),
+        out_dtype=torch.bfloat16 if x.dtype == torch.float32 else x.dtype,
+    )
     return out.to(x.dtype).reshape(*shape[:-1], -1)

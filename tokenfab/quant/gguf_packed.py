@@ -23,7 +23,6 @@ from tokenfab.kernels import gguf as kernels
 from tokenfab.quant.base import LinearWeight, dequantized_linear
 
 
-
 @dataclass(frozen=True, slots=True)
 class PackedRows:
     """Consecutive rows of one ggml type."""
@@ -71,8 +70,10 @@ class GGUFWeight(LinearWeight):
         """From a file tensor's raw blocks, uint8 [rows, row_bytes] (copied out of the file's memory map first)."""
         qtype = GGMLQuantizationType(qtype)
         if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] != row_bytes(qtype, in_features):
-            raise ValueError(f"{qtype.name} blocks of {in_features} columns must be uint8 "
-                             f"[rows, {row_bytes(qtype, in_features)}], got {data.dtype} {tuple(data.shape)}")
+            raise ValueError(
+                f"{qtype.name} blocks of {in_features} columns must be uint8 "
+                f"[rows, {row_bytes(qtype, in_features)}], got {data.dtype} {tuple(data.shape)}"
+            )
         data = data.contiguous()
         if kernels.supports(qtype, in_features):
             layout, data = kernels.repack(qtype, data, in_features)

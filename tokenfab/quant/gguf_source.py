@@ -45,8 +45,12 @@ class GGUFPackedSplitter:
 
 
 def packable(entry: GGUFEntry) -> bool:
-    return (entry.tensor.tensor_type in KERNEL_TYPES and len(entry.shape) == 2 and entry.norm_offset == 0
-            and entry.hf_name.endswith(".weight"))
+    return (
+        entry.tensor.tensor_type in KERNEL_TYPES
+        and len(entry.shape) == 2
+        and entry.norm_offset == 0
+        and entry.hf_name.endswith(".weight")
+    )
 
 
 def packed_weight(entry: GGUFEntry) -> GGUFWeight:

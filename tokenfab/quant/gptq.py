@@ -100,7 +100,7 @@ def gptq_quantize(cls: type[QuantizedWeight], weight: torch.Tensor, hessian: tor
         for i in range(end - start):
             col = start + i
             if col % rounding.group == 0:
-                rounding.start_group(col // rounding.group, block[:, i:i + rounding.group])
+                rounding.start_group(col // rounding.group, block[:, i : i + rounding.group])
             err = (block[:, i] - rounding.round(col, block[:, i])) / h[i, i]
             block[:, i:] -= err.unsqueeze(1) * h[i, i:].unsqueeze(0)
             errors[:, i] = err

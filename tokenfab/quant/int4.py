@@ -8,12 +8,7 @@ from __future__ import annotations
 import torch
 
 from tokenfab.quant import cpu_linear
-from tokenfab.quant.base import (
-    QuantizedWeight,
-    dequantized_linear,
-    row_chunks,
-    tensor_bytes,
-)
+from tokenfab.quant.base import QuantizedWeight, dequantized_linear, row_chunks, tensor_bytes
 from tokenfab.quant.nibbles import byte_table, decode_bytes, pack_nibbles
 
 GROUP_SIZE = 32
@@ -56,8 +51,10 @@ class Int4Weight(QuantizedWeight):
         if packed.dtype != torch.uint8 or scales.dtype != torch.float16:
             raise ValueError("int4 needs uint8 packed values and float16 scales")
         if scales.shape != (n, 2 * half_k // group_size) or (2 * half_k) % group_size:
-            raise ValueError(f"int4 scales {tuple(scales.shape)} do not fit packed {tuple(packed.shape)} "
-                             f"with group_size {group_size}")
+            raise ValueError(
+                f"int4 scales {tuple(scales.shape)} do not fit packed {tuple(packed.shape)} "
+                f"with group_size {group_size}"
+            )
         self.packed = packed
         """uint8 [N, K/2]: q & 0xF, even column in the low nibble."""
         self.scales = scales

@@ -14,8 +14,10 @@ class Int8Weight(QuantizedWeight):
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor) -> None:
         if qweight.dtype != torch.int8 or scale.shape != (qweight.shape[0],):
-            raise ValueError(f"int8 needs int8 qweight [N, K] and scale [N], got {qweight.dtype} "
-                             f"{tuple(qweight.shape)}, {tuple(scale.shape)}")
+            raise ValueError(
+                f"int8 needs int8 qweight [N, K] and scale [N], got {qweight.dtype} "
+                f"{tuple(qweight.shape)}, {tuple(scale.shape)}"
+            )
         self.qweight = qweight
         """int8 [N, K]."""
         self.scale = scale.float()

@@ -8,8 +8,12 @@ import torch
 
 
 def supported(device: torch.device) -> bool:
-    return (device.type == "cuda" and hasattr(torch, "float4_e2m1fn_x2") and hasattr(torch, "_scaled_mm")
-            and torch.cuda.get_device_capability(device) >= (10, 0))
+    return (
+        device.type == "cuda"
+        and hasattr(torch, "float4_e2m1fn_x2")
+        and hasattr(torch, "_scaled_mm")
+        and torch.cuda.get_device_capability(device) >= (10, 0)
+    )
 
 
 def to_blocked(scales: torch.Tensor) -> torch.Tensor:
@@ -29,8 +33,12 @@ def nvfp4_scaled_mm(x: torch.Tensor, weight) -> torch.Tensor:
 
     shape = x.shape
     act = NVFP4Weight.quantize(x.reshape(-1, shape[-1]))
-    out = torch._scaled_mm(act.packed.view(torch.float4_e2m1fn_x2), weight.packed.view(torch.float4_e2m1fn_x2).t(),
-                           scale_a=to_blocked(act.block_scale), scale_b=to_blocked(weight.block_scale),
-                           out_dtype=torch.bfloat16)
+    out = torch._scaled_mm(
+        act.packed.view(torch.float4_e2m1fn_x2),
+        weight.packed.view(torch.float4_e2m1fn_x2).t(),
+        scale_a=to_blocked(act.block_scale),
+        scale_b=to_blocked(weight.block_scale),
+        out_dtype=torch.bfloat16,
+    )
     out = out.float() * act.global_scale[0] * weight.global_scale[None, :]
     return out.to(x.dtype).reshape(*shape[:-1], -1)

@@ -17,18 +17,8 @@ from __future__ import annotations
 import torch
 
 from tokenfab.quant import cpu_linear
-from tokenfab.quant.base import (
-    QuantizedWeight,
-    dequantized_linear,
-    row_chunks,
-    tensor_bytes,
-)
-from tokenfab.quant.nibbles import (
-    byte_table,
-    decode_bytes,
-    pack_nibbles,
-    unpack_nibbles,
-)
+from tokenfab.quant.base import QuantizedWeight, dequantized_linear, row_chunks, tensor_bytes
+from tokenfab.quant.nibbles import byte_table, decode_bytes, pack_nibbles, unpack_nibbles
 
 BLOCK = 16
 E2M1_MAX = 6.0
@@ -47,7 +37,7 @@ def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     index = torch.searchsorted(_MIDPOINTS.to(x.device), magnitude)  # first midpoint >= |x|: ties go down
     for tie in _TIES_UP:
         index += (magnitude == tie).to(index.dtype)
-    return (index.to(torch.uint8) | ((x < 0).to(torch.uint8) << 3))
+    return index.to(torch.uint8) | ((x < 0).to(torch.uint8) << 3)
 
 
 def tensor_scale(weight: torch.Tensor) -> torch.Tensor:
@@ -69,14 +59,21 @@ def block_scales(weight: torch.Tensor, scale_2: torch.Tensor) -> torch.Tensor:
 class NVFP4Weight(QuantizedWeight):
     name = "nvfp4"
 
-    def __init__(self, packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
-                 input_scale: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        block_scale: torch.Tensor,
+        global_scale: torch.Tensor,
+        input_scale: torch.Tensor | None = None,
+    ) -> None:
         n, half_k = packed.shape
         if packed.dtype != torch.uint8 or block_scale.dtype != torch.float8_e4m3fn:
             raise ValueError("nvfp4 needs uint8 packed values and float8_e4m3fn block scales")
         if block_scale.shape != (n, 2 * half_k // BLOCK) or global_scale.shape != (n,):
-            raise ValueError(f"nvfp4 scale shapes {tuple(block_scale.shape)}, {tuple(global_scale.shape)} do not fit "
-                             f"packed {tuple(packed.shape)}")
+            raise ValueError(
+                f"nvfp4 scale shapes {tuple(block_scale.shape)}, {tuple(global_scale.shape)} do not fit "
+                f"packed {tuple(packed.shape)}"
+            )
         self.packed = packed
         """uint8 [N, K/2]: E2M1 codes, even column in the low nibble."""
         self.block_scale = block_scale
@@ -144,8 +141,12 @@ class NVFP4Weight(QuantizedWeight):
         if not torch.equal(self.global_scale, scale_2.expand_as(self.global_scale)):
             raise ValueError("a fused nvfp4 weight has several weight_scale_2 values; save its projections instead")
         input_scale = self.input_scale if self.input_scale is not None else torch.tensor(1.0)
-        return {"weight": self.packed, "weight_scale": self.block_scale, "weight_scale_2": scale_2.clone(),
-                "input_scale": input_scale.float().reshape(())}
+        return {
+            "weight": self.packed,
+            "weight_scale": self.block_scale,
+            "weight_scale_2": scale_2.clone(),
+            "input_scale": input_scale.float().reshape(()),
+        }
 
     @classmethod
     def from_checkpoint_tensors(cls, tensors: dict[str, torch.Tensor], config: dict) -> NVFP4Weight:
@@ -157,12 +158,20 @@ class NVFP4Weight(QuantizedWeight):
         if scale_2.numel() != 1:
             raise ValueError(f"weight_scale_2 must be a scalar, got shape {tuple(tensors['weight_scale_2'].shape)}")
         input_scale = tensors.get("input_scale")
-        return cls(packed, tensors["weight_scale"], scale_2.expand(packed.shape[0]).clone(),
-                   None if input_scale is None else input_scale.float().reshape(()))
+        return cls(
+            packed,
+            tensors["weight_scale"],
+            scale_2.expand(packed.shape[0]).clone(),
+            None if input_scale is None else input_scale.float().reshape(()),
+        )
 
     @classmethod
     def cat_rows(cls, parts: list[NVFP4Weight]) -> NVFP4Weight:
         # Shards of one fused layer read the same activations; a W4A4 path would quantize them with one scale.
         inputs = [p.input_scale for p in parts if p.input_scale is not None]
-        return cls(torch.cat([p.packed for p in parts]), torch.cat([p.block_scale for p in parts]),
-                   torch.cat([p.global_scale for p in parts]), torch.stack(inputs).amax() if inputs else None)
+        return cls(
+            torch.cat([p.packed for p in parts]),
+            torch.cat([p.block_scale for p in parts]),
+            torch.cat([p.global_scale for p in parts]),
+            torch.stack(inputs).amax() if inputs else None,
+        )

@@ -70,8 +70,9 @@ def parse_override(text: str) -> tuple[str, str]:
     return pattern, fmt
 
 
-def build_plan(quantization: str, exclude: tuple[str, ...] | None = None, overrides: tuple[str, ...] = (),
-               method: str = "rtn") -> QuantPlan:
+def build_plan(
+    quantization: str, exclude: tuple[str, ...] | None = None, overrides: tuple[str, ...] = (), method: str = "rtn"
+) -> QuantPlan:
     """Overrides first, then exclusions (kept as `none`); exclude=None takes the format's measured defaults."""
     rules = [parse_override(o) for o in overrides]
     if exclude is None:

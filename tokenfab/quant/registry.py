@@ -8,11 +8,7 @@ import torch
 
 from tokenfab.quant.base import LinearWeight, QuantizedWeight
 from tokenfab.quant.bf16 import BF16Weight
-from tokenfab.quant.dense import (
-    DenseWeight,
-    OneDNNPackedWeight,
-    onednn_packing_supported,
-)
+from tokenfab.quant.dense import DenseWeight, OneDNNPackedWeight, onednn_packing_supported
 from tokenfab.quant.fp8 import FP8Weight
 from tokenfab.quant.int4 import Int4Weight
 from tokenfab.quant.int8 import Int8Weight

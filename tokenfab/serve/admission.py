@@ -36,13 +36,22 @@ class Admission:
     def admit(self, tokens: int) -> Ticket:
         """Reserve room for a request of `tokens` prompt tokens (n > 1 counts n times), or raise 429/503."""
         if not self.accepting:
-            raise APIError(503, "the server is shutting down and admits no new requests", "service_unavailable",
-                           code="shutting_down")
+            raise APIError(
+                503,
+                "the server is shutting down and admits no new requests",
+                "service_unavailable",
+                code="shutting_down",
+            )
         if self.requests + 1 > self.max_requests or (self.requests and self.tokens + tokens > self.max_tokens):
             self.rejected += 1
-            raise APIError(429, f"the server is at capacity ({self.requests} requests, {self.tokens} prompt tokens "
-                           "queued or running); retry later", "rate_limit_exceeded", code="server_overloaded",
-                           headers={"Retry-After": str(self.retry_after())})
+            raise APIError(
+                429,
+                f"the server is at capacity ({self.requests} requests, {self.tokens} prompt tokens "
+                "queued or running); retry later",
+                "rate_limit_exceeded",
+                code="server_overloaded",
+                headers={"Retry-After": str(self.retry_after())},
+            )
         self.requests += 1
         self.tokens += tokens
         return Ticket(tokens)

@@ -12,9 +12,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tokenfab import __version__
 from tokenfab.serve import chat, completions, errors
 from tokenfab.serve.errors import APIError, bad_request
-from tokenfab.serve.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                                     CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
-                                     ModelList, TokenizeRequest, TokenizeResponse)
+from tokenfab.serve.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from tokenfab.serve.requests import check_model, render_chat
 from tokenfab.serve.state import ServerState
 
@@ -31,8 +40,12 @@ def build_app(state: ServerState) -> FastAPI:
         finally:
             await state.stop()
 
-    app = FastAPI(title="tokenfab", version=__version__, lifespan=lifespan,
-                  description="OpenAI-compatible LLM server; every response's usage carries its cost and energy.")
+    app = FastAPI(
+        title="tokenfab",
+        version=__version__,
+        lifespan=lifespan,
+        description="OpenAI-compatible LLM server; every response's usage carries its cost and energy.",
+    )
     errors.install(app)
     _routes(app, state)
     return app
@@ -55,15 +68,24 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": state.settings.served_model_name, "object": "model",
-                                            "created": int(state.started), "owned_by": "tokenfab",
-                                            "max_model_len": state.info.max_model_len,
-                                            "quantization": state.info.quantization,
-                                            "weight_bytes": state.info.weight_bytes,
-                                            "kernel_isa": state.info.kernel_isa,
-                                            "kernel_isa_reason": state.info.kernel_isa_reason,
-                                            "cpu_flags": state.info.cpu_flags,
-                                            "batch_invariant": state.info.batch_invariant}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.settings.served_model_name,
+                    "object": "model",
+                    "created": int(state.started),
+                    "owned_by": "tokenfab",
+                    "max_model_len": state.info.max_model_len,
+                    "quantization": state.info.quantization,
+                    "weight_bytes": state.info.weight_bytes,
+                    "kernel_isa": state.info.kernel_isa,
+                    "kernel_isa_reason": state.info.kernel_isa_reason,
+                    "cpu_flags": state.info.cpu_flags,
+                    "batch_invariant": state.info.batch_invariant,
+                }
+            ],
+        }
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
     async def create_completion(body: CompletionRequest, request: Request):

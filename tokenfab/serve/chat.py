@@ -19,8 +19,11 @@ from tokenfab.serve.streaming import Deltas, admitted, event
 def prepare(body: ChatCompletionRequest, state: ServerState) -> Job:
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-    if body.max_tokens is not None and body.max_completion_tokens is not None \
-            and body.max_tokens != body.max_completion_tokens:
+    if (
+        body.max_tokens is not None
+        and body.max_completion_tokens is not None
+        and body.max_tokens != body.max_completion_tokens
+    ):
         raise bad_request("max_tokens and max_completion_tokens disagree; send one", "max_completion_tokens")
     info = state.info
     prompt = chat_prompt(body, state.tokenizer, info)
@@ -35,12 +38,24 @@ async def complete(body: ChatCompletionRequest, job: Job, state: ServerState) ->
     async for _, out in state.generation.run(job, state.generation.admit(job)):
         final = out
     text = TokenText(state.tokenizer)
-    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs(c.logprobs, text) if c.logprobs is not None else None,
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in final.outputs]
-    return {"id": job.request_id, "object": "chat.completion", "created": int(time.time()),
-            "model": state.settings.served_model_name, "choices": choices,
-            "usage": usage([final], state.info.energy_source)}
+    choices = [
+        {
+            "index": c.index,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": chat_logprobs(c.logprobs, text) if c.logprobs is not None else None,
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+        }
+        for c in final.outputs
+    ]
+    return {
+        "id": job.request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": state.settings.served_model_name,
+        "choices": choices,
+        "usage": usage([final], state.info.energy_source),
+    }
 
 
 def stream(body: ChatCompletionRequest, job: Job, state: ServerState) -> AsyncIterator[str | None]:
@@ -48,13 +63,25 @@ def stream(body: ChatCompletionRequest, job: Job, state: ServerState) -> AsyncIt
     text = TokenText(state.tokenizer)
 
     def chunk(choices: list[dict], usage_: dict | None = None) -> str:
-        return event({"id": job.request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                      "choices": choices, "usage": usage_})
+        return event(
+            {
+                "id": job.request_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": choices,
+                "usage": usage_,
+            }
+        )
 
     async def events(ticket) -> AsyncIterator[str]:
         deltas, final = Deltas(), None
-        yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None} for k in range(job.params.n)])
+        yield chunk(
+            [
+                {"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for k in range(job.params.n)
+            ]
+        )
         async for _, out in state.generation.run(job, ticket):
             final = out
             choices = []
@@ -63,9 +90,15 @@ def stream(body: ChatCompletionRequest, job: Job, state: ServerState) -> AsyncIt
                 if new is None:
                     continue
                 piece, logprobs, _ = new
-                choices.append({"index": c.index, "delta": {"content": piece} if piece else {},
-                                "logprobs": chat_logprobs(logprobs, text) if logprobs is not None else None,
-                                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                choices.append(
+                    {
+                        "index": c.index,
+                        "delta": {"content": piece} if piece else {},
+                        "logprobs": chat_logprobs(logprobs, text) if logprobs is not None else None,
+                        "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason,
+                    }
+                )
             if choices:
                 yield chunk(choices)
         if body.stream_options is not None and body.stream_options.include_usage and final is not None:

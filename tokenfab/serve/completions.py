@@ -45,11 +45,23 @@ async def complete(body: CompletionRequest, job: Job, state: ServerState) -> dic
         prefix = _prefix(body, prompt, state)
         for c in out.outputs:
             lp = completion_logprobs(c.logprobs, text, len(prefix)) if c.logprobs is not None else None
-            choices.append({"index": i * job.params.n + c.index, "text": prefix + c.text, "logprobs": lp,
-                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
-    return {"id": job.request_id, "object": "text_completion", "created": int(time.time()),
-            "model": state.settings.served_model_name, "choices": choices,
-            "usage": usage(outputs, state.info.energy_source)}
+            choices.append(
+                {
+                    "index": i * job.params.n + c.index,
+                    "text": prefix + c.text,
+                    "logprobs": lp,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+            )
+    return {
+        "id": job.request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": state.settings.served_model_name,
+        "choices": choices,
+        "usage": usage(outputs, state.info.energy_source),
+    }
 
 
 def stream(body: CompletionRequest, job: Job, state: ServerState) -> AsyncIterator[str | None]:
@@ -57,16 +69,25 @@ def stream(body: CompletionRequest, job: Job, state: ServerState) -> AsyncIterat
     text = TokenText(state.tokenizer)
 
     def chunk(choices: list[dict], usage_: dict | None = None) -> str:
-        return event({"id": job.request_id, "object": "text_completion", "created": created, "model": model,
-                      "choices": choices, "usage": usage_})
+        return event(
+            {
+                "id": job.request_id,
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": choices,
+                "usage": usage_,
+            }
+        )
 
     async def events(ticket) -> AsyncIterator[str]:
         deltas, finals = Deltas(), {}
         for i, prompt in enumerate(job.prompts):
             prefix = _prefix(body, prompt, state)
             if prefix:
-                yield chunk([{"index": i * n + k, "text": prefix, "logprobs": None, "finish_reason": None}
-                             for k in range(n)])
+                yield chunk(
+                    [{"index": i * n + k, "text": prefix, "logprobs": None, "finish_reason": None} for k in range(n)]
+                )
         async for i, out in state.generation.run(job, ticket):
             choices = []
             for c in out.outputs:
@@ -74,9 +95,15 @@ def stream(body: CompletionRequest, job: Job, state: ServerState) -> AsyncIterat
                 if new is None:
                     continue
                 piece, logprobs, before = new
-                choices.append({"index": i * n + c.index, "text": piece,
-                                "logprobs": completion_logprobs(logprobs, text, before) if logprobs is not None
-                                else None, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                choices.append(
+                    {
+                        "index": i * n + c.index,
+                        "text": piece,
+                        "logprobs": completion_logprobs(logprobs, text, before) if logprobs is not None else None,
+                        "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason,
+                    }
+                )
             if out.finished:
                 finals[i] = out
             if choices:

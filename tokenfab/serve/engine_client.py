@@ -23,8 +23,12 @@ __all__ = ["AsyncEngineClient", "EngineDead"]
 
 
 class AsyncEngineClient:
-    def __init__(self, core: EngineClient, tokenizer: Tokenizer,
-                 on_step: Callable[[StepResult, list[RequestOutput]], None] | None = None) -> None:
+    def __init__(
+        self,
+        core: EngineClient,
+        tokenizer: Tokenizer,
+        on_step: Callable[[StepResult, list[RequestOutput]], None] | None = None,
+    ) -> None:
         self.core = core
         self.tokenizer = tokenizer
         self.processor = OutputProcessor(tokenizer)
@@ -70,15 +74,22 @@ class AsyncEngineClient:
 
     # -- requests -----------------------------------------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       prompt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
         """Yield the request's cumulative output as it grows; the last one is finished. Leaving early (client
         gone, timeout, cancellation) aborts it in the core and frees its KV blocks."""
         if not self.alive:
             raise EngineDead(self.dead or "the engine core is not running")
         queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
-        core_requests = self.processor.add_group(request_id, prompt, prompt_token_ids, params, time.monotonic(),
-                                                 priority)
+        core_requests = self.processor.add_group(
+            request_id, prompt, prompt_token_ids, params, time.monotonic(), priority
+        )
         self._queues[request_id] = queue
         finished = False
         try:

@@ -9,8 +9,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
@@ -38,8 +45,9 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if kind == "json_invalid":
         return bad_request(f"request body is not valid JSON: {first.get('msg', '')}", code="invalid_json")
     if kind == "extra_forbidden":
-        return bad_request(f"Unsupported parameter: '{param}' is not supported by this server", param,
-                           "unsupported_parameter")
+        return bad_request(
+            f"Unsupported parameter: '{param}' is not supported by this server", param, "unsupported_parameter"
+        )
     if kind == "missing":
         return bad_request(f"Missing required parameter: '{param}'", param, "missing_required_parameter")
     if not loc:

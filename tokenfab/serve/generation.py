@@ -44,8 +44,14 @@ class _Done:
 
 
 class Generation:
-    def __init__(self, client: AsyncEngineClient, admission: Admission, metrics: ServerMetrics,
-                 settings: ServerSettings, request_log: RequestLog | None = None) -> None:
+    def __init__(
+        self,
+        client: AsyncEngineClient,
+        admission: Admission,
+        metrics: ServerMetrics,
+        settings: ServerSettings,
+        request_log: RequestLog | None = None,
+    ) -> None:
         self.client = client
         self.admission = admission
         self.metrics = metrics
@@ -77,15 +83,20 @@ class Generation:
             status = "ok"
         except TimeoutError:
             status = "timeout"
-            raise APIError(504, f"the request did not finish within {self.settings.request_timeout:g} s and was "
-                           "aborted", "timeout_error", code="request_timeout") from None
+            raise APIError(
+                504,
+                f"the request did not finish within {self.settings.request_timeout:g} s and was aborted",
+                "timeout_error",
+                code="request_timeout",
+            ) from None
         except APIError:
             status = "error"
             raise
         except EngineDead as e:
             status = "engine_unavailable"
-            raise APIError(503, f"the engine is not available: {e}", "service_unavailable",
-                           code="engine_unavailable") from None
+            raise APIError(
+                503, f"the engine is not available: {e}", "service_unavailable", code="engine_unavailable"
+            ) from None
         finally:
             for task in tasks:
                 task.cancel()
@@ -94,15 +105,15 @@ class Generation:
             if self.request_log is not None:
                 energy = self.client.info.energy_source if self.client.info else "modelled"
                 outputs = [latest[i] for i in sorted(latest)]
-                self.request_log.write(job.request_id, job.user, status, usage(outputs, energy),
-                                       time.monotonic() - start)
+                self.request_log.write(
+                    job.request_id, job.user, status, usage(outputs, energy), time.monotonic() - start
+                )
 
     async def _pump(self, job: Job, index: int, prompt: Prompt, queue: asyncio.Queue) -> None:
         request_id = job.request_id if len(job.prompts) == 1 else f"{job.request_id}-{index}"
         last_time, last_count = time.monotonic(), 0
         try:
-            async for out in self.client.generate(request_id, prompt.token_ids, job.params, prompt.text,
-                                                  job.priority):
+            async for out in self.client.generate(request_id, prompt.token_ids, job.params, prompt.text, job.priority):
                 if out.error is not None:
                     raise bad_request(out.error, "prompt")
                 now = time.monotonic()

@@ -9,16 +9,39 @@ and J/token gauges cover the last minute of engine activity.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+from msgspec import Struct
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from tokenfab.engine.messages import EngineStats
+from tokenfab.engine.stats import EngineStats, SpecStats, exported
+from tokenfab.engine.stats import Metric as StatMetric
 from tokenfab.engine.types import RequestOutput
 
-LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                   20.0, 40.0, 80.0, 160.0, 640.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 ROLLING_WINDOW_S = 60.0
 
@@ -26,38 +49,67 @@ ROLLING_WINDOW_S = 60.0
 class ServerMetrics:
     def __init__(self, model_name: str, stats: Callable[[], EngineStats | None]) -> None:
         self.registry = CollectorRegistry()
-        self.price = Gauge("tokenfab:device_price_usd_per_hour", "Price of the device time the engine uses",
-                           ["model_name"], registry=self.registry)
-        self.energy_price = Gauge("tokenfab:energy_price_usd_per_kwh", "Electricity price", ["model_name"],
-                                  registry=self.registry)
+        self.price = Gauge(
+            "tokenfab:device_price_usd_per_hour",
+            "Price of the device time the engine uses",
+            ["model_name"],
+            registry=self.registry,
+        )
+        self.energy_price = Gauge(
+            "tokenfab:energy_price_usd_per_kwh", "Electricity price", ["model_name"], registry=self.registry
+        )
         labels = {"labelnames": ["model_name"], "registry": self.registry}
         self._model = model_name
-        self.finished = Counter("tokenfab:request_success", "Finished requests by reason",
-                                ["model_name", "finished_reason"], registry=self.registry)
-        self.rejected = Counter("tokenfab:request_rejected", "Requests refused before reaching the engine",
-                                ["model_name", "status"], registry=self.registry)
+        self.finished = Counter(
+            "tokenfab:request_success",
+            "Finished requests by reason",
+            ["model_name", "finished_reason"],
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "tokenfab:request_rejected",
+            "Requests refused before reaching the engine",
+            ["model_name", "status"],
+            registry=self.registry,
+        )
         self.prompt_tokens = Counter("tokenfab:prompt_tokens", "Prompt tokens of finished requests", **labels)
-        self.generation_tokens = Counter("tokenfab:generation_tokens", "Generated tokens of finished requests",
-                                         **labels)
-        self.ttft = Histogram("tokenfab:time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS,
-                              **labels)
-        self.itl = Histogram("tokenfab:inter_token_latency_seconds", "Time between output deliveries per token",
-                             buckets=LATENCY_BUCKETS, **labels)
-        self.tpot = Histogram("tokenfab:request_time_per_output_token_seconds",
-                              "Mean time per output token after the first, per request", buckets=LATENCY_BUCKETS,
-                              **labels)
-        self.e2e = Histogram("tokenfab:e2e_request_latency_seconds", "End-to-end request latency",
-                             buckets=LATENCY_BUCKETS, **labels)
-        self.queue = Histogram("tokenfab:request_queue_time_seconds", "Time from arrival to first scheduled",
-                               buckets=LATENCY_BUCKETS, **labels)
-        self.prompt_len = Histogram("tokenfab:request_prompt_tokens", "Prompt length", buckets=TOKEN_BUCKETS,
-                                    **labels)
-        self.output_len = Histogram("tokenfab:request_generation_tokens", "Generated tokens per request",
-                                    buckets=TOKEN_BUCKETS, **labels)
-        self.request_usd = Counter("tokenfab:request_cost_usd", "Sum of usage.cost.usd over finished requests",
-                                   **labels)
-        self.request_joules = Counter("tokenfab:request_energy_joules",
-                                      "Sum of usage.cost.joules over finished requests", **labels)
+        self.generation_tokens = Counter(
+            "tokenfab:generation_tokens", "Generated tokens of finished requests", **labels
+        )
+        self.ttft = Histogram(
+            "tokenfab:time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, **labels
+        )
+        self.itl = Histogram(
+            "tokenfab:inter_token_latency_seconds",
+            "Time between output deliveries per token",
+            buckets=LATENCY_BUCKETS,
+            **labels,
+        )
+        self.tpot = Histogram(
+            "tokenfab:request_time_per_output_token_seconds",
+            "Mean time per output token after the first, per request",
+            buckets=LATENCY_BUCKETS,
+            **labels,
+        )
+        self.e2e = Histogram(
+            "tokenfab:e2e_request_latency_seconds", "End-to-end request latency", buckets=LATENCY_BUCKETS, **labels
+        )
+        self.queue = Histogram(
+            "tokenfab:request_queue_time_seconds",
+            "Time from arrival to first scheduled",
+            buckets=LATENCY_BUCKETS,
+            **labels,
+        )
+        self.prompt_len = Histogram("tokenfab:request_prompt_tokens", "Prompt length", buckets=TOKEN_BUCKETS, **labels)
+        self.output_len = Histogram(
+            "tokenfab:request_generation_tokens", "Generated tokens per request", buckets=TOKEN_BUCKETS, **labels
+        )
+        self.request_usd = Counter(
+            "tokenfab:request_cost_usd", "Sum of usage.cost.usd over finished requests", **labels
+        )
+        self.request_joules = Counter(
+            "tokenfab:request_energy_joules", "Sum of usage.cost.joules over finished requests", **labels
+        )
         self._engine = _EngineCollector(model_name, stats)
         self.registry.register(self._engine)
 
@@ -117,81 +169,83 @@ class _EngineCollector:
         while len(self._history) > 2 and s.time - self._history[0].time > ROLLING_WINDOW_S:
             self._history.popleft()
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         s = self._stats()
         if s is None:
             return
         labels = [self._model]
-        for name, doc, value in (
-            ("num_requests_running", "Sequences running in the engine", s.num_running),
-            ("num_requests_waiting", "Sequences waiting in the engine", s.num_waiting),
-            ("kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full)", s.kv_usage),
-            ("kv_cache_free_blocks", "KV blocks free (cached-free included), all groups", s.kv_free_blocks),
-            ("kv_cache_total_blocks", "KV blocks, all groups", s.kv_total_blocks),
-            ("prefix_cache_hit_rate", "Prompt tokens found cached / looked up, since start",
-             s.prefix_hits / s.prefix_queries if s.prefix_queries else 0.0),
-        ):
-            yield _gauge(name, doc, labels, value)
-        for name, doc, value in (
-            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", s.prefix_queries),
-            ("prefix_cache_hits", "Prompt tokens found in the prefix cache", s.prefix_hits),
-            ("num_preemptions", "Sequences preempted (recomputed later)", s.num_preemptions),
-            ("engine_steps", "Engine steps", s.steps),
-            ("prompt_tokens_computed", "Prompt tokens run through the model (cache hits excluded)",
-             s.prompt_tokens_computed),
-            ("engine_generated_tokens", "Tokens sampled by the engine", s.generated_tokens),
-            ("engine_busy_seconds", "Wall time of engine steps", s.busy_seconds),
-            ("cost_usd", "Price of engine steps (device time + energy)", s.usd),
-            ("energy_joules", f"Energy of engine steps ({s.energy_source}, {s.meter})", s.joules),
-        ):
-            c = CounterMetricFamily(f"tokenfab:{name}", doc, labels=["model_name"])
-            c.add_metric(labels, value)
-            yield c
+        parts: list[Struct] = [s.scheduler, s.kv, s.prefix_cache, s.cost]
+        if s.spec.method != "none":
+            parts.append(s.spec)
+        for part in parts:
+            for metric, value in exported(part):
+                yield _family(metric, labels, value, s.cost.energy_source)
+        yield _gauge(
+            "prefix_cache_hit_rate",
+            "Prompt tokens found cached / looked up, since start",
+            labels,
+            s.prefix_cache.hit_rate,
+        )
         yield from self._rolling(s, labels)
-        if s.spec_method != "none":
-            yield from _speculative(s, labels)
+        if s.spec.method != "none":
+            yield from _speculative(s.spec, s.cost.busy_seconds, labels)
 
-    def _rolling(self, s: EngineStats, labels: list[str]):
+    def _rolling(self, s: EngineStats, labels: list[str]) -> Iterator[Metric]:
         first = self._history[0] if self._history else s
-        usd, joules = s.usd - first.usd, s.joules - first.joules
-        out_tokens = s.generated_tokens - first.generated_tokens
-        all_tokens = out_tokens + s.prompt_tokens_computed - first.prompt_tokens_computed
-        usd_g = GaugeMetricFamily("tokenfab:usd_per_million_tokens", "Rolling $ per million tokens (last minute)",
-                                  labels=["model_name", "tokens"])
-        j_g = GaugeMetricFamily("tokenfab:joules_per_token", "Rolling joules per token (last minute)",
-                                labels=["model_name", "tokens", "energy_source"])
+        usd, joules = s.cost.usd - first.cost.usd, s.cost.joules - first.cost.joules
+        out_tokens = s.scheduler.generated_tokens - first.scheduler.generated_tokens
+        all_tokens = out_tokens + s.scheduler.prompt_tokens_computed - first.scheduler.prompt_tokens_computed
+        usd_g = GaugeMetricFamily(
+            "tokenfab:usd_per_million_tokens",
+            "Rolling $ per million tokens (last minute)",
+            labels=["model_name", "tokens"],
+        )
+        j_g = GaugeMetricFamily(
+            "tokenfab:joules_per_token",
+            "Rolling joules per token (last minute)",
+            labels=["model_name", "tokens", "energy_source"],
+        )
         for kind, n in (("output", out_tokens), ("total", all_tokens)):
             usd_g.add_metric([*labels, kind], usd * 1e6 / n if n else 0.0)
-            j_g.add_metric([*labels, kind, s.energy_source], joules / n if n else 0.0)
+            j_g.add_metric([*labels, kind, s.cost.energy_source], joules / n if n else 0.0)
         yield usd_g
         yield j_g
 
 
-def _speculative(s: EngineStats, labels: list[str]):
-    """Speculative decoding counters since start, and the ratios read from them."""
-    for name, doc, value in (
-        ("spec_proposed_tokens", f"Draft tokens ({s.spec_method}) verified by the target", s.spec_proposed_tokens),
-        ("spec_accepted_tokens", "Draft tokens accepted", s.spec_accepted_tokens),
-        ("spec_verifications", "Request-steps that verified drafts", s.spec_verified_seqs),
-        ("spec_draft_seconds", "Time spent proposing drafts (part of engine busy time)", s.spec_draft_seconds),
-        ("spec_steps_on", "Engine steps that verified drafts", s.spec_steps_on),
-        ("spec_steps_off", "Engine steps that sampled without drafts (speculation switched off or no guess)",
-         s.spec_steps_off),
-    ):
-        c = CounterMetricFamily(f"tokenfab:{name}", doc, labels=["model_name"])
-        c.add_metric(labels, value)
-        yield c
-    verified = s.spec_verified_seqs
-    yield _gauge("spec_mean_acceptance_length", "Tokens emitted per verification (1 + accepted drafts), since start",
-                 labels, 1 + s.spec_accepted_tokens / verified if verified else 0.0)
-    yield _gauge("spec_acceptance_rate", "Accepted / proposed draft tokens, since start", labels,
-                 s.spec_accepted_tokens / s.spec_proposed_tokens if s.spec_proposed_tokens else 0.0)
-    yield _gauge("spec_draft_time_share", "Draft time / engine busy time, since start", labels,
-                 s.spec_draft_seconds / s.busy_seconds if s.busy_seconds else 0.0)
+def _family(metric: StatMetric, labels: list[str], value: float, energy_source: str) -> Metric:
+    doc = f"{metric.doc} ({energy_source})" if metric.name == "energy_joules" else metric.doc
+    family: CounterMetricFamily | GaugeMetricFamily
+    if metric.kind == "counter":
+        family = CounterMetricFamily(f"tokenfab:{metric.name}", doc, labels=["model_name"])
+    else:
+        family = GaugeMetricFamily(f"tokenfab:{metric.name}", doc, labels=["model_name"])
+    family.add_metric(labels, value)
+    return family
+
+
+def _speculative(spec: SpecStats, busy_seconds: float, labels: list[str]) -> Iterator[Metric]:
+    """Ratios read from the speculative decoding counters."""
+    yield _gauge(
+        "spec_mean_acceptance_length",
+        "Tokens emitted per verification (1 + accepted drafts), since start",
+        labels,
+        spec.mean_acceptance_length,
+    )
+    yield _gauge(
+        "spec_acceptance_rate",
+        "Accepted / proposed draft tokens, since start",
+        labels,
+        spec.accepted_tokens / spec.proposed_tokens if spec.proposed_tokens else 0.0,
+    )
+    yield _gauge(
+        "spec_draft_time_share",
+        "Draft time / engine busy time, since start",
+        labels,
+        spec.draft_seconds / busy_seconds if busy_seconds else 0.0,
+    )
 
 
 def _gauge(name: str, doc: str, labels: list[str], value: float) -> GaugeMetricFamily:
     g = GaugeMetricFamily(f"tokenfab:{name}", doc, labels=["model_name"])
     g.add_metric(labels, value)
     return g
-

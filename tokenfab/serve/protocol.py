@@ -58,8 +58,12 @@ TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0, le=INT32)]], Field(mi
 
 
 class CompletionRequest(SamplingFields):
-    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1)] | TokenIds | Annotated[
-        list[TokenIds], Field(min_length=1)]
+    prompt: (
+        StrictStr
+        | Annotated[list[StrictStr], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
     max_tokens: Annotated[StrictInt, Field(ge=1, le=INT32)] | None = 16
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     echo: StrictBool = False

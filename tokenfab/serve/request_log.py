@@ -17,8 +17,14 @@ class RequestLog:
 
     def write(self, request_id: str, user: str | None, status: str, usage: dict, seconds: float) -> None:
         """`usage` is the request's OpenAI usage object (token counts and cost), as its response carries it."""
-        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "id": request_id, "user": user, "status": status,
-                  "e2e_seconds": round(seconds, 6), **usage}
+        record = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "id": request_id,
+            "user": user,
+            "status": status,
+            "e2e_seconds": round(seconds, 6),
+            **usage,
+        }
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
 
     def close(self) -> None:

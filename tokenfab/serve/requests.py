@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from tokenfab.engine.messages import CoreInfo
 from tokenfab.engine.types import SamplingParams
 from tokenfab.serve.errors import APIError, bad_request
 from tokenfab.serve.generation import Prompt
-from tokenfab.engine.messages import CoreInfo
 from tokenfab.serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 from tokenfab.tokenizer import Tokenizer
 
 
 def check_model(requested: str | None, served: str) -> None:
     if requested is not None and requested != served:
-        raise APIError(404, f"The model '{requested}' does not exist; this server serves '{served}'",
-                       "not_found_error", "model", "model_not_found")
+        raise APIError(
+            404,
+            f"The model '{requested}' does not exist; this server serves '{served}'",
+            "not_found_error",
+            "model",
+            "model_not_found",
+        )
 
 
 def completion_prompts(body: CompletionRequest, tokenizer: Tokenizer, info: CoreInfo) -> list[Prompt]:
@@ -44,7 +49,7 @@ def render_chat(messages: list[ChatMessage], add_generation_prompt: bool, tokeni
     try:
         text = tokenizer.apply_chat_template(turns, add_generation_prompt)
     except Exception as e:  # noqa: BLE001 - a template rejecting a conversation is the caller's input error
-        raise bad_request(f"the conversation cannot be rendered by the model's chat template: {e}", "messages")
+        raise bad_request(f"the conversation cannot be rendered by the model's chat template: {e}", "messages") from e
     return Prompt(text, tokenizer.encode(text, add_special_tokens=False))
 
 
@@ -60,9 +65,13 @@ def check_prompt(ids: list[int], info: CoreInfo, param: str) -> None:
 
 
 def context_exceeded(prompt: int, new: int, max_len: int, param: str) -> APIError:
-    return bad_request(f"This model's maximum context length is {max_len} tokens. However, you requested "
-                       f"{prompt + new} tokens ({prompt} in the prompt, {new} for the completion). Please reduce "
-                       "the prompt or the completion length.", param, "context_length_exceeded")
+    return bad_request(
+        f"This model's maximum context length is {max_len} tokens. However, you requested "
+        f"{prompt + new} tokens ({prompt} in the prompt, {new} for the completion). Please reduce "
+        "the prompt or the completion length.",
+        param,
+        "context_length_exceeded",
+    )
 
 
 def max_new_tokens(requested: int | None, prompts: list[Prompt], info: CoreInfo, param: str) -> int:
@@ -87,12 +96,23 @@ def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
         raise bad_request("stop strings must not be empty", "stop")
     try:
         return SamplingParams(
-            n=body.n, max_tokens=max_tokens, temperature=_or(body.temperature, 1.0), top_p=_or(body.top_p, 1.0),
-            top_k=_or(body.top_k, 0), min_p=_or(body.min_p, 0.0), presence_penalty=_or(body.presence_penalty, 0.0),
+            n=body.n,
+            max_tokens=max_tokens,
+            temperature=_or(body.temperature, 1.0),
+            top_p=_or(body.top_p, 1.0),
+            top_k=_or(body.top_k, 0),
+            min_p=_or(body.min_p, 0.0),
+            presence_penalty=_or(body.presence_penalty, 0.0),
             frequency_penalty=_or(body.frequency_penalty, 0.0),
-            repetition_penalty=_or(body.repetition_penalty, 1.0), seed=body.seed, stop=stop,
-            stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos, logprobs=logprobs,
-            min_tokens=body.min_tokens, skip_special_tokens=body.skip_special_tokens)
+            repetition_penalty=_or(body.repetition_penalty, 1.0),
+            seed=body.seed,
+            stop=stop,
+            stop_token_ids=list(body.stop_token_ids or []),
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+            min_tokens=body.min_tokens,
+            skip_special_tokens=body.skip_special_tokens,
+        )
     except ValueError as e:
         raise bad_request(str(e)) from None
 

@@ -61,9 +61,15 @@ def _log_to_stderr(level: str) -> None:
 def serve(engine: EngineConfig, settings: ServerSettings, log_level: str = "info") -> int:
     _log_to_stderr(log_level)
     state = build_state(engine, settings)
-    config = uvicorn.Config(build_app(state), host=settings.host, port=settings.port, log_level=log_level,
-                            timeout_graceful_shutdown=settings.graceful_shutdown_timeout, lifespan="on",
-                            access_log=log_level == "debug")
+    config = uvicorn.Config(
+        build_app(state),
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=settings.graceful_shutdown_timeout,
+        lifespan="on",
+        access_log=log_level == "debug",
+    )
     server = _DrainingServer(config, state)
     server.run()
     return 0 if server.started else 1

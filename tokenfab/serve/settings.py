@@ -35,8 +35,10 @@ class ServerSettings:
             (self.request_timeout > 0, "request_timeout must be > 0"),
             (self.graceful_shutdown_timeout >= 0, "graceful_shutdown_timeout must be >= 0"),
             (bool(self.served_model_name), "served_model_name must not be empty"),
-            (not self.external_core or self.engine_transport.startswith("tcp://"),
-             "external_core needs engine_transport tcp://HOST:PORT"),
+            (
+                not self.external_core or self.engine_transport.startswith("tcp://"),
+                "external_core needs engine_transport tcp://HOST:PORT",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -6,10 +6,10 @@ import logging
 import time
 from dataclasses import dataclass
 
+from tokenfab.engine.messages import CoreInfo
 from tokenfab.serve.admission import Admission
 from tokenfab.serve.engine_client import AsyncEngineClient
 from tokenfab.serve.generation import Generation
-from tokenfab.engine.messages import CoreInfo
 from tokenfab.serve.metrics import ServerMetrics
 from tokenfab.serve.request_log import RequestLog
 from tokenfab.serve.settings import ServerSettings
@@ -41,9 +41,15 @@ class ServerState:
     async def start(self) -> None:
         info = await self.client.start()
         self.started = time.time()
-        logger.info("engine ready: %s, weights %s, CPU kernels %s (%s), batch-invariant %s; CPU flags: %s", info.dtype,
-                 info.quantization, info.kernel_isa, info.kernel_isa_reason, info.batch_invariant,
-                 " ".join(info.cpu_flags))
+        logger.info(
+            "engine ready: %s, weights %s, CPU kernels %s (%s), batch-invariant %s; CPU flags: %s",
+            info.dtype,
+            info.quantization,
+            info.kernel_isa,
+            info.kernel_isa_reason,
+            info.batch_invariant,
+            " ".join(info.cpu_flags),
+        )
         self.metrics.set_prices(info.usd_per_hour, info.usd_per_kwh)
         s = self.settings
         self.admission = Admission(info.max_num_seqs + s.max_queued_requests, s.max_queued_tokens)

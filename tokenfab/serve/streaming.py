@@ -20,8 +20,9 @@ def event(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def admitted(state: ServerState, job: Job,
-                   events: Callable[[Ticket], AsyncIterator[str]]) -> AsyncIterator[str | None]:
+async def admitted(
+    state: ServerState, job: Job, events: Callable[[Ticket], AsyncIterator[str]]
+) -> AsyncIterator[str | None]:
     """Admit the job, yield None (the caller may now answer 200), then the events and [DONE]. A failure after
     the 200 becomes an error event; the ticket is returned however the stream ends."""
     ticket = state.generation.admit(job)

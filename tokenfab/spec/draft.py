@@ -50,9 +50,16 @@ class DraftModelProposer(Proposer):
     def build(cls, config: EngineConfig, target) -> DraftModelProposer:
         source = resolve_model(config.speculative.draft_model)
         max_len = min(target.max_model_len, source.arch.max_position_embeddings)
-        worker = Worker.load(source, target.dtype, config.resolve_weights()[1], target.device, max_len,
-                             config.block_size, lambda groups: _draft_blocks(config, groups, target.kv),
-                             target.backend)
+        worker = Worker.load(
+            source,
+            target.dtype,
+            config.resolve_weights()[1],
+            target.device,
+            max_len,
+            config.block_size,
+            lambda groups: _draft_blocks(config, groups, target.kv),
+            target.backend,
+        )
         return cls(worker.runner, worker.kv_manager(config.enable_prefix_caching), max_len, config.seed)
 
     def rounds(self, k: int) -> int:
@@ -76,8 +83,13 @@ class DraftModelProposer(Proposer):
             self._round(wanted, active, drafts, probs)
         return [self._proposal(drafts.get(r.request_id, []), probs.get(r.request_id, [])) for r in requests]
 
-    def _round(self, ids: list[str], active: dict[str, tuple[Request, int]], drafts: dict[str, list[int]],
-               probs: dict[str, list[torch.Tensor]]) -> None:
+    def _round(
+        self,
+        ids: list[str],
+        active: dict[str, tuple[Request, int]],
+        drafts: dict[str, list[int]],
+        probs: dict[str, list[torch.Tensor]],
+    ) -> None:
         """One draft forward: each request feeds what its shadow has not computed yet and drafts one token."""
         scheduled = []
         for rid in ids:
@@ -112,8 +124,13 @@ class DraftModelProposer(Proposer):
         """Make the shadow hold the target's committed tokens, keeping the KV of the drafts that were accepted."""
         shadow = self._shadows.get(request.request_id)
         if shadow is None:
-            copy = Request(request.request_id, request.prompt_token_ids, request.params, request.arrival,
-                           output_token_ids=list(request.output_token_ids))
+            copy = Request(
+                request.request_id,
+                request.prompt_token_ids,
+                request.params,
+                request.arrival,
+                output_token_ids=list(request.output_token_ids),
+            )
             copy.num_computed_tokens = self.kv.get_computed_blocks(copy)
             self._shadows[request.request_id] = _Shadow(copy, copy.num_tokens)
             return
@@ -132,8 +149,11 @@ class DraftModelProposer(Proposer):
 
 def _draft_blocks(config: EngineConfig, groups: list[KVGroupSpec], target_kv: KVCacheManager) -> list[int]:
     """As many tokens of KV as the target holds, plus room for every sequence's drafts."""
-    full = max((p.num_blocks for p, w in zip(target_kv.pools, target_kv.windows) if w is None),
-               default=max(p.num_blocks for p in target_kv.pools))
+    full = max(
+        (p.num_blocks for p, w in zip(target_kv.pools, target_kv.windows) if w is None),
+        default=max(p.num_blocks for p in target_kv.pools),
+    )
     extra = config.max_num_seqs * (-(-config.speculative.num_speculative_tokens // config.block_size) + 1)
-    return [full + extra if g.window is None else min(full + extra, sliding_cap(g.window, config) + extra)
-            for g in groups]
+    return [
+        full + extra if g.window is None else min(full + extra, sliding_cap(g.window, config) + extra) for g in groups
+    ]

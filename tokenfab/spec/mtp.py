@@ -24,8 +24,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tokenfab.attention.backend import (AttentionBackend, ForwardContext, KVCache, KVGroupSpec, SeqLayout,
-                                        forward_context)
+from tokenfab.attention.backend import (
+    AttentionBackend,
+    ForwardContext,
+    KVCache,
+    KVGroupSpec,
+    SeqLayout,
+    forward_context,
+)
 from tokenfab.config import EngineConfig
 from tokenfab.engine.kv_cache_manager import KVCacheManager
 from tokenfab.engine.types import Request
@@ -92,8 +98,17 @@ class _Work:
 class MTPProposer(Proposer):
     name = "mtp"
 
-    def __init__(self, modules: MTPModules, target: DecoderModel, cache: KVCache, group: int, spec: KVGroupSpec,
-                 backend: AttentionBackend, kv: KVCacheManager, device: torch.device) -> None:
+    def __init__(
+        self,
+        modules: MTPModules,
+        target: DecoderModel,
+        cache: KVCache,
+        group: int,
+        spec: KVGroupSpec,
+        backend: AttentionBackend,
+        kv: KVCacheManager,
+        device: torch.device,
+    ) -> None:
         self.modules_ = modules
         self.target = target
         self.cache = cache
@@ -112,21 +127,33 @@ class MTPProposer(Proposer):
         n = arch.num_mtp_layers
         g = next((i for i, spec in enumerate(target.groups) if spec.window is None), 0)
         window = target.groups[g].window
-        ext = dataclasses.replace(arch, num_layers=arch.num_layers + n, layer_windows=arch.layer_windows + (window,) * n)
+        ext = dataclasses.replace(
+            arch, num_layers=arch.num_layers + n, layer_windows=arch.layer_windows + (window,) * n
+        )
         with torch.device("meta"):
             modules = MTPModules(ext)
         modules = modules.to_empty(device=target.device)
         first = arch.num_layers
-        load_hf_weights(modules, iter_weights(target.source),
-                        keep=lambda name: (layer_index(name) or -1) >= first and not name.endswith(_SHARED))
+        load_hf_weights(
+            modules,
+            iter_weights(target.source),
+            keep=lambda name: (layer_index(name) or -1) >= first and not name.endswith(_SHARED),
+        )
         modules = modules.to(target.dtype).eval()
         if config.pack_weights:
             for m in modules.modules():
                 if isinstance(m, Linear):
                     m.use(build_weight("none", m.weight.data))
         spec = KVGroupSpec(window, tuple(range(first, first + n)))
-        cache = KVCache([spec], [target.cache.blocks_per_group[g]], target.cache.block_size, arch.num_kv_heads,
-                        arch.head_dim, target.dtype, target.device)
+        cache = KVCache(
+            [spec],
+            [target.cache.blocks_per_group[g]],
+            target.cache.block_size,
+            arch.num_kv_heads,
+            arch.head_dim,
+            target.dtype,
+            target.device,
+        )
         return cls(modules, target.model, cache, g, spec, target.backend, target.kv, target.device)
 
     def rounds(self, k: int) -> int:
@@ -146,13 +173,15 @@ class MTPProposer(Proposer):
                 continue
             state = self._states.get(r.request_id)
             if state is None or state.valid[0] != s.start:  # new, or recomputed from a prefix-cache hit
-                self._states[r.request_id] = _State([s.start] * self.num_modules,
-                                                    [{} for _ in range(self.num_modules)])
+                self._states[r.request_id] = _State([s.start] * self.num_modules, [{} for _ in range(self.num_modules)])
             row = step.run.token_start[r.request_id]
             live[r.request_id] = _Live(r, s.start, step.run.hidden[row : row + r.num_computed_tokens - s.start])
         for j in range(self.num_modules):
-            work = {rid: w for rid, v in live.items()
-                    if (w := self._work(j, v, budget.get(rid, 0), drafts.get(rid))) is not None}
+            work = {
+                rid: w
+                for rid, v in live.items()
+                if (w := self._work(j, v, budget.get(rid, 0), drafts.get(rid))) is not None
+            }
             outputs = self._forward(j, list(work.values()), drafts) if work else {}
             live = self._advance(j, live, work, outputs)
         return [Proposal(drafts[r.request_id][: budget[r.request_id]]) for r in requests]
@@ -205,8 +234,9 @@ class MTPProposer(Proposer):
                 drafts[w.request.request_id].append(token)
         return {w.request.request_id: out[layout.token_start : end] for w, layout, end in zip(order, layouts, ends)}
 
-    def _advance(self, j: int, live: dict[str, _Live], work: dict[str, _Work], outputs: dict[str, torch.Tensor]
-                 ) -> dict[str, _Live]:
+    def _advance(
+        self, j: int, live: dict[str, _Live], work: dict[str, _Work], outputs: dict[str, torch.Tensor]
+    ) -> dict[str, _Live]:
         """Record module j's valid KV and keep the previous module's outputs it will still need; returns its own
         outputs as the next module's inputs."""
         following: dict[str, _Live] = {}

@@ -47,8 +47,9 @@ class StepShape:
 class CostModel:
     """Online ridge regression of step seconds on StepShape, pulled toward a prior, forgetting old steps."""
 
-    def __init__(self, prior: tuple[float, float, float, float], prior_weight: float = 1.0,
-                 decay: float = 0.98) -> None:
+    def __init__(
+        self, prior: tuple[float, float, float, float], prior_weight: float = 1.0, decay: float = 0.98
+    ) -> None:
         self.prior = np.asarray(prior, dtype=float)
         typical = np.array([1.0, 32.0, 8.0, 2.0])
         self._reg = prior_weight * np.diag(typical**2)
@@ -143,8 +144,9 @@ class AdaptivePolicy:
 
     # -- choice --------------------------------------------------------------------------------------------------
 
-    def choose(self, candidates: list[Candidate], base: StepShape, pass_seconds: float,
-               rounds: Callable[[int], int]) -> Choice:
+    def choose(
+        self, candidates: list[Candidate], base: StepShape, pass_seconds: float, rounds: Callable[[int], int]
+    ) -> Choice:
         """ks for the next step. base: the next step without drafts; pass_seconds: measured time of one
         proposer pass; rounds(K): passes the proposer needs for K drafts."""
         if not self.config.adaptive:
@@ -165,8 +167,9 @@ class AdaptivePolicy:
         self._probe(best, candidates, base)
         return best
 
-    def _dinkelbach(self, candidates: list[Candidate], alphas: list[float], base: StepShape, cap: int,
-                    draft_seconds: float) -> Choice:
+    def _dinkelbach(
+        self, candidates: list[Candidate], alphas: list[float], base: StepShape, cap: int, draft_seconds: float
+    ) -> Choice:
         c0, c_tok, c_row, c_seq = self.cost.coef
         per_draft = c_tok + c_row
         base_tokens = float(max(base.logit_rows, 1))

@@ -50,5 +50,5 @@ class Proposer(abc.ABC):
     def rounds(self, k: int) -> int:
         """Sequential proposer passes needed for k tokens (the policy charges measured time per pass)."""
 
-    def forget(self, request_id: str) -> None:
+    def forget(self, request_id: str) -> None:  # noqa: B027 - optional: stateless proposers keep nothing
         """Drop what is kept for a request that finished, was aborted or was preempted."""

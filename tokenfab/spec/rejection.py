@@ -32,8 +32,9 @@ def race(weights: torch.Tensor, candidates: torch.Tensor | None, generator: torc
     return int(candidates[choice]) if candidates is not None else choice
 
 
-def verify_draft(probs: torch.Tensor, candidates: torch.Tensor | None, draft: int, q: torch.Tensor | None,
-                 generator: torch.Generator) -> tuple[int, bool]:
+def verify_draft(
+    probs: torch.Tensor, candidates: torch.Tensor | None, draft: int, q: torch.Tensor | None, generator: torch.Generator
+) -> tuple[int, bool]:
     """One draft position: (the token to emit here, whether it is the draft).
 
     probs: target probabilities over `candidates` (token ids; None means the whole vocabulary), after

@@ -10,11 +10,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import msgspec
 import torch
 
 from tokenfab.attention.backend import AttentionBackend, KVCache, KVGroupSpec
 from tokenfab.config import EngineConfig
 from tokenfab.engine.kv_cache_manager import KVCacheManager
+from tokenfab.engine.stats import SpecStats
 from tokenfab.engine.types import Request, ScheduledRequest
 from tokenfab.models.decoder import DecoderModel
 from tokenfab.models.loading import ModelSource, resolve_model
@@ -37,34 +39,22 @@ class TargetParts:
     max_model_len: int
 
 
-@dataclass(slots=True)
-class SpecCounters:
-    proposed_tokens: int = 0
-    """Draft tokens verified by the target (proposed and scheduled)."""
-    accepted_tokens: int = 0
-    verified_seqs: int = 0
-    """Request-steps that verified at least one draft (mean acceptance length = 1 + accepted / this)."""
-    draft_seconds: float = 0.0
-    """Time spent proposing (n-gram lookups, draft model or MTP forwards)."""
-    steps_on: int = 0
-    """Steps that verified drafts."""
-    steps_off: int = 0
-    """Steps that sampled without any draft."""
-    probes: int = 0
-
-
 class Speculator:
+    def stats(self) -> SpecStats:
+        return msgspec.structs.replace(self.counters)
+
     def __init__(self, proposer: Proposer, policy: AdaptivePolicy, max_k: int, max_model_len: int) -> None:
         self.proposer = proposer
         self.policy = policy
         self.max_k = max_k
         self.max_model_len = max_model_len
-        self.counters = SpecCounters()
+        self.counters = SpecStats(proposer.name)
         self._pass_seconds = 0.0
         """Measured seconds per proposer pass (exponentially weighted)."""
 
-    def record(self, scheduled: list[ScheduledRequest], accepted: dict[str, int], shape: StepShape,
-               seconds: float) -> None:
+    def record(
+        self, scheduled: list[ScheduledRequest], accepted: dict[str, int], shape: StepShape, seconds: float
+    ) -> None:
         """After verification: acceptance per request, and the step's cost for the policy's model."""
         on = False
         for s in scheduled:
@@ -89,8 +79,7 @@ class Speculator:
         if early is not None:
             caps = [len(p.token_ids) for p in early]
         candidates = [Candidate(r.request_id, cap) for r, cap in zip(decoding, caps)]
-        choice = self.policy.choose(candidates, _next_shape(running, budget), self._pass_seconds,
-                                    self.proposer.rounds)
+        choice = self.policy.choose(candidates, _next_shape(running, budget), self._pass_seconds, self.proposer.rounds)
         self.counters.probes += choice.probes
         proposals = early if early is not None else self.proposer.propose(step, decoding, choice.ks)
         for request, k, proposal in zip(decoding, choice.ks, proposals):
@@ -140,13 +129,16 @@ def check_speculative(config: EngineConfig, source: ModelSource) -> None:
     """Refuse a speculative method the model cannot use, before anything is loaded (ValueError says why)."""
     spec = config.speculative
     if spec.method == "mtp" and source.arch.num_mtp_layers == 0:
-        raise ValueError(f"{source.path} ships no MTP modules (num_nextn_predict_layers); use --speculative ngram "
-                         "or draft:<model>")
+        raise ValueError(
+            f"{source.path} ships no MTP modules (num_nextn_predict_layers); use --speculative ngram or draft:<model>"
+        )
     if spec.method == "draft":
         draft = resolve_model(spec.draft_model)
         if draft.arch.vocab_size != source.arch.vocab_size:
-            raise ValueError(f"the draft model's vocabulary ({draft.arch.vocab_size}) differs from the target's "
-                             f"({source.arch.vocab_size}); a draft must share the target's tokenizer")
+            raise ValueError(
+                f"the draft model's vocabulary ({draft.arch.vocab_size}) differs from the target's "
+                f"({source.arch.vocab_size}); a draft must share the target's tokenizer"
+            )
 
 
 def _build_proposer(config: EngineConfig, target: TargetParts) -> Proposer:

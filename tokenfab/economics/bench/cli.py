@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 
-
 def add_parser(sub) -> None:
     bench = sub.add_parser("bench", help="measure any OpenAI-compatible server: latency, throughput, $/Mtok")
     cmds = bench.add_subparsers(dest="bench_command", required=True)
@@ -40,8 +39,12 @@ def add_parser(sub) -> None:
     lad.add_argument("--turns", type=int, default=4)
     lad.add_argument("--isl", type=int, default=128, help="tool output tokens per turn")
     lad.add_argument("--osl", type=int, default=32, help="reply tokens per turn")
-    lad.add_argument("--quantization", default="int4", choices=["none", "fp8", "int8", "int4", "nvfp4"],
-                     help="weight format of the last rung, on top of prefix caching ('none': no such rung)")
+    lad.add_argument(
+        "--quantization",
+        default="int4",
+        choices=["none", "fp8", "int8", "int4", "nvfp4"],
+        help="weight format of the last rung, on top of prefix caching ('none': no such rung)",
+    )
     lad.set_defaults(func=_ladder, slo_ttft=5.0, slo_tpot=0.25)
 
 
@@ -75,8 +78,12 @@ def _load(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-duration", type=float, default=None, help="seconds per point")
     p.add_argument("--burstiness", type=float, default=1.0, help="open loop gamma shape (1 = Poisson)")
     p.add_argument("--price-per-hour", type=float, default=None, help="device $/h (default: 0.045 x cores)")
-    p.add_argument("--power-watts", type=float, default=None,
-                   help="client-side power model for servers that report no energy (default: 6 W x cores)")
+    p.add_argument(
+        "--power-watts",
+        type=float,
+        default=None,
+        help="client-side power model for servers that report no energy (default: 6 W x cores)",
+    )
     p.add_argument("--slo-ttft", type=float, default=2.0)
     p.add_argument("--slo-tpot", type=float, default=0.1)
     p.add_argument("--request-timeout", type=float, default=600.0)

@@ -32,14 +32,30 @@ async def probe(client: httpx.AsyncClient) -> dict:
         raise Unreachable(f"{client.base_url}/v1/models is not an OpenAI model list: {r.text[:200]}") from None
 
 
-async def stream_completion(client: httpx.AsyncClient, model: str, prompt: str, prompt_tokens: int,
-                            max_tokens: int, ignore_eos: bool = True, timeout: float = 600.0,
-                            session: str | None = None, turn: int = 0, sampling: dict | None = None
-                            ) -> tuple[RequestRecord, str]:
+async def stream_completion(
+    client: httpx.AsyncClient,
+    model: str,
+    prompt: str,
+    prompt_tokens: int,
+    max_tokens: int,
+    ignore_eos: bool = True,
+    timeout: float = 600.0,
+    session: str | None = None,
+    turn: int = 0,
+    sampling: dict | None = None,
+) -> tuple[RequestRecord, str]:
     """Send one request (greedy unless `sampling` sets temperature, top_p, seed, ...); returns its record and the
     generated text."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos, **(sampling or {})}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": ignore_eos,
+        **(sampling or {}),
+    }
     record = RequestRecord(start=time.monotonic(), end=0.0, prompt_tokens=prompt_tokens, session=session, turn=turn)
     pieces: list[str] = []
     try:

@@ -54,12 +54,18 @@ def ladder_rows(entries: list[tuple[Rung, dict]], price_per_hour: float) -> list
         tok_s = point["summary"]["output_tok_s"] if point else 0.0
         per_usd = tok_s * 3600 / price_per_hour if price_per_hour else None
         base = per_usd if base is None else base
-        rows.append({"rung": rung.name, "concurrency": point["concurrency"] if point else None,
-                     "output_tok_s": tok_s, "tokens_per_usd": per_usd,
-                     "step_gain": per_usd / previous if previous and per_usd else None,
-                     "compounded_gain": per_usd / base if base and per_usd else None,
-                     "ttft_p50_s": point["summary"]["ttft_s"]["p50"] if point else None,
-                     "tpot_p50_s": point["summary"]["tpot_s"]["p50"] if point else None})
+        rows.append(
+            {
+                "rung": rung.name,
+                "concurrency": point["concurrency"] if point else None,
+                "output_tok_s": tok_s,
+                "tokens_per_usd": per_usd,
+                "step_gain": per_usd / previous if previous and per_usd else None,
+                "compounded_gain": per_usd / base if base and per_usd else None,
+                "ttft_p50_s": point["summary"]["ttft_s"]["p50"] if point else None,
+                "tpot_p50_s": point["summary"]["tpot_s"]["p50"] if point else None,
+            }
+        )
         previous = per_usd or previous
     return rows
 
@@ -80,8 +86,11 @@ def main(args: argparse.Namespace) -> int:
         spec = server_spec("tokenfab", port, Path(".peers"), 2, rung.max_seqs, 4096, extra)
         server = launch(spec, port, args.out / "logs")
         try:
-            runner.run_with_progress(lambda progress: sweep_system(server.url, rung.name, workload, rung_config,
-                                                                    doc, out, progress), len(rung_config.points))
+            runner.run_with_progress(
+                # called before the loop moves on, so binding the loop variables late is what is meant
+                lambda progress: sweep_system(server.url, rung.name, workload, rung_config, doc, out, progress),  # noqa: B023
+                len(rung_config.points),
+            )
         finally:
             server.stop()
         entries.append((rung, doc["systems"][-1]))
@@ -95,18 +104,24 @@ def main(args: argparse.Namespace) -> int:
 
 def markdown(doc: dict, rows: list[dict]) -> str:
     w, slo = doc["workload"], doc["slo"]
-    lines = [f"# Ladder: tokens per dollar at an SLO ({time.strftime('%Y-%m-%d')})", "",
-             "Workload: agentic sessions (max(4, 2 x concurrency) fresh sessions per point, "
-             f"{w['turns']} turns each; system prompt "
-             f"{w['system_len']} tokens, tool outputs ~{w['tool_len']}, replies ~{w['reply_len']} tokens). "
-             f"SLO: TTFT <= {slo['ttft_s']} s and TPOT <= {slo['tpot_s']} s for >= 90 % of requests. "
-             f"Price: ${doc['price_per_hour']}/device-hour. Machine: {doc['machine']['cpu']}, "
-             f"{doc['machine']['cores']} cores.", "",
-             "| rung | best concurrency | output tok/s | tokens per $ | step gain | compounded |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Ladder: tokens per dollar at an SLO ({time.strftime('%Y-%m-%d')})",
+        "",
+        "Workload: agentic sessions (max(4, 2 x concurrency) fresh sessions per point, "
+        f"{w['turns']} turns each; system prompt "
+        f"{w['system_len']} tokens, tool outputs ~{w['tool_len']}, replies ~{w['reply_len']} tokens). "
+        f"SLO: TTFT <= {slo['ttft_s']} s and TPOT <= {slo['tpot_s']} s for >= 90 % of requests. "
+        f"Price: ${doc['price_per_hour']}/device-hour. Machine: {doc['machine']['cpu']}, "
+        f"{doc['machine']['cores']} cores.",
+        "",
+        "| rung | best concurrency | output tok/s | tokens per $ | step gain | compounded |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['rung']} | {r['concurrency'] or '-'} | {r['output_tok_s']:.2f} | "
-                     f"{_num(r['tokens_per_usd'])} | {_x(r['step_gain'])} | {_x(r['compounded_gain'])} |")
+        lines.append(
+            f"| {r['rung']} | {r['concurrency'] or '-'} | {r['output_tok_s']:.2f} | "
+            f"{_num(r['tokens_per_usd'])} | {_x(r['step_gain'])} | {_x(r['compounded_gain'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -123,6 +138,12 @@ def _print(rows: list[dict], doc: dict) -> None:
     for col in ("rung", "concurrency", "out tok/s", "tokens/$", "step", "compounded"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["rung"], str(r["concurrency"] or "-"), f"{r['output_tok_s']:.2f}", _num(r["tokens_per_usd"]),
-                      _x(r["step_gain"]), _x(r["compounded_gain"]))
+        table.add_row(
+            r["rung"],
+            str(r["concurrency"] or "-"),
+            f"{r['output_tok_s']:.2f}",
+            _num(r["tokens_per_usd"]),
+            _x(r["step_gain"]),
+            _x(r["compounded_gain"]),
+        )
     Console().print(table)

@@ -53,34 +53,82 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_spec(system: str, port: int, peers: Path, threads: int, max_seqs: int, max_model_len: int,
-                extra: list[str] | None = None) -> ServerSpec:
+def server_spec(
+    system: str, port: int, peers: Path, threads: int, max_seqs: int, max_model_len: int, extra: list[str] | None = None
+) -> ServerSpec:
     from tokenfab.loader.default_model import default_model_dir, default_model_path
 
     extra = extra or []
     env = dict(os.environ)
     if system == "tokenfab":
-        cmd = [sys.executable, "-m", "tokenfab.cli", "serve", "--port", str(port), "--threads", str(threads),
-               "--max-num-seqs", str(max_seqs), "--max-model-len", str(max_model_len),
-               "--max-queued-requests", str(4 * max_seqs), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "tokenfab.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--threads",
+            str(threads),
+            "--max-num-seqs",
+            str(max_seqs),
+            "--max-model-len",
+            str(max_model_len),
+            "--max-queued-requests",
+            str(4 * max_seqs),
+            *extra,
+        ]
         return ServerSpec(system, cmd, env)
     if system == "vllm":
         python = peers / "vllm" / "bin" / "python"
-        env.update(VLLM_CPU_KVCACHE_SPACE="2", OMP_NUM_THREADS=str(threads), VLLM_LOGGING_LEVEL="WARNING",
-                   VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}" if threads > 1 else "0")
+        env.update(
+            VLLM_CPU_KVCACHE_SPACE="2",
+            OMP_NUM_THREADS=str(threads),
+            VLLM_LOGGING_LEVEL="WARNING",
+            VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}" if threads > 1 else "0",
+        )
         preload = _vllm_preload(python)
         if preload:
             env["LD_PRELOAD"] = ":".join(preload)
-        cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(default_model_dir()),
-               "--served-model-name", SERVED_NAME, "--port", str(port), "--dtype", "float32",
-               "--max-model-len", str(max_model_len), "--max-num-seqs", str(max_seqs), *extra]
+        cmd = [
+            str(python),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(default_model_dir()),
+            "--served-model-name",
+            SERVED_NAME,
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            str(max_model_len),
+            "--max-num-seqs",
+            str(max_seqs),
+            *extra,
+        ]
         missing = None if python.exists() else f"{python} not found (run benchmarks/peers/setup_peers.sh vllm)"
         return ServerSpec(system, cmd, env, missing)
     if system == "llama.cpp":
         binary = peers / "llamacpp" / "build" / "bin" / "llama-server"
-        cmd = [str(binary), "-m", str(default_model_path()), "--port", str(port), "-t", str(threads),
-               "-np", str(max_seqs), "-c", str(max_model_len * max_seqs), "--cont-batching", "--alias", SERVED_NAME,
-               *extra]
+        cmd = [
+            str(binary),
+            "-m",
+            str(default_model_path()),
+            "--port",
+            str(port),
+            "-t",
+            str(threads),
+            "-np",
+            str(max_seqs),
+            "-c",
+            str(max_model_len * max_seqs),
+            "--cont-batching",
+            "--alias",
+            SERVED_NAME,
+            *extra,
+        ]
         missing = None if binary.exists() else f"{binary} not found (run benchmarks/peers/setup_peers.sh llamacpp)"
         return ServerSpec(system, cmd, env, missing)
     raise ValueError(f"unknown system {system!r}; known: tokenfab, vllm, llama.cpp")

@@ -64,14 +64,31 @@ class Run:
         bound = self.plan.max_duration_s
         return bound is not None and time.monotonic() - self.started >= bound
 
-    async def send(self, client: httpx.AsyncClient, model: str, prompt: str, prompt_tokens: int, max_tokens: int,
-                   session: str | None = None, turn: int = 0, sampling: dict | None = None
-                   ) -> tuple[RequestRecord, str]:
+    async def send(
+        self,
+        client: httpx.AsyncClient,
+        model: str,
+        prompt: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        session: str | None = None,
+        turn: int = 0,
+        sampling: dict | None = None,
+    ) -> tuple[RequestRecord, str]:
         index = self._sent
         self._sent += 1
-        record, text = await stream_completion(client, model, prompt, prompt_tokens, max_tokens,
-                                               self.plan.ignore_eos, self.plan.request_timeout_s, session, turn,
-                                               sampling)
+        record, text = await stream_completion(
+            client,
+            model,
+            prompt,
+            prompt_tokens,
+            max_tokens,
+            self.plan.ignore_eos,
+            self.plan.request_timeout_s,
+            session,
+            turn,
+            sampling,
+        )
         if index >= self.plan.warmup:
             self.records.append(record)
             if self.progress is not None:
@@ -79,8 +96,9 @@ class Run:
         return record, text
 
 
-async def run_requests(client: httpx.AsyncClient, model: str, specs: list[RequestSpec], plan: LoadPlan,
-                       progress: Progress | None = None) -> list[RequestRecord]:
+async def run_requests(
+    client: httpx.AsyncClient, model: str, specs: list[RequestSpec], plan: LoadPlan, progress: Progress | None = None
+) -> list[RequestRecord]:
     run = Run(plan, progress)
     if plan.concurrency is not None:
         await _closed_loop(run, client, model, specs, plan.concurrency)
@@ -89,15 +107,17 @@ async def run_requests(client: httpx.AsyncClient, model: str, specs: list[Reques
     return run.records
 
 
-async def _closed_loop(run: Run, client: httpx.AsyncClient, model: str, specs: list[RequestSpec],
-                       concurrency: int) -> None:
+async def _closed_loop(
+    run: Run, client: httpx.AsyncClient, model: str, specs: list[RequestSpec], concurrency: int
+) -> None:
     queue = list(reversed(specs))
 
     async def worker() -> None:
         while queue and not run.expired():
             spec = queue.pop()
-            await run.send(client, model, spec.prompt, spec.prompt_tokens, spec.max_tokens, spec.session,
-                           sampling=spec.sampling)
+            await run.send(
+                client, model, spec.prompt, spec.prompt_tokens, spec.max_tokens, spec.session, sampling=spec.sampling
+            )
 
     await _all(worker() for _ in range(concurrency))
 
@@ -117,8 +137,19 @@ async def _open_loop(run: Run, client: httpx.AsyncClient, model: str, specs: lis
             await asyncio.sleep(delay)
         if run.expired():
             break
-        tasks.append(asyncio.create_task(run.send(client, model, spec.prompt, spec.prompt_tokens, spec.max_tokens,
-                                                  spec.session, sampling=spec.sampling)))
+        tasks.append(
+            asyncio.create_task(
+                run.send(
+                    client,
+                    model,
+                    spec.prompt,
+                    spec.prompt_tokens,
+                    spec.max_tokens,
+                    spec.session,
+                    sampling=spec.sampling,
+                )
+            )
+        )
     await _all(tasks)
 
 
@@ -129,8 +160,14 @@ def _gap(rng: random.Random, plan: LoadPlan, elapsed: float) -> float:
     return rng.gammavariate(plan.burstiness, 1.0 / (rate * plan.burstiness))
 
 
-async def run_sessions(client: httpx.AsyncClient, model: str, sessions: list[SessionSpec], plan: LoadPlan,
-                       count_tokens: Callable[[str], int], progress: Progress | None = None) -> list[RequestRecord]:
+async def run_sessions(
+    client: httpx.AsyncClient,
+    model: str,
+    sessions: list[SessionSpec],
+    plan: LoadPlan,
+    count_tokens: Callable[[str], int],
+    progress: Progress | None = None,
+) -> list[RequestRecord]:
     """Agentic sessions, `plan.concurrency` at a time: each turn appends a tool output to the conversation and
     the model's reply to it, then waits the session's think time before the next turn."""
     if plan.concurrency is None:
@@ -144,8 +181,9 @@ async def run_sessions(client: httpx.AsyncClient, model: str, sessions: list[Ses
             if run.expired():
                 return
             conversation += "\n" + tool
-            record, reply = await run.send(client, model, conversation, count_tokens(conversation), reply_len,
-                                           s.session, turn)
+            record, reply = await run.send(
+                client, model, conversation, count_tokens(conversation), reply_len, s.session, turn
+            )
             if not record.ok:
                 return
             conversation += reply

@@ -24,8 +24,12 @@ KNOWN_SCHEMA_VERSIONS = frozenset({SCHEMA_VERSION})
 THROUGHPUT_PNG = "throughput_vs_interactivity.png"
 COST_PNG = "cost_vs_interactivity.png"
 DASH = "—"
-_MACHINE_UNITS = (("cores", "{:g} cores"), ("memory_gb", "{:g} GB"), ("read_gb_s", "read {:g} GB/s"),
-                  ("fp32_gflops", "fp32 {:g} GFLOP/s"))
+_MACHINE_UNITS = (
+    ("cores", "{:g} cores"),
+    ("memory_gb", "{:g} GB"),
+    ("read_gb_s", "read {:g} GB/s"),
+    ("fp32_gflops", "fp32 {:g} GFLOP/s"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,12 +99,17 @@ def plot_points(doc: dict[str, Any], system: dict[str, Any]) -> list[PlotPoint]:
         if x is None:
             continue
         tput = _finite(s.get("output_tok_s"))
-        out.append(PlotPoint(
-            system=system["system"], label=_load_label(point), concurrency=point.get("concurrency"),
-            rate=point.get("rate"), interactivity=x,
-            throughput_per_device=None if tput is None else tput / devices,
-            usd_per_mtok_output=_finite(s.get("usd_per_mtok_output")),
-        ))
+        out.append(
+            PlotPoint(
+                system=system["system"],
+                label=_load_label(point),
+                concurrency=point.get("concurrency"),
+                rate=point.get("rate"),
+                interactivity=x,
+                throughput_per_device=None if tput is None else tput / devices,
+                usd_per_mtok_output=_finite(s.get("usd_per_mtok_output")),
+            )
+        )
     return out
 
 
@@ -158,8 +167,18 @@ def _header(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_COLUMNS = ("system", "load", "completed / failed", "output tok/s", "tok/s/user", "TTFT p50 / p99 (ms)",
-            "TPOT p50 / p99 (ms)", "goodput", "$/Mtok output", "J/token")
+_COLUMNS = (
+    "system",
+    "load",
+    "completed / failed",
+    "output tok/s",
+    "tok/s/user",
+    "TTFT p50 / p99 (ms)",
+    "TPOT p50 / p99 (ms)",
+    "goodput",
+    "$/Mtok output",
+    "J/token",
+)
 
 
 def _table(doc: dict[str, Any]) -> str:
@@ -176,10 +195,16 @@ def _row(system: str, point: dict[str, Any]) -> list[str]:
     if joules != DASH and s.get("energy_source"):
         joules += f" ({s['energy_source']})"
     return [
-        _cell(system), _load_label(point), _completed_failed(s),
-        _num(s.get("output_tok_s"), ".1f"), _num(s.get("interactivity"), ".1f"),
-        _ms_pair(s.get("ttft_s")), _ms_pair(s.get("tpot_s")),
-        _num(s.get("goodput_fraction"), ".0%"), _num(s.get("usd_per_mtok_output")), _cell(joules),
+        _cell(system),
+        _load_label(point),
+        _completed_failed(s),
+        _num(s.get("output_tok_s"), ".1f"),
+        _num(s.get("interactivity"), ".1f"),
+        _ms_pair(s.get("ttft_s")),
+        _ms_pair(s.get("tpot_s")),
+        _num(s.get("goodput_fraction"), ".0%"),
+        _num(s.get("usd_per_mtok_output")),
+        _cell(joules),
     ]
 
 
@@ -199,22 +224,32 @@ def _ms_pair(dist: dict[str, Any] | None) -> str:
 
 def _goodput_section(doc: dict[str, Any]) -> str:
     """Per system, the highest measured request rate at which at least 90 % of requests met the SLO."""
-    lines = ["## Goodput", "", "Highest completed-request rate among the points where >= 90 % of requests met the "
-             "SLO (TTFT and TPOT).", ""]
+    lines = [
+        "## Goodput",
+        "",
+        "Highest completed-request rate among the points where >= 90 % of requests met the SLO (TTFT and TPOT).",
+        "",
+    ]
     for system in doc.get("systems", []):
         best = best_within_slo(system.get("points", []), "request_rate")
         if best is None:
             lines.append(f"- **{_cell(system['system'])}**: no point met the SLO")
         else:
             s = best["summary"]
-            lines.append(f"- **{_cell(system['system'])}**: {_num(s.get('request_rate'))} req/s "
-                         f"({_load_label(best)}, {_num(s.get('output_tok_s'), '.1f')} output tok/s)")
+            lines.append(
+                f"- **{_cell(system['system'])}**: {_num(s.get('request_rate'))} req/s "
+                f"({_load_label(best)}, {_num(s.get('output_tok_s'), '.1f')} output tok/s)"
+            )
     return "\n".join(lines)
 
 
 def _frontier_section(doc: dict[str, Any]) -> str:
-    lines = ["## Pareto frontier", "",
-             "Points no other point of the same system beats on both tok/s/user and output tok/s per device.", ""]
+    lines = [
+        "## Pareto frontier",
+        "",
+        "Points no other point of the same system beats on both tok/s/user and output tok/s per device.",
+        "",
+    ]
     for system in doc.get("systems", []):
         if not system.get("points"):
             continue
@@ -223,8 +258,9 @@ def _frontier_section(doc: dict[str, Any]) -> str:
         if not front:
             lines.append(f"- **{_cell(system['system'])}**: no point with tok/s/user and throughput")
         elif all(p.rate is None for p in front):
-            lines.append(f"- **{_cell(system['system'])}**: concurrency "
-                         + ", ".join(str(p.concurrency) for p in front))
+            lines.append(
+                f"- **{_cell(system['system'])}**: concurrency " + ", ".join(str(p.concurrency) for p in front)
+            )
         else:
             lines.append(f"- **{_cell(system['system'])}**: " + ", ".join(p.label for p in front))
     return "\n".join(lines)
@@ -278,8 +314,15 @@ def _throughput_plot(doc: dict[str, Any], by_system: list[tuple[str, list[PlotPo
         color = f"C{i % 10}"
         _series(ax, pts, [p.throughput_per_device for p in pts], color, name)
         front = frontier(pts)
-        ax.step([p.interactivity for p in front], [p.throughput_per_device for p in front], where="pre",
-                linestyle="--", color=color, alpha=0.6, label=_plain(f"{name} Pareto frontier"))
+        ax.step(
+            [p.interactivity for p in front],
+            [p.throughput_per_device for p in front],
+            where="pre",
+            linestyle="--",
+            color=color,
+            alpha=0.6,
+            label=_plain(f"{name} Pareto frontier"),
+        )
     ax.set_ylabel("output throughput per device (tok/s)")
     return _save(fig, ax, path)
 

@@ -26,13 +26,19 @@ def build_workload(args: argparse.Namespace, n: int) -> Workload:
     tok = load_tokenizer(resolve_model(args.model))
     name = args.workload
     if name == "random":
-        return Workload(name, {"isl": args.isl, "osl": args.osl}, wl.random_workload(tok, args.isl, args.osl, n,
-                                                                                       args.seed))
+        return Workload(
+            name, {"isl": args.isl, "osl": args.osl}, wl.random_workload(tok, args.isl, args.osl, n, args.seed)
+        )
     if name == "prefix":
-        params = {"num_prefixes": args.num_prefixes, "prefix_len": args.prefix_len, "suffix_len": args.isl,
-                  "osl": args.osl}
-        return Workload(name, params, wl.prefix_workload(tok, args.num_prefixes, args.prefix_len, args.isl,
-                                                         args.osl, n, args.seed))
+        params = {
+            "num_prefixes": args.num_prefixes,
+            "prefix_len": args.prefix_len,
+            "suffix_len": args.isl,
+            "osl": args.osl,
+        }
+        return Workload(
+            name, params, wl.prefix_workload(tok, args.num_prefixes, args.prefix_len, args.isl, args.osl, n, args.seed)
+        )
     if name == "chat":
         params = {"distribution": "log-normal, mean in 256 / out 192"}
         return Workload(name, params, wl.chat_workload(tok, n, args.seed))
@@ -40,10 +46,17 @@ def build_workload(args: argparse.Namespace, n: int) -> Workload:
         if args.trace is None:
             raise ValueError("--workload trace needs --trace FILE")
         return Workload(name, {"trace": str(args.trace)}, wl.trace_workload(args.trace, tok, args.seed))
-    params = {"sessions": max(n, args.sessions), "turns": args.turns, "system_len": args.prefix_len,
-              "tool_len": args.isl, "reply_len": args.osl, "think_time_s": args.think_time}
-    sessions = wl.agentic_sessions(tok, max(n, args.sessions), args.turns, args.prefix_len, args.isl, args.osl,
-                                   args.think_time, args.seed)
+    params = {
+        "sessions": max(n, args.sessions),
+        "turns": args.turns,
+        "system_len": args.prefix_len,
+        "tool_len": args.isl,
+        "reply_len": args.osl,
+        "think_time_s": args.think_time,
+    }
+    sessions = wl.agentic_sessions(
+        tok, max(n, args.sessions), args.turns, args.prefix_len, args.isl, args.osl, args.think_time, args.seed
+    )
     return Workload(name, params, sessions=sessions, count_tokens=lambda t: len(tok.encode(t)))
 
 
@@ -52,8 +65,18 @@ def build_config(args: argparse.Namespace, points, open_loop: bool) -> SweepConf
     cpu = PROFILES["cpu"]
     price = args.price_per_hour if args.price_per_hour is not None else cpu.usd_per_hour * cores
     watts = args.power_watts if args.power_watts is not None else cpu.peak_watts * cores
-    return SweepConfig(list(points), open_loop, args.num_requests, args.warmup, args.max_duration, price,
-                       SLO(args.slo_ttft, args.slo_tpot), watts, args.request_timeout, args.burstiness)
+    return SweepConfig(
+        list(points),
+        open_loop,
+        args.num_requests,
+        args.warmup,
+        args.max_duration,
+        price,
+        SLO(args.slo_ttft, args.slo_tpot),
+        watts,
+        args.request_timeout,
+        args.burstiness,
+    )
 
 
 def _ceilings() -> dict:
@@ -67,8 +90,9 @@ def sweep_urls(args: argparse.Namespace, points, open_loop: bool, out: Path) -> 
     workload = build_workload(args, items_needed(config, args.workload == "agentic"))
     doc = new_document(workload, config, None)
     system = args.system or "server"
-    if not run_with_progress(lambda progress: sweep_system(args.url, system, workload, config, doc, out, progress),
-                              len(points)):
+    if not run_with_progress(
+        lambda progress: sweep_system(args.url, system, workload, config, doc, out, progress), len(points)
+    ):
         doc["interrupted"] = True
     return doc
 
@@ -90,8 +114,10 @@ def sweep_launched(args: argparse.Namespace, points, open_loop: bool, out: Path)
             doc["systems"].append({"system": system, "status": str(e), "points": []})
             continue
         try:
-            finished = run_with_progress(lambda progress: sweep_system(server.url, system, workload, config, doc,
-                                                                        out, progress), len(points))
+            finished = run_with_progress(
+                lambda progress: sweep_system(server.url, system, workload, config, doc, out, progress),  # noqa: B023
+                len(points),
+            )
         except (Unreachable, ValueError) as e:
             doc["systems"][-1]["status"] = f"failed: {e}"
             finished = True
@@ -105,8 +131,9 @@ def sweep_launched(args: argparse.Namespace, points, open_loop: bool, out: Path)
 
 def run_with_progress(make, num_points: int) -> bool:
     """Run one system's sweep with a progress bar; False when Ctrl-C stopped it."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  transient=False) as bar:
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False
+    ) as bar:
         tasks: dict[str, int] = {}
 
         def progress(system: str, record) -> None:
@@ -123,21 +150,40 @@ def run_with_progress(make, num_points: int) -> bool:
 
 
 def print_summary(doc: dict) -> None:
-    table = Table(title=f"{doc['workload']['name']} workload, SLO TTFT<={doc['slo']['ttft_s']}s "
-                        f"TPOT<={doc['slo']['tpot_s']}s, ${doc['price_per_hour']}/h")
-    for col in ("system", "point", "ok/failed", "out tok/s", "tok/s/user", "TTFT p50 ms", "TPOT p50 ms",
-                "goodput", "$/Mtok out", "J/tok out"):
+    table = Table(
+        title=f"{doc['workload']['name']} workload, SLO TTFT<={doc['slo']['ttft_s']}s "
+        f"TPOT<={doc['slo']['tpot_s']}s, ${doc['price_per_hour']}/h"
+    )
+    for col in (
+        "system",
+        "point",
+        "ok/failed",
+        "out tok/s",
+        "tok/s/user",
+        "TTFT p50 ms",
+        "TPOT p50 ms",
+        "goodput",
+        "$/Mtok out",
+        "J/tok out",
+    ):
         table.add_column(col)
     for entry in doc["systems"]:
         if entry["status"] != "ok":
             table.add_row(entry["system"], "-", entry["status"], *["-"] * 7)
         for p in entry["points"]:
             s = p["summary"]
-            table.add_row(entry["system"], str(p["concurrency"] or p["rate"]),
-                          f"{s['completed']}/{sum(s['failed'].values())}", _f(s["output_tok_s"]),
-                          _f(s["interactivity"]), _f(_ms(s["ttft_s"]["p50"])), _f(_ms(s["tpot_s"]["p50"])),
-                          _f(s["goodput_fraction"], 2), _f(s["usd_per_mtok_output"], 3),
-                          _f(s["joules_per_token_output"], 3))
+            table.add_row(
+                entry["system"],
+                str(p["concurrency"] or p["rate"]),
+                f"{s['completed']}/{sum(s['failed'].values())}",
+                _f(s["output_tok_s"]),
+                _f(s["interactivity"]),
+                _f(_ms(s["ttft_s"]["p50"])),
+                _f(_ms(s["tpot_s"]["p50"])),
+                _f(s["goodput_fraction"], 2),
+                _f(s["usd_per_mtok_output"], 3),
+                _f(s["joules_per_token_output"], 3),
+            )
     Console(stderr=True).print(table)
 
 

@@ -5,8 +5,16 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-KEYWORDS = ("prefix_cache", "cost_usd", "energy_joules", "preemption", "busy_seconds", "generation_tokens",
-            "prompt_tokens", "spec_")
+KEYWORDS = (
+    "prefix_cache",
+    "cost_usd",
+    "energy_joules",
+    "preemption",
+    "busy_seconds",
+    "generation_tokens",
+    "prompt_tokens",
+    "spec_",
+)
 
 
 async def scrape(client: httpx.AsyncClient) -> dict[str, float] | None:

@@ -277,8 +277,13 @@ def best_within_slo(points: Sequence[dict], key: str, fraction: float = 0.9) -> 
     among those where >= `fraction` of requests met the SLO; None when no point qualifies."""
     if not 0 <= fraction <= 1:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    good = [p for p in points if (g := p["summary"].get("goodput_fraction")) is not None and g >= fraction
-            and p["summary"].get(key) is not None]
+    good = [
+        p
+        for p in points
+        if (g := p["summary"].get("goodput_fraction")) is not None
+        and g >= fraction
+        and p["summary"].get(key) is not None
+    ]
     return max(good, key=lambda p: p["summary"][key], default=None)
 
 

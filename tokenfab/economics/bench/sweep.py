@@ -59,19 +59,29 @@ class SweepConfig:
 
 def new_document(workload: Workload, config: SweepConfig, ceilings: dict | None) -> dict:
     return {
-        "schema_version": SCHEMA_VERSION, "kind": "tokenfab-bench-sweep",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tokenfab_version": __version__,
+        "schema_version": SCHEMA_VERSION,
+        "kind": "tokenfab-bench-sweep",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tokenfab_version": __version__,
         "machine": {**machine.describe(), **(ceilings or {})},
         "workload": {"name": workload.name, **workload.params},
         "slo": {"ttft_s": config.slo.ttft_s, "tpot_s": config.slo.tpot_s},
-        "price_per_hour": config.price_per_hour, "power_watts_model": config.power_watts,
+        "price_per_hour": config.price_per_hour,
+        "power_watts_model": config.power_watts,
         "load": "open loop (rate, req/s)" if config.open_loop else "closed loop (concurrency)",
         "systems": [],
     }
 
 
-async def sweep_system(url: str, system: str, workload: Workload, config: SweepConfig, doc: dict, out: Path | None,
-                       progress: Callable[[str, RequestRecord], None] | None = None) -> dict:
+async def sweep_system(
+    url: str,
+    system: str,
+    workload: Workload,
+    config: SweepConfig,
+    doc: dict,
+    out: Path | None,
+    progress: Callable[[str, RequestRecord], None] | None = None,
+) -> dict:
     """Sweep one running server; appends (and returns) its entry in doc, writing doc after every point."""
     entry = {"system": system, "url": url, "status": "ok", "points": []}
     doc["systems"].append(entry)
@@ -92,27 +102,46 @@ async def sweep_system(url: str, system: str, workload: Workload, config: SweepC
             raise ValueError(entry["status"])
         offset = 0
         for point in config.points:
-            records, seconds, counters, used = await _run_point(client, card["id"], workload, config, point, offset,
-                                                                system, progress)
+            records, seconds, counters, used = await _run_point(
+                client, card["id"], workload, config, point, offset, system, progress
+            )
             offset += used
-            summary = summarize(records, price_per_hour=config.price_per_hour, slo=config.slo,
-                                power_watts=config.power_watts)
-            entry["points"].append({
-                "concurrency": None if config.open_loop else point, "rate": point if config.open_loop else None,
-                "wall_s": seconds, "summary": summary.as_dict(), "server_counters": counters,
-            })
+            summary = summarize(
+                records, price_per_hour=config.price_per_hour, slo=config.slo, power_watts=config.power_watts
+            )
+            entry["points"].append(
+                {
+                    "concurrency": None if config.open_loop else point,
+                    "rate": point if config.open_loop else None,
+                    "wall_s": seconds,
+                    "summary": summary.as_dict(),
+                    "server_counters": counters,
+                }
+            )
             _write(doc, out)
     return entry
 
 
-async def _run_point(client: httpx.AsyncClient, model: str, workload: Workload, config: SweepConfig, point,
-                     offset: int, system: str, progress) -> tuple[list[RequestRecord], float, dict | None, int]:
+async def _run_point(
+    client: httpx.AsyncClient,
+    model: str,
+    workload: Workload,
+    config: SweepConfig,
+    point,
+    offset: int,
+    system: str,
+    progress,
+) -> tuple[list[RequestRecord], float, dict | None, int]:
     """One point on fresh requests (from `offset` on), so no point hits a prefix cached by an earlier one;
     returns its records, wall time, server counter deltas and how many workload items it used."""
-    plan = LoadPlan(concurrency=None if config.open_loop else int(point),
-                    rate=float(point) if config.open_loop else None, warmup=config.warmup,
-                    max_duration_s=config.max_duration_s, request_timeout_s=config.request_timeout_s,
-                    burstiness=config.burstiness)
+    plan = LoadPlan(
+        concurrency=None if config.open_loop else int(point),
+        rate=float(point) if config.open_loop else None,
+        warmup=config.warmup,
+        max_duration_s=config.max_duration_s,
+        request_timeout_s=config.request_timeout_s,
+        burstiness=config.burstiness,
+    )
     hook = (lambda r: progress(system, r)) if progress else None
     before = await scrape(client)
     start = time.monotonic()

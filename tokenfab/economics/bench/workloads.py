@@ -79,8 +79,9 @@ def random_workload(tokenizer: Tokenizer, isl: int, osl: int, n: int, seed: int 
     return specs
 
 
-def prefix_workload(tokenizer: Tokenizer, num_prefixes: int, prefix_len: int, suffix_len: int, osl: int, n: int,
-                    seed: int = 0) -> list[RequestSpec]:
+def prefix_workload(
+    tokenizer: Tokenizer, num_prefixes: int, prefix_len: int, suffix_len: int, osl: int, n: int, seed: int = 0
+) -> list[RequestSpec]:
     """K shared prefixes of P tokens, each request one of them plus a unique suffix (round robin)."""
     sampler = TextSampler(tokenizer, seed)
     prefixes = [sampler.text(prefix_len) for _ in range(num_prefixes)]
@@ -88,13 +89,26 @@ def prefix_workload(tokenizer: Tokenizer, num_prefixes: int, prefix_len: int, su
     for i in range(n):
         prefix, p_count = prefixes[i % num_prefixes]
         suffix, s_count = sampler.text(uniform_length(sampler.rng, suffix_len))
-        specs.append(RequestSpec(prefix + " " + suffix, p_count + s_count, uniform_length(sampler.rng, osl),
-                                 session=f"prefix-{i % num_prefixes}"))
+        specs.append(
+            RequestSpec(
+                prefix + " " + suffix,
+                p_count + s_count,
+                uniform_length(sampler.rng, osl),
+                session=f"prefix-{i % num_prefixes}",
+            )
+        )
     return specs
 
 
-def chat_workload(tokenizer: Tokenizer, n: int, seed: int = 0, mean_in: int = 256, mean_out: int = 192,
-                  max_in: int = 2048, max_out: int = 1024) -> list[RequestSpec]:
+def chat_workload(
+    tokenizer: Tokenizer,
+    n: int,
+    seed: int = 0,
+    mean_in: int = 256,
+    mean_out: int = 192,
+    max_in: int = 2048,
+    max_out: int = 1024,
+) -> list[RequestSpec]:
     """Chat-like lengths: log-normal input and output lengths (long-tailed, as in conversation datasets)."""
     sampler = TextSampler(tokenizer, seed)
     rng = sampler.rng
@@ -113,8 +127,16 @@ def _mu(mean: float, sigma: float) -> float:
     return math.log(mean) - sigma * sigma / 2
 
 
-def agentic_sessions(tokenizer: Tokenizer, sessions: int, turns: int, system_len: int, tool_len: int,
-                     reply_len: int, think_time_s: float, seed: int = 0) -> list[SessionSpec]:
+def agentic_sessions(
+    tokenizer: Tokenizer,
+    sessions: int,
+    turns: int,
+    system_len: int,
+    tool_len: int,
+    reply_len: int,
+    think_time_s: float,
+    seed: int = 0,
+) -> list[SessionSpec]:
     sampler = TextSampler(tokenizer, seed)
     specs = []
     for s in range(sessions):
@@ -143,8 +165,9 @@ def trace_workload(path: str | Path, tokenizer: Tokenizer, seed: int = 0) -> lis
             else:
                 text, count = sampler.text(int(row["input_length"]))
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}:{number}: bad trace line ({e}); want timestamp, input or input_length, "
-                             "output_length") from None
+            raise ValueError(
+                f"{path}:{number}: bad trace line ({e}); want timestamp, input or input_length, output_length"
+            ) from None
         start = ts if start is None else start
         specs.append(RequestSpec(text, count, max(1, out), arrival=ts - start, session=row.get("session_id")))
     if not specs:

@@ -1,0 +1,120 @@
+"""The engine core's stats: nested msgspec structs, each field declared once with the metric it is exported as.
+
+`EngineStats` is a snapshot (scheduler, KV cache, prefix cache, speculation, cost) sent with every step's outputs;
+each part is produced by the manager that owns the numbers. A field annotated `Annotated[int, counter(...)]` or
+`gauge(...)` is rendered under `tokenfab:<name>` by `tokenfab.serve.metrics` by walking `exported(stats)`, with no
+list of fields anywhere else.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from typing import Annotated
+
+import msgspec
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    kind: str
+    """gauge or counter."""
+    name: str
+    doc: str
+
+
+def gauge(name: str, doc: str) -> Metric:
+    return Metric("gauge", name, doc)
+
+
+def counter(name: str, doc: str) -> Metric:
+    return Metric("counter", name, doc)
+
+
+class SchedulerStats(msgspec.Struct, gc=False):
+    num_running: Annotated[int, gauge("num_requests_running", "Sequences running in the engine")] = 0
+    num_waiting: Annotated[int, gauge("num_requests_waiting", "Sequences waiting in the engine")] = 0
+    num_preemptions: Annotated[int, counter("num_preemptions", "Sequences preempted (recomputed later)")] = 0
+    steps: Annotated[int, counter("engine_steps", "Engine steps")] = 0
+    prompt_tokens_computed: Annotated[
+        int, counter("prompt_tokens_computed", "Prompt tokens run through the model (cache hits excluded)")
+    ] = 0
+    tokens_computed: int = 0
+    """Every token run through the model (prompt chunks, decodes and drafts under verification)."""
+    generated_tokens: Annotated[int, counter("engine_generated_tokens", "Tokens sampled by the engine")] = 0
+
+
+class KVStats(msgspec.Struct, gc=False):
+    usage: Annotated[float, gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full)")] = 0.0
+    free_blocks: Annotated[int, gauge("kv_cache_free_blocks", "KV blocks free (cached-free included), all groups")] = 0
+    total_blocks: Annotated[int, gauge("kv_cache_total_blocks", "KV blocks, all groups")] = 0
+
+
+class PrefixCacheStats(msgspec.Struct, gc=False):
+    queries: Annotated[int, counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache")] = 0
+    hits: Annotated[int, counter("prefix_cache_hits", "Prompt tokens found in the prefix cache")] = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+class SpecStats(msgspec.Struct, gc=False):
+    """Speculative decoding since start (all zero with method none)."""
+
+    method: str = "none"
+    proposed_tokens: Annotated[int, counter("spec_proposed_tokens", "Draft tokens verified by the target")] = 0
+    accepted_tokens: Annotated[int, counter("spec_accepted_tokens", "Draft tokens accepted")] = 0
+    verified_seqs: Annotated[int, counter("spec_verifications", "Request-steps that verified drafts")] = 0
+    """Mean acceptance length = 1 + accepted / verified."""
+    draft_seconds: Annotated[
+        float, counter("spec_draft_seconds", "Time spent proposing drafts (part of engine busy time)")
+    ] = 0.0
+    steps_on: Annotated[int, counter("spec_steps_on", "Engine steps that verified drafts")] = 0
+    steps_off: Annotated[
+        int, counter("spec_steps_off", "Engine steps that sampled without drafts (speculation off or no guess)")
+    ] = 0
+    probes: int = 0
+    """Steps the adaptive policy spent measuring a k it would not otherwise pick."""
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return 1 + self.accepted_tokens / self.verified_seqs if self.verified_seqs else 0.0
+
+
+class CostStats(msgspec.Struct, gc=False):
+    busy_seconds: Annotated[float, counter("engine_busy_seconds", "Wall time of engine steps")] = 0.0
+    joules: Annotated[float, counter("energy_joules", "Energy of engine steps")] = 0.0
+    usd: Annotated[float, counter("cost_usd", "Price of engine steps (device time + energy)")] = 0.0
+    energy_source: str = "modelled"
+    meter: str = ""
+
+
+class EngineStats(msgspec.Struct, gc=False):
+    """A snapshot of the core's gauges and counters, sent with step outputs."""
+
+    time: float
+    scheduler: SchedulerStats
+    kv: KVStats
+    prefix_cache: PrefixCacheStats
+    spec: SpecStats
+    cost: CostStats
+
+
+@cache
+def _metrics(cls: type) -> tuple[tuple[str, Metric], ...]:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return tuple(
+        (name, meta)
+        for name, hint in hints.items()
+        for meta in getattr(hint, "__metadata__", ())
+        if isinstance(meta, Metric)
+    )
+
+
+def exported(part: msgspec.Struct) -> Iterator[tuple[Metric, float]]:
+    """Each metric a stats part declares, with its current value."""
+    for name, metric in _metrics(type(part)):
+        yield metric, getattr(part, name)
