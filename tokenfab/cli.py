@@ -40,6 +40,7 @@ def _core(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from tokenfab import SamplingParams
+    from tokenfab.engine.types import RequestOutput
     from tokenfab.llm import LLM
 
     llm = LLM.from_config(engine_config(args))
@@ -55,7 +56,7 @@ def _generate(args: argparse.Namespace) -> int:
         prompt = llm.tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     start = time.perf_counter()
     shown = 0
-    final = None
+    final: RequestOutput | None = None
     for out in llm.stream(prompt, params):
         text = out.outputs[0].text
         sys.stdout.write(text[shown:])
@@ -63,7 +64,8 @@ def _generate(args: argparse.Namespace) -> int:
         shown = len(text)
         final = out
     elapsed = time.perf_counter() - start
-    n = len(final.outputs[0].token_ids) if final else 0
+    assert final is not None, "a stream ends with a finished output"
+    n = len(final.outputs[0].token_ids)
     sys.stdout.write("\n")
     stats = llm.engine.core.stats()
     spec = ""

@@ -102,7 +102,7 @@ def field_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     for key, value in vars(args).items():
         if key.startswith(prefix):
             name = key.removeprefix(prefix)
-            field_type = str(cls.__dataclass_fields__[name].type)
+            field_type = str({f.name: f for f in dataclasses.fields(cls)}[name].type)
             if field_type.startswith("tuple[") and value is not None:
                 value = tuple(value)
             elif field_type.startswith("tuple[") and "None" not in field_type:

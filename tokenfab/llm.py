@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import fields
-from typing import Any
+from typing import Any, cast
 
 from tokenfab.config import EngineConfig, SpeculativeConfig
 from tokenfab.engine.engine import LLMEngine
@@ -59,7 +59,9 @@ class LLM:
     def chat(
         self, messages: Messages | Sequence[Messages], params: SamplingParams | Sequence[SamplingParams] | None = None
     ) -> list[RequestOutput]:
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        conversations = cast(
+            list[Messages], [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        )
         prompts = [self.tokenizer.encode_chat(c) for c in conversations]
         return self.generate(prompts, params)
 

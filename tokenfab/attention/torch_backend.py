@@ -183,6 +183,7 @@ class TorchAttentionBackend(AttentionBackend):
         if meta.num_decodes != qkv.shape[0] or qkv.dtype != torch.float32 or not _kernel_decode(k_cache):
             return None
         q_weight, k_weight = qk_norms if qk_norms is not None else (None, None)
+        assert meta.decode_index is not None and meta.decode_span is not None
         return kernels.decode_attention_step(
             qkv,
             layout.heads,
@@ -209,6 +210,7 @@ def _kernel_decode(k_cache: torch.Tensor) -> bool:
 def _decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: GroupMetadata, scale: float
 ) -> torch.Tensor:
+    assert meta.decode_index is not None and meta.decode_mask is not None and meta.decode_span is not None
     if _kernel_decode(k_cache):
         # Reads K/V in place from the blocks: no gathered copy of every context each step.
         block_size = meta.decode_mask.shape[-1] // meta.decode_index.shape[1]

@@ -166,6 +166,7 @@ class EngineCore:
         return outputs
 
     def _speculate(self, plan: StepPlan, run: RunOutput, result: SampleResult, seconds: float) -> None:
+        assert self.speculator is not None
         accepted = {s.request.request_id: n for s, n in zip(run.samplers, result.num_accepted)}
         shape = StepShape(
             plan.num_batched_tokens, int(run.logits.shape[0]), sum(s.num_tokens > 1 for s in plan.scheduled)

@@ -148,8 +148,10 @@ class KVCacheManager:
                 if i < first_kept:
                     state.tables[g].append(NULL_BLOCK)
                 else:
-                    pool.touch(found[g][i])
-                    state.tables[g].append(found[g][i])
+                    block_id = found[g][i]
+                    assert block_id is not None  # _hit_blocks checked every block it counts
+                    pool.touch(block_id)
+                    state.tables[g].append(block_id)
         state.registered = n
         return n * self.block_size
 

@@ -94,7 +94,7 @@ class KVEventPublisher:
         hwm: int = 100_000,
     ) -> None:
         self.topic = topic.encode()
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context = zmq.Context.instance()
         self._pub = self._ctx.socket(zmq.PUB)
         self._pub.set_hwm(hwm)
         if "*" in endpoint or endpoint.startswith(("ipc://", "inproc://")):
@@ -173,7 +173,7 @@ class KVEventSubscriber:
     """
 
     def __init__(self, endpoint: str, replay_endpoint: str | None = None, topic: str = "kv-events") -> None:
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context = zmq.Context.instance()
         self._sub = self._ctx.socket(zmq.SUB)
         self._sub.connect(endpoint)
         self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())

@@ -32,7 +32,7 @@ def plan_kv_blocks(
     n = budget // sum(per_block)
     for _ in range(len(groups)):
         capped = [i for i, c in enumerate(caps) if c is not None and c < n]
-        fixed = sum(caps[i] * per_block[i] for i in capped)
+        fixed = sum((caps[i] or 0) * per_block[i] for i in capped)
         free_bytes = sum(per_block[i] for i in range(len(groups)) if i not in capped)
         if not free_bytes:
             break

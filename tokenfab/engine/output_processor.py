@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from tokenizers.decoders import DecodeStream
+
 from tokenfab.economics.attribution import RequestCost
 from tokenfab.engine.messages import CoreOutput, CoreRequest
 from tokenfab.engine.types import CompletionOutput, RequestMetrics, RequestOutput, SamplingParams, TokenLogprobs
@@ -24,7 +26,7 @@ class Completion:
     child_id: str
     index: int
     params: SamplingParams
-    stream: object
+    stream: DecodeStream
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)

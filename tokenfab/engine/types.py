@@ -113,7 +113,8 @@ class Request:
     num_cached_tokens: int = 0
     """Prompt tokens found in the prefix cache when the request was (last) admitted."""
     status: RequestStatus = RequestStatus.WAITING
-    stop_reason: int | str | None = None
+    stop_reason: int | None = None
+    """The stop token id that finished it (stop strings are matched in the front end)."""
     num_preemptions: int = 0
     first_scheduled: float | None = None
     """time.monotonic() when it was first given tokens (its queue time ends there)."""

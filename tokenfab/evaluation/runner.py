@@ -68,11 +68,12 @@ def _share_embedding(model: DecoderModel, reference: DecoderModel) -> DecoderMod
     for Gemma 3 270M, which keeps all models of a run in memory at once."""
     if not isinstance(model.embed_tokens, nn.Embedding):
         return model  # a packed table (gguf) is not the reference's
+    assert isinstance(reference.embed_tokens, nn.Embedding)
     shared = reference.embed_tokens.weight
     if torch.equal(model.embed_tokens.weight, shared):
         model.embed_tokens.weight = shared
         if model.arch.tie_word_embeddings and model.lm_head.weight is not None:
-            model.lm_head.weight = shared
+            model.lm_head.weight = shared  # type: ignore[assignment]  # a Parameter, typed as the Tensor it holds
     return model
 
 
@@ -96,7 +97,8 @@ def evaluate(
     gguf = resolve_model(model, prefer_gguf=True) if any(v.plan.uses("gguf") for v in variants) else None
     models = {
         v.name: _share_embedding(
-            load_variant(gguf if v.plan.uses("gguf") else source, v.plan, window, reference_dtype), reference
+            load_variant(gguf if gguf is not None and v.plan.uses("gguf") else source, v.plan, window, reference_dtype),
+            reference,
         )
         for v in variants
     }

@@ -65,6 +65,7 @@ class ModelScorer:
 
     @torch.inference_mode()
     def logprobs(self, rows: slice) -> torch.Tensor:
+        assert self._hidden is not None, "prepare() first"
         return torch.log_softmax(self.model.compute_logits(self._hidden[rows]), dim=-1)
 
 

@@ -130,6 +130,14 @@ def load_library() -> ctypes.CDLL | None:
     return _library(path.level)
 
 
+def library() -> ctypes.CDLL:
+    """The kernel library, for callers that checked `available()` first; RuntimeError (with the reason) if none."""
+    lib = load_library()
+    if lib is None:
+        raise RuntimeError(f"tokenfab's CPU kernels cannot run here: {kernel_path().reason}")
+    return lib
+
+
 @cache
 def _warn_once(reason: str) -> None:
     warnings.warn(f"tokenfab CPU kernels unavailable ({reason}); using torch paths", stacklevel=3)

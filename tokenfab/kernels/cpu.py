@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenfab.kernels.build import load_library
+from tokenfab.kernels.build import library, load_library
 
 E2M1_DOUBLED = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=torch.int8)
 """NVFP4's E2M1 code -> 2 x value (exact integers; the 1/2 goes into the row scale)."""
@@ -157,7 +157,7 @@ def gated_act(gate_up: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
         raise ValueError("gate_up must be contiguous float32 with an even last dimension")
     inter = gate_up.shape[-1] // 2
     out = gate_up.new_empty((*gate_up.shape[:-1], inter))
-    load_library().tf_gated_act(
+    library().tf_gated_act(
         _ptr(gate_up), _ptr(out), gate_up.numel() // (2 * inter), inter, int(gelu_tanh), torch.get_num_threads()
     )
     return out
@@ -174,7 +174,7 @@ def gated_mlp_bf16(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
             f"down {tuple(w_down.shape)}"
         )
     y = torch.empty(x.shape[0], hidden, dtype=torch.float32)
-    load_library().tf_gated_mlp_bf16(
+    library().tf_gated_mlp_bf16(
         x.data_ptr(),
         w_gate_up.data_ptr(),
         w_down.data_ptr(),
@@ -194,7 +194,7 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous():
         raise ValueError("argmax_rows needs a contiguous float32 [rows, n] tensor")
     out = torch.empty(x.shape[0], dtype=torch.long)
-    load_library().tf_argmax_rows(_ptr(x), x.shape[0], x.shape[1], _ptr(out))
+    library().tf_argmax_rows(_ptr(x), x.shape[0], x.shape[1], _ptr(out))
     return out
 
 
@@ -202,7 +202,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x float32 contiguous [..., dim]; weight float32 [dim]."""
     dim = x.shape[-1]
     out = torch.empty_like(x)
-    load_library().tf_rmsnorm(_ptr(x), _ptr(weight), _ptr(out), x.numel() // dim, dim, eps, torch.get_num_threads())
+    library().tf_rmsnorm(_ptr(x), _ptr(weight), _ptr(out), x.numel() // dim, dim, eps, torch.get_num_threads())
     return out
 
 
@@ -215,7 +215,7 @@ def add_rms_norm_(
         raise ValueError("x and h must be contiguous and of one shape")
     dim = x.shape[-1]
     out = torch.empty_like(x)
-    load_library().tf_add_rmsnorm(
+    library().tf_add_rmsnorm(
         _ptr(x), _ptr(h), _opt(h_weight), _ptr(weight), _ptr(out), x.numel() // dim, dim, eps, torch.get_num_threads()
     )
     return out
@@ -239,7 +239,7 @@ def qk_norm_rope_(
         raise ValueError("qkv rows and cos/sin must be contiguous")
     qw = _ptr(q_weight) if q_weight is not None else None
     kw = _ptr(k_weight) if k_weight is not None else None
-    load_library().tf_qk_norm_rope(
+    library().tf_qk_norm_rope(
         _ptr(qkv),
         tokens,
         qkv.stride(0),
@@ -270,7 +270,7 @@ def paged_decode_attention(
     batch, heads, dim = q.shape
     q = q.contiguous()
     out = torch.empty_like(q)
-    load_library().tf_paged_decode_attention(
+    library().tf_paged_decode_attention(
         _ptr(q),
         _ptr(k_cache),
         _ptr(v_cache),
@@ -317,7 +317,7 @@ def decode_attention_step(
     if qkv.stride(1) != 1 or not (cos.is_contiguous() and sin.is_contiguous()):
         raise ValueError("qkv rows and cos/sin must be contiguous")
     out = qkv.new_empty((batch, heads, dim))
-    load_library().tf_decode_attention_step(
+    library().tf_decode_attention_step(
         qkv.data_ptr(),
         batch,
         qkv.stride(0),
@@ -347,21 +347,21 @@ def decode_attention_step(
 def dequant_bf16(w: torch.Tensor) -> torch.Tensor:
     N, K = w.shape
     out = torch.empty(N, K, dtype=torch.float32)
-    load_library().tf_dequant_bf16(_ptr(w), _ptr(out), N, K, torch.get_num_threads())
+    library().tf_dequant_bf16(_ptr(w), _ptr(out), N, K, torch.get_num_threads())
     return out
 
 
 def dequant_int8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     N, K = w.shape
     out = torch.empty(N, K, dtype=torch.float32)
-    load_library().tf_dequant_i8(_ptr(w), _ptr(scale), _ptr(out), N, K, torch.get_num_threads())
+    library().tf_dequant_i8(_ptr(w), _ptr(scale), _ptr(out), N, K, torch.get_num_threads())
     return out
 
 
 def dequant_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     N, K = w.shape
     out = torch.empty(N, K, dtype=torch.float32)
-    load_library().tf_dequant_fp8(_ptr(w), _ptr(scale), _ptr(out), N, K, torch.get_num_threads())
+    library().tf_dequant_fp8(_ptr(w), _ptr(scale), _ptr(out), N, K, torch.get_num_threads())
     return out
 
 
@@ -370,7 +370,7 @@ def dequant_lut4(
 ) -> torch.Tensor:
     N, K = packed.shape[0], packed.shape[1] * 2
     out = torch.empty(N, K, dtype=torch.float32)
-    load_library().tf_dequant_lut4(
+    library().tf_dequant_lut4(
         _ptr(packed), _ptr(scales), group, _ptr(rows), _ptr(lut), lut_mult, _ptr(out), N, K, torch.get_num_threads()
     )
     return out

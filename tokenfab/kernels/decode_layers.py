@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenfab.kernels.build import load_library
+from tokenfab.kernels.build import library
 from tokenfab.kernels.gguf import SegmentTable
 
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -97,6 +97,7 @@ class KernelLinear:
             q, scale = self.int8
             return _Linear(_INT8, self.N, self.K, q.data_ptr(), scale.data_ptr(), 0, None, None, None)
         t = self.gguf
+        assert t is not None, "a kernel linear holds bf16, int8 or gguf weights"
         return _Linear(
             _GGUF,
             self.N,
@@ -151,7 +152,7 @@ class DecodeLayers:
     """Every layer of a decoder bound for single-token steps. Holds the tensors it points to."""
 
     def __init__(self, dims: DecodeDims, layers: list[LayerTensors]) -> None:
-        self._fn = load_library().tf_decode_layers
+        self._fn = library().tf_decode_layers
         self._keep = layers
         self.hidden = dims.hidden
         self._dims = _Dims(

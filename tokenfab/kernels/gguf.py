@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from gguf import GGMLQuantizationType as T
 
-from tokenfab.kernels.build import load_library
+from tokenfab.kernels.build import library, load_library
 from tokenfab.kernels.cpu import launch
 
 KERNEL_TYPES = frozenset({T.Q4_0, T.Q5_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K})
@@ -37,7 +37,7 @@ def repack(qtype: int, data: torch.Tensor, K: int) -> tuple[int, torch.Tensor]:
     file's layout is already that (K-quants, Q8_0), else a repacked copy of the same size."""
     _check(data)
     out = torch.empty_like(data)
-    layout = load_library().tf_gguf_repack(
+    layout = library().tf_gguf_repack(
         int(qtype), data.data_ptr(), out.data_ptr(), data.shape[0], K, torch.get_num_threads()
     )
     if layout == 0:
@@ -58,7 +58,7 @@ class SegmentTable:
         self.data = (ctypes.c_void_p * count)(*(d.data_ptr() for _, d in segments))
         self.segments = list(segments)  # keeps the memory behind the pointers alive
         self.out_features = sum(d.shape[0] for _, d in segments)
-        self.call = load_library().tf_gguf_linear
+        self.call = library().tf_gguf_linear
 
 
 def linear(x: torch.Tensor, table: SegmentTable, K: int) -> torch.Tensor:
@@ -77,7 +77,7 @@ def dequantize(layout: int, data: torch.Tensor, K: int, ids: torch.Tensor | None
             raise IndexError(f"row ids out of range [0, {data.shape[0]})")
     n = data.shape[0] if index is None else index.numel()
     out = torch.empty(n, K, dtype=torch.float32)
-    load_library().tf_gguf_dequantize(
+    library().tf_gguf_dequantize(
         int(layout),
         data.data_ptr(),
         None if index is None else index.data_ptr(),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -491,7 +491,7 @@ def _gemma_backend(vocab: _GgufVocab) -> Tokenizer:
 def _sentencepiece_backend(vocab: _GgufVocab) -> Tokenizer:
     ids = {token: index for index, token in enumerate(vocab.tokens)}
     if vocab.merges is not None:
-        merges = [tuple(merge.split(" ")) for merge in vocab.merges]
+        merges = [(left, right) for left, _, right in (merge.partition(" ") for merge in vocab.merges)]
     else:
         scores = vocab.scores or [0.0] * len(vocab.tokens)
         merges = merges_from_vocab(ids, dict(zip(vocab.tokens, scores, strict=False)))
@@ -517,7 +517,7 @@ def _byte_level_backend(vocab: _GgufVocab) -> Tokenizer:
         token if set(token) <= alphabet else "".join(spelling[byte] for byte in token.encode("utf-8")): index
         for index, token in enumerate(vocab.tokens)
     }
-    merges = [tuple(merge.split(" ")) for merge in vocab.merges]
+    merges = [(left, right) for left, _, right in (merge.partition(" ") for merge in vocab.merges)]
     tokenizer = Tokenizer(
         BPE(vocab=ids, merges=merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False)
     )
@@ -535,7 +535,7 @@ def _byte_level_backend(vocab: _GgufVocab) -> Tokenizer:
     return tokenizer
 
 
-def merges_from_vocab(vocab: dict[str, int], ranks: dict[str, float]) -> list[tuple[str, str]]:
+def merges_from_vocab(vocab: dict[str, int], ranks: Mapping[str, float]) -> list[tuple[str, str]]:
     """BPE merges implied by a vocabulary: every split of a token into two tokens, best-ranked first.
 
     Same order as transformers' generate_merges: by rank, then longer left and right pieces first,
@@ -627,7 +627,8 @@ def _add_named_special_tokens(tokenizer: Tokenizer, info: dict[str, Any]) -> Non
         token = info[name]
         if token is None:
             continue
-        existing = tokenizer.get_added_tokens_decoder().get(tokenizer.token_to_id(token))
+        token_id = tokenizer.token_to_id(token)
+        existing = tokenizer.get_added_tokens_decoder().get(token_id) if token_id is not None else None
         if existing is None or existing.content != token:
             tokenizer.add_special_tokens([AddedToken(token, normalized=False, special=True)])
 

@@ -20,7 +20,7 @@ from tokenfab.attention.torch_backend import TorchMetadata
 from tokenfab.kernels import cpu as kernels
 from tokenfab.kernels.decode_layers import DecodeDims, DecodeLayers, GroupStep, KernelLinear, LayerTensors
 from tokenfab.models.decoder import DecoderLayer, DecoderModel
-from tokenfab.models.layers import Linear
+from tokenfab.models.layers import Linear, RMSNorm
 from tokenfab.quant import cpu_linear
 from tokenfab.quant.bf16 import BF16Weight
 from tokenfab.quant.gguf_packed import GGUFWeight
@@ -30,12 +30,15 @@ from tokenfab.quant.int8 import Int8Weight
 def _kernel_linear(linear: Linear) -> tuple[KernelLinear, int] | None:
     """The projection as the layer program takes it and the most rows its forward runs on the kernel."""
     stored = linear.stored
+    if stored is None:
+        return None
+    n, k = stored.shape
     if isinstance(stored, BF16Weight) and stored.use_kernel:
-        return KernelLinear(*stored.shape, bf16=stored.weight), sys.maxsize
+        return KernelLinear(n, k, bf16=stored.weight), sys.maxsize
     if isinstance(stored, GGUFWeight) and stored.kernel_table is not None:
-        return KernelLinear(*stored.shape, gguf=stored.kernel_table), sys.maxsize
+        return KernelLinear(n, k, gguf=stored.kernel_table), sys.maxsize
     if isinstance(stored, Int8Weight) and cpu_linear.int8_runs_kernel(stored):
-        return KernelLinear(*stored.shape, int8=(stored.qweight, stored.scale)), sys.maxsize
+        return KernelLinear(n, k, int8=(stored.qweight, stored.scale)), sys.maxsize
     return None
 
 
@@ -43,21 +46,22 @@ def _layer_tensors(
     layer: DecoderLayer, next_norm: torch.Tensor, cache: KVCache, index: int
 ) -> tuple[LayerTensors, int] | None:
     attn, mlp = layer.self_attn, layer.mlp
-    linears = [_kernel_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-    if any(w is None for w in linears) or any(
-        m.bias is not None for m in (attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-    ):
+    found = [_kernel_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+    linears = [w for w in found if w is not None]
+    if len(linears) < len(found) or any(m.bias is not None for m in (attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
         return None
-    weights = [w for w, _ in linears]
+    qkv, o, gate_up, down = (w for w, _ in linears)
     g, i = cache.layer_slot[index]
 
-    def norm(module: torch.nn.Module | None) -> torch.Tensor | None:
+    def norm(module: RMSNorm | None) -> torch.Tensor | None:
         return None if module is None else module.weight
 
     tensors = LayerTensors(
-        weights[0],
+        qkv,
         attn.qkv_proj.bias,
-        *weights[1:],
+        o,
+        gate_up,
+        down,
         norm(attn.q_norm),
         norm(attn.k_norm),
         norm(layer.post_attn_norm),
@@ -86,9 +90,11 @@ class CpuDecodeStep:
         floats = [p for name, p in model.named_parameters() if "norm" in name] + cache.k + cache.v
         if not kernels.available() or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in floats):
             return None
-        norms = [layer.attn_norm.weight for layer in model.layers[1:]] + [model.norm.weight]
-        bound = [_layer_tensors(layer, norms[i], cache, i) for i, layer in enumerate(model.layers)]
-        if any(b is None for b in bound):
+        layers = model.decoder_layers
+        norms = [layer.attn_norm.weight for layer in layers[1:]] + [model.norm.weight]
+        found = [_layer_tensors(layer, norms[i], cache, i) for i, layer in enumerate(layers)]
+        bound = [b for b in found if b is not None]
+        if len(bound) < len(found):
             return None
         a = model.arch
         dims = DecodeDims(
@@ -115,7 +121,10 @@ class CpuDecodeStep:
         ):
             return None
         x, rope = self.model.embed(input_ids, positions)
-        normed = self.model.layers[0].attn_norm(x)
-        groups = [GroupStep(g.slot_mapping, g.decode_index, *g.decode_span) for g in metadata.groups]
+        normed = self.model.decoder_layers[0].attn_norm(x)
+        groups = []
+        for g in metadata.groups:
+            assert g.decode_index is not None and g.decode_span is not None  # every token of the step decodes
+            groups.append(GroupStep(g.slot_mapping, g.decode_index, *g.decode_span))
         self.layers.run(x, normed, groups, rope)
         return normed

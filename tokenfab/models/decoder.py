@@ -7,6 +7,7 @@ the scoped forward context. Weights arrive with HF names and are fused (QKV, gat
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import cast
 
 import torch
 from torch import nn
@@ -47,7 +48,9 @@ class Attention(nn.Module):
     def forward(self, rope: Rope, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         ctx = current_forward_context()
-        norms = (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None else None
+        norms = (
+            (self.q_norm.weight, self.k_norm.weight) if self.q_norm is not None and self.k_norm is not None else None
+        )
         out = ctx.backend.forward_qkv(self.layer, qkv, self.layout, norms, rope, ctx.metadata, ctx.cache)
         if out is None:
             q, k, v = self._project(qkv, rope, norms)
@@ -75,7 +78,7 @@ class Attention(nn.Module):
             q, k, v = self._split(qkv)
         else:
             q, k, v = self._split(qkv)
-            if self.q_norm is not None:
+            if self.q_norm is not None and self.k_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rotary(q, k, *rope)
         return q, k, v.contiguous()
@@ -127,12 +130,15 @@ class DecoderLayer(nn.Module):
         """x: the residual stream (may be updated in place); normed: attn_norm(x). Returns the stream after the
         layer and next_norm of it: each norm is fused with the residual add before it (see add_norm)."""
         h = self.self_attn(rope, normed)
-        x, normed = add_norm(x, h, self.post_attn_norm, self.mlp_norm)
-        h = self.mlp(normed)
+        x, mlp_in = add_norm(x, h, self.post_attn_norm, self.mlp_norm)
+        assert mlp_in is not None  # add_norm applies the norm it is given
+        h = self.mlp(mlp_in)
         return add_norm(x, h, self.post_mlp_norm, next_norm)
 
 
 class DecoderModel(nn.Module):
+    embed_tokens: nn.Embedding | PackedEmbedding
+
     def __init__(self, arch: ArchConfig, max_positions: int) -> None:
         super().__init__()
         self.arch = arch
@@ -143,7 +149,7 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = Linear(arch.hidden_size, arch.vocab_size)
         if arch.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+            self.lm_head.weight = self.embed_tokens.weight  # type: ignore[assignment]  # nn.Module typing
 
     def build_rope(self, max_positions: int) -> None:
         """(Re)compute the rotary tables; they are buffers, so a model built on the meta device needs this again."""
@@ -153,13 +159,20 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x, (full, sliding) = self.embed(input_ids, positions)
-        normed = self.layers[0].attn_norm(x)
-        for i, layer in enumerate(self.layers):
-            last = i + 1 == len(self.layers)
-            x, normed = layer.run(
-                sliding if layer.sliding else full, x, normed, self.norm if last else self.layers[i + 1].attn_norm
+        layers = self.decoder_layers
+        normed = layers[0].attn_norm(x)
+        for i, layer in enumerate(layers):
+            last = i + 1 == len(layers)
+            x, after = layer.run(
+                sliding if layer.sliding else full, x, normed, self.norm if last else layers[i + 1].attn_norm
             )
+            assert after is not None  # every layer is followed by a norm (the next layer's, or the final one)
+            normed = after
         return normed
+
+    @property
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return cast(list[DecoderLayer], list(self.layers))
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, tuple[Rope, Rope]]:
         """The residual stream's start (a fresh tensor, scaled embeddings) and the step's rotary tables (full,
@@ -183,7 +196,9 @@ class DecoderModel(nn.Module):
         `stored` gives, once `weights` is exhausted, the projections a quantized checkpoint holds in a weight
         format, by HF module name (see tokenfab.quant.checkpoint). MTP modules, stored as the layers after the
         decoder's, are left to speculative decoding."""
-        load_hf_weights(self, weights, stored, keep=lambda name: (layer_index(name) or 0) < self.arch.num_layers)
+        load_hf_weights(
+            self, self.arch, weights, stored, keep=lambda name: (layer_index(name) or 0) < self.arch.num_layers
+        )
 
     def prepare_weights(self, plan: str | QuantPlan, hessians: Mapping[str, torch.Tensor] | None = None) -> None:
         """Hand every linear's loaded weight to its storage format (see tokenfab.quant); layers a quantized
@@ -212,7 +227,7 @@ class DecoderModel(nn.Module):
         if cls is None or not cls.supports(tuple(weight.shape)):
             return build_weight(fmt, weight)
         fused = name.rpartition(".")[2]
-        parts = weight.split(_shard_sizes(self, fused)) if fused in ("qkv_proj", "gate_up_proj") else [weight]
+        parts = weight.split(_shard_sizes(self.arch, fused)) if fused in ("qkv_proj", "gate_up_proj") else [weight]
         if hessian is not None and gptq.supports(cls):
             built = [gptq.gptq_quantize(cls, part, hessian) for part in parts]
         else:
@@ -240,7 +255,7 @@ _FUSED = {
 }
 
 
-def _target_name(model: DecoderModel, name: str) -> tuple[str, int | None]:
+def _target_name(arch: ArchConfig, name: str) -> tuple[str, int | None]:
     """Map an HF parameter name to (our parameter name, shard index in a fused weight or None)."""
     name = name.removeprefix("model.language_model.").removeprefix("language_model.model.").removeprefix("model.")
     parts = name.split(".")
@@ -249,7 +264,7 @@ def _target_name(model: DecoderModel, name: str) -> tuple[str, int | None]:
             fused, shard = _FUSED[parts[3]]
             return ".".join(parts[:3] + [fused, parts[4]]), shard
         if parts[2] == "post_attention_layernorm":
-            parts[2] = "post_attn_norm" if model.arch.sandwich_norm else "mlp_norm"
+            parts[2] = "post_attn_norm" if arch.sandwich_norm else "mlp_norm"
         else:
             parts[2] = _NORMS.get(parts[2], parts[2])
         return ".".join(parts), None
@@ -262,8 +277,7 @@ def layer_index(name: str) -> int | None:
     return int(parts[1]) if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit() else None
 
 
-def _shard_sizes(model: DecoderModel, fused: str) -> list[int]:
-    a = model.arch
+def _shard_sizes(a: ArchConfig, fused: str) -> list[int]:
     return [a.q_size, a.kv_size, a.kv_size] if fused.startswith("qkv") else [a.intermediate_size] * 2
 
 
@@ -281,48 +295,50 @@ def linear_layer_name(hf_name: str) -> str | None:
 
 def load_hf_weights(
     model: nn.Module,
+    arch: ArchConfig,
     weights: Iterable[tuple[str, torch.Tensor]],
     stored: Callable[[], Mapping[str, LinearWeight]] | None = None,
     keep: Callable[[str], bool] = lambda name: True,
 ) -> None:
-    """Copy HF-named tensors into `model` (which has an `arch`); mapped names that `keep` refuses are skipped."""
+    """Copy HF-named tensors into `model` (a DecoderModel, or MTP modules beside one) built for `arch`; mapped
+    names that `keep` refuses are skipped."""
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded: set[str] = set()
     for hf_name, tensor in weights:
         if "rotary_emb" in hf_name:
             continue
-        name, shard = _target_name(model, hf_name)
+        name, shard = _target_name(arch, hf_name)
         if not keep(name):
             continue
-        if name == "lm_head.weight" and model.arch.tie_word_embeddings:
+        if name == "lm_head.weight" and arch.tie_word_embeddings:
             continue
         if name not in params:
             raise ValueError(f"unexpected weight {hf_name!r} (mapped to {name!r})")
         target = params[name].data
         if shard is not None:
-            sizes = _shard_sizes(model, name.split(".")[-2])
+            sizes = _shard_sizes(arch, name.split(".")[-2])
             offset = sum(sizes[:shard])
             target = target.narrow(0, offset, sizes[shard])
         if target.shape != tensor.shape:
             raise ValueError(
                 f"shape mismatch for {hf_name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}"
             )
-        if model.arch.norm_plus_one and name.endswith("norm.weight"):
+        if arch.norm_plus_one and name.endswith("norm.weight"):
             tensor = tensor.float() + 1.0
         target.copy_(tensor)
         loaded.add(f"{name}#{shard}" if shard is not None else name)
     if stored is not None:
-        loaded |= _install_stored(model, stored())
-    _check_complete(model, params, loaded)
+        loaded |= _install_stored(model, arch, stored())
+    _check_complete(arch, params, loaded)
 
 
-def _install_stored(model: DecoderModel, stored: Mapping[str, LinearWeight]) -> set[str]:
+def _install_stored(model: nn.Module, arch: ArchConfig, stored: Mapping[str, LinearWeight]) -> set[str]:
     """Give each Linear its checkpoint-stored weight, fusing shards row-wise (exact for every format);
     returns the parameter names (with shard markers) now accounted for."""
     fused: dict[str, dict[int | None, LinearWeight]] = {}
     loaded: set[str] = set()
     for module, weight in stored.items():
-        name, shard = _target_name(model, module + ".weight")
+        name, shard = _target_name(arch, module + ".weight")
         if name == "embed_tokens.weight":
             loaded |= _install_embedding(model, weight)
         else:
@@ -334,34 +350,39 @@ def _install_stored(model: DecoderModel, stored: Mapping[str, LinearWeight]) -> 
         if None in shards:
             weight, keys = shards[None], {name}
         else:
-            count = len(_shard_sizes(model, name.split(".")[-2]))
-            parts = [shards.get(i) for i in range(count)]
+            count = len(_shard_sizes(arch, name.split(".")[-2]))
+            parts = [shards[i] for i in range(count) if i in shards]
             kinds = {type(p) for p in parts}
-            if None in parts or len(kinds) != 1:
+            cat_rows = getattr(kinds.pop(), "cat_rows", None) if len(kinds) == 1 else None
+            if len(parts) != count or cat_rows is None:
                 raise ValueError(f"{name}: fused projections must all be quantized in one format")
-            weight, keys = kinds.pop().cat_rows(parts), {f"{name}#{i}" for i in range(count)}
-        tied = linear is model.lm_head and model.arch.tie_word_embeddings
+            weight, keys = cat_rows(parts), {f"{name}#{i}" for i in range(count)}
+        tied = linear is getattr(model, "lm_head", None) and arch.tie_word_embeddings
         linear.use(weight, keep_plain=tied)
         loaded |= keys
     return loaded
 
 
-def _install_embedding(model: DecoderModel, table: LinearWeight) -> set[str]:
+def _install_embedding(model: nn.Module, table: LinearWeight) -> set[str]:
     """A packed embedding table (a GGUF file's), which a tied LM head computes with too."""
+    if not isinstance(model, DecoderModel):
+        raise ValueError("only a decoder model has an embedding table")
     if not isinstance(table, GGUFWeight):
         raise ValueError(f"the embedding table can be stored packed in the gguf format only, not {table.name}")
-    if table.shape != tuple(model.embed_tokens.weight.shape):
-        raise ValueError(f"embedding table {table.shape} != {tuple(model.embed_tokens.weight.shape)}")
+    plain = model.embed_tokens
+    assert isinstance(plain, nn.Embedding), "the embedding table is installed once"
+    if table.shape != tuple(plain.weight.shape):
+        raise ValueError(f"embedding table {table.shape} != {tuple(plain.weight.shape)}")
     model.embed_tokens = PackedEmbedding(table)
     if model.arch.tie_word_embeddings:
         model.lm_head.use(table)
     return {"embed_tokens.weight"}
 
 
-def _check_complete(model: DecoderModel, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
+def _check_complete(arch: ArchConfig, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
     expected: set[str] = set()
     for name in params:
-        if name == "lm_head.weight" and model.arch.tie_word_embeddings:
+        if name == "lm_head.weight" and arch.tie_word_embeddings:
             continue
         fused = name.split(".")[-2] if name.endswith(".weight") or name.endswith(".bias") else ""
         if fused in ("qkv_proj", "gate_up_proj"):

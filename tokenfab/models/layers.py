@@ -34,7 +34,7 @@ class Linear(nn.Module):
             raise ValueError(f"weight format shape {stored.shape} != {(self.out_features, self.in_features)}")
         self.stored = stored
         if not keep_plain:
-            self.weight = None
+            self.weight = None  # type: ignore[assignment]  # dropped: `stored` computes from now on
 
     @property
     def nbytes(self) -> int:
@@ -128,6 +128,9 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
 
 class RotaryEmbedding(nn.Module):
     """Non-interleaved (rotate-half) rotary embedding with a precomputed cos/sin table."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None) -> None:
         super().__init__()

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from tokenfab.models.arch import ArchConfig, arch_from_hf_config
 from tokenfab.models.decoder import DecoderModel, linear_layer_name
+from tokenfab.quant.base import LinearWeight
 from tokenfab.quant.checkpoint import CheckpointQuantization, QuantizedTensorSplitter, detect_quantization
 from tokenfab.quant.gguf_source import GGUFPackedSplitter
 from tokenfab.quant.plan import QuantPlan
@@ -86,10 +88,12 @@ def load_model(
     model = model.to_empty(device=device)
     if source.arch.tie_word_embeddings:
         # Materializing from meta creates new parameters, which unties them.
-        model.lm_head.weight = model.embed_tokens.weight
+        assert isinstance(model.embed_tokens, nn.Embedding)
+        model.lm_head.weight = model.embed_tokens.weight  # type: ignore[assignment]  # the Parameter itself
     with torch.device(device):
         model.build_rope(max_positions)
     plan = QuantPlan(weight_format) if isinstance(weight_format, str) else weight_format
+    stored: Callable[[], Mapping[str, LinearWeight]] | None
     if plan is not None and plan.uses("gguf"):
         if device.type != "cpu":
             raise ValueError(f"the gguf format runs on CPU (its kernels are C++/AVX2), not {device}")

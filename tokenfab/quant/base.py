@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import ClassVar, Protocol, Self
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ class LinearWeight(ABC):
 
     @property
     @abstractmethod
-    def shape(self) -> tuple[int, int]: ...
+    def shape(self) -> tuple[int, ...]: ...
 
     @property
     @abstractmethod
@@ -49,7 +49,7 @@ class QuantizedWeight(LinearWeight):
         """From a float weight [out, in] (fp32/bf16/fp16)."""
 
     @classmethod
-    def supports(cls, shape: tuple[int, int]) -> bool:
+    def supports(cls, shape: tuple[int, ...]) -> bool:
         """Whether a weight of this shape can be stored in the format (else the layer stays dense)."""
         return True
 
@@ -71,7 +71,7 @@ class QuantizedWeight(LinearWeight):
 
     @classmethod
     @abstractmethod
-    def cat_rows(cls, parts: list[QuantizedWeight]) -> QuantizedWeight:
+    def cat_rows(cls, parts: list[Self]) -> Self:
         """One weight whose rows are those of `parts` in order (exact: no requantization)."""
 
 
@@ -87,7 +87,16 @@ def row_chunks(num_rows: int, row_elements: int, budget: int = 1 << 16) -> list[
     return [(s, min(s + rows, num_rows)) for s in range(0, num_rows, rows)]
 
 
-def dequantized_linear(x: torch.Tensor, weight: QuantizedWeight) -> torch.Tensor:
+class GGUFRows(Protocol):
+    """A weight that dequantizes row ranges (what dequantized_linear needs)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def dequantize_rows(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor: ...
+
+
+def dequantized_linear(x: torch.Tensor, weight: QuantizedWeight | GGUFRows) -> torch.Tensor:
     """Reference y = x W^T: dequantize a block of output rows at a time into x's dtype, then F.linear."""
     out_features, in_features = weight.shape
     rows = max(1, DEQUANT_CHUNK_ELEMENTS // in_features)

@@ -15,7 +15,7 @@ class DenseWeight(LinearWeight):
         self.weight = weight
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def shape(self) -> tuple[int, ...]:
         return tuple(self.weight.shape)
 
     @property
@@ -49,7 +49,7 @@ class OneDNNPackedWeight(LinearWeight):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, 32)
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def shape(self) -> tuple[int, ...]:
         return self._shape
 
     @property

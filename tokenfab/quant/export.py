@@ -86,6 +86,7 @@ def _quantized_tensors(
     formats: dict[str, str] = {}
     ignored: list[str] = []
     tied = source.arch.tie_word_embeddings
+    layer: str | None
     for name, tensor in iter_weights(source):
         tensor = tensor.to(dtype)
         if tied and name.endswith("embed_tokens.weight"):

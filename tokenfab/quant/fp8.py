@@ -38,7 +38,7 @@ class FP8Weight(QuantizedWeight):
         return cls(q, scale)
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def shape(self) -> tuple[int, ...]:
         return tuple(self.qweight.shape)
 
     @property

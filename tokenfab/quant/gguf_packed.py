@@ -86,7 +86,7 @@ class GGUFWeight(LinearWeight):
         return self._table
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def shape(self) -> tuple[int, ...]:
         return sum(p.rows for p in self.parts), self.in_features
 
     @property

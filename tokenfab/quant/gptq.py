@@ -68,7 +68,10 @@ class _NVFP4Rounding:
         return NVFP4Weight(pack_nibbles(self.codes), self.block_scale, self.scale_2.expand(n).clone())
 
 
-ROUNDINGS = {Int4Weight: _Int4Rounding, NVFP4Weight: _NVFP4Rounding}
+ROUNDINGS: dict[type[QuantizedWeight], type[_Int4Rounding | _NVFP4Rounding]] = {
+    Int4Weight: _Int4Rounding,
+    NVFP4Weight: _NVFP4Rounding,
+}
 
 
 def supports(cls: type[QuantizedWeight]) -> bool:

@@ -28,19 +28,18 @@ def _round_to_grid(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def quantize_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w fp32 [N, G', G] -> (q int8 [N, G', G], scale fp16 [N, G'])."""
     amax = w.abs().amax(dim=-1, keepdim=True)
-    best_q, best_scale, best_err = None, None, None
+    best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     for divisor in _DIVISORS:
         scale = (amax / divisor).half().float()  # choose q against the scale as stored
         q = _round_to_grid(w, scale)
         err = (q * scale - w).square_().sum(dim=-1, keepdim=True)
-        if best_err is None:
-            best_q, best_scale, best_err = q, scale, err
+        if best is None:
+            best = q, scale, err
         else:
-            better = err < best_err
-            best_q = torch.where(better, q, best_q)
-            best_scale = torch.where(better, scale, best_scale)
-            best_err = torch.minimum(err, best_err)
-    return best_q.to(torch.int8), best_scale.squeeze(-1).half()
+            better = err < best[2]
+            best = torch.where(better, q, best[0]), torch.where(better, scale, best[1]), torch.minimum(err, best[2])
+    assert best is not None
+    return best[0].to(torch.int8), best[1].squeeze(-1).half()
 
 
 class Int4Weight(QuantizedWeight):
@@ -62,7 +61,7 @@ class Int4Weight(QuantizedWeight):
         self.group_size = group_size
 
     @classmethod
-    def supports(cls, shape: tuple[int, int], group_size: int = GROUP_SIZE) -> bool:
+    def supports(cls, shape: tuple[int, ...], group_size: int = GROUP_SIZE) -> bool:
         return shape[1] % group_size == 0
 
     @classmethod
@@ -78,7 +77,7 @@ class Int4Weight(QuantizedWeight):
         return cls(torch.cat(packed), torch.cat(scales), group_size)
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def shape(self) -> tuple[int, ...]:
         return self.packed.shape[0], self.packed.shape[1] * 2
 
     @property

@@ -32,7 +32,7 @@ class Int8Weight(QuantizedWeight):
         return cls(q, scale)
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def shape(self) -> tuple[int, ...]:
         return tuple(self.qweight.shape)
 
     @property

@@ -84,7 +84,7 @@ class NVFP4Weight(QuantizedWeight):
         """float32 scalar activation scale for W4A4 (unused by weight-only matmuls)."""
 
     @classmethod
-    def supports(cls, shape: tuple[int, int]) -> bool:
+    def supports(cls, shape: tuple[int, ...]) -> bool:
         return shape[1] % BLOCK == 0
 
     @classmethod
@@ -105,7 +105,7 @@ class NVFP4Weight(QuantizedWeight):
         return cls(torch.cat(packed), torch.cat(scales), scale_2.expand(n).clone())
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def shape(self) -> tuple[int, ...]:
         return self.packed.shape[0], self.packed.shape[1] * 2
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -27,7 +28,7 @@ from tokenfab.serve.protocol import (
 from tokenfab.serve.requests import check_model, render_chat
 from tokenfab.serve.state import ServerState
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 429, 503, 504)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 429, 503, 504)}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -103,6 +104,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         if body.prompt is not None:
             ids = state.tokenizer.encode(body.prompt, body.add_special_tokens)
         else:
+            assert body.messages is not None
             ids = render_chat(body.messages, body.add_generation_prompt, state.tokenizer).token_ids
         return {"tokens": ids, "count": len(ids), "max_model_len": state.info.max_model_len}
 

@@ -37,6 +37,7 @@ async def complete(body: ChatCompletionRequest, job: Job, state: ServerState) ->
     final: RequestOutput | None = None
     async for _, out in state.generation.run(job, state.generation.admit(job)):
         final = out
+    assert final is not None, "a generation ends with a finished output"
     text = TokenText(state.tokenizer)
     choices = [
         {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from msgspec import Struct
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -58,7 +59,7 @@ class ServerMetrics:
         self.energy_price = Gauge(
             "tokenfab:energy_price_usd_per_kwh", "Electricity price", ["model_name"], registry=self.registry
         )
-        labels = {"labelnames": ["model_name"], "registry": self.registry}
+        labels: dict[str, Any] = {"labelnames": ["model_name"], "registry": self.registry}
         self._model = model_name
         self.finished = Counter(
             "tokenfab:request_success",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from tokenfab.engine.messages import CoreInfo
 from tokenfab.engine.types import SamplingParams
 from tokenfab.serve.errors import APIError, bad_request
@@ -31,7 +33,7 @@ def completion_prompts(body: CompletionRequest, tokenizer: Tokenizer, info: Core
                 raise bad_request("prompt must not be empty", "prompt")
             prompts.append(Prompt(item, tokenizer.encode(item)))
         else:
-            prompts.append(Prompt(None, list(item)))
+            prompts.append(Prompt(None, [int(t) for t in cast(list[int], item)]))
     for p in prompts:
         check_prompt(p.token_ids, info, "prompt")
     return prompts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import signal
 
 import uvicorn
@@ -66,7 +67,7 @@ def serve(engine: EngineConfig, settings: ServerSettings, log_level: str = "info
         host=settings.host,
         port=settings.port,
         log_level=log_level,
-        timeout_graceful_shutdown=settings.graceful_shutdown_timeout,
+        timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_timeout),
         lifespan="on",
         access_log=log_level == "debug",
     )

@@ -25,7 +25,7 @@ class ServerState:
     client: AsyncEngineClient
     metrics: ServerMetrics
     admission: Admission | None = None
-    generation: Generation | None = None
+    _generation: Generation | None = None
     started: float = 0.0
     """Unix time the engine became ready."""
 
@@ -33,6 +33,11 @@ class ServerState:
     def info(self) -> CoreInfo:
         assert self.client.info is not None, "the engine has not started"
         return self.client.info
+
+    @property
+    def generation(self) -> Generation:
+        assert self._generation is not None, "the engine has not started"
+        return self._generation
 
     @property
     def ready(self) -> bool:
@@ -54,13 +59,13 @@ class ServerState:
         s = self.settings
         self.admission = Admission(info.max_num_seqs + s.max_queued_requests, s.max_queued_tokens)
         log = RequestLog(s.request_log) if s.request_log else None
-        self.generation = Generation(self.client, self.admission, self.metrics, s, log)
+        self._generation = Generation(self.client, self.admission, self.metrics, s, log)
 
     async def stop(self) -> None:
         self.drain()
         await self.client.shutdown()
-        if self.generation is not None and self.generation.request_log is not None:
-            self.generation.request_log.close()
+        if self._generation is not None and self._generation.request_log is not None:
+            self._generation.request_log.close()
 
     def drain(self) -> None:
         """Stop admitting; in-flight requests go on."""

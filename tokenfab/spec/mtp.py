@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -46,6 +47,14 @@ _SHARED = ("embed_tokens.weight", "shared_head.head.weight")
 """Per-module copies of the target's embedding and head in DeepSeek-V3 checkpoints; the target's are used."""
 
 
+class _SharedHead(nn.Module):
+    """The checkpoint's `shared_head` (its norm; the head itself is the target's LM head)."""
+
+    def __init__(self, norm: RMSNorm) -> None:
+        super().__init__()
+        self.norm = norm
+
+
 class MTPLayer(DecoderLayer):
     def __init__(self, arch: ArchConfig, layer: int) -> None:
         super().__init__(arch, layer)
@@ -53,8 +62,7 @@ class MTPLayer(DecoderLayer):
         self.enorm = RMSNorm(h, arch.rms_norm_eps)
         self.hnorm = RMSNorm(h, arch.rms_norm_eps)
         self.eh_proj = Linear(2 * h, h)
-        self.shared_head = nn.Module()
-        self.shared_head.norm = RMSNorm(h, arch.rms_norm_eps)
+        self.shared_head = _SharedHead(RMSNorm(h, arch.rms_norm_eps))
 
     def predict(self, rope, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(embeds), self.hnorm(hidden)], dim=-1))
@@ -71,7 +79,7 @@ class MTPModules(nn.Module):
         self.layers = nn.ModuleDict({str(first + j): MTPLayer(arch, first + j) for j in range(arch.num_mtp_layers)})
 
     def module(self, j: int) -> MTPLayer:
-        return self.layers[str(self.arch.num_layers - self.arch.num_mtp_layers + j)]
+        return cast(MTPLayer, self.layers[str(self.arch.num_layers - self.arch.num_mtp_layers + j)])
 
 
 @dataclass(slots=True)
@@ -136,6 +144,7 @@ class MTPProposer(Proposer):
         first = arch.num_layers
         load_hf_weights(
             modules,
+            ext,
             iter_weights(target.source),
             keep=lambda name: (layer_index(name) or -1) >= first and not name.endswith(_SHARED),
         )

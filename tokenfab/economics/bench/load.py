@@ -155,6 +155,7 @@ async def _open_loop(run: Run, client: httpx.AsyncClient, model: str, specs: lis
 
 def _gap(rng: random.Random, plan: LoadPlan, elapsed: float) -> float:
     rate = plan.rate
+    assert rate is not None, "an open-loop plan has a rate"
     if plan.ramp_up_s > 0 and elapsed < plan.ramp_up_s:
         rate = max(rate * elapsed / plan.ramp_up_s, rate * 0.05)
     return rng.gammavariate(plan.burstiness, 1.0 / (rate * plan.burstiness))

@@ -14,7 +14,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tokenfab.economics.bench.records import SCHEMA_VERSION
 from tokenfab.economics.bench.stats import best_within_slo, pareto_front
@@ -116,7 +116,7 @@ def plot_points(doc: dict[str, Any], system: dict[str, Any]) -> list[PlotPoint]:
 def frontier(points: Sequence[PlotPoint]) -> list[PlotPoint]:
     """Of points with a throughput, those on the throughput-vs-interactivity Pareto frontier, sorted by x."""
     usable = [p for p in points if p.throughput_per_device is not None]
-    front = pareto_front([(p.interactivity, p.throughput_per_device) for p in usable])
+    front = pareto_front([(p.interactivity, cast(float, p.throughput_per_device)) for p in usable])
     return [usable[i] for i in front]
 
 
@@ -312,7 +312,7 @@ def _throughput_plot(doc: dict[str, Any], by_system: list[tuple[str, list[PlotPo
         if not pts:
             continue
         color = f"C{i % 10}"
-        _series(ax, pts, [p.throughput_per_device for p in pts], color, name)
+        _series(ax, pts, [cast(float, p.throughput_per_device) for p in pts], color, name)
         front = frontier(pts)
         ax.step(
             [p.interactivity for p in front],
@@ -333,7 +333,7 @@ def _cost_plot(doc: dict[str, Any], by_system: list[tuple[str, list[PlotPoint]]]
     for i, (name, pts) in enumerate(by_system):
         pts = sorted((p for p in pts if p.usd_per_mtok_output is not None), key=_load_key)
         if pts:
-            ys = [p.usd_per_mtok_output for p in pts]
+            ys = [cast(float, p.usd_per_mtok_output) for p in pts]
             _series(ax, pts, ys, f"C{i % 10}", name)
             costs += ys
     if wants_log_y(costs):

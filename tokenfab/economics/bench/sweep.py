@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -83,7 +84,7 @@ async def sweep_system(
     progress: Callable[[str, RequestRecord], None] | None = None,
 ) -> dict:
     """Sweep one running server; appends (and returns) its entry in doc, writing doc after every point."""
-    entry = {"system": system, "url": url, "status": "ok", "points": []}
+    entry: dict[str, Any] = {"system": system, "url": url, "status": "ok", "points": []}
     doc["systems"].append(entry)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=config.request_timeout_s) as client:
@@ -147,6 +148,7 @@ async def _run_point(
     start = time.monotonic()
     n = requests_for(config, point, workload)
     if workload.sessions:
+        assert workload.count_tokens is not None, "session workloads count tokens"
         sessions = _cycle(workload.sessions, offset, n)
         records = await run_sessions(client, model, sessions, plan, workload.count_tokens, hook)
     else:
