@@ -1,7 +1,7 @@
 """Speculative decoding on Gemma 3 270M, through each system's OpenAI server: copy-heavy and open-ended traffic
 at concurrency 1 and 16, with and without speculation, tokenfab beside llama.cpp's n-gram speculation.
 
-    cd /work/wt-spec && flock /work/cpu.lock /work/main/.venv/bin/python benchmarks/speculative.py
+    .venv/bin/python benchmarks/speculative.py     # from the repository root, on a quiet machine
 
 Workloads (deterministic, fresh prompts for every point so no point hits a prefix cached by another):
 - copy-heavy, greedy: repeat a paragraph or a function, fix a typo and print the whole function, rewrite a text
@@ -34,11 +34,11 @@ sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 from tokenfab import __version__  # noqa: E402
-from tokenfab.economics.bench.launch import free_port, launch, server_spec  # noqa: E402
-from tokenfab.economics.bench.load import LoadPlan, run_requests  # noqa: E402
-from tokenfab.economics.bench.scrape import deltas, scrape  # noqa: E402
-from tokenfab.economics.bench.stats import summarize  # noqa: E402
-from tokenfab.economics.bench.workloads import RequestSpec  # noqa: E402
+from tokenfab.bench.launch import free_port, launch, server_spec  # noqa: E402
+from tokenfab.bench.load import LoadPlan, run_requests  # noqa: E402
+from tokenfab.bench.scrape import deltas, scrape  # noqa: E402
+from tokenfab.bench.stats import summarize  # noqa: E402
+from tokenfab.bench.workloads import RequestSpec  # noqa: E402
 from tokenfab.platform import machine  # noqa: E402
 
 SYSTEMS = {
@@ -278,7 +278,9 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="per tokenfab server")
     p.add_argument("--price-per-hour", type=float, default=0.09, help="device $/h (default: 2 cores x $0.045)")
-    p.add_argument("--peers-dir", type=Path, default=Path("/work/main/.peers"))
+    p.add_argument("--peers-dir", type=Path,
+                   default=Path(os.environ.get("TOKENFAB_PEERS_DIR", Path(__file__).resolve().parent.parent / ".peers")),
+                   help="where benchmarks/peers/setup_peers.sh installed the peers (default: .peers in the repository)")
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/reports/speculative"))
     p.add_argument("--render", type=Path, default=None, help="only rewrite the Markdown of this JSON")
@@ -300,7 +302,7 @@ def main() -> None:
            "tokenfab_version": __version__, "machine": machine.describe(), "threads": args.threads,
            "price_per_hour": args.price_per_hour, "max_tokens": args.max_tokens, "requests_c1": args.requests_c1,
            "repeats": args.repeats, "systems": {s: SYSTEMS[s][1] for s in systems},
-           "command": "flock /work/cpu.lock /work/main/.venv/bin/python " + " ".join(sys.argv),
+           "command": "python " + " ".join(sys.argv),
            "results": results}
     (args.out / "speculative.json").write_text(json.dumps(doc, indent=1, default=str))
     (args.out / "speculative.md").write_text(markdown(doc))

@@ -11,8 +11,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent / "peers"))
 
-from common import (GEMMA_BOS, OFFLINE_MAX_TOKENS, PP_TOKENS, TG_TOKENS, RssSampler, base_parser,  # noqa: E402
-                    emit, fixed_prompt, load_prompts, now)
+from common import (  # noqa: E402
+    GEMMA_BOS,
+    OFFLINE_MAX_TOKENS,
+    PP_TOKENS,
+    TG_TOKENS,
+    RssSampler,
+    base_parser,
+    emit,
+    fixed_prompt,
+    load_prompts,
+    now,
+)
 
 
 def main() -> None:

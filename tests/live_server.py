@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tokenfab.economics.bench.launch import free_port
+from tokenfab.bench.launch import free_port
 
 
 class LiveServer:

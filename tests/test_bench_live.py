@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+
 from live_server import LiveServer
 
 

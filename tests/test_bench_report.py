@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tokenfab.economics.bench import report
+from tokenfab.bench import report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -205,7 +205,7 @@ def test_plot_points_skip_null_interactivity():
 
 
 def test_import_has_no_matplotlib_side_effect():
-    code = "import sys, tokenfab.economics.bench.report; print('matplotlib' in sys.modules)"
+    code = "import sys, tokenfab.bench.report; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

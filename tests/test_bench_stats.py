@@ -9,8 +9,8 @@ import random
 import numpy as np
 import pytest
 
-from tokenfab.economics.bench.records import SLO, RequestRecord
-from tokenfab.economics.bench.stats import (
+from tokenfab.bench.records import SLO, RequestRecord
+from tokenfab.bench.stats import (
     MODELLED_CLIENT,
     Summary,
     goodput_rate,

@@ -8,8 +8,8 @@ import statistics
 
 import pytest
 
-from tokenfab.economics.bench import workloads as wl
-from tokenfab.economics.bench.load import LoadPlan, _gap
+from tokenfab.bench import workloads as wl
+from tokenfab.bench.load import LoadPlan, _gap
 from tokenfab.models.loading import load_tokenizer, resolve_model
 
 

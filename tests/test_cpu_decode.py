@@ -2,10 +2,9 @@
 
 import pytest
 import torch
-from conftest import random_prompts
-
 from gguf import GGMLQuantizationType as T
 
+from conftest import random_prompts, tiny_llm
 from tokenfab import LLM, SamplingParams
 from tokenfab.kernels import cpu as kernels
 
@@ -13,7 +12,7 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels nee
 
 
 def make_llm(path, dtype):
-    return LLM(str(path), dtype=dtype, kv_cache_memory_gb=0.02, max_model_len=1024, max_num_batched_tokens=64)
+    return tiny_llm(path, dtype=dtype)
 
 
 def check_decode_steps(llm: LLM, prompts: list[list[int]]) -> None:

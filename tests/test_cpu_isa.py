@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_prompts
 from gguf import GGMLQuantizationType as T
 
+from conftest import random_prompts
 from tokenfab import LLM, SamplingParams
 from tokenfab.kernels import build
 from tokenfab.kernels import cpu as kernels

@@ -4,17 +4,14 @@ import math
 
 import pytest
 import torch
-from conftest import hf_greedy, random_prompts
 
+from conftest import hf_greedy, random_prompts, tiny_llm
 from tokenfab import LLM, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 
 
-def make_llm(path, **kw):
-    opts = dict(dtype="float32", kv_cache_memory_gb=0.02, max_model_len=1024, max_num_batched_tokens=64)
-    opts.update(kw)
-    return LLM(str(path), **opts)
+make_llm = tiny_llm
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma3"])

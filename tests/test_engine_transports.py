@@ -10,11 +10,11 @@ import sys
 
 import openai
 import pytest
-from live_server import LiveServer
 
+from live_server import LiveServer
 from tokenfab import LLM, SamplingParams
+from tokenfab.bench.launch import free_port
 from tokenfab.config import EngineConfig
-from tokenfab.economics.bench.launch import free_port
 from tokenfab.engine.client import CoreAddresses, InProcessClient, make_engine_client
 from tokenfab.engine.messages import CoreRequest
 

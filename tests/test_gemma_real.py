@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import hf_greedy
 
+from conftest import hf_greedy
 from tokenfab import LLM, SamplingParams
 from tokenfab.loader.default_model import default_model_path
 

@@ -14,14 +14,13 @@ import cbor2
 import msgspec
 import pytest
 import zmq
-from conftest import random_prompts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import random_prompts
 from tokenfab import LLM, SamplingParams
 from tokenfab.engine.block_hash import DEFAULT_SEED, ROOT, block_hash, block_hashes, external_hash, root_hash
 from tokenfab.engine.kv_events import KVEventSubscriber
-
 
 
 def reference_hash(parent: bytes, tokens: list[int], extra: Any = None) -> bytes:

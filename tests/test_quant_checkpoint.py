@@ -11,24 +11,19 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_quant_formats import ref_e2m1_value, ref_nvfp4, ref_pack
 
-from tokenfab import LLM, SamplingParams
-from tokenfab.quant import (
-    QUANTIZED_FORMATS,
-    Int4Weight,
-    Int8Weight,
-    NVFP4Weight,
-    cpu_linear,
-)
-from tokenfab.quant.export import quantize_checkpoint
+from conftest import tiny_llm
+from test_quant_formats import ref_e2m1_value, ref_nvfp4, ref_pack
+from tokenfab import SamplingParams
+from tokenfab.quant import QUANTIZED_FORMATS, Int4Weight, Int8Weight, NVFP4Weight, cpu_linear
+from tokenfab.quantize.export import quantize_checkpoint
 
 PROMPTS = [[5, 6, 7, 8, 9], [100, 200, 300, 17, 4, 90, 91]]
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def make_llm(path, **kw):
-    return LLM(str(path), dtype="float32", kv_cache_memory_gb=0.01, max_model_len=256, **kw)
+    return tiny_llm(path, **{"kv_cache_memory_gb": 0.01, "max_model_len": 256, "max_num_batched_tokens": 512, **kw})
 
 
 def next_logprobs(llm, prompt):

@@ -7,14 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenfab.kernels import cpu as kernels
-from tokenfab.quant import (
-    QUANTIZED_FORMATS,
-    FP8Weight,
-    Int4Weight,
-    Int8Weight,
-    NVFP4Weight,
-    build_weight,
-)
+from tokenfab.quant import QUANTIZED_FORMATS, FP8Weight, Int4Weight, Int8Weight, NVFP4Weight, build_weight
 from tokenfab.quant.dense import DenseWeight, OneDNNPackedWeight
 from tokenfab.quant.nibbles import pack_nibbles, unpack_nibbles
 from tokenfab.quant.nvfp4 import block_scales, e2m1_codes, tensor_scale

@@ -8,9 +8,9 @@ import sys
 import httpx
 import pytest
 import torch
-from conftest import random_prompts
-from live_server import LiveServer
 
+from conftest import random_prompts, tiny_llm
+from live_server import LiveServer
 from tokenfab import LLM, SamplingParams
 from tokenfab.config import EngineConfig
 from tokenfab.evaluation.runner import evaluate, parse_variant
@@ -26,7 +26,7 @@ KL_BOUND = {"int8": 1e-3, "fp8": 1e-2, "int4": 0.15, "nvfp4": 0.15}
 
 
 def make_llm(path, **kw):
-    return LLM(str(path), dtype="float32", kv_cache_memory_gb=0.02, max_model_len=512, **kw)
+    return tiny_llm(path, **{"max_model_len": 512, "max_num_batched_tokens": 512, **kw})
 
 
 def next_token_logprobs(llm, ids):
@@ -161,7 +161,7 @@ def test_eval_command_writes_json_and_markdown(tiny_model, tmp_path):
 
 
 def test_the_ladder_gets_a_quantization_rung():
-    from tokenfab.economics.bench.ladder import rungs
+    from tokenfab.bench.ladder import rungs
 
     assert len(rungs((1, 4), "int4")) == len(rungs((1, 4))) + 1
     last = rungs((1, 4), "int4")[-1]

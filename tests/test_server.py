@@ -10,8 +10,8 @@ import time
 import httpx
 import openai
 import pytest
-from live_server import LiveServer
 
+from live_server import LiveServer
 from tokenfab import LLM, SamplingParams
 from tokenfab.kernels import build
 from tokenfab.platform import cpu_isa

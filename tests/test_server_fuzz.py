@@ -9,8 +9,9 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from live_server import LiveServer
 from schemathesis.checks import not_a_server_error
+
+from live_server import LiveServer
 
 EXAMPLES = 30
 

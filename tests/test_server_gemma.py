@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import openai
 import pytest
-from live_server import LiveServer
 
+from live_server import LiveServer
 from tokenfab import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,8 @@ import sys
 
 import openai
 import pytest
-from live_server import LiveServer
 
+from live_server import LiveServer
 from tokenfab import LLM, SamplingParams
 
 REPEAT = " ".join(f"w{i}" for i in (5, 9, 44, 17, 301, 12, 88, 7, 150, 61, 23))
@@ -79,8 +79,8 @@ def test_the_meter_sends_sampling_fields_and_reads_the_spec_counters(server, mod
 
     import httpx
 
-    from tokenfab.economics.bench.client import stream_completion
-    from tokenfab.economics.bench.scrape import scrape
+    from tokenfab.bench.client import stream_completion
+    from tokenfab.bench.scrape import scrape
 
     async def go():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
@@ -97,9 +97,9 @@ def test_the_meter_sends_sampling_fields_and_reads_the_spec_counters(server, mod
 
 
 def test_the_ladder_has_a_speculation_rung_with_valid_flags():
+    from tokenfab.bench.ladder import rungs
     from tokenfab.cli import build_parser
     from tokenfab.config_cli import engine_config
-    from tokenfab.economics.bench.ladder import rungs
 
     rung = rungs((1, 4))[-1]
     assert "speculative" in rung.name

@@ -8,18 +8,15 @@ import json
 import math
 
 import pytest
-from conftest import random_prompts
-from tiny_models import add_mtp_modules, write_tiny_model
 
+from conftest import random_prompts, tiny_llm
+from tiny_models import add_mtp_modules, write_tiny_model
 from tokenfab import LLM, SamplingParams
 from tokenfab.config import SpeculativeConfig
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-OPTS = dict(dtype="float32", kv_cache_memory_gb=0.02, max_model_len=1024, max_num_batched_tokens=64, num_threads=1)
-
-
 def make_llm(path, speculative=None, **kw):
-    return LLM(str(path), speculative=speculative or "none", **{**OPTS, **kw})
+    return tiny_llm(path, speculative=speculative or "none", **{"num_threads": 1, **kw})
 
 
 @pytest.fixture(scope="module")

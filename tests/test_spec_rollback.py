@@ -13,12 +13,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny_models import write_tiny_model
 
+from tiny_models import write_tiny_model
 from tokenfab import LLM, SamplingParams
 from tokenfab.attention.backend import KVCache
 from tokenfab.config import SpeculativeConfig
-from tokenfab.spec.proposer import Proposal, Proposer
+from tokenfab.engine.speculative.proposer import Proposal, Proposer
 
 BS = 8
 MAX_NEW = 16

@@ -13,13 +13,13 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import random_prompts
-from tiny_models import write_tiny_model
 
 import tokenfab.engine.sampler as sampler_module
+from conftest import random_prompts
+from tiny_models import write_tiny_model
 from tokenfab import LLM, SamplingParams
 from tokenfab.config import SpeculativeConfig
-from tokenfab.spec.rejection import verify_draft
+from tokenfab.engine.speculative.rejection import verify_draft
 
 Z = 4.75
 """Standard normal quantile of the test's significance (one-sided, ~1e-6)."""

@@ -18,4 +18,6 @@ from tokenfab.engine.types import CompletionOutput, RequestOutput, SamplingParam
 from tokenfab.llm import LLM  # noqa: E402
 
 __all__ = ["LLM", "SamplingParams", "EngineConfig", "SpeculativeConfig", "RequestOutput", "CompletionOutput"]
-__version__ = "0.1.0"
+from tokenfab.version import __version__  # noqa: E402
+
+__all__ += ["__version__"]

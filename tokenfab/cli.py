@@ -90,7 +90,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from tokenfab.quant.export import quantize_checkpoint
+    from tokenfab.quantize.export import quantize_checkpoint
 
     exclude = tuple(args.quantization_exclude) if args.quantization_exclude is not None else None
     out = quantize_checkpoint(
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_engine_args(gen)
     gen.set_defaults(func=_generate)
-    from tokenfab.economics.bench.cli import add_parser as add_bench
+    from tokenfab.bench.cli import add_parser as add_bench
 
     add_bench(sub)
     conv = sub.add_parser("convert", help="write an HF safetensors directory from a GGUF file")

@@ -66,7 +66,7 @@ class SpeculativeConfig:
     ngram_max: int = 4
     """Longest suffix looked up (longer matches are tried first)."""
     adaptive: bool = True
-    """Choose k per request and step from measured acceptance and step cost (see tokenfab/spec/policy.py);
+    """Choose k per request and step from measured acceptance and step cost (see tokenfab/engine/speculative/policy.py);
     off: always propose k tokens."""
 
     def __post_init__(self) -> None:

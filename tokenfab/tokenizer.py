@@ -125,3 +125,18 @@ def load_gguf_tokenizer(path: Path, model_type: str) -> Tokenizer:
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def token_windows(tokenizer: Tokenizer, text: str, window: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Non-overlapping windows of at most `window` tokens, each starting with BOS (when the model has one)
+    followed by the next stretch of the text; every token after the first is scored."""
+    body = tokenizer.encode(text, add_special_tokens=False)
+    if max_tokens is not None:
+        body = body[:max_tokens]
+    bos = tokenizer.special.bos_token_id
+    prefix = [bos] if bos is not None else []
+    step = window - len(prefix)
+    if step < 1:
+        raise ValueError(f"window {window} is too short")
+    chunks = [prefix + body[i : i + step] for i in range(0, len(body), step)]
+    return [c for c in chunks if len(c) >= 2]

@@ -139,7 +139,7 @@ class RssSampler:
             self._sample()
             self._stop.wait(self.interval)
 
-    def start(self) -> "RssSampler":
+    def start(self) -> RssSampler:
         self._t.start()
         return self
 

@@ -23,6 +23,9 @@ from tokenfab.engine.messages import CoreInfo, CoreOutput, CoreRequest, EngineSt
 from tokenfab.engine.model_runner import RunOutput
 from tokenfab.engine.sampler import Sampler
 from tokenfab.engine.scheduler import Emitted, Scheduler, StepUpdate
+from tokenfab.engine.speculative.policy import StepShape
+from tokenfab.engine.speculative.proposer import StepView
+from tokenfab.engine.speculative.speculator import TargetParts, build_speculator
 from tokenfab.engine.stats import CostStats, SpecStats
 from tokenfab.engine.types import Request, SampleResult, StepPlan
 from tokenfab.engine.worker import Worker
@@ -31,9 +34,6 @@ from tokenfab.models.loading import ModelSource, resolve_model
 from tokenfab.platform import cpu_isa
 from tokenfab.platform.power import select_meter
 from tokenfab.platform.prices import load_prices
-from tokenfab.spec.policy import StepShape
-from tokenfab.spec.proposer import StepView
-from tokenfab.spec.speculator import TargetParts, build_speculator
 
 
 class EngineCore:

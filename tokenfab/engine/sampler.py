@@ -7,7 +7,7 @@ generator, so its tokens do not depend on what else is in the batch.
 
 A request verifying k draft tokens has k + 1 rows: row j is the distribution after the sequence plus the first j
 drafts, so penalties and min_tokens are applied at row j as if those drafts were already emitted (they are
-whenever row j is used). Drafts are accepted or rejected by `tokenfab.spec.rejection`; a request emits its
+whenever row j is used). Drafts are accepted or rejected by `tokenfab.engine.speculative.rejection`; a request emits its
 accepted drafts plus one token drawn at the first rejected position (or after the last draft).
 """
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from tokenfab.engine.speculative.rejection import accept_greedy, race, verify_draft
 from tokenfab.engine.types import Request, SampleResult, SamplingParams, TokenLogprobs
 from tokenfab.kernels import cpu as kernels
-from tokenfab.spec.rejection import accept_greedy, race, verify_draft
 
 _NUCLEUS_PROBE = 512
 """Top-p first looks for the nucleus among this many tokens; a full sort only when it is wider."""

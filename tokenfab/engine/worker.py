@@ -1,8 +1,8 @@
 """Worker: one model's device side — weights, the paged KV cache laid out for its window groups, and the runner
 (with its one-call CPU decode step) that executes steps on them.
 
-It is the one place that wires model + KV cache + runner: the engine core's target model, a draft model, the
-evaluation scorer, and next a Ray actor, an expert-parallel rank or a prefill/decode role each hold one. Block
+It is the one place that wires model + KV cache + runner: the engine core's target model, a draft model, and
+next a Ray actor, an expert-parallel rank or a prefill/decode role each hold one. Block
 bookkeeping stays outside: `kv_manager()` gives the KVCacheManager that matches this cache's pools.
 """
 
@@ -13,14 +13,7 @@ from collections.abc import Callable
 import torch
 
 from tokenfab.attention import get_backend
-from tokenfab.attention.backend import (
-    AttentionBackend,
-    ForwardContext,
-    KVCache,
-    KVGroupSpec,
-    SeqLayout,
-    forward_context,
-)
+from tokenfab.attention.backend import AttentionBackend, KVCache, KVGroupSpec
 from tokenfab.engine.kv_cache_manager import KVCacheManager
 from tokenfab.engine.model_runner import ModelRunner, RunOutput
 from tokenfab.engine.types import StepPlan
@@ -83,19 +76,3 @@ class Worker:
 
     def execute(self, plan: StepPlan, block_tables: Callable[[str], tuple[list[int], ...]]) -> RunOutput:
         return self.runner.execute(plan, block_tables)
-
-    @torch.inference_mode()
-    def hidden_states(self, ids: list[int]) -> torch.Tensor:
-        """Final hidden states [T, hidden] of one sequence prefilled from position 0 into blocks 1, 2, ... (the
-        cache must hold them: see `for_sequence`)."""
-        table = list(range(1, -(-len(ids) // self.block_size) + 1))
-        layout = SeqLayout(0, len(ids), 0, tuple(table for _ in self.groups))
-        metadata = self.backend.build_metadata([layout], self.groups, self.block_size, self.device)
-        with forward_context(ForwardContext(self.backend, metadata, self.cache)):
-            return self.model(torch.tensor(ids, device=self.device), torch.arange(len(ids), device=self.device))
-
-    @classmethod
-    def for_sequence(cls, model: DecoderModel, num_tokens: int, block_size: int = 16) -> Worker:
-        """A worker whose cache holds exactly one sequence of num_tokens (scoring, calibration)."""
-        blocks = -(-num_tokens // block_size) + 1  # + the null block, which no table uses
-        return cls(model, [blocks] * len(model.arch.window_groups), block_size)

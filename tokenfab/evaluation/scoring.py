@@ -8,17 +8,16 @@ from typing import Protocol
 
 import torch
 
-from tokenfab.engine.worker import Worker
 from tokenfab.models.decoder import DecoderModel
+from tokenfab.models.sequence import sequence_hidden
 
-BLOCK_SIZE = 16
 LOGIT_ROWS = 128
 """Positions whose full-vocabulary log-probs exist at once (128 x 262k fp32 = 134 MB for Gemma)."""
 
 
 def window_hidden(model: DecoderModel, ids: list[int]) -> torch.Tensor:
     """Final hidden states [T, hidden] of one sequence, prefilled at once from position 0."""
-    return Worker.for_sequence(model, len(ids), BLOCK_SIZE).hidden_states(ids)
+    return sequence_hidden(model, ids)
 
 
 @dataclass(slots=True)

@@ -203,7 +203,7 @@ class DecoderModel(nn.Module):
     def prepare_weights(self, plan: str | QuantPlan, hessians: Mapping[str, torch.Tensor] | None = None) -> None:
         """Hand every linear's loaded weight to its storage format (see tokenfab.quant); layers a quantized
         checkpoint already stored are left as they are. `hessians` (layer name -> X^T X of its inputs) are
-        needed by plans whose method is gptq (see tokenfab.quant.calibration)."""
+        needed by plans whose method is gptq (see tokenfab.models.calibration)."""
         plan = QuantPlan(plan) if isinstance(plan, str) else plan
         for name, module in self.named_modules():
             if isinstance(module, Linear) and module.stored is None:

@@ -135,7 +135,7 @@ def quantize_model(model: DecoderModel, source: ModelSource, plan: str | QuantPl
     """prepare_weights, after calibrating on the shipped calibration text when the plan's method needs it."""
     hessians = None
     if isinstance(plan, QuantPlan) and plan.method == "gptq":
-        from tokenfab.quant.calibration import calibration_windows, collect_hessians
+        from tokenfab.models.calibration import calibration_windows, collect_hessians
 
         hessians = collect_hessians(model, calibration_windows(load_tokenizer(source)))
     model.prepare_weights(plan, hessians)

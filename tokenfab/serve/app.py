@@ -10,7 +10,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from tokenfab import __version__
 from tokenfab.serve import chat, completions, errors
 from tokenfab.serve.errors import APIError, bad_request
 from tokenfab.serve.protocol import (
@@ -27,6 +26,7 @@ from tokenfab.serve.protocol import (
 )
 from tokenfab.serve.requests import check_model, render_chat
 from tokenfab.serve.state import ServerState
+from tokenfab.version import __version__
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 429, 503, 504)}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -10,13 +10,13 @@ import uvicorn
 
 from tokenfab.config import EngineConfig
 from tokenfab.engine.client import make_engine_client
+from tokenfab.engine.speculative.speculator import check_speculative
 from tokenfab.models.loading import load_tokenizer, resolve_model
 from tokenfab.serve.app import build_app
 from tokenfab.serve.engine_client import AsyncEngineClient
 from tokenfab.serve.metrics import ServerMetrics
 from tokenfab.serve.settings import ServerSettings
 from tokenfab.serve.state import ServerState
-from tokenfab.spec.speculator import check_speculative
 
 log = logging.getLogger("tokenfab.serve")
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from tokenfab.economics.bench.records import SCHEMA_VERSION
-from tokenfab.economics.bench.stats import best_within_slo, pareto_front
+from tokenfab.bench.records import SCHEMA_VERSION
+from tokenfab.bench.stats import best_within_slo, pareto_front
 
 SWEEP_KIND = "tokenfab-bench-sweep"
 KNOWN_SCHEMA_VERSIONS = frozenset({SCHEMA_VERSION})

@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from tokenfab import __version__
 from tokenfab.models.decoder import linear_layer_name
 from tokenfab.models.loading import ModelSource, iter_weights, resolve_model
 from tokenfab.quant.plan import QuantPlan, build_plan
 from tokenfab.quant.registry import QUANTIZED_FORMATS
+from tokenfab.version import __version__
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 DEFAULT_EXCLUDE = ("lm_head",)

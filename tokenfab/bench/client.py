@@ -11,7 +11,7 @@ import time
 
 import httpx
 
-from tokenfab.economics.bench.records import RequestRecord
+from tokenfab.bench.records import RequestRecord
 
 
 class Unreachable(RuntimeError):

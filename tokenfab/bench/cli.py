@@ -89,8 +89,18 @@ def _load(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout", type=float, default=600.0)
 
 
+def _require_extra() -> None:
+    """The harness's progress bars and plots come with the bench extra."""
+    import importlib.util
+
+    missing = [m for m in ("rich", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RuntimeError(f"tokenfab bench needs {' and '.join(missing)}: pip install 'tokenfab[bench]'")
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from tokenfab.economics.bench import runner
+    _require_extra()
+    from tokenfab.bench import runner
 
     if args.url is None:
         raise ValueError("--url is required")
@@ -104,7 +114,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from tokenfab.economics.bench import report, runner
+    _require_extra()
+    from tokenfab.bench import report, runner
 
     if (args.concurrency is None) == (args.rate is None):
         raise ValueError("give --concurrency or --rate (comma lists)")
@@ -124,7 +135,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from tokenfab.economics.bench import report
+    _require_extra()
+    from tokenfab.bench import report
 
     doc = report.merge(report.load_runs(args.files))
     paths = report.write_report(doc, args.out)
@@ -133,6 +145,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _ladder(args: argparse.Namespace) -> int:
-    from tokenfab.economics.bench import ladder
+    _require_extra()
+    from tokenfab.bench import ladder
 
     return ladder.main(args)

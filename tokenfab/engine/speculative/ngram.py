@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tokenfab.engine.speculative.proposer import Proposal, Proposer, StepView
 from tokenfab.engine.types import Request
-from tokenfab.spec.proposer import Proposal, Proposer, StepView
 
 
 @dataclass(slots=True)

@@ -15,14 +15,14 @@ from typing import Any
 
 import httpx
 
-from tokenfab import __version__
-from tokenfab.economics.bench.client import Unreachable, probe
-from tokenfab.economics.bench.load import LoadPlan, run_requests, run_sessions
-from tokenfab.economics.bench.records import SCHEMA_VERSION, SLO, RequestRecord
-from tokenfab.economics.bench.scrape import deltas, scrape
-from tokenfab.economics.bench.stats import summarize
-from tokenfab.economics.bench.workloads import RequestSpec, SessionSpec
+from tokenfab.bench.client import Unreachable, probe
+from tokenfab.bench.load import LoadPlan, run_requests, run_sessions
+from tokenfab.bench.records import SCHEMA_VERSION, SLO, RequestRecord
+from tokenfab.bench.scrape import deltas, scrape
+from tokenfab.bench.stats import summarize
+from tokenfab.bench.workloads import RequestSpec, SessionSpec
 from tokenfab.platform import machine
+from tokenfab.version import __version__
 
 
 @dataclass(frozen=True, slots=True)

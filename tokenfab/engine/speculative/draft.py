@@ -21,11 +21,11 @@ from tokenfab.config import EngineConfig
 from tokenfab.engine.kv_cache_manager import KVCacheManager
 from tokenfab.engine.kv_sizing import sliding_cap
 from tokenfab.engine.model_runner import ModelRunner
+from tokenfab.engine.speculative.proposer import Proposal, Proposer, StepView
+from tokenfab.engine.speculative.rejection import race
 from tokenfab.engine.types import Request, ScheduledRequest, StepPlan
 from tokenfab.engine.worker import Worker
 from tokenfab.models.loading import resolve_model
-from tokenfab.spec.proposer import Proposal, Proposer, StepView
-from tokenfab.spec.rejection import race
 
 
 @dataclass(slots=True)

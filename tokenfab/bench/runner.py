@@ -11,11 +11,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tokenfab.economics.bench import workloads as wl
-from tokenfab.economics.bench.client import Unreachable
-from tokenfab.economics.bench.launch import free_port, launch, server_spec
-from tokenfab.economics.bench.records import SLO
-from tokenfab.economics.bench.sweep import SweepConfig, Workload, items_needed, new_document, sweep_system
+from tokenfab.bench import workloads as wl
+from tokenfab.bench.client import Unreachable
+from tokenfab.bench.launch import free_port, launch, server_spec
+from tokenfab.bench.records import SLO
+from tokenfab.bench.sweep import SweepConfig, Workload, items_needed, new_document, sweep_system
 from tokenfab.platform.prices import PROFILES
 
 

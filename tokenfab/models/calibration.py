@@ -1,6 +1,6 @@
 """Calibration for GPTQ: H = X^T X of every linear layer's inputs while the float model reads calibration text.
 
-The text (data/calibration.txt in tokenfab.evaluation) is shipped with the package and shares nothing with the
+The text (data/calibration.txt beside this module) is shipped with the package and shares nothing with the
 evaluation corpus, so quantization never sees the text it is judged on.
 """
 
@@ -12,23 +12,20 @@ import torch
 
 from tokenfab.models.decoder import DecoderModel
 from tokenfab.models.layers import Linear
-from tokenfab.tokenizer import Tokenizer
+from tokenfab.models.sequence import sequence_hidden
+from tokenfab.tokenizer import Tokenizer, token_windows
 
 WINDOW = 512
 
 
 def calibration_windows(tokenizer: Tokenizer, max_tokens: int = 2048) -> list[list[int]]:
-    from tokenfab.evaluation.corpus import windows
-
-    text = resources.files("tokenfab.evaluation").joinpath("data/calibration.txt").read_text(encoding="utf-8")
-    return windows(tokenizer, text, WINDOW, max_tokens)
+    text = resources.files("tokenfab.models").joinpath("data/calibration.txt").read_text(encoding="utf-8")
+    return token_windows(tokenizer, text, WINDOW, max_tokens)
 
 
 @torch.inference_mode()
 def collect_hessians(model: DecoderModel, windows: list[list[int]]) -> dict[str, torch.Tensor]:
     """Linear module name -> H [in, in] (fp32, summed over every calibration token, scaled by 2/tokens)."""
-    from tokenfab.evaluation.scoring import window_hidden
-
     hessians: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     handles = []
@@ -50,7 +47,7 @@ def collect_hessians(model: DecoderModel, windows: list[list[int]]) -> dict[str,
     try:
         for ids in windows:
             # The LM head reads the final hidden states; adding them directly skips 262k-wide logits.
-            hook("lm_head")(model.lm_head, (window_hidden(model, ids),))
+            hook("lm_head")(model.lm_head, (sequence_hidden(model, ids),))
     finally:
         for handle in handles:
             handle.remove()

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import httpx
 
-from tokenfab.economics.bench.client import stream_completion
-from tokenfab.economics.bench.records import RequestRecord
-from tokenfab.economics.bench.workloads import RequestSpec, SessionSpec
+from tokenfab.bench.client import stream_completion
+from tokenfab.bench.records import RequestRecord
+from tokenfab.bench.workloads import RequestSpec, SessionSpec
 
 
 @dataclass(frozen=True, slots=True)

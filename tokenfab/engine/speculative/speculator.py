@@ -16,12 +16,12 @@ import torch
 from tokenfab.attention.backend import AttentionBackend, KVCache, KVGroupSpec
 from tokenfab.config import EngineConfig
 from tokenfab.engine.kv_cache_manager import KVCacheManager
+from tokenfab.engine.speculative.policy import AdaptivePolicy, Candidate, CostModel, PolicyConfig, StepShape
+from tokenfab.engine.speculative.proposer import Proposer, StepView
 from tokenfab.engine.stats import SpecStats
 from tokenfab.engine.types import Request, ScheduledRequest
 from tokenfab.models.decoder import DecoderModel
 from tokenfab.models.loading import ModelSource, resolve_model
-from tokenfab.spec.policy import AdaptivePolicy, Candidate, CostModel, PolicyConfig, StepShape
-from tokenfab.spec.proposer import Proposer, StepView
 
 
 @dataclass(slots=True)
@@ -145,15 +145,15 @@ def _build_proposer(config: EngineConfig, target: TargetParts) -> Proposer:
     spec = config.speculative
     check_speculative(config, target.source)
     if spec.method == "ngram":
-        from tokenfab.spec.ngram import NgramProposer
+        from tokenfab.engine.speculative.ngram import NgramProposer
 
         return NgramProposer(spec.ngram_min, spec.ngram_max)
     if spec.method == "draft":
-        from tokenfab.spec.draft import DraftModelProposer
+        from tokenfab.engine.speculative.draft import DraftModelProposer
 
         return DraftModelProposer.build(config, target)
     if spec.method == "mtp":
-        from tokenfab.spec.mtp import MTPProposer
+        from tokenfab.engine.speculative.mtp import MTPProposer
 
         return MTPProposer.build(config, target)
     raise ValueError(f"unknown speculative method {spec.method!r}")

@@ -17,10 +17,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tokenfab.economics.bench import runner
-from tokenfab.economics.bench.launch import free_port, launch, server_spec
-from tokenfab.economics.bench.stats import best_within_slo
-from tokenfab.economics.bench.sweep import new_document, sweep_system
+from tokenfab.bench import runner
+from tokenfab.bench.launch import free_port, launch, server_spec
+from tokenfab.bench.stats import best_within_slo
+from tokenfab.bench.sweep import new_document, sweep_system
 
 
 @dataclass(frozen=True, slots=True)

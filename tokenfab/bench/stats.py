@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 
-from tokenfab.economics.bench.records import SLO, RequestRecord
+from tokenfab.bench.records import SLO, RequestRecord
 
 Percentiles = dict[str, float | None]
 """{"mean": …, "p50": …, …} in the values' own unit; every value None when there were no values."""

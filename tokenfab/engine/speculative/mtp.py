@@ -35,13 +35,13 @@ from tokenfab.attention.backend import (
 )
 from tokenfab.config import EngineConfig
 from tokenfab.engine.kv_cache_manager import KVCacheManager
+from tokenfab.engine.speculative.proposer import Proposal, Proposer, StepView
 from tokenfab.engine.types import Request
 from tokenfab.models.arch import ArchConfig
 from tokenfab.models.decoder import DecoderLayer, DecoderModel, layer_index, load_hf_weights
 from tokenfab.models.layers import Linear, RMSNorm
 from tokenfab.models.loading import iter_weights
 from tokenfab.quant import build_weight
-from tokenfab.spec.proposer import Proposal, Proposer, StepView
 
 _SHARED = ("embed_tokens.weight", "shared_head.head.weight")
 """Per-module copies of the target's embedding and head in DeepSeek-V3 checkpoints; the target's are used."""
