@@ -5,9 +5,12 @@ host); the in-process client serves a request without a server."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
+import time
 
+import httpx
 import openai
 import pytest
 
@@ -15,7 +18,9 @@ from live_server import LiveServer
 from tokenfab import LLM, SamplingParams
 from tokenfab.bench.launch import free_port
 from tokenfab.config import EngineConfig
+from tokenfab.engine.block_hash import block_hashes, external_hash
 from tokenfab.engine.client import CoreAddresses, InProcessClient, make_engine_client
+from tokenfab.engine.kv_events import KVEventSubscriber
 from tokenfab.engine.messages import CoreRequest
 
 PROMPT = "w5 w6 w7 w8 w9"
@@ -44,6 +49,38 @@ def test_server_over_each_transport_gives_the_offline_tokens(model_path, expecte
     server = LiveServer(model_path, "--engine-transport", transport)
     try:
         assert complete(server) == expected.outputs[0].text
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_server_publishes_kv_events_that_name_the_prompt_blocks(model_path):
+    """`--kv-events-endpoint` through the CLI and the core process: the card says where, a subscriber gets the
+    prompt's blocks under the hashes a router computes from the same tokens."""
+    server = LiveServer(model_path, "--kv-events-endpoint", "tcp://127.0.0.1:*", "--kv-events-replay-endpoint",
+                        "tcp://127.0.0.1:*", "--block-size", "8")
+    try:
+        card = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]
+        assert card["block_size"] == 8 and card["kv_events_endpoint"].startswith("tcp://127.0.0.1:")
+        sub = KVEventSubscriber(card["kv_events_endpoint"], card["kv_events_replay_endpoint"])
+        try:
+            prompt = " ".join(f"w{i}" for i in range(3, 40))
+            ids = httpx.post(f"{server.url}/tokenize", json={"prompt": prompt}, timeout=10).json()["tokens"]
+            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+            client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0)
+            deadline = time.monotonic() + 30
+            want = {external_hash(h) for h in block_hashes(ids, 8)}
+            while not want <= {h for _, h in sub.blocks} and time.monotonic() < deadline:
+                sub.poll(200)
+                sub.catch_up()
+            assert want and want <= {h for _, h in sub.blocks}
+        finally:
+            sub.close()
+        cli = subprocess.run([sys.executable, "-m", "tokenfab.cli", "kv-events", "--connect", card["kv_events_endpoint"],
+                              "--replay", card["kv_events_replay_endpoint"], "--count", "1"],
+                             capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0, cli.stderr
+        first = json.loads(cli.stdout.splitlines()[0])
+        assert first["type"] == "BlockStored" and first["seq"] == 0 and first["block_size"] == 8
     finally:
         assert server.stop() == 0
 

@@ -196,6 +196,7 @@ def test_service_endpoints(server, offline):
     card = models["data"][0]
     assert card["kernel_isa"] == (build.kernel_path().level or "torch") and card["kernel_isa_reason"]
     assert card["cpu_flags"] == cpu_isa.vector_flags() and card["batch_invariant"] is True
+    assert card["block_size"] == 16 and card["kv_events_endpoint"] is None  # events are off unless asked for
     tok = httpx.post(f"{server.url}/tokenize", json={"prompt": PROMPTS[0]}).json()
     assert tok["tokens"] == offline.tokenizer.encode(PROMPTS[0]) and tok["count"] == len(tok["tokens"])
     text = httpx.post(f"{server.url}/detokenize", json={"tokens": tok["tokens"]}).json()["prompt"]

@@ -38,6 +38,32 @@ def _core(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kv_events(args: argparse.Namespace) -> int:
+    """Follow a server's KV events: one JSON line per event, gaps recovered through the replay socket."""
+    import json
+
+    import msgspec
+
+    from tokenfab.engine.kv_events import KVEventSubscriber
+
+    sub = KVEventSubscriber(args.connect, args.replay, args.topic)
+    first = args.replay is not None
+    try:
+        while True:
+            for seq, batch in sub.batches(timeout_ms=1000, catch_up=first):
+                for event in batch.events:
+                    record = {"seq": seq, "ts": batch.ts, "type": type(event).__name__, **msgspec.to_builtins(event)}
+                    print(json.dumps(record), flush=True)
+                if args.count is not None and sub.last_seq + 1 >= args.count:
+                    print(json.dumps({"cached_blocks": len(sub.blocks)}), flush=True)
+                    return 0
+            first = False
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        sub.close()
+
+
 def _generate(args: argparse.Namespace) -> int:
     from tokenfab import SamplingParams
     from tokenfab.engine.types import RequestOutput
@@ -147,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_engine_args(core)
     core.set_defaults(func=_core)
+    kv = sub.add_parser("kv-events", help="print a server's KV cache events (one JSON line per event)")
+    kv.add_argument("--connect", default="tcp://127.0.0.1:5557", help="the server's --kv-events-endpoint")
+    kv.add_argument("--replay", default=None, help="the server's --kv-events-replay-endpoint (recovers gaps)")
+    kv.add_argument("--topic", default="kv-events")
+    kv.add_argument("--count", type=int, default=None, help="stop after this many batches")
+    kv.set_defaults(func=_kv_events)
     gen = sub.add_parser("generate", help="generate text for one prompt, streamed to stdout")
     gen.add_argument("prompt")
     gen.add_argument("--max-tokens", type=int, default=64)

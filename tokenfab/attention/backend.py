@@ -7,7 +7,6 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -85,18 +84,30 @@ class HeadLayout:
     eps: float
 
 
+class AttentionMetadata:
+    """A backend's per-step metadata (block indices, masks, slot mappings): built once per step by
+    `build_metadata`, read by every layer. Each backend subclasses it."""
+
+
 class AttentionBackend(abc.ABC):
     """Computes attention over a flat batch of mixed prefill and decode tokens against the paged KV cache."""
 
     @abc.abstractmethod
     def build_metadata(
         self, seqs: list[SeqLayout], groups: list[KVGroupSpec], block_size: int, device: torch.device
-    ) -> Any:
+    ) -> AttentionMetadata:
         """Everything the layers need for one step, computed once and shared by all layers."""
 
     @abc.abstractmethod
     def forward(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, metadata: Any, cache: KVCache
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        metadata: AttentionMetadata,
+        cache: KVCache,
     ) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, KVH, D] of this step's tokens. Writes k, v to the cache; returns [T, H, D]."""
 
@@ -107,7 +118,7 @@ class AttentionBackend(abc.ABC):
         layout: HeadLayout,
         qk_norms: tuple[torch.Tensor, torch.Tensor] | None,
         rope: tuple[torch.Tensor, torch.Tensor],
-        metadata: Any,
+        metadata: AttentionMetadata,
         cache: KVCache,
     ) -> torch.Tensor | None:
         """All of attention from the fused projection qkv [T, (H + 2 KVH) * D]: q/k RMSNorm (weights `qk_norms`),
@@ -120,7 +131,7 @@ class AttentionBackend(abc.ABC):
 @dataclass(slots=True)
 class ForwardContext:
     backend: AttentionBackend
-    metadata: Any
+    metadata: AttentionMetadata
     cache: KVCache
 
 

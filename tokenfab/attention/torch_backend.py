@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tokenfab.attention.backend import AttentionBackend, HeadLayout, KVCache, KVGroupSpec, SeqLayout
+from tokenfab.attention.backend import AttentionBackend, AttentionMetadata, HeadLayout, KVCache, KVGroupSpec, SeqLayout
 from tokenfab.kernels import cpu as kernels
 
 
@@ -45,7 +45,7 @@ class GroupMetadata:
 
 
 @dataclass(slots=True)
-class TorchMetadata:
+class TorchMetadata(AttentionMetadata):
     groups: list[GroupMetadata]
 
 
@@ -147,9 +147,10 @@ class TorchAttentionBackend(AttentionBackend):
         k: torch.Tensor,
         v: torch.Tensor,
         scale: float,
-        metadata: TorchMetadata,
+        metadata: AttentionMetadata,
         cache: KVCache,
     ) -> torch.Tensor:
+        assert isinstance(metadata, TorchMetadata)
         g, i = cache.layer_slot[layer]
         k_cache, v_cache = cache.k[g][i], cache.v[g][i]
         meta = metadata.groups[g]
@@ -173,10 +174,11 @@ class TorchAttentionBackend(AttentionBackend):
         layout: HeadLayout,
         qk_norms: tuple[torch.Tensor, torch.Tensor] | None,
         rope: tuple[torch.Tensor, torch.Tensor],
-        metadata: TorchMetadata,
+        metadata: AttentionMetadata,
         cache: KVCache,
     ) -> torch.Tensor | None:
         """Decode-only steps on the CPU kernels: one call per layer (see kernels.decode_attention_step)."""
+        assert isinstance(metadata, TorchMetadata)
         g, i = cache.layer_slot[layer]
         meta = metadata.groups[g]
         k_cache = cache.k[g][i]

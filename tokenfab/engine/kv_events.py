@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -182,6 +183,21 @@ class KVEventSubscriber:
         self.blocks: set[tuple[int | None, int]] = set()
         self.replayed = 0
         """Batches recovered through replay."""
+        self._on_batch: Callable[[int, EventBatch], None] | None = None
+
+    def batches(self, timeout_ms: int = 0, catch_up: bool = False) -> list[tuple[int, EventBatch]]:
+        """Receive what is waiting (up to timeout_ms for the first message), gaps filled from the replay socket
+        (catch_up: first everything the replay buffer holds); every batch is applied to `blocks` and returned with
+        its sequence number, in order."""
+        seen: list[tuple[int, EventBatch]] = []
+        self._on_batch = lambda seq, batch: seen.append((seq, batch))
+        try:
+            if catch_up:
+                self.catch_up()
+            self.poll(timeout_ms)
+        finally:
+            self._on_batch = None
+        return seen
 
     def poll(self, timeout_ms: int = 0, drop: Any = None) -> int:
         """Receive what is waiting (up to timeout_ms for the first message); returns batches applied.
@@ -199,8 +215,7 @@ class KVEventSubscriber:
             if seq > self.last_seq + 1:
                 applied += self.replay(self.last_seq + 1, seq - 1)
             if seq == self.last_seq + 1:
-                self.apply(decode_batch(payload))
-                self.last_seq = seq
+                self._take(seq, decode_batch(payload))
                 applied += 1
         return applied
 
@@ -226,8 +241,7 @@ class KVEventSubscriber:
                     break
                 seq = int.from_bytes(seq_bytes, "big")
                 if seq == self.last_seq + 1 and (last is None or seq <= last):
-                    self.apply(decode_batch(payload))
-                    self.last_seq = seq
+                    self._take(seq, decode_batch(payload))
                     applied += 1
         finally:
             dealer.close(linger=0)
@@ -235,6 +249,12 @@ class KVEventSubscriber:
         if last is not None and self.last_seq < last:
             raise RuntimeError(f"KV event batches {self.last_seq + 1}..{last} are no longer in the replay buffer")
         return applied
+
+    def _take(self, seq: int, batch: EventBatch) -> None:
+        self.apply(batch)
+        self.last_seq = seq
+        if self._on_batch is not None:
+            self._on_batch(seq, batch)
 
     def apply(self, batch: EventBatch) -> None:
         for event in batch.events:

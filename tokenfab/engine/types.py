@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tokenfab.economics.attribution import RequestCost
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(slots=True)
@@ -120,7 +123,7 @@ class Request:
     """time.monotonic() when it was first given tokens (its queue time ends there)."""
     spec_token_ids: list[int] = field(default_factory=list)
     """Draft tokens proposed after the last step, for the next step to verify (never part of the sequence)."""
-    spec_probs: Any = None
+    spec_probs: torch.Tensor | None = None
     """Draft distributions [len(spec_token_ids), vocab] the drafts were sampled from; None: chosen
     deterministically (the draft distribution is one-hot)."""
 
@@ -154,7 +157,7 @@ class ScheduledRequest:
     start: int
     num_tokens: int
     spec_token_ids: list[int] = field(default_factory=list)
-    spec_probs: Any = None
+    spec_probs: torch.Tensor | None = None
     """[num_spec, vocab] draft distributions, or None for deterministic drafts."""
 
     @property

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol, TypeVar, cast
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -12,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tokenfab.serve import chat, completions, errors
 from tokenfab.serve.errors import APIError, bad_request
+from tokenfab.serve.generation import Job
 from tokenfab.serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -84,6 +86,9 @@ def _routes(app: FastAPI, state: ServerState) -> None:
                     "kernel_isa_reason": state.info.kernel_isa_reason,
                     "cpu_flags": state.info.cpu_flags,
                     "batch_invariant": state.info.batch_invariant,
+                    "block_size": state.info.block_size,
+                    "kv_events_endpoint": state.info.kv_events_endpoint,
+                    "kv_events_replay_endpoint": state.info.kv_events_replay_endpoint,
                 }
             ],
         }
@@ -117,7 +122,21 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         return {"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
 
-async def _generate(state: ServerState, kind, body, request: Request):
+Body = TypeVar("Body", CompletionRequest, ChatCompletionRequest)
+Body_contra = TypeVar("Body_contra", CompletionRequest, ChatCompletionRequest, contravariant=True)
+
+
+class RouteKind(Protocol[Body_contra]):
+    """What a generating route's module provides (tokenfab.serve.completions, tokenfab.serve.chat)."""
+
+    def prepare(self, body: Body_contra, state: ServerState) -> Job: ...
+
+    def complete(self, body: Body_contra, job: Job, state: ServerState) -> Awaitable[dict]: ...
+
+    def stream(self, body: Body_contra, job: Job, state: ServerState) -> AsyncIterator[str | None]: ...
+
+
+async def _generate(state: ServerState, kind: RouteKind[Body], body: Body, request: Request) -> Response | dict:
     """Completions and chat alike: validate, then stream or answer whole (`kind` is the module that formats)."""
     check_model(body.model, state.settings.served_model_name)
     job = _checked(state, kind.prepare, body)
@@ -126,7 +145,7 @@ async def _generate(state: ServerState, kind, body, request: Request):
     return await _unless_disconnected(request, state, kind.complete(body, job, state))
 
 
-def _checked(state: ServerState, prepare, body):
+def _checked(state: ServerState, prepare: Callable[[Body, ServerState], Job], body: Body) -> Job:
     """Validate and build the job, counting refusals (admission itself happens when generation starts)."""
     if not state.client.alive:
         raise APIError(503, "the engine is not available", "service_unavailable", code="engine_unavailable")
@@ -137,7 +156,7 @@ def _checked(state: ServerState, prepare, body):
         raise
 
 
-async def _streaming(state: ServerState, events) -> StreamingResponse:
+async def _streaming(state: ServerState, events: AsyncIterator[str | None]) -> StreamingResponse:
     """Start the stream before answering: its first item (None) comes once the request is admitted, so a
     refusal is still a plain 4xx and not an error inside a 200 stream."""
     try:
@@ -145,10 +164,11 @@ async def _streaming(state: ServerState, events) -> StreamingResponse:
     except APIError as e:
         state.metrics.observe_rejected(e.status)
         raise
-    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    rest = cast(AsyncIterator[str], events)  # only the first item is None
+    return StreamingResponse(rest, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def _unless_disconnected(request: Request, state: ServerState, work):
+async def _unless_disconnected(request: Request, state: ServerState, work: Awaitable[dict]) -> Response | dict:
     """Run a non-streaming request, aborting it (and freeing its KV blocks) if the client goes away."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))

@@ -213,6 +213,11 @@ class ModelCard(BaseModel):
     cpu_flags: list[str] = []
     """The CPU's vector-extension flags."""
     batch_invariant: bool = False
+    block_size: int = 16
+    """Tokens per KV block: a router hashing prompts (tokenfab.engine.block_hash) needs it."""
+    kv_events_endpoint: str | None = None
+    """Where the engine publishes KV events (the bound address), if it does."""
+    kv_events_replay_endpoint: str | None = None
     """Whether a request's tokens are independent of the batch it runs in."""
 
 
