@@ -23,7 +23,8 @@ def model_path(tiny_model):
 
 @pytest.fixture(scope="module")
 def server(model_path):
-    live = LiveServer(model_path, "--speculative", "ngram", "--num-speculative-tokens", "3")
+    # Always propose (the adaptive policy, tested on its own, measures step times and may switch off under load).
+    live = LiveServer(model_path, "--speculative", "ngram", "--num-speculative-tokens", "3", "--no-spec-adaptive")
     yield live
     assert live.stop() == 0
 
