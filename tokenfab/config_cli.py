@@ -14,7 +14,7 @@ import dataclasses
 import inspect
 import textwrap
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 from tokenfab.config import EngineConfig, PricingConfig, SpeculativeConfig
 
@@ -30,7 +30,7 @@ _SPEC_FLAGS = {
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring under each field of a dataclass (the one-line doc STYLE asks of every field)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
+    body = cast(ast.ClassDef, tree.body[0]).body
     docs: dict[str, str] = {}
     for node, after in zip(body, body[1:]):
         if (

@@ -135,7 +135,7 @@ class KVEventPublisher:
         while True:
             if self._replay is not None:
                 while self._replay.poll(0):
-                    self._serve_replay()
+                    self._serve_replay(self._replay)
             try:
                 batch = self._queue.get(timeout=0.05)
             except queue.Empty:
@@ -153,8 +153,8 @@ class KVEventPublisher:
             finally:
                 self._queue.task_done()
 
-    def _serve_replay(self) -> None:
-        frames = self._replay.recv_multipart()  # type: ignore[union-attr]
+    def _serve_replay(self, replay: zmq.Socket) -> None:
+        frames = replay.recv_multipart()
         if len(frames) != 3:
             logger.warning("ignoring a malformed KV event replay request (%d frames)", len(frames))
             return
@@ -162,8 +162,8 @@ class KVEventPublisher:
         first = int.from_bytes(start, "big")
         for seq, payload in self._buffer:
             if seq >= first:
-                self._replay.send_multipart((client, b"", seq.to_bytes(8, "big"), payload))  # type: ignore[union-attr]
-        self._replay.send_multipart((client, b"", END_SEQ, b""))  # type: ignore[union-attr]
+                replay.send_multipart((client, b"", seq.to_bytes(8, "big"), payload))
+        replay.send_multipart((client, b"", END_SEQ, b""))
 
 
 class KVEventSubscriber:
