@@ -8,6 +8,7 @@ import hashlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import cbor2
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from conftest import random_prompts
 from tokenfab import LLM, SamplingParams
 from tokenfab.engine.block_hash import DEFAULT_SEED, ROOT, block_hash, block_hashes, external_hash, root_hash
+from tokenfab.engine import kv_events as ours
 from tokenfab.engine.kv_events import KVEventSubscriber
 
 
@@ -56,13 +58,42 @@ def test_block_hashes_covers_full_blocks_only_and_the_64_bit_form_is_the_low_byt
     assert external_hash(hashes[0]) == int.from_bytes(hashes[0], "big") & (2**64 - 1)
 
 
+VLLM_HASHES = """
+import json, os, sys
+os.environ.pop("PYTHONHASHSEED", None)
+from vllm.v1.core import kv_cache_utils as k
+from vllm.utils.hashing import sha256_cbor
+k.init_none_hash(sha256_cbor)
+parent, out = None, []
+for block in json.loads(sys.stdin.read()):
+    parent = k.hash_block_tokens(sha256_cbor, parent, tuple(block), None)
+    out.append([bytes(parent).hex(), k.maybe_convert_block_hash(parent)])
+print(json.dumps([bytes(k.NONE_HASH).hex(), out]))
+"""
+
+
+def vllm_python() -> Path:
+    """The vLLM peer's interpreter (benchmarks/peers/setup_peers.sh vllm); the test is skipped without it."""
+    peers = Path(os.environ.get("TOKENFAB_PEERS_DIR", Path(__file__).resolve().parent.parent / ".peers"))
+    python = peers / "vllm" / "bin" / "python"
+    if not python.exists():
+        pytest.skip("the vLLM peer is not installed (benchmarks/peers/setup_peers.sh vllm)")
+    return python
+
+
 def test_vllm_computes_the_same_hashes():
-    kv_utils = pytest.importorskip("vllm.v1.core.kv_cache_utils")
-    hashing = pytest.importorskip("vllm.utils.hashing")
-    kv_utils.init_none_hash(hashing.sha256_cbor)
-    assert bytes(kv_utils.NONE_HASH) == ROOT
-    tokens = (5, 17, 300000, 2)
-    assert bytes(kv_utils.hash_block_tokens(hashing.sha256_cbor, None, tokens, None)) == block_hash(None, tokens)
+    """vLLM's own functions in the peer's environment."""
+    python = vllm_python()
+    blocks = [[5, 17, 300000, 2], list(range(16)), [262143] * 16]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
+    out = subprocess.run([str(python), "-c", VLLM_HASHES], input=msgspec.json.encode(blocks), capture_output=True,
+                         env=env, check=True, timeout=300, cwd=python.parent)
+    root, theirs = msgspec.json.decode(out.stdout.splitlines()[-1])
+    assert root == root_hash(DEFAULT_SEED).hex()
+    parent = root_hash(DEFAULT_SEED)  # vLLM's root without PYTHONHASHSEED, whatever this process's environment
+    for block, (digest, external) in zip(blocks, theirs):
+        parent = block_hash(parent, block)
+        assert parent.hex() == digest and external_hash(parent) == external
 
 
 def test_a_second_process_computes_the_same_hashes():
@@ -76,6 +107,24 @@ def test_a_second_process_computes_the_same_hashes():
 
 
 # -- events -------------------------------------------------------------------------------------------------------
+
+
+def test_vllms_own_decoder_reads_our_event_batches():
+    python = vllm_python()
+    batch = ours.EventBatch(12.5, [
+        ours.BlockStored([1, 2], None, list(range(32)), 16, None, "CPU", None, group_idx=1,
+                         kv_cache_spec_kind="sliding_window", kv_cache_spec_sliding_window=512),
+        ours.BlockRemoved([3], "CPU", 0), ours.AllBlocksCleared()])
+    code = ("import sys, msgspec; from vllm.distributed.kv_events import KVEventBatch; "
+            "b = msgspec.msgpack.Decoder(KVEventBatch).decode(sys.stdin.buffer.read()); "
+            "print(msgspec.json.encode([b.ts, [[type(e).__name__, msgspec.structs.asdict(e)] for e in b.events]]).decode())")
+    out = subprocess.run([str(python), "-c", code], input=msgspec.msgpack.encode(batch), capture_output=True,
+                         check=True, timeout=300, cwd=python.parent)
+    ts, events = msgspec.json.decode(out.stdout.splitlines()[-1])
+    assert ts == 12.5 and [name for name, _ in events] == ["BlockStored", "BlockRemoved", "AllBlocksCleared"]
+    stored, removed = events[0][1], events[1][1]
+    assert stored["block_hashes"] == [1, 2] and stored["token_ids"] == list(range(32)) and stored["group_idx"] == 1
+    assert stored["kv_cache_spec_sliding_window"] == 512 and removed == {**removed, "block_hashes": [3], "group_idx": 0}
 
 
 class VllmEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
