@@ -47,11 +47,20 @@ def systems(hf_dir: Path, gguf: Path) -> dict[str, tuple[list[str], str | None]]
     runner = [py, str(bench / "tokenfab_runner.py"), "--model"]
     table = {name: (runner + [str(gguf if name == "tokenfab-gguf" else hf_dir)] + extra, None)
              for name, extra in TOKENFAB_VARIANTS.items()}
+    vllm = [str(PEERS / "vllm/bin/python"), str(bench / "peers/vllm_runner.py"), "--model", str(hf_dir)]
+    no_vllm = None if (PEERS / "vllm/bin/python").exists() else "no .peers/vllm (run benchmarks/peers/setup_peers.sh)"
+    # vLLM's best configuration: bf16 where the CPU computes it natively (AVX512-BF16/AMX), else fp32.
+    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & set(cpu_isa.vector_flags()))
+    llamacpp = [sys.executable, str(bench / "peers/llamacpp_runner.py"), "--model", str(gguf)]
+    noamx = PEERS / "llamacpp/build-noamx/bin"
     table.update({
-        "vllm": ([str(PEERS / "vllm/bin/python"), str(bench / "peers/vllm_runner.py"), "--model", str(hf_dir)],
-                 None if (PEERS / "vllm/bin/python").exists() else "no .peers/vllm (run benchmarks/peers/setup_peers.sh)"),
-        "llamacpp": ([sys.executable, str(bench / "peers/llamacpp_runner.py"), "--model", str(gguf)],
-                     None if (PEERS / "llamacpp/build/bin/llama-bench").exists() else "llama.cpp not built"),
+        "vllm": (vllm + ["--dtype", "bfloat16" if native_bf16 else "float32"], no_vllm),
+        "vllm-fp32": (vllm + ["--dtype", "float32"], no_vllm),
+        "llamacpp": (llamacpp, None if (PEERS / "llamacpp/build/bin/llama-bench").exists() else "llama.cpp not built"),
+        # A build without AMX (-DGGML_NATIVE=OFF, AVX-512 + VNNI + BF16 on): the native build's AMX path dies with
+        # SIGILL/SIGSEGV on some virtual machines with AMX in their CPU flags.
+        "llamacpp-noamx": (llamacpp + ["--bin-dir", str(noamx)],
+                           None if (noamx / "llama-bench").exists() else "no .peers/llamacpp/build-noamx"),
         "hf": ([str(PEERS / "hf/bin/python"), str(bench / "peers/hf_runner.py"), "--model", str(hf_dir)],
                None if (PEERS / "hf/bin/python").exists() else "no .peers/hf"),
     })
