@@ -21,14 +21,31 @@ from tokenfab.kernels import cpu as kernels
 
 @dataclass(slots=True)
 class PrefillSlice:
+    """One prefill chunk of one window group. Which path reads it (the paged CPU kernel, or SDPA over gathered keys)
+    depends on the cache, so each path's metadata is built the first time a layer asks for it, once per step."""
+
     token_start: int
     token_end: int
-    key_index: torch.Tensor
-    """Cache slots of the keys this chunk attends to."""
-    mask: torch.Tensor | None
-    """[q, keys] bool, None when plain causal over exactly this chunk's keys."""
-    paged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-    """For the CPU kernel: [q, blocks] block ids and each query's [lo, hi) positions in them (int32)."""
+    seq: SeqLayout
+    group: int
+    window: int | None
+    block_size: int
+    device: torch.device
+    _sdpa: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    _paged: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def sdpa(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cache slots of the keys this chunk attends to, and the [q, keys] bool mask (None when plain causal over
+        exactly this chunk's keys)."""
+        if self._sdpa is None:
+            self._sdpa = _sdpa_keys(self.seq, self.group, self.window, self.block_size, self.device)
+        return self._sdpa
+
+    def paged(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the CPU kernel: [q, blocks] block ids and each query's [lo, hi) positions in them (int32)."""
+        if self._paged is None:
+            self._paged = _paged_queries(self.seq, self.group, self.window, self.block_size)
+        return self._paged
 
 
 @dataclass(slots=True)
@@ -100,19 +117,19 @@ def _paged_queries(
     )
 
 
-def _prefill_slice(seq: SeqLayout, g: int, window: int | None, block_size: int, device: torch.device) -> PrefillSlice:
-    end = seq.token_start + seq.num_tokens
-    paged = _paged_queries(seq, g, window, block_size) if device.type == "cpu" and kernels.available() else None
+def _sdpa_keys(
+    seq: SeqLayout, g: int, window: int | None, block_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     start = _key_start(seq, window)
     index = torch.from_numpy(_slots(seq.block_tables[g], start, seq.context_end, block_size)).to(device)
     if start == seq.context_start and (window is None or seq.num_tokens <= window):
-        return PrefillSlice(seq.token_start, end, index, None, paged)
+        return index, None
     qpos = np.arange(seq.context_start, seq.context_end)[:, None]
     kpos = np.arange(start, seq.context_end)[None, :]
     allowed = kpos <= qpos
     if window is not None:
         allowed &= qpos - kpos < window
-    return PrefillSlice(seq.token_start, end, index, torch.from_numpy(allowed).to(device), paged)
+    return index, torch.from_numpy(allowed).to(device)
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -136,7 +153,10 @@ class TorchAttentionBackend(AttentionBackend):
             index = mask = span = None
             if num_decodes:
                 index, mask, span = _decode_metadata(seqs[:num_decodes], g, spec.window, block_size, device)
-            prefills = [_prefill_slice(s, g, spec.window, block_size, device) for s in seqs[num_decodes:]]
+            prefills = [
+                PrefillSlice(s.token_start, s.token_start + s.num_tokens, s, g, spec.window, block_size, device)
+                for s in seqs[num_decodes:]
+            ]
             out.append(GroupMetadata(torch.from_numpy(slots).to(device), num_decodes, index, mask, span, prefills))
         return TorchMetadata(out)
 
@@ -242,12 +262,13 @@ def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, width: int) -> tor
 def _prefill(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p: PrefillSlice, scale: float, block_size: int
 ) -> torch.Tensor:
-    if p.paged is not None and _kernel_decode(k_cache):
-        return kernels.paged_decode_attention(q, k_cache, v_cache, *p.paged, block_size, scale)
-    keys = k_cache[p.key_index].transpose(0, 1).unsqueeze(0)
-    values = v_cache[p.key_index].transpose(0, 1).unsqueeze(0)
+    if _kernel_decode(k_cache):
+        return kernels.paged_decode_attention(q, k_cache, v_cache, *p.paged(), block_size, scale)
+    key_index, mask = p.sdpa()
+    keys = k_cache[key_index].transpose(0, 1).unsqueeze(0)
+    values = v_cache[key_index].transpose(0, 1).unsqueeze(0)
     qp = q.transpose(0, 1).unsqueeze(0)
     out = F.scaled_dot_product_attention(
-        qp, keys, values, attn_mask=p.mask, is_causal=p.mask is None, scale=scale, enable_gqa=True
+        qp, keys, values, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
     )
     return out[0].transpose(0, 1)
