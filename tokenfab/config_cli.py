@@ -97,17 +97,17 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def field_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    prefix = f"{cls.__name__}."
+    """The values the flags of `cls`'s fields were given (append flags as tuples)."""
+    values = vars(args)
     out: dict[str, Any] = {}
-    for key, value in vars(args).items():
-        if key.startswith(prefix):
-            name = key.removeprefix(prefix)
-            field_type = str({f.name: f for f in dataclasses.fields(cls)}[name].type)
-            if field_type.startswith("tuple[") and value is not None:
-                value = tuple(value)
-            elif field_type.startswith("tuple[") and "None" not in field_type:
-                value = ()
-            out[name] = value
+    for f in dataclasses.fields(cls):
+        key = f"{cls.__name__}.{f.name}"
+        if key not in values:
+            continue
+        value, kind = values[key], str(f.type)
+        if kind.startswith("tuple["):
+            value = tuple(value) if value is not None else (None if "None" in kind else ())
+        out[f.name] = value
     return out
 
 

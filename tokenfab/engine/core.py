@@ -116,7 +116,7 @@ class EngineCore:
 
     def abort_all(self) -> None:
         """Abort every unfinished request."""
-        self.abort(self.scheduler.abort_all())
+        self.abort(list(self.scheduler.requests))
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -190,28 +190,18 @@ class KVCacheManager:
         full = request.num_computed_tokens // self.block_size
         if full <= state.registered:
             return
-        if self._events is not None:
-            self._register_recorded(state, full)
-        else:
-            for i in range(state.registered, full):
-                for pool, table in zip(self.pools, state.tables):
-                    if table[i] != NULL_BLOCK:
-                        pool.register(table[i], state.hashes[i], state.keys[i])
-        state.registered = full
-
-    def _register_recorded(self, state: _ReqState, full: int) -> None:
-        """Register like cache_full_blocks, recording one BlockStored per group and run of newly cached blocks."""
-        events = self._events
-        assert events is not None
         for g, (pool, table) in enumerate(zip(self.pools, state.tables)):
-            run: list[int] = []
-            for i in range(state.registered, full + 1):
-                if i < full and table[i] != NULL_BLOCK and pool.register(table[i], state.hashes[i], state.keys[i]):
-                    run.append(i)
-                    continue
-                if run:
-                    events.append(self._stored(g, state, run))
-                    run = []
+            new = [
+                i
+                for i in range(state.registered, full)
+                if table[i] != NULL_BLOCK and pool.register(table[i], state.hashes[i], state.keys[i])
+            ]
+            if new and self._events is not None:
+                # One BlockStored per run of consecutive newly cached blocks (a block whose contents another
+                # block already holds is not announced again).
+                starts = [k for k in range(len(new)) if k == 0 or new[k] != new[k - 1] + 1] + [len(new)]
+                self._events.extend(self._stored(g, state, new[x:y]) for x, y in zip(starts, starts[1:]))
+        state.registered = full
 
     def _stored(self, g: int, state: _ReqState, run: list[int]) -> BlockStored:
         first = run[0]

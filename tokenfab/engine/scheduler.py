@@ -266,10 +266,3 @@ class Scheduler:
         if request.num_output_tokens >= p.max_tokens or request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
-
-    def abort_all(self) -> list[str]:
-        """Abort every unfinished request; returns their ids."""
-        ids = list(self.requests)
-        for request_id in ids:
-            self.abort(request_id)
-        return ids

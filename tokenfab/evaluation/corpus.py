@@ -1,4 +1,4 @@
-"""The evaluation text and its windows.
+"""The evaluation text (its windows: tokenfab.tokenizer.token_windows).
 
 The shipped corpus (data/corpus.txt, ~15 KB, ~3.4k Gemma tokens) mixes public-domain passages (speeches,
 founding documents, pre-1900 literature in English, French and German, scripture) with expository prose and
@@ -11,11 +11,6 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-
-from tokenfab.tokenizer import Tokenizer
-from tokenfab.tokenizer import token_windows as windows
-
-__all__ = ["corpus_text", "windows", "Tokenizer"]
 
 
 def corpus_text(path: Path | None = None) -> str:

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tokenfab.evaluation.corpus import corpus_text, windows
+from tokenfab.evaluation.corpus import corpus_text
 from tokenfab.evaluation.scoring import ModelScorer, Scorer, Tally, score_window
 from tokenfab.models.decoder import DecoderModel
 from tokenfab.models.loading import ModelSource, load_model, load_tokenizer, quantize_model, resolve_model
 from tokenfab.quant.plan import QuantPlan, build_plan, parse_override
+from tokenfab.tokenizer import token_windows
 
 _SPEC = re.compile(r"^(?P<fmt>[a-z0-9]+)(/(?P<method>[a-z]+))?(\[(?P<rules>[^\]]*)\])?$")
 
@@ -92,7 +93,7 @@ def evaluate(
     torch.manual_seed(0)
     source = resolve_model(model)
     tokenizer = load_tokenizer(source)
-    chunks = windows(tokenizer, corpus_text(corpus), window, max_tokens)
+    chunks = token_windows(tokenizer, corpus_text(corpus), window, max_tokens)
     reference = load_variant(source, QuantPlan("none"), window, reference_dtype)
     gguf = resolve_model(model, prefer_gguf=True) if any(v.plan.uses("gguf") for v in variants) else None
     models = {
