@@ -10,18 +10,8 @@ import numpy as np
 import pytest
 
 from tokenfab.bench.records import SLO, RequestRecord
-from tokenfab.bench.stats import (
-    MODELLED_CLIENT,
-    Summary,
-    goodput_rate,
-    itl,
-    meets_slo,
-    pareto_front,
-    percentiles,
-    summarize,
-    tpot,
-    usd_per_mtok,
-)
+from tokenfab.bench.stats import (MODELLED_CLIENT, Summary, goodput_rate, itl, meets_slo, pareto_front, percentiles,
+                                  summarize, tpot, usd_per_mtok)
 
 
 def rec(

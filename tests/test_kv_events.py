@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from conftest import random_prompts
 from tokenfab import LLM, SamplingParams
-from tokenfab.engine.block_hash import DEFAULT_SEED, ROOT, block_hash, block_hashes, external_hash, root_hash
 from tokenfab.engine import kv_events as ours
+from tokenfab.engine.block_hash import DEFAULT_SEED, ROOT, block_hash, block_hashes, external_hash, root_hash
 from tokenfab.engine.kv_events import KVEventSubscriber
 
 

@@ -9,14 +9,8 @@ import pytest
 from conftest import random_prompts
 from tiny_models import write_tiny_model
 from tokenfab import LLM, SamplingParams
-from tokenfab.engine.speculative.policy import (
-    AdaptivePolicy,
-    Candidate,
-    CostModel,
-    PolicyConfig,
-    StepShape,
-    _Acceptance,
-)
+from tokenfab.engine.speculative.policy import (AdaptivePolicy, Candidate, CostModel, PolicyConfig, StepShape,
+                                                _Acceptance)
 
 # A CPU-like step: 20 ms of weight reads, 0.5 ms per token, 0.8 ms per logit row, 0.3 ms per multi-token sequence.
 COEF = (0.020, 0.0005, 0.0008, 0.0003)

@@ -18,19 +18,8 @@ from __future__ import annotations
 import os
 import sys
 
-from common import (
-    GEMMA_BOS,
-    OFFLINE_MAX_TOKENS,
-    PP_TOKENS,
-    TG_TOKENS,
-    RssSampler,
-    base_parser,
-    claim_stdout,
-    emit,
-    fixed_prompt,
-    load_prompts,
-    now,
-)
+from common import (GEMMA_BOS, OFFLINE_MAX_TOKENS, PP_TOKENS, TG_TOKENS, RssSampler, base_parser, claim_stdout, emit,
+                    fixed_prompt, load_prompts, now)
 
 
 def _preload_libs() -> list[str]:
