@@ -22,6 +22,7 @@ LEVELS = [lv.name for lv in cpu_isa.LEVELS]
 ZEN3 = frozenset({"avx", "avx2", "fma", "f16c", "sse4_2"})
 ZEN4 = ZEN3 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"}
 ALDER_LAKE = ZEN3 | {"avx_vnni"}
+SAPPHIRE_RAPIDS = ZEN4 | {"avx_vnni", "amx_tile", "amx_bf16", "amx_int8"}
 
 
 def _needs(level: str) -> None:
@@ -37,6 +38,8 @@ def test_the_best_level_the_cpu_has_is_chosen() -> None:
     assert cpu_isa.choose(None, ZEN4).level == cpu_isa.level("avx512_vnni")
     assert [lv.name for lv in cpu_isa.supported(ZEN4)] == ["avx512_vnni", "avx512", "avx2"]
     assert cpu_isa.choose("avx2", ZEN4).level == cpu_isa.level("avx2")
+    assert cpu_isa.choose(None, SAPPHIRE_RAPIDS).level == cpu_isa.level("amx")
+    assert cpu_isa.choose("avx512_vnni", SAPPHIRE_RAPIDS).level == cpu_isa.level("avx512_vnni")
     none = cpu_isa.choose(None, frozenset({"avx", "sse4_2"}))
     assert none.level is None and "avx2" in none.reason
 
@@ -101,19 +104,46 @@ def _gguf_kernels(K: int, N: int) -> dict:
 
 @pytest.mark.parametrize("level", LEVELS)
 def test_every_format_gives_each_row_the_same_bits_at_every_batch_size_and_level(level: str) -> None:
-    """A row of x gives bit-identical outputs alone, in any batch (register and GEMM paths), and at every ISA
-    level: one order of accumulation for the float kernels, exact integer dot products (VNNI or not)."""
+    """A row of x gives bit-identical outputs alone and in any batch (register, GEMM and tile paths) at every ISA
+    level, and the same bits as at avx2 (one order of accumulation for the float kernels, exact integer dot
+    products, VNNI or not) except bf16 weights on a tile level, which stay within BF16_TILE_TOLERANCE of them."""
     _needs(level)
     K, N = 512, 75
     x = torch.randn(max(BATCHES), K, generator=torch.Generator().manual_seed(1))
     formats = {**_float_kernels(K, N), **_gguf_kernels(K, N)}
-    reference = {name: [f(x[i : i + 1]) for i in range(x.shape[0])] for name, f in formats.items()}  # default level
+    with build.use_level("avx2"):
+        reference = {name: [f(x[i : i + 1]) for i in range(x.shape[0])] for name, f in formats.items()}
     with build.use_level(level):
         for name, f in formats.items():
+            alone = reference[name]
+            if name == "bf16" and level in cpu_isa.TILE_LEVELS:
+                alone = [f(x[i : i + 1]) for i in range(x.shape[0])]
+                for own, fp32 in zip(alone, reference[name], strict=True):
+                    error = (own - fp32).abs().max() / fp32.abs().max()
+                    assert 0 < error < cpu_isa.BF16_TILE_TOLERANCE, error
             for m in BATCHES:
                 batch = f(x[:m])
                 for i in range(m):
-                    assert torch.equal(batch[i : i + 1], reference[name][i]), (name, m, i)
+                    assert torch.equal(batch[i : i + 1], alone[i]), (name, m, i)
+
+
+@pytest.mark.parametrize("level", sorted(cpu_isa.TILE_LEVELS))
+def test_bf16_tiles_keep_rows_apart_across_passes_and_tails(level: str) -> None:
+    """A long K makes the tile path take x in several passes (two groups of 16 rows each); N leaves rows past the
+    last tile for the direct kernel. Every row is still its own bits, in any batch, and close to the fp32 path."""
+    _needs(level)
+    g = torch.Generator().manual_seed(5)
+    K, N = 8192, 53
+    w, x = torch.randn(N, K, generator=g).bfloat16(), torch.randn(70, K, generator=g)
+    with build.use_level("avx2"):
+        fp32 = kernels.linear_bf16(x, w)
+    with build.use_level(level):
+        alone = torch.cat([kernels.linear_bf16(x[i : i + 1], w) for i in range(x.shape[0])])
+        for m in (1, 15, 16, 17, 33, 64, 70):
+            assert torch.equal(kernels.linear_bf16(x[:m], w), alone[:m]), m
+        assert torch.equal(kernels.linear_bf16(x[37:70].contiguous(), w), alone[37:70])
+    error = ((alone - fp32).abs().max() / fp32.abs().max()).item()
+    assert 0 < error < cpu_isa.BF16_TILE_TOLERANCE
 
 
 @pytest.mark.parametrize("level", LEVELS)

@@ -110,11 +110,12 @@ class EngineConfig:
     """HF directory or .gguf file; None serves the embedded default (Gemma 3 270M)."""
     dtype: str = field(default="auto", metadata={"choices": lambda: ("auto", "float32", "bfloat16", "float16")})
     """auto | float32 | bfloat16 | float16; auto picks bfloat16 where the hardware computes it fast, else float32.
-    On CPU, bfloat16 means bf16 weights computed in fp32 by tokenfab's kernels (see batch_invariant)."""
+    On CPU, bfloat16 means bf16 weights with fp32 activations on tokenfab's kernels (fp32 FMA, or AMX tiles over x
+    split into two bf16 terms on the amx level; see batch_invariant)."""
     batch_invariant: bool = True
     """A request's greedy tokens and seeded samples never depend on what else is batched: on CPU every linear layer
-    runs tokenfab's kernels, which sum each output in one order at every batch size and ISA level. False lets a CPU
-    with native bf16 run torch's bf16 matmuls (bf16 activations; faster large batches on AMX, batch-dependent)."""
+    runs tokenfab's kernels, which sum each output in one order at every batch size. False lets a CPU with native bf16
+    run torch's bf16 matmuls (bf16 activations, rounded once; faster large batches on AMX, batch-dependent)."""
     device: str = "cpu"
     """cpu, cuda or cuda:N."""
     max_model_len: int = 4096

@@ -34,6 +34,12 @@ _GCC_AVX512 = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
 
 LEVELS: tuple[IsaLevel, ...] = (
     IsaLevel(
+        "amx",
+        _AVX2 + _AVX512 + ("avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"),
+        _GCC_AVX2 + _GCC_AVX512 + ("-mavx512vnni", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
+        "bf16 weights on AMX tiles (x split into two bf16 terms); otherwise as avx512_vnni",
+    ),
+    IsaLevel(
         "avx512_vnni",
         _AVX2 + _AVX512 + ("avx512_vnni",),
         _GCC_AVX2 + _GCC_AVX512 + ("-mavx512vnni",),
@@ -48,8 +54,16 @@ LEVELS: tuple[IsaLevel, ...] = (
     ),
     IsaLevel("avx2", _AVX2, _GCC_AVX2, "8-lane fp32 tiles; int8 dot products with vpmaddubsw"),
 )
-"""Best first. Every level computes the same numbers: the float kernels accumulate in one order on all of them and
-the integer dot products are exact, so the choice changes speed only."""
+"""Best first. Every level below amx computes the same numbers: the float kernels accumulate in one order on all of
+them and the integer dot products are exact, so the choice changes speed only. amx computes bf16-weight products on
+tiles, in its own order, with x carried to 16 significand bits (BF16_TILE_TOLERANCE of the fp32 path's result);
+every other format computes what the lower levels compute. On every level each row's result is the same bits at
+every batch size."""
+
+TILE_LEVELS = frozenset({"amx"})
+"""Levels whose bf16-weight products differ from the fp32 path's within BF16_TILE_TOLERANCE."""
+BF16_TILE_TOLERANCE = 2e-5
+"""Largest difference from the fp32 path, relative to the output's scale, of a bf16-weight product on AMX tiles."""
 
 
 def level(name: str) -> IsaLevel:

@@ -10,8 +10,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
+#include "amx.h"
 #include "simd.h"
 
 namespace {
@@ -337,7 +339,39 @@ inline void row_block(int64_t b, int64_t N, Block&& block, Row&& row) {
 // Scratch of a product: the transposed x, shared by the threads of the region, and a panel per thread.
 struct GemmScratch {
   std::vector<float> xt;
+  std::vector<uint16_t> xb;  // x split into bf16 terms for the AMX tiles
 };
+
+#ifdef TF_AMX
+// bf16 weights on AMX tiles (amx.h): tasks of 32 weight rows (the last of 16) in passes over a share of x's groups,
+// rows past the last block of 16 on the direct fp32 kernel. x is split into bf16 terms once, each thread packing
+// whole groups of 16 rows.
+inline void linear_amx(const BF16& d, const float* x, float* y, int64_t M, int64_t N, int64_t K,
+                       GemmScratch& shared) {
+  using namespace tf_amx;
+  const int threads = omp_get_num_threads();
+  const int64_t groups = (M + TILE_ROWS - 1) / TILE_ROWS;
+#pragma omp single
+  shared.xb.resize(packed_size(M, K));
+#pragma omp for schedule(static)
+  for (int64_t g = 0; g < groups; ++g) pack_group(x, M, K, g, shared.xb.data() + g * 2 * TILE_ROWS * K);
+  configure();
+  const int64_t tiled = N / TILE_ROWS * TILE_ROWS, blocks = (tiled + BLOCK_N - 1) / BLOCK_N, pass = pass_groups(K);
+  for (int64_t g0 = 0; g0 < groups; g0 += pass) {
+    const int64_t g1 = std::min(groups, g0 + pass);
+#pragma omp for schedule(dynamic, chunk_of(blocks, threads)) nowait
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t n0 = b * BLOCK_N;
+      if (n0 + BLOCK_N <= tiled)
+        block<2>(d.w, shared.xb.data(), M, K, y, N, n0, g0, g1);
+      else
+        block<1>(d.w, shared.xb.data(), M, K, y, N, n0, g0, g1);
+    }
+  }
+#pragma omp for schedule(static)
+  for (int64_t n = tiled; n < N; ++n) block_direct<BF16, 1>(d, x, M, K, y, N, n);
+}
+#endif
 
 // The blocks of y's N columns shared among the threads of the enclosing parallel region (an orphaned omp for:
 // the caller opens the region, so several products can run in one). `panel`: PANEL_ROWS * K floats of this
@@ -346,6 +380,14 @@ template <class D>
 void linear_shared(const D& d, const float* x, float* y, int64_t M, int64_t N, int64_t K, float* panel,
                    GemmScratch& shared) {
   const int threads = omp_get_num_threads();
+#ifdef TF_AMX
+  if constexpr (std::is_same_v<D, BF16>) {
+    if (tf_amx::runs(N, K)) {
+      linear_amx(d, x, y, M, N, K, shared);
+      return;
+    }
+  }
+#endif
   if (M >= PANEL_MIN_M) {
     const int64_t Mp = (M + 7) / 8 * 8;
 #pragma omp single

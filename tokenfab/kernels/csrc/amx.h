@@ -1,0 +1,167 @@
+// bf16 weights on AMX tiles (the amx level: built with -mamx-tile -mamx-bf16 -mavx512bf16), included by
+// cpu_kernels.cpp where its linear_shared takes this path for bf16 weights.
+//
+// y[M, N] = x[M, K] . W[N, K]^T is computed transposed, as tiles of y^T = W . x^T: an A tile is 16 weight rows x 32
+// columns read straight from W (row stride 2K bytes, no repacking), a B tile 32 columns x 16 rows of x in the pair
+// layout TDPBF16PS reads. x is fp32; it is split into two bf16 terms, hi = bf16(x) and lo = bf16(x - hi), which
+// carry 16 of its 24 significand bits, and each tile step adds the weights' products with hi, then with lo, into
+// one fp32 accumulator. The products of two bf16 values are exact in fp32, so the result is an fp32 dot product
+// of the weights with x rounded to 16 significand bits (relative error of each term below 2^-16), within a few
+// fp32 roundings of the fp32 kernels' result but not bit for bit (the order of the additions differs).
+//
+// Batch invariance: each output y[m, n] is accumulated from weight row n and row m of x alone, in one order of
+// steps (k in increasing blocks of 32, hi before lo), in whatever tile and tile column the row lands: rows of x are
+// padded to 16 with zeros and every call runs the same 16 x 16 tiles, one row or five hundred. Weight rows past the
+// last full block of 16 run the fp32 path's direct kernel (its order does not depend on M either).
+#pragma once
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+#define TF_AMX 1
+
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace tf_amx {
+
+constexpr int64_t TILE_K = 32;    // columns of one tile step (16 pairs)
+constexpr int64_t TILE_ROWS = 16;  // weight rows of an A tile, rows of x of a B tile
+constexpr int64_t BLOCK_N = 32;   // weight rows per task (two A tiles)
+
+// Linux hands out the tile register state only on request, once per process.
+inline bool permitted() {
+  static const bool ok = [] {
+    constexpr int ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  }();
+  return ok;
+}
+
+// Whether a [N, K] bf16 product runs here: K whole tile steps and at least one block of 16 weight rows.
+inline bool runs(int64_t N, int64_t K) { return K % TILE_K == 0 && N >= TILE_ROWS && permitted(); }
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Eight tiles of 16 rows of 64 bytes (see `tiles` for their roles).
+inline void configure() {
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) {
+    c.colsb[t] = 64;
+    c.rows[t] = 16;
+  }
+  _tile_loadconfig(&c);
+}
+
+// Group g of x [M, K] (rows 16 g .. 16 g + 15, zeros past M) -> out: its hi and lo terms [K / 2][16][2] bf16
+// each, hi first, the uint32 pair of columns (2p, 2p + 1) of the group's row i at word p * 16 + i.
+inline void pack_group(const float* x, int64_t M, int64_t K, int64_t g, uint16_t* out) {
+  uint32_t* ghi = reinterpret_cast<uint32_t*>(out);
+  uint32_t* glo = ghi + TILE_ROWS * K / 2;
+  for (int64_t i = 0; i < TILE_ROWS; ++i) {
+    const int64_t m = g * TILE_ROWS + i;
+    if (m >= M) {
+      for (int64_t p = 0; p < K / 2; ++p) ghi[p * TILE_ROWS + i] = glo[p * TILE_ROWS + i] = 0;
+      continue;
+    }
+    const float* row = x + m * K;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m512 v = _mm512_loadu_ps(row + k);
+      const __m256bh h = _mm512_cvtneps_pbh(v);
+      const __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(v, _mm512_cvtpbh_ps(h)));
+      alignas(32) uint32_t hw[8], lw[8];
+      std::memcpy(hw, &h, 32);
+      std::memcpy(lw, &l, 32);
+      for (int j = 0; j < 8; ++j) {
+        ghi[(k / 2 + j) * TILE_ROWS + i] = hw[j];
+        glo[(k / 2 + j) * TILE_ROWS + i] = lw[j];
+      }
+    }
+  }
+}
+
+// y for `groups` (1 or 2) groups of x from g0 against TILES (1 or 2) weight tiles at n0, accumulators 0..3 (tile
+// t, group j: t + 2 j), weights in 4, 5, x's terms in 6 (hi) and 7 (lo). Per step and accumulator: hi, then lo.
+template <int TILES, int GROUPS>
+inline void tiles(const uint16_t* w0, const uint16_t* xg, int64_t M, int64_t K, float* y, int64_t N, int64_t n0,
+                  int64_t g0, const char* ahead) {
+  const int64_t steps = K / TILE_K, ahead_per_step = TILES * TILE_ROWS * TILE_K * 2;
+  _tile_zero(0);
+  if constexpr (TILES == 2) _tile_zero(1);
+  if constexpr (GROUPS == 2) _tile_zero(2);
+  if constexpr (TILES == 2 && GROUPS == 2) _tile_zero(3);
+  for (int64_t s = 0; s < steps; ++s) {
+    if (ahead != nullptr)
+      for (int64_t b = 0; b < ahead_per_step; b += 64) _mm_prefetch(ahead + s * ahead_per_step + b, _MM_HINT_T0);
+    _tile_loadd(4, w0 + s * TILE_K, K * 2);
+    if constexpr (TILES == 2) _tile_loadd(5, w0 + TILE_ROWS * K + s * TILE_K, K * 2);
+    for (int j = 0; j < GROUPS; ++j) {
+      const uint16_t* hi = xg + j * 2 * TILE_ROWS * K + s * TILE_ROWS * TILE_K;
+      const uint16_t* lo = hi + TILE_ROWS * K;
+      // Tile numbers are immediates: one branch per group rather than an index.
+      _tile_loadd(6, hi, 64);
+      if (j == 0) {
+        _tile_dpbf16ps(0, 4, 6);
+        if constexpr (TILES == 2) _tile_dpbf16ps(1, 5, 6);
+      } else {
+        _tile_dpbf16ps(2, 4, 6);
+        if constexpr (TILES == 2) _tile_dpbf16ps(3, 5, 6);
+      }
+      _tile_loadd(7, lo, 64);
+      if (j == 0) {
+        _tile_dpbf16ps(0, 4, 7);
+        if constexpr (TILES == 2) _tile_dpbf16ps(1, 5, 7);
+      } else {
+        _tile_dpbf16ps(2, 4, 7);
+        if constexpr (TILES == 2) _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+  }
+  alignas(64) float c[4][TILE_ROWS][TILE_ROWS];
+  _tile_stored(0, &c[0][0][0], 64);
+  if constexpr (TILES == 2) _tile_stored(1, &c[1][0][0], 64);
+  if constexpr (GROUPS == 2) _tile_stored(2, &c[2][0][0], 64);
+  if constexpr (TILES == 2 && GROUPS == 2) _tile_stored(3, &c[3][0][0], 64);
+  for (int j = 0; j < GROUPS; ++j) {
+    const int64_t m0 = (g0 + j) * TILE_ROWS, rows = std::min<int64_t>(TILE_ROWS, M - m0);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int t = 0; t < TILES; ++t) {
+        float* out = y + (m0 + i) * N + n0 + t * TILE_ROWS;
+        for (int64_t r = 0; r < TILE_ROWS; ++r) out[r] = c[t + 2 * j][r][i];
+      }
+  }
+}
+
+// Weight rows [n0, n0 + 16 TILES) against groups [g_begin, g_end) of the packed x, two at a time; the first
+// groups' pass prefetches the block after these rows (the weights a thread is likely to take next, as in the fp32
+// kernels).
+template <int TILES>
+inline void block(const uint16_t* w, const uint16_t* xp, int64_t M, int64_t K, float* y, int64_t N, int64_t n0,
+                  int64_t g_begin, int64_t g_end) {
+  const uint16_t* w0 = w + n0 * K;
+  const char* ahead = g_begin == 0 ? reinterpret_cast<const char*>(w0 + TILES * TILE_ROWS * K) : nullptr;
+  int64_t g = g_begin;
+  for (; g + 2 <= g_end; g += 2, ahead = nullptr)
+    tiles<TILES, 2>(w0, xp + g * 2 * TILE_ROWS * K, M, K, y, N, n0, g, ahead);
+  if (g < g_end) tiles<TILES, 1>(w0, xp + g * 2 * TILE_ROWS * K, M, K, y, N, n0, g, ahead);
+}
+
+// Groups of x per pass over the weights: as many as keep their packed terms within PASS_BYTES (an L2-resident share,
+// read again for every block of weight rows), an even number, at least 2.
+constexpr int64_t PASS_BYTES = 1 << 20;
+inline int64_t pass_groups(int64_t K) { return std::max<int64_t>(2, PASS_BYTES / (TILE_ROWS * K * 4) / 2 * 2); }
+
+// bf16 values of the packed x of an [M, K] product (the groups' hi and lo terms, 2 * 16 * K apart).
+inline int64_t packed_size(int64_t M, int64_t K) { return (M + TILE_ROWS - 1) / TILE_ROWS * 2 * TILE_ROWS * K; }
+
+}  // namespace tf_amx
+
+#endif
