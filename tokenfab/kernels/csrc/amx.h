@@ -61,35 +61,66 @@ inline void configure() {
   _tile_loadconfig(&c);
 }
 
-// Group g of x [M, K] (rows 16 g .. 16 g + 15, zeros past M) -> out: its hi and lo terms [K / 2][16][2] bf16
-// each, hi first, the uint32 pair of columns (2p, 2p + 1) of the group's row i at word p * 16 + i.
-inline void pack_group(const float* x, int64_t M, int64_t K, int64_t g, uint16_t* out) {
-  uint32_t* ghi = reinterpret_cast<uint32_t*>(out);
-  uint32_t* glo = ghi + TILE_ROWS * K / 2;
-  for (int64_t i = 0; i < TILE_ROWS; ++i) {
-    const int64_t m = g * TILE_ROWS + i;
-    if (m >= M) {
-      for (int64_t p = 0; p < K / 2; ++p) ghi[p * TILE_ROWS + i] = glo[p * TILE_ROWS + i] = 0;
-      continue;
+// r[i] <- column i of the 16 x 16 block whose rows are r[0..15]: unpack pairs, pairs of pairs, then 128-bit lanes
+// twice.
+inline void transpose16(__m512* r) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
     }
-    const float* row = x + m * K;
-    for (int64_t k = 0; k < K; k += 16) {
-      const __m512 v = _mm512_loadu_ps(row + k);
-      const __m256bh h = _mm512_cvtneps_pbh(v);
-      const __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(v, _mm512_cvtpbh_ps(h)));
-      alignas(32) uint32_t hw[8], lw[8];
-      std::memcpy(hw, &h, 32);
-      std::memcpy(lw, &l, 32);
-      for (int j = 0; j < 8; ++j) {
-        ghi[(k / 2 + j) * TILE_ROWS + i] = hw[j];
-        glo[(k / 2 + j) * TILE_ROWS + i] = lw[j];
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+// Group g of x [M, K] (rows 16 g .. 16 g + 15, zeros past M) -> out: its hi and lo terms [K / 2][16][2] bf16
+// each, hi first, the uint32 pair of columns (2p, 2p + 1) of the group's row i at word p * 16 + i. Per 32 columns
+// the 16 rows' pairs are a 16 x 16 block of words, transposed in registers.
+inline void pack_group(const float* x, int64_t M, int64_t K, int64_t g, uint16_t* out) {
+  float* ghi = reinterpret_cast<float*>(out);  // words moved as floats: the transpose only shuffles them
+  float* glo = ghi + TILE_ROWS * K / 2;
+  const int64_t rows = std::min<int64_t>(TILE_ROWS, M - g * TILE_ROWS);
+  for (int64_t k = 0; k < K; k += TILE_K) {
+    __m512 hi[16], lo[16];
+    for (int64_t i = 0; i < TILE_ROWS; ++i) {
+      if (i >= rows) {
+        hi[i] = lo[i] = _mm512_setzero_ps();
+        continue;
       }
+      const float* row = x + (g * TILE_ROWS + i) * K + k;
+      const __m512 v0 = _mm512_loadu_ps(row), v1 = _mm512_loadu_ps(row + 16);
+      const __m256bh h0 = _mm512_cvtneps_pbh(v0), h1 = _mm512_cvtneps_pbh(v1);
+      const __m256bh l0 = _mm512_cvtneps_pbh(_mm512_sub_ps(v0, _mm512_cvtpbh_ps(h0)));
+      const __m256bh l1 = _mm512_cvtneps_pbh(_mm512_sub_ps(v1, _mm512_cvtpbh_ps(h1)));
+      hi[i] = _mm512_castsi512_ps(_mm512_inserti64x4(_mm512_castsi256_si512((__m256i)h0), (__m256i)h1, 1));
+      lo[i] = _mm512_castsi512_ps(_mm512_inserti64x4(_mm512_castsi256_si512((__m256i)l0), (__m256i)l1, 1));
+    }
+    transpose16(hi);
+    transpose16(lo);
+    for (int64_t p = 0; p < 16; ++p) {
+      _mm512_storeu_ps(ghi + (k / 2 + p) * TILE_ROWS, hi[p]);
+      _mm512_storeu_ps(glo + (k / 2 + p) * TILE_ROWS, lo[p]);
     }
   }
 }
 
 // y for `groups` (1 or 2) groups of x from g0 against TILES (1 or 2) weight tiles at n0, accumulators 0..3 (tile
-// t, group j: t + 2 j), weights in 4, 5, x's terms in 6 (hi) and 7 (lo). Per step and accumulator: hi, then lo.
+// t, group j: t + 2 j), weights in 4, 5, x's terms in 6 (group 0) and 7 (group 1). Per step and accumulator: hi,
+// then lo.
 template <int TILES, int GROUPS>
 inline void tiles(const uint16_t* w0, const uint16_t* xg, int64_t M, int64_t K, float* y, int64_t N, int64_t n0,
                   int64_t g0, const char* ahead) {
@@ -103,23 +134,16 @@ inline void tiles(const uint16_t* w0, const uint16_t* xg, int64_t M, int64_t K, 
       for (int64_t b = 0; b < ahead_per_step; b += 64) _mm_prefetch(ahead + s * ahead_per_step + b, _MM_HINT_T0);
     _tile_loadd(4, w0 + s * TILE_K, K * 2);
     if constexpr (TILES == 2) _tile_loadd(5, w0 + TILE_ROWS * K + s * TILE_K, K * 2);
-    for (int j = 0; j < GROUPS; ++j) {
-      const uint16_t* hi = xg + j * 2 * TILE_ROWS * K + s * TILE_ROWS * TILE_K;
-      const uint16_t* lo = hi + TILE_ROWS * K;
-      // Tile numbers are immediates: one branch per group rather than an index.
-      _tile_loadd(6, hi, 64);
-      if (j == 0) {
-        _tile_dpbf16ps(0, 4, 6);
-        if constexpr (TILES == 2) _tile_dpbf16ps(1, 5, 6);
-      } else {
-        _tile_dpbf16ps(2, 4, 6);
-        if constexpr (TILES == 2) _tile_dpbf16ps(3, 5, 6);
-      }
-      _tile_loadd(7, lo, 64);
-      if (j == 0) {
-        _tile_dpbf16ps(0, 4, 7);
-        if constexpr (TILES == 2) _tile_dpbf16ps(1, 5, 7);
-      } else {
+    // Both groups' hi terms, then both lo terms: an accumulator's two updates of a step are three tile products
+    // apart, which hides TDPBF16PS's latency; each output still adds hi, then lo.
+    const uint16_t* x0 = xg + s * TILE_ROWS * TILE_K;
+    const uint16_t* x1 = x0 + 2 * TILE_ROWS * K;
+    for (int64_t term = 0; term < 2; ++term) {
+      _tile_loadd(6, x0 + term * TILE_ROWS * K, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      if constexpr (TILES == 2) _tile_dpbf16ps(1, 5, 6);
+      if constexpr (GROUPS == 2) {
+        _tile_loadd(7, x1 + term * TILE_ROWS * K, 64);
         _tile_dpbf16ps(2, 4, 7);
         if constexpr (TILES == 2) _tile_dpbf16ps(3, 5, 7);
       }

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -339,7 +340,7 @@ inline void row_block(int64_t b, int64_t N, Block&& block, Row&& row) {
 // Scratch of a product: the transposed x, shared by the threads of the region, and a panel per thread.
 struct GemmScratch {
   std::vector<float> xt;
-  std::vector<uint16_t> xb;  // x split into bf16 terms for the AMX tiles
+  std::unique_ptr<uint16_t[]> xb;  // x split into bf16 terms for the AMX tiles (not zeroed: every word is written)
 };
 
 #ifdef TF_AMX
@@ -352,9 +353,9 @@ inline void linear_amx(const BF16& d, const float* x, float* y, int64_t M, int64
   const int threads = omp_get_num_threads();
   const int64_t groups = (M + TILE_ROWS - 1) / TILE_ROWS;
 #pragma omp single
-  shared.xb.resize(packed_size(M, K));
+  shared.xb.reset(new uint16_t[packed_size(M, K)]);
 #pragma omp for schedule(static)
-  for (int64_t g = 0; g < groups; ++g) pack_group(x, M, K, g, shared.xb.data() + g * 2 * TILE_ROWS * K);
+  for (int64_t g = 0; g < groups; ++g) pack_group(x, M, K, g, shared.xb.get() + g * 2 * TILE_ROWS * K);
   configure();
   const int64_t tiled = N / TILE_ROWS * TILE_ROWS, blocks = (tiled + BLOCK_N - 1) / BLOCK_N, pass = pass_groups(K);
   for (int64_t g0 = 0; g0 < groups; g0 += pass) {
@@ -363,9 +364,9 @@ inline void linear_amx(const BF16& d, const float* x, float* y, int64_t M, int64
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t n0 = b * BLOCK_N;
       if (n0 + BLOCK_N <= tiled)
-        block<2>(d.w, shared.xb.data(), M, K, y, N, n0, g0, g1);
+        block<2>(d.w, shared.xb.get(), M, K, y, N, n0, g0, g1);
       else
-        block<1>(d.w, shared.xb.data(), M, K, y, N, n0, g0, g1);
+        block<1>(d.w, shared.xb.get(), M, K, y, N, n0, g0, g1);
     }
   }
 #pragma omp for schedule(static)
