@@ -165,3 +165,25 @@ def test_engine_tokens_are_the_same_at_every_level(level: str, tiny_model) -> No
     expected = run()
     with build.use_level(level):
         assert run() == expected
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_paged_attention_is_the_same_bits_at_every_level(level: str) -> None:
+    """Head dims with whole 16-column steps, an 8-column tail and a scalar tail; spans split into parts."""
+    _needs(level)
+    g = torch.Generator().manual_seed(11)
+    for heads, kv_heads, dim in ((4, 1, 256), (6, 2, 72), (3, 1, 20)):
+        block_size, num_blocks = 4, 120
+        k_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=g)
+        v_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=g)
+        blocks = torch.stack([torch.randperm(num_blocks, generator=g)[:100] for _ in range(3)])
+        lo, hi = torch.tensor([0, 5, 0], dtype=torch.int32), torch.tensor([1, 290, 400], dtype=torch.int32)
+        q = torch.randn(3, heads, dim, generator=g)
+
+        def attend() -> torch.Tensor:
+            return kernels.paged_decode_attention(q, k_cache, v_cache, blocks, lo, hi, block_size, 0.125)
+
+        with build.use_level("avx2"):
+            reference = attend()
+        with build.use_level(level):
+            assert torch.equal(attend(), reference), (heads, kv_heads, dim)
