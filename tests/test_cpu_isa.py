@@ -63,6 +63,7 @@ def test_each_level_builds_its_own_library(level: str) -> None:
     with build.use_level(level) as lib:
         assert build.kernel_path() == build.KernelPath(level, "use_level")
         assert build.load_library() is lib
+        assert lib.tf_bf16_tiles() == (level in cpu_isa.TILE_LEVELS)
     assert build.kernel_path().reason != "use_level"
     with pytest.raises(ValueError, match="unknown"), build.use_level("avx9"):
         pass

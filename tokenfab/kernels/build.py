@@ -114,8 +114,13 @@ def kernel_path() -> KernelPath:
     if _forced:
         return KernelPath(_forced[-1], "use_level")
     path = _default_path()
-    if path.level is not None and _library(path.level) is None:
+    if path.level is None:
+        return path
+    lib = _library(path.level)
+    if lib is None:
         return KernelPath(None, f"the {path.level} build failed (see the warning)")
+    if path.level in cpu_isa.TILE_LEVELS and not lib.tf_bf16_tiles():
+        return KernelPath(path.level, f"{path.reason}; the OS refused AMX tile state, so bf16 runs the fp32 kernels")
     return path
 
 
@@ -218,4 +223,6 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.tf_gguf_row_bytes.restype = i64
     lib.tf_gguf_repack.argtypes = [i32, p, p, i64, i64, i32]
     lib.tf_gguf_repack.restype = i32
+    lib.tf_bf16_tiles.argtypes = []
+    lib.tf_bf16_tiles.restype = i32
     return lib

@@ -31,20 +31,17 @@ _AVX2 = ("avx2", "fma", "f16c")
 _AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 _GCC_AVX2 = ("-mavx2", "-mfma", "-mf16c")
 _GCC_AVX512 = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
+_VNNI512 = (*_AVX2, *_AVX512, "avx512_vnni")
+_GCC_VNNI512 = (*_GCC_AVX2, *_GCC_AVX512, "-mavx512vnni")
 
 LEVELS: tuple[IsaLevel, ...] = (
     IsaLevel(
         "amx",
-        _AVX2 + _AVX512 + ("avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16"),
-        _GCC_AVX2 + _GCC_AVX512 + ("-mavx512vnni", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
+        (*_VNNI512, "avx512_bf16", "amx_tile", "amx_bf16"),
+        (*_GCC_VNNI512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
         "bf16 weights on AMX tiles (x split into two bf16 terms); otherwise as avx512_vnni",
     ),
-    IsaLevel(
-        "avx512_vnni",
-        _AVX2 + _AVX512 + ("avx512_vnni",),
-        _GCC_AVX2 + _GCC_AVX512 + ("-mavx512vnni",),
-        "16-lane fp32 GEMM tiles; int8 dot products with vpdpbusd",
-    ),
+    IsaLevel("avx512_vnni", _VNNI512, _GCC_VNNI512, "16-lane fp32 GEMM tiles; int8 dot products with vpdpbusd"),
     IsaLevel("avx512", _AVX2 + _AVX512, _GCC_AVX2 + _GCC_AVX512, "16-lane fp32 GEMM tiles"),
     IsaLevel(
         "avx2_vnni",

@@ -602,6 +602,15 @@ extern "C" {
 
 int tf_abi_version() { return 1; }
 
+// 1 where bf16 weights run on AMX tiles: a library built for the amx level in a process the OS gave tile state.
+int tf_bf16_tiles() {
+#ifdef TF_AMX
+  return tf_amx::permitted() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
 void tf_linear_bf16(const float* x, const uint16_t* w, float* y, int64_t M, int64_t N, int64_t K, int threads) {
   linear(BF16{w, K}, x, y, M, N, K, threads);
 }
