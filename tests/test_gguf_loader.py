@@ -19,14 +19,8 @@ from safetensors import safe_open
 from tokenfab.loader import default_model, gguf_reader
 from tokenfab.loader.chat_templates import GEMMA3_CHAT_TEMPLATE, default_chat_template
 from tokenfab.loader.convert import convert_gguf_to_hf, main
-from tokenfab.loader.gguf_reader import (
-    bytes_to_unicode,
-    hf_tensor_name,
-    iter_gguf_tensors,
-    merges_from_vocab,
-    read_gguf_config,
-    read_gguf_tokenizer,
-)
+from tokenfab.loader.gguf_reader import hf_tensor_name, iter_gguf_tensors, read_gguf_config
+from tokenfab.loader.gguf_tokenizer import bytes_to_unicode, merges_from_vocab, read_gguf_tokenizer
 
 torch.set_num_threads(2)
 
@@ -187,7 +181,7 @@ def test_gemma_tensors_match_transformers(gemma_path: Path, hf_model: Any) -> No
     assert seen == set(expected) - {"lm_head.weight"} and len(seen) == 236  # tied: no output.weight in the file
     assert expected["model.layers.0.self_attn.k_proj.weight"].shape == (256, 640)  # GGUF lists [640, 256]
     # the file stores Gemma norms as w + 1 (F32); HF wants w
-    stored = {t.name: t.data for t in gguf_reader._reader(gemma_path).tensors if t.name.endswith("norm.weight")}
+    stored = {t.name: t.data for t in gguf_reader.cached_reader(gemma_path).tensors if t.name.endswith("norm.weight")}
     np.testing.assert_allclose(kept["model.norm.weight"].numpy() + 1, stored["output_norm.weight"], rtol=1e-6)
     np.testing.assert_allclose(kept["model.layers.3.self_attn.q_norm.weight"].numpy() + 1,
                                stored["blk.3.attn_q_norm.weight"], rtol=1e-6)

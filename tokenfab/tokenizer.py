@@ -111,7 +111,7 @@ def _post_processor_adds(inner: tokenizers.Tokenizer, bos: int) -> bool:
 
 def load_gguf_tokenizer(path: Path, model_type: str) -> Tokenizer:
     from tokenfab.loader.chat_templates import default_chat_template
-    from tokenfab.loader.gguf_reader import read_gguf_tokenizer
+    from tokenfab.loader.gguf_tokenizer import read_gguf_tokenizer
 
     inner, info = read_gguf_tokenizer(path)
     eos = info.get("eos_token_id")

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from tokenfab.loader.chat_templates import default_chat_template
-from tokenfab.loader.gguf_reader import iter_gguf_tensors, read_gguf_config, read_gguf_tokenizer
+from tokenfab.loader.gguf_reader import iter_gguf_tensors, read_gguf_config
+from tokenfab.loader.gguf_tokenizer import read_gguf_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
