@@ -346,16 +346,25 @@ struct GemmScratch {
 #ifdef TF_AMX
 // bf16 weights on AMX tiles (amx.h): tasks of 32 weight rows (the last of 16) in passes over a share of x's groups,
 // rows past the last block of 16 on the direct fp32 kernel. x is split into bf16 terms once, each thread packing
-// whole groups of 16 rows.
+// whole groups of 16 rows (or, for one group, every thread the group).
 inline void linear_amx(const BF16& d, const float* x, float* y, int64_t M, int64_t N, int64_t K,
                        GemmScratch& shared) {
   using namespace tf_amx;
   const int threads = omp_get_num_threads();
   const int64_t groups = (M + TILE_ROWS - 1) / TILE_ROWS;
+  const uint16_t* xb;
+  if (groups == 1) {  // decode-sized: each thread packs its own copy, no barrier before the tiles
+    static thread_local std::vector<uint16_t> own;
+    own.resize(std::max<size_t>(own.size(), packed_size(M, K)));
+    pack_group(x, M, K, 0, own.data());
+    xb = own.data();
+  } else {
 #pragma omp single
-  shared.xb.reset(new uint16_t[packed_size(M, K)]);
+    shared.xb.reset(new uint16_t[packed_size(M, K)]);
 #pragma omp for schedule(static)
-  for (int64_t g = 0; g < groups; ++g) pack_group(x, M, K, g, shared.xb.get() + g * 2 * TILE_ROWS * K);
+    for (int64_t g = 0; g < groups; ++g) pack_group(x, M, K, g, shared.xb.get() + g * 2 * TILE_ROWS * K);
+    xb = shared.xb.get();
+  }
   configure();
   const int64_t tiled = N / TILE_ROWS * TILE_ROWS, blocks = (tiled + BLOCK_N - 1) / BLOCK_N, pass = pass_groups(K);
   for (int64_t g0 = 0; g0 < groups; g0 += pass) {
@@ -364,9 +373,9 @@ inline void linear_amx(const BF16& d, const float* x, float* y, int64_t M, int64
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t n0 = b * BLOCK_N;
       if (n0 + BLOCK_N <= tiled)
-        block<2>(d.w, shared.xb.get(), M, K, y, N, n0, g0, g1);
+        block<2>(d.w, xb, M, K, y, N, n0, g0, g1);
       else
-        block<1>(d.w, shared.xb.get(), M, K, y, N, n0, g0, g1);
+        block<1>(d.w, xb, M, K, y, N, n0, g0, g1);
     }
   }
 #pragma omp for schedule(static)
