@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO / "benchmarks" / "peers"))
 
 from common import synth_prompts  # noqa: E402
 
+from tokenfab.bench.launch import vllm_dtype  # noqa: E402
 from tokenfab.platform import cpu_isa  # noqa: E402
 from tokenfab.platform.machine import cpu_name  # noqa: E402
 
@@ -49,12 +50,10 @@ def systems(hf_dir: Path, gguf: Path) -> dict[str, tuple[list[str], str | None]]
              for name, extra in TOKENFAB_VARIANTS.items()}
     vllm = [str(PEERS / "vllm/bin/python"), str(bench / "peers/vllm_runner.py"), "--model", str(hf_dir)]
     no_vllm = None if (PEERS / "vllm/bin/python").exists() else "no .peers/vllm (run benchmarks/peers/setup_peers.sh)"
-    # vLLM's best configuration: bf16 where the CPU computes it natively (AVX512-BF16/AMX), else fp32.
-    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & set(cpu_isa.vector_flags()))
     llamacpp = [sys.executable, str(bench / "peers/llamacpp_runner.py"), "--model", str(gguf)]
     noamx = PEERS / "llamacpp/build-noamx/bin"
     table.update({
-        "vllm": (vllm + ["--dtype", "bfloat16" if native_bf16 else "float32"], no_vllm),
+        "vllm": (vllm + ["--dtype", vllm_dtype()], no_vllm),  # its best configuration on this CPU
         "vllm-fp32": (vllm + ["--dtype", "float32"], no_vllm),
         "llamacpp": (llamacpp, None if (PEERS / "llamacpp/build/bin/llama-bench").exists() else "llama.cpp not built"),
         # A build without AMX (-DGGML_NATIVE=OFF, AVX-512 + VNNI + BF16 on): the native build's AMX path dies with

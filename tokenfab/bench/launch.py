@@ -17,6 +17,8 @@ from pathlib import Path
 
 import httpx
 
+from tokenfab.platform import cpu_isa
+
 SERVED_NAME = "gemma-3-270m"
 
 
@@ -45,6 +47,21 @@ class Launched:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def vllm_dtype() -> str:
+    """vLLM-CPU's best dtype on this CPU: bf16 where it computes bf16 natively (AVX512-BF16 or AMX), else fp32."""
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & cpu_isa.cpu_flags() else "float32"
+
+
+def llamacpp_bin_dir(peers: Path) -> Path:
+    """The llama.cpp build to run here: the native one, or on a CPU that reports AMX the build without it where it
+    was built (benchmarks/peers/setup_peers.sh), since the native build's AMX path dies with SIGILL/SIGSEGV on some
+    virtual machines."""
+    noamx = peers / "llamacpp" / "build-noamx" / "bin"
+    if "amx_tile" in cpu_isa.cpu_flags() and (noamx / "llama-server").exists():
+        return noamx
+    return peers / "llamacpp" / "build" / "bin"
 
 
 def free_port() -> int:
@@ -101,7 +118,7 @@ def server_spec(
             "--port",
             str(port),
             "--dtype",
-            "float32",
+            vllm_dtype(),
             "--max-model-len",
             str(max_model_len),
             "--max-num-seqs",
@@ -111,7 +128,7 @@ def server_spec(
         missing = None if python.exists() else f"{python} not found (run benchmarks/peers/setup_peers.sh vllm)"
         return ServerSpec(system, cmd, env, missing)
     if system == "llama.cpp":
-        binary = peers / "llamacpp" / "build" / "bin" / "llama-server"
+        binary = llamacpp_bin_dir(peers) / "llama-server"
         cmd = [
             str(binary),
             "-m",

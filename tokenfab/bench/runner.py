@@ -123,6 +123,7 @@ def sweep_launched(args: argparse.Namespace, points, open_loop: bool, out: Path)
             finished = True
         finally:
             server.stop()
+        doc["systems"][-1]["command"] = spec.cmd  # the configuration it ran in
         if not finished:
             doc["interrupted"] = True
             break

@@ -21,7 +21,7 @@ from tokenfab.bench.records import SCHEMA_VERSION, SLO, RequestRecord
 from tokenfab.bench.scrape import deltas, scrape
 from tokenfab.bench.stats import summarize
 from tokenfab.bench.workloads import RequestSpec, SessionSpec
-from tokenfab.platform import machine
+from tokenfab.platform import cpu_isa, machine
 from tokenfab.version import __version__
 
 
@@ -64,7 +64,7 @@ def new_document(workload: Workload, config: SweepConfig, ceilings: dict | None)
         "kind": "tokenfab-bench-sweep",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tokenfab_version": __version__,
-        "machine": {**machine.describe(), **(ceilings or {})},
+        "machine": {**machine.describe(), **cpu_isa.describe(), **(ceilings or {})},
         "workload": {"name": workload.name, **workload.params},
         "slo": {"ttft_s": config.slo.ttft_s, "tpot_s": config.slo.tpot_s},
         "price_per_hour": config.price_per_hour,
@@ -96,6 +96,7 @@ async def sweep_system(
             raise
         entry["model"] = card.get("id")
         entry["max_model_len"] = card.get("max_model_len")
+        entry.update({k: card[k] for k in ("kernel_isa", "kernel_isa_reason", "batch_invariant") if k in card})
         limit = card.get("max_model_len")
         if limit and workload.longest > limit:
             entry["status"] = f"failed: workload needs {workload.longest} tokens; the model's context is {limit}"
