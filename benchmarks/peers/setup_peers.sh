@@ -79,7 +79,8 @@ setup_llamacpp() {
 
 setup_llamacpp_noamx() {  # setup_llamacpp_noamx SRC DIR
     # On a CPU that reports AMX, also build without it (AVX-512 + VNNI + BF16): the native build's AMX path dies
-    # with SIGILL/SIGSEGV on some virtual machines. benchmarks/offline.py runs it as llamacpp-noamx.
+    # with SIGILL/SIGSEGV on some virtual machines. benchmarks/offline.py runs it as llamacpp-noamx, and the sweep
+    # launcher (tokenfab/bench/launch.py) serves with its llama-server.
     grep -qw amx_tile /proc/cpuinfo 2>/dev/null || return 0
     log "llamacpp: CPU reports AMX; also building without it in $2/build-noamx"
     cmake -S "$1/vendor/llama.cpp" -B "$2/build-noamx" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
@@ -87,7 +88,7 @@ setup_llamacpp_noamx() {  # setup_llamacpp_noamx SRC DIR
         -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX_VNNI=ON \
         -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_BUILD_TESTS=OFF \
         -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_OPENSSL=OFF > "$2/cmake-configure-noamx.log" 2>&1 &&
-    cmake --build "$2/build-noamx" --target llama-bench llama-batched-bench -j"$JOBS" \
+    cmake --build "$2/build-noamx" --target llama-server llama-bench llama-batched-bench -j"$JOBS" \
         > "$2/cmake-build-noamx.log" 2>&1 || log "llamacpp: the no-AMX build failed (see $2/cmake-build-noamx.log)"
 }
 
