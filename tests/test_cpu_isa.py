@@ -63,7 +63,7 @@ def test_each_level_builds_its_own_library(level: str) -> None:
     with build.use_level(level) as lib:
         assert build.kernel_path() == build.KernelPath(level, "use_level")
         assert build.load_library() is lib
-        assert lib.tf_bf16_tiles() == (level in cpu_isa.TILE_LEVELS)
+        assert lib.tf_amx_tiles() == (level in cpu_isa.TILE_LEVELS)
     assert build.kernel_path().reason != "use_level"
     with pytest.raises(ValueError, match="unknown"), build.use_level("avx9"):
         pass
@@ -107,7 +107,7 @@ def _gguf_kernels(K: int, N: int) -> dict:
 def test_every_format_gives_each_row_the_same_bits_at_every_batch_size_and_level(level: str) -> None:
     """A row of x gives bit-identical outputs alone and in any batch (register, GEMM and tile paths) at every ISA
     level, and the same bits as at avx2 (one order of accumulation for the float kernels, exact integer dot
-    products, VNNI or not) except bf16 weights on a tile level, which stay within BF16_TILE_TOLERANCE of them."""
+    products, VNNI or not) except the tiled formats on a tile level, which stay within TILE_TOLERANCE of them."""
     _needs(level)
     K, N = 512, 75
     x = torch.randn(max(BATCHES), K, generator=torch.Generator().manual_seed(1))
@@ -117,11 +117,11 @@ def test_every_format_gives_each_row_the_same_bits_at_every_batch_size_and_level
     with build.use_level(level):
         for name, f in formats.items():
             alone = reference[name]
-            if name == "bf16" and level in cpu_isa.TILE_LEVELS:
+            if name in cpu_isa.TILED_FORMATS and level in cpu_isa.TILE_LEVELS:
                 alone = [f(x[i : i + 1]) for i in range(x.shape[0])]
                 for own, fp32 in zip(alone, reference[name], strict=True):
                     error = (own - fp32).abs().max() / fp32.abs().max()
-                    assert 0 < error < cpu_isa.BF16_TILE_TOLERANCE, error
+                    assert 0 < error < cpu_isa.TILE_TOLERANCE, error
             for m in BATCHES:
                 batch = f(x[:m])
                 for i in range(m):
@@ -129,22 +129,30 @@ def test_every_format_gives_each_row_the_same_bits_at_every_batch_size_and_level
 
 
 @pytest.mark.parametrize("level", sorted(cpu_isa.TILE_LEVELS))
-def test_bf16_tiles_keep_rows_apart_across_passes_and_tails(level: str) -> None:
-    """A long K makes the tile path take x in several passes (two groups of 16 rows each); N leaves rows past the
-    last tile for the direct kernel. Every row is still its own bits, in any batch, and close to the fp32 path."""
+@pytest.mark.parametrize("fmt", cpu_isa.TILED_FORMATS)
+def test_tiles_keep_rows_apart_across_passes_and_tails(level: str, fmt: str) -> None:
+    """A long K makes the bf16 tile path take x in several passes (two groups of 16 rows each), and K % 64 == 32
+    leaves the int8 packing a half step; N leaves rows past the last tile for the lower level's kernel. Every row is
+    still its own bits, in any batch, and close to the lower levels' result."""
     _needs(level)
     g = torch.Generator().manual_seed(5)
-    K, N = 8192, 53
-    w, x = torch.randn(N, K, generator=g).bfloat16(), torch.randn(70, K, generator=g)
+    K, N = 8160, 53
+    x = torch.randn(70, K, generator=g)
+    w = torch.randn(N, K, generator=g).bfloat16()
+    q, scale = torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8), torch.rand(N, generator=g) / 100
+
+    def f(rows: torch.Tensor) -> torch.Tensor:
+        return kernels.linear_bf16(rows, w) if fmt == "bf16" else kernels.linear_int8_q8(rows, q, scale)
+
     with build.use_level("avx2"):
-        fp32 = kernels.linear_bf16(x, w)
+        lower = f(x)
     with build.use_level(level):
-        alone = torch.cat([kernels.linear_bf16(x[i : i + 1], w) for i in range(x.shape[0])])
+        alone = torch.cat([f(x[i : i + 1]) for i in range(x.shape[0])])
         for m in (1, 15, 16, 17, 33, 64, 70):
-            assert torch.equal(kernels.linear_bf16(x[:m], w), alone[:m]), m
-        assert torch.equal(kernels.linear_bf16(x[37:70].contiguous(), w), alone[37:70])
-    error = ((alone - fp32).abs().max() / fp32.abs().max()).item()
-    assert 0 < error < cpu_isa.BF16_TILE_TOLERANCE
+            assert torch.equal(f(x[:m]), alone[:m]), m
+        assert torch.equal(f(x[37:70].contiguous()), alone[37:70])
+    error = ((alone - lower).abs().max() / lower.abs().max()).item()
+    assert 0 < error < cpu_isa.TILE_TOLERANCE
 
 
 @pytest.mark.parametrize("level", LEVELS)

@@ -196,7 +196,7 @@ def test_lut4_w4a8_equals_the_weights_against_int8_rounded_activations(table: to
     assert ((y - x @ w.t()).norm() / (x @ w.t()).norm()).item() < 0.02
 
 
-@pytest.mark.parametrize("M,N,K", [(1, 37, 640), (2, 1027, 64), (4, 29, 128)])
+@pytest.mark.parametrize("M,N,K", [(1, 37, 640), (2, 1027, 64), (4, 29, 128), (33, 70, 96), (17, 48, 2048)])
 def test_int8_w8a8(M: int, N: int, K: int) -> None:
     g = torch.Generator().manual_seed(M * N)
     x = torch.randn(M, K, generator=g)

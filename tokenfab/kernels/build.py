@@ -119,8 +119,9 @@ def kernel_path() -> KernelPath:
     lib = _library(path.level)
     if lib is None:
         return KernelPath(None, f"the {path.level} build failed (see the warning)")
-    if path.level in cpu_isa.TILE_LEVELS and not lib.tf_bf16_tiles():
-        return KernelPath(path.level, f"{path.reason}; the OS refused AMX tile state, so bf16 runs the fp32 kernels")
+    if path.level in cpu_isa.TILE_LEVELS and not lib.tf_amx_tiles():
+        refused = "the OS refused AMX tile state, so bf16 and W8A8 run the AVX-512 kernels"
+        return KernelPath(path.level, f"{path.reason}; {refused}")
     return path
 
 
@@ -223,6 +224,6 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.tf_gguf_row_bytes.restype = i64
     lib.tf_gguf_repack.argtypes = [i32, p, p, i64, i64, i32]
     lib.tf_gguf_repack.restype = i32
-    lib.tf_bf16_tiles.argtypes = []
-    lib.tf_bf16_tiles.restype = i32
+    lib.tf_amx_tiles.argtypes = []
+    lib.tf_amx_tiles.restype = i32
     return lib

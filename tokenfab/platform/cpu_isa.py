@@ -37,9 +37,9 @@ _GCC_VNNI512 = (*_GCC_AVX2, *_GCC_AVX512, "-mavx512vnni")
 LEVELS: tuple[IsaLevel, ...] = (
     IsaLevel(
         "amx",
-        (*_VNNI512, "avx512_bf16", "amx_tile", "amx_bf16"),
-        (*_GCC_VNNI512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
-        "bf16 weights on AMX tiles (x split into two bf16 terms); otherwise as avx512_vnni",
+        (*_VNNI512, "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"),
+        (*_GCC_VNNI512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8"),
+        "bf16 weights (x split into two bf16 terms) and int8 weights (W8A8) on AMX tiles; otherwise as avx512_vnni",
     ),
     IsaLevel("avx512_vnni", _VNNI512, _GCC_VNNI512, "16-lane fp32 GEMM tiles; int8 dot products with vpdpbusd"),
     IsaLevel("avx512", _AVX2 + _AVX512, _GCC_AVX2 + _GCC_AVX512, "16-lane fp32 GEMM tiles"),
@@ -52,15 +52,18 @@ LEVELS: tuple[IsaLevel, ...] = (
     IsaLevel("avx2", _AVX2, _GCC_AVX2, "8-lane fp32 tiles; int8 dot products with vpmaddubsw"),
 )
 """Best first. Every level below amx computes the same numbers: the float kernels accumulate in one order on all of
-them and the integer dot products are exact, so the choice changes speed only. amx computes bf16-weight products on
-tiles, in its own order, with x carried to 16 significand bits (BF16_TILE_TOLERANCE of the fp32 path's result);
+them and the integer dot products are exact, so the choice changes speed only. amx computes bf16-weight products
+(x carried to 16 significand bits) and int8-weight W8A8 products (the same exact block dot products, summed per
+block rather than per lane) on tiles in their own order, within TILE_TOLERANCE of what the lower levels compute;
 every other format computes what the lower levels compute. On every level each row's result is the same bits at
 every batch size."""
 
 TILE_LEVELS = frozenset({"amx"})
-"""Levels whose bf16-weight products differ from the fp32 path's within BF16_TILE_TOLERANCE."""
-BF16_TILE_TOLERANCE = 2e-5
-"""Largest difference from the fp32 path, relative to the output's scale, of a bf16-weight product on AMX tiles."""
+"""Levels whose bf16 and W8A8 products differ from the lower levels' within TILE_TOLERANCE."""
+TILED_FORMATS = ("bf16", "W8A8")
+"""The weight formats a tile level runs on tiles."""
+TILE_TOLERANCE = 2e-5
+"""Largest difference from the lower levels' result, relative to the output's scale, of a product on AMX tiles."""
 
 
 def level(name: str) -> IsaLevel:

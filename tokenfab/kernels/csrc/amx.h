@@ -185,6 +185,103 @@ inline int64_t pass_groups(int64_t K) { return std::max<int64_t>(2, PASS_BYTES /
 // bf16 values of the packed x of an [M, K] product (the groups' hi and lo terms, 2 * 16 * K apart).
 inline int64_t packed_size(int64_t M, int64_t K) { return (M + TILE_ROWS - 1) / TILE_ROWS * 2 * TILE_ROWS * K; }
 
+
+#if defined(__AMX_INT8__)
+#define TF_AMX_INT8 1
+
+// ---- int8 weights with int8 activations (W8A8) on AMX-INT8 tiles. x is quantized per row and 32 columns as the
+// VNNI path quantizes it (tf_linear_i8_q8); per 32-column block one TDPBSSD gives the exact int32 dot products of
+// 16 weight rows with 16 rows of x, which are converted and added in block order, each times its x scale, into an
+// fp32 accumulator per output (acc = fma(float(dot), scale, acc)); the weight row's scale multiplies the sum. The
+// VNNI path sums the same exact integers in eight lanes of four columns instead, so the two agree within fp32
+// rounding, not bit for bit; rows are kept apart as for bf16 (rows of x padded to 16, one order of blocks).
+
+// Whether an [N, K] int8 product runs here: whole 32-column blocks and at least one tile of 16 weight rows.
+inline bool runs_int8(int64_t N, int64_t K) { return K % TILE_K == 0 && N >= TILE_ROWS && permitted(); }
+
+// Tiles 0 and 3: int32 products of alternate blocks; 1 and 4: their weights (16 rows x 32 bytes); 2 and 5: their x
+// (8 rows of 4-column quads x 16 rows of x).
+inline void configure_int8() {
+  TileConfig c;
+  for (int t : {0, 3}) c.rows[t] = 16, c.colsb[t] = 64;
+  for (int t : {1, 4}) c.rows[t] = 16, c.colsb[t] = 32;
+  for (int t : {2, 5}) c.rows[t] = 8, c.colsb[t] = 64;
+  _tile_loadconfig(&c);
+}
+
+// Group g of the quantized rows xq [M, K] with their scales xs [M, K / 32] (zeros past M) -> out [K / 32][8][16]
+// words, block j's column quad r of the group's row i at word (8 j + r) * 16 + i, and sc [K / 32][16] floats.
+inline void pack_group_int8(const int8_t* xq, const float* xs, int64_t M, int64_t K, int64_t g, int8_t* out,
+                            float* sc) {
+  const int64_t rows = std::min<int64_t>(TILE_ROWS, M - g * TILE_ROWS), blocks = K / TILE_K;
+  float* words = reinterpret_cast<float*>(out);  // moved as floats: the transpose only shuffles them
+  for (int64_t k = 0; k < K; k += 64) {
+    const int quads = k + 64 <= K ? 16 : 8;
+    const __mmask16 mask = quads == 16 ? 0xFFFF : 0x00FF;
+    __m512 r[16];
+    for (int64_t i = 0; i < TILE_ROWS; ++i)
+      r[i] = i < rows ? _mm512_maskz_loadu_ps(mask, xq + (g * TILE_ROWS + i) * K + k) : _mm512_setzero_ps();
+    transpose16(r);
+    for (int p = 0; p < quads; ++p) _mm512_storeu_ps(words + (k / 4 + p) * TILE_ROWS, r[p]);
+  }
+  for (int64_t j = 0; j < blocks; ++j)
+    for (int64_t i = 0; i < TILE_ROWS; ++i) sc[j * TILE_ROWS + i] = i < rows ? xs[(g * TILE_ROWS + i) * blocks + j] : 0.0f;
+}
+
+// y for group g of x against weight rows [n0, n0 + 16) of w [N, K] (read in place, rows K bytes apart), blocks added
+// up in order; `ahead` (or null) is prefetched along the way.
+inline void tile_int8(const int8_t* w, const float* row_scale, const int8_t* xg, const float* sc, int64_t M,
+                      int64_t K, float* y, int64_t N, int64_t n0, int64_t g, const char* ahead) {
+  const int64_t blocks = K / TILE_K;
+  const int8_t* w0 = w + n0 * K;
+  __m512 acc[16];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  alignas(64) int32_t c[2][16][16];  // block j's products land in c[j % 2], read after the next block's store
+  auto add = [&](int64_t j) {
+    const __m512 s = _mm512_loadu_ps(sc + j * TILE_ROWS);
+    for (int r = 0; r < 16; ++r)
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c[j % 2][r])), s, acc[r]);
+  };
+  auto prefetch = [&](int64_t j) {
+    if (ahead != nullptr)
+      for (int64_t b = 0; b < TILE_ROWS * TILE_K; b += 64) _mm_prefetch(ahead + j * TILE_ROWS * TILE_K + b, _MM_HINT_T0);
+  };
+  // Even blocks in tile 0, odd ones in tile 3; a block's product is issued before the previous one is stored, and a
+  // stored block is added up after the next one's store, so neither waits on the other.
+  auto issue0 = [&](int64_t j) {
+    _tile_zero(0);
+    _tile_loadd(1, w0 + j * TILE_K, K);
+    _tile_loadd(2, xg + j * TILE_ROWS * TILE_K, 64);
+    _tile_dpbssd(0, 1, 2);
+  };
+  auto issue3 = [&](int64_t j) {
+    _tile_zero(3);
+    _tile_loadd(4, w0 + j * TILE_K, K);
+    _tile_loadd(5, xg + j * TILE_ROWS * TILE_K, 64);
+    _tile_dpbssd(3, 4, 5);
+  };
+  issue0(0);
+  for (int64_t j = 0; j < blocks; j += 2) {
+    prefetch(j);
+    if (j + 1 < blocks) issue3(j + 1);
+    _tile_stored(0, &c[0][0][0], 64);
+    if (j > 0) add(j - 1);
+    if (j + 1 < blocks) {
+      prefetch(j + 1);
+      if (j + 2 < blocks) issue0(j + 2);
+      _tile_stored(3, &c[1][0][0], 64);
+      add(j);
+    }
+  }
+  add(blocks - 1);
+  transpose16(acc);  // acc[i]: row i of x against the 16 weight rows
+  const __m512 scale = _mm512_loadu_ps(row_scale + n0);
+  const int64_t m0 = g * TILE_ROWS, rows = std::min<int64_t>(TILE_ROWS, M - m0);
+  for (int64_t i = 0; i < rows; ++i) _mm512_storeu_ps(y + (m0 + i) * N + n0, _mm512_mul_ps(acc[i], scale));
+}
+
+#endif
+
 }  // namespace tf_amx
 
 #endif
