@@ -59,7 +59,46 @@ void qk_norm_rope(float* qkv, int64_t tokens, int64_t row_stride, int64_t heads,
 template <int G>
 void head_scores(const float* q, const float* k_cache, const int64_t* rows, int64_t span, int64_t dim, float scale,
                  float* scores) {
-  for (int64_t p = 0; p < span; ++p) {
+  // Key p's G scores from their two 8-lane halves: the 8-column tail into the first, the halves added and summed,
+  // the scalar tail, the scale.
+  auto finish = [&](int64_t p, const float* kp, __m256* a0, __m256* a1, int64_t d) {
+    for (; d + 8 <= dim; d += 8) {
+      const __m256 k0 = _mm256_loadu_ps(kp + d);
+      for (int j = 0; j < G; ++j) a0[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * dim + d), k0, a0[j]);
+    }
+    for (int j = 0; j < G; ++j) {
+      float sc = hsum(_mm256_add_ps(a0[j], a1[j]));
+      for (int64_t t = d; t < dim; ++t) sc += q[j * dim + t] * kp[t];
+      scores[j * span + p] = sc * scale;
+    }
+  };
+  int64_t p = 0;
+#ifdef __AVX512F__
+  // Two keys at a time: 2G independent FMA chains keep both FMA ports busy where G chains wait on the latency.
+  for (; p + 2 <= span; p += 2) {
+    const float* kp[2] = {k_cache + rows[p], k_cache + rows[p + 1]};
+    __m512 a[2][G];
+    for (int j = 0; j < G; ++j) a[0][j] = a[1][j] = _mm512_setzero_ps();
+    int64_t d = 0;
+    for (; d + 16 <= dim; d += 16) {
+      const __m512 k0 = _mm512_loadu_ps(kp[0] + d), k1 = _mm512_loadu_ps(kp[1] + d);
+      for (int j = 0; j < G; ++j) {
+        const __m512 qv = _mm512_loadu_ps(q + j * dim + d);
+        a[0][j] = _mm512_fmadd_ps(qv, k0, a[0][j]);
+        a[1][j] = _mm512_fmadd_ps(qv, k1, a[1][j]);
+      }
+    }
+    for (int key = 0; key < 2; ++key) {
+      __m256 a0[G], a1[G];
+      for (int j = 0; j < G; ++j) {
+        a0[j] = _mm512_castps512_ps256(a[key][j]);
+        a1[j] = _mm512_extractf32x8_ps(a[key][j], 1);
+      }
+      finish(p + key, kp[key], a0, a1, d);
+    }
+  }
+#endif
+  for (; p < span; ++p) {
     const float* kp = k_cache + rows[p];
     __m256 a0[G], a1[G];
     int64_t d = 0;
@@ -84,15 +123,7 @@ void head_scores(const float* q, const float* k_cache, const int64_t* rows, int6
       }
     }
 #endif
-    for (; d + 8 <= dim; d += 8) {
-      const __m256 k0 = _mm256_loadu_ps(kp + d);
-      for (int j = 0; j < G; ++j) a0[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * dim + d), k0, a0[j]);
-    }
-    for (int j = 0; j < G; ++j) {
-      float sc = hsum(_mm256_add_ps(a0[j], a1[j]));
-      for (int64_t t = d; t < dim; ++t) sc += q[j * dim + t] * kp[t];
-      scores[j * span + p] = sc * scale;
-    }
+    finish(p, kp, a0, a1, d);
   }
 }
 
@@ -103,6 +134,24 @@ template <int G>
 void head_values(const float* weights, const float* v_cache, const int64_t* rows, int64_t span, int64_t dim,
                  float* acc) {
   int64_t d = 0;
+#ifdef __AVX512F__
+  for (; d + 32 <= dim; d += 32) {  // two 16-column blocks: 2G independent FMA chains, as in head_scores
+    __m512 a[G][2];
+    for (int j = 0; j < G; ++j) a[j][0] = a[j][1] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < span; ++p) {
+      const __m512 v0 = _mm512_loadu_ps(v_cache + rows[p] + d), v1 = _mm512_loadu_ps(v_cache + rows[p] + d + 16);
+      for (int j = 0; j < G; ++j) {
+        const __m512 w = _mm512_set1_ps(weights[j * span + p]);
+        a[j][0] = _mm512_fmadd_ps(w, v0, a[j][0]);
+        a[j][1] = _mm512_fmadd_ps(w, v1, a[j][1]);
+      }
+    }
+    for (int j = 0; j < G; ++j) {
+      _mm512_storeu_ps(acc + j * dim + d, a[j][0]);
+      _mm512_storeu_ps(acc + j * dim + d + 16, a[j][1]);
+    }
+  }
+#endif
   for (; d + 16 <= dim; d += 16) {
 #ifdef __AVX512F__
     __m512 a[G];
@@ -212,7 +261,9 @@ void paged_decode_attention(const float* q, int64_t q_stride, const float* k_cac
   }
   const int64_t tasks = first[batch];
   const int nt = static_cast<int>(std::min<int64_t>(threads, tasks));
-  std::vector<float> best(tasks * group), total(tasks * group), acc(tasks * group * dim);
+  float* best = tf::reusable<float, 10>(tasks * group);
+  float* total = tf::reusable<float, 11>(tasks * group);
+  float* acc = tf::reusable<float, 12>(tasks * group * dim);
 #pragma omp parallel num_threads(nt)
   {
     PartScratch scratch;
@@ -223,8 +274,8 @@ void paged_decode_attention(const float* q, int64_t q_stride, const float* k_cac
       const int64_t span = hi[b] - lo[b], p0 = std::min(span, part * PART_SPAN);
       const int64_t p1 = std::min(span, p0 + PART_SPAN);
       attend_part(q + b * q_stride + h * group * dim, k_cache, v_cache, blocks + b * max_blocks, lo[b], p0, p1, h,
-                  group, kv_heads, dim, block_size, scale, scratch, best.data() + task * group,
-                  total.data() + task * group, acc.data() + task * group * dim);
+                  group, kv_heads, dim, block_size, scale, scratch, best + task * group,
+                  total + task * group, acc + task * group * dim);
     }
 #pragma omp for schedule(static)
     for (int64_t pair = 0; pair < pairs; ++pair) {
@@ -239,7 +290,7 @@ void paged_decode_attention(const float* q, int64_t q_stride, const float* k_cac
           if (total[i] == 0.0f) continue;  // an empty part
           const float w = std::exp(best[i] - m);
           sum += total[i] * w;
-          const float* a = acc.data() + i * dim;
+          const float* a = acc + i * dim;
           for (int64_t d = 0; d < dim; ++d) o[d] += a[d] * w;
         }
         const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;

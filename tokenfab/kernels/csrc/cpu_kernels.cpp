@@ -337,16 +337,6 @@ inline void row_block(int64_t b, int64_t N, Block&& block, Row&& row) {
   }
 }
 
-// At least n elements of the calling thread's buffer `Tag`, kept between calls: a fresh allocation of a batch's
-// size would fault in zeroed pages on every call (measured: 14 % of a 512-row int8 product). A buffer grows, never
-// shrinks, and callers write every element they read.
-template <class T, int Tag>
-T* reusable(size_t n) {
-  static thread_local std::vector<T> buffer;
-  if (buffer.size() < n) buffer.resize(n);
-  return buffer.data();
-}
-
 // Scratch of a product shared by the threads of the region (each also has a panel of its own): x transposed for the
 // fp32 GEMM tiles, or split into bf16 terms for the AMX tiles, in a buffer of the thread that prepared it.
 struct GemmScratch {
@@ -365,11 +355,11 @@ inline void linear_amx(const BF16& d, const float* x, float* y, int64_t M, int64
   const int64_t groups = (M + TILE_ROWS - 1) / TILE_ROWS;
   const uint16_t* xb;
   if (groups == 1) {  // decode-sized: each thread packs its own copy, no barrier before the tiles
-    xb = reusable<uint16_t, 1>(packed_size(M, K));
+    xb = tf::reusable<uint16_t, 1>(packed_size(M, K));
     pack_group(x, M, K, 0, const_cast<uint16_t*>(xb));
   } else {
 #pragma omp single
-    shared.xb = reusable<uint16_t, 0>(packed_size(M, K));
+    shared.xb = tf::reusable<uint16_t, 0>(packed_size(M, K));
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < groups; ++g) pack_group(x, M, K, g, shared.xb + g * 2 * TILE_ROWS * K);
     xb = shared.xb;
@@ -411,7 +401,7 @@ void linear_shared(const D& d, const float* x, float* y, int64_t M, int64_t N, i
     const int64_t Mp = (M + 7) / 8 * 8;
 #pragma omp single
     {
-      shared.xt = reusable<float, 0>(K * Mp);
+      shared.xt = tf::reusable<float, 0>(K * Mp);
       transpose_x(x, M, K, shared.xt, Mp);
     }
     const int64_t blocks = (N + PANEL_ROWS - 1) / PANEL_ROWS;
@@ -442,7 +432,7 @@ void linear(const D& d, const float* x, float* y, int64_t M, int64_t N, int64_t 
   GemmScratch shared;
 #pragma omp parallel num_threads(threads)
   {
-    float* panel = reusable<float, 2>(M >= PANEL_MIN_M ? PANEL_ROWS * K : 0);
+    float* panel = tf::reusable<float, 2>(M >= PANEL_MIN_M ? PANEL_ROWS * K : 0);
     linear_shared(d, x, y, M, N, K, panel, shared);
   }
 }
@@ -470,7 +460,7 @@ struct Q8Rows {
 // For 4-bit codes the columns of each 16-group are stored even-then-odd, the order nibbles unpack in. Rows are
 // quantized on their own, by `threads` threads for a large x, into the calling thread's reusable buffers.
 Q8Rows quantize_rows(const float* x, int64_t M, int64_t K, bool even_odd_16, int threads) {
-  const Q8Rows r{reusable<int8_t, 0>(M * K), reusable<float, 1>(M * (K / 32))};
+  const Q8Rows r{tf::reusable<int8_t, 0>(M * K), tf::reusable<float, 1>(M * (K / 32))};
   const int nt = M * K >= (1 << 16) ? threads : 1;
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t m = 0; m < M; ++m)
@@ -627,8 +617,8 @@ inline void linear_i8_amx(const I8Int& d, const Q8Rows& xr, float* y, int64_t M,
     }
     return;
   }
-  int8_t* xp = reusable<int8_t, 1>(groups * TILE_ROWS * K);
-  float* sc = reusable<float, 5>(groups * blocks * TILE_ROWS);
+  int8_t* xp = tf::reusable<int8_t, 1>(groups * TILE_ROWS * K);
+  float* sc = tf::reusable<float, 5>(groups * blocks * TILE_ROWS);
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(static)
@@ -792,12 +782,12 @@ void tf_gated_act(const float* gu, float* out, int64_t rows, int64_t inter, int 
 // computed exactly as tf_linear_bf16 and tf_gated_act compute it (so the result is theirs bit for bit).
 void tf_gated_mlp_bf16(const float* x, const uint16_t* w_gu, const uint16_t* w_down, float* y, int64_t M, int64_t K,
                        int64_t inter, int64_t hidden, int gelu, int threads) {
-  float* gu = reusable<float, 3>(M * 2 * inter);
-  float* act = reusable<float, 4>(M * inter);
+  float* gu = tf::reusable<float, 3>(M * 2 * inter);
+  float* act = tf::reusable<float, 4>(M * inter);
   GemmScratch shared;
 #pragma omp parallel num_threads(threads)
   {
-    float* panel = reusable<float, 2>(M >= PANEL_MIN_M ? PANEL_ROWS * std::max(K, inter) : 0);
+    float* panel = tf::reusable<float, 2>(M >= PANEL_MIN_M ? PANEL_ROWS * std::max(K, inter) : 0);
     linear_shared(BF16{w_gu, K}, x, gu, M, 2 * inter, K, panel, shared);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < M; ++r) gated_act_row(gu + r * 2 * inter, act + r * inter, inter, gelu != 0);

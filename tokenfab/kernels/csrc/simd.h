@@ -6,7 +6,9 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace tf {
 
@@ -61,6 +63,17 @@ inline void rmsnorm_row(const float* x, const float* w, float* out, int64_t dim,
   for (k = 0; k + 8 <= dim; k += 8)
     _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), iv), _mm256_loadu_ps(w + k)));
   for (; k < dim; ++k) out[k] = x[k] * inv * w[k];
+}
+
+// At least n elements of the calling thread's buffer `Tag`, kept between calls: a fresh allocation of a batch's
+// size would fault in zeroed pages on every call (measured: 14 % of a 512-row int8 product, 23 % of a 1024-token
+// prefill). A buffer grows, never shrinks, and callers write every element they read. Tags are unique across the
+// library (cpu_kernels.cpp 0-5 per type, attention_kernels.cpp 10-12).
+template <class T, int Tag>
+T* reusable(size_t n) {
+  static thread_local std::vector<T> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
 }
 
 }  // namespace tf
