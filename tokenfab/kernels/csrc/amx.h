@@ -40,7 +40,8 @@ inline bool permitted() {
   return ok;
 }
 
-// Whether a [N, K] bf16 product runs here: K whole tile steps and at least one block of 16 weight rows.
+// Whether an [N, K] product (bf16 or int8) runs on tiles: whole 32-column steps and at least one tile of 16 weight
+// rows, in a process with tile state.
 inline bool runs(int64_t N, int64_t K) { return K % TILE_K == 0 && N >= TILE_ROWS && permitted(); }
 
 struct alignas(64) TileConfig {
@@ -195,9 +196,6 @@ inline int64_t packed_size(int64_t M, int64_t K) { return (M + TILE_ROWS - 1) / 
 // fp32 accumulator per output (acc = fma(float(dot), scale, acc)); the weight row's scale multiplies the sum. The
 // VNNI path sums the same exact integers in eight lanes of four columns instead, so the two agree within fp32
 // rounding, not bit for bit; rows are kept apart as for bf16 (rows of x padded to 16, one order of blocks).
-
-// Whether an [N, K] int8 product runs here: whole 32-column blocks and at least one tile of 16 weight rows.
-inline bool runs_int8(int64_t N, int64_t K) { return K % TILE_K == 0 && N >= TILE_ROWS && permitted(); }
 
 // Tiles 0 and 3: int32 products of alternate blocks; 1 and 4: their weights (16 rows x 32 bytes); 2 and 5: their x
 // (8 rows of 4-column quads x 16 rows of x).

@@ -645,7 +645,7 @@ void linear_int(const D& d, const float* x, float* y, int64_t M, int64_t N, int6
   const Q8Rows xr = quantize_rows(x, M, K, even_odd_16, threads);
 #ifdef TF_AMX_INT8
   if constexpr (std::is_same_v<D, I8Int>) {
-    if (tf_amx::runs_int8(N, K)) {
+    if (tf_amx::runs(N, K)) {
       linear_i8_amx(d, xr, y, M, N, K, threads);
       return;
     }
