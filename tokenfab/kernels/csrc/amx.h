@@ -51,15 +51,22 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Eight tiles of 16 rows of 64 bytes (see `tiles` for their roles).
-inline void configure() {
-  TileConfig c;
-  for (int t = 0; t < 8; ++t) {
-    c.colsb[t] = 64;
-    c.rows[t] = 16;
-  }
-  _tile_loadconfig(&c);
+// Configs are loaded from static storage: GCC drops the stores to a local config that only ldtilecfg reads (seen
+// where two inlined configurations share a stack slot).
+inline const TileConfig* config() {
+  static const TileConfig c = [] {
+    TileConfig t;
+    for (int i = 0; i < 8; ++i) {
+      t.colsb[i] = 64;
+      t.rows[i] = 16;
+    }
+    return t;
+  }();
+  return &c;
 }
+
+// Eight tiles of 16 rows of 64 bytes (see `tiles` for their roles).
+inline void configure() { _tile_loadconfig(config()); }
 
 // r[i] <- column i of the 16 x 16 block whose rows are r[0..15]: unpack pairs, pairs of pairs, then 128-bit lanes
 // twice.
@@ -200,10 +207,13 @@ inline int64_t packed_size(int64_t M, int64_t K) { return (M + TILE_ROWS - 1) / 
 // Tiles 0 and 3: int32 products of alternate blocks; 1 and 4: their weights (16 rows x 32 bytes); 2 and 5: their x
 // (8 rows of 4-column quads x 16 rows of x).
 inline void configure_int8() {
-  TileConfig c;
-  for (int t : {0, 3}) c.rows[t] = 16, c.colsb[t] = 64;
-  for (int t : {1, 4}) c.rows[t] = 16, c.colsb[t] = 32;
-  for (int t : {2, 5}) c.rows[t] = 8, c.colsb[t] = 64;
+  static const TileConfig c = [] {  // static storage: see config()
+    TileConfig t;
+    for (int i : {0, 3}) t.rows[i] = 16, t.colsb[i] = 64;
+    for (int i : {1, 4}) t.rows[i] = 16, t.colsb[i] = 32;
+    for (int i : {2, 5}) t.rows[i] = 8, t.colsb[i] = 64;
+    return t;
+  }();
   _tile_loadconfig(&c);
 }
 
