@@ -195,4 +195,42 @@ def test_paged_attention_is_the_same_bits_at_every_level(level: str) -> None:
         with build.use_level("avx2"):
             reference = attend()
         with build.use_level(level):
-            assert torch.equal(attend(), reference), (heads, kv_heads, dim)
+            out = attend()
+        if level in cpu_isa.TILE_LEVELS and dim % cpu_isa.TILE_ATTENTION_DIM == 0:
+            error = ((out - reference).abs().max() / reference.abs().max()).item()
+            assert 0 < error < cpu_isa.TILE_TOLERANCE, (heads, kv_heads, dim, error)
+        else:
+            assert torch.equal(out, reference), (heads, kv_heads, dim)
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_a_token_attends_the_same_bits_in_a_prefill_chunk_as_decoding_alone(level: str) -> None:
+    """A chunk of queries of one sequence, whole or in two chunks, against each query on its own, with the block index
+    starting where the decode path starts it (the window start's block, at a multiple of ATTENTION_PART positions);
+    head dims on tiles and off them, full attention and sliding windows."""
+    _needs(level)
+    g = torch.Generator().manual_seed(5)
+    block_size, num_blocks, part = 16, 60, kernels.ATTENTION_PART
+    for heads, kv_heads, dim, window in ((4, 1, 256, None), (4, 1, 256, 100), (8, 2, 64, None), (6, 2, 72, 50)):
+        k_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=g)
+        v_cache = torch.randn(num_blocks * block_size, kv_heads, dim, generator=g)
+        table = torch.randperm(num_blocks, generator=g)[:40]
+        pos = torch.arange(300, 500)
+        lo = (pos * 0 if window is None else (pos - window + 1).clamp(min=0)).to(torch.int32)
+        hi = (pos + 1).to(torch.int32)
+        q = torch.randn(len(pos), heads, dim, generator=g)
+        with build.use_level(level):
+            chunk = kernels.paged_prefill_attention(q, k_cache, v_cache, table, lo, hi, block_size, 0.1)
+            halves = torch.cat(
+                [kernels.paged_prefill_attention(q[a:b], k_cache, v_cache, table, lo[a:b], hi[a:b], block_size, 0.1)
+                 for a, b in ((0, 77), (77, len(pos)))]
+            )
+            alone = []
+            for t in range(len(pos)):
+                first = int(lo[t]) // part * part // block_size
+                shift = first * block_size
+                alone.append(kernels.paged_decode_attention(
+                    q[t : t + 1], k_cache, v_cache, table[first:][None], lo[t : t + 1] - shift, hi[t : t + 1] - shift,
+                    block_size, 0.1)[0])
+        assert torch.equal(chunk, torch.stack(alone)), (heads, kv_heads, dim, window)
+        assert torch.equal(halves, chunk)

@@ -297,6 +297,9 @@ def test_gguf_format_needs_a_gguf_model(tiny_model) -> None:
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, in a small village by the sea,",
            "Water boils at a temperature of"]
 NEW_TOKENS = 32
+NEAR_TIE = 0.25
+"""Largest log-probability margin of the fp32 model's token over the packed model's where their texts part (measured:
+0.04 and 0.11 nats; the packed model's logits are 2-3 % off in norm)."""
 
 
 @pytest.mark.slow
@@ -304,7 +307,8 @@ NEW_TOKENS = 32
 def test_default_model_packed_follows_its_dequantized_self() -> None:
     """Measured: first-step logits 2.3-3.4 % off in norm (int8 activations in 73 matmuls, each ~1 %, compounding
     over 18 layers); the same greedy token as the fp32 model at 94-100 % of teacher-forced positions; free-running
-    greedy continuations identical for the first 10-32 tokens (then a near-tie flips and the texts part)."""
+    greedy continuations identical until a near-tie of the fp32 model flips (after 3-32 tokens: int8 activations
+    round differently for inputs that differ in their last bits, as attention on tiles makes them)."""
     from gguf import GGUFReader
 
     from tokenfab.loader.default_model import default_model_path
@@ -321,10 +325,13 @@ def test_default_model_packed_follows_its_dequantized_self() -> None:
             prompt = reference.tokenizer.encode(text)
             expected = reference.generate([prompt], params)[0].outputs[0].token_ids
             got = packed_llm.generate([prompt], params)[0].outputs[0].token_ids
-            assert got[:6] == expected[:6], text
             sequence = prompt + expected
             want, have = (m.compute_logits(window_hidden(m, sequence)) for m in (ref_model, model))
             first = len(prompt) - 1
+            part = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), None)
+            if part is not None:  # the texts part only where the fp32 model nearly ties the two tokens
+                logprobs = torch.log_softmax(want[first + part], dim=-1)
+                assert (logprobs[expected[part]] - logprobs[got[part]]).item() < NEAR_TIE, (text, part)
             assert ((have[first] - want[first]).norm() / want[first].norm()).item() < 0.06, text
             scored = slice(first, first + NEW_TOKENS)
             same += int((have[scored].argmax(-1) == want[scored].argmax(-1)).sum())

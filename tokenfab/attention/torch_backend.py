@@ -42,7 +42,7 @@ class PrefillSlice:
         return self._sdpa
 
     def paged(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For the CPU kernel: [q, blocks] block ids and each query's [lo, hi) positions in them (int32)."""
+        """For the CPU kernel: the chunk's block ids and each query's [lo, hi) positions in them (int32)."""
         if self._paged is None:
             self._paged = _paged_queries(self.seq, self.group, self.window, self.block_size)
         return self._paged
@@ -77,12 +77,18 @@ def _key_start(seq: SeqLayout, window: int | None) -> int:
     return 0 if window is None else max(0, seq.context_start - window + 1)
 
 
+def _first_block(seq: SeqLayout, window: int | None, block_size: int) -> int:
+    """First block of the kernels' block index: the key start's block, rounded down to a multiple of
+    ATTENTION_PART positions (blocks before the key start are never read)."""
+    return _key_start(seq, window) // kernels.ATTENTION_PART * kernels.ATTENTION_PART // block_size
+
+
 def _decode_metadata(
     seqs: list[SeqLayout], g: int, window: int | None, block_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Whole blocks per sequence (a block is one contiguous copy), a mask of the positions that count, and the
     same positions as [lo, hi) spans."""
-    spans = [(_key_start(s, window) // block_size, -(-s.context_end // block_size)) for s in seqs]
+    spans = [(_first_block(s, window, block_size), -(-s.context_end // block_size)) for s in seqs]
     width = max(end - start for start, end in spans)
     index = np.zeros((len(seqs), width), dtype=np.int64)
     mask = np.zeros((len(seqs), width * block_size), dtype=bool)
@@ -105,13 +111,12 @@ def _paged_queries(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The chunk's queries as single-token sequences for the paged kernel: each attends to [its window start, its
     position], given relative to the chunk's first block."""
-    first = _key_start(seq, window) // block_size
+    first = _first_block(seq, window, block_size)
     blocks = np.asarray(seq.block_tables[g][first : -(-seq.context_end // block_size)], dtype=np.int64)
     pos = np.arange(seq.context_start, seq.context_end)
     lo = np.zeros_like(pos) if window is None else np.maximum(0, pos - window + 1)
-    index = np.broadcast_to(blocks, (len(pos), len(blocks))).copy()
     return (
-        torch.from_numpy(index),
+        torch.from_numpy(blocks),
         torch.from_numpy((lo - first * block_size).astype(np.int32)),
         torch.from_numpy((pos + 1 - first * block_size).astype(np.int32)),
     )
@@ -263,7 +268,7 @@ def _prefill(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, p: PrefillSlice, scale: float, block_size: int
 ) -> torch.Tensor:
     if _kernel_decode(k_cache):
-        return kernels.paged_decode_attention(q, k_cache, v_cache, *p.paged(), block_size, scale)
+        return kernels.paged_prefill_attention(q, k_cache, v_cache, *p.paged(), block_size, scale)
     key_index, mask = p.sdpa()
     keys = k_cache[key_index].transpose(0, 1).unsqueeze(0)
     values = v_cache[key_index].transpose(0, 1).unsqueeze(0)

@@ -183,6 +183,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tf_gated_mlp_bf16": [p, p, p, p, i64, i64, i64, i64, i32, i32],
         "tf_qk_norm_rope": [p, i64, i64, i64, i64, i64, p, p, f32, p, p, i32],
         "tf_paged_decode_attention": [p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, f32, p, i32],
+        "tf_paged_prefill_attention": [p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, f32, p, i32],
         "tf_decode_attention_step": [
             p,
             i64,

@@ -255,6 +255,12 @@ def qk_norm_rope_(
     )
 
 
+ATTENTION_PART = 128
+"""Positions per part of the attention kernels' split (on the amx level parts sit at multiples of this in the
+block index): callers start a block index at an absolute position that is a multiple of it, so a token's result is
+the same bits however its index was built (decode or prefill chunk)."""
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -279,6 +285,43 @@ def paged_decode_attention(
         _ptr(lo),
         _ptr(hi),
         batch,
+        heads,
+        k_cache.shape[1],
+        dim,
+        block_size,
+        scale,
+        _ptr(out),
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    blocks: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """q [T, H, D] float32: T query tokens of one sequence whose block ids are `blocks` (int64 [max_blocks]); token
+    t attends to positions [lo[t], hi[t]) (int32). Each token's row is the same bits as paged_decode_attention gives
+    it alone with the same block list. Returns [T, H, D]."""
+    tokens, heads, dim = q.shape
+    q = q.contiguous()
+    blocks = blocks.contiguous()
+    out = torch.empty_like(q)
+    library().tf_paged_prefill_attention(
+        _ptr(q),
+        _ptr(k_cache),
+        _ptr(v_cache),
+        _ptr(blocks),
+        blocks.shape[0],
+        _ptr(lo),
+        _ptr(hi),
+        tokens,
         heads,
         k_cache.shape[1],
         dim,

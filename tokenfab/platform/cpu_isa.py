@@ -53,17 +53,20 @@ LEVELS: tuple[IsaLevel, ...] = (
 )
 """Best first. Every level below amx computes the same numbers: the float kernels accumulate in one order on all of
 them and the integer dot products are exact, so the choice changes speed only. amx computes bf16-weight products
-(x carried to 16 significand bits) and int8-weight W8A8 products (the same exact block dot products, summed per
-block rather than per lane) on tiles in their own order, within TILE_TOLERANCE of what the lower levels compute;
-every other format computes what the lower levels compute. On every level each row's result is the same bits at
-every batch size."""
+(x carried to 16 significand bits), int8-weight W8A8 products (the same exact block dot products, summed per
+block rather than per lane) and attention on tiles in their own order, within TILE_TOLERANCE of what the lower
+levels compute; every other format computes what the lower levels compute. On every level each row's result is the
+same bits at every batch size, and a token's attention the same bits in a prefill chunk as when it decodes."""
 
 TILE_LEVELS = frozenset({"amx"})
-"""Levels whose bf16 and W8A8 products differ from the lower levels' within TILE_TOLERANCE."""
+"""Levels whose bf16 and W8A8 products (and attention) differ from the lower levels' within TILE_TOLERANCE."""
 TILED_FORMATS = ("bf16", "W8A8")
 """The weight formats a tile level runs on tiles."""
 TILE_TOLERANCE = 2e-5
 """Largest difference from the lower levels' result, relative to the output's scale, of a product on AMX tiles."""
+TILE_ATTENTION_DIM = 32
+"""A tile level also runs attention on tiles (queries, keys, values and weights split into two bf16 terms, within
+TILE_TOLERANCE) for head dims that are a multiple of this with at most 16 query heads per kv head."""
 
 
 def level(name: str) -> IsaLevel:
