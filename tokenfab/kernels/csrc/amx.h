@@ -138,7 +138,7 @@ inline void tiles(const uint16_t* w0, const uint16_t* xg, int64_t M, int64_t K, 
   if constexpr (TILES == 2 && GROUPS == 2) _tile_zero(3);
   for (int64_t s = 0; s < steps; ++s) {
     if (ahead != nullptr)
-      for (int64_t b = 0; b < ahead_per_step; b += 64) _mm_prefetch(ahead + s * ahead_per_step + b, _MM_HINT_T0);
+      for (int64_t b = 0; b < ahead_per_step; b += 64) _mm_prefetch(ahead + s * ahead_per_step + b, _MM_HINT_T1);
     _tile_loadd(4, w0 + s * TILE_K, K * 2);
     if constexpr (TILES == 2) _tile_loadd(5, w0 + TILE_ROWS * K + s * TILE_K, K * 2);
     // Both groups' hi terms, then both lo terms: an accumulator's two updates of a step are three tile products
@@ -252,7 +252,7 @@ inline void tile_int8(const int8_t* w, const float* row_scale, const int8_t* xg,
   };
   auto prefetch = [&](int64_t j) {
     if (ahead != nullptr)
-      for (int64_t b = 0; b < TILE_ROWS * TILE_K; b += 64) _mm_prefetch(ahead + j * TILE_ROWS * TILE_K + b, _MM_HINT_T0);
+      for (int64_t b = 0; b < TILE_ROWS * TILE_K; b += 64) _mm_prefetch(ahead + j * TILE_ROWS * TILE_K + b, _MM_HINT_T1);
   };
   // Even blocks in tile 0, odd ones in tile 3; a block's product is issued before the previous one is stored, and a
   // stored block is added up after the next one's store, so neither waits on the other.

@@ -106,7 +106,7 @@ constexpr int64_t PREFETCH_AHEAD = 8192;
 template <class D, int NBK>
 inline void prefetch_block(const D& d, int64_t K, int64_t n0, int64_t k, int64_t cols) {
   const char* p = static_cast<const char*>(d.data()) + (n0 * K + k * NBK) * D::BITS / 8 + PREFETCH_AHEAD;
-  for (int64_t b = 0; b < cols * NBK * D::BITS / 8; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+  for (int64_t b = 0; b < cols * NBK * D::BITS / 8; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
 }
 
 // ---- One order of accumulation for every batch size and ISA level. Each output y[m, n] is summed in eight lanes,

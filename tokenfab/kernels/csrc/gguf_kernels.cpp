@@ -409,7 +409,7 @@ __attribute__((noinline)) void tile(const uint8_t* w, int64_t K, const XRow* x, 
   for (int64_t j = 0; j < steps; ++j) {
     if constexpr (PREFETCH) {
       until += step_bytes;
-      for (; fetched < until; fetched += 64) _mm_prefetch(fetched, _MM_HINT_T0);
+      for (; fetched < until; fetched += 64) _mm_prefetch(fetched, _MM_HINT_T1);
     }
     F::template step<MB, NBK>(w, row_bytes, K, j, x, acc);
   }
