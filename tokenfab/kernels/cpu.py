@@ -273,27 +273,7 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """q [B, H, D] float32; caches [slots, KVH, D] float32; blocks int64 [B, max_blocks]; sequence b attends to
     positions [lo[b], hi[b]) (int32) of its block list. Returns [B, H, D]."""
-    batch, heads, dim = q.shape
-    q = q.contiguous()
-    out = torch.empty_like(q)
-    library().tf_paged_decode_attention(
-        _ptr(q),
-        _ptr(k_cache),
-        _ptr(v_cache),
-        _ptr(blocks),
-        blocks.shape[1],
-        _ptr(lo),
-        _ptr(hi),
-        batch,
-        heads,
-        k_cache.shape[1],
-        dim,
-        block_size,
-        scale,
-        _ptr(out),
-        torch.get_num_threads(),
-    )
-    return out
+    return _paged("tf_paged_decode_attention", q, k_cache, v_cache, blocks, lo, hi, block_size, scale)
 
 
 def paged_prefill_attention(
@@ -309,19 +289,32 @@ def paged_prefill_attention(
     """q [T, H, D] float32: T query tokens of one sequence whose block ids are `blocks` (int64 [max_blocks]); token
     t attends to positions [lo[t], hi[t]) (int32). Each token's row is the same bits as paged_decode_attention gives
     it alone with the same block list. Returns [T, H, D]."""
-    tokens, heads, dim = q.shape
-    q = q.contiguous()
-    blocks = blocks.contiguous()
+    return _paged("tf_paged_prefill_attention", q, k_cache, v_cache, blocks, lo, hi, block_size, scale)
+
+
+def _paged(
+    entry: str,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    blocks: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    rows, heads, dim = q.shape
+    q, blocks = q.contiguous(), blocks.contiguous()
     out = torch.empty_like(q)
-    library().tf_paged_prefill_attention(
+    getattr(library(), entry)(
         _ptr(q),
         _ptr(k_cache),
         _ptr(v_cache),
         _ptr(blocks),
-        blocks.shape[0],
+        blocks.shape[-1],
         _ptr(lo),
         _ptr(hi),
-        tokens,
+        rows,
         heads,
         k_cache.shape[1],
         dim,

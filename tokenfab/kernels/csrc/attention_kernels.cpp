@@ -417,6 +417,17 @@ inline void pack_queries(const float* const* rows, int64_t M, int64_t dim, uint1
     }
 }
 
+// One tile step of both products: accumulators 0 and 1 share the A operand's terms (4: hi, 5: lo) against their own
+// B operands' (2, 3 and 6, 7); each adds hi.hi, lo.hi, hi.lo, the two accumulators' updates interleaved.
+inline void products() {
+  _tile_dpbf16ps(0, 4, 2);
+  _tile_dpbf16ps(1, 4, 6);
+  _tile_dpbf16ps(0, 5, 2);
+  _tile_dpbf16ps(1, 5, 6);
+  _tile_dpbf16ps(0, 4, 3);
+  _tile_dpbf16ps(1, 4, 7);
+}
+
 inline __m512 exp512(__m512 x) {
   const __m256 lo = tf::exp256(_mm512_castps512_ps256(x)), hi = tf::exp256(_mm512_extractf32x8_ps(x, 1));
   return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
@@ -449,12 +460,7 @@ void part_tile(const uint16_t* qp, const uint16_t* part, int64_t M, int64_t dim,
       _tile_loadd(3, k0 + 16 * dim + s * 16 * 32, 64);
       _tile_loadd(6, k1 + s * 16 * 32, 64);
       _tile_loadd(7, k1 + 16 * dim + s * 16 * 32, 64);
-      _tile_dpbf16ps(0, 4, 2);
-      _tile_dpbf16ps(1, 4, 6);
-      _tile_dpbf16ps(0, 5, 2);
-      _tile_dpbf16ps(1, 5, 6);
-      _tile_dpbf16ps(0, 4, 3);
-      _tile_dpbf16ps(1, 4, 7);
+      products();
     }
     _tile_stored(0, &st[0][j * STEP], PART * 4);
     _tile_stored(1, &st[0][j * STEP + 16], PART * 4);
@@ -501,12 +507,7 @@ void part_tile(const uint16_t* qp, const uint16_t* part, int64_t M, int64_t dim,
       _tile_loadd(3, vl, 64);
       _tile_loadd(6, vh + TILE_ROWS * 32, 64);
       _tile_loadd(7, vl + TILE_ROWS * 32, 64);
-      _tile_dpbf16ps(0, 4, 2);
-      _tile_dpbf16ps(1, 4, 6);
-      _tile_dpbf16ps(0, 5, 2);
-      _tile_dpbf16ps(1, 5, 6);
-      _tile_dpbf16ps(0, 4, 3);
-      _tile_dpbf16ps(1, 4, 7);
+      products();
     }
     _tile_stored(0, acc + c0 * 16, dim * 4);
     _tile_stored(1, acc + c0 * 16 + 16, dim * 4);
