@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from gguf import GGUFReader
@@ -61,26 +62,17 @@ def read_gguf_tokenizer(path: str | os.PathLike[str]) -> tuple[Tokenizer, dict[s
     return tokenizer, info
 
 
+@dataclass(frozen=True, slots=True)
 class _GgufVocab:
     """The tokenizer.ggml.* arrays of a file."""
 
-    def __init__(
-        self,
-        model: str,
-        pre: str | None,
-        tokens: list[str],
-        scores: list[float] | None,
-        token_types: list[int],
-        merges: list[str] | None,
-        add_space_prefix: bool | None,
-    ) -> None:
-        self.model = model
-        self.pre = pre
-        self.tokens = tokens
-        self.scores = scores
-        self.token_types = token_types
-        self.merges = merges
-        self.add_space_prefix = add_space_prefix
+    model: str
+    pre: str | None
+    tokens: list[str]
+    scores: list[float] | None
+    token_types: list[int]
+    merges: list[str] | None
+    add_space_prefix: bool | None
 
     @classmethod
     def read(cls, reader: GGUFReader) -> _GgufVocab:

@@ -369,20 +369,16 @@ void pack_part(const Rows& src, int64_t a, int64_t b, uint16_t* out) {
     }
     uint16_t* kh = out + p0 / 16 * 32 * dim;
     uint16_t* kl = kh + 16 * dim;
-    // Each row's terms first (rows read whole, in order), then transposed 16 x 16 words at a time.
-    uint16_t* rows = tf::reusable<uint16_t, 19>(2 * 16 * dim);
-    for (int64_t i = 0; i < 16; ++i)
-      for (int64_t d = 0; d < dim; d += 16) {
-        __m256i h = _mm256_setzero_si256(), l = h;
-        if (kr[i] != nullptr) split(_mm512_loadu_ps(kr[i] + d), h, l);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows + i * dim + d), h);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows + (16 + i) * dim + d), l);
-      }
     for (int64_t s = 0; s < dim / STEP; ++s) {
       __m512 hi[16], lo[16];
       for (int64_t i = 0; i < 16; ++i) {
-        hi[i] = _mm512_loadu_ps(rows + i * dim + s * STEP);
-        lo[i] = _mm512_loadu_ps(rows + (16 + i) * dim + s * STEP);
+        __m256i h0 = _mm256_setzero_si256(), l0 = h0, h1 = h0, l1 = h0;
+        if (kr[i] != nullptr) {
+          split(_mm512_loadu_ps(kr[i] + s * STEP), h0, l0);
+          split(_mm512_loadu_ps(kr[i] + s * STEP + 16), h1, l1);
+        }
+        hi[i] = join(h0, h1);
+        lo[i] = join(l0, l1);
       }
       tf_amx::transpose16(hi);
       tf_amx::transpose16(lo);
@@ -548,10 +544,9 @@ void decode(const float* q, int64_t q_stride, const float* k_cache, const float*
   float* total = tf::reusable<float, 11>(tasks * group);
   float* acc = tf::reusable<float, 12>(tasks * group * dim);
   uint16_t* qp = tf::reusable<uint16_t, 18>(pairs * qsize);  // each (sequence, kv head)'s query terms
-  uint16_t* packed = tf::reusable<uint16_t, 15>(nt * part_size(dim));
 #pragma omp parallel num_threads(nt)
   {
-    uint16_t* part = packed + omp_get_thread_num() * part_size(dim);
+    uint16_t* part = tf::reusable<uint16_t, 15>(part_size(dim));  // this thread's packed part
     configure(group);
 #pragma omp for schedule(static)
     for (int64_t pair = 0; pair < pairs; ++pair) {
