@@ -18,7 +18,7 @@ EXAMPLES = 30
 
 @pytest.fixture(scope="module")
 def live(tiny_model):
-    server = LiveServer(tiny_model("llama"), "--max-model-len", "128", "--request-timeout", "30")
+    server = LiveServer(tiny_model("llama"), "--max-model-len", "128", "--request-timeout", "30", "--enable-docs")
     yield server
     assert server.stop() == 0
 

@@ -164,6 +164,8 @@ def test_request_timeout_aborts_and_frees_blocks(model_path):
 def test_dead_engine_is_reported_not_hung(model_path):
     server = LiveServer(model_path)
     try:
+        assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "w5", "max_tokens": 2}).status_code == 200
+        assert "tokenfab:num_requests_running" in server.metrics() and server.metrics()["tokenfab:engine_alive"] == 1
         with open(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children") as f:
             children = [int(p) for p in f.read().split()]
         for pid in children:
@@ -174,5 +176,9 @@ def test_dead_engine_is_reported_not_hung(model_path):
         assert httpx.get(f"{server.url}/health").status_code == 503
         r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "w5", "max_tokens": 2}, timeout=30)
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_unavailable"
+        m = server.metrics()
+        assert m["tokenfab:engine_alive"] == 0
+        assert "tokenfab:num_requests_running" not in m and "tokenfab:kv_cache_usage_perc" not in m  # not stale
+        assert m['tokenfab:request_rejected_total{model_name="tiny",status="503"}'] >= 1
     finally:
         server.stop()

@@ -14,6 +14,7 @@ ENV_VARS = {
     "TOKENFAB_NUM_THREADS": "torch intra-op threads (default: all cores)",
     "OMP_WAIT_POLICY": "set to PASSIVE on import unless given (spinning workers collapse under contention)",
     "TOKENFAB_DISABLE_CPU_KERNELS": "set to skip building/loading the C++ CPU kernels (torch paths only)",
+    "TOKENFAB_API_KEY": "the key `tokenfab serve` requires when --api-key is not given",
     "CXX": "C++ compiler for the CPU kernels (default: g++ or c++ on PATH)",
 }
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+import secrets
+from collections import defaultdict
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +41,7 @@ class Tokenizer:
         return self.special.eos_token_ids
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.inner.encode(text, add_special_tokens=False).ids
+        ids = _encode(self.inner, text)
         bos = self.special.bos_token_id
         if add_special_tokens and self.special.add_bos_token and bos is not None and (not ids or ids[0] != bos):
             ids = [bos] + ids
@@ -63,8 +67,76 @@ class Tokenizer:
         )
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        # The rendered template already carries BOS where the model wants it.
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        return self.render_chat(messages, add_generation_prompt)[1]
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+        """The conversation through the chat template, as text and token ids. Only the template's own markup
+        becomes control tokens: a message that types one (`<end_of_turn>` in a user turn, to forge a turn) has
+        its content tokenized as plain text. The rendered template already carries BOS where the model wants it.
+        """
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        if not any(self._specials.occurs_in(str(m.get("content") or "")) for m in messages):
+            return text, self.encode(text, add_special_tokens=False)
+        # Render again with a marker in place of each content, then tokenize the template's pieces with control
+        # tokens and the contents without. (The contents go in as sent, so a template's `trim` is not applied.)
+        tag = secrets.token_hex(8)
+        marked = [{**m, "content": f"\ue000{tag}:{i}\ue001"} for i, m in enumerate(messages)]
+        pieces = re.split(f"\ue000{tag}:(\\d+)\ue001", self.apply_chat_template(marked, add_generation_prompt))
+        ids: list[int] = []
+        for k, piece in enumerate(pieces):
+            if k % 2:
+                ids += _encode(self._plain, str(messages[int(piece)].get("content") or ""))
+            elif piece:
+                ids += _encode(self.inner, piece)
+        return text, ids
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The longest token's text: a text longer than this times N characters has more than N tokens."""
+        return max(len(t) for t in self.inner.get_vocab(with_added_tokens=True))
+
+    @cached_property
+    def _specials(self) -> _Occurrences:
+        added = self.inner.get_added_tokens_decoder().values()
+        return _Occurrences([t.content for t in added if t.special and t.content])
+
+    @cached_property
+    def _plain(self) -> tokenizers.Tokenizer:
+        """The same tokenizer reading control-token text as ordinary text."""
+        plain = tokenizers.Tokenizer.from_str(self.inner.to_str())
+        plain.encode_special_tokens = True
+        return plain
+
+
+LONG_TEXT = 4096
+"""Characters above which encoding goes through `encode_batch`, which releases the GIL (`encode` holds it): a
+long prompt tokenized on a worker thread then leaves the server's event loop running."""
+
+
+def _encode(inner: tokenizers.Tokenizer, text: str) -> list[int]:
+    if len(text) > LONG_TEXT:
+        return inner.encode_batch([text], add_special_tokens=False)[0].ids
+    return inner.encode(text, add_special_tokens=False).ids
+
+
+class _Occurrences:
+    """Whether a text contains any of a set of strings: each occurrence of a first character is checked against
+    the strings of each length that start with it (control tokens are a few thousand short strings)."""
+
+    def __init__(self, strings: list[str]) -> None:
+        self._strings = set(strings)
+        self._lengths: dict[str, set[int]] = defaultdict(set)
+        for s in strings:
+            self._lengths[s[0]].add(len(s))
+
+    def occurs_in(self, text: str) -> bool:
+        for first, lengths in self._lengths.items():
+            at = text.find(first)
+            while at != -1:
+                if any(text[at : at + n] in self._strings for n in lengths):
+                    return True
+                at = text.find(first, at + 1)
+        return False
 
 
 def _compile(source: str) -> jinja2.Template:

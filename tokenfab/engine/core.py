@@ -10,6 +10,7 @@ ones count as computed, and the KV blocks of rejected drafts are given back.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -35,6 +36,8 @@ from tokenfab.platform import cpu_isa
 from tokenfab.platform.power import select_meter
 from tokenfab.platform.prices import load_prices
 
+log = logging.getLogger("tokenfab.engine")
+
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
@@ -45,6 +48,8 @@ class EngineCore:
         self.max_model_len = min(config.max_model_len, arch.max_position_embeddings)
         self.dtype, weight_plan = config.resolve_weights()
         device = config.torch_device
+        started = time.monotonic()
+        log.info("loading %s on %s (%s, quantization %s)", self.source.path.name, device, self.dtype, config.quantization)
         self.worker = Worker.load(
             self.source,
             self.dtype,
@@ -56,6 +61,7 @@ class EngineCore:
             config.attention_backend,
         )
         self.model = self.worker.model
+        log.info("model loaded in %.1f s", time.monotonic() - started)
         medium = MEDIUM_CPU if device.type == "cpu" else MEDIUM_GPU
         self.kv = self.worker.kv_manager(config.enable_prefix_caching, medium)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)

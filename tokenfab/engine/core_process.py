@@ -30,6 +30,7 @@ from tokenfab.engine.ipc import (
     to_core_decoder,
 )
 from tokenfab.engine.messages import CoreOutput
+from tokenfab.platform.logs import log_to_stderr
 
 IDLE_POLL_MS = 1000
 """How often an idle core checks that it should go on (its parent is alive, it was not stopped)."""
@@ -74,6 +75,7 @@ def _handle(core: EngineCore, message: AddRequests | Abort, rejected: list[CoreO
 def run_core(config: EngineConfig, input_addr: str, output_addr: str, watch_parent: bool = True) -> None:
     """Process entry point: connect to a front end's two sockets, load the model, serve until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the front end shuts us down
+    log_to_stderr()  # start-up steps (loading, building kernels) beside the front end's lines
     parent = os.getppid()
     ctx = zmq.Context()
     inbox = ctx.socket(zmq.PULL)

@@ -9,6 +9,7 @@ the core to abort that sequence.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, fields
 
 from tokenizers.decoders import DecodeStream
@@ -192,10 +193,19 @@ class OutputProcessor:
 def _child(request_id: str, index: int, params: SamplingParams) -> tuple[str, SamplingParams]:
     if params.n == 1:
         return request_id, params
-    # Siblings draw different samples; with a seed, sibling i uses seed + i.
-    seed = None if params.seed is None else params.seed + index
+    seed = None if params.seed is None else sibling_seed(params.seed, index)
     values = {f.name: getattr(params, f.name) for f in fields(params)}
     return f"{request_id}#{index}", SamplingParams(**{**values, "n": 1, "seed": seed})
+
+
+def sibling_seed(seed: int, index: int) -> int:
+    """The seed of sibling `index` of a seeded n > 1 request. The first keeps the request's seed (so n = 1 and
+    choice 0 agree); the others get a 63-bit digest of (seed, index), so no sibling repeats another request's
+    seed the way seed + index would (`seed 7, n 3` choice 1 was `seed 8`)."""
+    if index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8, person=b"tf-sibling").digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _completion(comp: Completion) -> CompletionOutput:

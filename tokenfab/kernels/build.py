@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +28,8 @@ from pathlib import Path
 from tokenfab.loader.default_model import cache_dir
 from tokenfab.platform import cpu_isa
 from tokenfab.platform.cpu_isa import IsaLevel
+
+log = logging.getLogger("tokenfab.kernels")
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
@@ -102,7 +106,10 @@ def _library(name: str) -> ctypes.CDLL | None:
     target = cache_dir() / "kernels" / _key(compiler, level) / "libtokenfab_cpu.so"
     try:
         if not target.exists():
+            log.info("building the CPU kernels for %s (once per ISA level and compiler)", name)
+            started = time.monotonic()
             _compile(compiler, level, target)
+            log.info("CPU kernels for %s built in %.0f s", name, time.monotonic() - started)
         return _declare(ctypes.CDLL(str(target)))
     except (OSError, RuntimeError) as exc:
         warnings.warn(f"tokenfab CPU kernels ({name}) failed to build ({exc}); using torch paths", stacklevel=2)

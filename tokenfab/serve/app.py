@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar, cast
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tokenfab.serve import chat, completions, errors
 from tokenfab.serve.errors import APIError, bad_request
 from tokenfab.serve.generation import Job
+from tokenfab.serve.guard import Guard, GuardSettings, default_hosts
 from tokenfab.serve.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -43,14 +45,34 @@ def build_app(state: ServerState) -> FastAPI:
         finally:
             await state.stop()
 
+    settings = state.settings
+    docs = settings.enable_docs
     app = FastAPI(
         title="tokenfab",
         version=__version__,
         lifespan=lifespan,
         description="OpenAI-compatible LLM server; every response's usage carries its cost and energy.",
+        openapi_url="/openapi.json" if docs else None,
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
     )
     errors.install(app)
     _routes(app, state)
+    guard = GuardSettings(
+        api_key=settings.api_key,
+        allowed_hosts=default_hosts(settings.host, settings.allowed_hosts),
+        allowed_origins=frozenset(settings.allowed_origins),
+        max_body_bytes=int(settings.max_body_mb * 2**20),
+        body_timeout=settings.body_timeout,
+    )
+    app.add_middleware(Guard, settings=guard, on_refusal=state.metrics.observe_rejected)
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.allowed_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     return app
 
 
@@ -106,11 +128,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         check_model(body.model, state.settings.served_model_name)
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("send exactly one of prompt and messages", "prompt")
-        if body.prompt is not None:
-            ids = state.tokenizer.encode(body.prompt, body.add_special_tokens)
-        else:
-            assert body.messages is not None
-            ids = render_chat(body.messages, body.add_generation_prompt, state.tokenizer).token_ids
+        ids = await state.offload(_token_ids, body, state)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.info.max_model_len}
 
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
@@ -120,6 +138,13 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         if bad:
             raise bad_request(f"token ids out of range [0, {state.info.vocab_size}): {bad[:5]}", "tokens")
         return {"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+
+def _token_ids(body: TokenizeRequest, state: ServerState) -> list[int]:
+    if body.prompt is not None:
+        return state.tokenizer.encode(body.prompt, body.add_special_tokens)
+    assert body.messages is not None
+    return render_chat(body.messages, body.add_generation_prompt, state.tokenizer).token_ids
 
 
 Body = TypeVar("Body", CompletionRequest, ChatCompletionRequest)
@@ -139,36 +164,24 @@ class RouteKind(Protocol[Body_contra]):
 async def _generate(state: ServerState, kind: RouteKind[Body], body: Body, request: Request) -> Response | dict:
     """Completions and chat alike: validate, then stream or answer whole (`kind` is the module that formats)."""
     check_model(body.model, state.settings.served_model_name)
-    job = _checked(state, kind.prepare, body)
-    if body.stream:
-        return await _streaming(state, kind.stream(body, job, state))
-    return await _unless_disconnected(request, state, kind.complete(body, job, state))
-
-
-def _checked(state: ServerState, prepare: Callable[[Body, ServerState], Job], body: Body) -> Job:
-    """Validate and build the job, counting refusals (admission itself happens when generation starts)."""
     if not state.client.alive:
         raise APIError(503, "the engine is not available", "service_unavailable", code="engine_unavailable")
-    try:
-        return prepare(body, state)
-    except APIError as e:
-        state.metrics.observe_rejected(e.status)
-        raise
+    # Validation, templating and tokenization (admission itself happens when generation starts).
+    job = await state.offload(kind.prepare, body, state)
+    if body.stream:
+        return await _streaming(kind.stream(body, job, state))
+    return await _unless_disconnected(request, kind.complete(body, job, state))
 
 
-async def _streaming(state: ServerState, events: AsyncIterator[str | None]) -> StreamingResponse:
+async def _streaming(events: AsyncIterator[str | None]) -> StreamingResponse:
     """Start the stream before answering: its first item (None) comes once the request is admitted, so a
     refusal is still a plain 4xx and not an error inside a 200 stream."""
-    try:
-        await events.__anext__()
-    except APIError as e:
-        state.metrics.observe_rejected(e.status)
-        raise
+    await events.__anext__()
     rest = cast(AsyncIterator[str], events)  # only the first item is None
     return StreamingResponse(rest, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def _unless_disconnected(request: Request, state: ServerState, work: Awaitable[dict]) -> Response | dict:
+async def _unless_disconnected(request: Request, work: Awaitable[dict]) -> Response | dict:
     """Run a non-streaming request, aborting it (and freeing its KV blocks) if the client goes away."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
@@ -180,11 +193,7 @@ async def _unless_disconnected(request: Request, state: ServerState, work: Await
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         return Response(status_code=499)
-    try:
-        return task.result()
-    except APIError as e:
-        state.metrics.observe_rejected(e.status)
-        raise
+    return task.result()
 
 
 async def _disconnected(request: Request) -> None:

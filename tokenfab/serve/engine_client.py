@@ -28,11 +28,14 @@ class AsyncEngineClient:
         core: EngineClient,
         tokenizer: Tokenizer,
         on_step: Callable[[StepResult, list[RequestOutput]], None] | None = None,
+        on_abort: Callable[[RequestOutput], None] | None = None,
     ) -> None:
         self.core = core
         self.tokenizer = tokenizer
         self.processor = OutputProcessor(tokenizer)
         self.on_step = on_step
+        self.on_abort = on_abort
+        """Called with the last output (finish reason abort, its cost so far) of a request left unfinished."""
         self._queues: dict[str, asyncio.Queue[RequestOutput | Exception]] = {}
         self._reader: asyncio.Task | None = None
 
@@ -109,7 +112,9 @@ class AsyncEngineClient:
 
     async def abort(self, request_id: str) -> None:
         child_ids = self.processor.child_ids(request_id)
-        self.processor.abort(request_id)
+        last = self.processor.abort(request_id)
+        if last is not None and self.on_abort is not None:
+            self.on_abort(last)
         if child_ids and self.alive:
             await self.core.abort(child_ids)
 

@@ -59,8 +59,9 @@ class Generation:
         self.request_log = request_log
 
     def admit(self, job: Job) -> Ticket:
-        """Reserve room for the job or raise 429 (or 503 while draining)."""
-        return self.admission.admit(sum(len(p.token_ids) for p in job.prompts) * job.params.n)
+        """Reserve room for the job (each prompt's n sequences count as requests) or raise 429 (503 draining)."""
+        n = job.params.n
+        return self.admission.admit(sum(len(p.token_ids) for p in job.prompts) * n, len(job.prompts) * n)
 
     async def run(self, job: Job, ticket: Ticket) -> AsyncIterator[tuple[int, RequestOutput]]:
         """The job's outputs as they grow; the ticket is released when this ends, however it ends."""

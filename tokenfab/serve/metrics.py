@@ -1,9 +1,11 @@
 """Prometheus metrics in the style of vLLM's `vllm:*`, under `tokenfab:`, on one registry per server.
 
-Per-request latencies (TTFT, inter-token, TPOT, E2E, queue time) are observed in the front end as outputs
-arrive; engine gauges and counters (running/waiting, KV usage, prefix cache, preemptions, cost and energy
-totals, speculative decoding) are read from the core's latest stats when /metrics is scraped. The rolling $/Mtok
-and J/token gauges cover the last minute of engine activity.
+Per-request latencies (TTFT, inter-token, TPOT, E2E, queue, prefill, decode and inference time) are observed in the
+front end as outputs arrive; a request the client abandons finishes with reason `abort`, its cost so far counted.
+Engine gauges and counters (running/waiting, KV usage, prefix cache, preemptions, cost and energy totals,
+speculative decoding) are read from the core's latest stats when /metrics is scraped, and only while the engine is
+alive (`tokenfab:engine_alive` says which): a dead engine's last gauges are not reported as current. The rolling
+$/Mtok and J/token gauges cover the last minute of engine activity.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ ROLLING_WINDOW_S = 60.0
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats | None]) -> None:
+    def __init__(
+        self, model_name: str, stats: Callable[[], EngineStats | None], alive: Callable[[], bool] = lambda: True
+    ) -> None:
         self.registry = CollectorRegistry()
         self.price = Gauge(
             "tokenfab:device_price_usd_per_hour",
@@ -69,8 +73,15 @@ class ServerMetrics:
         )
         self.rejected = Counter(
             "tokenfab:request_rejected",
-            "Requests refused before reaching the engine",
+            "Requests answered with an error status (validation, auth, size, unknown model or route, overload, "
+            "timeout, server error)",
             ["model_name", "status"],
+            registry=self.registry,
+        )
+        self.connections_closed = Counter(
+            "tokenfab:connections_closed",
+            "Client connections closed by a limit (header_timeout, evicted when over the cap, refused)",
+            ["model_name", "reason"],
             registry=self.registry,
         )
         self.prompt_tokens = Counter("tokenfab:prompt_tokens", "Prompt tokens of finished requests", **labels)
@@ -101,6 +112,30 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             **labels,
         )
+        self.prefill_time = Histogram(
+            "tokenfab:request_prefill_time_seconds",
+            "Time from first scheduled to first token",
+            buckets=LATENCY_BUCKETS,
+            **labels,
+        )
+        self.decode_time = Histogram(
+            "tokenfab:request_decode_time_seconds",
+            "Time from first token to finished",
+            buckets=LATENCY_BUCKETS,
+            **labels,
+        )
+        self.inference_time = Histogram(
+            "tokenfab:request_inference_time_seconds",
+            "Time from first scheduled to finished",
+            buckets=LATENCY_BUCKETS,
+            **labels,
+        )
+        self.iteration_tokens = Histogram(
+            "tokenfab:iteration_tokens_total",
+            "Tokens run through the model per engine step",
+            buckets=TOKEN_BUCKETS,
+            **labels,
+        )
         self.prompt_len = Histogram("tokenfab:request_prompt_tokens", "Prompt length", buckets=TOKEN_BUCKETS, **labels)
         self.output_len = Histogram(
             "tokenfab:request_generation_tokens", "Generated tokens per request", buckets=TOKEN_BUCKETS, **labels
@@ -111,8 +146,9 @@ class ServerMetrics:
         self.request_joules = Counter(
             "tokenfab:request_energy_joules", "Sum of usage.cost.joules over finished requests", **labels
         )
-        self._engine = _EngineCollector(model_name, stats)
+        self._engine = _EngineCollector(model_name, stats, alive)
         self.registry.register(self._engine)
+        self._last_step: tuple[int, int] | None = None
 
     def observe_finished(self, out: RequestOutput, now: float) -> None:
         m = self._model
@@ -132,6 +168,11 @@ class ServerMetrics:
         self.e2e.labels(m).observe(now - t.arrival)
         if t.first_scheduled is not None:
             self.queue.labels(m).observe(max(0.0, t.first_scheduled - t.arrival))
+            self.inference_time.labels(m).observe(max(0.0, now - t.first_scheduled))
+            if t.first_token is not None:
+                self.prefill_time.labels(m).observe(max(0.0, t.first_token - t.first_scheduled))
+        if t.first_token is not None:
+            self.decode_time.labels(m).observe(max(0.0, now - t.first_token))
         longest = max(len(o.token_ids) for o in out.outputs)
         if t.first_token is not None and longest > 1:
             self.tpot.labels(m).observe((now - t.first_token) / (longest - 1))
@@ -150,17 +191,27 @@ class ServerMetrics:
 
     def observe_stats(self, stats: EngineStats) -> None:
         self._engine.remember(stats)
+        now = (stats.scheduler.steps, stats.scheduler.tokens_computed)
+        if self._last_step is not None and now[0] > self._last_step[0]:
+            steps, tokens = now[0] - self._last_step[0], now[1] - self._last_step[1]
+            for _ in range(min(steps, 64)):  # one result per step, except when the reader fell behind
+                self.iteration_tokens.labels(self._model).observe(tokens / steps)
+        self._last_step = now
 
     def observe_rejected(self, status: int) -> None:
         self.rejected.labels(self._model, str(status)).inc()
+
+    def observe_connection_closed(self, reason: str) -> None:
+        self.connections_closed.labels(self._model, reason).inc()
 
 
 class _EngineCollector:
     """Exports the core's latest stats at scrape time, plus rolling cost-per-token gauges."""
 
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats | None]) -> None:
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats | None], alive: Callable[[], bool]) -> None:
         self._model = model_name
         self._stats = stats
+        self._alive = alive
         self._history: deque[EngineStats] = deque()
 
     def remember(self, s: EngineStats) -> None:
@@ -171,16 +222,23 @@ class _EngineCollector:
             self._history.popleft()
 
     def collect(self) -> Iterator[Metric]:
+        labels = [self._model]
+        alive = self._alive()
+        yield _gauge(
+            "engine_alive", "1 while the engine core runs, 0 once it has died or stopped", labels, float(alive)
+        )
         s = self._stats()
         if s is None:
             return
-        labels = [self._model]
         parts: list[Struct] = [s.scheduler, s.kv, s.prefix_cache, s.cost]
         if s.spec.method != "none":
             parts.append(s.spec)
         for part in parts:
             for metric, value in exported(part):
-                yield _family(metric, labels, value, s.cost.energy_source)
+                if alive or metric.kind == "counter":  # a dead engine's gauges would be stale
+                    yield _family(metric, labels, value, s.cost.energy_source)
+        if not alive:
+            return
         yield _gauge(
             "prefix_cache_hit_rate",
             "Prompt tokens found cached / looked up, since start",

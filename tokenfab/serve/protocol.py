@@ -1,25 +1,66 @@
 """OpenAI request and response schemas (pydantic), with the extensions tokenfab implements.
 
 Every field declared here is implemented; anything else in a request is rejected with a 400 naming it
-(`extra="forbid"`). Ranges follow OpenAI's where it states them.
+(`extra="forbid"`). Ranges follow OpenAI's where it states them. As in OpenAI's API, `null` for an optional field
+means its default. Text must be valid Unicode (an unpaired surrogate is a 400 naming the field), and every list a
+request can carry is bounded, so one request's validation and tokenization stay small.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 
 MAX_N = 16
 MAX_STOP = 16
+MAX_STOP_CHARS = 512
+MAX_STOP_TOKEN_IDS = 256
+MAX_PROMPTS = 128
+"""Prompts in one completions request; each counts as a request (times n) for admission."""
+MAX_MESSAGES = 8192
+MAX_METADATA = 16
 INT32 = 2**31 - 1
+
+
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"the text has an unpaired surrogate (U+{ord(text[e.start]):04X}) at character {e.start}; "
+            "send valid Unicode"
+        ) from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_encodable)]
+"""A string that is valid Unicode (JSON can carry lone surrogates; no tokenizer can)."""
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """OpenAI's clients send `null` for fields they leave unset (`"stream": null`, `"n": null`)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
-NonEmpty = Annotated[StrictStr, Field(min_length=1)]
+
+NonEmpty = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class StreamOptions(Strict):
@@ -30,25 +71,41 @@ class StreamOptions(Strict):
 class SamplingFields(Strict):
     """Parameters shared by completions and chat completions."""
 
-    model: StrictStr | None = None
+    model: Text | None = None
     n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: StrictStr | Annotated[list[NonEmpty], Field(max_length=MAX_STOP)] | None = None
+    stop: (
+        Annotated[Text, Field(max_length=MAX_STOP_CHARS)] | Annotated[list[NonEmpty], Field(max_length=MAX_STOP)] | None
+    ) = None
     seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     temperature: Annotated[StrictFloat, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[StrictFloat, Field(gt=0.0, le=1.0)] | None = None
     presence_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] | None = None
-    user: StrictStr | None = None
+    user: Annotated[Text, Field(max_length=256)] | None = None
     """End-user id: written with the request's cost to the request log (--request-log); not used for sampling."""
+    store: Literal[False] = False
+    """Accepted as OpenAI's default (nothing is stored); `true` is refused: there is no stored-completions API."""
+    metadata: (
+        Annotated[
+            dict[Annotated[Text, Field(max_length=64)], Annotated[Text, Field(max_length=512)]],
+            Field(max_length=MAX_METADATA),
+        ]
+        | None
+    ) = None
+    """Accepted and ignored: OpenAI attaches it to stored completions, and nothing is stored."""
+    service_tier: Literal["auto", "default"] = "auto"
+    """Accepted: this server has one tier. Other tiers ("flex", "priority", "scale") are refused."""
     # Extensions (as in vLLM's OpenAI server).
     top_k: Annotated[StrictInt, Field(ge=-1, le=INT32)] | None = None
     min_p: Annotated[StrictFloat, Field(ge=0.0, le=1.0)] | None = None
     repetition_penalty: Annotated[StrictFloat, Field(gt=0.0, le=10.0)] | None = None
     ignore_eos: StrictBool = False
     min_tokens: Annotated[StrictInt, Field(ge=0, le=INT32)] = 0
-    stop_token_ids: list[Annotated[StrictInt, Field(ge=0, le=INT32)]] | None = None
+    stop_token_ids: (
+        Annotated[list[Annotated[StrictInt, Field(ge=0, le=INT32)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None
+    ) = None
     skip_special_tokens: StrictBool = True
     priority: Annotated[StrictInt, Field(ge=-INT32, le=INT32)] = 0
     """Lower is served first (FCFS among equals)."""
@@ -59,10 +116,10 @@ TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0, le=INT32)]], Field(mi
 
 class CompletionRequest(SamplingFields):
     prompt: (
-        StrictStr
-        | Annotated[list[StrictStr], Field(min_length=1)]
+        Text
+        | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)]
         | TokenIds
-        | Annotated[list[TokenIds], Field(min_length=1)]
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     )
     max_tokens: Annotated[StrictInt, Field(ge=1, le=INT32)] | None = 16
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
@@ -73,13 +130,13 @@ class CompletionRequest(SamplingFields):
 
 class TextPart(Strict):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[TextPart] | None = None
-    name: StrictStr | None = None
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)] | None = None
+    name: Annotated[Text, Field(max_length=256)] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -87,8 +144,15 @@ class ChatMessage(Strict):
         return self.content or ""
 
 
+class ResponseFormat(Strict):
+    type: Literal["text"]
+    """Only plain text: structured output under a grammar (json_object, json_schema) is not served yet."""
+
+
 class ChatCompletionRequest(SamplingFields):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    response_format: ResponseFormat | None = None
+    """`{"type": "text"}`, OpenAI's default, is accepted; other formats are refused with a 400."""
     max_tokens: Annotated[StrictInt, Field(ge=1, le=INT32)] | None = None
     max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=INT32)] | None = None
     logprobs: StrictBool = False
@@ -98,15 +162,15 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(Strict):
-    model: StrictStr | None = None
-    prompt: StrictStr | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
     add_special_tokens: StrictBool = True
     add_generation_prompt: StrictBool = True
 
 
 class DetokenizeRequest(Strict):
-    model: StrictStr | None = None
+    model: Text | None = None
     tokens: list[Annotated[StrictInt, Field(ge=0, le=INT32)]]
 
 

@@ -31,6 +31,7 @@ def completion_prompts(body: CompletionRequest, tokenizer: Tokenizer, info: Core
         if isinstance(item, str):
             if not item:
                 raise bad_request("prompt must not be empty", "prompt")
+            check_text_fits(item, tokenizer, info, "prompt")
             prompts.append(Prompt(item, tokenizer.encode(item)))
         else:
             prompts.append(Prompt(None, [int(t) for t in cast(list[int], item)]))
@@ -40,19 +41,37 @@ def completion_prompts(body: CompletionRequest, tokenizer: Tokenizer, info: Core
 
 
 def chat_prompt(body: ChatCompletionRequest, tokenizer: Tokenizer, info: CoreInfo) -> Prompt:
-    prompt = render_chat(body.messages, body.add_generation_prompt, tokenizer)
+    prompt = render_chat(body.messages, body.add_generation_prompt, tokenizer, info)
     check_prompt(prompt.token_ids, info, "messages")
     return prompt
 
 
-def render_chat(messages: list[ChatMessage], add_generation_prompt: bool, tokenizer: Tokenizer) -> Prompt:
-    """The conversation through the model's chat template, as text and token ids (no length checks)."""
+def render_chat(
+    messages: list[ChatMessage], add_generation_prompt: bool, tokenizer: Tokenizer, info: CoreInfo | None = None
+) -> Prompt:
+    """The conversation through the model's chat template, as text and token ids; with `info`, a conversation
+    too long for the context by its characters alone is refused before it is tokenized."""
     turns = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in messages]
+    if info is not None:
+        check_text_fits("".join(t["content"] for t in turns), tokenizer, info, "messages")
     try:
-        text = tokenizer.apply_chat_template(turns, add_generation_prompt)
+        text, ids = tokenizer.render_chat(turns, add_generation_prompt)
     except Exception as e:  # noqa: BLE001 - a template rejecting a conversation is the caller's input error
         raise bad_request(f"the conversation cannot be rendered by the model's chat template: {e}", "messages") from e
-    return Prompt(text, tokenizer.encode(text, add_special_tokens=False))
+    return Prompt(text, ids)
+
+
+def check_text_fits(text: str, tokenizer: Tokenizer, info: CoreInfo, param: str) -> None:
+    """Refuse, without tokenizing it, a text that has more tokens than the context holds whatever its tokens are
+    (each covers at most `max_token_chars` characters; twice that leaves room for normalization)."""
+    limit = min(info.max_model_len - 1, info.kv_capacity_tokens)
+    if len(text) > 2 * tokenizer.max_token_chars * limit:
+        raise bad_request(
+            f"This model's maximum context length is {info.max_model_len} tokens; the {param} has {len(text)} "
+            f"characters, more tokens than that however it is tokenized. Please reduce the {param}.",
+            param,
+            "context_length_exceeded",
+        )
 
 
 def check_prompt(ids: list[int], info: CoreInfo, param: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import time
 
 import uvicorn
 
@@ -12,7 +13,9 @@ from tokenfab.config import EngineConfig
 from tokenfab.engine.client import make_engine_client
 from tokenfab.engine.speculative.speculator import check_speculative
 from tokenfab.models.loading import load_tokenizer, resolve_model
+from tokenfab.platform.logs import log_to_stderr
 from tokenfab.serve.app import build_app
+from tokenfab.serve.connections import connection_cap, guarded_protocol
 from tokenfab.serve.engine_client import AsyncEngineClient
 from tokenfab.serve.metrics import ServerMetrics
 from tokenfab.serve.settings import ServerSettings
@@ -43,25 +46,23 @@ def build_state(engine: EngineConfig, settings: ServerSettings) -> ServerState:
     check_speculative(engine, source)
     tokenizer = load_tokenizer(source)
     # Both lambdas look the other object up when called, after both exist.
-    metrics = ServerMetrics(settings.served_model_name, lambda: client.stats)
+    metrics = ServerMetrics(settings.served_model_name, lambda: client.stats, lambda: client.alive)
     core = make_engine_client(engine, settings.engine_transport, spawn=not settings.external_core)
-    client = AsyncEngineClient(core, tokenizer, on_step=lambda result, _: metrics.observe_stats(result.stats))
+    client = AsyncEngineClient(
+        core,
+        tokenizer,
+        on_step=lambda result, _: metrics.observe_stats(result.stats),
+        on_abort=lambda out: metrics.observe_finished(out, time.monotonic()),
+    )
     return ServerState(settings, tokenizer, client, metrics)
 
 
-def _log_to_stderr(level: str) -> None:
-    """tokenfab's own log lines (start-up, the kernel path) beside uvicorn's, in its format."""
-    logger = logging.getLogger("tokenfab")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(level.upper())
-
-
 def serve(engine: EngineConfig, settings: ServerSettings, log_level: str = "info") -> int:
-    _log_to_stderr(log_level)
+    log_to_stderr(log_level)
     state = build_state(engine, settings)
+    protocol = guarded_protocol(
+        connection_cap(settings.max_connections), settings.header_timeout, state.metrics.observe_connection_closed
+    )
     config = uvicorn.Config(
         build_app(state),
         host=settings.host,
@@ -70,6 +71,7 @@ def serve(engine: EngineConfig, settings: ServerSettings, log_level: str = "info
         timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_timeout),
         lifespan="on",
         access_log=log_level == "debug",
+        http=protocol,
     )
     server = _DrainingServer(config, state)
     server.run()

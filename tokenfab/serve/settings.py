@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+
+API_KEY_ENV = "TOKENFAB_API_KEY"
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,9 +29,34 @@ class ServerSettings:
     HOST), or inproc (the core on a thread of the server's process)."""
     external_core: bool = False
     """Wait for a core started elsewhere (`tokenfab core --connect tcp://HOST:PORT`) instead of spawning one."""
+    api_key: str | None = field(default=None, metadata={"metavar": "KEY"})
+    """Require 'Authorization: Bearer KEY' on every route but /health and /ready (default: $TOKENFAB_API_KEY)."""
+    allowed_hosts: tuple[str, ...] = field(default=(), metadata={"metavar": "HOST"})
+    """Host header names served ('*': any). Default: loopback names when bound to loopback, else any."""
+    allowed_origins: tuple[str, ...] = field(default=(), metadata={"metavar": "ORIGIN"})
+    """Browser origins allowed to call, with CORS headers ('*': any). Default: same-origin only."""
+    enable_docs: bool = False
+    """Serve the OpenAPI schema and its pages (/openapi.json, /docs)."""
+    max_body_mb: float = 8.0
+    """Largest request body in MiB; bigger ones get 413 before they are read."""
+    body_timeout: float = 30.0
+    """Seconds a request body may take to arrive (408 after)."""
+    header_timeout: float = 10.0
+    """Seconds a connection may wait without a complete request head (just opened or between requests)."""
+    max_connections: int = 4096
+    """Open client connections; beyond it the longest-idle one is closed (capped below the file limit)."""
+    tokenizer_threads: int = 2
+    """Threads that validate, template and tokenize requests off the event loop."""
 
     def __post_init__(self) -> None:
+        if self.api_key is None and os.environ.get(API_KEY_ENV):
+            object.__setattr__(self, "api_key", os.environ[API_KEY_ENV])
         checks = [
+            (self.api_key is None or len(self.api_key) > 0, "api_key must not be empty"),
+            (self.max_body_mb > 0, "max_body_mb must be > 0"),
+            (self.body_timeout > 0 and self.header_timeout > 0, "body_timeout and header_timeout must be > 0"),
+            (self.max_connections >= 1, "max_connections must be >= 1"),
+            (self.tokenizer_threads >= 1, "tokenizer_threads must be >= 1"),
             (0 < self.port < 65536, "port must be in 1..65535"),
             (self.max_queued_requests >= 0, "max_queued_requests must be >= 0"),
             (self.max_queued_tokens >= 1, "max_queued_tokens must be >= 1"),

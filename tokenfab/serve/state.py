@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from tokenfab.engine.messages import CoreInfo
 from tokenfab.serve.admission import Admission
@@ -16,6 +20,7 @@ from tokenfab.serve.settings import ServerSettings
 from tokenfab.tokenizer import Tokenizer
 
 logger = logging.getLogger("tokenfab.serve")
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -28,6 +33,7 @@ class ServerState:
     _generation: Generation | None = None
     started: float = 0.0
     """Unix time the engine became ready."""
+    _workers: ThreadPoolExecutor | None = None
 
     @property
     def info(self) -> CoreInfo:
@@ -42,6 +48,13 @@ class ServerState:
     @property
     def ready(self) -> bool:
         return self.client.alive and self.admission is not None and self.admission.accepting
+
+    async def offload(self, fn: Callable[..., T], *args) -> T:
+        """Run validation, templating and tokenization on the worker threads, so a long prompt does not stall
+        the event loop (long texts are tokenized without the GIL)."""
+        if self._workers is None:
+            self._workers = ThreadPoolExecutor(self.settings.tokenizer_threads, thread_name_prefix="tokenize")
+        return await asyncio.get_running_loop().run_in_executor(self._workers, fn, *args)
 
     async def start(self) -> None:
         info = await self.client.start()
@@ -64,6 +77,8 @@ class ServerState:
     async def stop(self) -> None:
         self.drain()
         await self.client.shutdown()
+        if self._workers is not None:
+            self._workers.shutdown(wait=False, cancel_futures=True)
         if self._generation is not None and self._generation.request_log is not None:
             self._generation.request_log.close()
 

@@ -5,6 +5,7 @@ client has not seen; a finished choice is sent once)."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 
 from tokenfab.engine.types import CompletionOutput, TokenLogprobs
@@ -14,6 +15,7 @@ from tokenfab.serve.generation import Job
 from tokenfab.serve.state import ServerState
 
 DONE = "data: [DONE]\n\n"
+log = logging.getLogger("tokenfab.serve")
 
 
 def event(payload: dict) -> str:
@@ -33,6 +35,11 @@ async def admitted(
         yield DONE
     except APIError as e:
         yield event(e.body())  # the status is already 200: a late failure travels as an error event
+        yield DONE
+    except Exception:  # noqa: BLE001 - a stream ends with an error event and [DONE], never cut
+        log.exception("stream %s failed", job.request_id)
+        failure = APIError(500, f"the stream failed (request {job.request_id})", "internal_error", code="internal")
+        yield event(failure.body())
         yield DONE
     finally:
         state.generation.admission.release(ticket)
