@@ -75,7 +75,7 @@ class Tokenizer:
         its content tokenized as plain text. The rendered template already carries BOS where the model wants it.
         """
         text = self.apply_chat_template(messages, add_generation_prompt)
-        if not any(self._specials.occurs_in(str(m.get("content") or "")) for m in messages):
+        if not any(self._specials.spans(str(m.get("content") or "")) for m in messages):
             return text, self.encode(text, add_special_tokens=False)
         # Render again with a marker in place of each content, then tokenize the template's pieces with control
         # tokens and the contents without. (The contents go in as sent, so a template's `trim` is not applied.)
@@ -85,10 +85,24 @@ class Tokenizer:
         ids: list[int] = []
         for k, piece in enumerate(pieces):
             if k % 2:
-                ids += _encode(self._plain, str(messages[int(piece)].get("content") or ""))
+                ids += self.encode_plain(str(messages[int(piece)].get("content") or ""))
             elif piece:
                 ids += _encode(self.inner, piece)
         return text, ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` with any control-token text in it spelled as ordinary tokens (no BOS)."""
+        ids: list[int] = []
+        at = 0
+        for start, end in self._specials.spans(text):
+            if at < start:
+                ids += _encode(self.inner, text[at:start])
+            # Its first character alone, then the rest, so the pieces cannot match the control token again.
+            ids += _encode(self.inner, text[start]) + self.encode_plain(text[start + 1 : end])
+            at = end
+        if at < len(text):
+            ids += _encode(self.inner, text[at:])
+        return ids
 
     @cached_property
     def max_token_chars(self) -> int:
@@ -100,12 +114,9 @@ class Tokenizer:
         added = self.inner.get_added_tokens_decoder().values()
         return _Occurrences([t.content for t in added if t.special and t.content])
 
-    @cached_property
-    def _plain(self) -> tokenizers.Tokenizer:
-        """The same tokenizer reading control-token text as ordinary text."""
-        plain = tokenizers.Tokenizer.from_str(self.inner.to_str())
-        plain.encode_special_tokens = True
-        return plain
+    def warm(self) -> None:
+        """Build the tables the first request would otherwise wait for."""
+        _ = self.max_token_chars, self._specials
 
 
 LONG_TEXT = 4096
@@ -120,23 +131,38 @@ def _encode(inner: tokenizers.Tokenizer, text: str) -> list[int]:
 
 
 class _Occurrences:
-    """Whether a text contains any of a set of strings: each occurrence of a first character is checked against
-    the strings of each length that start with it (control tokens are a few thousand short strings)."""
+    """Where a text contains any of a set of strings (leftmost, longest first, not overlapping). Each occurrence of
+    a first character is checked against the strings that begin with the same two characters (control tokens are
+    a few thousand short strings; `<unused17>` and `<div>` part at the second)."""
 
     def __init__(self, strings: list[str]) -> None:
         self._strings = set(strings)
-        self._lengths: dict[str, set[int]] = defaultdict(set)
-        for s in strings:
-            self._lengths[s[0]].add(len(s))
+        self._firsts = {s[0] for s in self._strings}
+        self._lengths: dict[str, list[int]] = defaultdict(list)
+        for s in self._strings:
+            self._lengths[s[:2]].append(len(s))
+        for lengths in self._lengths.values():
+            lengths.sort(reverse=True)
 
-    def occurs_in(self, text: str) -> bool:
-        for first, lengths in self._lengths.items():
-            at = text.find(first)
-            while at != -1:
-                if any(text[at : at + n] in self._strings for n in lengths):
-                    return True
-                at = text.find(first, at + 1)
-        return False
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        starts = sorted(at for first in self._firsts for at in _positions(text, first))
+        found: list[tuple[int, int]] = []
+        for at in starts:
+            if found and at < found[-1][1]:
+                continue
+            lengths = self._lengths.get(text[at : at + 2], []) + self._lengths.get(text[at], [])
+            n = next((n for n in lengths if text[at : at + n] in self._strings), 0)
+            if n:
+                found.append((at, at + n))
+        return found
+
+
+def _positions(text: str, char: str) -> list[int]:
+    out, at = [], text.find(char)
+    while at != -1:
+        out.append(at)
+        at = text.find(char, at + 1)
+    return out
 
 
 def _compile(source: str) -> jinja2.Template:

@@ -49,7 +49,9 @@ class EngineCore:
         self.dtype, weight_plan = config.resolve_weights()
         device = config.torch_device
         started = time.monotonic()
-        log.info("loading %s on %s (%s, quantization %s)", self.source.path.name, device, self.dtype, config.quantization)
+        log.info(
+            "loading %s on %s (%s, quantization %s)", self.source.path.name, device, self.dtype, config.quantization
+        )
         self.worker = Worker.load(
             self.source,
             self.dtype,

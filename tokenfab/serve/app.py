@@ -64,6 +64,7 @@ def build_app(state: ServerState) -> FastAPI:
         allowed_origins=frozenset(settings.allowed_origins),
         max_body_bytes=int(settings.max_body_mb * 2**20),
         body_timeout=settings.body_timeout,
+        large_body_bytes_per_s=settings.large_body_mb_per_s * 2**20,
     )
     app.add_middleware(Guard, settings=guard, on_refusal=state.metrics.observe_rejected)
     if settings.allowed_origins:

@@ -3,7 +3,8 @@
 uvicorn's h11 protocol arms its keep-alive timer only after a response, and disarms it whenever bytes arrive, so a
 socket that connects and sends nothing, or sends half a header, stays open for good; enough of them exhaust the
 process's file descriptors. Here every connection that has no request in progress (just opened, or between
-requests) must deliver a complete request head within `header_timeout` seconds or is closed. Beyond
+requests) must deliver a complete request head within `header_timeout` seconds (up to half as long again, spread
+at random so that sockets opened together are not all closed, and reopened, together) or is closed. Beyond
 `max_connections` open connections, the longest-idle one is closed to make room; if none is idle, the new one is
 refused. So thousands of idle sockets cost others nothing but a bounded set of file descriptors, and nothing is
 logged per connection (the counts are metrics).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import resource
 from collections import OrderedDict
 from collections.abc import Callable
@@ -78,7 +80,8 @@ def guarded_protocol(
         def _become_idle(self) -> None:
             self._stop_idling()
             idle[self] = None
-            self._timer = self.loop.call_later(header_timeout, self._idle_too_long)
+            delay = header_timeout * (1.0 + 0.5 * random.random())
+            self._timer = self.loop.call_later(delay, self._idle_too_long)
 
         def _stop_idling(self) -> None:
             idle.pop(self, None)

@@ -1,5 +1,6 @@
 """ASGI middleware in front of the routes: who may call (API key, Host, Origin), how much a request may send
-(body size and time), and what an unexpected failure looks like (a 500 without internals, the connection kept).
+(body size and time, and large bodies per second per client address), and what an unexpected failure looks like
+(a 500 without internals, the connection kept).
 
 Every refusal is an OpenAI-style JSON error, and every response of 400 or more (except a client's own 499) is
 counted by status through `on_refusal`, whichever layer produced it.
@@ -10,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +39,40 @@ class GuardSettings:
     """Browser origins allowed to call (with CORS headers); '*' for any. Same-origin calls are always allowed."""
     max_body_bytes: int
     body_timeout: float
+    large_body_bytes_per_s: float
+    """Body bytes beyond FREE_BODY_BYTES per request that one client address may send per second."""
+
+
+FREE_BODY_BYTES = 64 * 2**10
+"""The part of each body that costs nothing against the large-body budget: ordinary requests never touch it."""
+
+
+class BodyBudget:
+    """A token bucket of large-body bytes per client address (capacity: two seconds' worth, at least one largest
+    body). Parsing a body costs
+    the front end time in proportion to its size, so a client posting multi-megabyte bodies back to back would
+    take the event loop from everyone; past its budget it gets 429 with the seconds until the bytes are back."""
+
+    def __init__(self, rate: float, capacity: float, clock=time.monotonic) -> None:
+        self.rate, self.capacity, self._clock = rate, capacity, clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, client: str, size: int) -> int:
+        """Charge a body of `size` bytes; 0 when allowed, else the seconds to wait (nothing is charged)."""
+        cost = size - FREE_BODY_BYTES
+        if cost <= 0:
+            return 0
+        now = self._clock()
+        level, since = self._buckets.get(client, (self.capacity, now))
+        level = min(self.capacity, level + (now - since) * self.rate)
+        if cost > level:
+            return max(1, math.ceil((cost - level) / self.rate))
+        self._buckets[client] = (level - cost, now)
+        if len(self._buckets) > 10_000:  # forget the clients whose bucket has refilled
+            full = [c for c, (lv, t) in self._buckets.items() if lv + (now - t) * self.rate >= self.capacity]
+            for c in full:
+                del self._buckets[c]
+        return 0
 
 
 def default_hosts(bind: str, configured: tuple[str, ...]) -> frozenset[str] | None:
@@ -55,6 +92,8 @@ class Guard:
         self.app = app
         self.settings = settings
         self.on_refusal = on_refusal
+        rate = settings.large_body_bytes_per_s
+        self.budget = BodyBudget(rate, max(settings.max_body_bytes, 2 * rate))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -118,8 +157,11 @@ class Guard:
             return receive, None
         limit = self.settings.max_body_bytes
         declared = _headers(scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return receive, _too_large(limit)
+        if declared is not None and declared.isdigit():
+            if int(declared) > limit:
+                return receive, _too_large(limit)
+            if wait := self.budget.take(_client(scope), int(declared)):
+                return receive, _body_rate(wait)
         chunks: list[bytes] = []
         size = 0
         try:
@@ -135,6 +177,8 @@ class Guard:
                     chunks.append(chunk)
                     if not message.get("more_body", False):
                         break
+            if declared is None and (wait := self.budget.take(_client(scope), size)):
+                return receive, _body_rate(wait)
         except TimeoutError:
             return receive, APIError(
                 408, f"the request body did not arrive within {self.settings.body_timeout:g} s", code="body_timeout"
@@ -161,6 +205,21 @@ def _hostname(host: str) -> str:
     if host.startswith("["):
         return host[1 : host.find("]")] if "]" in host else host
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return client[0] if client else ""
+
+
+def _body_rate(wait: int) -> APIError:
+    return APIError(
+        429,
+        "this client has sent more large request bodies than the server parses per second; retry later",
+        "rate_limit_exceeded",
+        code="body_rate_exceeded",
+        headers={"Retry-After": str(wait)},
+    )
 
 
 def _too_large(limit: int) -> APIError:

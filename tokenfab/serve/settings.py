@@ -39,11 +39,14 @@ class ServerSettings:
     """Serve the OpenAPI schema and its pages (/openapi.json, /docs)."""
     max_body_mb: float = 8.0
     """Largest request body in MiB; bigger ones get 413 before they are read."""
+    large_body_mb_per_s: float = 8.0
+    """MiB per second of request bodies beyond their first 64 KiB that one client address may send; more get 429."""
     body_timeout: float = 30.0
     """Seconds a request body may take to arrive (408 after)."""
-    header_timeout: float = 10.0
-    """Seconds a connection may wait without a complete request head (just opened or between requests)."""
-    max_connections: int = 4096
+    header_timeout: float = 30.0
+    """Seconds (up to 1.5x, spread) a connection may wait without a complete request head (just opened or between
+    requests); past --max-connections the longest-idle connection is closed sooner."""
+    max_connections: int = 8192
     """Open client connections; beyond it the longest-idle one is closed (capped below the file limit)."""
     tokenizer_threads: int = 2
     """Threads that validate, template and tokenize requests off the event loop."""
@@ -53,7 +56,7 @@ class ServerSettings:
             object.__setattr__(self, "api_key", os.environ[API_KEY_ENV])
         checks = [
             (self.api_key is None or len(self.api_key) > 0, "api_key must not be empty"),
-            (self.max_body_mb > 0, "max_body_mb must be > 0"),
+            (self.max_body_mb > 0 and self.large_body_mb_per_s > 0, "max_body_mb and large_body_mb_per_s must be > 0"),
             (self.body_timeout > 0 and self.header_timeout > 0, "body_timeout and header_timeout must be > 0"),
             (self.max_connections >= 1, "max_connections must be >= 1"),
             (self.tokenizer_threads >= 1, "tokenizer_threads must be >= 1"),

@@ -57,6 +57,7 @@ class ServerState:
         return await asyncio.get_running_loop().run_in_executor(self._workers, fn, *args)
 
     async def start(self) -> None:
+        await self.offload(self.tokenizer.warm)
         info = await self.client.start()
         self.started = time.time()
         logger.info(
