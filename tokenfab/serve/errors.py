@@ -52,7 +52,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return bad_request(f"Missing required parameter: '{param}'", param, "missing_required_parameter")
     if not loc:
         return bad_request(f"Invalid request body: {first.get('msg', '')}", code="invalid_body")
-    return bad_request(f"Invalid value for '{param}': {first.get('msg', '')}", param, "invalid_value")
+    message = str(first.get("msg", "")).removeprefix("Value error, ")
+    return bad_request(f"Invalid value for '{param}': {message}", param, "invalid_value")
 
 
 def _union_member(part: str) -> bool:

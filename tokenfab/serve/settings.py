@@ -39,11 +39,11 @@ class ServerSettings:
     """Serve the OpenAPI schema and its pages (/openapi.json, /docs)."""
     max_body_mb: float = 8.0
     """Largest request body in MiB; bigger ones get 413 before they are read."""
-    large_body_mb_per_s: float = 8.0
+    large_body_mb_per_s: float = 4.0
     """MiB per second of request bodies beyond their first 64 KiB that one client address may send; more get 429."""
     body_timeout: float = 30.0
     """Seconds a request body may take to arrive (408 after)."""
-    header_timeout: float = 30.0
+    header_timeout: float = 60.0
     """Seconds (up to 1.5x, spread) a connection may wait without a complete request head (just opened or between
     requests); past --max-connections the longest-idle connection is closed sooner."""
     max_connections: int = 8192
