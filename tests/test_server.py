@@ -254,3 +254,30 @@ def test_request_log_bills_the_user(client, request_log):
     assert len(mine) == 1 and mine[0]["user"] == "alice-42" and mine[0]["status"] == "ok"
     assert mine[0]["completion_tokens"] == resp.usage.completion_tokens
     assert mine[0]["cost"]["usd"] == pytest.approx(resp.usage.model_extra["cost"]["usd"], rel=1e-9)
+
+
+def test_echoed_prompts_are_scored_for_evaluation(client, offline):
+    """lm-eval's loglikelihood request (token ids, echo, logprobs, max_tokens 1 or 0): the prompt's logprobs as the
+    offline engine computes them in the prefill, the first token without one."""
+    context, continuation = offline.tokenizer.encode("w5 w6 w7 w8"), offline.tokenizer.encode("w9 w10", False)
+    ids = context + continuation
+    ref = offline.generate([ids], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1))[0].prompt_logprobs
+    for max_tokens in (1, 0):
+        resp = client.completions.create(model="tiny", prompt=[ids], max_tokens=max_tokens, echo=True, logprobs=1,
+                                         temperature=0)
+        lp = resp.choices[0].logprobs
+        assert len(lp.tokens) == len(ids) + max_tokens and lp.token_logprobs[0] is None
+        assert lp.token_logprobs[1:len(ids)] == pytest.approx([e.logprob for e in ref], abs=1e-5)
+        assert all(max(top.values()) >= value for top, value in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+        loglikelihood = sum(lp.token_logprobs[len(context):len(ids)])
+        assert loglikelihood == pytest.approx(sum(e.logprob for e in ref[len(context) - 1:]), abs=1e-4)
+        assert resp.usage.completion_tokens == max_tokens and resp.usage.prompt_tokens == len(ids)
+        assert resp.choices[0].text.startswith(offline.tokenizer.decode(ids, False))
+    chunks = list(client.completions.create(model="tiny", prompt="w5 w6 w7", max_tokens=0, echo=True, logprobs=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].text == "w5 w6 w7" and chunks[0].choices[0].logprobs.token_logprobs[0] is None
+    assert len(chunks[0].choices[0].logprobs.token_logprobs) == len(offline.tokenizer.encode("w5 w6 w7"))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="tiny", prompt="w5", max_tokens=0)

@@ -22,6 +22,7 @@ from tokenfab.engine.kv_events import MEDIUM_CPU, MEDIUM_GPU, EventBatch, KVEven
 from tokenfab.engine.kv_sizing import plan_kv_blocks
 from tokenfab.engine.messages import CoreInfo, CoreOutput, CoreRequest, EngineStats
 from tokenfab.engine.model_runner import RunOutput
+from tokenfab.engine.prompt_logprobs import PromptLogprobs
 from tokenfab.engine.sampler import Sampler
 from tokenfab.engine.scheduler import Emitted, Scheduler, StepUpdate
 from tokenfab.engine.speculative.policy import StepShape
@@ -78,6 +79,7 @@ class EngineCore:
         )
         self.meter = _cost_meter(config)
         self._costs: dict[str, RequestCost] = {}
+        self._prompt_logprobs = PromptLogprobs(self.model)
         self._back_to_back = False
         """Whether work was left when the last step ended (the next step's cost then starts where it ended)."""
 
@@ -158,6 +160,7 @@ class EngineCore:
             self._back_to_back = False
             return []
         run = self.worker.execute(plan, self.kv.block_tables)
+        self._prompt_logprobs.collect(plan, run)
         result = self.sampler(
             run.logits,
             [s.request for s in run.samplers],
@@ -189,6 +192,7 @@ class EngineCore:
         request = e.request
         total = self._costs[request.request_id]
         cost = RequestCost(total.usd, total.joules, total.device_seconds)
+        prompt_logprobs = self._prompt_logprobs.take(request)
         if e.status is not None:
             self._forget(request.request_id, finished=True)
         return CoreOutput(
@@ -200,9 +204,11 @@ class EngineCore:
             request.num_cached_tokens,
             request.first_scheduled,
             cost,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _forget(self, request_id: str, finished: bool) -> None:
+        self._prompt_logprobs.forget(request_id, finished)
         if finished:
             self.sampler.forget(request_id)
             self._costs.pop(request_id, None)

@@ -139,6 +139,8 @@ class KVCacheManager:
             return 0
         # The last prompt token is always recomputed: its logits are needed to sample.
         self._hashes(request, state, request.num_tokens - 1)
+        if request.params.prompt_logprobs is not None:
+            return 0  # every prompt position's logits are wanted: none may be skipped
         n, found = self._hit_blocks(state)
         self.stats.queries += request.num_tokens
         self.stats.hits += n * self.block_size

@@ -48,6 +48,8 @@ class CoreOutput(msgspec.Struct, gc=False):
     """Cumulative for this sequence."""
     error: str | None = None
     """Set when the core refused the request (it is then finished with reason abort)."""
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    """Sent once, with the sequence's first token, when its params ask for prompt logprobs."""
 
 
 class CoreInfo(msgspec.Struct):

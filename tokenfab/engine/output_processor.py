@@ -37,6 +37,7 @@ class Completion:
     num_cached_tokens: int = 0
     first_scheduled: float | None = None
     error: str | None = None
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
     @property
     def finished(self) -> bool:
@@ -62,6 +63,8 @@ class Completion:
         self.num_cached_tokens = out.num_cached_tokens
         self.first_scheduled = self.first_scheduled or out.first_scheduled
         self.error = out.error
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         if not stopped and out.finish_reason is not None:
             self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
 
@@ -181,6 +184,7 @@ class OutputProcessor:
             cost,
             metrics,
             error,
+            first.prompt_logprobs,
         )
 
     def _drop_if_finished(self, group: Group) -> None:
@@ -195,7 +199,11 @@ def _child(request_id: str, index: int, params: SamplingParams) -> tuple[str, Sa
         return request_id, params
     seed = None if params.seed is None else sibling_seed(params.seed, index)
     values = {f.name: getattr(params, f.name) for f in fields(params)}
-    return f"{request_id}#{index}", SamplingParams(**{**values, "n": 1, "seed": seed})
+    # The prompt is scored once, by the first sibling (the others share its blocks).
+    prompt_logprobs = params.prompt_logprobs if index == 0 else None
+    return f"{request_id}#{index}", SamplingParams(
+        **{**values, "n": 1, "seed": seed, "prompt_logprobs": prompt_logprobs}
+    )
 
 
 def sibling_seed(seed: int, index: int) -> int:

@@ -83,7 +83,7 @@ class Sampler:
         if wanted:
             for i, lp in zip(
                 wanted,
-                _logprobs(
+                token_logprobs(
                     raw[wanted], [token_list[i] for i in wanted], [requests[i].params.logprobs or 0 for i in wanted]
                 ),
             ):
@@ -121,7 +121,7 @@ class Sampler:
             out_tokens.append(tokens)
             accepted.append(n)
             k = request.params.logprobs
-            out_logprobs.append(None if k is None else _logprobs(rows[: len(tokens)], tokens, [k] * len(tokens)))
+            out_logprobs.append(None if k is None else token_logprobs(rows[: len(tokens)], tokens, [k] * len(tokens)))
         return SampleResult(out_tokens, out_logprobs, accepted)
 
     def _verify_one(
@@ -213,7 +213,7 @@ def _suppress_early_stop(row: torch.Tensor, request: Request, ahead: int) -> Non
         row[list(stop_ids)] = float("-inf")
 
 
-def _logprobs(raw: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenLogprobs]:
+def token_logprobs(raw: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenLogprobs]:
     """Raw-distribution logprob, rank and top-k alternatives of tokens[i] at row i."""
     logprobs = torch.log_softmax(raw, dim=-1)
     out = []

@@ -38,6 +38,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     """None: no logprobs; k >= 0: the sampled token's logprob plus the k most likely."""
+    prompt_logprobs: int | None = None
+    """None: none; k >= 0: each prompt token's logprob (from the second on) plus the k most likely at its
+    position, computed in the prefill (such a request takes no prefix-cache hits: every position is computed)."""
     min_tokens: int = 0
     """EOS and stop tokens are suppressed until this many tokens were generated."""
     skip_special_tokens: bool = True
@@ -60,6 +63,7 @@ class SamplingParams:
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
             (self.repetition_penalty > 0.0, "repetition_penalty must be > 0"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be in [0, 20]"),
             (0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in [0, max_tokens]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
         ]
@@ -242,3 +246,5 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     error: str | None = None
     """Why the engine refused the request, when it did."""
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    """With SamplingParams.prompt_logprobs: prompt tokens 1.. (the first has no context to be scored in)."""

@@ -6,10 +6,11 @@ from tokenfab.engine.types import RequestOutput, TokenLogprobs
 from tokenfab.tokenizer import Tokenizer
 
 
-def usage(outputs: list[RequestOutput], energy_source: str) -> dict:
-    """Usage of one API request (several prompts and n completions each), with its summed cost."""
+def usage(outputs: list[RequestOutput], energy_source: str, generated: bool = True) -> dict:
+    """Usage of one API request (several prompts and n completions each), with its summed cost; `generated`
+    False when the request only scored its prompts (no completion tokens are returned or counted)."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs) if generated else 0
     cached = sum(o.num_cached_tokens for o in outputs)
     usd = joules = seconds = 0.0
     for o in outputs:
@@ -50,6 +51,24 @@ def completion_logprobs(entries: list[TokenLogprobs], text: TokenText, offset: i
         offsets.append(offset)
         offset += len(token)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def echoed_logprobs(prompt_ids: list[int], entries: list[TokenLogprobs], text: TokenText) -> dict:
+    """The prompt's part of an echoed completion's logprobs: every prompt token, the first without a logprob (it
+    has no context), the others scored as the prefill computed them."""
+    rest = completion_logprobs(entries, text, len(text(prompt_ids[0])))
+    first = text(prompt_ids[0])
+    return {
+        "tokens": [first, *rest["tokens"]],
+        "token_logprobs": [None, *rest["token_logprobs"]],
+        "top_logprobs": [None, *rest["top_logprobs"]],
+        "text_offset": [0, *rest["text_offset"]],
+    }
+
+
+def joined_logprobs(head: dict, tail: dict | None) -> dict:
+    """Two completions-shaped logprobs, one after the other."""
+    return head if tail is None else {key: head[key] + tail[key] for key in head}
 
 
 def chat_logprobs(entries: list[TokenLogprobs], text: TokenText) -> dict:

@@ -121,8 +121,10 @@ class CompletionRequest(SamplingFields):
         | TokenIds
         | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
     )
-    max_tokens: Annotated[StrictInt, Field(ge=1, le=INT32)] | None = 16
+    max_tokens: Annotated[StrictInt, Field(ge=0, le=INT32)] | None = 16
+    """0 only with echo: the prompt alone, scored (with logprobs), as evaluation harnesses ask."""
     logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    """With echo, the prompt's tokens are scored too (from the prefill that runs anyway)."""
     echo: StrictBool = False
     best_of: Annotated[StrictInt, Field(ge=1, le=MAX_N)] | None = None
     """Only best_of == n is supported (no server-side ranking)."""
@@ -200,8 +202,9 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]
+    """None for an echoed prompt's first token (nothing precedes it)."""
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 

@@ -105,7 +105,9 @@ def max_new_tokens(requested: int | None, prompts: list[Prompt], info: CoreInfo,
     return requested
 
 
-def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, info: CoreInfo) -> SamplingParams:
+def sampling_params(
+    body: SamplingFields, max_tokens: int, logprobs: int | None, info: CoreInfo, prompt_logprobs: int | None = None
+) -> SamplingParams:
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
     if body.min_tokens > max_tokens:
@@ -131,6 +133,7 @@ def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
             stop_token_ids=list(body.stop_token_ids or []),
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             min_tokens=body.min_tokens,
             skip_special_tokens=body.skip_special_tokens,
         )
