@@ -49,11 +49,13 @@ def core_pid(pid: int) -> int:
 
 
 def metrics(url: str) -> dict[str, float]:
+    """name{labels} -> value, and the bare name -> the first series' value."""
     values: dict[str, float] = {}
     for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
+            values.setdefault(name.split("{")[0], float(value))
     return values
 
 
@@ -206,6 +208,7 @@ def main() -> None:
             start = time.monotonic()
             while time.monotonic() - start < seconds:
                 samples.append((time.monotonic() - start, rss_mb(proc.pid), rss_mb(core)))
+                Path(args.out + ".rss.json").write_text(json.dumps(samples))  # kept if the run is cut short
                 await asyncio.sleep(30)
 
         async def run() -> None:
@@ -310,7 +313,7 @@ def markdown(doc: dict) -> str:
         "",
         "| server counter | value |",
         "|---|---|",
-        *[f"| `{k}` | {v:g} |" for k, v in sorted(s.items())],
+        *[f"| `{k}` | {v:g} |" for k, v in sorted(s.items()) if "{" in k and "_created" not in k],
     ]
     return "\n".join(lines) + "\n"
 

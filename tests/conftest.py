@@ -19,7 +19,8 @@ LANES = {
                "test_quant_model", "test_spec_engine", "test_spec_policy", "test_spec_rollback", "test_spec_sampling"],
     "server": ["test_bench_live", "test_cli", "test_engine_transports", "test_server", "test_server_abuse", "test_server_fuzz",
                "test_server_load", "test_server_spec"],
-    "real_model": ["test_gemma_real", "test_quant_gemma", "test_server_gemma", "test_spec_gemma"],
+    "real_model": ["test_gemma_real", "test_quant_gemma", "test_server_gemma", "test_spec_gemma",
+                   "test_structured_output"],
 }
 """Test files by lane: unit (no model), engine (tiny random-weight models in process), server (HTTP, processes),
 real_model (Gemma 3 270M's real weights). A test marked slow runs in real_model whatever its file."""

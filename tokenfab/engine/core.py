@@ -17,6 +17,7 @@ import torch
 
 from tokenfab.config import EngineConfig
 from tokenfab.economics.attribution import CostMeter, RequestCost
+from tokenfab.engine.grammar import Grammars
 from tokenfab.engine.kv_cache_manager import KVCacheManager
 from tokenfab.engine.kv_events import MEDIUM_CPU, MEDIUM_GPU, EventBatch, KVEventPublisher
 from tokenfab.engine.kv_sizing import plan_kv_blocks
@@ -32,7 +33,7 @@ from tokenfab.engine.stats import CostStats, SpecStats
 from tokenfab.engine.types import Request, SampleResult, StepPlan
 from tokenfab.engine.worker import Worker
 from tokenfab.kernels.build import kernel_path
-from tokenfab.models.loading import ModelSource, resolve_model
+from tokenfab.models.loading import ModelSource, load_tokenizer, resolve_model
 from tokenfab.platform import cpu_isa
 from tokenfab.platform.power import select_meter
 from tokenfab.platform.prices import load_prices
@@ -80,6 +81,9 @@ class EngineCore:
         self.meter = _cost_meter(config)
         self._costs: dict[str, RequestCost] = {}
         self._prompt_logprobs = PromptLogprobs(self.model)
+        self.grammars = Grammars(
+            lambda: load_tokenizer(self.source).inner.to_str(), self.arch.vocab_size, list(self.arch.eos_token_ids)
+        )
         self._back_to_back = False
         """Whether work was left when the last step ended (the next step's cost then starts where it ended)."""
 
@@ -100,6 +104,7 @@ class EngineCore:
         eos = tuple(req.eos_token_ids) if req.eos_token_ids is not None else tuple(self.arch.eos_token_ids)
         request = Request(req.request_id, list(req.prompt_token_ids), req.params, req.arrival, req.priority, eos)
         leader = self.scheduler.requests.get(req.leader_id) if req.leader_id else None
+        self.grammars.add(request)
         self._costs[req.request_id] = RequestCost()
         self.scheduler.add(request, leader=leader)
 
@@ -161,12 +166,14 @@ class EngineCore:
             return []
         run = self.worker.execute(plan, self.kv.block_tables)
         self._prompt_logprobs.collect(plan, run)
+        self.grammars.mask(run.logits, run.samplers)
         result = self.sampler(
             run.logits,
             [s.request for s in run.samplers],
             [s.spec_token_ids for s in run.samplers],
             [s.spec_probs for s in run.samplers],
         )
+        self.grammars.advance(run.samplers, result)
         update = self.scheduler.update(plan, run.samplers, result)
         if self.speculator is not None:
             self._speculate(plan, run, result, time.perf_counter() - start)
@@ -187,6 +194,9 @@ class EngineCore:
         self.speculator.propose(
             StepView(plan, run), decoding, self.scheduler.running, self.config.max_num_batched_tokens
         )
+        for request in decoding:
+            if self.grammars.constrained(request.request_id):  # drafts are not checked against grammars
+                request.spec_token_ids, request.spec_probs = [], None
 
     def _output(self, e: Emitted) -> CoreOutput:
         request = e.request
@@ -210,6 +220,7 @@ class EngineCore:
     def _forget(self, request_id: str, finished: bool) -> None:
         self._prompt_logprobs.forget(request_id, finished)
         if finished:
+            self.grammars.forget(request_id)
             self.sampler.forget(request_id)
             self._costs.pop(request_id, None)
         if self.speculator is not None:

@@ -44,6 +44,8 @@ class SamplingParams:
     min_tokens: int = 0
     """EOS and stop tokens are suppressed until this many tokens were generated."""
     skip_special_tokens: bool = True
+    grammar: str | None = None
+    """An llguidance grammar (tokenfab.engine.grammar) every generated token must follow; EOS once complete."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -65,6 +67,10 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be in [0, 20]"),
             (0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in [0, max_tokens]"),
+            (
+                self.grammar is None or (not self.ignore_eos and not self.min_tokens),
+                "a grammar ends with EOS: ignore_eos and min_tokens cannot be combined with it",
+            ),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
         ]
         for ok, message in checks:

@@ -11,7 +11,7 @@ from tokenfab.serve.errors import bad_request
 from tokenfab.serve.formatting import TokenText, chat_logprobs, usage
 from tokenfab.serve.generation import Job
 from tokenfab.serve.protocol import ChatCompletionRequest
-from tokenfab.serve.requests import chat_prompt, max_new_tokens, sampling_params
+from tokenfab.serve.requests import chat_prompt, grammar, max_new_tokens, sampling_params
 from tokenfab.serve.state import ServerState
 from tokenfab.serve.streaming import Deltas, admitted, event
 
@@ -29,7 +29,8 @@ def prepare(body: ChatCompletionRequest, state: ServerState) -> Job:
     prompt = chat_prompt(body, state.tokenizer, info)
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(body, max_new_tokens(limit, [prompt], info, "messages"), logprobs, info)
+    rules = grammar(body, body.response_format)
+    params = sampling_params(body, max_new_tokens(limit, [prompt], info, "messages"), logprobs, info, None, rules)
     return Job(f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, body.priority, body.user)
 
 

@@ -16,7 +16,7 @@ from tokenfab.serve.errors import bad_request
 from tokenfab.serve.formatting import TokenText, completion_logprobs, echoed_logprobs, joined_logprobs, usage
 from tokenfab.serve.generation import Job, Prompt
 from tokenfab.serve.protocol import CompletionRequest
-from tokenfab.serve.requests import completion_prompts, max_new_tokens, sampling_params
+from tokenfab.serve.requests import completion_prompts, grammar, max_new_tokens, sampling_params
 from tokenfab.serve.state import ServerState
 from tokenfab.serve.streaming import Deltas, admitted, event
 
@@ -30,7 +30,8 @@ def prepare(body: CompletionRequest, state: ServerState) -> Job:
     prompts = completion_prompts(body, state.tokenizer, info)
     limit = 1 if body.max_tokens == 0 else body.max_tokens
     scored = body.logprobs if body.echo else None
-    params = sampling_params(body, max_new_tokens(limit, prompts, info, "prompt"), body.logprobs, info, scored)
+    budget = max_new_tokens(limit, prompts, info, "prompt")
+    params = sampling_params(body, budget, body.logprobs, info, scored, grammar(body))
     return Job(f"cmpl-{uuid.uuid4().hex}", prompts, params, body.priority, body.user)
 
 

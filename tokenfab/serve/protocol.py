@@ -109,6 +109,8 @@ class SamplingFields(Strict):
     skip_special_tokens: StrictBool = True
     priority: Annotated[StrictInt, Field(ge=-INT32, le=INT32)] = 0
     """Lower is served first (FCFS among equals)."""
+    guided_regex: Annotated[Text, Field(min_length=1, max_length=4096)] | None = None
+    """Extension (as vLLM's): every completion matches this regular expression, then ends."""
 
 
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0, le=INT32)]], Field(min_length=1)]
@@ -146,15 +148,25 @@ class ChatMessage(Strict):
         return self.content or ""
 
 
+class JsonSchemaFormat(Strict):
+    name: Annotated[Text, Field(min_length=1, max_length=64)]
+    description: Text | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    """The JSON schema every completion follows (llguidance's JSON subset; an unsupported keyword is a 400)."""
+    strict: StrictBool | None = None
+    """Accepted either way: the output always follows the schema."""
+
+
 class ResponseFormat(Strict):
-    type: Literal["text"]
-    """Only plain text: structured output under a grammar (json_object, json_schema) is not served yet."""
+    type: Literal["text", "json_object", "json_schema"]
+    """text (no constraint), json_object (any JSON object) or json_schema (follows `json_schema.schema`)."""
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
     response_format: ResponseFormat | None = None
-    """`{"type": "text"}`, OpenAI's default, is accepted; other formats are refused with a 400."""
+    """Structured output: every choice follows the format (generated under its grammar), ending with EOS."""
     max_tokens: Annotated[StrictInt, Field(ge=1, le=INT32)] | None = None
     max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=INT32)] | None = None
     logprobs: StrictBool = False

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from typing import cast
 
+from tokenfab.engine.grammar import grammar_error
 from tokenfab.engine.messages import CoreInfo
 from tokenfab.engine.types import SamplingParams
 from tokenfab.serve.errors import APIError, bad_request
 from tokenfab.serve.generation import Prompt
-from tokenfab.serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
+from tokenfab.serve.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ResponseFormat,
+    SamplingFields,
+)
 from tokenfab.tokenizer import Tokenizer
 
 
@@ -105,8 +112,48 @@ def max_new_tokens(requested: int | None, prompts: list[Prompt], info: CoreInfo,
     return requested
 
 
+JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,12}"
+"""At most 12 whitespace characters between JSON tokens (enough for indentation): a small model left free
+whitespace can emit newlines until max_tokens and never close the object."""
+
+
+def grammar(body: SamplingFields, response_format: ResponseFormat | None = None) -> str | None:
+    """The llguidance grammar a request's completions follow (None: unconstrained); 400 for one it cannot use."""
+    import llguidance
+
+    if body.guided_regex is not None and response_format is not None and response_format.type != "text":
+        raise bad_request("send one of guided_regex and response_format", "guided_regex")
+    if body.guided_regex is not None:
+        param, text = "guided_regex", llguidance.LLMatcher.grammar_from_regex(body.guided_regex)
+    elif response_format is None or response_format.type == "text":
+        return None
+    else:
+        param = "response_format"
+        if response_format.type == "json_object":
+            schema: dict = {"type": "object"}
+        elif response_format.json_schema is None:
+            raise bad_request("response_format json_schema needs its json_schema", "response_format.json_schema")
+        else:
+            schema = response_format.json_schema.schema_
+        try:
+            text = llguidance.LLMatcher.grammar_from_json_schema(
+                schema, overrides={"whitespace_pattern": JSON_WHITESPACE}
+            )
+        except ValueError as e:
+            raise bad_request(f"the JSON schema cannot be used: {e}", param) from None
+    error = grammar_error(text)
+    if error is not None:
+        raise bad_request(f"the {param} cannot be used: {error}", param)
+    return text
+
+
 def sampling_params(
-    body: SamplingFields, max_tokens: int, logprobs: int | None, info: CoreInfo, prompt_logprobs: int | None = None
+    body: SamplingFields,
+    max_tokens: int,
+    logprobs: int | None,
+    info: CoreInfo,
+    prompt_logprobs: int | None = None,
+    grammar: str | None = None,
 ) -> SamplingParams:
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
@@ -134,6 +181,7 @@ def sampling_params(
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            grammar=grammar,
             min_tokens=body.min_tokens,
             skip_special_tokens=body.skip_special_tokens,
         )

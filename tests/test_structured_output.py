@@ -1,0 +1,89 @@
+"""Structured output on the real default model with the official openai client: every completion under a JSON
+schema validates (greedy, sampled and streamed), json_object gives an object, guided_regex matches, an unusable
+schema is a 400 naming response_format; grammar + n-gram speculation gives the grammar's greedy text."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import openai
+import pytest
+
+import llguidance
+
+from live_server import LiveServer
+from tokenfab import LLM, SamplingParams
+from tokenfab.models.loading import load_tokenizer, resolve_model
+from tokenfab.serve.protocol import ChatCompletionRequest
+from tokenfab.serve.requests import grammar
+
+pytestmark = pytest.mark.slow
+
+SCHEMAS = {
+    "person": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                                "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+               "required": ["name", "age"], "additionalProperties": False},
+    "colors": {"type": "object", "properties": {"colors": {"type": "array", "minItems": 1, "maxItems": 3,
+                                                           "items": {"enum": ["red", "green", "blue"]}}},
+               "required": ["colors"], "additionalProperties": False},
+    "flags": {"type": "object", "properties": {"ok": {"type": "boolean"}, "score": {"type": "number"},
+                                               "tags": {"type": "array", "maxItems": 2,
+                                                        "items": {"type": "string", "maxLength": 10}}},
+              "required": ["ok", "score"], "additionalProperties": False},
+}
+ASK = [{"role": "user", "content": "Answer in JSON: describe a person, their favourite colours and a score."}]
+
+
+@pytest.fixture(scope="module")
+def client():
+    server = LiveServer(None, "--kv-cache-memory-gb", "0.25")
+    yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    assert server.stop() == 0
+
+
+def schema_format(name: str) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": SCHEMAS[name], "strict": True}}
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_every_completion_follows_the_schema(client, name):
+    kw = dict(model="gemma-3-270m", messages=ASK, max_tokens=80, response_format=schema_format(name))
+    greedy = client.chat.completions.create(temperature=0, **kw)
+    sampled = client.chat.completions.create(temperature=1.0, seed=3, n=3, **kw)
+    for choice in [*greedy.choices, *sampled.choices]:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), SCHEMAS[name])
+    stream = client.chat.completions.create(temperature=0, stream=True, **kw)
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert streamed == greedy.choices[0].message.content
+
+
+def test_json_object_and_regex(client):
+    """A free JSON object from a 270M model rambles on to max_tokens: every token it wrote still followed the
+    grammar (llguidance's own matcher accepts them all)."""
+    obj = client.chat.completions.create(model="gemma-3-270m", messages=ASK, max_tokens=60, temperature=0,
+                                         response_format={"type": "json_object"}, logprobs=True)
+    body = ChatCompletionRequest.model_validate({"messages": ASK, "response_format": {"type": "json_object"}})
+    tokenizer = load_tokenizer(resolve_model(None))
+    matcher = llguidance.LLMatcher(llguidance.LLTokenizer(tokenizer.inner.to_str()), grammar(body, body.response_format))
+    ids = tokenizer.encode(obj.choices[0].message.content, add_special_tokens=False)
+    assert obj.choices[0].message.content.startswith("{") and matcher.consume_tokens(ids) and not matcher.is_error()
+    phone = client.completions.create(model="gemma-3-270m", prompt="Call me at", max_tokens=12, temperature=0.7,
+                                      seed=1, extra_body={"guided_regex": r" [0-9]{3}-[0-9]{4}"})
+    assert re.fullmatch(r" [0-9]{3}-[0-9]{4}", phone.choices[0].text)
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": 5}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="gemma-3-270m", messages=ASK, response_format=bad)
+    assert e.value.body["param"] == "response_format"
+
+
+def test_grammar_with_ngram_speculation_gives_the_grammar_text():
+    body = ChatCompletionRequest.model_validate({"messages": ASK, "response_format": schema_format("person")})
+    rules = grammar(body, body.response_format)
+    params = SamplingParams(max_tokens=60, temperature=0, grammar=rules)
+    plain = LLM(kv_cache_memory_gb=0.25).chat(ASK, params)[0].outputs[0].text
+    speculative = LLM(kv_cache_memory_gb=0.25, speculative="ngram").chat(ASK, params)[0].outputs[0].text
+    assert speculative == plain
+    jsonschema.validate(json.loads(plain), SCHEMAS["person"])
