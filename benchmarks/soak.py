@@ -44,8 +44,9 @@ def rss_mb(pid: int) -> float:
 
 
 def core_pid(pid: int) -> int:
+    """The engine core: the server's largest child (multiprocessing's resource tracker is a child too)."""
     with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return int(f.read().split()[0])
+        return max((int(c) for c in f.read().split()), key=rss_mb)
 
 
 def metrics(url: str) -> dict[str, float]:

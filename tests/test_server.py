@@ -172,7 +172,8 @@ def test_bad_completion_requests_get_named_4xx(server, body, status, param):
      "messages.0.content.str"),
     ({"messages": [{"role": "user", "content": "w5"}], "tools": []}, "tools"),
     ({"messages": [{"role": "user", "content": "w5"}], "top_logprobs": 2}, "top_logprobs"),
-    ({"messages": [{"role": "user", "content": "w5"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "w5"}], "response_format": {"type": "json_schema"}},
+     "response_format.json_schema"),
 ])
 def test_bad_chat_requests_get_named_400(server, body, param):
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)

@@ -36,6 +36,8 @@ class Grammars:
         self._vocab_size = vocab_size
         self._eos = eos_token_ids
         self._tokenizer = None
+        self._unusable: str | None = None
+        """Why llguidance cannot read this model's tokenizer, once it has failed to."""
         self._matchers: dict[str, object] = {}
 
     def add(self, request: Request) -> None:
@@ -81,12 +83,18 @@ class Grammars:
         return bits[:width]
 
     def _llg_tokenizer(self):
+        if self._unusable is not None:
+            raise ValueError(self._unusable)
         if self._tokenizer is None:
             import llguidance
 
             started = time.monotonic()
-            self._tokenizer = llguidance.LLTokenizer(
-                self._tokenizer_json(), n_vocab=self._vocab_size, eos_token=self._eos
-            )
+            try:
+                self._tokenizer = llguidance.LLTokenizer(
+                    self._tokenizer_json(), n_vocab=self._vocab_size, eos_token=self._eos
+                )
+            except Exception as e:  # noqa: BLE001 - llguidance's reason, kept for every later request
+                self._unusable = f"this model's tokenizer cannot be used for grammars: {e}"
+                raise ValueError(self._unusable) from None
             log.info("grammar tables for the vocabulary built in %.1f s", time.monotonic() - started)
         return self._tokenizer
