@@ -109,9 +109,10 @@ class Guard:
             await send(message)
 
         try:
-            refusal = self._access(scope)
+            headers = _headers(scope)
+            refusal = self._access(scope, headers)
             if refusal is None:
-                receive, refusal = await self._read_body(scope, receive)
+                receive, refusal = await self._read_body(scope, headers, receive)
             if refusal is not None:
                 await _send_error(tracked_send, refusal)
             else:
@@ -126,8 +127,7 @@ class Guard:
             if status >= 400 and status != 499:
                 self.on_refusal(status)
 
-    def _access(self, scope: Scope) -> APIError | None:
-        headers = _headers(scope)
+    def _access(self, scope: Scope, headers: dict[str, str]) -> APIError | None:
         s = self.settings
         host = headers.get("host", "")
         if s.allowed_hosts is not None and _hostname(host) not in s.allowed_hosts:
@@ -151,12 +151,14 @@ class Guard:
         allowed = self.settings.allowed_origins
         return "*" in allowed or origin in allowed or origin.split("://", 1)[-1] == host
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> tuple[Receive, APIError | None]:
+    async def _read_body(
+        self, scope: Scope, headers: dict[str, str], receive: Receive
+    ) -> tuple[Receive, APIError | None]:
         """Read the whole body up to the limit (FastAPI reads it whole anyway) and replay it to the app."""
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return receive, None
         limit = self.settings.max_body_bytes
-        declared = _headers(scope).get("content-length")
+        declared = headers.get("content-length")
         if declared is not None and declared.isdigit():
             if int(declared) > limit:
                 return receive, _too_large(limit)

@@ -88,47 +88,19 @@ class ServerMetrics:
         self.generation_tokens = Counter(
             "tokenfab:generation_tokens", "Generated tokens of finished requests", **labels
         )
-        self.ttft = Histogram(
-            "tokenfab:time_to_first_token_seconds", "Time to first token", buckets=LATENCY_BUCKETS, **labels
+        self.ttft = self._latency("tokenfab:time_to_first_token_seconds", "Time to first token")
+        self.itl = self._latency("tokenfab:inter_token_latency_seconds", "Time between output deliveries per token")
+        self.tpot = self._latency(
+            "tokenfab:request_time_per_output_token_seconds", "Mean time per output token after the first, per request"
         )
-        self.itl = Histogram(
-            "tokenfab:inter_token_latency_seconds",
-            "Time between output deliveries per token",
-            buckets=LATENCY_BUCKETS,
-            **labels,
+        self.e2e = self._latency("tokenfab:e2e_request_latency_seconds", "End-to-end request latency")
+        self.queue = self._latency("tokenfab:request_queue_time_seconds", "Time from arrival to first scheduled")
+        self.prefill_time = self._latency(
+            "tokenfab:request_prefill_time_seconds", "Time from first scheduled to first token"
         )
-        self.tpot = Histogram(
-            "tokenfab:request_time_per_output_token_seconds",
-            "Mean time per output token after the first, per request",
-            buckets=LATENCY_BUCKETS,
-            **labels,
-        )
-        self.e2e = Histogram(
-            "tokenfab:e2e_request_latency_seconds", "End-to-end request latency", buckets=LATENCY_BUCKETS, **labels
-        )
-        self.queue = Histogram(
-            "tokenfab:request_queue_time_seconds",
-            "Time from arrival to first scheduled",
-            buckets=LATENCY_BUCKETS,
-            **labels,
-        )
-        self.prefill_time = Histogram(
-            "tokenfab:request_prefill_time_seconds",
-            "Time from first scheduled to first token",
-            buckets=LATENCY_BUCKETS,
-            **labels,
-        )
-        self.decode_time = Histogram(
-            "tokenfab:request_decode_time_seconds",
-            "Time from first token to finished",
-            buckets=LATENCY_BUCKETS,
-            **labels,
-        )
-        self.inference_time = Histogram(
-            "tokenfab:request_inference_time_seconds",
-            "Time from first scheduled to finished",
-            buckets=LATENCY_BUCKETS,
-            **labels,
+        self.decode_time = self._latency("tokenfab:request_decode_time_seconds", "Time from first token to finished")
+        self.inference_time = self._latency(
+            "tokenfab:request_inference_time_seconds", "Time from first scheduled to finished"
         )
         self.iteration_tokens = Histogram(
             "tokenfab:iteration_tokens_total",
@@ -149,6 +121,9 @@ class ServerMetrics:
         self._engine = _EngineCollector(model_name, stats, alive)
         self.registry.register(self._engine)
         self._last_step: tuple[int, int] | None = None
+
+    def _latency(self, name: str, doc: str) -> Histogram:
+        return Histogram(name, doc, ["model_name"], buckets=LATENCY_BUCKETS, registry=self.registry)
 
     def observe_finished(self, out: RequestOutput, now: float) -> None:
         m = self._model
