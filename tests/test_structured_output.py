@@ -80,10 +80,18 @@ def test_json_object_and_regex(client):
 
 
 def test_grammar_with_ngram_speculation_gives_the_grammar_text():
-    body = ChatCompletionRequest.model_validate({"messages": ASK, "response_format": schema_format("person")})
-    rules = grammar(body, body.response_format)
-    params = SamplingParams(max_tokens=60, temperature=0, grammar=rules)
-    plain = LLM(kv_cache_memory_gb=0.25).chat(ASK, params)[0].outputs[0].text
-    speculative = LLM(kv_cache_memory_gb=0.25, speculative="ngram").chat(ASK, params)[0].outputs[0].text
+    """Drafts are verified against the grammar's mask at each position: the greedy text is the grammar's own, drafts
+    the grammar allows are accepted, and sampled completions still follow the schema."""
+    ask = [{"role": "user", "content": 'Repeat this JSON: {"name": "Ann Lee", "age": 31}. Again: {"name": "Ann Lee", '
+                                       '"age": 31}. Once more:'}]
+    body = ChatCompletionRequest.model_validate({"messages": ask, "response_format": schema_format("person")})
+    params = SamplingParams(max_tokens=60, temperature=0, grammar=grammar(body, body.response_format))
+    plain = LLM(kv_cache_memory_gb=0.25).chat(ask, params)[0].outputs[0].text
+    llm = LLM(kv_cache_memory_gb=0.25, speculative="ngram")
+    speculative = llm.chat(ask, params)[0].outputs[0].text
     assert speculative == plain
     jsonschema.validate(json.loads(plain), SCHEMAS["person"])
+    assert llm.engine.core.stats().spec.accepted_tokens > 0
+    sampled = SamplingParams(max_tokens=60, temperature=0.8, seed=5, n=4, grammar=params.grammar)
+    for c in llm.chat(ask, sampled)[0].outputs:
+        jsonschema.validate(json.loads(c.text), SCHEMAS["person"])

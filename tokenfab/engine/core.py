@@ -164,6 +164,7 @@ class EngineCore:
             self.meter.end_step({})
             self._back_to_back = False
             return []
+        self.grammars.prepare(plan.scheduled)
         run = self.worker.execute(plan, self.kv.block_tables)
         self._prompt_logprobs.collect(plan, run)
         self.grammars.mask(run.logits, run.samplers)
@@ -194,9 +195,6 @@ class EngineCore:
         self.speculator.propose(
             StepView(plan, run), decoding, self.scheduler.running, self.config.max_num_batched_tokens
         )
-        for request in decoding:
-            if self.grammars.constrained(request.request_id):  # drafts are not checked against grammars
-                request.spec_token_ids, request.spec_probs = [], None
 
     def _output(self, e: Emitted) -> CoreOutput:
         request = e.request
