@@ -12,7 +12,7 @@ torch.set_num_threads(2)
 
 LANES = {
     "unit": ["test_admission", "test_bench_launch", "test_bench_report", "test_bench_stats", "test_bench_workloads", "test_block_pool",
-             "test_cost_meter", "test_guard",
+             "test_cost_meter", "test_guard", "test_tool_calls",
              "test_cpu_isa", "test_cpu_kernels", "test_gguf_loader", "test_kv_cache_manager", "test_quant_formats",
              "test_quant_triton", "test_scheduler", "test_spec_scheduler"],
     "engine": ["test_cpu_decode", "test_engine_tiny", "test_kv_events", "test_prompt_logprobs", "test_quant_checkpoint", "test_quant_gguf_packed",
@@ -20,7 +20,7 @@ LANES = {
     "server": ["test_bench_live", "test_cli", "test_engine_transports", "test_server", "test_server_abuse", "test_server_fuzz",
                "test_server_load", "test_server_spec"],
     "real_model": ["test_gemma_real", "test_quant_gemma", "test_server_gemma", "test_spec_gemma",
-                   "test_structured_output"],
+                   "test_structured_output", "test_tools_gemma"],
 }
 """Test files by lane: unit (no model), engine (tiny random-weight models in process), server (HTTP, processes),
 real_model (Gemma 3 270M's real weights). A test marked slow runs in real_model whatever its file."""
@@ -47,6 +47,16 @@ def tiny_model(tmp_path_factory):
         return made[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def gemma_server():
+    """`tokenfab serve` on the real default model, shared by the real-model tests that only send it requests."""
+    from live_server import LiveServer
+
+    server = LiveServer(None, "--kv-cache-memory-gb", "0.25")
+    yield server
+    assert server.stop() == 0
 
 
 @pytest.fixture(scope="session")

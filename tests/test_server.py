@@ -165,12 +165,27 @@ def test_bad_completion_requests_get_named_4xx(server, body, status, param):
     assert error["param"] == param and error["message"] and error["type"]
 
 
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
 @pytest.mark.parametrize("body,param", [
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "w5"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.0.content.str"),
     ({"messages": [{"role": "user", "content": "w5"}], "tools": []}, "tools"),
+    ({"messages": [{"role": "user", "content": "w5"}], "tool_choice": "required"}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": "w5"}], "tools": [TOOL],
+      "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": "w5"}], "tools": [TOOL, TOOL]}, "tools"),
+    ({"messages": [{"role": "user", "content": "w5"}], "tools": [{"type": "function", "function": {"name": "a b"}}]},
+     "tools.0.function.name"),
+    ({"messages": [{"role": "user", "content": "w5"}], "tools": [TOOL], "tool_choice": "required",
+      "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "tool", "content": "w5"}]}, "messages.0"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                                                          "function": {"name": "f", "arguments": "[1"}}]}]},
+     "messages.0.tool_calls.0"),
     ({"messages": [{"role": "user", "content": "w5"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "w5"}], "response_format": {"type": "json_schema"}},
      "response_format.json_schema"),

@@ -13,7 +13,6 @@ import pytest
 
 import llguidance
 
-from live_server import LiveServer
 from tokenfab import LLM, SamplingParams
 from tokenfab.models.loading import load_tokenizer, resolve_model
 from tokenfab.serve.protocol import ChatCompletionRequest
@@ -37,10 +36,8 @@ ASK = [{"role": "user", "content": "Answer in JSON: describe a person, their fav
 
 
 @pytest.fixture(scope="module")
-def client():
-    server = LiveServer(None, "--kv-cache-memory-gb", "0.25")
-    yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-    assert server.stop() == 0
+def client(gemma_server):
+    return openai.OpenAI(base_url=f"{gemma_server.url}/v1", api_key="unused", max_retries=0)
 
 
 def schema_format(name: str) -> dict:

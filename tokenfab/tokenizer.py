@@ -7,6 +7,7 @@ import re
 import secrets
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,12 @@ class Tokenizer:
     def decode_stream(self, skip_special_tokens: bool = True) -> DecodeStream:
         return DecodeStream(skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         if self._template is None:
             raise ValueError("this model has no chat template")
         tok = self.inner
@@ -62,6 +68,7 @@ class Tokenizer:
         return self._template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
+            tools=tools,
             bos_token=tok.id_to_token(bos) if bos is not None else "",
             eos_token=tok.id_to_token(eos) if eos is not None else "",
         )
@@ -69,19 +76,24 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         return self.render_chat(messages, add_generation_prompt)[1]
 
-    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> tuple[str, list[int]]:
         """The conversation through the chat template, as text and token ids. Only the template's own markup
         becomes control tokens: a message that types one (`<end_of_turn>` in a user turn, to forge a turn) has
         its content tokenized as plain text. The rendered template already carries BOS where the model wants it.
         """
-        text = self.apply_chat_template(messages, add_generation_prompt)
+        text = self.apply_chat_template(messages, add_generation_prompt, tools)
         if not any(self._specials.spans(str(m.get("content") or "")) for m in messages):
             return text, self.encode(text, add_special_tokens=False)
         # Render again with a marker in place of each content, then tokenize the template's pieces with control
         # tokens and the contents without. (The contents go in as sent, so a template's `trim` is not applied.)
         tag = secrets.token_hex(8)
         marked = [{**m, "content": f"\ue000{tag}:{i}\ue001"} for i, m in enumerate(messages)]
-        pieces = re.split(f"\ue000{tag}:(\\d+)\ue001", self.apply_chat_template(marked, add_generation_prompt))
+        pieces = re.split(f"\ue000{tag}:(\\d+)\ue001", self.apply_chat_template(marked, add_generation_prompt, tools))
         ids: list[int] = []
         for k, piece in enumerate(pieces):
             if k % 2:
@@ -171,7 +183,13 @@ def _compile(source: str) -> jinja2.Template:
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
+    def tojson(value: Any, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+        # As Hugging Face renders templates: plain JSON (jinja's own tojson HTML-escapes '<', '>' and '&').
+        return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = tojson
     return env.from_string(source)
 
 

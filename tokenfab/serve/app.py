@@ -145,7 +145,10 @@ def _token_ids(body: TokenizeRequest, state: ServerState) -> list[int]:
     if body.prompt is not None:
         return state.tokenizer.encode(body.prompt, body.add_special_tokens)
     assert body.messages is not None
-    return render_chat(body.messages, body.add_generation_prompt, state.tokenizer).token_ids
+    prompt = render_chat(
+        body.messages, body.add_generation_prompt, state.tokenizer, state.tool_template, tools=body.tools
+    )
+    return prompt.token_ids
 
 
 Body = TypeVar("Body", CompletionRequest, ChatCompletionRequest)

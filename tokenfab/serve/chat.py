@@ -6,14 +6,15 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from tokenfab.engine.types import RequestOutput
+from tokenfab.engine.types import CompletionOutput, RequestOutput
 from tokenfab.serve.errors import bad_request
 from tokenfab.serve.formatting import TokenText, chat_logprobs, usage
 from tokenfab.serve.generation import Job
 from tokenfab.serve.protocol import ChatCompletionRequest
-from tokenfab.serve.requests import chat_prompt, grammar, max_new_tokens, sampling_params
+from tokenfab.serve.requests import chat_grammar, chat_prompt, max_new_tokens, sampling_params
 from tokenfab.serve.state import ServerState
 from tokenfab.serve.streaming import Deltas, admitted, event
+from tokenfab.serve.tools import CallParser, ToolPlan, plan, stop_after_call
 
 
 def prepare(body: ChatCompletionRequest, state: ServerState) -> Job:
@@ -26,12 +27,26 @@ def prepare(body: ChatCompletionRequest, state: ServerState) -> Job:
     ):
         raise bad_request("max_tokens and max_completion_tokens disagree; send one", "max_completion_tokens")
     info = state.info
-    prompt = chat_prompt(body, state.tokenizer, info)
+    tool_plan = plan(body, state.tool_template)
+    prompt = chat_prompt(body, state.tokenizer, info, state.tool_template)
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    rules = grammar(body, body.response_format)
-    params = sampling_params(body, max_new_tokens(limit, [prompt], info, "messages"), logprobs, info, None, rules)
+    rules = chat_grammar(body, tool_plan)
+    budget = max_new_tokens(limit, [prompt], info, "messages")
+    stops = stop_after_call(tool_plan) if tool_plan is not None else []
+    params = sampling_params(body, budget, logprobs, info, None, rules, stops)
     return Job(f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, body.priority, body.user)
+
+
+def reply(c: CompletionOutput, tool_plan: ToolPlan | None) -> tuple[dict, str | None]:
+    """A finished choice's message and finish reason: its text, or the tool calls parsed from it."""
+    if tool_plan is None:
+        return {"role": "assistant", "content": c.text}, c.finish_reason
+    content, calls = CallParser(tool_plan).feed(c.text, final=True)
+    if not calls:
+        return {"role": "assistant", "content": content}, c.finish_reason
+    message = {"role": "assistant", "content": content.strip() or None, "tool_calls": calls}
+    return message, "tool_calls" if c.finish_reason == "stop" else c.finish_reason
 
 
 async def complete(body: ChatCompletionRequest, job: Job, state: ServerState) -> dict:
@@ -40,16 +55,19 @@ async def complete(body: ChatCompletionRequest, job: Job, state: ServerState) ->
         final = out
     assert final is not None, "a generation ends with a finished output"
     text = TokenText(state.tokenizer)
-    choices = [
-        {
-            "index": c.index,
-            "message": {"role": "assistant", "content": c.text},
-            "logprobs": chat_logprobs(c.logprobs, text) if c.logprobs is not None else None,
-            "finish_reason": c.finish_reason,
-            "stop_reason": c.stop_reason,
-        }
-        for c in final.outputs
-    ]
+    tool_plan = plan(body, state.tool_template)
+    choices = []
+    for c in final.outputs:
+        message, finish_reason = reply(c, tool_plan)
+        choices.append(
+            {
+                "index": c.index,
+                "message": message,
+                "logprobs": chat_logprobs(c.logprobs, text) if c.logprobs is not None else None,
+                "finish_reason": finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+        )
     return {
         "id": job.request_id,
         "object": "chat.completion",
@@ -76,6 +94,22 @@ def stream(body: ChatCompletionRequest, job: Job, state: ServerState) -> AsyncIt
             }
         )
 
+    tool_plan = plan(body, state.tool_template)
+    parsers = {k: CallParser(tool_plan) for k in range(job.params.n)} if tool_plan is not None else {}
+
+    def delta(c: CompletionOutput, piece: str) -> tuple[dict, str | None]:
+        """A choice's new text as a delta (content, or tool calls once each has been read whole)."""
+        parser = parsers.get(c.index)
+        if parser is None:
+            return ({"content": piece} if piece else {}), c.finish_reason
+        seen = len(parser.calls)
+        content, calls = parser.feed(c.text, final=c.finish_reason is not None)
+        new: dict = {"content": content} if content else {}
+        if calls:
+            new["tool_calls"] = [{"index": seen + k, **call} for k, call in enumerate(calls)]
+        finish_reason = "tool_calls" if parser.calls and c.finish_reason == "stop" else c.finish_reason
+        return new, finish_reason
+
     async def events(ticket) -> AsyncIterator[str]:
         deltas, final = Deltas(), None
         yield chunk(
@@ -92,12 +126,13 @@ def stream(body: ChatCompletionRequest, job: Job, state: ServerState) -> AsyncIt
                 if new is None:
                     continue
                 piece, logprobs, _ = new
+                change, finish_reason = delta(c, piece)
                 choices.append(
                     {
                         "index": c.index,
-                        "delta": {"content": piece} if piece else {},
+                        "delta": change,
                         "logprobs": chat_logprobs(logprobs, text) if logprobs is not None else None,
-                        "finish_reason": c.finish_reason,
+                        "finish_reason": finish_reason,
                         "stop_reason": c.stop_reason,
                     }
                 )

@@ -8,6 +8,7 @@ request can carry is bounded, so one request's validation and tokenization stay 
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -30,6 +31,7 @@ MAX_PROMPTS = 128
 """Prompts in one completions request; each counts as a request (times n) for admission."""
 MAX_MESSAGES = 8192
 MAX_METADATA = 16
+MAX_TOOLS = 128
 INT32 = 2**31 - 1
 
 
@@ -137,15 +139,81 @@ class TextPart(Strict):
     text: Text
 
 
+ToolName = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class FunctionCall(Strict):
+    name: ToolName
+    arguments: Annotated[Text, Field(max_length=1 << 20)]
+    """The arguments as a JSON object, in a string (as the model wrote them)."""
+
+
+class ToolCall(Strict):
+    id: Annotated[Text, Field(min_length=1, max_length=256)]
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def arguments(self) -> dict[str, Any]:
+        return json.loads(self.function.arguments)
+
+    @model_validator(mode="after")
+    def _arguments_are_an_object(self) -> ToolCall:
+        try:
+            ok = isinstance(json.loads(self.function.arguments), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("function.arguments must be a JSON object in a string")
+        return self
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)] | None = None
     name: Annotated[Text, Field(max_length=256)] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None
+    """An assistant turn's calls (content may then be null)."""
+    tool_call_id: Annotated[Text, Field(min_length=1, max_length=256)] | None = None
+    """A tool turn's answer to that call."""
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool message needs tool_call_id, and only a tool message has one")
+        return self
+
+
+class FunctionDef(Strict):
+    name: ToolName
+    description: Annotated[Text, Field(max_length=8192)] | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON schema for the arguments object (omitted: no arguments)."""
+    strict: StrictBool | None = None
+    """Accepted either way: forced calls always follow the schema; `auto` calls are parsed, not forced."""
+
+    def parameters_schema(self) -> dict[str, Any]:
+        return self.parameters if self.parameters is not None else {"type": "object", "properties": {}}
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(Strict):
+    name: ToolName
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class JsonSchemaFormat(Strict):
@@ -173,12 +241,20 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     add_generation_prompt: StrictBool = True
     """Extension: end the rendered conversation with the assistant's turn header."""
+    tools: Annotated[list[Tool], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """none (reply in text), auto (default with tools: the model decides), required (at least one call) or a
+    named function (exactly that one); required and named calls are generated under a grammar, so they parse."""
+    parallel_tool_calls: StrictBool = True
+    """False: at most one call per reply."""
 
 
 class TokenizeRequest(Strict):
     model: Text | None = None
     prompt: Text | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    """With messages: the tools, rendered as a chat request's are."""
     add_special_tokens: StrictBool = True
     add_generation_prompt: StrictBool = True
 
@@ -254,6 +330,7 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -262,7 +339,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: Literal["stop", "length", "abort", "tool_calls"] | None = None
     stop_reason: int | str | None = None
 
 

@@ -15,7 +15,9 @@ from tokenfab.serve.protocol import (
     CompletionRequest,
     ResponseFormat,
     SamplingFields,
+    Tool,
 )
+from tokenfab.serve.tools import JSON_WHITESPACE, Template, ToolPlan, call_grammar, conversation
 from tokenfab.tokenizer import Tokenizer
 
 
@@ -47,22 +49,28 @@ def completion_prompts(body: CompletionRequest, tokenizer: Tokenizer, info: Core
     return prompts
 
 
-def chat_prompt(body: ChatCompletionRequest, tokenizer: Tokenizer, info: CoreInfo) -> Prompt:
-    prompt = render_chat(body.messages, body.add_generation_prompt, tokenizer, info)
+def chat_prompt(body: ChatCompletionRequest, tokenizer: Tokenizer, info: CoreInfo, template: Template) -> Prompt:
+    tools = body.tools if body.tool_choice != "none" else None
+    prompt = render_chat(body.messages, body.add_generation_prompt, tokenizer, template, info, tools)
     check_prompt(prompt.token_ids, info, "messages")
     return prompt
 
 
 def render_chat(
-    messages: list[ChatMessage], add_generation_prompt: bool, tokenizer: Tokenizer, info: CoreInfo | None = None
+    messages: list[ChatMessage],
+    add_generation_prompt: bool,
+    tokenizer: Tokenizer,
+    template: Template,
+    info: CoreInfo | None = None,
+    tools: list[Tool] | None = None,
 ) -> Prompt:
-    """The conversation through the model's chat template, as text and token ids; with `info`, a conversation
-    too long for the context by its characters alone is refused before it is tokenized."""
-    turns = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in messages]
+    """The conversation (and tools) through the model's chat template, as text and token ids; with `info`, a
+    conversation too long for the context by its characters alone is refused before it is tokenized."""
+    turns, template_tools = conversation(messages, tools, template)
     if info is not None:
         check_text_fits("".join(t["content"] for t in turns), tokenizer, info, "messages")
     try:
-        text, ids = tokenizer.render_chat(turns, add_generation_prompt)
+        text, ids = tokenizer.render_chat(turns, add_generation_prompt, template_tools)
     except Exception as e:  # noqa: BLE001 - a template rejecting a conversation is the caller's input error
         raise bad_request(f"the conversation cannot be rendered by the model's chat template: {e}", "messages") from e
     return Prompt(text, ids)
@@ -112,11 +120,6 @@ def max_new_tokens(requested: int | None, prompts: list[Prompt], info: CoreInfo,
     return requested
 
 
-JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,12}"
-"""At most 12 whitespace characters between JSON tokens (enough for indentation): a small model left free
-whitespace can emit newlines until max_tokens and never close the object."""
-
-
 def grammar(body: SamplingFields, response_format: ResponseFormat | None = None) -> str | None:
     """The llguidance grammar a request's completions follow (None: unconstrained); 400 for one it cannot use."""
     import llguidance
@@ -124,23 +127,45 @@ def grammar(body: SamplingFields, response_format: ResponseFormat | None = None)
     if body.guided_regex is not None and response_format is not None and response_format.type != "text":
         raise bad_request("send one of guided_regex and response_format", "guided_regex")
     if body.guided_regex is not None:
-        param, text = "guided_regex", llguidance.LLMatcher.grammar_from_regex(body.guided_regex)
-    elif response_format is None or response_format.type == "text":
+        return _usable(llguidance.LLMatcher.grammar_from_regex(body.guided_regex), "guided_regex")
+    schema = response_schema(response_format)
+    if schema is None:
         return None
-    else:
-        param = "response_format"
-        if response_format.type == "json_object":
-            schema: dict = {"type": "object"}
-        elif response_format.json_schema is None:
-            raise bad_request("response_format json_schema needs its json_schema", "response_format.json_schema")
-        else:
-            schema = response_format.json_schema.schema_
-        try:
-            text = llguidance.LLMatcher.grammar_from_json_schema(
-                schema, overrides={"whitespace_pattern": JSON_WHITESPACE}
-            )
-        except ValueError as e:
-            raise bad_request(f"the JSON schema cannot be used: {e}", param) from None
+    try:
+        text = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides={"whitespace_pattern": JSON_WHITESPACE})
+    except ValueError as e:
+        raise bad_request(f"the JSON schema cannot be used: {e}", "response_format") from None
+    return _usable(text, "response_format")
+
+
+def chat_grammar(body: ChatCompletionRequest, tool_plan: ToolPlan | None) -> str | None:
+    """A chat request's grammar: its response_format's, or its tool calls' (forced, or calls or the format)."""
+    if tool_plan is None:
+        return grammar(body, body.response_format)
+    import llguidance
+
+    lark = call_grammar(tool_plan, response_schema(body.response_format))
+    if lark is None:
+        return None
+    try:
+        text = llguidance.LLMatcher.grammar_from_lark(lark)
+    except ValueError as e:
+        raise bad_request(f"the tools' parameter schemas cannot be used: {e}", "tools") from None
+    return _usable(text, "tools")
+
+
+def response_schema(response_format: ResponseFormat | None) -> dict | None:
+    """The JSON schema a response_format asks for (None: free text)."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return {"type": "object"}
+    if response_format.json_schema is None:
+        raise bad_request("response_format json_schema needs its json_schema", "response_format.json_schema")
+    return response_format.json_schema.schema_
+
+
+def _usable(text: str, param: str) -> str:
     error = grammar_error(text)
     if error is not None:
         raise bad_request(f"the {param} cannot be used: {error}", param)
@@ -154,6 +179,7 @@ def sampling_params(
     info: CoreInfo,
     prompt_logprobs: int | None = None,
     grammar: str | None = None,
+    extra_stop: list[str] | None = None,
 ) -> SamplingParams:
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
@@ -176,7 +202,7 @@ def sampling_params(
             frequency_penalty=_or(body.frequency_penalty, 0.0),
             repetition_penalty=_or(body.repetition_penalty, 1.0),
             seed=body.seed,
-            stop=stop,
+            stop=stop + [s for s in extra_stop or [] if s not in stop],
             stop_token_ids=list(body.stop_token_ids or []),
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,

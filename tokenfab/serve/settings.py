@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from tokenfab.serve.tools import PARSERS
+
 API_KEY_ENV = "TOKENFAB_API_KEY"
 
 
@@ -50,6 +52,8 @@ class ServerSettings:
     """Open client connections; beyond it the longest-idle one is closed (capped below the file limit)."""
     tokenizer_threads: int = 2
     """Threads that validate, template and tokenize requests off the event loop."""
+    tool_call_parser: str = field(default="auto", metadata={"choices": lambda: PARSERS})
+    """How tool calls are written and read: auto (from the chat template), hermes or llama3_json."""
 
     def __post_init__(self) -> None:
         if self.api_key is None and os.environ.get(API_KEY_ENV):
@@ -60,6 +64,7 @@ class ServerSettings:
             (self.body_timeout > 0 and self.header_timeout > 0, "body_timeout and header_timeout must be > 0"),
             (self.max_connections >= 1, "max_connections must be >= 1"),
             (self.tokenizer_threads >= 1, "tokenizer_threads must be >= 1"),
+            (self.tool_call_parser in PARSERS, f"tool_call_parser must be one of {', '.join(PARSERS)}"),
             (0 < self.port < 65536, "port must be in 1..65535"),
             (self.max_queued_requests >= 0, "max_queued_requests must be >= 0"),
             (self.max_queued_tokens >= 1, "max_queued_tokens must be >= 1"),

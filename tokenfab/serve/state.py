@@ -17,6 +17,7 @@ from tokenfab.serve.generation import Generation
 from tokenfab.serve.metrics import ServerMetrics
 from tokenfab.serve.request_log import RequestLog
 from tokenfab.serve.settings import ServerSettings
+from tokenfab.serve.tools import Template, template_tools
 from tokenfab.tokenizer import Tokenizer
 
 logger = logging.getLogger("tokenfab.serve")
@@ -44,6 +45,10 @@ class ServerState:
     def generation(self) -> Generation:
         assert self._generation is not None, "the engine has not started"
         return self._generation
+
+    @property
+    def tool_template(self) -> Template:
+        return template_tools(self.tokenizer.special.chat_template, self.settings.tool_call_parser)
 
     @property
     def ready(self) -> bool:
