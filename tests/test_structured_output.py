@@ -92,3 +92,45 @@ def test_grammar_with_ngram_speculation_gives_the_grammar_text():
     sampled = SamplingParams(max_tokens=60, temperature=0.8, seed=5, n=4, grammar=params.grammar)
     for c in llm.chat(ask, sampled)[0].outputs:
         jsonschema.validate(json.loads(c.text), SCHEMAS["person"])
+
+
+def test_guided_extensions(client):
+    kw = dict(model="gemma-3-270m", prompt="My favourite colour is", max_tokens=20, temperature=1.0, seed=2, n=3)
+    choice = client.completions.create(extra_body={"guided_choice": ["red", "green", "deep blue"]}, **kw)
+    assert {c.text for c in choice.choices} <= {"red", "green", "deep blue"}
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "blue"]}}, "required": ["colour"],
+              "additionalProperties": False}
+    for guided_json in (schema, json.dumps(schema)):
+        js = client.completions.create(extra_body={"guided_json": guided_json}, **kw)
+        for c in js.choices:
+            jsonschema.validate(json.loads(c.text), schema)
+    lark = 'start: " " COLOUR "!"\nCOLOUR: "red" | "blue"'
+    gbnf = 'root ::= " " colour "!"\ncolour ::= "red" | "blue"'
+    for guided_grammar in (lark, gbnf):
+        g = client.completions.create(extra_body={"guided_grammar": guided_grammar}, **kw)
+        assert all(c.text in (" red!", " blue!") for c in g.choices)
+    for body, param in [({"guided_choice": ["a"], "guided_regex": "b"}, "guided_regex"),
+                        ({"guided_grammar": "start: @@"}, "guided_grammar"),
+                        ({"guided_json": "[1, 2]"}, "guided_json")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(extra_body=body, **kw)
+        assert e.value.body["param"] == param
+
+
+def test_grammars_in_a_mixed_batch_and_across_preemption():
+    """Requests with and without grammars batched together give their solo outputs, and so do they when a KV cache
+    too small for all of them preempts and recomputes some (the grammar state is the emitted tokens')."""
+    facts = [" ".join(f"Person {i} owns item {i * 31 + k}." for k in range(8)) for i in range(4)]
+    asks = [[{"role": "user", "content": f"{facts[i]} Describe person {i} in JSON."}] for i in range(4)]
+    body = ChatCompletionRequest.model_validate({"messages": ASK, "response_format": schema_format("person")})
+    rules = grammar(body, body.response_format)
+    params = [SamplingParams(max_tokens=48, temperature=0, grammar=rules) if i % 2 == 0 else
+              SamplingParams(max_tokens=48, temperature=0, ignore_eos=True) for i in range(4)]
+    llm = LLM(kv_cache_memory_gb=0.25)
+    solo = [llm.chat(a, p)[0].outputs[0].text for a, p in zip(asks, params)]
+    assert [o.outputs[0].text for o in llm.chat(asks, params)] == solo
+    for text in solo[::2]:
+        jsonschema.validate(json.loads(text), SCHEMAS["person"])
+    tight = LLM(kv_cache_memory_gb=0.008, max_model_len=160)
+    assert [o.outputs[0].text for o in tight.chat(asks, params)] == solo
+    assert tight.engine.core.stats().scheduler.num_preemptions > 0

@@ -113,6 +113,20 @@ class SamplingFields(Strict):
     """Lower is served first (FCFS among equals)."""
     guided_regex: Annotated[Text, Field(min_length=1, max_length=4096)] | None = None
     """Extension (as vLLM's): every completion matches this regular expression, then ends."""
+    guided_json: dict[str, Any] | Annotated[Text, Field(min_length=1, max_length=1 << 20)] | None = None
+    """Extension (as vLLM's): every completion is JSON following this schema (an object, or one in a string)."""
+    guided_choice: (
+        Annotated[list[Annotated[Text, Field(max_length=4096)]], Field(min_length=1, max_length=1024)] | None
+    ) = None
+    """Extension (as vLLM's): every completion is one of these strings."""
+    guided_grammar: Annotated[Text, Field(min_length=1, max_length=1 << 20)] | None = None
+    """Extension (as vLLM's): every completion follows this context-free grammar (Lark, as llguidance reads it, or
+    GBNF as llama.cpp's)."""
+
+    def guides(self) -> list[str]:
+        """The guided_* fields the request sets."""
+        names = ("guided_regex", "guided_json", "guided_choice", "guided_grammar")
+        return [name for name in names if getattr(self, name) is not None]
 
 
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0, le=INT32)]], Field(min_length=1)]

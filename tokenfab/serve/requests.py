@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import cast
 
 from tokenfab.engine.grammar import grammar_error
@@ -124,18 +125,41 @@ def grammar(body: SamplingFields, response_format: ResponseFormat | None = None)
     """The llguidance grammar a request's completions follow (None: unconstrained); 400 for one it cannot use."""
     import llguidance
 
-    if body.guided_regex is not None and response_format is not None and response_format.type != "text":
-        raise bad_request("send one of guided_regex and response_format", "guided_regex")
+    guides = body.guides()
+    if len(guides) + (response_schema(response_format) is not None) > 1:
+        others = guides + (["response_format"] if response_schema(response_format) is not None else [])
+        raise bad_request(f"send one of {', '.join(others)}", guides[0])
     if body.guided_regex is not None:
         return _usable(llguidance.LLMatcher.grammar_from_regex(body.guided_regex), "guided_regex")
-    schema = response_schema(response_format)
+    if body.guided_choice is not None:
+        return _usable(llguidance.grammar_from("choice", json.dumps(body.guided_choice)), "guided_choice")
+    if body.guided_grammar is not None:
+        try:
+            return _usable(llguidance.grammar_from("grammar", body.guided_grammar), "guided_grammar")
+        except ValueError as e:
+            raise bad_request(f"the guided_grammar cannot be used: {e}", "guided_grammar") from None
+    param, schema = "response_format", response_schema(response_format)
+    if body.guided_json is not None:
+        param, schema = "guided_json", _schema(body.guided_json)
     if schema is None:
         return None
     try:
         text = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides={"whitespace_pattern": JSON_WHITESPACE})
     except ValueError as e:
-        raise bad_request(f"the JSON schema cannot be used: {e}", "response_format") from None
-    return _usable(text, "response_format")
+        raise bad_request(f"the JSON schema cannot be used: {e}", param) from None
+    return _usable(text, param)
+
+
+def _schema(value: dict | str) -> dict:
+    if isinstance(value, dict):
+        return value
+    try:
+        schema = json.loads(value)
+    except ValueError:
+        raise bad_request("guided_json must be a JSON schema (an object, or one in a string)", "guided_json") from None
+    if not isinstance(schema, dict):
+        raise bad_request("guided_json must be a JSON schema (an object, or one in a string)", "guided_json")
+    return schema
 
 
 def chat_grammar(body: ChatCompletionRequest, tool_plan: ToolPlan | None) -> str | None:

@@ -113,8 +113,9 @@ def plan(body: ChatCompletionRequest, template: Template) -> ToolPlan | None:
         chosen = choice or "auto"
     if chosen == "none":
         return None
-    if body.guided_regex is not None:
-        raise bad_request("guided_regex cannot be combined with tools; send tool_choice none", "guided_regex")
+    if body.guides():
+        name = body.guides()[0]
+        raise bad_request(f"{name} cannot be combined with tools; send tool_choice none", name)
     forced = chosen != "auto"
     fmt = body.response_format
     if forced and fmt is not None and fmt.type != "text":
