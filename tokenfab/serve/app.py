@@ -27,6 +27,7 @@ from tokenfab.serve.protocol import (
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfo,
 )
 from tokenfab.serve.requests import check_model, render_chat
 from tokenfab.serve.state import ServerState
@@ -123,6 +124,23 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return await _generate(state, chat, body, request)
+
+    @app.get("/tokenizer_info", response_model=TokenizerInfo)
+    async def tokenizer_info() -> dict:
+        tok, special = state.tokenizer, state.tokenizer.special
+
+        def name(token_id: int | None) -> str | None:
+            return tok.inner.id_to_token(token_id) if token_id is not None else None
+
+        return {
+            "bos_token": name(special.bos_token_id),
+            "eos_token": name(special.eos_token_ids[0] if special.eos_token_ids else None),
+            "pad_token": name(special.pad_token_id),
+            "add_bos_token": special.add_bos_token,
+            "chat_template": special.chat_template,
+            "model_max_length": state.info.max_model_len,
+            "vocab_size": tok.vocab_size,
+        }
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
     async def tokenize(body: TokenizeRequest) -> dict:

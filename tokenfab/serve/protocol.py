@@ -396,6 +396,19 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class TokenizerInfo(BaseModel):
+    """The tokenizer's configuration (as vLLM's /tokenizer_info): what a client tokenizing remotely needs."""
+
+    tokenizer_class: str = "PreTrainedTokenizerFast"
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    add_bos_token: bool
+    chat_template: str | None
+    model_max_length: int
+    vocab_size: int
+
+
 class TokenizeResponse(BaseModel):
     tokens: list[int]
     count: int
