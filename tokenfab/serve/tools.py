@@ -51,6 +51,10 @@ JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,12}"
 """At most 12 whitespace characters between JSON tokens (enough for indentation): a small model left free
 whitespace can emit newlines until max_tokens and never close the object."""
 
+MAX_CALLS = 16
+"""Calls in one reply generated under a grammar: a model that is not trained for tools may otherwise call again
+and again until max_tokens (Gemma 3 270M made 116 identical calls)."""
+
 TOOLS_PREAMBLE = (
     "You can call functions. To call one, reply with a block of this form (one block per call) and nothing else:\n"
     '<tool_call>\n{{"name": "<function name>", "arguments": {{<arguments as JSON>}}}}\n</tool_call>\n'
@@ -204,7 +208,7 @@ def call_grammar(p: ToolPlan, alternative: dict | None = None) -> str | None:
     }
     q = json.dumps
     call = f"{q(fmt.open + chr(10))} body {q(chr(10) + fmt.close)}" if fmt.open else "body"
-    more = f" ({q(fmt.separator)} call)*" if p.parallel else ""
+    more = f" ({q(fmt.separator)} call){{0,{MAX_CALLS - 1}}}" if p.parallel else ""
     rules = [f"calls: call{more}", f"call: {call}", f"body: %json {q(schema)}"]
     if alternative is None:
         return "\n".join(["start: calls", *rules]) + "\n"
