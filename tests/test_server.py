@@ -219,6 +219,9 @@ def test_service_endpoints(server, offline):
     assert text == offline.tokenizer.decode(tok["tokens"], False)
     chat_tok = httpx.post(f"{server.url}/tokenize", json={"messages": [{"role": "user", "content": "w5"}]}).json()
     assert chat_tok["tokens"] == offline.tokenizer.encode_chat([{"role": "user", "content": "w5"}])
+    info = httpx.get(f"{server.url}/tokenizer_info").json()  # lm-eval's remote tokenizer reads this
+    assert (info["bos_token"], info["eos_token"], info["add_bos_token"]) == ("w1", "w2", True)
+    assert info["chat_template"] == offline.tokenizer.special.chat_template and info["model_max_length"] == 1024
     for page in ("/openapi.json", "/docs"):  # opt-in (--enable-docs; the fuzz test reads the schema)
         assert httpx.get(f"{server.url}{page}").status_code == 404
     metrics = httpx.get(f"{server.url}/metrics").text
