@@ -81,6 +81,8 @@ def main() -> None:
                 }
             )
     doc = {"machine": machine.describe(), "threads": os.cpu_count(), "schema": SCHEMA, "regex": REGEX, "rows": rows}
+    del llm
+    doc["vllm"] = vllm_rows(list(grammars))
     out = REPO / "benchmarks" / "reports" / f"grammar-{date.today()}"
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     lines = [
@@ -89,17 +91,45 @@ def main() -> None:
         f"{doc['machine']['cpu']} ({doc['machine']['cores']} cores), Gemma 3 270M offline, greedy. "
         "Command: `.venv/bin/python benchmarks/grammar.py`.",
         "",
-        "| grammar | batch | step, no grammar | step, every request under the grammar | added per step | "
+        "| system | grammar | batch | step, no grammar | step, every request under the grammar | added per step | "
         "added per token |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['grammar']} | {r['batch']} | {r['step_ms']:.1f} ms | {r['step_ms_grammar']:.1f} ms | "
-            f"{r['overhead']:+.1%} | {r['overhead_ms_per_token']:.2f} ms |"
-        )
+    peer = doc["vllm"]
+    for system, system_rows in [("tokenfab", rows), (peer.get("label", "vLLM-CPU"), peer.get("rows", []))]:
+        for r in system_rows:
+            overhead = r["step_ms_grammar"] / r["step_ms"] - 1
+            per_token = (r["step_ms_grammar"] - r["step_ms"]) / r["batch"]
+            lines.append(
+                f"| {system} | {r['grammar']} | {r['batch']} | {r['step_ms']:.1f} ms | {r['step_ms_grammar']:.1f} ms | "
+                f"{overhead:+.1%} | {per_token:.2f} ms |"
+            )
+    if "error" in peer:
+        lines += ["", f"vLLM-CPU not measured: {peer['error']}"]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def vllm_rows(names: list[str]) -> dict:
+    """The same measurement by vLLM-CPU in its best dtype here (benchmarks/peers/vllm_grammar.py)."""
+    import subprocess
+
+    from tokenfab.bench.launch import vllm_dtype
+    from tokenfab.loader.default_model import default_model_dir
+
+    python = REPO / ".peers" / "vllm" / "bin" / "python"
+    if not python.exists():
+        return {"error": "no .peers/vllm (run benchmarks/peers/setup_peers.sh)"}
+    specs = [{"json": SCHEMA}, {"regex": REGEX}]
+    command = [str(python), str(REPO / "benchmarks" / "peers" / "vllm_grammar.py"), "--model", str(default_model_dir()),
+               "--dtype", vllm_dtype(), "--grammars", json.dumps(dict(zip(names, specs))), "--prompts",
+               json.dumps(PROMPTS)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["label"] = f"{result['version']} ({result['dtype']}, {result['backend']})"
+    return result
 
 
 if __name__ == "__main__":
