@@ -16,6 +16,7 @@ FLOORS = [
     ["attention", "quant", "economics"],
     ["models", "config", "config_cli"],
     ["engine", "evaluation", "quantize"],
+    ["cluster"],
     ["llm", "__init__"],
     ["serve", "bench", "cli"],
 ]

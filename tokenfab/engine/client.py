@@ -194,6 +194,11 @@ class CoreProcessClient(EngineClient):
             return False
         return self._process is None or self._process.is_alive()
 
+    @property
+    def pid(self) -> int | None:
+        """The core's process id, when this client spawned it."""
+        return self._process.pid if self._process is not None else None
+
     async def shutdown(self, timeout: float = 10.0) -> None:
         if self.alive:
             await self._send(Shutdown())

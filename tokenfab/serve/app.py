@@ -35,6 +35,8 @@ from tokenfab.version import __version__
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 429, 503, 504)}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+REPLICA_HEADER = "X-Tokenfab-Replica"
+"""Which replica serves the request (one id per prompt, comma-separated)."""
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -125,6 +127,10 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return await _generate(state, chat, body, request)
 
+    @app.get("/replicas")
+    async def replicas() -> dict:
+        return {"router": state.settings.router if state.router is not None else None, "replicas": state.replicas()}
+
     @app.get("/tokenizer_info", response_model=TokenizerInfo)
     async def tokenizer_info() -> dict:
         tok, special = state.tokenizer, state.tokenizer.special
@@ -190,17 +196,19 @@ async def _generate(state: ServerState, kind: RouteKind[Body], body: Body, reque
         raise APIError(503, "the engine is not available", "service_unavailable", code="engine_unavailable")
     # Validation, templating and tokenization (admission itself happens when generation starts).
     job = await state.offload(kind.prepare, body, state)
+    headers = {REPLICA_HEADER: state.place(job)}
     if body.stream:
-        return await _streaming(kind.stream(body, job, state))
-    return await _unless_disconnected(request, kind.complete(body, job, state))
+        return await _streaming(kind.stream(body, job, state), headers)
+    answer = await _unless_disconnected(request, kind.complete(body, job, state))
+    return JSONResponse(answer, headers=headers) if isinstance(answer, dict) else answer
 
 
-async def _streaming(events: AsyncIterator[str | None]) -> StreamingResponse:
+async def _streaming(events: AsyncIterator[str | None], headers: dict[str, str]) -> StreamingResponse:
     """Start the stream before answering: its first item (None) comes once the request is admitted, so a
     refusal is still a plain 4xx and not an error inside a 200 stream."""
     await events.__anext__()
     rest = cast(AsyncIterator[str], events)  # only the first item is None
-    return StreamingResponse(rest, media_type="text/event-stream", headers=SSE_HEADERS)
+    return StreamingResponse(rest, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[dict]) -> Response | dict:

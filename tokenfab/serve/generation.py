@@ -38,6 +38,12 @@ class Job:
     user: str | None = None
     """The caller's end-user id (OpenAI `user`), written to the request log with the request's cost."""
 
+    def prompt_ids(self) -> list[str]:
+        """The engine request id of each prompt."""
+        if len(self.prompts) == 1:
+            return [self.request_id]
+        return [f"{self.request_id}-{i}" for i in range(len(self.prompts))]
+
 
 class _Done:
     """Sentinel a pump puts when its prompt is finished."""
@@ -66,7 +72,8 @@ class Generation:
     async def run(self, job: Job, ticket: Ticket) -> AsyncIterator[tuple[int, RequestOutput]]:
         """The job's outputs as they grow; the ticket is released when this ends, however it ends."""
         queue: asyncio.Queue = asyncio.Queue()
-        tasks = [asyncio.create_task(self._pump(job, i, p, queue)) for i, p in enumerate(job.prompts)]
+        ids = job.prompt_ids()
+        tasks = [asyncio.create_task(self._pump(job, i, ids[i], p, queue)) for i, p in enumerate(job.prompts)]
         latest: dict[int, RequestOutput] = {}
         start, status = time.monotonic(), "aborted"
         try:
@@ -110,8 +117,7 @@ class Generation:
                     job.request_id, job.user, status, usage(outputs, energy), time.monotonic() - start
                 )
 
-    async def _pump(self, job: Job, index: int, prompt: Prompt, queue: asyncio.Queue) -> None:
-        request_id = job.request_id if len(job.prompts) == 1 else f"{job.request_id}-{index}"
+    async def _pump(self, job: Job, index: int, request_id: str, prompt: Prompt, queue: asyncio.Queue) -> None:
         last_time, last_count = time.monotonic(), 0
         try:
             async for out in self.client.generate(request_id, prompt.token_ids, job.params, prompt.text, job.priority):

@@ -9,8 +9,9 @@ import time
 
 import uvicorn
 
+from tokenfab.cluster.pool import local_router
 from tokenfab.config import EngineConfig
-from tokenfab.engine.client import make_engine_client
+from tokenfab.engine.client import EngineClient, make_engine_client
 from tokenfab.engine.speculative.speculator import check_speculative
 from tokenfab.models.loading import load_tokenizer, resolve_model
 from tokenfab.platform.logs import log_to_stderr
@@ -47,7 +48,11 @@ def build_state(engine: EngineConfig, settings: ServerSettings) -> ServerState:
     tokenizer = load_tokenizer(source)
     # Both lambdas look the other object up when called, after both exist.
     metrics = ServerMetrics(settings.served_model_name, lambda: client.stats, lambda: client.alive)
-    core = make_engine_client(engine, settings.engine_transport, spawn=not settings.external_core)
+    core: EngineClient
+    if settings.replicas > 1:
+        core = local_router(engine, settings.replicas, settings.router, settings.engine_transport, settings.slo_ttft)
+    else:
+        core = make_engine_client(engine, settings.engine_transport, spawn=not settings.external_core)
     client = AsyncEngineClient(
         core,
         tokenizer,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from tokenfab.cluster.policies import POLICIES
 from tokenfab.serve.tools import PARSERS
 
 API_KEY_ENV = "TOKENFAB_API_KEY"
@@ -52,6 +53,13 @@ class ServerSettings:
     """Open client connections; beyond it the longest-idle one is closed (capped below the file limit)."""
     tokenizer_threads: int = 2
     """Threads that validate, template and tokenize requests off the event loop."""
+    replicas: int = 1
+    """Engine cores behind this front end (local processes, threads and KV memory split evenly between them)."""
+    router: str = field(default="kv", metadata={"choices": lambda: POLICIES})
+    """How requests are spread over replicas: kv (exact, from their KV events), prefix (approximate), least-load,
+    round-robin."""
+    slo_ttft: float | None = None
+    """Seconds to first token the kv router aims for: the cheapest replica predicted to meet it wins."""
     tool_call_parser: str = field(default="auto", metadata={"choices": lambda: PARSERS})
     """How tool calls are written and read: auto (from the chat template), hermes or llama3_json."""
 
@@ -64,6 +72,9 @@ class ServerSettings:
             (self.body_timeout > 0 and self.header_timeout > 0, "body_timeout and header_timeout must be > 0"),
             (self.max_connections >= 1, "max_connections must be >= 1"),
             (self.tokenizer_threads >= 1, "tokenizer_threads must be >= 1"),
+            (self.replicas >= 1, "replicas must be >= 1"),
+            (self.router in POLICIES, f"router must be one of {', '.join(POLICIES)}"),
+            (self.replicas == 1 or not self.external_core, "external_core serves one replica"),
             (self.tool_call_parser in PARSERS, f"tool_call_parser must be one of {', '.join(PARSERS)}"),
             (0 < self.port < 65536, "port must be in 1..65535"),
             (self.max_queued_requests >= 0, "max_queued_requests must be >= 0"),

@@ -10,10 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
+from tokenfab.cluster.router import Router
 from tokenfab.engine.messages import CoreInfo
 from tokenfab.serve.admission import Admission
 from tokenfab.serve.engine_client import AsyncEngineClient
-from tokenfab.serve.generation import Generation
+from tokenfab.serve.generation import Generation, Job
 from tokenfab.serve.metrics import ServerMetrics
 from tokenfab.serve.request_log import RequestLog
 from tokenfab.serve.settings import ServerSettings
@@ -45,6 +46,35 @@ class ServerState:
     def generation(self) -> Generation:
         assert self._generation is not None, "the engine has not started"
         return self._generation
+
+    @property
+    def router(self) -> Router | None:
+        core = self.client.core
+        return core if isinstance(core, Router) else None
+
+    def place(self, job: Job) -> str:
+        """Decide where each of the job's prompts runs (the X-Tokenfab-Replica header): with one engine, 0."""
+        router = self.router
+        if router is None:
+            return ",".join("0" for _ in job.prompts)
+        return ",".join(str(router.place(rid, p.token_ids)) for rid, p in zip(job.prompt_ids(), job.prompts))
+
+    def replicas(self) -> list[dict]:
+        """What /replicas shows: each engine core's state, load, KV use and price."""
+        if self.router is not None:
+            return self.router.describe()
+        core, stats, info = self.client.core, self.client.stats, self.client.info
+        return [
+            {
+                "id": 0,
+                "state": "running" if core.alive else f"dead: {core.dead}",
+                "pid": getattr(core, "pid", None),
+                "running": self.client.num_unfinished,
+                "kv_usage": stats.kv.usage if stats is not None else 0.0,
+                "prefix_hit_rate": stats.prefix_cache.hit_rate if stats is not None else 0.0,
+                "usd_per_hour": info.usd_per_hour if info is not None else 0.0,
+            }
+        ]
 
     @property
     def tool_template(self) -> Template:

@@ -1,0 +1,117 @@
+"""`tokenfab serve --replicas 2` (tiny model, two engine-core processes behind the router): the same greedy tokens
+as one engine whichever replica serves; every response names its replica; a shared system prompt across 32
+sessions spreads over both replicas while each session's next turn goes where its own prefix lives; the router's
+KV index equals what the replicas hold."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+
+from live_server import LiveServer
+from tokenfab import LLM, SamplingParams
+from tokenfab.cluster.kv_index import KvIndex, prompt_blocks
+from tokenfab.engine.engine import LLMEngine
+
+SYSTEM = " ".join(f"w{5 + i % 400}" for i in range(320))
+"""A shared 320-token system prompt (20 blocks)."""
+
+
+def session_prompt(session: int, turn: int) -> str:
+    own = " ".join(f"w{100 + (session * 7 + k) % 300}" for k in range(40 + 24 * turn))
+    return f"{SYSTEM} {own}"
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_model):
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def server(model_path):
+    live = LiveServer(model_path, "--replicas", "2", "--router", "kv")
+    yield live
+    assert live.stop() == 0
+
+
+def test_replicas_give_the_single_engine_tokens(server, model_path):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    prompts = [f"w{5 + i} w{9 + i} w{13 + i} w{17 + i}" for i in range(8)]
+    offline = LLM(str(model_path), num_threads=1, kv_cache_memory_gb=0.05)
+    expected = [o.outputs[0].text for o in offline.generate(prompts, SamplingParams(max_tokens=10, temperature=0,
+                                                                                   ignore_eos=True))]
+    served, replicas = [], []
+    for p in prompts:
+        raw = client.completions.with_raw_response.create(model="tiny", prompt=p, max_tokens=10, temperature=0,
+                                                          extra_body={"ignore_eos": True})
+        served.append(raw.parse().choices[0].text)
+        replicas.append(raw.headers["x-tokenfab-replica"])
+    assert served == expected
+    assert set(replicas) <= {"0", "1"}
+    both = client.completions.with_raw_response.create(model="tiny", prompt=prompts[:2], max_tokens=2)
+    assert len(both.headers["x-tokenfab-replica"].split(",")) == 2
+    listed = httpx.get(f"{server.url}/replicas").json()
+    assert listed["router"] == "kv" and [r["id"] for r in listed["replicas"]] == [0, 1]
+    assert len({r["pid"] for r in listed["replicas"]}) == 2 and all(r["state"] == "running" for r in listed["replicas"])
+
+
+async def _turn(url: str, turn: int, sessions: int) -> list[str]:
+    async with httpx.AsyncClient(timeout=120) as http:
+        async def one(s: int) -> str:
+            r = await http.post(f"{url}/v1/completions", json={"prompt": session_prompt(s, turn), "max_tokens": 4,
+                                                               "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.headers["x-tokenfab-replica"]
+
+        return list(await asyncio.gather(*(one(s) for s in range(sessions))))
+
+
+def test_a_shared_prompt_spreads_and_sessions_stay_where_their_prefix_is(server):
+    first = asyncio.run(_turn(server.url, 0, 32))
+    assert min(first.count("0"), first.count("1")) >= 8, first  # no herding onto the replica holding SYSTEM
+    time.sleep(0.5)  # the replicas' KV events reach the router
+    second = asyncio.run(_turn(server.url, 1, 32))
+    stayed = sum(a == b for a, b in zip(first, second))
+    assert stayed >= 28, (first, second)
+    listed = httpx.get(f"{server.url}/replicas").json()["replicas"]
+    assert all(r["cached_blocks"] > 20 for r in listed)
+
+
+def test_the_index_equals_what_the_replicas_hold(model_path, tmp_path):
+    """Two engines publishing KV events, a random workload with evictions: the index built from the events alone
+    names exactly the blocks each engine's prefix cache holds."""
+    import random
+
+    from tokenfab.config import EngineConfig
+
+    engines, index = [], KvIndex()
+    for i in range(2):
+        endpoint, replay = f"ipc://{tmp_path}/kv-{i}", f"ipc://{tmp_path}/kv-{i}-replay"
+        config = EngineConfig(model=str(model_path), dtype="float32", num_threads=1, kv_cache_memory_gb=0.0003,
+                              max_model_len=256, kv_events_endpoint=endpoint, kv_events_replay_endpoint=replay)
+        engines.append(LLMEngine(config))
+        index.follow(i, endpoint, replay)
+    rng = random.Random(3)
+    shared = [rng.randrange(5, 500) for _ in range(48)]
+    for _ in range(30):
+        engine = engines[rng.randrange(2)]
+        prompt = shared[: rng.choice([0, 16, 48])] + [rng.randrange(5, 500) for _ in range(rng.randrange(8, 80))]
+        engine.add_request(prompt, SamplingParams(max_tokens=rng.randrange(1, 12), temperature=0, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            engine.step()
+    for engine in engines:
+        engine.core.kv_events.flush()  # type: ignore[union-attr]
+    deadline = time.monotonic() + 10
+    truth = [{h for _, h in e.core.kv.cached_block_hashes()} for e in engines]
+    while time.monotonic() < deadline and [index.blocks(i) for i in range(2)] != truth:
+        index.refresh()
+        time.sleep(0.05)
+    assert [index.blocks(i) for i in range(2)] == truth and all(truth)
+    for i in range(2):
+        held = prompt_blocks(shared, 16)
+        leading = next((k for k, h in enumerate(held) if h not in truth[i]), len(held))
+        assert index.overlap(i, held) == leading

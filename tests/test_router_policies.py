@@ -1,0 +1,63 @@
+"""Routing policies without engines: which replica each picks for given loads and cached prefixes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tokenfab.cluster.policies import KvAware, LeastLoad, Prefix, ReplicaLoad, RoundRobin, make_policy
+
+
+def loads(*rows: tuple[int, int, int]) -> list[ReplicaLoad]:
+    """(running, queued prefill tokens, cached blocks) per replica."""
+    return [ReplicaLoad(i, running, queued, cached) for i, (running, queued, cached) in enumerate(rows)]
+
+
+def test_kv_prefers_the_replica_holding_the_prefix():
+    policy = KvAware(random.Random(0))
+    decision = policy.choose(list(range(20)), 330, 16, loads((2, 0, 0), (2, 0, 18)))
+    assert decision.replica == 1 and "18 blocks cached" in decision.reason
+    assert decision.predicted_ttft == pytest.approx((330 - 18 * 16) / 2000 + 2 * 0.002)
+
+
+def test_kv_does_not_herd_onto_a_busy_cached_replica():
+    """The replica with the prompt cached has 2,000 prefill tokens queued: recomputing elsewhere is faster."""
+    policy = KvAware(random.Random(0))
+    assert policy.choose(list(range(20)), 330, 16, loads((8, 2000, 18), (1, 0, 0))).replica == 1
+
+
+def test_kv_picks_the_cheapest_replica_within_the_slo():
+    policy = KvAware(random.Random(0), slo_ttft=0.5)
+    replicas = loads((0, 0, 0), (0, 0, 0))
+    replicas[0].usd_per_hour, replicas[1].usd_per_hour = 2.0, 0.5
+    replicas[1].prefill_tokens_per_s = 1000  # slower, cheaper, still within the SLO for 330 tokens
+    decision = policy.choose([], 330, 16, replicas)
+    assert decision.replica == 1 and decision.reason.startswith("cheapest within the SLO")
+    replicas[1].prefill_tokens_per_s = 100  # now too slow for the SLO: the fastest wins
+    assert policy.choose([], 330, 16, replicas).replica == 0
+
+
+def test_ties_go_to_the_least_loaded_then_at_random():
+    policy = KvAware(random.Random(0))
+    picks = {policy.choose([], 100, 16, loads((0, 0, 0), (0, 0, 0), (0, 0, 0))).replica for _ in range(60)}
+    assert picks == {0, 1, 2}
+    assert LeastLoad(random.Random(0)).choose([], 100, 16, loads((3, 0, 0), (1, 50, 0), (1, 10, 0))).replica == 2
+
+
+def test_round_robin_takes_turns():
+    policy = RoundRobin(random.Random(0))
+    assert [policy.choose([], 1, 16, loads((9, 0, 0), (0, 0, 0))).replica for _ in range(4)] == [0, 1, 0, 1]
+
+
+def test_prefix_follows_what_it_sent_unless_that_replica_is_much_busier():
+    policy = Prefix(random.Random(0))
+    policy.sent(1, [10, 11, 12])
+    assert policy.choose([10, 11, 99], 48, 16, loads((0, 0, 0), (1, 0, 0))).replica == 1
+    assert policy.choose([10, 11, 99], 48, 16, loads((0, 0, 0), (9, 0, 0))).replica == 0  # too busy
+    assert policy.choose([77], 48, 16, loads((2, 0, 0), (1, 0, 0))).reason == "no match: load"
+
+
+def test_unknown_policy_is_refused():
+    with pytest.raises(ValueError, match="unknown router policy"):
+        make_policy("fastest")

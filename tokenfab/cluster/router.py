@@ -1,0 +1,245 @@
+"""Router: an EngineClient over several replicas (engine cores), so the front end serves them as one engine.
+
+Each request (its n siblings together) goes to the replica its policy picks (tokenfab.cluster.policies); the
+router remembers where every sequence runs, routes its aborts there, and merges the replicas' step results into
+one stream whose stats are the replicas' summed. It keeps per replica the prefill work it has sent and not yet
+seen start (what a policy counts as queued: the replicas' own stats arrive a step late) and a step-cost fit from
+the replica's stats. Replicas publish KV events; the kv policy reads them through a KvIndex. A replica that dies
+ends the router (requests on it fail with 503; migration to a survivor is not built yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from tokenfab.cluster.kv_index import KvIndex, prompt_blocks
+from tokenfab.cluster.policies import Decision, ReplicaLoad, RoutingPolicy
+from tokenfab.engine.client import EngineClient, EngineDead
+from tokenfab.engine.ipc import FromCore, StepResult
+from tokenfab.engine.messages import CoreInfo, CoreOutput, CoreRequest
+from tokenfab.engine.stats import CostStats, EngineStats, KVStats, PrefixCacheStats, SchedulerStats, SpecStats
+
+log = logging.getLogger("tokenfab.cluster")
+PLANNED = 4096
+
+
+@dataclass(slots=True)
+class Replica:
+    """One engine core behind the router, and what the router knows of it."""
+
+    index: int
+    client: EngineClient
+    waiting_prefill: dict[str, int] = field(default_factory=dict)
+    """Sequence id -> its predicted uncached prompt tokens, until its first token comes back."""
+    running: set[str] = field(default_factory=set)
+    seconds_per_token: float = 1 / 2000
+    """Step time per computed token (exponential average of the replica's own stats)."""
+    routed: int = 0
+    _last: EngineStats | None = None
+
+    def load(self) -> ReplicaLoad:
+        usd = self.client.info.usd_per_hour if self.client.info is not None else 0.0
+        return ReplicaLoad(
+            self.index,
+            len(self.running),
+            sum(self.waiting_prefill.values()),
+            prefill_tokens_per_s=1 / self.seconds_per_token,
+            decode_seconds_per_seq=self.seconds_per_token,
+            usd_per_hour=usd,
+        )
+
+    def observe(self, stats: EngineStats) -> None:
+        last, self._last = self._last, stats
+        if last is None:
+            return
+        tokens = stats.scheduler.tokens_computed - last.scheduler.tokens_computed
+        busy = stats.cost.busy_seconds - last.cost.busy_seconds
+        if tokens > 0 and busy > 0:
+            self.seconds_per_token = 0.8 * self.seconds_per_token + 0.2 * busy / tokens
+
+
+class Router(EngineClient):
+    def __init__(self, clients: list[EngineClient], policy: RoutingPolicy) -> None:
+        super().__init__()
+        if not clients:
+            raise ValueError("a router needs at least one replica")
+        self.replicas = [Replica(i, c) for i, c in enumerate(clients)]
+        self.policy = policy
+        self.index = KvIndex()
+        self.decisions: Counter[str] = Counter()
+        """Decisions by reason."""
+        self._owner: dict[str, Replica] = {}
+        self._planned: OrderedDict[str, Replica] = OrderedDict()
+        """Request id -> where `place` decided it runs (the oldest dropped past PLANNED: refused requests)."""
+        self._results: asyncio.Queue[tuple[Replica, StepResult] | EngineDead] = asyncio.Queue()
+        self._readers: list[asyncio.Task] = []
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+
+    async def start(self, timeout: float = 600.0) -> CoreInfo:
+        infos = await asyncio.gather(*(r.client.start(timeout) for r in self.replicas))
+        for r, info in zip(self.replicas, infos):
+            if info.kv_events_endpoint is not None:
+                self.index.follow(r.index, info.kv_events_endpoint, info.kv_events_replay_endpoint)
+        self._readers = [asyncio.create_task(self._read(r), name=f"replica-{r.index}") for r in self.replicas]
+        first = infos[0]
+        self.info = msgspec.structs.replace(
+            first,
+            max_num_seqs=sum(i.max_num_seqs for i in infos),
+            kv_capacity_tokens=min(i.kv_capacity_tokens for i in infos),
+            usd_per_hour=sum(i.usd_per_hour for i in infos),
+            kv_events_endpoint=None,
+            kv_events_replay_endpoint=None,
+        )
+        return self.info
+
+    @property
+    def alive(self) -> bool:
+        return self.dead is None and all(r.client.alive for r in self.replicas)
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        await asyncio.gather(*(r.client.shutdown(timeout) for r in self.replicas), return_exceptions=True)
+        for task in self._readers:
+            task.cancel()
+        self.index.close()
+
+    # -- routing ------------------------------------------------------------------------------------------------
+
+    def place(self, request_id: str, prompt_token_ids: list[int]) -> int:
+        """Decide now where the request will run (its response can name the replica before it starts)."""
+        replica = self._route(prompt_token_ids)
+        self._planned[request_id] = replica
+        while len(self._planned) > PLANNED:
+            self._planned.popitem(last=False)
+        return replica.index
+
+    def replica_of(self, request_id: str) -> int | None:
+        replica = self._planned.get(request_id) or self._owner.get(request_id)
+        return replica.index if replica is not None else None
+
+    async def add(self, requests: list[CoreRequest]) -> None:
+        groups: dict[str, list[CoreRequest]] = {}
+        for req in requests:
+            groups.setdefault(req.request_id.split("#")[0], []).append(req)
+        for group_id, group in groups.items():
+            replica = self._planned.pop(group_id, None) or self._route(group[0].prompt_token_ids)
+            blocks = prompt_blocks(group[0].prompt_token_ids, self._block_size)
+            uncached = len(group[0].prompt_token_ids) - self._cached(replica, blocks) * self._block_size
+            for req in group:
+                self._owner[req.request_id] = replica
+                replica.waiting_prefill[req.request_id] = max(uncached, 1) if req is group[0] else 1
+                replica.running.add(req.request_id)
+            replica.routed += len(group)
+            self.policy.sent(replica.index, blocks)
+            await replica.client.add(group)
+
+    async def abort(self, request_ids: list[str]) -> None:
+        by_replica: dict[int, list[str]] = {}
+        for rid in request_ids:
+            replica = self._owner.get(rid)
+            if replica is not None:
+                by_replica.setdefault(replica.index, []).append(rid)
+        for index, ids in by_replica.items():
+            await self.replicas[index].client.abort(ids)
+
+    def _route(self, prompt_token_ids: list[int]) -> Replica:
+        live = [r for r in self.replicas if r.client.alive]
+        if not live:
+            raise EngineDead("no replica is running")
+        if self.policy.uses_kv_index:
+            self.index.refresh()
+        blocks = prompt_blocks(prompt_token_ids, self._block_size)
+        loads = [r.load() for r in live]
+        for load, r in zip(loads, live):
+            load.cached_blocks = self._cached(r, blocks)
+        decision: Decision = self.policy.choose(blocks, len(prompt_token_ids), self._block_size, loads)
+        self.decisions[f"{self.policy.name}: {decision.reason.split(',')[0]}"] += 1
+        return self.replicas[decision.replica]
+
+    def _cached(self, replica: Replica, blocks: list[int]) -> int:
+        return self.index.overlap(replica.index, blocks) if self.policy.uses_kv_index else 0
+
+    @property
+    def _block_size(self) -> int:
+        return self.info.block_size if self.info is not None else 16
+
+    # -- results ------------------------------------------------------------------------------------------------
+
+    async def _read(self, replica: Replica) -> None:
+        try:
+            async for result in replica.client.results():
+                replica.observe(result.stats)
+                self._results.put_nowait((replica, result))
+        except EngineDead as e:
+            self._results.put_nowait(EngineDead(f"replica {replica.index}: {e}"))
+
+    async def _next(self) -> FromCore:
+        item = await self._results.get()
+        if isinstance(item, EngineDead):
+            raise item
+        replica, result = item
+        for out in result.outputs:
+            self._settle(replica, out)
+        return StepResult(result.outputs, self.merged_stats())
+
+    def _settle(self, replica: Replica, out: CoreOutput) -> None:
+        if out.new_token_ids or out.finish_reason is not None:
+            replica.waiting_prefill.pop(out.request_id, None)
+        if out.finish_reason is not None:
+            replica.running.discard(out.request_id)
+            self._owner.pop(out.request_id, None)
+
+    def merged_stats(self) -> EngineStats:
+        """The replicas' latest stats summed (KV usage recomputed from the summed blocks)."""
+        parts = [r.client.stats for r in self.replicas if r.client.stats is not None]
+        total = _sum_structs(parts)
+        used = total.kv.total_blocks - total.kv.free_blocks
+        kv = msgspec.structs.replace(total.kv, usage=used / total.kv.total_blocks if total.kv.total_blocks else 0.0)
+        return msgspec.structs.replace(total, time=max(p.time for p in parts) if parts else time.monotonic(), kv=kv)
+
+    def describe(self) -> list[dict]:
+        """Per replica: what /replicas shows."""
+        rows = []
+        for r in self.replicas:
+            info, stats = r.client.info, r.client.stats
+            rows.append(
+                {
+                    "id": r.index,
+                    "state": "running" if r.client.alive else f"dead: {r.client.dead}",
+                    "pid": getattr(r.client, "pid", None),
+                    "running": len(r.running),
+                    "waiting_prefill_tokens": sum(r.waiting_prefill.values()),
+                    "routed": r.routed,
+                    "kv_usage": stats.kv.usage if stats is not None else 0.0,
+                    "cached_blocks": len(self.index.blocks(r.index)),
+                    "prefix_hit_rate": stats.prefix_cache.hit_rate if stats is not None else 0.0,
+                    "usd_per_hour": info.usd_per_hour if info is not None else 0.0,
+                    "seconds_per_token": r.seconds_per_token,
+                }
+            )
+        return rows
+
+
+def _sum_structs(parts: list) -> Any:
+    """Field by field: numbers added, anything else taken from the first."""
+    if not parts:
+        return EngineStats(time.monotonic(), SchedulerStats(), KVStats(), PrefixCacheStats(), SpecStats(), CostStats())
+    first = parts[0]
+    values = {}
+    for name in first.__struct_fields__:
+        items = [getattr(p, name) for p in parts]
+        head = items[0]
+        if isinstance(head, msgspec.Struct):
+            values[name] = _sum_structs(items)
+        elif isinstance(head, (int, float)) and not isinstance(head, bool):
+            values[name] = sum(items)
+        else:
+            values[name] = head
+    return type(first)(**values)
