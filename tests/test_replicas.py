@@ -57,6 +57,11 @@ def test_replicas_give_the_single_engine_tokens(server, model_path):
     listed = httpx.get(f"{server.url}/replicas").json()
     assert listed["router"] == "kv" and [r["id"] for r in listed["replicas"]] == [0, 1]
     assert len({r["pid"] for r in listed["replicas"]}) == 2 and all(r["state"] == "running" for r in listed["replicas"])
+    assert sum(r["routed"] for r in listed["replicas"]) == 10
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'tokenfab:replica_routed_total{model_name="tiny",replica="1"}' in metrics
+    assert "tokenfab:router_decisions_total" in metrics and "tokenfab:router_index_blocks" in metrics
+    assert "tokenfab:num_requests_running" in metrics  # the replicas' stats, summed
 
 
 async def _turn(url: str, turn: int, sessions: int) -> list[str]:

@@ -18,6 +18,7 @@ from msgspec import Struct
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from tokenfab.cluster.router import Router
 from tokenfab.engine.stats import EngineStats, SpecStats, exported
 from tokenfab.engine.stats import Metric as StatMetric
 from tokenfab.engine.types import RequestOutput
@@ -173,11 +174,45 @@ class ServerMetrics:
                 self.iteration_tokens.labels(self._model).observe(tokens / steps)
         self._last_step = now
 
+    def watch_router(self, router: Router) -> None:
+        """Export the router's per-replica state and decisions."""
+        self.registry.register(_ReplicaCollector(self._model, router))
+
     def observe_rejected(self, status: int) -> None:
         self.rejected.labels(self._model, str(status)).inc()
 
     def observe_connection_closed(self, reason: str) -> None:
         self.connections_closed.labels(self._model, reason).inc()
+
+
+class _ReplicaCollector:
+    """Per replica (label `replica`) load, KV use and requests routed, and the router's decisions by reason."""
+
+    def __init__(self, model_name: str, router: Router) -> None:
+        self._model = model_name
+        self._router = router
+
+    def collect(self) -> Iterator[Metric]:
+        rows = self._router.describe()
+        for key, kind, doc in (
+            ("running", GaugeMetricFamily, "Sequences the router has in flight on the replica"),
+            ("kv_usage", GaugeMetricFamily, "Fraction of the replica's KV blocks in use"),
+            ("cached_blocks", GaugeMetricFamily, "Blocks the router's KV index holds for the replica"),
+            ("routed", CounterMetricFamily, "Sequences routed to the replica"),
+        ):
+            family = kind(f"tokenfab:replica_{key}", doc, labels=["model_name", "replica"])
+            for row in rows:
+                family.add_metric([self._model, str(row["id"])], float(row[key]))
+            yield family
+        decisions = CounterMetricFamily(
+            "tokenfab:router_decisions", "Routing decisions by policy and reason", labels=["model_name", "reason"]
+        )
+        for reason, count in self._router.decisions.items():
+            decisions.add_metric([self._model, reason], float(count))
+        yield decisions
+        index = GaugeMetricFamily("tokenfab:router_index_blocks", "Blocks in the router's KV index, all replicas")
+        index.add_metric([], float(self._router.index.size()))
+        yield index
 
 
 class _EngineCollector:

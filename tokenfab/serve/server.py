@@ -51,6 +51,7 @@ def build_state(engine: EngineConfig, settings: ServerSettings) -> ServerState:
     core: EngineClient
     if settings.replicas > 1:
         core = local_router(engine, settings.replicas, settings.router, settings.engine_transport, settings.slo_ttft)
+        metrics.watch_router(core)
     else:
         core = make_engine_client(engine, settings.engine_transport, spawn=not settings.external_core)
     client = AsyncEngineClient(

@@ -1,0 +1,143 @@
+"""Replicas and routing policies side by side: `tokenfab serve --replicas 2 --router P` for each policy, and one
+replica holding the whole KV cache, on the agentic workload (multi-turn sessions with think time: prefix reuse)
+and on random 1024/128 (no reuse).
+
+    .venv/bin/python benchmarks/router.py          # from the repository root, on a quiet machine (~20 minutes)
+
+Every configuration has this machine's cores and KV budget in total (2 replicas: 1 thread and half the KV memory
+each). The load is `tokenfab bench serve` (closed loop). Writes router-<date>.json and .md under
+benchmarks/reports: prefix-cache hit rate, TTFT p50/p99, TPOT p50, output tok/s, $/Mtok, and the targets' ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tokenfab.bench.launch import free_port  # noqa: E402
+from tokenfab.platform import machine  # noqa: E402
+
+CONFIGS = {
+    "1 replica (whole cache)": ["--replicas", "1"],
+    "2 replicas, round-robin": ["--replicas", "2", "--router", "round-robin"],
+    "2 replicas, least-load": ["--replicas", "2", "--router", "least-load"],
+    "2 replicas, prefix": ["--replicas", "2", "--router", "prefix"],
+    "2 replicas, kv": ["--replicas", "2", "--router", "kv"],
+}
+WORKLOADS = {
+    "agentic": ["--workload", "agentic", "--sessions", "16", "--turns", "4", "--prefix-len", "512", "--isl", "128",
+                "--osl", "32", "--think-time", "0.5", "--concurrency", "8"],
+    "random 1024/128": ["--workload", "random", "--isl", "1024", "--osl", "128", "--concurrency", "4",
+                        "--num-requests", "16"],
+}
+TOKENFAB = [sys.executable, "-m", "tokenfab.cli"]
+
+
+def start(flags: list[str], kv_gb: float) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    log = open(Path(tempfile.gettempdir()) / f"tokenfab-router-bench-{port}.log", "w")
+    proc = subprocess.Popen([*TOKENFAB, "serve", "--port", str(port), "--kv-cache-memory-gb", str(kv_gb), *flags],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} (log: {log.name})")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"server did not start (log: {log.name})")
+
+
+def run(url: str, workload: list[str], out: Path) -> dict:
+    subprocess.run([*TOKENFAB, "bench", "serve", "--url", url, *workload, "--out", str(out)], check=True,
+                   stdout=subprocess.DEVNULL)
+    point = json.loads(out.read_text())["systems"][0]["points"][0]
+    return point["summary"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="in total, split between the replicas")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for config in args.configs.split(","):
+            proc, url = start(CONFIGS[config], args.kv_cache_memory_gb)
+            try:
+                for name, workload in WORKLOADS.items():
+                    s = run(url, workload, Path(tmp) / "point.json")
+                    rows.append({"config": config, "workload": name, **{k: s[k] for k in (
+                        "prefix_cache_hit_rate", "output_tok_s", "usd_per_mtok_output", "completed", "sent")},
+                        "ttft_p50": s["ttft_s"]["p50"], "ttft_p99": s["ttft_s"]["p99"], "tpot_p50": s["tpot_s"]["p50"]})
+                    print(json.dumps(rows[-1]), flush=True)
+                rows[-1]["replicas"] = httpx.get(f"{url}/replicas").json()
+            finally:
+                proc.terminate()
+                proc.wait(timeout=120)
+    doc = {"machine": machine.describe(), "threads": os.cpu_count(), "workloads": WORKLOADS,
+           "kv_cache_memory_gb_total": args.kv_cache_memory_gb, "rows": rows}
+    out = REPO / "benchmarks" / "reports" / f"router-{date.today()}"
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    out.with_suffix(".md").write_text(markdown(doc))
+    print(markdown(doc))
+
+
+def markdown(doc: dict) -> str:
+    rows = doc["rows"]
+    lines = [
+        "# Replicas behind the router: policies side by side",
+        "",
+        f"{doc['machine']['cpu']} ({doc['machine']['cores']} cores), Gemma 3 270M, {doc['kv_cache_memory_gb_total']} GB "
+        "of KV cache and 2 threads in total per configuration. Command: `.venv/bin/python benchmarks/router.py`.",
+        "",
+        "| workload | configuration | prefix hit rate | TTFT p50 | TTFT p99 | TPOT p50 | output tok/s | $/Mtok out |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['workload']} | {r['config']} | {_f(r['prefix_cache_hit_rate'], 3)} | {_ms(r['ttft_p50'])} | "
+            f"{_ms(r['ttft_p99'])} | {_ms(r['tpot_p50'])} | {_f(r['output_tok_s'])} | "
+            f"{_f(r['usd_per_mtok_output'], 2)} |"
+        )
+    by = {(r["workload"], r["config"]): r for r in rows}
+    kv, rr = by.get(("agentic", "2 replicas, kv")), by.get(("agentic", "2 replicas, round-robin"))
+    one = by.get(("agentic", "1 replica (whole cache)"))
+    lines += ["", "Targets:"]
+    if kv and one and one["prefix_cache_hit_rate"]:
+        lines.append(f"- agentic, kv hit rate / one replica's: {kv['prefix_cache_hit_rate'] / one['prefix_cache_hit_rate']:.2f} (target >= 0.9)")
+    if kv and rr and rr["ttft_p50"]:
+        lines.append(f"- agentic, kv TTFT p50 / round-robin's: {kv['ttft_p50'] / rr['ttft_p50']:.2f} (target <= 0.5)")
+    kvr, ll = by.get(("random 1024/128", "2 replicas, kv")), by.get(("random 1024/128", "2 replicas, least-load"))
+    if kvr and ll and ll["output_tok_s"]:
+        lines.append(f"- random, kv throughput / least-load's: {kvr['output_tok_s'] / ll['output_tok_s']:.2f} (target >= 0.95)")
+    return "\n".join(lines) + "\n"
+
+
+def _f(x, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _ms(x) -> str:
+    return "-" if x is None else f"{x * 1e3:.0f} ms"
+
+
+if __name__ == "__main__":
+    main()
