@@ -120,3 +120,20 @@ def test_the_index_equals_what_the_replicas_hold(model_path, tmp_path):
         held = prompt_blocks(shared, 16)
         leading = next((k for k, h in enumerate(held) if h not in truth[i]), len(held))
         assert index.overlap(i, held) == leading
+
+
+def test_replicas_on_ray_answer_through_the_openai_client(model_path):
+    pytest.importorskip("ray")
+    live = LiveServer(model_path, "--replicas", "2", "--ray", startup_timeout=300)
+    try:
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+        prompts = ["w5 w6 w7", "w9 w10 w11 w12"]
+        resp = client.completions.create(model="tiny", prompt=prompts, max_tokens=8, temperature=0,
+                                         extra_body={"ignore_eos": True})
+        listed = httpx.get(f"{live.url}/replicas").json()["replicas"]
+    finally:
+        assert live.stop() == 0
+    offline = LLM(str(model_path), num_threads=1, kv_cache_memory_gb=0.05)
+    expected = offline.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert [c.text for c in resp.choices] == [o.outputs[0].text for o in expected]
+    assert len(listed) == 2 and all(r["state"] == "running" and r["pid"] for r in listed)

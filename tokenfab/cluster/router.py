@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -212,8 +213,10 @@ class Router(EngineClient):
             rows.append(
                 {
                     "id": r.index,
-                    "state": "running" if r.client.alive else f"dead: {r.client.dead}",
+                    "host": getattr(r.client, "node", None) or socket.gethostname(),
                     "pid": getattr(r.client, "pid", None),
+                    "role": "aggregated",
+                    "state": "running" if r.client.alive else f"dead: {r.client.dead}",
                     "running": len(r.running),
                     "waiting_prefill_tokens": sum(r.waiting_prefill.values()),
                     "routed": r.routed,

@@ -108,7 +108,7 @@ class CoreAddresses:
 
     @classmethod
     def parse(cls, spec: str) -> CoreAddresses:
-        """`ipc`, `tcp` (loopback, free ports) or `tcp://HOST:PORT` (PORT and PORT + 1)."""
+        """`ipc`, `tcp` (loopback, free ports), `tcp://HOST:PORT` (PORT and PORT + 1) or `tcp://HOST:*`."""
         if spec == "ipc":
             base = os.path.join(tempfile.gettempdir(), f"tokenfab-{uuid.uuid4().hex[:12]}")
             return cls(f"ipc://{base}-in", f"ipc://{base}-out")
@@ -116,8 +116,10 @@ class CoreAddresses:
             return cls("tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
         if spec.startswith("tcp://"):
             host, _, port = spec.removeprefix("tcp://").rpartition(":")
+            if host and port == "*":
+                return cls(f"tcp://{host}:*", f"tcp://{host}:*")
             if not host or not port.isdigit() or not 0 < int(port) < 65535:
-                raise ValueError(f"engine transport {spec!r}: expected tcp://HOST:PORT")
+                raise ValueError(f"engine transport {spec!r}: expected tcp://HOST:PORT or tcp://HOST:*")
             return cls(f"tcp://{host}:{port}", f"tcp://{host}:{int(port) + 1}")
         raise ValueError(f"unknown engine transport {spec!r}: expected ipc, tcp or tcp://HOST:PORT")
 

@@ -49,7 +49,12 @@ def build_state(engine: EngineConfig, settings: ServerSettings) -> ServerState:
     # Both lambdas look the other object up when called, after both exist.
     metrics = ServerMetrics(settings.served_model_name, lambda: client.stats, lambda: client.alive)
     core: EngineClient
-    if settings.replicas > 1:
+    if settings.ray:
+        from tokenfab.cluster.ray_pool import ray_router
+
+        core = ray_router(engine, settings.replicas, settings.router, settings.ray_address, settings.slo_ttft)
+        metrics.watch_router(core)
+    elif settings.replicas > 1:
         core = local_router(engine, settings.replicas, settings.router, settings.engine_transport, settings.slo_ttft)
         metrics.watch_router(core)
     else:

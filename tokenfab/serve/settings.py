@@ -58,6 +58,10 @@ class ServerSettings:
     router: str = field(default="kv", metadata={"choices": lambda: POLICIES})
     """How requests are spread over replicas: kv (exact, from their KV events), prefix (approximate), least-load,
     round-robin."""
+    ray: bool = False
+    """Run the replicas as Ray actors (the `ray` extra): placed by Ray on any node of the cluster."""
+    ray_address: str | None = None
+    """The Ray cluster to join (`auto`: the one `ray start` runs here; default: start a local one)."""
     slo_ttft: float | None = None
     """Seconds to first token the kv router aims for: the cheapest replica predicted to meet it wins."""
     tool_call_parser: str = field(default="auto", metadata={"choices": lambda: PARSERS})

@@ -1,0 +1,108 @@
+"""Replicas as Ray actors: Ray places one engine core per bundle of a placement group (spread over the cluster's
+nodes where it can) and supervises it; tokens and KV events still travel over ZeroMQ on TCP between each core and
+this front end, exactly as with `tokenfab core --connect`. Needs the `ray` extra and a Ray cluster (`ray start
+--head` on this machine, `ray start --address HEAD:6379` on the others; without an address a local one starts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from typing import Any
+
+from tokenfab.cluster.policies import make_policy
+from tokenfab.cluster.pool import replica_configs
+from tokenfab.cluster.router import Router
+from tokenfab.config import EngineConfig
+from tokenfab.engine.client import CoreProcessClient
+
+
+class _CoreActor:
+    """Runs one engine core inside a Ray actor, connected to the front end's two sockets."""
+
+    def node(self) -> tuple[str, int]:
+        import ray
+
+        return ray.util.get_node_ip_address(), os.getpid()
+
+    def run(self, config: EngineConfig, to_core: str, from_core: str) -> None:
+        import ray
+
+        from tokenfab.engine.core_process import run_core
+
+        ip = ray.util.get_node_ip_address()
+        # KV events bound on this node's address, so the router (on another node, maybe) can subscribe.
+        config = dataclasses.replace(
+            config, kv_events_endpoint=f"tcp://{ip}:*", kv_events_replay_endpoint=f"tcp://{ip}:*"
+        )
+        run_core(config, to_core, from_core, watch_parent=False)
+
+
+class RayReplicaClient(CoreProcessClient):
+    """A core in a Ray actor: started by `start`, gone when the actor is."""
+
+    def __init__(self, config: EngineConfig, host: str, actor_options: dict[str, Any]) -> None:
+        super().__init__(config, f"tcp://{host}:*", spawn=False)
+        self._actor_options = actor_options
+        self._actor: Any = None
+        self._run: Any = None
+        self.node: str | None = None
+        self._pid: int | None = None
+
+    async def start(self, timeout: float = 600.0) -> Any:
+        import ray
+
+        actor_class = ray.remote(_CoreActor)
+        self._actor = actor_class.options(**self._actor_options).remote()
+        self.node, self._pid = await asyncio.to_thread(ray.get, self._actor.node.remote())
+        self._run = self._actor.run.remote(self.config, self.addresses.to_core, self.addresses.from_core)
+        return await super().start(timeout)
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    @property
+    def alive(self) -> bool:
+        if not super().alive or self._run is None:
+            return False
+        import ray
+
+        done, _ = ray.wait([self._run], timeout=0)
+        return not done
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        await super().shutdown(timeout)
+        if self._actor is not None:
+            import ray
+
+            ray.kill(self._actor)
+
+
+def ray_router(
+    config: EngineConfig, n: int, policy: str = "kv", address: str | None = None, slo_ttft: float | None = None
+) -> Router:
+    """N replicas on a Ray cluster (`address` as `ray.init` takes it; None starts a local one)."""
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    configs = replica_configs(config, n)
+    threads = configs[0].threads
+    group = placement_group([{"CPU": threads}] * n, strategy="SPREAD")
+    ray.get(group.ready(), timeout=300)
+    host = ray.util.get_node_ip_address()
+    clients = [
+        RayReplicaClient(
+            dataclasses.replace(c, kv_events_endpoint=None, kv_events_replay_endpoint=None),
+            host,
+            {
+                "num_cpus": threads,
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
+            },
+        )
+        for i, c in enumerate(configs)
+    ]
+    return Router(clients, make_policy(policy, slo_ttft=slo_ttft))  # type: ignore[arg-type]
