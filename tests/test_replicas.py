@@ -22,7 +22,7 @@ SYSTEM = " ".join(f"w{5 + i % 400}" for i in range(320))
 
 
 def session_prompt(session: int, turn: int) -> str:
-    own = " ".join(f"w{100 + (session * 7 + k) % 300}" for k in range(40 + 24 * turn))
+    own = " ".join(f"w{100 + (session * 7 + k) % 300}" for k in range(120 + 24 * turn))
     return f"{SYSTEM} {own}"
 
 
@@ -61,14 +61,15 @@ def test_replicas_give_the_single_engine_tokens(server, model_path):
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'tokenfab:replica_routed_total{model_name="tiny",replica="1"}' in metrics
     assert "tokenfab:router_decisions_total" in metrics and "tokenfab:router_index_blocks" in metrics
+    assert 'tokenfab:router_ttft_seconds_total{kind="actual",model_name="tiny"}' in metrics
     assert "tokenfab:num_requests_running" in metrics  # the replicas' stats, summed
 
 
 async def _turn(url: str, turn: int, sessions: int) -> list[str]:
     async with httpx.AsyncClient(timeout=120) as http:
         async def one(s: int) -> str:
-            r = await http.post(f"{url}/v1/completions", json={"prompt": session_prompt(s, turn), "max_tokens": 4,
-                                                               "temperature": 0})
+            r = await http.post(f"{url}/v1/completions", json={"prompt": session_prompt(s, turn), "max_tokens": 32,
+                                                               "temperature": 0, "ignore_eos": True})
             assert r.status_code == 200, r.text
             return r.headers["x-tokenfab-replica"]
 

@@ -5,11 +5,13 @@
 - prefix (approximate, as SGLang's router): the replica this router sent the longest run of the prompt's leading
   blocks to before, unless that replica is busier than the least-loaded one by more than a margin.
 - kv (exact, the default): the replica whose KV cache, as its own KV events tell, holds the most of the prompt,
-  weighed against the work already waiting there. Each replica's predicted time to first token = (its queued
-  prefill tokens + this prompt's uncached tokens) / its prefill rate (fitted from its own step stats) + its decode
-  load; the lowest wins. With a TTFT SLO, the cheapest replica ($/hour) predicted to meet it wins. Work the router
-  has sent and a replica has not yet started counts as queued, so a burst does not herd onto one replica. Ties go
-  to the least loaded, then at random.
+  weighed against the work already waiting there. Among the replicas not far busier than the least busy one, each
+  one's predicted time to first token = (its queued prefill tokens + this prompt's uncached tokens) / its prefill
+  rate (fitted from its own step stats) + its decode load, plus the prefill time of the cached blocks it would give
+  up (held twice and split from the session's next turn); the lowest wins. With a TTFT SLO, the cheapest replica
+  ($/hour) predicted to meet it wins. Work the router has sent and a replica has not yet started counts as queued,
+  and the load bound keeps a burst sharing one prompt from herding onto the replica that holds it. Ties go to the
+  least loaded, then at random.
 """
 
 from __future__ import annotations
@@ -131,22 +133,35 @@ class KvAware(RoutingPolicy):
             return (r.queued_prefill + uncached) / r.prefill_tokens_per_s + r.running * r.decode_seconds_per_seq
 
         predicted = {r.index: ttft(r) for r in loads}
-        candidates = loads
+        # A replica running far more than the least busy one is not a candidate, whatever it has cached: the
+        # cache credit alone would pile a burst sharing one prompt onto one replica and leave the others idle.
+        least = min(r.running for r in loads)
+        candidates = [r for r in loads if r.running <= max(least * BALANCE_REL, least + BALANCE_ABS)]
         reason = "fastest"
         if self.slo_ttft is not None:
-            meeting = [r for r in loads if predicted[r.index] <= self.slo_ttft]
+            meeting = [r for r in candidates if predicted[r.index] <= self.slo_ttft]
             if meeting:
                 cheapest = min(r.usd_per_hour for r in meeting)
                 candidates, reason = [r for r in meeting if r.usd_per_hour == cheapest], "cheapest within the SLO"
             else:
                 reason = "fastest (none meets the SLO)"
-        best = min(predicted[r.index] for r in candidates)
-        tied = [r for r in candidates if predicted[r.index] <= best * 1.0001]
+        # Leaving the replica that holds the longest prefix also costs later: that prefix is recomputed and held
+        # twice, and the session's next turn finds it split. Each block given up counts once more, beyond TTFT.
+        most = max(r.cached_blocks for r in candidates)
+        cost = {
+            r.index: predicted[r.index] + (most - r.cached_blocks) * block_size / r.prefill_tokens_per_s
+            for r in candidates
+        }
+        best = min(cost.values())
+        tied = [r for r in candidates if cost[r.index] <= best * 1.0001]
         pick = least_loaded(tied, self._rng)
         if pick.cached_blocks:
             reason += f", {pick.cached_blocks} blocks cached"
         return Decision(pick.index, reason, predicted[pick.index])
 
+
+BALANCE_REL, BALANCE_ABS = 2.0, 8
+"""The kv policy considers only replicas running at most max(2 x, 8 more than) the least busy one's sequences."""
 
 POLICIES: dict[str, type[RoutingPolicy]] = {p.name: p for p in (KvAware, RoundRobin, LeastLoad, Prefix)}
 

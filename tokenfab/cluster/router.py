@@ -29,6 +29,8 @@ from tokenfab.engine.stats import CostStats, EngineStats, KVStats, PrefixCacheSt
 
 log = logging.getLogger("tokenfab.cluster")
 PLANNED = 4096
+PLAN_TTL = 10.0
+"""Seconds a placement waits for its request to be added (admitted requests are added at once)."""
 
 
 @dataclass(slots=True)
@@ -39,6 +41,8 @@ class Replica:
     client: EngineClient
     waiting_prefill: dict[str, int] = field(default_factory=dict)
     """Sequence id -> its predicted uncached prompt tokens, until its first token comes back."""
+    predicted: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Sequence id -> (when it was sent, the TTFT its routing decision predicted), until its first token."""
     running: set[str] = field(default_factory=set)
     seconds_per_token: float = 1 / 2000
     """Step time per computed token (exponential average of the replica's own stats)."""
@@ -76,9 +80,12 @@ class Router(EngineClient):
         self.index = KvIndex()
         self.decisions: Counter[str] = Counter()
         """Decisions by reason."""
+        self.ttft_seconds = {"predicted": 0.0, "actual": 0.0}
+        """Summed over first tokens: the TTFT the kv policy predicted, and the one that came (router to token)."""
+        self._predictions: dict[str, float] = {}
         self._owner: dict[str, Replica] = {}
-        self._planned: OrderedDict[str, Replica] = OrderedDict()
-        """Request id -> where `place` decided it runs (the oldest dropped past PLANNED: refused requests)."""
+        self._planned: OrderedDict[str, tuple[Replica, float]] = OrderedDict()
+        """Request id -> where `place` decided it runs, and when (dropped after PLAN_TTL: a refused request)."""
         self._results: asyncio.Queue[tuple[Replica, StepResult] | EngineDead] = asyncio.Queue()
         self._readers: list[asyncio.Task] = []
 
@@ -114,32 +121,54 @@ class Router(EngineClient):
     # -- routing ------------------------------------------------------------------------------------------------
 
     def place(self, request_id: str, prompt_token_ids: list[int]) -> int:
-        """Decide now where the request will run (its response can name the replica before it starts)."""
-        replica = self._route(prompt_token_ids)
-        self._planned[request_id] = replica
-        while len(self._planned) > PLANNED:
-            self._planned.popitem(last=False)
+        """Decide now where the request will run (its response can name the replica before it starts). Its load
+        counts on that replica from now on, so requests placed in a burst see each other."""
+        self._expire_plans()
+        replica = self._route(prompt_token_ids, request_id)
+        self._planned[request_id] = (replica, time.monotonic())
+        replica.running.add(request_id)
+        replica.waiting_prefill[request_id] = self._uncached(replica, prompt_token_ids)
         return replica.index
 
-    def replica_of(self, request_id: str) -> int | None:
-        replica = self._planned.get(request_id) or self._owner.get(request_id)
-        return replica.index if replica is not None else None
+    def _expire_plans(self) -> None:
+        """Forget placements never added (the request was refused after `place`) and the load they held."""
+        now = time.monotonic()
+        while self._planned:
+            request_id, (replica, at) = next(iter(self._planned.items()))
+            if now - at < PLAN_TTL and len(self._planned) < PLANNED:
+                return
+            del self._planned[request_id]
+            replica.running.discard(request_id)
+            replica.waiting_prefill.pop(request_id, None)
 
     async def add(self, requests: list[CoreRequest]) -> None:
         groups: dict[str, list[CoreRequest]] = {}
         for req in requests:
             groups.setdefault(req.request_id.split("#")[0], []).append(req)
         for group_id, group in groups.items():
-            replica = self._planned.pop(group_id, None) or self._route(group[0].prompt_token_ids)
-            blocks = prompt_blocks(group[0].prompt_token_ids, self._block_size)
-            uncached = len(group[0].prompt_token_ids) - self._cached(replica, blocks) * self._block_size
+            prompt = group[0].prompt_token_ids
+            plan = self._planned.pop(group_id, None)
+            if plan is not None:
+                replica = plan[0]
+                replica.running.discard(group_id)
+                uncached = replica.waiting_prefill.pop(group_id, 1)
+            else:
+                replica = self._route(prompt, group_id)
+                uncached = self._uncached(replica, prompt)
+            predicted = self._predictions.pop(group_id, None)
             for req in group:
                 self._owner[req.request_id] = replica
-                replica.waiting_prefill[req.request_id] = max(uncached, 1) if req is group[0] else 1
+                replica.waiting_prefill[req.request_id] = uncached if req is group[0] else 1
                 replica.running.add(req.request_id)
+            if predicted is not None:
+                replica.predicted[group[0].request_id] = (time.monotonic(), predicted)
             replica.routed += len(group)
-            self.policy.sent(replica.index, blocks)
+            self.policy.sent(replica.index, prompt_blocks(prompt, self._block_size))
             await replica.client.add(group)
+
+    def _uncached(self, replica: Replica, prompt_token_ids: list[int]) -> int:
+        blocks = prompt_blocks(prompt_token_ids, self._block_size)
+        return max(len(prompt_token_ids) - self._cached(replica, blocks) * self._block_size, 1)
 
     async def abort(self, request_ids: list[str]) -> None:
         by_replica: dict[int, list[str]] = {}
@@ -150,7 +179,7 @@ class Router(EngineClient):
         for index, ids in by_replica.items():
             await self.replicas[index].client.abort(ids)
 
-    def _route(self, prompt_token_ids: list[int]) -> Replica:
+    def _route(self, prompt_token_ids: list[int], request_id: str) -> Replica:
         live = [r for r in self.replicas if r.client.alive]
         if not live:
             raise EngineDead("no replica is running")
@@ -162,6 +191,10 @@ class Router(EngineClient):
             load.cached_blocks = self._cached(r, blocks)
         decision: Decision = self.policy.choose(blocks, len(prompt_token_ids), self._block_size, loads)
         self.decisions[f"{self.policy.name}: {decision.reason.split(',')[0]}"] += 1
+        if decision.predicted_ttft is not None:
+            self._predictions[request_id] = decision.predicted_ttft
+            while len(self._predictions) > PLANNED:
+                self._predictions.pop(next(iter(self._predictions)))
         return self.replicas[decision.replica]
 
     def _cached(self, replica: Replica, blocks: list[int]) -> int:
@@ -193,6 +226,10 @@ class Router(EngineClient):
     def _settle(self, replica: Replica, out: CoreOutput) -> None:
         if out.new_token_ids or out.finish_reason is not None:
             replica.waiting_prefill.pop(out.request_id, None)
+            sent = replica.predicted.pop(out.request_id, None)
+            if sent is not None and out.new_token_ids:
+                self.ttft_seconds["predicted"] += sent[1]
+                self.ttft_seconds["actual"] += time.monotonic() - sent[0]
         if out.finish_reason is not None:
             replica.running.discard(out.request_id)
             self._owner.pop(out.request_id, None)

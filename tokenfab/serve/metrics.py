@@ -210,6 +210,14 @@ class _ReplicaCollector:
         for reason, count in self._router.decisions.items():
             decisions.add_metric([self._model, reason], float(count))
         yield decisions
+        ttft = CounterMetricFamily(
+            "tokenfab:router_ttft_seconds",
+            "Time to first token summed over routed requests: as the kv policy predicted it, and as it came",
+            labels=["model_name", "kind"],
+        )
+        for which, seconds in self._router.ttft_seconds.items():
+            ttft.add_metric([self._model, which], seconds)
+        yield ttft
         index = GaugeMetricFamily("tokenfab:router_index_blocks", "Blocks in the router's KV index, all replicas")
         index.add_metric([], float(self._router.index.size()))
         yield index
