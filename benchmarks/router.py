@@ -31,10 +31,10 @@ from tokenfab.platform import machine  # noqa: E402
 
 CONFIGS = {
     "1 replica (whole cache)": ["--replicas", "1"],
-    "2 replicas, round-robin": ["--replicas", "2", "--router", "round-robin"],
-    "2 replicas, least-load": ["--replicas", "2", "--router", "least-load"],
-    "2 replicas, prefix": ["--replicas", "2", "--router", "prefix"],
-    "2 replicas, kv": ["--replicas", "2", "--router", "kv"],
+    "2 replicas: round-robin": ["--replicas", "2", "--router", "round-robin"],
+    "2 replicas: least-load": ["--replicas", "2", "--router", "least-load"],
+    "2 replicas: prefix": ["--replicas", "2", "--router", "prefix"],
+    "2 replicas: kv": ["--replicas", "2", "--router", "kv"],
 }
 WORKLOADS = {
     "agentic": ["--workload", "agentic", "--sessions", "16", "--turns", "4", "--prefix-len", "512", "--isl", "128",
@@ -118,14 +118,14 @@ def markdown(doc: dict) -> str:
             f"{_f(r['usd_per_mtok_output'], 2)} |"
         )
     by = {(r["workload"], r["config"]): r for r in rows}
-    kv, rr = by.get(("agentic", "2 replicas, kv")), by.get(("agentic", "2 replicas, round-robin"))
+    kv, rr = by.get(("agentic", "2 replicas: kv")), by.get(("agentic", "2 replicas: round-robin"))
     one = by.get(("agentic", "1 replica (whole cache)"))
     lines += ["", "Targets:"]
     if kv and one and one["prefix_cache_hit_rate"]:
         lines.append(f"- agentic, kv hit rate / one replica's: {kv['prefix_cache_hit_rate'] / one['prefix_cache_hit_rate']:.2f} (target >= 0.9)")
     if kv and rr and rr["ttft_p50"]:
         lines.append(f"- agentic, kv TTFT p50 / round-robin's: {kv['ttft_p50'] / rr['ttft_p50']:.2f} (target <= 0.5)")
-    kvr, ll = by.get(("random 1024/128", "2 replicas, kv")), by.get(("random 1024/128", "2 replicas, least-load"))
+    kvr, ll = by.get(("random 1024/128", "2 replicas: kv")), by.get(("random 1024/128", "2 replicas: least-load"))
     if kvr and ll and ll["output_tok_s"]:
         lines.append(f"- random, kv throughput / least-load's: {kvr['output_tok_s'] / ll['output_tok_s']:.2f} (target >= 0.95)")
     return "\n".join(lines) + "\n"

@@ -9,9 +9,9 @@
   one's predicted time to first token = (its queued prefill tokens + this prompt's uncached tokens) / its prefill
   rate (fitted from its own step stats) + its decode load, plus the prefill time of the cached blocks it would give
   up (held twice and split from the session's next turn); the lowest wins. With a TTFT SLO, the cheapest replica
-  ($/hour) predicted to meet it wins. Work the router has sent and a replica has not yet started counts as queued,
-  and the load bound keeps a burst sharing one prompt from herding onto the replica that holds it. Ties go to the
-  least loaded, then at random.
+  ($/hour) predicted to meet it wins; where no replica holds any of the prompt, the least loaded wins. Work the
+  router has sent and a replica has not yet started counts as queued, and the load bound keeps a burst sharing one
+  prompt from herding onto the replica that holds it. Ties go to the least loaded, then at random.
 """
 
 from __future__ import annotations
@@ -138,6 +138,11 @@ class KvAware(RoutingPolicy):
         least = min(r.running for r in loads)
         candidates = [r for r in loads if r.running <= max(least * BALANCE_REL, least + BALANCE_ABS)]
         reason = "fastest"
+        if not any(r.cached_blocks for r in candidates) and self.slo_ttft is None:
+            # Nothing to reuse anywhere: the predictions differ only by load, which least-load weighs directly
+            # (running sequences slow every later token, which a TTFT prediction does not see).
+            pick = least_loaded(candidates, self._rng)
+            return Decision(pick.index, "no cached prefix: load", predicted[pick.index])
         if self.slo_ttft is not None:
             meeting = [r for r in candidates if predicted[r.index] <= self.slo_ttft]
             if meeting:
