@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tokenfab.bench.launch import free_port  # noqa: E402
+from tokenfab.bench.launch import Launched, ServerSpec, free_port, launch  # noqa: E402
 from tokenfab.platform import machine  # noqa: E402
 
 CONFIGS = {
@@ -45,24 +44,10 @@ WORKLOADS = {
 TOKENFAB = [sys.executable, "-m", "tokenfab.cli"]
 
 
-def start(flags: list[str], kv_gb: float) -> tuple[subprocess.Popen, str]:
+def start(flags: list[str], kv_gb: float, log_dir: Path) -> Launched:
     port = free_port()
-    log = open(Path(tempfile.gettempdir()) / f"tokenfab-router-bench-{port}.log", "w")
-    proc = subprocess.Popen([*TOKENFAB, "serve", "--port", str(port), "--kv-cache-memory-gb", str(kv_gb), *flags],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} (log: {log.name})")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"server did not start (log: {log.name})")
+    cmd = [*TOKENFAB, "serve", "--port", str(port), "--kv-cache-memory-gb", str(kv_gb), *flags]
+    return launch(ServerSpec("tokenfab", cmd, dict(os.environ)), port, log_dir)
 
 
 def run(url: str, workload: list[str], out: Path) -> dict:
@@ -76,11 +61,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="in total, split between the replicas")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "reports" / f"router-{date.today()}",
+                    help="path of the report, without suffix (.json and .md are written)")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs.split(","):
-            proc, url = start(CONFIGS[config], args.kv_cache_memory_gb)
+            server = start(CONFIGS[config], args.kv_cache_memory_gb, Path(tmp))
+            url = server.url
             try:
                 for name, workload in WORKLOADS.items():
                     s = run(url, workload, Path(tmp) / "point.json")
@@ -90,11 +78,10 @@ def main() -> None:
                     print(json.dumps(rows[-1]), flush=True)
                 rows[-1]["replicas"] = httpx.get(f"{url}/replicas").json()
             finally:
-                proc.terminate()
-                proc.wait(timeout=120)
+                server.stop()
     doc = {"machine": machine.describe(), "threads": os.cpu_count(), "workloads": WORKLOADS,
            "kv_cache_memory_gb_total": args.kv_cache_memory_gb, "rows": rows}
-    out = REPO / "benchmarks" / "reports" / f"router-{date.today()}"
+    out = args.out
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     out.with_suffix(".md").write_text(markdown(doc))
     print(markdown(doc))
@@ -105,8 +92,9 @@ def markdown(doc: dict) -> str:
     lines = [
         "# Replicas behind the router: policies side by side",
         "",
-        f"{doc['machine']['cpu']} ({doc['machine']['cores']} cores), Gemma 3 270M, {doc['kv_cache_memory_gb_total']} GB "
-        "of KV cache and 2 threads in total per configuration. Command: `.venv/bin/python benchmarks/router.py`.",
+        f"{doc['machine']['cpu']} ({doc['machine']['cores']} cores), Gemma 3 270M, "
+        f"{doc['kv_cache_memory_gb_total']} GB of KV cache and 2 threads in total per configuration. "
+        "Command: `.venv/bin/python benchmarks/router.py`.",
         "",
         "| workload | configuration | prefix hit rate | TTFT p50 | TTFT p99 | TPOT p50 | output tok/s | $/Mtok out |",
         "|---|---|---|---|---|---|---|---|",
@@ -118,16 +106,19 @@ def markdown(doc: dict) -> str:
             f"{_f(r['usd_per_mtok_output'], 2)} |"
         )
     by = {(r["workload"], r["config"]): r for r in rows}
-    kv, rr = by.get(("agentic", "2 replicas: kv")), by.get(("agentic", "2 replicas: round-robin"))
-    one = by.get(("agentic", "1 replica (whole cache)"))
-    lines += ["", "Targets:"]
-    if kv and one and one["prefix_cache_hit_rate"]:
-        lines.append(f"- agentic, kv hit rate / one replica's: {kv['prefix_cache_hit_rate'] / one['prefix_cache_hit_rate']:.2f} (target >= 0.9)")
-    if kv and rr and rr["ttft_p50"]:
-        lines.append(f"- agentic, kv TTFT p50 / round-robin's: {kv['ttft_p50'] / rr['ttft_p50']:.2f} (target <= 0.5)")
-    kvr, ll = by.get(("random 1024/128", "2 replicas: kv")), by.get(("random 1024/128", "2 replicas: least-load"))
-    if kvr and ll and ll["output_tok_s"]:
-        lines.append(f"- random, kv throughput / least-load's: {kvr['output_tok_s'] / ll['output_tok_s']:.2f} (target >= 0.95)")
+
+    def ratio(workload: str, a: str, b: str, key: str) -> str:
+        x, y = by.get((workload, a)), by.get((workload, b))
+        return f"{x[key] / y[key]:.2f}" if x and y and x[key] and y[key] else "-"
+
+    kv, one, rr, ll = "2 replicas: kv", "1 replica (whole cache)", "2 replicas: round-robin", "2 replicas: least-load"
+    lines += [
+        "",
+        "Targets:",
+        f"- agentic, kv hit rate / one replica's: {ratio('agentic', kv, one, 'prefix_cache_hit_rate')} (>= 0.9)",
+        f"- agentic, kv TTFT p50 / round-robin's: {ratio('agentic', kv, rr, 'ttft_p50')} (<= 0.5)",
+        f"- random, kv throughput / least-load's: {ratio('random 1024/128', kv, ll, 'output_tok_s')} (>= 0.95)",
+    ]
     return "\n".join(lines) + "\n"
 
 
