@@ -84,8 +84,9 @@ class Router(EngineClient):
         """Summed over first tokens: the TTFT the kv policy predicted, and the one that came (router to token)."""
         self._predictions: dict[str, float] = {}
         self._owner: dict[str, Replica] = {}
-        self._planned: OrderedDict[str, tuple[Replica, float]] = OrderedDict()
-        """Request id -> where `place` decided it runs, and when (dropped after PLAN_TTL: a refused request)."""
+        self._planned: OrderedDict[str, tuple[Replica, float, list[int]]] = OrderedDict()
+        """Request id -> where `place` decided it runs, when, and its prompt's block hashes (dropped after
+        PLAN_TTL: a refused request)."""
         self._results: asyncio.Queue[tuple[Replica, StepResult] | EngineDead] = asyncio.Queue()
         self._readers: list[asyncio.Task] = []
 
@@ -124,17 +125,18 @@ class Router(EngineClient):
         """Decide now where the request will run (its response can name the replica before it starts). Its load
         counts on that replica from now on, so requests placed in a burst see each other."""
         self._expire_plans()
-        replica = self._route(prompt_token_ids, request_id)
-        self._planned[request_id] = (replica, time.monotonic())
+        blocks = prompt_blocks(prompt_token_ids, self._block_size)
+        replica = self._route(blocks, len(prompt_token_ids), request_id)
+        self._planned[request_id] = (replica, time.monotonic(), blocks)
         replica.running.add(request_id)
-        replica.waiting_prefill[request_id] = self._uncached(replica, prompt_token_ids)
+        replica.waiting_prefill[request_id] = self._uncached(replica, blocks, len(prompt_token_ids))
         return replica.index
 
     def _expire_plans(self) -> None:
         """Forget placements never added (the request was refused after `place`) and the load they held."""
         now = time.monotonic()
         while self._planned:
-            request_id, (replica, at) = next(iter(self._planned.items()))
+            request_id, (replica, at, _) = next(iter(self._planned.items()))
             if now - at < PLAN_TTL and len(self._planned) < PLANNED:
                 return
             del self._planned[request_id]
@@ -149,12 +151,13 @@ class Router(EngineClient):
             prompt = group[0].prompt_token_ids
             plan = self._planned.pop(group_id, None)
             if plan is not None:
-                replica = plan[0]
+                replica, _, blocks = plan
                 replica.running.discard(group_id)
                 uncached = replica.waiting_prefill.pop(group_id, 1)
             else:
-                replica = self._route(prompt, group_id)
-                uncached = self._uncached(replica, prompt)
+                blocks = prompt_blocks(prompt, self._block_size)
+                replica = self._route(blocks, len(prompt), group_id)
+                uncached = self._uncached(replica, blocks, len(prompt))
             predicted = self._predictions.pop(group_id, None)
             for req in group:
                 self._owner[req.request_id] = replica
@@ -163,12 +166,11 @@ class Router(EngineClient):
             if predicted is not None:
                 replica.predicted[group[0].request_id] = (time.monotonic(), predicted)
             replica.routed += len(group)
-            self.policy.sent(replica.index, prompt_blocks(prompt, self._block_size))
+            self.policy.sent(replica.index, blocks)
             await replica.client.add(group)
 
-    def _uncached(self, replica: Replica, prompt_token_ids: list[int]) -> int:
-        blocks = prompt_blocks(prompt_token_ids, self._block_size)
-        return max(len(prompt_token_ids) - self._cached(replica, blocks) * self._block_size, 1)
+    def _uncached(self, replica: Replica, blocks: list[int], prompt_len: int) -> int:
+        return max(prompt_len - self._cached(replica, blocks) * self._block_size, 1)
 
     async def abort(self, request_ids: list[str]) -> None:
         by_replica: dict[int, list[str]] = {}
@@ -179,17 +181,16 @@ class Router(EngineClient):
         for index, ids in by_replica.items():
             await self.replicas[index].client.abort(ids)
 
-    def _route(self, prompt_token_ids: list[int], request_id: str) -> Replica:
+    def _route(self, blocks: list[int], prompt_len: int, request_id: str) -> Replica:
         live = [r for r in self.replicas if r.client.alive]
         if not live:
             raise EngineDead("no replica is running")
         if self.policy.uses_kv_index:
             self.index.refresh()
-        blocks = prompt_blocks(prompt_token_ids, self._block_size)
         loads = [r.load() for r in live]
         for load, r in zip(loads, live):
             load.cached_blocks = self._cached(r, blocks)
-        decision: Decision = self.policy.choose(blocks, len(prompt_token_ids), self._block_size, loads)
+        decision: Decision = self.policy.choose(blocks, prompt_len, self._block_size, loads)
         self.decisions[f"{self.policy.name}: {decision.reason.split(',')[0]}"] += 1
         if decision.predicted_ttft is not None:
             self._predictions[request_id] = decision.predicted_ttft

@@ -95,6 +95,10 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/replicas")
+    async def replicas() -> dict:
+        return {"router": state.settings.router if state.router is not None else None, "replicas": state.replicas()}
+
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> dict:
         return {
@@ -120,16 +124,17 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         }
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
-    async def create_completion(body: CompletionRequest, request: Request):
-        return await _generate(state, completions, body, request)
+    async def create_completion(body: CompletionRequest, request: Request, response: Response):
+        return await _generate(state, completions, body, request, response)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
-    async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-        return await _generate(state, chat, body, request)
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request, response: Response):
+        return await _generate(state, chat, body, request, response)
 
-    @app.get("/replicas")
-    async def replicas() -> dict:
-        return {"router": state.settings.router if state.router is not None else None, "replicas": state.replicas()}
+    _tokenizer_routes(app, state)
+
+
+def _tokenizer_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/tokenizer_info", response_model=TokenizerInfo)
     async def tokenizer_info() -> dict:
@@ -138,9 +143,10 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         def name(token_id: int | None) -> str | None:
             return tok.inner.id_to_token(token_id) if token_id is not None else None
 
+        eos = special.eos_token_ids[0] if special.eos_token_ids else None
         return {
             "bos_token": name(special.bos_token_id),
-            "eos_token": name(special.eos_token_ids[0] if special.eos_token_ids else None),
+            "eos_token": name(eos),
             "pad_token": name(special.pad_token_id),
             "add_bos_token": special.add_bos_token,
             "chat_template": special.chat_template,
@@ -189,7 +195,9 @@ class RouteKind(Protocol[Body_contra]):
     def stream(self, body: Body_contra, job: Job, state: ServerState) -> AsyncIterator[str | None]: ...
 
 
-async def _generate(state: ServerState, kind: RouteKind[Body], body: Body, request: Request) -> Response | dict:
+async def _generate(
+    state: ServerState, kind: RouteKind[Body], body: Body, request: Request, response: Response
+) -> Response | dict:
     """Completions and chat alike: validate, then stream or answer whole (`kind` is the module that formats)."""
     check_model(body.model, state.settings.served_model_name)
     if not state.client.alive:
@@ -199,8 +207,8 @@ async def _generate(state: ServerState, kind: RouteKind[Body], body: Body, reque
     headers = {REPLICA_HEADER: state.place(job)}
     if body.stream:
         return await _streaming(kind.stream(body, job, state), headers)
-    answer = await _unless_disconnected(request, kind.complete(body, job, state))
-    return JSONResponse(answer, headers=headers) if isinstance(answer, dict) else answer
+    response.headers.update(headers)
+    return await _unless_disconnected(request, kind.complete(body, job, state))
 
 
 async def _streaming(events: AsyncIterator[str | None], headers: dict[str, str]) -> StreamingResponse:

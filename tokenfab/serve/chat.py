@@ -35,7 +35,7 @@ def prepare(body: ChatCompletionRequest, state: ServerState) -> Job:
     budget = max_new_tokens(limit, [prompt], info, "messages")
     stops = stop_after_call(tool_plan) if tool_plan is not None else []
     params = sampling_params(body, budget, logprobs, info, None, rules, stops)
-    return Job(f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, body.priority, body.user)
+    return Job(f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, body.priority, body.user, tool_plan)
 
 
 def reply(c: CompletionOutput, tool_plan: ToolPlan | None) -> tuple[dict, str | None]:
@@ -55,10 +55,9 @@ async def complete(body: ChatCompletionRequest, job: Job, state: ServerState) ->
         final = out
     assert final is not None, "a generation ends with a finished output"
     text = TokenText(state.tokenizer)
-    tool_plan = plan(body, state.tool_template)
     choices = []
     for c in final.outputs:
-        message, finish_reason = reply(c, tool_plan)
+        message, finish_reason = reply(c, job.tools)
         choices.append(
             {
                 "index": c.index,
@@ -94,8 +93,7 @@ def stream(body: ChatCompletionRequest, job: Job, state: ServerState) -> AsyncIt
             }
         )
 
-    tool_plan = plan(body, state.tool_template)
-    parsers = {k: CallParser(tool_plan) for k in range(job.params.n)} if tool_plan is not None else {}
+    parsers = {k: CallParser(job.tools) for k in range(job.params.n)} if job.tools is not None else {}
 
     def delta(c: CompletionOutput, piece: str) -> tuple[dict, str | None]:
         """A choice's new text as a delta (content, or tool calls once each has been read whole)."""

@@ -21,6 +21,7 @@ from tokenfab.serve.formatting import usage
 from tokenfab.serve.metrics import ServerMetrics
 from tokenfab.serve.request_log import RequestLog
 from tokenfab.serve.settings import ServerSettings
+from tokenfab.serve.tools import ToolPlan
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,8 @@ class Job:
     priority: int = 0
     user: str | None = None
     """The caller's end-user id (OpenAI `user`), written to the request log with the request's cost."""
+    tools: ToolPlan | None = None
+    """A chat request's tool calling: how its replies are read (None: plain content)."""
 
     def prompt_ids(self) -> list[str]:
         """The engine request id of each prompt."""

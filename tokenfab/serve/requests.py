@@ -126,8 +126,9 @@ def grammar(body: SamplingFields, response_format: ResponseFormat | None = None)
     import llguidance
 
     guides = body.guides()
-    if len(guides) + (response_schema(response_format) is not None) > 1:
-        others = guides + (["response_format"] if response_schema(response_format) is not None else [])
+    param, schema = "response_format", response_schema(response_format)
+    if len(guides) + (schema is not None) > 1:
+        others = guides + (["response_format"] if schema is not None else [])
         raise bad_request(f"send one of {', '.join(others)}", guides[0])
     if body.guided_regex is not None:
         return _usable(llguidance.LLMatcher.grammar_from_regex(body.guided_regex), "guided_regex")
@@ -138,7 +139,6 @@ def grammar(body: SamplingFields, response_format: ResponseFormat | None = None)
             return _usable(llguidance.grammar_from("grammar", body.guided_grammar), "guided_grammar")
         except ValueError as e:
             raise bad_request(f"the guided_grammar cannot be used: {e}", "guided_grammar") from None
-    param, schema = "response_format", response_schema(response_format)
     if body.guided_json is not None:
         param, schema = "guided_json", _schema(body.guided_json)
     if schema is None:
