@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tokenfab import LLM, SamplingParams  # noqa: E402
-from tokenfab.platform import machine  # noqa: E402
+from tokenfab.platform import cpu_isa, machine  # noqa: E402
 
 REGEX = r"[a-zA-Z ,.]{400}"
 SCHEMA = {
@@ -80,7 +80,15 @@ def main() -> None:
                     "rounds": {"plain": plain, "grammar": constrained},
                 }
             )
-    doc = {"machine": machine.describe(), "threads": os.cpu_count(), "schema": SCHEMA, "regex": REGEX, "rows": rows}
+    isa = cpu_isa.describe()["isa_levels"]
+    doc = {
+        "machine": machine.describe(),
+        "isa_levels": isa,
+        "threads": os.cpu_count(),
+        "schema": SCHEMA,
+        "regex": REGEX,
+        "rows": rows,
+    }
     del llm
     doc["vllm"] = vllm_rows(list(grammars))
     out = REPO / "benchmarks" / "reports" / f"grammar-{date.today()}"
@@ -88,7 +96,8 @@ def main() -> None:
     lines = [
         "# Grammar overhead per decode step",
         "",
-        f"{doc['machine']['cpu']} ({doc['machine']['cores']} cores), Gemma 3 270M offline, greedy. "
+        f"{doc['machine']['cpu']} ({doc['machine']['cores']} cores; ISA levels "
+        f"{', '.join(doc['isa_levels'])}), Gemma 3 270M offline, greedy. "
         "Command: `.venv/bin/python benchmarks/grammar.py`.",
         "",
         "| system | grammar | batch | step, no grammar | step, every request under the grammar | added per step | "
@@ -121,9 +130,18 @@ def vllm_rows(names: list[str]) -> dict:
     if not python.exists():
         return {"error": "no .peers/vllm (run benchmarks/peers/setup_peers.sh)"}
     specs = [{"json": SCHEMA}, {"regex": REGEX}]
-    command = [str(python), str(REPO / "benchmarks" / "peers" / "vllm_grammar.py"), "--model", str(default_model_dir()),
-               "--dtype", vllm_dtype(), "--grammars", json.dumps(dict(zip(names, specs))), "--prompts",
-               json.dumps(PROMPTS)]
+    command = [
+        str(python),
+        str(REPO / "benchmarks" / "peers" / "vllm_grammar.py"),
+        "--model",
+        str(default_model_dir()),
+        "--dtype",
+        vllm_dtype(),
+        "--grammars",
+        json.dumps(dict(zip(names, specs))),
+        "--prompts",
+        json.dumps(PROMPTS),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tokenfab.bench.launch import Launched, ServerSpec, free_port, launch  # noqa: E402
-from tokenfab.platform import machine  # noqa: E402
+from tokenfab.platform import cpu_isa, machine  # noqa: E402
 
 CONFIGS = {
     "1 replica (whole cache)": ["--replicas", "1"],
@@ -36,10 +36,36 @@ CONFIGS = {
     "2 replicas: kv": ["--replicas", "2", "--router", "kv"],
 }
 WORKLOADS = {
-    "agentic": ["--workload", "agentic", "--sessions", "16", "--turns", "4", "--prefix-len", "512", "--isl", "128",
-                "--osl", "32", "--think-time", "0.5", "--concurrency", "8"],
-    "random 1024/128": ["--workload", "random", "--isl", "1024", "--osl", "128", "--concurrency", "4",
-                        "--num-requests", "16"],
+    "agentic": [
+        "--workload",
+        "agentic",
+        "--sessions",
+        "16",
+        "--turns",
+        "4",
+        "--prefix-len",
+        "512",
+        "--isl",
+        "128",
+        "--osl",
+        "32",
+        "--think-time",
+        "0.5",
+        "--concurrency",
+        "8",
+    ],
+    "random 1024/128": [
+        "--workload",
+        "random",
+        "--isl",
+        "1024",
+        "--osl",
+        "128",
+        "--concurrency",
+        "4",
+        "--num-requests",
+        "16",
+    ],
 }
 TOKENFAB = [sys.executable, "-m", "tokenfab.cli"]
 
@@ -51,8 +77,9 @@ def start(flags: list[str], kv_gb: float, log_dir: Path) -> Launched:
 
 
 def run(url: str, workload: list[str], out: Path) -> dict:
-    subprocess.run([*TOKENFAB, "bench", "serve", "--url", url, *workload, "--out", str(out)], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [*TOKENFAB, "bench", "serve", "--url", url, *workload, "--out", str(out)], check=True, stdout=subprocess.DEVNULL
+    )
     point = json.loads(out.read_text())["systems"][0]["points"][0]
     return point["summary"]
 
@@ -61,8 +88,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="in total, split between the replicas")
     ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "reports" / f"router-{date.today()}",
-                    help="path of the report, without suffix (.json and .md are written)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "benchmarks" / "reports" / f"router-{date.today()}",
+        help="path of the report, without suffix (.json and .md are written)",
+    )
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,15 +103,38 @@ def main() -> None:
             try:
                 for name, workload in WORKLOADS.items():
                     s = run(url, workload, Path(tmp) / "point.json")
-                    rows.append({"config": config, "workload": name, **{k: s[k] for k in (
-                        "prefix_cache_hit_rate", "output_tok_s", "usd_per_mtok_output", "completed", "sent")},
-                        "ttft_p50": s["ttft_s"]["p50"], "ttft_p99": s["ttft_s"]["p99"], "tpot_p50": s["tpot_s"]["p50"]})
+                    rows.append(
+                        {
+                            "config": config,
+                            "workload": name,
+                            **{
+                                k: s[k]
+                                for k in (
+                                    "prefix_cache_hit_rate",
+                                    "output_tok_s",
+                                    "usd_per_mtok_output",
+                                    "completed",
+                                    "sent",
+                                )
+                            },
+                            "ttft_p50": s["ttft_s"]["p50"],
+                            "ttft_p99": s["ttft_s"]["p99"],
+                            "tpot_p50": s["tpot_s"]["p50"],
+                        }
+                    )
                     print(json.dumps(rows[-1]), flush=True)
                 rows[-1]["replicas"] = httpx.get(f"{url}/replicas").json()
             finally:
                 server.stop()
-    doc = {"machine": machine.describe(), "threads": os.cpu_count(), "workloads": WORKLOADS,
-           "kv_cache_memory_gb_total": args.kv_cache_memory_gb, "rows": rows}
+    isa = cpu_isa.describe()["isa_levels"]
+    doc = {
+        "machine": machine.describe(),
+        "isa_levels": isa,
+        "threads": os.cpu_count(),
+        "workloads": WORKLOADS,
+        "kv_cache_memory_gb_total": args.kv_cache_memory_gb,
+        "rows": rows,
+    }
     out = args.out
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     out.with_suffix(".md").write_text(markdown(doc))
@@ -92,7 +146,8 @@ def markdown(doc: dict) -> str:
     lines = [
         "# Replicas behind the router: policies side by side",
         "",
-        f"{doc['machine']['cpu']} ({doc['machine']['cores']} cores), Gemma 3 270M, "
+        f"{doc['machine']['cpu']} ({doc['machine']['cores']} cores; ISA levels "
+        f"{', '.join(doc['isa_levels'])}), Gemma 3 270M, "
         f"{doc['kv_cache_memory_gb_total']} GB of KV cache and 2 threads in total per configuration. "
         "Command: `.venv/bin/python benchmarks/router.py`.",
         "",
