@@ -7,6 +7,7 @@ import random
 import pytest
 
 from tokenfab.cluster.policies import KvAware, LeastLoad, Prefix, ReplicaLoad, RoundRobin, make_policy
+from tokenfab.cluster.router import StepCost
 
 
 def loads(*rows: tuple[int, int, int]) -> list[ReplicaLoad]:
@@ -61,3 +62,19 @@ def test_prefix_follows_what_it_sent_unless_that_replica_is_much_busier():
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="unknown router policy"):
         make_policy("fastest")
+
+
+def test_step_cost_separates_a_steps_overhead_from_its_tokens():
+    """Decode steps (few tokens, mostly fixed time) do not make prefill look slow: the per-token cost comes from
+    steps whose sizes differ, and holds through a long run of alike steps."""
+    cost = StepCost()
+    rng = random.Random(1)
+    for _ in range(40):
+        tokens = rng.choice([1, 4, 300, 900])
+        cost.observe(1, tokens, 0.05 + tokens * 0.0004)
+    assert cost.per_token == pytest.approx(0.0004, rel=0.02) and cost.overhead == pytest.approx(0.05, rel=0.05)
+    for _ in range(300):
+        cost.observe(1, 1, 0.056)  # a long run of batch-1 decodes
+    assert cost.per_token == pytest.approx(0.0004, rel=0.05) and cost.overhead == pytest.approx(0.056, rel=0.05)
+    cost.observe(0, 0, 0.0)  # no step: nothing learned
+    assert cost.per_token == pytest.approx(0.0004, rel=0.05)

@@ -144,7 +144,8 @@ def test_engine_turns_speculation_off_when_drafts_miss_and_keeps_it_when_they_hi
     assert fixed.spec.accepted_tokens < 0.1 * fixed.spec.proposed_tokens  # an unrelated random draft
     assert adaptive.spec.steps_off > 3 * adaptive.spec.steps_on
     assert adaptive.spec.proposed_tokens < 0.25 * fixed.spec.proposed_tokens
-    assert adaptive.spec.steps_on > 0  # it tried, and re-probes now and then
+    # Whether it tries drafts at first depends on the measured cost of a draft pass: on a loaded machine even sure
+    # drafts would not pay, and then it does not probe either (re-probing: test_switched_off_requests_are_probed...).
     rep = random_prompts([11], seed=21)[0] * 4  # greedy continues the repetition: lookup drafts hit
     hits, _ = run(target, "ngram", [rep], params)
     assert hits.spec.steps_on > hits.spec.steps_off

@@ -6,12 +6,13 @@
   blocks to before, unless that replica is busier than the least-loaded one by more than a margin.
 - kv (exact, the default): the replica whose KV cache, as its own KV events tell, holds the most of the prompt,
   weighed against the work already waiting there. Among the replicas not far busier than the least busy one, each
-  one's predicted time to first token = (its queued prefill tokens + this prompt's uncached tokens) / its prefill
-  rate (fitted from its own step stats) + its decode load, plus the prefill time of the cached blocks it would give
-  up (held twice and split from the session's next turn); the lowest wins. With a TTFT SLO, the cheapest replica
-  ($/hour) predicted to meet it wins; where no replica holds any of the prompt, the least loaded wins. Work the
-  router has sent and a replica has not yet started counts as queued, and the load bound keeps a burst sharing one
-  prompt from herding onto the replica that holds it. Ties go to the least loaded, then at random.
+  one's predicted time to first token = a step's fixed time + (its queued prefill tokens + this prompt's uncached
+  tokens) / its prefill rate (both fitted from its own step stats) + its decode load, plus the prefill time of the
+  cached blocks it would give up (held twice and split from the session's next turn); the lowest wins. With a TTFT
+  SLO, the cheapest replica ($/hour) predicted to meet it wins; where no replica holds any of the prompt, the least
+  loaded wins. Work the router has sent and a replica has not yet started counts as queued, and the load bound
+  keeps a burst sharing one prompt from herding onto the replica that holds it. Ties go to the least loaded, then
+  at random.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class ReplicaLoad:
     prefill_tokens_per_s: float = 2000.0
     decode_seconds_per_seq: float = 0.002
     """Step time one more running sequence adds (fitted; what this request waits per token behind the others)."""
+    step_seconds: float = 0.0
+    """A step's fixed time (fitted), paid once by the step that computes this prompt."""
     usd_per_hour: float = 0.0
 
 
@@ -130,7 +133,11 @@ class KvAware(RoutingPolicy):
     def choose(self, blocks: list[int], prompt_tokens: int, block_size: int, loads: list[ReplicaLoad]) -> Decision:
         def ttft(r: ReplicaLoad) -> float:
             uncached = max(prompt_tokens - r.cached_blocks * block_size, 1)
-            return (r.queued_prefill + uncached) / r.prefill_tokens_per_s + r.running * r.decode_seconds_per_seq
+            return (
+                r.step_seconds
+                + (r.queued_prefill + uncached) / r.prefill_tokens_per_s
+                + r.running * r.decode_seconds_per_seq
+            )
 
         predicted = {r.index: ttft(r) for r in loads}
         # A replica running far more than the least busy one is not a candidate, whatever it has cached: the

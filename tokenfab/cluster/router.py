@@ -33,6 +33,39 @@ PLAN_TTL = 10.0
 """Seconds a placement waits for its request to be added (admitted requests are added at once)."""
 
 
+class StepCost:
+    """A replica's step time = overhead + per_token x tokens in the step, fitted by least squares over its own
+    recent steps (exponentially forgotten, DECAY per step). While its steps are all alike (a run of decodes, where
+    the token count barely varies) the slope is held near the last one the data determined, so the per-token cost
+    of a prefill is not read off decode steps, whose time is mostly overhead."""
+
+    DECAY = 0.98
+    HOLD = 64.0**2
+    """Weight of the held slope: as much as one step lying 64 tokens off the mean."""
+
+    def __init__(self, overhead: float = 0.002, per_token: float = 1 / 2000) -> None:
+        self.overhead, self.per_token = overhead, per_token
+        self._held = per_token
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+
+    def observe(self, steps: int, tokens: int, seconds: float) -> None:
+        if steps <= 0 or tokens <= 0 or seconds <= 0:
+            return
+        x, y, forget = tokens / steps, seconds / steps, self.DECAY**steps
+        self._w = self._w * forget + steps
+        self._x = self._x * forget + steps * x
+        self._y = self._y * forget + steps * y
+        self._xx = self._xx * forget + steps * x * x
+        self._xy = self._xy * forget + steps * x * y
+        mean_x, mean_y = self._x / self._w, self._y / self._w
+        spread = self._xx - self._w * mean_x * mean_x
+        slope = (self._xy - self._w * mean_x * mean_y + self.HOLD * self._held) / (spread + self.HOLD)
+        self.per_token = max(slope, 1e-7)
+        self.overhead = max(mean_y - self.per_token * mean_x, 0.0)
+        if spread > 10 * self.HOLD:
+            self._held = self.per_token
+
+
 @dataclass(slots=True)
 class Replica:
     """One engine core behind the router, and what the router knows of it."""
@@ -44,8 +77,7 @@ class Replica:
     predicted: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Sequence id -> (when it was sent, the TTFT its routing decision predicted), until its first token."""
     running: set[str] = field(default_factory=set)
-    seconds_per_token: float = 1 / 2000
-    """Step time per computed token (exponential average of the replica's own stats)."""
+    cost: StepCost = field(default_factory=StepCost)
     routed: int = 0
     _last: EngineStats | None = None
 
@@ -55,19 +87,20 @@ class Replica:
             self.index,
             len(self.running),
             sum(self.waiting_prefill.values()),
-            prefill_tokens_per_s=1 / self.seconds_per_token,
-            decode_seconds_per_seq=self.seconds_per_token,
+            prefill_tokens_per_s=1 / self.cost.per_token,
+            decode_seconds_per_seq=self.cost.per_token,
+            step_seconds=self.cost.overhead,
             usd_per_hour=usd,
         )
 
     def observe(self, stats: EngineStats) -> None:
         last, self._last = self._last, stats
-        if last is None:
-            return
-        tokens = stats.scheduler.tokens_computed - last.scheduler.tokens_computed
-        busy = stats.cost.busy_seconds - last.cost.busy_seconds
-        if tokens > 0 and busy > 0:
-            self.seconds_per_token = 0.8 * self.seconds_per_token + 0.2 * busy / tokens
+        if last is not None:
+            self.cost.observe(
+                stats.scheduler.steps - last.scheduler.steps,
+                stats.scheduler.tokens_computed - last.scheduler.tokens_computed,
+                stats.cost.busy_seconds - last.cost.busy_seconds,
+            )
 
 
 class Router(EngineClient):
@@ -244,7 +277,8 @@ class Router(EngineClient):
         return msgspec.structs.replace(total, time=max(p.time for p in parts) if parts else time.monotonic(), kv=kv)
 
     def describe(self) -> list[dict]:
-        """Per replica: what /replicas shows."""
+        """Per replica: what /replicas shows (the index brought up to the events that have arrived)."""
+        self.index.refresh()
         rows = []
         for r in self.replicas:
             info, stats = r.client.info, r.client.stats
@@ -262,7 +296,8 @@ class Router(EngineClient):
                     "cached_blocks": len(self.index.blocks(r.index)),
                     "prefix_hit_rate": stats.prefix_cache.hit_rate if stats is not None else 0.0,
                     "usd_per_hour": info.usd_per_hour if info is not None else 0.0,
-                    "seconds_per_token": r.seconds_per_token,
+                    "seconds_per_token": r.cost.per_token,
+                    "seconds_per_step": r.cost.overhead,
                 }
             )
         return rows

@@ -41,7 +41,9 @@ Send = Callable[[FromCore], None]
 
 
 def serve_core(core: EngineCore, receive: Receive, send: Send, keep_going: Callable[[], bool]) -> None:
-    """Run until Shutdown (or until keep_going() says stop while idle)."""
+    """Run until Shutdown (or until keep_going() says stop while idle). The core's stats go out once at the start,
+    so its gauges (KV capacity among them) are known before the first request."""
+    send(StepResult([], core.stats()))
     while True:
         rejected: list[CoreOutput] = []
         timeout = 0 if core.has_unfinished() else IDLE_POLL_MS
