@@ -181,4 +181,31 @@ def test_dead_engine_is_reported_not_hung(model_path):
         assert "tokenfab:num_requests_running" not in m and "tokenfab:kv_cache_usage_perc" not in m  # not stale
         assert m['tokenfab:request_rejected_total{model_name="tiny",status="503"}'] >= 1
     finally:
-        server.stop()
+        code = server.stop()
+    assert code == 3  # a supervisor's Restart=on-failure sees the crash
+
+
+def test_a_hung_engine_fails_its_health_check_until_it_steps_again(model_path):
+    """A core that stops stepping while it has work (SIGSTOP) makes /health answer 503 engine_hung, though its
+    process lives and the front end answers; once it steps again, 200 — and the request it held completes."""
+    server = LiveServer(model_path, "--replica-hang-timeout", "1")
+    try:
+        core = httpx.get(f"{server.url}/replicas").json()["replicas"][0]["pid"]
+        os.kill(core, signal.SIGSTOP)
+        try:
+            with httpx.Client(timeout=60) as http, http.stream(
+                "POST", f"{server.url}/v1/completions",
+                json={"prompt": "w5 w6", "max_tokens": 50, "ignore_eos": True, "stream": True},
+            ) as stream:
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and httpx.get(f"{server.url}/health").status_code == 200:
+                    time.sleep(0.1)
+                health = httpx.get(f"{server.url}/health")
+                assert health.status_code == 503 and health.json()["status"] == "engine_hung"
+                os.kill(core, signal.SIGCONT)
+                assert [line for line in stream.iter_lines() if line][-1] == "data: [DONE]"
+        finally:
+            os.kill(core, signal.SIGCONT)
+        assert httpx.get(f"{server.url}/health").status_code == 200
+    finally:
+        assert server.stop() == 0

@@ -13,7 +13,9 @@ import pytest
 
 import llguidance
 
+from test_migration import generate
 from tokenfab import LLM, SamplingParams
+from tokenfab.engine.messages import CoreRequest
 from tokenfab.models.loading import load_tokenizer, resolve_model
 from tokenfab.serve.protocol import ChatCompletionRequest
 from tokenfab.serve.requests import grammar
@@ -134,3 +136,20 @@ def test_grammars_in_a_mixed_batch_and_across_preemption():
     tight = LLM(kv_cache_memory_gb=0.008, max_model_len=160)
     assert [o.outputs[0].text for o in tight.chat(asks, params)] == solo
     assert tight.engine.core.stats().scheduler.num_preemptions > 0
+
+
+def test_a_resumed_sequence_replays_its_grammar():
+    """A constrained, sampled sequence moved to another replica mid-way (prompt + its tokens so far) continues with
+    the tokens it would have drawn, the grammar state replayed over what it had; tokens that break the grammar are
+    refused."""
+    body = ChatCompletionRequest.model_validate({"messages": ASK, "response_format": schema_format("person")})
+    params = SamplingParams(max_tokens=48, temperature=0.8, seed=11, grammar=grammar(body, body.response_format))
+    llm = LLM(kv_cache_memory_gb=0.25)
+    prompt = llm.tokenizer.encode_chat(ASK)
+    whole = generate(llm.engine.core, "whole", prompt, params, [])
+    jsonschema.validate(json.loads(llm.tokenizer.decode(whole, True)), SCHEMAS["person"])
+    for cut in (1, len(whole) // 2, len(whole) - 2):
+        assert whole[:cut] + generate(llm.engine.core, f"from-{cut}", prompt, params, whole[:cut]) == whole
+    bad = llm.tokenizer.encode("not json", add_special_tokens=False)
+    with pytest.raises(ValueError, match="do not follow the grammar"):
+        llm.engine.core.add_request(CoreRequest("bad", prompt, params, 0.0, output_token_ids=bad))

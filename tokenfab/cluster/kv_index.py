@@ -30,7 +30,15 @@ class KvIndex:
         """Times a replica's batches were lost beyond its replay buffer (its blocks were then read again)."""
 
     def follow(self, replica: int, endpoint: str, replay_endpoint: str | None, topic: str = "kv-events") -> None:
+        """Index the replica from its publisher's events (a restarted replica starts again from nothing)."""
+        self.forget(replica)
         self._subscribers[replica] = KVEventSubscriber(endpoint, replay_endpoint, topic)
+
+    def forget(self, replica: int) -> None:
+        """The replica is gone: none of its blocks count any more."""
+        subscriber = self._subscribers.pop(replica, None)
+        if subscriber is not None:
+            subscriber.close()
 
     def refresh(self) -> None:
         """Apply every batch that has arrived (gaps replayed; a gap the replay buffer no longer holds resyncs)."""

@@ -7,9 +7,10 @@ import dataclasses
 import os
 import tempfile
 import uuid
+from dataclasses import dataclass
 
 from tokenfab.cluster.policies import make_policy
-from tokenfab.cluster.router import Router
+from tokenfab.cluster.router import Factory, Router
 from tokenfab.config import EngineConfig
 from tokenfab.engine.client import CoreProcessClient
 
@@ -34,8 +35,31 @@ def replica_configs(config: EngineConfig, n: int) -> list[EngineConfig]:
     ]
 
 
-def local_router(
-    config: EngineConfig, n: int, policy: str = "kv", transport: str = "ipc", slo_ttft: float | None = None
-) -> Router:
-    clients = [CoreProcessClient(c, transport) for c in replica_configs(config, n)]
-    return Router(clients, make_policy(policy, slo_ttft=slo_ttft))  # type: ignore[arg-type]
+@dataclass(frozen=True, slots=True)
+class RouterOptions:
+    """How the router spreads requests and what it does when a replica is lost (ServerSettings' fields)."""
+
+    policy: str = "kv"
+    slo_ttft: float | None = None
+    migration: bool = True
+    max_migrations: int = 3
+    hang_timeout: float = 60.0
+
+    def router(self, factories: list[Factory]) -> Router:
+        return Router(
+            [make() for make in factories],
+            make_policy(self.policy, slo_ttft=self.slo_ttft),
+            factories,
+            migration=self.migration,
+            max_migrations=self.max_migrations,
+            hang_timeout=self.hang_timeout,
+        )
+
+
+def local_router(config: EngineConfig, n: int, options: RouterOptions, transport: str = "ipc") -> Router:
+    """N engine-core processes here; one that dies is started again (same config, fresh sockets)."""
+
+    def factory(c: EngineConfig) -> Factory:
+        return lambda: CoreProcessClient(c, transport)
+
+    return options.router([factory(c) for c in replica_configs(config, n)])

@@ -11,9 +11,8 @@ import dataclasses
 import os
 from typing import Any
 
-from tokenfab.cluster.policies import make_policy
-from tokenfab.cluster.pool import replica_configs
-from tokenfab.cluster.router import Router
+from tokenfab.cluster.pool import RouterOptions, replica_configs
+from tokenfab.cluster.router import Factory, Router
 from tokenfab.config import EngineConfig
 from tokenfab.engine.client import CoreProcessClient
 
@@ -65,12 +64,15 @@ class RayReplicaClient(CoreProcessClient):
 
     @property
     def alive(self) -> bool:
-        if not super().alive or self._run is None:
-            return False
+        return super().alive and self._gone() is None
+
+    def _gone(self) -> str | None:
+        if self._run is None:
+            return None
         import ray
 
         done, _ = ray.wait([self._run], timeout=0)
-        return not done
+        return "its Ray actor exited" if done else None
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         await super().shutdown(timeout)
@@ -80,10 +82,9 @@ class RayReplicaClient(CoreProcessClient):
             ray.kill(self._actor)
 
 
-def ray_router(
-    config: EngineConfig, n: int, policy: str = "kv", address: str | None = None, slo_ttft: float | None = None
-) -> Router:
-    """N replicas on a Ray cluster (`address` as `ray.init` takes it; None starts a local one)."""
+def ray_router(config: EngineConfig, n: int, options: RouterOptions, address: str | None = None) -> Router:
+    """N replicas on a Ray cluster (`address` as `ray.init` takes it; None starts a local one). A replica that dies
+    is started again as a new actor in the same bundle."""
     import ray
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -94,15 +95,10 @@ def ray_router(
     group = placement_group([{"CPU": threads}] * n, strategy="SPREAD")
     ray.get(group.ready(), timeout=300)
     host = ray.util.get_node_ip_address()
-    clients = [
-        RayReplicaClient(
-            dataclasses.replace(c, kv_events_endpoint=None, kv_events_replay_endpoint=None),
-            host,
-            {
-                "num_cpus": threads,
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
-            },
-        )
-        for i, c in enumerate(configs)
-    ]
-    return Router(clients, make_policy(policy, slo_ttft=slo_ttft))  # type: ignore[arg-type]
+
+    def factory(i: int, c: EngineConfig) -> Factory:
+        c = dataclasses.replace(c, kv_events_endpoint=None, kv_events_replay_endpoint=None)
+        strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
+        return lambda: RayReplicaClient(c, host, {"num_cpus": threads, "scheduling_strategy": strategy})
+
+    return options.router([factory(i, c) for i, c in enumerate(configs)])

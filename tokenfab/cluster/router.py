@@ -4,17 +4,26 @@ Each request (its n siblings together) goes to the replica its policy picks (tok
 router remembers where every sequence runs, routes its aborts there, and merges the replicas' step results into
 one stream whose stats are the replicas' summed. It keeps per replica the prefill work it has sent and not yet
 seen start (what a policy counts as queued: the replicas' own stats arrive a step late) and a step-cost fit from
-the replica's stats. Replicas publish KV events; the kv policy reads them through a KvIndex. A replica that dies
-ends the router (requests on it fail with 503; migration to a survivor is not built yet).
+the replica's stats. Replicas publish KV events; the kv policy reads them through a KvIndex.
+
+Nothing accepted is lost when a replica goes: the router keeps each sequence's request and the tokens it has passed
+on, and when its replica dies (the process exits), hangs (no step within `hang_timeout` while it has work: it is
+killed) or is drained, the sequence continues on another replica from its prompt + those tokens
+(`CoreRequest.output_token_ids`: the same max_tokens, penalties, grammar state and seeded random stream), its cost
+so far carried over. Outputs a replica sends after its sequences have left it are dropped, so the front end sees one
+unbroken stream. A replica that died is restarted with backoff (1 s doubling to 30 s, reset after a minute up) and
+rejoins with a fresh KV index. With migration off, or past `max_migrations`, a lost sequence fails with 503.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +31,7 @@ import msgspec
 
 from tokenfab.cluster.kv_index import KvIndex, prompt_blocks
 from tokenfab.cluster.policies import Decision, ReplicaLoad, RoutingPolicy
+from tokenfab.economics.attribution import RequestCost
 from tokenfab.engine.client import EngineClient, EngineDead
 from tokenfab.engine.ipc import FromCore, StepResult
 from tokenfab.engine.messages import CoreInfo, CoreOutput, CoreRequest
@@ -31,6 +41,11 @@ log = logging.getLogger("tokenfab.cluster")
 PLANNED = 4096
 PLAN_TTL = 10.0
 """Seconds a placement waits for its request to be added (admitted requests are added at once)."""
+RESTART_BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+"""Seconds before restarting a replica after its 1st, 2nd, ... consecutive failure."""
+STABLE_SECONDS = 60.0
+"""A replica up this long has its failure count reset."""
+Factory = Callable[[], EngineClient]
 
 
 class StepCost:
@@ -72,6 +87,12 @@ class Replica:
 
     index: int
     client: EngineClient
+    factory: Factory | None = None
+    """Makes a fresh client for this replica (a restart); None: it cannot be restarted."""
+    state: str = "starting"
+    """starting | running | draining | stopped (drained) | restarting | dead (for good)."""
+    reason: str = ""
+    """Why it last stopped running."""
     waiting_prefill: dict[str, int] = field(default_factory=dict)
     """Sequence id -> its predicted uncached prompt tokens, until its first token comes back."""
     predicted: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -79,7 +100,19 @@ class Replica:
     running: set[str] = field(default_factory=set)
     cost: StepCost = field(default_factory=StepCost)
     routed: int = 0
+    restarts: int = 0
+    failures: int = 0
+    """Consecutive lives that ended in failure (the restart backoff's step)."""
+    migrated_away: int = 0
+    up_since: float = 0.0
+    last_progress: float = 0.0
+    """When it last sent a step, or became busy."""
     _last: EngineStats | None = None
+
+    @property
+    def live(self) -> bool:
+        """Takes new work."""
+        return self.state == "running" and self.client.alive
 
     def load(self) -> ReplicaLoad:
         usd = self.client.info.usd_per_hour if self.client.info is not None else 0.0
@@ -102,35 +135,77 @@ class Replica:
                 stats.cost.busy_seconds - last.cost.busy_seconds,
             )
 
+    def forget_work(self) -> None:
+        self.running.clear()
+        self.waiting_prefill.clear()
+        self.predicted.clear()
+        self._last = None
+
+
+@dataclass(slots=True)
+class Flight:
+    """A sequence in flight, and what the router needs to continue it on another replica."""
+
+    request: CoreRequest
+    """As the front end added it."""
+    replica: Replica
+    generated: list[int] = field(default_factory=list)
+    """Tokens passed on to the front end so far."""
+    carried: RequestCost | None = None
+    """Cost on the replicas it has left."""
+    cost: RequestCost | None = None
+    """Its latest cumulative cost on the current replica."""
+    cached_tokens: int | None = None
+    """Prompt tokens its first replica found cached (what usage reports)."""
+    migrations: int = 0
+
 
 class Router(EngineClient):
-    def __init__(self, clients: list[EngineClient], policy: RoutingPolicy) -> None:
+    def __init__(
+        self,
+        clients: list[EngineClient],
+        policy: RoutingPolicy,
+        factories: list[Factory] | None = None,
+        migration: bool = True,
+        max_migrations: int = 3,
+        hang_timeout: float = 60.0,
+    ) -> None:
         super().__init__()
         if not clients:
             raise ValueError("a router needs at least one replica")
-        self.replicas = [Replica(i, c) for i, c in enumerate(clients)]
+        factories = factories or [None] * len(clients)  # type: ignore[list-item]
+        self.replicas = [Replica(i, c, f) for i, (c, f) in enumerate(zip(clients, factories))]
         self.policy = policy
+        self.migration = migration
+        self.max_migrations = max_migrations
+        self.hang_timeout = hang_timeout
         self.index = KvIndex()
         self.decisions: Counter[str] = Counter()
         """Decisions by reason."""
         self.ttft_seconds = {"predicted": 0.0, "actual": 0.0}
         """Summed over first tokens: the TTFT the kv policy predicted, and the one that came (router to token)."""
+        self.migrations: Counter[str] = Counter()
+        """Sequences moved to another replica, by cause (died, hung, drained), and lost ones (lost)."""
         self._predictions: dict[str, float] = {}
-        self._owner: dict[str, Replica] = {}
+        self._flights: dict[str, Flight] = {}
+        self._parked: list[Flight] = []
+        """Sequences whose replica was lost while no other ran: they continue when one (re)joins."""
         self._planned: OrderedDict[str, tuple[Replica, float, list[int]]] = OrderedDict()
         """Request id -> where `place` decided it runs, when, and its prompt's block hashes (dropped after
         PLAN_TTL: a refused request)."""
-        self._results: asyncio.Queue[tuple[Replica, StepResult] | EngineDead] = asyncio.Queue()
-        self._readers: list[asyncio.Task] = []
+        self._results: asyncio.Queue[tuple[Replica | None, StepResult] | EngineDead] = asyncio.Queue()
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._start_timeout = 600.0
+        self._closing = False
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
     async def start(self, timeout: float = 600.0) -> CoreInfo:
+        self._start_timeout = timeout
         infos = await asyncio.gather(*(r.client.start(timeout) for r in self.replicas))
         for r, info in zip(self.replicas, infos):
-            if info.kv_events_endpoint is not None:
-                self.index.follow(r.index, info.kv_events_endpoint, info.kv_events_replay_endpoint)
-        self._readers = [asyncio.create_task(self._read(r), name=f"replica-{r.index}") for r in self.replicas]
+            self._join(r, r.client, info)
+        self._tasks["watch"] = asyncio.create_task(self._watch(), name="replica-watch")
         first = infos[0]
         self.info = msgspec.structs.replace(
             first,
@@ -142,14 +217,27 @@ class Router(EngineClient):
         )
         return self.info
 
+    def _join(self, r: Replica, client: EngineClient, info: CoreInfo) -> None:
+        """A (re)started replica takes work: its KV index starts from its own events, its stream is read."""
+        r.client, r.state, r.reason = client, "running", ""
+        r.up_since = r.last_progress = time.monotonic()
+        r.forget_work()
+        if info.kv_events_endpoint is not None:
+            self.index.follow(r.index, info.kv_events_endpoint, info.kv_events_replay_endpoint)
+        self._tasks[f"read-{r.index}"] = asyncio.create_task(self._read(r, client), name=f"replica-{r.index}")
+        parked, self._parked = self._parked, []
+        for flight in parked:
+            self._tasks[f"resume-{flight.request.request_id}"] = asyncio.create_task(self._move(flight, "parked"))
+
     @property
     def alive(self) -> bool:
-        return self.dead is None and all(r.client.alive for r in self.replicas)
+        return self.dead is None and any(r.live for r in self.replicas)
 
     async def shutdown(self, timeout: float = 10.0) -> None:
-        await asyncio.gather(*(r.client.shutdown(timeout) for r in self.replicas), return_exceptions=True)
-        for task in self._readers:
+        self._closing = True
+        for task in self._tasks.values():
             task.cancel()
+        await asyncio.gather(*(r.client.shutdown(timeout) for r in self.replicas), return_exceptions=True)
         self.index.close()
 
     # -- routing ------------------------------------------------------------------------------------------------
@@ -184,23 +272,31 @@ class Router(EngineClient):
             prompt = group[0].prompt_token_ids
             plan = self._planned.pop(group_id, None)
             if plan is not None:
+                plan[0].running.discard(group_id)
+                plan[0].waiting_prefill.pop(group_id, None)
+            if plan is not None and plan[0].live:
                 replica, _, blocks = plan
-                replica.running.discard(group_id)
-                uncached = replica.waiting_prefill.pop(group_id, 1)
+                uncached = self._uncached(replica, blocks, len(prompt))
             else:
-                blocks = prompt_blocks(prompt, self._block_size)
+                blocks = plan[2] if plan is not None else prompt_blocks(prompt, self._block_size)
                 replica = self._route(blocks, len(prompt), group_id)
                 uncached = self._uncached(replica, blocks, len(prompt))
             predicted = self._predictions.pop(group_id, None)
             for req in group:
-                self._owner[req.request_id] = replica
+                self._flights[req.request_id] = Flight(req, replica)
                 replica.waiting_prefill[req.request_id] = uncached if req is group[0] else 1
-                replica.running.add(req.request_id)
             if predicted is not None:
                 replica.predicted[group[0].request_id] = (time.monotonic(), predicted)
             replica.routed += len(group)
             self.policy.sent(replica.index, blocks)
-            await replica.client.add(group)
+            await self._send(replica, group)
+
+    async def _send(self, replica: Replica, requests: list[CoreRequest]) -> None:
+        ids = {r.request_id for r in requests}
+        if not any(f.replica is replica and rid not in ids for rid, f in self._flights.items()):
+            replica.last_progress = time.monotonic()  # idle until now: the hang clock starts here
+        replica.running.update(ids)
+        await replica.client.add(requests)
 
     def _uncached(self, replica: Replica, blocks: list[int], prompt_len: int) -> int:
         return max(prompt_len - self._cached(replica, blocks) * self._block_size, 1)
@@ -208,14 +304,22 @@ class Router(EngineClient):
     async def abort(self, request_ids: list[str]) -> None:
         by_replica: dict[int, list[str]] = {}
         for rid in request_ids:
-            replica = self._owner.get(rid)
-            if replica is not None:
+            flight = self._flights.pop(rid, None)
+            if flight is None:
+                continue
+            replica = flight.replica
+            replica.running.discard(rid)
+            replica.waiting_prefill.pop(rid, None)
+            replica.predicted.pop(rid, None)
+            if flight in self._parked:
+                self._parked.remove(flight)
+            elif replica.client.alive:
                 by_replica.setdefault(replica.index, []).append(rid)
         for index, ids in by_replica.items():
             await self.replicas[index].client.abort(ids)
 
-    def _route(self, blocks: list[int], prompt_len: int, request_id: str) -> Replica:
-        live = [r for r in self.replicas if r.client.alive]
+    def _route(self, blocks: list[int], prompt_len: int, request_id: str, avoid: Replica | None = None) -> Replica:
+        live = [r for r in self.replicas if r.live and r is not avoid]
         if not live:
             raise EngineDead("no replica is running")
         if self.policy.uses_kv_index:
@@ -238,39 +342,212 @@ class Router(EngineClient):
     def _block_size(self) -> int:
         return self.info.block_size if self.info is not None else 16
 
+    # -- losing a replica, and continuing its sequences elsewhere -----------------------------------------------
+
+    async def _watch(self) -> None:
+        """Every so often: a replica with work that has not stepped within hang_timeout is hung; it is killed."""
+        while True:
+            await asyncio.sleep(min(1.0, self.hang_timeout / 4))
+            now = time.monotonic()
+            for r in self.replicas:
+                if r.state != "running" or not r.running or now - r.last_progress <= self.hang_timeout:
+                    continue
+                if not any(f.replica is r for f in self._flights.values()):
+                    continue  # only placements not yet added
+                why = f"no step for {now - r.last_progress:.1f} s while it had work"
+                log.warning("replica %d hung (%s): killing it", r.index, why)
+                reader = self._tasks.pop(f"read-{r.index}", None)
+                if reader is not None:
+                    reader.cancel()
+                await self._lost(r, r.client, why, cause="hung")
+
+    async def _read(self, r: Replica, client: EngineClient) -> None:
+        try:
+            async for result in client.results():
+                if r.client is not client:
+                    return
+                r.observe(result.stats)
+                r.last_progress = time.monotonic()
+                self._results.put_nowait((r, result))
+        except EngineDead as e:
+            if r.client is client and r.state in ("running", "draining"):
+                await self._lost(r, client, str(e).splitlines()[0], cause="died")
+
+    async def _lost(self, r: Replica, client: EngineClient, why: str, cause: str) -> None:
+        """The replica stopped serving: its sequences continue elsewhere; it restarts if it can."""
+        r.state, r.reason = "dead", why
+        if time.monotonic() - r.up_since >= STABLE_SECONDS:
+            r.failures = 0
+        r.failures += 1
+        self.index.forget(r.index)
+        log.warning("replica %d lost (%s)", r.index, why)
+        await self._evacuate(r, cause)
+        await client.shutdown(1.0)  # kills what is left of it and releases its sockets
+        if r.factory is not None and not self._closing:
+            r.state = "restarting"
+            self._tasks[f"restart-{r.index}"] = asyncio.create_task(self._restart(r), name=f"restart-{r.index}")
+        elif not any(x.state in ("running", "draining", "restarting", "starting") for x in self.replicas):
+            self.dead = "every replica is gone"
+            for flight in self._parked:
+                self._give_up(flight, self.dead)
+            self._parked.clear()
+            self._results.put_nowait(EngineDead(self.dead))
+
+    async def _evacuate(self, r: Replica, cause: str) -> None:
+        flights = [f for f in self._flights.values() if f.replica is r]
+        r.forget_work()
+        for flight in flights:
+            await self._move(flight, cause)
+
+    async def _move(self, flight: Flight, cause: str) -> None:
+        """Continue a sequence on another replica from its prompt + the tokens passed on so far."""
+        rid = flight.request.request_id
+        if self._flights.get(rid) is not flight:
+            return  # aborted meanwhile
+        old = flight.replica
+        if not self.migration or flight.migrations >= self.max_migrations:
+            why = "migration is off" if not self.migration else f"moved {flight.migrations} times already"
+            self._give_up(flight, f"replica {old.index} was lost ({old.reason}); {why}")
+            return
+        if not any(r.live and r is not old for r in self.replicas):
+            if any(r.state in ("restarting", "starting") for r in self.replicas):
+                self._parked.append(flight)
+                return
+            self._give_up(flight, f"replica {old.index} was lost ({old.reason}) and no other replica runs")
+            return
+        tokens = flight.request.prompt_token_ids + flight.generated
+        blocks = prompt_blocks(tokens, self._block_size)
+        target = self._route(blocks, len(tokens), rid, avoid=old)
+        request = flight.request
+        params = request.params
+        if flight.generated and params.prompt_logprobs is not None:
+            params = dataclasses.replace(params, prompt_logprobs=None)  # already sent with the first token
+        resumed = msgspec.structs.replace(
+            request, params=params, output_token_ids=list(flight.generated), leader_id=None
+        )
+        if flight.cost is not None:
+            flight.carried = _plus(flight.carried, flight.cost)
+            flight.cost = None
+        flight.replica = target
+        flight.migrations += 1
+        old.migrated_away += 1
+        self.migrations[cause] += 1
+        target.routed += 1
+        target.waiting_prefill[rid] = self._uncached(target, blocks, len(tokens))
+        log.info(
+            "sequence %s moved from replica %d to %d after %d tokens (%s)",
+            rid,
+            old.index,
+            target.index,
+            len(flight.generated),
+            cause,
+        )
+        await self._send(target, [resumed])
+
+    def _give_up(self, flight: Flight, why: str) -> None:
+        rid = flight.request.request_id
+        self._flights.pop(rid, None)
+        self.migrations["lost"] += 1
+        self._results.put_nowait(
+            (None, StepResult([CoreOutput(rid, [], finish_reason="abort", lost=why)], self.merged_stats()))
+        )
+
+    async def _restart(self, r: Replica) -> None:
+        assert r.factory is not None
+        while not self._closing:
+            delay = RESTART_BACKOFF[min(r.failures, len(RESTART_BACKOFF)) - 1]
+            log.info("replica %d restarts in %.0f s", r.index, delay)
+            await asyncio.sleep(delay)
+            client = r.factory()
+            try:
+                info = await client.start(self._start_timeout)
+            except Exception as e:  # noqa: BLE001 - a failed start is retried, whatever failed
+                r.failures += 1
+                r.reason = f"restart failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                log.warning("replica %d: %s", r.index, r.reason)
+                await client.shutdown(1.0)
+                continue
+            r.restarts += 1
+            self._join(r, client, info)
+            log.info("replica %d rejoined (restart %d)", r.index, r.restarts)
+            return
+
+    async def drain(self, index: int) -> dict:
+        """Stop sending the replica work, move its sequences to the others and stop it (it stays stopped until
+        `resume`). The last replica taking work cannot be drained."""
+        if not 0 <= index < len(self.replicas):
+            raise KeyError(f"no replica {index}")
+        r = self.replicas[index]
+        if r.state != "running":
+            raise ValueError(f"replica {index} is {r.state}, not running")
+        if not any(x.live and x is not r for x in self.replicas):
+            raise ValueError(f"replica {index} is the last one running; it cannot be drained")
+        r.state, r.reason = "draining", "drained"
+        moved = [f.request.request_id for f in self._flights.values() if f.replica is r]
+        if moved:
+            await r.client.abort(moved)
+        await self._evacuate(r, "drained")
+        reader = self._tasks.pop(f"read-{r.index}", None)
+        if reader is not None:
+            reader.cancel()
+        self.index.forget(r.index)
+        await r.client.shutdown(10.0)
+        r.state = "stopped"
+        return {"id": index, "state": r.state, "moved": len(moved)}
+
+    async def resume(self, index: int) -> dict:
+        """Start a drained replica again (it joins once its model is loaded)."""
+        if not 0 <= index < len(self.replicas):
+            raise KeyError(f"no replica {index}")
+        r = self.replicas[index]
+        if r.state != "stopped" or r.factory is None:
+            raise ValueError(f"replica {index} is {r.state}; only a drained replica can be resumed")
+        r.state, r.failures = "restarting", 0
+        self._tasks[f"restart-{r.index}"] = asyncio.create_task(self._restart(r), name=f"restart-{r.index}")
+        return {"id": index, "state": r.state}
+
     # -- results ------------------------------------------------------------------------------------------------
 
-    async def _read(self, replica: Replica) -> None:
-        try:
-            async for result in replica.client.results():
-                replica.observe(result.stats)
-                self._results.put_nowait((replica, result))
-        except EngineDead as e:
-            self._results.put_nowait(EngineDead(f"replica {replica.index}: {e}"))
-
     async def _next(self) -> FromCore:
-        item = await self._results.get()
-        if isinstance(item, EngineDead):
-            raise item
-        replica, result = item
-        for out in result.outputs:
-            self._settle(replica, out)
-        return StepResult(result.outputs, self.merged_stats())
+        while True:
+            item = await self._results.get()
+            if isinstance(item, EngineDead):
+                raise item
+            replica, result = item
+            if replica is None:
+                return result
+            outputs = [out for out in result.outputs if self._settle(replica, out)]
+            if outputs or not result.outputs:
+                return StepResult(outputs, self.merged_stats())
 
-    def _settle(self, replica: Replica, out: CoreOutput) -> None:
+    def _settle(self, replica: Replica, out: CoreOutput) -> bool:
+        """Account for one output; False for one from a replica its sequence has left (or that was aborted)."""
+        flight = self._flights.get(out.request_id)
+        if flight is None or flight.replica is not replica:
+            return False
         if out.new_token_ids or out.finish_reason is not None:
             replica.waiting_prefill.pop(out.request_id, None)
             sent = replica.predicted.pop(out.request_id, None)
             if sent is not None and out.new_token_ids:
                 self.ttft_seconds["predicted"] += sent[1]
                 self.ttft_seconds["actual"] += time.monotonic() - sent[0]
+            if flight.cached_tokens is None:
+                flight.cached_tokens = out.num_cached_tokens
+        flight.generated.extend(out.new_token_ids)
+        if flight.migrations:
+            out.num_cached_tokens = flight.cached_tokens or 0
+        if out.cost is not None:
+            flight.cost = out.cost
+            if flight.carried is not None:
+                out.cost = _plus(flight.carried, out.cost)
         if out.finish_reason is not None:
             replica.running.discard(out.request_id)
-            self._owner.pop(out.request_id, None)
+            del self._flights[out.request_id]
+        return True
 
     def merged_stats(self) -> EngineStats:
-        """The replicas' latest stats summed (KV usage recomputed from the summed blocks)."""
-        parts = [r.client.stats for r in self.replicas if r.client.stats is not None]
+        """The running replicas' latest stats summed (KV usage recomputed from the summed blocks)."""
+        parts = [r.client.stats for r in self.replicas if r.client.stats is not None and r.client.alive]
         total = _sum_structs(parts)
         used = total.kv.total_blocks - total.kv.free_blocks
         kv = msgspec.structs.replace(total.kv, usage=used / total.kv.total_blocks if total.kv.total_blocks else 0.0)
@@ -279,6 +556,7 @@ class Router(EngineClient):
     def describe(self) -> list[dict]:
         """Per replica: what /replicas shows (the index brought up to the events that have arrived)."""
         self.index.refresh()
+        now = time.monotonic()
         rows = []
         for r in self.replicas:
             info, stats = r.client.info, r.client.stats
@@ -288,11 +566,15 @@ class Router(EngineClient):
                     "host": getattr(r.client, "node", None) or socket.gethostname(),
                     "pid": getattr(r.client, "pid", None),
                     "role": "aggregated",
-                    "state": "running" if r.client.alive else f"dead: {r.client.dead}",
+                    "state": r.state,
+                    "reason": r.reason,
+                    "restarts": r.restarts,
+                    "migrated_away": r.migrated_away,
+                    "last_step_age_s": round(now - r.last_progress, 3) if r.state == "running" else None,
                     "running": len(r.running),
                     "waiting_prefill_tokens": sum(r.waiting_prefill.values()),
                     "routed": r.routed,
-                    "kv_usage": stats.kv.usage if stats is not None else 0.0,
+                    "kv_usage": stats.kv.usage if stats is not None and r.live else 0.0,
                     "cached_blocks": len(self.index.blocks(r.index)),
                     "prefix_hit_rate": stats.prefix_cache.hit_rate if stats is not None else 0.0,
                     "usd_per_hour": info.usd_per_hour if info is not None else 0.0,
@@ -301,6 +583,13 @@ class Router(EngineClient):
                 }
             )
         return rows
+
+
+def _plus(a: RequestCost | None, b: RequestCost) -> RequestCost:
+    total = RequestCost(b.usd, b.joules, b.device_seconds)
+    if a is not None:
+        total.add(a)
+    return total
 
 
 def _sum_structs(parts: list) -> Any:

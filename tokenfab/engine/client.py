@@ -186,9 +186,16 @@ class CoreProcessClient(EngineClient):
 
     async def _next(self) -> FromCore:
         while not await self._from_core.poll(1000):
-            if self._process is not None and not self._process.is_alive():
-                raise EngineDead(f"engine core exited with code {self._process.exitcode}")
+            gone = self._gone()
+            if gone is not None:
+                raise EngineDead(gone)
         return from_core_decoder.decode(await self._from_core.recv())
+
+    def _gone(self) -> str | None:
+        """Why the core has exited, once it has (checked while its socket is quiet)."""
+        if self._process is not None and not self._process.is_alive():
+            return f"engine core exited with code {self._process.exitcode}"
+        return None
 
     @property
     def alive(self) -> bool:
@@ -202,13 +209,14 @@ class CoreProcessClient(EngineClient):
         return self._process.pid if self._process is not None else None
 
     async def shutdown(self, timeout: float = 10.0) -> None:
+        gone = self._gone()  # died before it was asked to stop (and maybe before the reader noticed)
         if self.alive:
             await self._send(Shutdown())
         if self._process is not None and self._process.is_alive():
             await asyncio.to_thread(self._process.join, timeout)
             if self._process.is_alive():
                 self._process.kill()
-        self.dead = self.dead or "shut down"
+        self.dead = self.dead or gone or "shut down"
         self._to_core.close(linger=0 if self._process is not None else 1000)
         self._from_core.close(linger=0)
         self._ctx.term()

@@ -100,9 +100,10 @@ class EngineCore:
         """Queue a sequence; raises ValueError for a prompt the engine can never run."""
         if req.request_id in self.scheduler.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
-        self.validate_prompt(req.prompt_token_ids)
+        self.validate_prompt(req.prompt_token_ids + req.output_token_ids)
         eos = tuple(req.eos_token_ids) if req.eos_token_ids is not None else tuple(self.arch.eos_token_ids)
         request = Request(req.request_id, list(req.prompt_token_ids), req.params, req.arrival, req.priority, eos)
+        request.output_token_ids = list(req.output_token_ids)
         leader = self.scheduler.requests.get(req.leader_id) if req.leader_id else None
         self.grammars.add(request)
         self._costs[req.request_id] = RequestCost()

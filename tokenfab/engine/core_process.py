@@ -58,8 +58,9 @@ def serve_core(core: EngineCore, receive: Receive, send: Send, keep_going: Calla
         if not received and not core.has_unfinished() and not keep_going():
             core.close()
             return
-        outputs = core.step() if core.has_unfinished() else []
-        if outputs or rejected or received:
+        stepped = core.has_unfinished()
+        outputs = core.step() if stepped else []
+        if stepped or rejected or received:  # every step, so a long prefill shows progress too
             send(StepResult(rejected + outputs, core.stats()))
 
 

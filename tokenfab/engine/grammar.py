@@ -62,6 +62,8 @@ class Grammars:
         matcher = llguidance.LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
         if matcher.is_error():
             raise ValueError(f"the grammar cannot be used: {matcher.get_error()}")
+        if request.output_token_ids and not matcher.consume_tokens(request.output_token_ids):
+            raise ValueError(f"the tokens generated so far do not follow the grammar: {matcher.get_error()}")
         self._matchers[request.request_id] = matcher
 
     def prepare(self, scheduled: list[ScheduledRequest]) -> None:

@@ -30,6 +30,10 @@ class CoreRequest(msgspec.Struct, gc=False):
     """A sibling waits until its leader has computed the shared prompt, then reuses its KV blocks."""
     eos_token_ids: list[int] | None = None
     """None: the model's own EOS ids."""
+    output_token_ids: list[int] = []
+    """Tokens this sequence already generated elsewhere (a request migrated from another replica): the core
+    recomputes their KV, counts them as output (max_tokens, min_tokens, penalties, the grammar's state, a seeded
+    request's random stream) and sends only what it generates after them."""
 
 
 class CoreOutput(msgspec.Struct, gc=False):
@@ -50,6 +54,8 @@ class CoreOutput(msgspec.Struct, gc=False):
     """Set when the core refused the request (it is then finished with reason abort)."""
     prompt_logprobs: list[TokenLogprobs] | None = None
     """Sent once, with the sequence's first token, when its params ask for prompt logprobs."""
+    lost: str | None = None
+    """Set by a router when the sequence's replica was lost and it could not continue on another (why)."""
 
 
 class CoreInfo(msgspec.Struct):

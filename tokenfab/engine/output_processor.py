@@ -133,6 +133,11 @@ class OutputProcessor:
         group = self.groups.get(request_id)
         return [c.child_id for c in group.children] if group else []
 
+    def group_of(self, child_id: str) -> str | None:
+        """The request a core sequence belongs to (None once it has finished)."""
+        entry = self._children.get(child_id)
+        return entry[0].request_id if entry is not None else None
+
     def process(self, outputs: list[CoreOutput], now: float) -> tuple[list[RequestOutput], list[str]]:
         """Apply one step's diffs; returns the changed requests' outputs and the sequences to abort in the core
         (those that hit a stop string). Finished groups are forgotten."""

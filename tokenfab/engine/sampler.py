@@ -2,8 +2,9 @@
 
 Order of processing per row: penalties (repetition, presence, frequency), min_tokens suppression of stop ids,
 then greedy argmax, or temperature -> top-k -> top-p -> min-p -> draw. Logprobs are of the raw model distribution
-(before penalties and temperature), as OpenAI reports them. A request with a seed draws its noise from its own
-generator, so its tokens do not depend on what else is in the batch.
+(before penalties and temperature), as OpenAI reports them. A request with a seed draws each output position's
+noise from a generator seeded by (seed, position), so its tokens do not depend on what else is in the batch, nor on
+where its earlier tokens were drawn: a request resumed on another replica continues its own random stream.
 
 A request verifying k draft tokens has k + 1 rows: row j is the distribution after the sequence plus the first j
 drafts, so penalties and min_tokens are applied at row j as if those drafts were already emitted (they are
@@ -90,10 +91,10 @@ class Sampler:
                 logprobs[i] = lp
         return token_list, logprobs
 
-    def _draw(self, logits: torch.Tensor, request: Request) -> int:
+    def _draw(self, logits: torch.Tensor, request: Request, offset: int = 0) -> int:
         probs, candidates = _distribution(logits, request.params)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p and needs one noise vector per step.
-        return race(probs, candidates, self._generator(request))
+        return race(probs, candidates, self._generator(request, offset))
 
     # -- verification of drafts -----------------------------------------------------------------------------------
 
@@ -141,22 +142,31 @@ class Sampler:
             elif j < len(draft):
                 probs, candidates = _distribution(row, p)
                 token, ok = verify_draft(
-                    probs, candidates, draft[j], None if q is None else q[j], self._generator(request)
+                    probs, candidates, draft[j], None if q is None else q[j], self._generator(request, j)
                 )
             else:
-                token, ok = self._draw(row, request), False
+                token, ok = self._draw(row, request, j), False
             if not ok:
                 return draft[:j] + [token], j
         raise AssertionError("unreachable: the last row never accepts")
 
-    def _generator(self, request: Request) -> torch.Generator:
+    def _generator(self, request: Request, offset: int = 0) -> torch.Generator:
+        """The engine's generator, or for a seeded request one seeded for the output position `offset` tokens
+        past what it has emitted."""
         if request.params.seed is None:
             return self.generator
         gen = self._request_generators.get(request.request_id)
         if gen is None:
-            gen = torch.Generator().manual_seed(request.params.seed)
-            self._request_generators[request.request_id] = gen
-        return gen
+            gen = self._request_generators[request.request_id] = torch.Generator()
+        return gen.manual_seed(position_seed(request.params.seed, request.num_output_tokens + offset))
+
+
+def position_seed(seed: int, position: int) -> int:
+    """A 63-bit seed for one output position of a seeded request (splitmix64 of the pair)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (position + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1
 
 
 def _distribution(logits: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -80,11 +80,34 @@ def build_app(state: ServerState) -> FastAPI:
     return app
 
 
+async def _replica_action(state: ServerState, action: str, index: int) -> dict:
+    router = state.router
+    if router is None:
+        raise APIError(
+            400,
+            "this server runs one engine; start it with --replicas N to manage replicas",
+            "invalid_request_error",
+            code="no_replicas",
+        )
+    try:
+        return await (router.drain(index) if action == "drain" else router.resume(index))
+    except KeyError as e:
+        raise APIError(404, str(e.args[0]), "not_found_error", code="replica_not_found") from None
+    except ValueError as e:
+        raise APIError(409, str(e), "invalid_request_error", code="replica_state") from None
+
+
 def _routes(app: FastAPI, state: ServerState) -> None:
-    @app.get("/health", summary="Liveness: 200 while the engine process is alive")
+    @app.get(
+        "/health", summary="Liveness: 200 while an engine core takes work and steps (with replicas: each one's state)"
+    )
     async def health() -> JSONResponse:
-        ok = state.client.alive
-        return JSONResponse({"status": "ok" if ok else "engine_dead"}, status_code=200 if ok else 503)
+        hung = state.client.stalled_for > state.settings.replica_hang_timeout
+        ok = state.client.alive and not hung
+        body: dict = {"status": "ok" if ok else "engine_hung" if hung else "engine_dead"}
+        if state.router is not None:
+            body["replicas"] = [{"id": r["id"], "state": r["state"], "reason": r["reason"]} for r in state.replicas()]
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/ready", summary="Readiness: 200 while requests are admitted (not while draining)")
     async def ready() -> JSONResponse:
@@ -98,6 +121,14 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/replicas")
     async def replicas() -> dict:
         return {"router": state.settings.router if state.router is not None else None, "replicas": state.replicas()}
+
+    @app.post("/replicas/{index}/drain", summary="Move a replica's requests to the others and stop it")
+    async def drain(index: int) -> dict:
+        return await _replica_action(state, "drain", index)
+
+    @app.post("/replicas/{index}/resume", summary="Start a drained replica again")
+    async def resume(index: int) -> dict:
+        return await _replica_action(state, "resume", index)
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> dict:

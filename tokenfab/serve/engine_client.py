@@ -38,6 +38,8 @@ class AsyncEngineClient:
         """Called with the last output (finish reason abort, its cost so far) of a request left unfinished."""
         self._queues: dict[str, asyncio.Queue[RequestOutput | Exception]] = {}
         self._reader: asyncio.Task | None = None
+        self._progress = time.monotonic()
+        """When the core last sent a step, or was given work while idle."""
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -75,6 +77,11 @@ class AsyncEngineClient:
     def num_unfinished(self) -> int:
         return len(self._queues)
 
+    @property
+    def stalled_for(self) -> float:
+        """Seconds the core has had work without sending a step (0 when idle): a hung core's tell."""
+        return time.monotonic() - self._progress if self._queues else 0.0
+
     # -- requests -----------------------------------------------------------------------------------------------
 
     async def generate(
@@ -93,6 +100,8 @@ class AsyncEngineClient:
         core_requests = self.processor.add_group(
             request_id, prompt, prompt_token_ids, params, time.monotonic(), priority
         )
+        if not self._queues:
+            self._progress = time.monotonic()
         self._queues[request_id] = queue
         finished = False
         try:
@@ -123,18 +132,29 @@ class AsyncEngineClient:
     async def _read_outputs(self) -> None:
         try:
             async for result in self.core.results():
+                self._progress = time.monotonic()
                 await self._dispatch(result)
         except EngineDead as e:
             for queue in self._queues.values():
                 queue.put_nowait(e)
 
     async def _dispatch(self, result: StepResult) -> None:
+        # A sequence a router could not continue after losing its replica fails its whole request (503).
+        lost = {
+            group: out.lost
+            for out in result.outputs
+            if out.lost is not None and (group := self.processor.group_of(out.request_id)) is not None
+        }
         outputs, stopped = self.processor.process(result.outputs, time.monotonic())
         if stopped:
             await self.core.abort(stopped)
+        for request_id, why in lost.items():
+            queue = self._queues.get(request_id)
+            if queue is not None:
+                queue.put_nowait(EngineDead(why))
         for out in outputs:
             queue = self._queues.get(out.request_id)
-            if queue is not None:
+            if queue is not None and out.request_id not in lost:
                 queue.put_nowait(out)
         if self.on_step is not None:
             self.on_step(result, outputs)

@@ -218,6 +218,25 @@ class _ReplicaCollector:
         for which, seconds in self._router.ttft_seconds.items():
             ttft.add_metric([self._model, which], seconds)
         yield ttft
+        moved = CounterMetricFamily(
+            "tokenfab:router_migrations",
+            "Sequences moved to another replica by cause (died, hung, drained), and lost ones (cause lost)",
+            labels=["model_name", "cause"],
+        )
+        for cause, count in self._router.migrations.items():
+            moved.add_metric([self._model, cause], float(count))
+        yield moved
+        restarts = CounterMetricFamily(
+            "tokenfab:replica_restarts", "Times the replica was started again", labels=["model_name", "replica"]
+        )
+        up = GaugeMetricFamily(
+            "tokenfab:replica_up", "1 while the replica takes work", labels=["model_name", "replica"]
+        )
+        for row in rows:
+            restarts.add_metric([self._model, str(row["id"])], float(row["restarts"]))
+            up.add_metric([self._model, str(row["id"])], float(row["state"] == "running"))
+        yield restarts
+        yield up
         index = GaugeMetricFamily("tokenfab:router_index_blocks", "Blocks in the router's KV index, all replicas")
         index.add_metric([], float(self._router.index.size()))
         yield index

@@ -1,4 +1,5 @@
-"""`tokenfab serve`: build the state and app, run uvicorn, drain on SIGTERM/SIGINT and exit 0."""
+"""`tokenfab serve`: build the state and app, run uvicorn, drain on SIGTERM/SIGINT and exit 0 (3 if the engine had
+died, 1 if the server never started)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 
 import uvicorn
 
-from tokenfab.cluster.pool import local_router
+from tokenfab.cluster.pool import RouterOptions, local_router
 from tokenfab.config import EngineConfig
 from tokenfab.engine.client import EngineClient, make_engine_client
 from tokenfab.engine.speculative.speculator import check_speculative
@@ -23,6 +24,9 @@ from tokenfab.serve.settings import ServerSettings
 from tokenfab.serve.state import ServerState
 
 log = logging.getLogger("tokenfab.serve")
+ENGINE_DIED = 3
+"""Exit code after serving with an engine that died (every replica, with replicas): a supervisor restarts on it.
+0 is a clean stop, 1 a failed start."""
 
 
 class _DrainingServer(uvicorn.Server):
@@ -49,13 +53,16 @@ def build_state(engine: EngineConfig, settings: ServerSettings) -> ServerState:
     # Both lambdas look the other object up when called, after both exist.
     metrics = ServerMetrics(settings.served_model_name, lambda: client.stats, lambda: client.alive)
     core: EngineClient
+    options = RouterOptions(
+        settings.router, settings.slo_ttft, settings.migration, settings.max_migrations, settings.replica_hang_timeout
+    )
     if settings.ray:
         from tokenfab.cluster.ray_pool import ray_router
 
-        core = ray_router(engine, settings.replicas, settings.router, settings.ray_address, settings.slo_ttft)
+        core = ray_router(engine, settings.replicas, options, settings.ray_address)
         metrics.watch_router(core)
     elif settings.replicas > 1:
-        core = local_router(engine, settings.replicas, settings.router, settings.engine_transport, settings.slo_ttft)
+        core = local_router(engine, settings.replicas, options, settings.engine_transport)
         metrics.watch_router(core)
     else:
         core = make_engine_client(engine, settings.engine_transport, spawn=not settings.external_core)
@@ -86,4 +93,9 @@ def serve(engine: EngineConfig, settings: ServerSettings, log_level: str = "info
     )
     server = _DrainingServer(config, state)
     server.run()
-    return 0 if server.started else 1
+    if not server.started:
+        return 1
+    if state.client.dead not in (None, "shut down"):
+        log.error("exiting with code %d: the engine had died (%s)", ENGINE_DIED, state.client.dead)
+        return ENGINE_DIED
+    return 0

@@ -64,6 +64,14 @@ class ServerSettings:
     """The Ray cluster to join (`auto`: the one `ray start` runs here; default: start a local one)."""
     slo_ttft: float | None = None
     """Seconds to first token the kv router aims for: the cheapest replica predicted to meet it wins."""
+    migration: bool = True
+    """With replicas: a request whose replica dies, hangs or is drained continues on another one (off: it fails
+    with 503)."""
+    max_migrations: int = 3
+    """Times one request may move to another replica before it fails."""
+    replica_hang_timeout: float = 60.0
+    """Seconds an engine core with work may go without finishing a step before it counts as hung: a replica is
+    killed (its requests move, it restarts); a single engine makes /health answer 503."""
     tool_call_parser: str = field(default="auto", metadata={"choices": lambda: PARSERS})
     """How tool calls are written and read: auto (from the chat template), hermes or llama3_json."""
 
@@ -77,6 +85,8 @@ class ServerSettings:
             (self.max_connections >= 1, "max_connections must be >= 1"),
             (self.tokenizer_threads >= 1, "tokenizer_threads must be >= 1"),
             (self.replicas >= 1, "replicas must be >= 1"),
+            (self.max_migrations >= 0, "max_migrations must be >= 0"),
+            (self.replica_hang_timeout > 0, "replica_hang_timeout must be > 0"),
             (self.router in POLICIES, f"router must be one of {', '.join(POLICIES)}"),
             (self.replicas == 1 or not self.external_core, "external_core serves one replica"),
             (self.tool_call_parser in PARSERS, f"tool_call_parser must be one of {', '.join(PARSERS)}"),

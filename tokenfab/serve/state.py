@@ -67,7 +67,8 @@ class ServerState:
         return [
             {
                 "id": 0,
-                "state": "running" if core.alive else f"dead: {core.dead}",
+                "state": "running" if core.alive else "dead",
+                "reason": core.dead or "",
                 "pid": getattr(core, "pid", None),
                 "running": self.client.num_unfinished,
                 "kv_usage": stats.kv.usage if stats is not None else 0.0,

@@ -1,0 +1,154 @@
+"""The router's bookkeeping without engines (fake replicas driven by the test): a sequence whose replica dies
+continues on another from its prompt + the tokens passed on, with its cost carried over and its first replica's
+cached-token count; what the dead replica sent late is dropped; aborted sequences stop counting as load; past
+max_migrations (or with migration off) a sequence is reported lost."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from tokenfab.cluster.policies import LeastLoad
+from tokenfab.cluster.router import Router
+from tokenfab.economics.attribution import RequestCost
+from tokenfab.engine.client import EngineClient, EngineDead
+from tokenfab.engine.ipc import FromCore, StepResult
+from tokenfab.engine.messages import CoreInfo, CoreOutput, CoreRequest
+from tokenfab.engine.stats import CostStats, EngineStats, KVStats, PrefixCacheStats, SchedulerStats, SpecStats
+from tokenfab.engine.types import SamplingParams
+
+INFO = CoreInfo("fake", 1024, 100, 4096, 8, 512, "float32", "modelled", "", 0.1, 0.1)
+
+
+def stats() -> EngineStats:
+    return EngineStats(0.0, SchedulerStats(), KVStats(), PrefixCacheStats(), SpecStats(), CostStats())
+
+
+class Fake(EngineClient):
+    """A replica whose outputs the test sends; `die` ends its stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.added: list[CoreRequest] = []
+        self.aborted: list[str] = []
+        self._queue: asyncio.Queue[FromCore | Exception] = asyncio.Queue()
+        self._dead = False
+
+    async def start(self, timeout: float = 600.0) -> CoreInfo:
+        self.info = INFO
+        return INFO
+
+    async def add(self, requests: list[CoreRequest]) -> None:
+        self.added += requests
+
+    async def abort(self, request_ids: list[str]) -> None:
+        self.aborted += request_ids
+
+    async def _next(self) -> FromCore:
+        item = await self._queue.get()
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    @property
+    def alive(self) -> bool:
+        return not self._dead and self.info is not None
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        self._dead = True
+
+    def send(self, *outputs: CoreOutput) -> None:
+        self._queue.put_nowait(StepResult(list(outputs), stats()))
+
+    def die(self) -> None:
+        self._dead = True
+        self._queue.put_nowait(EngineDead("killed"))
+
+
+def request(rid: str) -> CoreRequest:
+    return CoreRequest(rid, [5, 6, 7, 8], SamplingParams(max_tokens=10, temperature=0), 0.0)
+
+
+async def next_outputs(router: Router) -> list[CoreOutput]:
+    results = router.results()
+    while True:
+        result = await asyncio.wait_for(results.__anext__(), 5)
+        if result.outputs:
+            return result.outputs
+
+
+def make(n: int = 2, **kw) -> tuple[Router, list[Fake]]:
+    fakes = [Fake() for _ in range(n)]
+    return Router(list(fakes), LeastLoad(random.Random(0)), **kw), fakes
+
+
+def test_a_sequence_continues_on_another_replica_with_its_tokens_and_cost():
+    async def go() -> None:
+        router, (a, b) = make()
+        await router.start()
+        await router.add([request("r")])
+        first, other = (a, b) if a.added else (b, a)
+        first.send(CoreOutput("r", [11, 12], num_cached_tokens=4, cost=RequestCost(1.0, 2.0, 3.0)))
+        assert [o.new_token_ids for o in await next_outputs(router)] == [[11, 12]]
+        first.die()
+        await asyncio.sleep(0.05)
+        resumed = other.added[-1]
+        assert (resumed.request_id, resumed.prompt_token_ids, resumed.output_token_ids) == ("r", [5, 6, 7, 8], [11, 12])
+        first.send(CoreOutput("r", [99]))  # late, from the replica it left: dropped
+        other.send(CoreOutput("r", [13], finish_reason="length", num_cached_tokens=6, cost=RequestCost(0.5, 0.5, 0.5)))
+        (out,) = await next_outputs(router)
+        assert out.new_token_ids == [13] and out.num_cached_tokens == 4
+        assert out.cost == RequestCost(1.5, 2.5, 3.5)
+        assert router.migrations["died"] == 1 and [r.state for r in router.replicas].count("dead") == 1
+        assert all(not r.running for r in router.replicas)
+        await router.shutdown()
+
+    asyncio.run(go())
+
+
+def test_aborted_sequences_stop_counting_as_load():
+    async def go() -> None:
+        router, fakes = make()
+        await router.start()
+        await router.add([request(f"r{i}") for i in range(3)])
+        assert sum(len(r.running) for r in router.replicas) == 3
+        await router.abort(["r0", "r1", "r2"])
+        assert sum(len(r.running) for r in router.replicas) == 0
+        assert sorted(sum((f.aborted for f in fakes), [])) == ["r0", "r1", "r2"]
+        await router.shutdown()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("options", [{"migration": False}, {"max_migrations": 0}])
+def test_a_sequence_that_may_not_move_is_reported_lost(options):
+    async def go() -> None:
+        router, (a, b) = make(**options)
+        await router.start()
+        await router.add([request("r")])
+        first = a if a.added else b
+        first.die()
+        (out,) = await next_outputs(router)
+        assert out.finish_reason == "abort" and "replica" in (out.lost or "")
+        assert router.migrations["lost"] == 1 and router.alive  # the other replica still serves
+        await router.shutdown()
+
+    asyncio.run(go())
+
+
+def test_when_the_last_replica_goes_the_router_is_dead():
+    async def go() -> None:
+        router, (a,) = make(1)
+        await router.start()
+        await router.add([request("r")])
+        a.die()
+        (out,) = await next_outputs(router)
+        assert out.lost is not None
+        with pytest.raises(EngineDead):
+            await asyncio.wait_for(router.results().__anext__(), 5)
+        assert not router.alive
+        await router.shutdown()
+
+    asyncio.run(go())
