@@ -142,15 +142,21 @@ def markdown(doc: dict) -> str:
             f"{r['texts_equal']} / {r['texts_checked']} | {r['hit_completed']} / {r['hit_lost']} | "
             f"{_s(r['added_latency_p50_s'])} / {_s(r['added_latency_p99_s'])} | "
             f"{_s(s['stop_to_hang_noticed'])} (timeout {r['hang_timeout_s']:g} s) | {_s(s['kill_to_restarted'])} | "
-            f"{_s(s['drain'])} ({r['drain_reply'].get('moved', 0)} moved) |"
+            f"{_s(s['drain'])} ({_drained(r['drain_reply'])}) |"
         )
     base = doc["runs"][0]
     lines += [
         "",
         f"Fault-free latency p50: {_s(base['baseline_latency_p50_s'])} per request. A hit request's added latency is "
-        "its end-to-end time minus its kind's fault-free median.",
+        "its end-to-end time minus its kind's fault-free median; that median was measured with three one-thread "
+        "replicas sharing 2 cores, so requests that ran while a replica was down (fewer sharing the cores) can come "
+        "out faster than it (negative). Drained with migration off, a replica's requests finish where they are.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _drained(reply: dict) -> str:
+    return f"{reply['moved']} moved" if "moved" in reply else f"{reply.get('finished', 0)} finished there"
 
 
 def _s(x: float | None) -> str:

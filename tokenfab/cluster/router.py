@@ -473,8 +473,8 @@ class Router(EngineClient):
             return
 
     async def drain(self, index: int) -> dict:
-        """Stop sending the replica work, move its sequences to the others and stop it (it stays stopped until
-        `resume`). The last replica taking work cannot be drained."""
+        """Stop sending the replica work, move its sequences to the others (with migration off: let them finish
+        there) and stop it; it stays stopped until `resume`. The last replica taking work cannot be drained."""
         if not 0 <= index < len(self.replicas):
             raise KeyError(f"no replica {index}")
         r = self.replicas[index]
@@ -483,17 +483,21 @@ class Router(EngineClient):
         if not any(x.live and x is not r for x in self.replicas):
             raise ValueError(f"replica {index} is the last one running; it cannot be drained")
         r.state, r.reason = "draining", "drained"
-        moved = [f.request.request_id for f in self._flights.values() if f.replica is r]
-        if moved:
-            await r.client.abort(moved)
-        await self._evacuate(r, "drained")
+        held = [f.request.request_id for f in self._flights.values() if f.replica is r]
+        if self.migration:
+            if held:
+                await r.client.abort(held)
+            await self._evacuate(r, "drained")
+        else:
+            while r.client.alive and any(f.replica is r for f in self._flights.values()):
+                await asyncio.sleep(0.05)
         reader = self._tasks.pop(f"read-{r.index}", None)
         if reader is not None:
             reader.cancel()
         self.index.forget(r.index)
         await r.client.shutdown(10.0)
         r.state = "stopped"
-        return {"id": index, "state": r.state, "moved": len(moved)}
+        return {"id": index, "state": r.state, "moved" if self.migration else "finished": len(held)}
 
     async def resume(self, index: int) -> dict:
         """Start a drained replica again (it joins once its model is loaded)."""
