@@ -68,7 +68,7 @@ def test_kill_hang_and_drain_under_load_lose_nothing(model_path, expected):
         assert again.status_code == 409 and again.json()["error"]["code"] == "replica_state"
         assert httpx.post(f"{server.url}/replicas/7/drain", timeout=10).status_code == 404
         assert httpx.post(f"{server.url}/replicas/{d}/resume", timeout=10).status_code == 200
-        wait_for(server.url, lambda rows: rows[d]["state"] == "running", f"replica {d} to resume")
+        wait_for(server.url, lambda rows: rows[d]["state"] == "running", f"replica {d} to resume", timeout=20)
         health = httpx.get(f"{server.url}/health").json()
         assert health["status"] == "ok" and [r["state"] for r in health["replicas"]] == ["running"] * 3
     finally:

@@ -348,18 +348,24 @@ class Router(EngineClient):
         """Every so often: a replica with work that has not stepped within hang_timeout is hung; it is killed."""
         while True:
             await asyncio.sleep(min(1.0, self.hang_timeout / 4))
-            now = time.monotonic()
-            for r in self.replicas:
-                if r.state != "running" or not r.running or now - r.last_progress <= self.hang_timeout:
-                    continue
-                if not any(f.replica is r for f in self._flights.values()):
-                    continue  # only placements not yet added
-                why = f"no step for {now - r.last_progress:.1f} s while it had work"
-                log.warning("replica %d hung (%s): killing it", r.index, why)
-                reader = self._tasks.pop(f"read-{r.index}", None)
-                if reader is not None:
-                    reader.cancel()
-                await self._lost(r, r.client, why, cause="hung")
+            try:
+                await self._kill_hung()
+            except Exception:  # noqa: BLE001 - the watch must outlive one failed round
+                log.exception("replica watch")
+
+    async def _kill_hung(self) -> None:
+        now = time.monotonic()
+        for r in self.replicas:
+            if r.state != "running" or not r.running or now - r.last_progress <= self.hang_timeout:
+                continue
+            if not any(f.replica is r for f in self._flights.values()):
+                continue  # only placements not yet added
+            why = f"no step for {now - r.last_progress:.1f} s while it had work"
+            log.warning("replica %d hung (%s): killing it", r.index, why)
+            reader = self._tasks.pop(f"read-{r.index}", None)
+            if reader is not None:
+                reader.cancel()
+            await self._lost(r, r.client, why, cause="hung")
 
     async def _read(self, r: Replica, client: EngineClient) -> None:
         try:
@@ -455,7 +461,7 @@ class Router(EngineClient):
     async def _restart(self, r: Replica) -> None:
         assert r.factory is not None
         while not self._closing:
-            delay = RESTART_BACKOFF[min(r.failures, len(RESTART_BACKOFF)) - 1]
+            delay = RESTART_BACKOFF[min(r.failures, len(RESTART_BACKOFF)) - 1] if r.failures else 0.0
             log.info("replica %d restarts in %.0f s", r.index, delay)
             await asyncio.sleep(delay)
             client = r.factory()
