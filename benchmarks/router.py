@@ -6,7 +6,8 @@ and on random 1024/128 (no reuse).
 
 Every configuration has this machine's cores and KV budget in total (2 replicas: 1 thread and half the KV memory
 each). The load is `tokenfab bench serve` (closed loop). Writes router-<date>.json and .md under
-benchmarks/reports: prefix-cache hit rate, TTFT p50/p99, TPOT p50, output tok/s, $/Mtok, and the targets' ratios.
+benchmarks/reports: prefix-cache hit rate, TTFT p50/p99, TPOT p50, output tok/s, $/Mtok, and the targets' ratios;
+and router-<date>.png (`--replot JSON` redraws it from a report).
 """
 
 from __future__ import annotations
@@ -94,7 +95,11 @@ def main() -> None:
         default=REPO / "benchmarks" / "reports" / f"router-{date.today()}",
         help="path of the report, without suffix (.json and .md are written)",
     )
+    ap.add_argument("--replot", type=Path, help="only redraw the plot of this report's JSON")
     args = ap.parse_args()
+    if args.replot is not None:
+        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs.split(","):
@@ -138,7 +143,44 @@ def main() -> None:
     out = args.out
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     out.with_suffix(".md").write_text(markdown(doc))
+    plot(doc, out.with_suffix(".png"))
     print(markdown(doc))
+
+
+def plot(doc: dict, path: Path) -> None:
+    """Per workload (rows): prefix hit rate, TTFT p50 / p99 and output tok/s of each configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r["workload"] for r in doc["rows"]))
+    fig, axes = plt.subplots(len(workloads), 3, figsize=(15, 3.6 * len(workloads)), squeeze=False)
+    for row_axes, workload in zip(axes, workloads):
+        rows = [r for r in doc["rows"] if r["workload"] == workload]
+        names = [r["config"].replace("2 replicas: ", "2x ") for r in rows]
+        colors = ["#d62728" if "kv" in n else "#7f7f7f" if "1 replica" in n else "#1f77b4" for n in names]
+        panels = [
+            ("prefix hit rate", [r["prefix_cache_hit_rate"] or 0 for r in rows], None),
+            (
+                "TTFT p50 (bar) / p99 (tick), ms",
+                [r["ttft_p50"] * 1e3 for r in rows],
+                [r["ttft_p99"] * 1e3 for r in rows],
+            ),
+            ("output tok/s", [r["output_tok_s"] for r in rows], None),
+        ]
+        for ax, (title, values, ticks) in zip(row_axes, panels):
+            ax.bar(names, values, color=colors)
+            if ticks is not None:
+                ax.scatter(names, ticks, marker="_", s=400, color="black")
+            if title == "prefix hit rate":
+                ax.set_ylim(0, 1)
+            ax.set_title(f"{workload}: {title}", fontsize=10)
+            ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.suptitle(f"Replicas behind the router ({doc['machine']['cpu']}, Gemma 3 270M, 2 threads in total)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def markdown(doc: dict) -> str:

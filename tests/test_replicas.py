@@ -1,7 +1,7 @@
 """`tokenfab serve --replicas 2` (tiny model, two engine-core processes behind the router): the same greedy tokens
-as one engine whichever replica serves; every response names its replica; a shared system prompt across 32
-sessions spreads over both replicas while each session's next turn goes where its own prefix lives; the router's
-KV index equals what the replicas hold."""
+as one engine whichever replica serves; every response names its replica; a shared 1,000-token system prompt
+across 32 sessions spreads over both replicas while each session's next turn goes where its own prefix lives; the
+router's KV index equals what the replicas hold, also when it missed events."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ import openai
 import pytest
 
 from live_server import LiveServer
+from tiny_models import write_tiny_model
 from tokenfab import LLM, SamplingParams
 from tokenfab.cluster.kv_index import KvIndex, prompt_blocks
 from tokenfab.engine.engine import LLMEngine
 
-SYSTEM = " ".join(f"w{5 + i % 400}" for i in range(320))
-"""A shared 320-token system prompt (20 blocks)."""
+SYSTEM = " ".join(f"w{5 + i % 400}" for i in range(1000))
+"""A shared 1,000-token system prompt (62 full blocks)."""
 
 
 def session_prompt(session: int, turn: int) -> str:
@@ -27,8 +28,8 @@ def session_prompt(session: int, turn: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def model_path(tiny_model):
-    return tiny_model("llama")
+def model_path(tmp_path_factory):
+    return write_tiny_model("llama", tmp_path_factory.mktemp("llama-2k"), max_position_embeddings=2048)
 
 
 @pytest.fixture(scope="module")
@@ -97,28 +98,37 @@ def test_a_shared_prompt_spreads_and_sessions_stay_where_their_prefix_is(server)
     first = asyncio.run(_turn(server.url, 0, 32, concurrency=32))
     assert min(first.count("0"), first.count("1")) >= 8, first  # no herding onto the replica holding SYSTEM
     listed = _settled_index(server.url)
-    assert all(r["cached_blocks"] > 20 for r in listed)
+    assert all(r["cached_blocks"] > 62 for r in listed)  # the system prompt and sessions' own blocks
     second = asyncio.run(_turn(server.url, 1, 32, concurrency=2))
     assert second == first
 
 
-def test_the_index_equals_what_the_replicas_hold(model_path, tmp_path):
+@pytest.mark.parametrize("late", [False, True], ids=["from-the-start", "missed-events"])
+def test_the_index_equals_what_the_replicas_hold(model_path, tmp_path, late):
     """Two engines publishing KV events, a random workload with evictions: the index built from the events alone
-    names exactly the blocks each engine's prefix cache holds."""
+    names exactly the blocks each engine's prefix cache holds — also when it followed the engines only after half
+    the workload (every batch it missed is fetched from the engines' replay sockets)."""
     import random
 
     from tokenfab.config import EngineConfig
 
-    engines, index = [], KvIndex()
+    engines, index, sockets = [], KvIndex(), []
     for i in range(2):
         endpoint, replay = f"ipc://{tmp_path}/kv-{i}", f"ipc://{tmp_path}/kv-{i}-replay"
         config = EngineConfig(model=str(model_path), dtype="float32", num_threads=1, kv_cache_memory_gb=0.0003,
                               max_model_len=256, kv_events_endpoint=endpoint, kv_events_replay_endpoint=replay)
         engines.append(LLMEngine(config))
-        index.follow(i, endpoint, replay)
+        sockets.append((i, endpoint, replay))
+    if not late:
+        for args in sockets:
+            index.follow(*args)
     rng = random.Random(3)
     shared = [rng.randrange(5, 500) for _ in range(48)]
-    for _ in range(30):
+    for n in range(30):
+        if late and n == 15:
+            for args in sockets:
+                index.follow(*args)
+            time.sleep(0.2)  # subscribed before the next batch is published
         engine = engines[rng.randrange(2)]
         prompt = shared[: rng.choice([0, 16, 48])] + [rng.randrange(5, 500) for _ in range(rng.randrange(8, 80))]
         engine.add_request(prompt, SamplingParams(max_tokens=rng.randrange(1, 12), temperature=0, ignore_eos=True))
@@ -132,24 +142,38 @@ def test_the_index_equals_what_the_replicas_hold(model_path, tmp_path):
         index.refresh()
         time.sleep(0.05)
     assert [index.blocks(i) for i in range(2)] == truth and all(truth)
+    assert (index.replayed > 0) == late
     for i in range(2):
         held = prompt_blocks(shared, 16)
         leading = next((k for k, h in enumerate(held) if h not in truth[i]), len(held))
         assert index.overlap(i, held) == leading
+    index.close()
 
 
 def test_replicas_on_ray_answer_through_the_openai_client(model_path):
+    """Two replicas on a simulated two-node Ray cluster (Ray's own test utility: two raylets here, one CPU each):
+    one replica per node, the single-engine tokens through the openai client."""
     pytest.importorskip("ray")
-    live = LiveServer(model_path, "--replicas", "2", "--ray", startup_timeout=300)
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
-        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
-        prompts = ["w5 w6 w7", "w9 w10 w11 w12"]
-        resp = client.completions.create(model="tiny", prompt=prompts, max_tokens=8, temperature=0,
-                                         extra_body={"ignore_eos": True})
-        listed = httpx.get(f"{live.url}/replicas").json()["replicas"]
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        live = LiveServer(model_path, "--replicas", "2", "--ray", "--ray-address", cluster.address,
+                          startup_timeout=300)
+        try:
+            client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+            prompts = ["w5 w6 w7", "w9 w10 w11 w12"]
+            resp = client.completions.create(model="tiny", prompt=prompts, max_tokens=8, temperature=0,
+                                             extra_body={"ignore_eos": True})
+            listed = httpx.get(f"{live.url}/replicas").json()["replicas"]
+        finally:
+            assert live.stop() == 0
     finally:
-        assert live.stop() == 0
+        cluster.shutdown()
     offline = LLM(str(model_path), num_threads=1, kv_cache_memory_gb=0.05)
     expected = offline.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     assert [c.text for c in resp.choices] == [o.outputs[0].text for o in expected]
     assert len(listed) == 2 and all(r["state"] == "running" and r["pid"] for r in listed)
+    assert len({r["ray_node_id"] for r in listed}) == 2  # spread: one replica per node

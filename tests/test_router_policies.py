@@ -78,3 +78,24 @@ def test_step_cost_separates_a_steps_overhead_from_its_tokens():
     assert cost.per_token == pytest.approx(0.0004, rel=0.05) and cost.overhead == pytest.approx(0.056, rel=0.05)
     cost.observe(0, 0, 0.0)  # no step: nothing learned
     assert cost.per_token == pytest.approx(0.0004, rel=0.05)
+
+
+def test_kv_keeps_a_cheap_replica_whose_decode_would_miss_the_tpot_slo_out():
+    """The cheaper replica runs 6 sequences: its next decode step (with this one) is 0.002 + 7 x 0.002 s, past a
+    10 ms TPOT SLO, so the dearer idle one wins; with a looser SLO the cheap one does."""
+    replicas = loads((6, 0, 0), (0, 0, 0))
+    for r in replicas:
+        r.step_seconds = 0.002
+    replicas[0].usd_per_hour, replicas[1].usd_per_hour = 0.5, 2.0
+    assert KvAware(random.Random(0), slo_tpot=0.01).choose([], 100, 16, replicas).replica == 1
+    assert KvAware(random.Random(0), slo_tpot=0.05).choose([], 100, 16, replicas).replica == 0
+    assert make_policy("kv", slo_ttft=1.0, slo_tpot=0.01).choose([], 100, 16, replicas).replica == 1
+
+
+def test_the_ladder_has_replica_rungs_round_robin_then_kv():
+    from tokenfab.bench.ladder import rungs
+
+    *before, rr, kv = rungs((1, 4), "none", replicas=2)
+    assert before == rungs((1, 4))
+    assert rr.flags == (*before[-1].flags, "--replicas", "2", "--router", "round-robin")
+    assert kv.flags == (*before[-1].flags, "--replicas", "2", "--router", "kv")

@@ -42,12 +42,13 @@ def _tokenizer_json(vocab: int) -> dict:
     }
 
 
-def write_tiny_model(kind: str, directory: Path, seed: int = 0) -> Path:
-    """Random-weight checkpoint of one architecture, in HF layout, loadable by transformers and tokenfab."""
+def write_tiny_model(kind: str, directory: Path, seed: int = 0, **overrides) -> Path:
+    """Random-weight checkpoint of one architecture, in HF layout, loadable by transformers and tokenfab
+    (`overrides`: config fields to change, e.g. max_position_embeddings)."""
     import transformers
 
     cfg = dict(_CONFIGS[kind], vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-               torch_dtype="float32")
+               torch_dtype="float32", **overrides)
     config = transformers.AutoConfig.for_model(**cfg)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)

@@ -45,6 +45,13 @@ def add_parser(sub) -> None:
         choices=["none", "fp8", "int8", "int4", "nvfp4"],
         help="weight format of the last rung, on top of prefix caching ('none': no such rung)",
     )
+    lad.add_argument(
+        "--replicas",
+        type=int,
+        default=2,
+        help="the replica rungs (round-robin, then KV-aware routing) split the machine into this many (1: none)",
+    )
+    lad.add_argument("--rungs", default=None, help="run only these rungs (comma-separated numbers from 1)")
     lad.set_defaults(func=_ladder, slo_ttft=5.0, slo_tpot=0.25)
 
 

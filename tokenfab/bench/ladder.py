@@ -32,8 +32,10 @@ class Rung:
     """None: the ladder's concurrency list."""
 
 
-def rungs(concurrencies: tuple[int, ...], quantization: str = "none") -> list[Rung]:
-    """quantization: the weight format of the last rung ('none' leaves that rung out)."""
+def rungs(concurrencies: tuple[int, ...], quantization: str = "none", replicas: int = 1) -> list[Rung]:
+    """quantization: the weight format of its rung ('none' leaves that rung out); replicas > 1: two more rungs, the
+    machine split into that many replicas behind round-robin, then behind the KV-aware router (same cores, same
+    KV memory in total, same price)."""
     top = max(concurrencies)
     out = [
         Rung("naive: one request at a time, no prefix cache", ("--no-enable-prefix-caching",), 1, (1,)),
@@ -44,6 +46,10 @@ def rungs(concurrencies: tuple[int, ...], quantization: str = "none") -> list[Ru
     if quantization != "none":
         # The rungs compound: the last keeps everything above it.
         out.append(Rung(f"+ {quantization} weights", (*out[-1].flags, "--quantization", quantization), top))
+    if replicas > 1:
+        split = (*out[-1].flags, "--replicas", str(replicas))
+        out.append(Rung(f"{replicas} replicas, round-robin", (*split, "--router", "round-robin"), top))
+        out.append(Rung("+ KV-aware routing", (*split, "--router", "kv"), top))
     return out
 
 
@@ -79,7 +85,10 @@ def main(args: argparse.Namespace) -> int:
     doc["kind"] = "tokenfab-bench-ladder"
     out = args.out / "ladder.json"
     entries: list[tuple[Rung, dict]] = []
-    for rung in rungs(concurrencies, args.quantization):
+    chosen = rungs(concurrencies, args.quantization, args.replicas)
+    if args.rungs:
+        chosen = [chosen[int(i) - 1] for i in args.rungs.split(",")]
+    for rung in chosen:
         rung_config = config if rung.concurrencies is None else replace(config, points=list(rung.concurrencies))
         port = free_port()
         extra = list(rung.flags) + (["--model", args.model] if args.model else [])

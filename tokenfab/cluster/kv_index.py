@@ -9,6 +9,7 @@ socket); `refresh` applies whatever has arrived. A block counts for routing when
 from __future__ import annotations
 
 import logging
+import time
 
 from tokenfab.engine.block_hash import block_hashes, external_hash
 from tokenfab.engine.kv_events import BlockStored, KVEventSubscriber
@@ -22,22 +23,34 @@ def prompt_blocks(token_ids: list[int], block_size: int) -> list[int]:
 
 
 class KvIndex:
-    def __init__(self) -> None:
+    def __init__(self, receive_hwm: int | None = None) -> None:
         self._subscribers: dict[int, KVEventSubscriber] = {}
         self._full: set[int | None] = set()
         """Group indices the events describe as full-attention groups."""
+        self._receive_hwm = receive_hwm
         self.resyncs = 0
         """Times a replica's batches were lost beyond its replay buffer (its blocks were then read again)."""
+        self.lag: dict[int, float] = {}
+        """Per replica: seconds between its last applied batch's publication and when the index applied it."""
+        self._replayed_before = 0
+        """Batches recovered by replay from subscribers since forgotten."""
 
     def follow(self, replica: int, endpoint: str, replay_endpoint: str | None, topic: str = "kv-events") -> None:
         """Index the replica from its publisher's events (a restarted replica starts again from nothing)."""
         self.forget(replica)
-        self._subscribers[replica] = KVEventSubscriber(endpoint, replay_endpoint, topic)
+        self._subscribers[replica] = KVEventSubscriber(endpoint, replay_endpoint, topic, self._receive_hwm)
+
+    @property
+    def replayed(self) -> int:
+        """Batches that were missed live and fetched from a replica's replay socket."""
+        return self._replayed_before + sum(s.replayed for s in self._subscribers.values())
 
     def forget(self, replica: int) -> None:
         """The replica is gone: none of its blocks count any more."""
         subscriber = self._subscribers.pop(replica, None)
+        self.lag.pop(replica, None)
         if subscriber is not None:
+            self._replayed_before += subscriber.replayed
             subscriber.close()
 
     def refresh(self) -> None:
@@ -51,6 +64,8 @@ class KvIndex:
                 subscriber.last_seq = -1
                 self.resyncs += 1
                 batches = subscriber.batches(0, catch_up=True)
+            if batches:
+                self.lag[replica] = max(time.time() - batches[-1][1].ts, 0.0)
             for _, batch in batches:
                 for event in batch.events:
                     if isinstance(event, BlockStored) and event.kv_cache_spec_kind != "sliding_window":

@@ -8,11 +8,11 @@
   weighed against the work already waiting there. Among the replicas not far busier than the least busy one, each
   one's predicted time to first token = a step's fixed time + (its queued prefill tokens + this prompt's uncached
   tokens) / its prefill rate (both fitted from its own step stats) + its decode load, plus the prefill time of the
-  cached blocks it would give up (held twice and split from the session's next turn); the lowest wins. With a TTFT
-  SLO, the cheapest replica ($/hour) predicted to meet it wins; where no replica holds any of the prompt, the least
-  loaded wins. Work the router has sent and a replica has not yet started counts as queued, and the load bound
-  keeps a burst sharing one prompt from herding onto the replica that holds it. Ties go to the least loaded, then
-  at random.
+  cached blocks it would give up (held twice and split from the session's next turn); the lowest wins. With SLOs
+  (TTFT; TPOT, predicted as its decode step with this sequence added), the cheapest replica ($/hour) predicted to
+  meet them wins; without, where no replica holds any of the prompt, the least loaded wins. Work the router has
+  sent and a replica has not yet started counts as queued, and the load bound keeps a burst sharing one prompt from
+  herding onto the replica that holds it. Ties go to the least loaded, then at random.
 """
 
 from __future__ import annotations
@@ -126,9 +126,10 @@ class KvAware(RoutingPolicy):
     name = "kv"
     uses_kv_index = True
 
-    def __init__(self, rng: random.Random, slo_ttft: float | None = None) -> None:
+    def __init__(self, rng: random.Random, slo_ttft: float | None = None, slo_tpot: float | None = None) -> None:
         self._rng = rng
         self.slo_ttft = slo_ttft
+        self.slo_tpot = slo_tpot
 
     def choose(self, blocks: list[int], prompt_tokens: int, block_size: int, loads: list[ReplicaLoad]) -> Decision:
         def ttft(r: ReplicaLoad) -> float:
@@ -139,19 +140,29 @@ class KvAware(RoutingPolicy):
                 + r.running * r.decode_seconds_per_seq
             )
 
+        def tpot(r: ReplicaLoad) -> float:
+            """Its decode step once this sequence joins the ones running there."""
+            return r.step_seconds + (r.running + 1) * r.decode_seconds_per_seq
+
         predicted = {r.index: ttft(r) for r in loads}
         # A replica running far more than the least busy one is not a candidate, whatever it has cached: the
         # cache credit alone would pile a burst sharing one prompt onto one replica and leave the others idle.
         least = min(r.running for r in loads)
         candidates = [r for r in loads if r.running <= max(least * BALANCE_REL, least + BALANCE_ABS)]
         reason = "fastest"
-        if not any(r.cached_blocks for r in candidates) and self.slo_ttft is None:
+        slo = self.slo_ttft is not None or self.slo_tpot is not None
+        if not any(r.cached_blocks for r in candidates) and not slo:
             # Nothing to reuse anywhere: the predictions differ only by load, which least-load weighs directly
             # (running sequences slow every later token, which a TTFT prediction does not see).
             pick = least_loaded(candidates, self._rng)
             return Decision(pick.index, "no cached prefix: load", predicted[pick.index])
-        if self.slo_ttft is not None:
-            meeting = [r for r in candidates if predicted[r.index] <= self.slo_ttft]
+        if slo:
+            meeting = [
+                r
+                for r in candidates
+                if (self.slo_ttft is None or predicted[r.index] <= self.slo_ttft)
+                and (self.slo_tpot is None or tpot(r) <= self.slo_tpot)
+            ]
             if meeting:
                 cheapest = min(r.usd_per_hour for r in meeting)
                 candidates, reason = [r for r in meeting if r.usd_per_hour == cheapest], "cheapest within the SLO"
@@ -178,8 +189,10 @@ BALANCE_REL, BALANCE_ABS = 2.0, 8
 POLICIES: dict[str, type[RoutingPolicy]] = {p.name: p for p in (KvAware, RoundRobin, LeastLoad, Prefix)}
 
 
-def make_policy(name: str, seed: int = 0, slo_ttft: float | None = None) -> RoutingPolicy:
+def make_policy(
+    name: str, seed: int = 0, slo_ttft: float | None = None, slo_tpot: float | None = None
+) -> RoutingPolicy:
     if name not in POLICIES:
         raise ValueError(f"unknown router policy {name!r}: expected one of {', '.join(POLICIES)}")
     rng = random.Random(seed)
-    return KvAware(rng, slo_ttft) if name == "kv" else POLICIES[name](rng)  # type: ignore[call-arg]
+    return KvAware(rng, slo_ttft, slo_tpot) if name == "kv" else POLICIES[name](rng)  # type: ignore[call-arg]

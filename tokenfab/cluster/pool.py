@@ -41,6 +41,7 @@ class RouterOptions:
 
     policy: str = "kv"
     slo_ttft: float | None = None
+    slo_tpot: float | None = None
     migration: bool = True
     max_migrations: int = 3
     hang_timeout: float = 60.0
@@ -48,7 +49,7 @@ class RouterOptions:
     def router(self, factories: list[Factory]) -> Router:
         return Router(
             [make() for make in factories],
-            make_policy(self.policy, slo_ttft=self.slo_ttft),
+            make_policy(self.policy, slo_ttft=self.slo_ttft, slo_tpot=self.slo_tpot),
             factories,
             migration=self.migration,
             max_migrations=self.max_migrations,

@@ -20,10 +20,10 @@ from tokenfab.engine.client import CoreProcessClient
 class _CoreActor:
     """Runs one engine core inside a Ray actor, connected to the front end's two sockets."""
 
-    def node(self) -> tuple[str, int]:
+    def node(self) -> tuple[str, int, str]:
         import ray
 
-        return ray.util.get_node_ip_address(), os.getpid()
+        return ray.util.get_node_ip_address(), os.getpid(), ray.get_runtime_context().get_node_id()
 
     def run(self, config: EngineConfig, to_core: str, from_core: str) -> None:
         import ray
@@ -47,6 +47,8 @@ class RayReplicaClient(CoreProcessClient):
         self._actor: Any = None
         self._run: Any = None
         self.node: str | None = None
+        self.node_id: str | None = None
+        """The Ray node it runs on."""
         self._pid: int | None = None
 
     async def start(self, timeout: float = 600.0) -> Any:
@@ -54,7 +56,7 @@ class RayReplicaClient(CoreProcessClient):
 
         actor_class = ray.remote(_CoreActor)
         self._actor = actor_class.options(**self._actor_options).remote()
-        self.node, self._pid = await asyncio.to_thread(ray.get, self._actor.node.remote())
+        self.node, self._pid, self.node_id = await asyncio.to_thread(ray.get, self._actor.node.remote())
         self._run = self._actor.run.remote(self.config, self.addresses.to_core, self.addresses.from_core)
         return await super().start(timeout)
 

@@ -237,9 +237,28 @@ class _ReplicaCollector:
             up.add_metric([self._model, str(row["id"])], float(row["state"] == "running"))
         yield restarts
         yield up
+        lag = GaugeMetricFamily(
+            "tokenfab:router_kv_event_lag_seconds",
+            "Age of the replica's last KV event batch when the router's index applied it",
+            labels=["model_name", "replica"],
+        )
+        for row in rows:
+            if row["kv_event_lag_s"] is not None:
+                lag.add_metric([self._model, str(row["id"])], row["kv_event_lag_s"])
+        yield lag
         index = GaugeMetricFamily("tokenfab:router_index_blocks", "Blocks in the router's KV index, all replicas")
         index.add_metric([], float(self._router.index.size()))
         yield index
+        replayed = CounterMetricFamily(
+            "tokenfab:router_kv_events_replayed", "KV event batches missed live and fetched from a replica's replay"
+        )
+        replayed.add_metric([], float(self._router.index.replayed))
+        yield replayed
+        resyncs = CounterMetricFamily(
+            "tokenfab:router_index_resyncs", "Times a replica's events were lost beyond its replay buffer"
+        )
+        resyncs.add_metric([], float(self._router.index.resyncs))
+        yield resyncs
 
 
 class _EngineCollector:

@@ -54,7 +54,12 @@ def build_state(engine: EngineConfig, settings: ServerSettings) -> ServerState:
     metrics = ServerMetrics(settings.served_model_name, lambda: client.stats, lambda: client.alive)
     core: EngineClient
     options = RouterOptions(
-        settings.router, settings.slo_ttft, settings.migration, settings.max_migrations, settings.replica_hang_timeout
+        settings.router,
+        settings.slo_ttft,
+        settings.slo_tpot,
+        settings.migration,
+        settings.max_migrations,
+        settings.replica_hang_timeout,
     )
     if settings.ray:
         from tokenfab.cluster.ray_pool import ray_router

@@ -63,7 +63,9 @@ class ServerSettings:
     ray_address: str | None = None
     """The Ray cluster to join (`auto`: the one `ray start` runs here; default: start a local one)."""
     slo_ttft: float | None = None
-    """Seconds to first token the kv router aims for: the cheapest replica predicted to meet it wins."""
+    """Seconds to first token the kv router aims for: the cheapest replica predicted to meet the SLOs wins."""
+    slo_tpot: float | None = None
+    """Seconds per output token the kv router aims for (a replica's decode step with the request added)."""
     migration: bool = True
     """With replicas: a request whose replica dies, hangs or is drained continues on another one (off: it fails
     with 503)."""
@@ -86,6 +88,7 @@ class ServerSettings:
             (self.tokenizer_threads >= 1, "tokenizer_threads must be >= 1"),
             (self.replicas >= 1, "replicas must be >= 1"),
             (self.max_migrations >= 0, "max_migrations must be >= 0"),
+            (all(x is None or x > 0 for x in (self.slo_ttft, self.slo_tpot)), "slo_ttft and slo_tpot must be > 0"),
             (self.replica_hang_timeout > 0, "replica_hang_timeout must be > 0"),
             (self.router in POLICIES, f"router must be one of {', '.join(POLICIES)}"),
             (self.replicas == 1 or not self.external_core, "external_core serves one replica"),
