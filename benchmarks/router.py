@@ -1,6 +1,7 @@
 """Replicas and routing policies side by side: `tokenfab serve --replicas 2 --router P` for each policy, and one
-replica holding the whole KV cache, on the agentic workload (multi-turn sessions with think time: prefix reuse)
-and on random 1024/128 (no reuse).
+replica holding the whole KV cache, and SGLang's router (cache-aware) in front of two separate tokenfab servers as the
+outside baseline, on the agentic workload (multi-turn sessions with think time: prefix reuse) and on random
+1024/128 (no reuse).
 
     .venv/bin/python benchmarks/router.py          # from the repository root, on a quiet machine (~20 minutes)
 
@@ -29,12 +30,17 @@ sys.path.insert(0, str(REPO))
 from tokenfab.bench.launch import Launched, ServerSpec, free_port, launch  # noqa: E402
 from tokenfab.platform import cpu_isa, machine  # noqa: E402
 
+SGLANG = "2 servers: sglang-router cache_aware"
+"""The outside baseline: SGLang's router (benchmarks/peers/setup_peers.sh sglang-router) in front of two separate
+one-thread tokenfab servers. It lists its model as "unknown", so the servers serve under that name."""
+SGLANG_ROUTER = REPO / ".peers" / "sglang-router" / "bin" / "python"
 CONFIGS = {
     "1 replica (whole cache)": ["--replicas", "1"],
     "2 replicas: round-robin": ["--replicas", "2", "--router", "round-robin"],
     "2 replicas: least-load": ["--replicas", "2", "--router", "least-load"],
     "2 replicas: prefix": ["--replicas", "2", "--router", "prefix"],
     "2 replicas: kv": ["--replicas", "2", "--router", "kv"],
+    SGLANG: [],
 }
 WORKLOADS = {
     "agentic": [
@@ -77,6 +83,40 @@ def start(flags: list[str], kv_gb: float, log_dir: Path) -> Launched:
     return launch(ServerSpec("tokenfab", cmd, dict(os.environ)), port, log_dir)
 
 
+class SglangPair:
+    """Two tokenfab servers (one thread and half the KV budget each) behind sglang-router's cache-aware policy."""
+
+    def __init__(self, kv_gb: float, log_dir: Path) -> None:
+        self.workers: list[Launched] = []
+        self.router: Launched | None = None
+        try:
+            for _ in range(2):
+                self.workers.append(start(["--threads", "1", "--served-model-name", "unknown"], kv_gb / 2, log_dir))
+            port, metrics_port = free_port(), free_port()
+            cmd = [
+                str(SGLANG_ROUTER),
+                "-m",
+                "sglang_router.launch_router",
+                "--port",
+                str(port),
+                "--policy",
+                "cache_aware",
+                "--prometheus-port",
+                str(metrics_port),
+                "--worker-urls",
+                *[w.url for w in self.workers],
+            ]
+            self.router = launch(ServerSpec("sglang-router", cmd, dict(os.environ)), port, log_dir)
+        except BaseException:
+            self.stop()
+            raise
+        self.url = self.router.url
+
+    def stop(self) -> None:
+        for p in ([self.router] if self.router else []) + self.workers:
+            p.stop()
+
+
 def run(url: str, workload: list[str], out: Path) -> dict:
     subprocess.run(
         [*TOKENFAB, "bench", "serve", "--url", url, *workload, "--out", str(out)], check=True, stdout=subprocess.DEVNULL
@@ -103,7 +143,14 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs.split(","):
-            server = start(CONFIGS[config], args.kv_cache_memory_gb, Path(tmp))
+            if config == SGLANG and not SGLANG_ROUTER.exists():
+                print(f"skipping {config}: run benchmarks/peers/setup_peers.sh sglang-router", flush=True)
+                continue
+            server: Launched | SglangPair = (
+                SglangPair(args.kv_cache_memory_gb, Path(tmp))
+                if config == SGLANG
+                else start(CONFIGS[config], args.kv_cache_memory_gb, Path(tmp))
+            )
             url = server.url
             try:
                 for name, workload in WORKLOADS.items():
@@ -128,7 +175,8 @@ def main() -> None:
                         }
                     )
                     print(json.dumps(rows[-1]), flush=True)
-                rows[-1]["replicas"] = httpx.get(f"{url}/replicas").json()
+                if config != SGLANG:
+                    rows[-1]["replicas"] = httpx.get(f"{url}/replicas").json()
             finally:
                 server.stop()
     isa = cpu_isa.describe()["isa_levels"]
@@ -158,8 +206,17 @@ def plot(doc: dict, path: Path) -> None:
     fig, axes = plt.subplots(len(workloads), 3, figsize=(15, 3.6 * len(workloads)), squeeze=False)
     for row_axes, workload in zip(axes, workloads):
         rows = [r for r in doc["rows"] if r["workload"] == workload]
-        names = [r["config"].replace("2 replicas: ", "2x ") for r in rows]
-        colors = ["#d62728" if "kv" in n else "#7f7f7f" if "1 replica" in n else "#1f77b4" for n in names]
+        names = [r["config"].replace("2 replicas: ", "2x ").replace("2 servers: ", "") for r in rows]
+        colors = [
+            "#d62728"
+            if n.endswith(" kv")
+            else "#ff7f0e"
+            if "sglang" in n
+            else "#7f7f7f"
+            if "1 replica" in n
+            else "#1f77b4"
+            for n in names
+        ]
         panels = [
             ("prefix hit rate", [r["prefix_cache_hit_rate"] or 0 for r in rows], None),
             (
@@ -215,6 +272,12 @@ def markdown(doc: dict) -> str:
         f"- agentic, kv hit rate / one replica's: {ratio('agentic', kv, one, 'prefix_cache_hit_rate')} (>= 0.9)",
         f"- agentic, kv TTFT p50 / round-robin's: {ratio('agentic', kv, rr, 'ttft_p50')} (<= 0.5)",
         f"- random, kv throughput / least-load's: {ratio('random 1024/128', kv, ll, 'output_tok_s')} (>= 0.95)",
+        "",
+        "Against the outside baseline (sglang-router's cache-aware policy over two separate servers):",
+        f"- agentic, kv TTFT p50 / sglang-router's: {ratio('agentic', kv, SGLANG, 'ttft_p50')}; hit rate: "
+        f"{ratio('agentic', kv, SGLANG, 'prefix_cache_hit_rate')}; throughput: "
+        f"{ratio('agentic', kv, SGLANG, 'output_tok_s')}",
+        f"- random, kv throughput / sglang-router's: {ratio('random 1024/128', kv, SGLANG, 'output_tok_s')}",
     ]
     return "\n".join(lines) + "\n"
 

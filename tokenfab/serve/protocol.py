@@ -99,6 +99,11 @@ class SamplingFields(Strict):
     """Accepted and ignored: OpenAI attaches it to stored completions, and nothing is stored."""
     service_tier: Literal["auto", "default"] = "auto"
     """Accepted: this server has one tier. Other tiers ("flex", "priority", "scale") are refused."""
+    no_stop_trim: Literal[False] = False
+    """Accepted as SGLang's default (stop strings are cut from the text; sglang-router sends it on every request);
+    `true` is refused."""
+    return_hidden_states: Literal[False] = False
+    """Accepted as SGLang's default (sglang-router sends it on every request); `true` is refused."""
     # Extensions (as in vLLM's OpenAI server).
     top_k: Annotated[StrictInt, Field(ge=-1, le=INT32)] | None = None
     min_p: Annotated[StrictFloat, Field(ge=0.0, le=1.0)] | None = None
