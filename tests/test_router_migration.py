@@ -152,3 +152,38 @@ def test_when_the_last_replica_goes_the_router_is_dead():
         await router.shutdown()
 
     asyncio.run(go())
+
+
+def test_a_restarted_replica_takes_one_sequence_at_a_time_until_it_has_finished_two():
+    async def go() -> None:
+        made: list[Fake] = []
+
+        def factory() -> Fake:
+            made.append(Fake())
+            return made[-1]
+
+        router = Router([factory(), factory()], LeastLoad(random.Random(0)), [factory, factory])
+        await router.start()
+        await router.add([request("r0")])
+        victim = next(i for i, f in enumerate(made) if f.added)
+        made[victim].die()
+        for _ in range(100):  # restarted after the first backoff step (1 s)
+            await asyncio.sleep(0.05)
+            if router.replicas[victim].restarts:
+                break
+        fresh = made[-1]
+        assert router.replicas[victim].client is fresh and router.describe()[victim]["probation"] == 2
+        await router.add([request(f"a{i}") for i in range(4)])
+        assert [r.request_id for r in fresh.added] == ["a0"]  # the others went to the trusted replica
+        for n, rid in enumerate(["a0", "b0"]):
+            if rid != "a0":
+                await router.add([request(rid)])
+                assert fresh.added[-1].request_id == rid
+            fresh.send(CoreOutput(rid, [7], finish_reason="length"))
+            await next_outputs(router)
+            assert router.describe()[victim]["probation"] == 1 - n
+        await router.add([request(f"c{i}") for i in range(4)])
+        assert sum(r.request_id.startswith("c") for r in fresh.added) >= 2  # its share again
+        await router.shutdown()
+
+    asyncio.run(go())

@@ -12,7 +12,8 @@ killed) or is drained, the sequence continues on another replica from its prompt
 (`CoreRequest.output_token_ids`: the same max_tokens, penalties, grammar state and seeded random stream), its cost
 so far carried over. Outputs a replica sends after its sequences have left it are dropped, so the front end sees one
 unbroken stream. A replica that died is restarted with backoff (1 s doubling to 30 s, reset after a minute up) and
-rejoins with a fresh KV index. With migration off, or past `max_migrations`, a lost sequence fails with 503.
+rejoins with a fresh KV index, on probation: one sequence at a time until it has finished PROBATION of them. With
+migration off, or past `max_migrations`, a lost sequence fails with 503.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ RESTART_BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 """Seconds before restarting a replica after its 1st, 2nd, ... consecutive failure."""
 STABLE_SECONDS = 60.0
 """A replica up this long has its failure count reset."""
+PROBATION = 2
+"""Sequences a restarted replica finishes, one at a time, before it takes its share again."""
 Factory = Callable[[], EngineClient]
 
 
@@ -104,6 +107,8 @@ class Replica:
     failures: int = 0
     """Consecutive lives that ended in failure (the restart backoff's step)."""
     migrated_away: int = 0
+    probation: int = 0
+    """Sequences it must finish before it takes more than one at a time (after a restart)."""
     up_since: float = 0.0
     last_progress: float = 0.0
     """When it last sent a step, or became busy."""
@@ -322,6 +327,10 @@ class Router(EngineClient):
         live = [r for r in self.replicas if r.live and r is not avoid]
         if not live:
             raise EngineDead("no replica is running")
+        # A replica on probation (just restarted after failing) takes one sequence at a time, unless it is all
+        # there is: the half-open state of a circuit breaker.
+        trusted = [r for r in live if not r.probation or not r.running]
+        live = trusted or live
         if self.policy.uses_kv_index:
             self.index.refresh()
         loads = [r.load() for r in live]
@@ -475,6 +484,7 @@ class Router(EngineClient):
                 continue
             r.restarts += 1
             self._join(r, client, info)
+            r.probation = PROBATION
             log.info("replica %d rejoined (restart %d)", r.index, r.restarts)
             return
 
@@ -553,6 +563,8 @@ class Router(EngineClient):
         if out.finish_reason is not None:
             replica.running.discard(out.request_id)
             del self._flights[out.request_id]
+            if replica.probation and out.error is None:
+                replica.probation -= 1
         return True
 
     def merged_stats(self) -> EngineStats:
@@ -580,6 +592,7 @@ class Router(EngineClient):
                     "state": r.state,
                     "reason": r.reason,
                     "restarts": r.restarts,
+                    "probation": r.probation,
                     "migrated_away": r.migrated_away,
                     "last_step_age_s": round(now - r.last_progress, 3) if r.state == "running" else None,
                     "running": len(r.running),
