@@ -6,6 +6,8 @@ router's KV index equals what the replicas hold, also when it missed events."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import httpx
@@ -152,7 +154,8 @@ def test_the_index_equals_what_the_replicas_hold(model_path, tmp_path, late):
 
 def test_replicas_on_ray_answer_through_the_openai_client(model_path):
     """Two replicas on a simulated two-node Ray cluster (Ray's own test utility: two raylets here, one CPU each):
-    one replica per node, the single-engine tokens through the openai client."""
+    one replica per node, the single-engine tokens through the openai client; a replica whose actor is killed comes
+    back as a new actor and serves again."""
     pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
@@ -168,12 +171,22 @@ def test_replicas_on_ray_answer_through_the_openai_client(model_path):
             resp = client.completions.create(model="tiny", prompt=prompts, max_tokens=8, temperature=0,
                                              extra_body={"ignore_eos": True})
             listed = httpx.get(f"{live.url}/replicas").json()["replicas"]
+            os.kill(listed[0]["pid"], signal.SIGKILL)  # its actor dies; Ray places a new one in the same bundle
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                row = httpx.get(f"{live.url}/replicas").json()["replicas"][0]
+                if row["state"] == "running" and row["restarts"] == 1:
+                    break
+                time.sleep(0.2)
+            assert row["restarts"] == 1 and row["pid"] != listed[0]["pid"], row
+            again = client.completions.create(model="tiny", prompt=prompts, max_tokens=8, temperature=0,
+                                              extra_body={"ignore_eos": True})
         finally:
             assert live.stop() == 0
     finally:
         cluster.shutdown()
     offline = LLM(str(model_path), num_threads=1, kv_cache_memory_gb=0.05)
     expected = offline.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
-    assert [c.text for c in resp.choices] == [o.outputs[0].text for o in expected]
+    assert [c.text for c in resp.choices] == [c.text for c in again.choices] == [o.outputs[0].text for o in expected]
     assert len(listed) == 2 and all(r["state"] == "running" and r["pid"] for r in listed)
     assert len({r["ray_node_id"] for r in listed}) == 2  # spread: one replica per node
