@@ -24,7 +24,7 @@ import logging
 import socket
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,7 +232,17 @@ class Router(EngineClient):
         self._tasks[f"read-{r.index}"] = asyncio.create_task(self._read(r, client), name=f"replica-{r.index}")
         parked, self._parked = self._parked, []
         for flight in parked:
-            self._tasks[f"resume-{flight.request.request_id}"] = asyncio.create_task(self._move(flight, "parked"))
+            self._spawn(f"resume-{flight.request.request_id}", self._move(flight, "parked"))
+
+    def _spawn(self, key: str, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` as a task the router cancels at shutdown; it is forgotten once done."""
+
+        def done(finished: asyncio.Task) -> None:
+            if self._tasks.get(key) is finished:
+                del self._tasks[key]
+
+        task = self._tasks[key] = asyncio.create_task(work, name=key)
+        task.add_done_callback(done)
 
     @property
     def alive(self) -> bool:
@@ -316,9 +326,9 @@ class Router(EngineClient):
             replica.running.discard(rid)
             replica.waiting_prefill.pop(rid, None)
             replica.predicted.pop(rid, None)
-            if flight in self._parked:
-                self._parked.remove(flight)
-            elif replica.client.alive:
+            parked = len(self._parked)
+            self._parked = [f for f in self._parked if f is not flight]
+            if len(self._parked) == parked and replica.client.alive:
                 by_replica.setdefault(replica.index, []).append(rid)
         for index, ids in by_replica.items():
             await self.replicas[index].client.abort(ids)
@@ -400,7 +410,7 @@ class Router(EngineClient):
         await client.shutdown(1.0)  # kills what is left of it and releases its sockets
         if r.factory is not None and not self._closing:
             r.state = "restarting"
-            self._tasks[f"restart-{r.index}"] = asyncio.create_task(self._restart(r), name=f"restart-{r.index}")
+            self._spawn(f"restart-{r.index}", self._restart(r))
         elif not any(x.state in ("running", "draining", "restarting", "starting") for x in self.replicas):
             self.dead = "every replica is gone"
             for flight in self._parked:
@@ -523,7 +533,7 @@ class Router(EngineClient):
         if r.state != "stopped" or r.factory is None:
             raise ValueError(f"replica {index} is {r.state}; only a drained replica can be resumed")
         r.state, r.failures = "restarting", 0
-        self._tasks[f"restart-{r.index}"] = asyncio.create_task(self._restart(r), name=f"restart-{r.index}")
+        self._spawn(f"restart-{r.index}", self._restart(r))
         return {"id": index, "state": r.state}
 
     # -- results ------------------------------------------------------------------------------------------------
