@@ -7,7 +7,7 @@ import random
 import pytest
 
 from tokenfab.cluster.policies import KvAware, LeastLoad, Prefix, ReplicaLoad, RoundRobin, make_policy
-from tokenfab.cluster.router import StepCost
+from tokenfab.cluster.replica import StepCost
 
 
 def loads(*rows: tuple[int, int, int]) -> list[ReplicaLoad]:

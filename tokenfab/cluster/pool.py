@@ -10,7 +10,8 @@ import uuid
 from dataclasses import dataclass
 
 from tokenfab.cluster.policies import make_policy
-from tokenfab.cluster.router import Factory, Router
+from tokenfab.cluster.replica import Factory
+from tokenfab.cluster.router import Router
 from tokenfab.config import EngineConfig
 from tokenfab.engine.client import CoreProcessClient
 

@@ -12,7 +12,8 @@ import os
 from typing import Any
 
 from tokenfab.cluster.pool import RouterOptions, replica_configs
-from tokenfab.cluster.router import Factory, Router
+from tokenfab.cluster.replica import Factory
+from tokenfab.cluster.router import Router
 from tokenfab.config import EngineConfig
 from tokenfab.engine.client import CoreProcessClient
 

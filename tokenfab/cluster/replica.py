@@ -1,0 +1,158 @@
+"""What the router knows of each replica (its load, step-cost fit, health state) and of each sequence in flight
+(enough to continue it on another replica), and how their stats and costs add up."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from tokenfab.cluster.policies import ReplicaLoad
+from tokenfab.economics.attribution import RequestCost
+from tokenfab.engine.client import EngineClient
+from tokenfab.engine.messages import CoreRequest
+from tokenfab.engine.stats import CostStats, EngineStats, KVStats, PrefixCacheStats, SchedulerStats, SpecStats
+
+Factory = Callable[[], EngineClient]
+
+
+class StepCost:
+    """A replica's step time = overhead + per_token x tokens in the step, fitted by least squares over its own
+    recent steps (exponentially forgotten, DECAY per step). While its steps are all alike (a run of decodes, where
+    the token count barely varies) the slope is held near the last one the data determined, so the per-token cost
+    of a prefill is not read off decode steps, whose time is mostly overhead."""
+
+    DECAY = 0.98
+    HOLD = 64.0**2
+    """Weight of the held slope: as much as one step lying 64 tokens off the mean."""
+
+    def __init__(self, overhead: float = 0.002, per_token: float = 1 / 2000) -> None:
+        self.overhead, self.per_token = overhead, per_token
+        self._held = per_token
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+
+    def observe(self, steps: int, tokens: int, seconds: float) -> None:
+        if steps <= 0 or tokens <= 0 or seconds <= 0:
+            return
+        x, y, forget = tokens / steps, seconds / steps, self.DECAY**steps
+        self._w = self._w * forget + steps
+        self._x = self._x * forget + steps * x
+        self._y = self._y * forget + steps * y
+        self._xx = self._xx * forget + steps * x * x
+        self._xy = self._xy * forget + steps * x * y
+        mean_x, mean_y = self._x / self._w, self._y / self._w
+        spread = self._xx - self._w * mean_x * mean_x
+        slope = (self._xy - self._w * mean_x * mean_y + self.HOLD * self._held) / (spread + self.HOLD)
+        self.per_token = max(slope, 1e-7)
+        self.overhead = max(mean_y - self.per_token * mean_x, 0.0)
+        if spread > 10 * self.HOLD:
+            self._held = self.per_token
+
+
+@dataclass(slots=True)
+class Replica:
+    """One engine core behind the router, and what the router knows of it."""
+
+    index: int
+    client: EngineClient
+    factory: Factory | None = None
+    """Makes a fresh client for this replica (a restart); None: it cannot be restarted."""
+    state: str = "starting"
+    """starting | running | draining | stopped (drained) | restarting | dead (for good)."""
+    reason: str = ""
+    """Why it last stopped running."""
+    waiting_prefill: dict[str, int] = field(default_factory=dict)
+    """Sequence id -> its predicted uncached prompt tokens, until its first token comes back."""
+    predicted: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Sequence id -> (when it was sent, the TTFT its routing decision predicted), until its first token."""
+    running: set[str] = field(default_factory=set)
+    cost: StepCost = field(default_factory=StepCost)
+    routed: int = 0
+    restarts: int = 0
+    failures: int = 0
+    """Consecutive lives that ended in failure (the restart backoff's step)."""
+    migrated_away: int = 0
+    probation: int = 0
+    """Sequences it must finish before it takes more than one at a time (after a restart)."""
+    up_since: float = 0.0
+    last_progress: float = 0.0
+    """When it last sent a step, or became busy."""
+    _last: EngineStats | None = None
+
+    @property
+    def live(self) -> bool:
+        """Takes new work."""
+        return self.state == "running" and self.client.alive
+
+    def load(self) -> ReplicaLoad:
+        usd = self.client.info.usd_per_hour if self.client.info is not None else 0.0
+        return ReplicaLoad(
+            self.index,
+            len(self.running),
+            sum(self.waiting_prefill.values()),
+            prefill_tokens_per_s=1 / self.cost.per_token,
+            decode_seconds_per_seq=self.cost.per_token,
+            step_seconds=self.cost.overhead,
+            usd_per_hour=usd,
+        )
+
+    def observe(self, stats: EngineStats) -> None:
+        last, self._last = self._last, stats
+        if last is not None:
+            self.cost.observe(
+                stats.scheduler.steps - last.scheduler.steps,
+                stats.scheduler.tokens_computed - last.scheduler.tokens_computed,
+                stats.cost.busy_seconds - last.cost.busy_seconds,
+            )
+
+    def forget_work(self) -> None:
+        self.running.clear()
+        self.waiting_prefill.clear()
+        self.predicted.clear()
+        self._last = None
+
+
+@dataclass(slots=True)
+class Flight:
+    """A sequence in flight, and what the router needs to continue it on another replica."""
+
+    request: CoreRequest
+    """As the front end added it."""
+    replica: Replica
+    generated: list[int] = field(default_factory=list)
+    """Tokens passed on to the front end so far."""
+    carried: RequestCost | None = None
+    """Cost on the replicas it has left."""
+    cost: RequestCost | None = None
+    """Its latest cumulative cost on the current replica."""
+    cached_tokens: int | None = None
+    """Prompt tokens its first replica found cached (what usage reports)."""
+    migrations: int = 0
+
+
+def plus_cost(a: RequestCost | None, b: RequestCost) -> RequestCost:
+    total = RequestCost(b.usd, b.joules, b.device_seconds)
+    if a is not None:
+        total.add(a)
+    return total
+
+
+def sum_stats(parts: list) -> Any:
+    """Field by field: numbers added, anything else taken from the first."""
+    if not parts:
+        return EngineStats(time.monotonic(), SchedulerStats(), KVStats(), PrefixCacheStats(), SpecStats(), CostStats())
+    first = parts[0]
+    values = {}
+    for name in first.__struct_fields__:
+        items = [getattr(p, name) for p in parts]
+        head = items[0]
+        if isinstance(head, msgspec.Struct):
+            values[name] = sum_stats(items)
+        elif isinstance(head, (int, float)) and not isinstance(head, bool):
+            values[name] = sum(items)
+        else:
+            values[name] = head
+    return type(first)(**values)
