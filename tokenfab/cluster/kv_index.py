@@ -23,11 +23,10 @@ def prompt_blocks(token_ids: list[int], block_size: int) -> list[int]:
 
 
 class KvIndex:
-    def __init__(self, receive_hwm: int | None = None) -> None:
+    def __init__(self) -> None:
         self._subscribers: dict[int, KVEventSubscriber] = {}
         self._full: set[int | None] = set()
         """Group indices the events describe as full-attention groups."""
-        self._receive_hwm = receive_hwm
         self.resyncs = 0
         """Times a replica's batches were lost beyond its replay buffer (its blocks were then read again)."""
         self.lag: dict[int, float] = {}
@@ -38,7 +37,7 @@ class KvIndex:
     def follow(self, replica: int, endpoint: str, replay_endpoint: str | None, topic: str = "kv-events") -> None:
         """Index the replica from its publisher's events (a restarted replica starts again from nothing)."""
         self.forget(replica)
-        self._subscribers[replica] = KVEventSubscriber(endpoint, replay_endpoint, topic, self._receive_hwm)
+        self._subscribers[replica] = KVEventSubscriber(endpoint, replay_endpoint, topic)
 
     @property
     def replayed(self) -> int:

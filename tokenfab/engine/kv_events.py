@@ -173,19 +173,9 @@ class KVEventSubscriber:
     what a KV-aware router indexes per replica.
     """
 
-    def __init__(
-        self,
-        endpoint: str,
-        replay_endpoint: str | None = None,
-        topic: str = "kv-events",
-        receive_hwm: int | None = None,
-    ) -> None:
-        """receive_hwm: batches queued unread before later ones are dropped (ZeroMQ's default 1000); gaps are
-        fetched from the replay socket."""
+    def __init__(self, endpoint: str, replay_endpoint: str | None = None, topic: str = "kv-events") -> None:
         self._ctx: zmq.Context = zmq.Context.instance()
         self._sub = self._ctx.socket(zmq.SUB)
-        if receive_hwm is not None:
-            self._sub.setsockopt(zmq.RCVHWM, receive_hwm)
         self._sub.connect(endpoint)
         self._sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self._replay_endpoint = replay_endpoint

@@ -106,7 +106,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         ok = state.client.alive and not hung
         body: dict = {"status": "ok" if ok else "engine_hung" if hung else "engine_dead"}
         if state.router is not None:
-            body["replicas"] = [{"id": r["id"], "state": r["state"], "reason": r["reason"]} for r in state.replicas()]
+            body["replicas"] = state.router.states()
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/ready", summary="Readiness: 200 while requests are admitted (not while draining)")
