@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -129,6 +130,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="in total, split between the replicas")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every configuration this many times, alternating (the targets' ratios: median over rounds)",
+    )
     ap.add_argument(
         "--out",
         type=Path,
@@ -141,8 +149,10 @@ def main() -> None:
         plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
         return
     rows = []
+    workloads = {name: WORKLOADS[name] for name in args.workloads.split(",")}
+    rounds = [(r, config) for r in range(args.rounds) for config in args.configs.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        for config in args.configs.split(","):
+        for round_, config in rounds:
             if config == SGLANG and not SGLANG_ROUTER.exists():
                 print(f"skipping {config}: run benchmarks/peers/setup_peers.sh sglang-router", flush=True)
                 continue
@@ -153,12 +163,13 @@ def main() -> None:
             )
             url = server.url
             try:
-                for name, workload in WORKLOADS.items():
+                for name, workload in workloads.items():
                     s = run(url, workload, Path(tmp) / "point.json")
                     rows.append(
                         {
                             "config": config,
                             "workload": name,
+                            "round": round_,
                             **{
                                 k: s[k]
                                 for k in (
@@ -180,11 +191,14 @@ def main() -> None:
             finally:
                 server.stop()
     isa = cpu_isa.describe()["isa_levels"]
+    given = " ".join(a for a in sys.argv[1:])
     doc = {
+        "command": f" {given}" if given else "",
         "machine": machine.describe(),
         "isa_levels": isa,
         "threads": os.cpu_count(),
-        "workloads": WORKLOADS,
+        "workloads": workloads,
+        "rounds": args.rounds,
         "kv_cache_memory_gb_total": args.kv_cache_memory_gb,
         "rows": rows,
     }
@@ -202,10 +216,11 @@ def plot(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    workloads = list(dict.fromkeys(r["workload"] for r in doc["rows"]))
+    medians = median_rows(doc["rows"])
+    workloads = list(dict.fromkeys(r["workload"] for r in medians))
     fig, axes = plt.subplots(len(workloads), 3, figsize=(15, 3.6 * len(workloads)), squeeze=False)
     for row_axes, workload in zip(axes, workloads):
-        rows = [r for r in doc["rows"] if r["workload"] == workload]
+        rows = [r for r in medians if r["workload"] == workload]
         names = [r["config"].replace("2 replicas: ", "2x ").replace("2 servers: ", "") for r in rows]
         colors = [
             "#d62728"
@@ -234,36 +249,68 @@ def plot(doc: dict, path: Path) -> None:
                 ax.set_ylim(0, 1)
             ax.set_title(f"{workload}: {title}", fontsize=10)
             ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    fig.suptitle(f"Replicas behind the router ({doc['machine']['cpu']}, Gemma 3 270M, 2 threads in total)")
+    rounds = f", median of {doc['rounds']} rounds" if doc.get("rounds", 1) > 1 else ""
+    fig.suptitle(f"Replicas behind the router ({doc['machine']['cpu']}, Gemma 3 270M, 2 threads in total{rounds})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+METRICS = ("prefix_cache_hit_rate", "ttft_p50", "ttft_p99", "tpot_p50", "output_tok_s", "usd_per_mtok_output")
+
+
+def median_rows(rows: list[dict]) -> list[dict]:
+    """One row per (workload, configuration): each metric's median over the rounds."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["workload"], r["config"]), []).append(r)
+    out = []
+    for (workload, config), group in groups.items():
+        row = {"workload": workload, "config": config}
+        for key in METRICS:
+            values = [r[key] for r in group if r[key] is not None]
+            row[key] = statistics.median(values) if values else None
+        out.append(row)
+    return out
+
+
 def markdown(doc: dict) -> str:
     rows = doc["rows"]
+    rounds = doc.get("rounds", 1)
     lines = [
         "# Replicas behind the router: policies side by side",
         "",
         f"{doc['machine']['cpu']} ({doc['machine']['cores']} cores; ISA levels "
         f"{', '.join(doc['isa_levels'])}), Gemma 3 270M, "
         f"{doc['kv_cache_memory_gb_total']} GB of KV cache and 2 threads in total per configuration. "
-        "Command: `.venv/bin/python benchmarks/router.py`.",
+        f"Command: `.venv/bin/python benchmarks/router.py{doc.get('command', '')}`"
+        + (f"; {rounds} rounds, configurations alternating." if rounds > 1 else "."),
         "",
-        "| workload | configuration | prefix hit rate | TTFT p50 | TTFT p99 | TPOT p50 | output tok/s | $/Mtok out |",
-        "|---|---|---|---|---|---|---|---|",
+        "| workload | configuration | round | prefix hit rate | TTFT p50 | TTFT p99 | TPOT p50 | output tok/s | "
+        "$/Mtok out |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["workload"], r.get("round", 0))):
         lines.append(
-            f"| {r['workload']} | {r['config']} | {_f(r['prefix_cache_hit_rate'], 3)} | {_ms(r['ttft_p50'])} | "
+            f"| {r['workload']} | {r['config']} | {r.get('round', 0) + 1} | {_f(r['prefix_cache_hit_rate'], 3)} | "
+            f"{_ms(r['ttft_p50'])} | "
             f"{_ms(r['ttft_p99'])} | {_ms(r['tpot_p50'])} | {_f(r['output_tok_s'])} | "
             f"{_f(r['usd_per_mtok_output'], 2)} |"
         )
-    by = {(r["workload"], r["config"]): r for r in rows}
+    by = {(r["workload"], r["config"], r.get("round", 0)): r for r in rows}
 
     def ratio(workload: str, a: str, b: str, key: str) -> str:
-        x, y = by.get((workload, a)), by.get((workload, b))
-        return f"{x[key] / y[key]:.2f}" if x and y and x[key] and y[key] else "-"
+        """a / b within each round; with several rounds, their median and each round's."""
+        each = []
+        for n in range(rounds):
+            x, y = by.get((workload, a, n)), by.get((workload, b, n))
+            if x and y and x[key] and y[key]:
+                each.append(x[key] / y[key])
+        if not each:
+            return "-"
+        if len(each) == 1:
+            return f"{each[0]:.2f}"
+        return f"{statistics.median(each):.2f} (median; rounds: {', '.join(f'{e:.2f}' for e in each)})"
 
     kv, one, rr, ll = "2 replicas: kv", "1 replica (whole cache)", "2 replicas: round-robin", "2 replicas: least-load"
     lines += [
