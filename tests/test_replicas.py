@@ -105,6 +105,27 @@ def test_a_shared_prompt_spreads_and_sessions_stay_where_their_prefix_is(server)
     assert second == first
 
 
+def test_each_replica_bills_its_own_price_and_the_slo_picks_the_cheapest(model_path):
+    """Replica 0 priced as an H100, replica 1 at $0.02/h: with a TTFT SLO both meet, every request goes to the
+    cheaper one, whose price is what its responses' cost is made of."""
+    live = LiveServer(model_path, "--replicas", "2", "--replica-price", "0=h100", "--replica-price", "1=0.02",
+                      "--slo-ttft", "30")
+    try:
+        listed = httpx.get(f"{live.url}/replicas").json()["replicas"]
+        assert [r["usd_per_hour"] for r in listed] == pytest.approx([2.5, 0.02])
+        for k in range(4):
+            r = httpx.post(f"{live.url}/v1/completions", json={"prompt": f"w{7 + k} w{11 + k}", "max_tokens": 4},
+                           timeout=60)
+            assert r.status_code == 200 and r.headers["x-tokenfab-replica"] == "1", r.text
+            cost = r.json()["usage"]["cost"]
+            assert cost["device_seconds"] > 0
+            energy_usd = cost["joules"] / 3.6e6 * 0.12
+            assert cost["usd"] == pytest.approx(cost["device_seconds"] * 0.02 / 3600 + energy_usd, rel=1e-6)
+        assert 'reason="kv: cheapest within the SLO' in httpx.get(f"{live.url}/metrics").text
+    finally:
+        assert live.stop() == 0
+
+
 @pytest.mark.parametrize("late", [False, True], ids=["from-the-start", "missed-events"])
 def test_the_index_equals_what_the_replicas_hold(model_path, tmp_path, late):
     """Two engines publishing KV events, a random workload with evictions: the index built from the events alone

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 
 from tokenfab.cluster.policies import KvAware, LeastLoad, Prefix, ReplicaLoad, RoundRobin, make_policy
+from tokenfab.cluster.pool import replica_configs, replica_pricing
 from tokenfab.cluster.replica import StepCost
+from tokenfab.config import EngineConfig, PricingConfig
+from tokenfab.serve.settings import ServerSettings
 
 
 def loads(*rows: tuple[int, int, int]) -> list[ReplicaLoad]:
@@ -99,3 +103,37 @@ def test_the_ladder_has_replica_rungs_round_robin_then_kv():
     assert before == rungs((1, 4))
     assert rr.flags == (*before[-1].flags, "--replicas", "2", "--router", "round-robin")
     assert kv.flags == (*before[-1].flags, "--replicas", "2", "--router", "kv")
+
+
+def test_replica_prices_set_each_replicas_pricing():
+    base = PricingConfig(usd_per_hour=0.05, idle_watts=2.0)
+    pricing = replica_pricing(base, 3, ["0=h100", "2=0.01"])
+    assert pricing[0].profile == "h100" and pricing[0].usd_per_hour is None and pricing[0].idle_watts is None
+    assert pricing[1] == base
+    assert pricing[2] == dataclasses.replace(base, usd_per_hour=0.01)
+    configs = replica_configs(EngineConfig(model="unused", num_threads=2), 2, ["1=l4"])
+    assert [c.pricing.profile for c in configs] == [None, "l4"]
+
+
+@pytest.mark.parametrize(
+    ("specs", "message"),
+    [
+        (["3=1.0"], "there are 2 replicas"),
+        (["1"], "expected ID=USD_PER_HOUR or ID=PROFILE"),
+        (["x=1"], "expected ID=USD_PER_HOUR or ID=PROFILE"),
+        (["0=1", "0=2"], "priced twice"),
+        (["0=-1"], "finite and >= 0"),
+        (["0=inf"], "finite and >= 0"),
+        (["1=tpu9"], "unknown price profile 'tpu9'"),
+    ],
+)
+def test_bad_replica_prices_are_refused_before_anything_starts(specs, message):
+    with pytest.raises(ValueError, match=message):
+        replica_pricing(PricingConfig(), 2, specs)
+
+
+def test_the_server_refuses_replica_prices_it_cannot_apply():
+    with pytest.raises(ValueError, match="needs --replicas 2"):
+        ServerSettings(replica_price=("0=1",))
+    with pytest.raises(ValueError, match="there are 2 replicas"):
+        ServerSettings(replicas=2, replica_price=("2=1",))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -196,3 +197,27 @@ def make_policy(
         raise ValueError(f"unknown router policy {name!r}: expected one of {', '.join(POLICIES)}")
     rng = random.Random(seed)
     return KvAware(rng, slo_ttft, slo_tpot) if name == "kv" else POLICIES[name](rng)  # type: ignore[call-arg]
+
+
+def parse_replica_prices(prices: Sequence[str], n: int) -> dict[int, float | str]:
+    """`ID=USD_PER_HOUR` or `ID=PROFILE` specs as {replica: dollars per hour or profile name}."""
+    out: dict[int, float | str] = {}
+    for spec in prices:
+        index, sep, value = spec.partition("=")
+        index, value = index.strip(), value.strip()
+        if not sep or not index.isdigit() or not value:
+            raise ValueError(f"replica price {spec!r}: expected ID=USD_PER_HOUR or ID=PROFILE")
+        i = int(index)
+        if i >= n:
+            raise ValueError(f"replica price {spec!r}: there are {n} replicas (ids 0..{n - 1})")
+        if i in out:
+            raise ValueError(f"replica price {spec!r}: replica {i} is priced twice")
+        try:
+            usd = float(value)
+        except ValueError:
+            out[i] = value
+            continue
+        if not 0 <= usd < float("inf"):
+            raise ValueError(f"replica price {spec!r}: dollars per hour must be finite and >= 0")
+        out[i] = usd
+    return out

@@ -7,23 +7,27 @@ import dataclasses
 import os
 import tempfile
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tokenfab.cluster.policies import make_policy
+from tokenfab.cluster.policies import make_policy, parse_replica_prices
 from tokenfab.cluster.replica import Factory
 from tokenfab.cluster.router import Router
-from tokenfab.config import EngineConfig
+from tokenfab.config import EngineConfig, PricingConfig
 from tokenfab.engine.client import CoreProcessClient
+from tokenfab.platform.prices import load_prices
 
 
-def replica_configs(config: EngineConfig, n: int) -> list[EngineConfig]:
-    """Each replica's config: threads and KV memory split evenly (at least one thread each), KV events on."""
+def replica_configs(config: EngineConfig, n: int, prices: Sequence[str] = ()) -> list[EngineConfig]:
+    """Each replica's config: threads and KV memory split evenly (at least one thread each), KV events on, and the
+    pricing `prices` gives it (see `replica_pricing`)."""
     if config.kv_events_endpoint is not None:
         raise ValueError(
             "with replicas, each one's KV events endpoint is chosen by the router; drop kv_events_endpoint"
         )
     threads = max(1, config.threads // n)
     base = os.path.join(tempfile.gettempdir(), f"tokenfab-kv-{uuid.uuid4().hex[:12]}")
+    pricing = replica_pricing(config.pricing, n, prices)
     return [
         dataclasses.replace(
             config,
@@ -31,9 +35,25 @@ def replica_configs(config: EngineConfig, n: int) -> list[EngineConfig]:
             kv_cache_memory_gb=config.kv_cache_memory_gb / n,
             kv_events_endpoint=f"ipc://{base}-{i}",
             kv_events_replay_endpoint=f"ipc://{base}-{i}-replay",
+            pricing=pricing[i],
         )
         for i in range(n)
     ]
+
+
+def replica_pricing(base: PricingConfig, n: int, prices: Sequence[str]) -> list[PricingConfig]:
+    """Each replica's pricing from `ID=USD_PER_HOUR` (the replica's --usd-per-hour: per core for a cpu profile)
+    or `ID=PROFILE` (a device profile of the catalogue, with its own price and watts); replicas not named keep
+    `base`. A heterogeneous pool (CPU and GPU nodes, spot and on-demand) then routes by cost."""
+    out = [base] * n
+    for i, value in parse_replica_prices(prices, n).items():
+        if isinstance(value, float):
+            out[i] = dataclasses.replace(base, usd_per_hour=value)
+        else:
+            out[i] = dataclasses.replace(base, profile=value, usd_per_hour=None, idle_watts=None, peak_watts=None)
+        # An unknown profile fails here, before any replica starts, not as a replica that cannot start.
+        load_prices(out[i].profile or "cpu", "cpu", 1, base.prices_file, usd_per_hour=out[i].usd_per_hour)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +66,8 @@ class RouterOptions:
     migration: bool = True
     max_migrations: int = 3
     hang_timeout: float = 60.0
+    prices: tuple[str, ...] = ()
+    """Per-replica prices: `ID=USD_PER_HOUR` or `ID=PROFILE` (`replica_pricing`)."""
 
     def router(self, factories: list[Factory]) -> Router:
         return Router(
@@ -64,4 +86,4 @@ def local_router(config: EngineConfig, n: int, options: RouterOptions, transport
     def factory(c: EngineConfig) -> Factory:
         return lambda: CoreProcessClient(c, transport)
 
-    return options.router([factory(c) for c in replica_configs(config, n)])
+    return options.router([factory(c) for c in replica_configs(config, n, options.prices)])

@@ -93,7 +93,7 @@ def ray_router(config: EngineConfig, n: int, options: RouterOptions, address: st
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
-    configs = replica_configs(config, n)
+    configs = replica_configs(config, n, options.prices)
     threads = configs[0].threads
     group = placement_group([{"CPU": threads}] * n, strategy="SPREAD")
     ray.get(group.ready(), timeout=300)

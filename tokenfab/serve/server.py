@@ -60,6 +60,7 @@ def build_state(engine: EngineConfig, settings: ServerSettings) -> ServerState:
         settings.migration,
         settings.max_migrations,
         settings.replica_hang_timeout,
+        settings.replica_price,
     )
     if settings.ray:
         from tokenfab.cluster.ray_pool import ray_router

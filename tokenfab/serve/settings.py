@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from tokenfab.cluster.policies import POLICIES
+from tokenfab.cluster.policies import POLICIES, parse_replica_prices
 from tokenfab.serve.tools import PARSERS
 
 API_KEY_ENV = "TOKENFAB_API_KEY"
@@ -66,6 +66,10 @@ class ServerSettings:
     """Seconds to first token the kv router aims for: the cheapest replica predicted to meet the SLOs wins."""
     slo_tpot: float | None = None
     """Seconds per output token the kv router aims for (a replica's decode step with the request added)."""
+    replica_price: tuple[str, ...] = field(default=(), metadata={"metavar": "ID=PRICE"})
+    """One replica's price: ID=USD_PER_HOUR (as --usd-per-hour: per core on a CPU) or ID=PROFILE (a device profile:
+    cpu, h100, ...); replicas not named keep the engine's. With --slo-ttft/--slo-tpot the kv router sends each request
+    to the cheapest replica predicted to meet them."""
     migration: bool = True
     """With replicas: a request whose replica dies, hangs or is drained continues on another one (off: it fails
     with 503)."""
@@ -92,6 +96,7 @@ class ServerSettings:
             (self.replica_hang_timeout > 0, "replica_hang_timeout must be > 0"),
             (self.router in POLICIES, f"router must be one of {', '.join(POLICIES)}"),
             (self.replicas == 1 or not self.external_core, "external_core serves one replica"),
+            (self.replicas > 1 or self.ray or not self.replica_price, "replica_price needs --replicas 2 or more"),
             (self.tool_call_parser in PARSERS, f"tool_call_parser must be one of {', '.join(PARSERS)}"),
             (0 < self.port < 65536, "port must be in 1..65535"),
             (self.max_queued_requests >= 0, "max_queued_requests must be >= 0"),
@@ -107,3 +112,4 @@ class ServerSettings:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        parse_replica_prices(self.replica_price, self.replicas)
