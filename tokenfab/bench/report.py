@@ -279,6 +279,18 @@ def _num(v: Any, fmt: str | None = None) -> str:
     return f"{x:,.{decimals}f}"
 
 
+def fixed(v: Any, digits: int = 1) -> str:
+    """A number with `digits` decimals for a benchmark's table, or "-"."""
+    x = _finite(v)
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def millis(seconds: Any) -> str:
+    """Seconds as whole milliseconds for a benchmark's table, or "-"."""
+    x = _finite(seconds)
+    return "-" if x is None else f"{x * 1e3:.0f} ms"
+
+
 def _scale(v: Any, factor: float) -> float | None:
     x = _finite(v)
     return None if x is None else x * factor
