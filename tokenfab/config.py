@@ -152,6 +152,14 @@ class EngineConfig:
     """`PATTERN=FORMAT` rules, e.g. `lm_head=int8`; checked before the exclusions."""
     quantization_method: str = field(default="rtn", metadata={"choices": lambda: ("rtn", "gptq")})
     """rtn (round to nearest) or gptq (error-compensated on shipped calibration text; int4/nvfp4 layers)."""
+    kv_host_gb: float = 0.0
+    """Host-memory KV tier in GiB (0: off): cached blocks the engine's pool evicts are kept here and loaded back on
+    a prefix hit when that is predicted faster than recomputing them."""
+    kv_disk_dir: str | None = None
+    """Directory of the disk KV tier (None: off): blocks the host tier drops (or the pool evicts, without one) are
+    written here as checksummed files per model, and found again after a restart."""
+    kv_disk_gb: float = 16.0
+    """Disk KV tier budget in GiB (least recently used files go first)."""
     kv_events_endpoint: str | None = None
     """ZeroMQ address to publish KV cache events on (vLLM's wire format), e.g. `tcp://*:5557`; None: off."""
     kv_events_replay_endpoint: str | None = None
@@ -172,6 +180,11 @@ class EngineConfig:
             (self.block_size in (8, 16, 32, 64, 128), "block_size must be one of 8, 16, 32, 64, 128"),
             (self.max_model_len >= 16, "max_model_len must be >= 16"),
             (self.kv_cache_memory_gb > 0, "kv_cache_memory_gb must be > 0"),
+            (self.kv_host_gb >= 0 and self.kv_disk_gb > 0, "kv_host_gb must be >= 0 and kv_disk_gb > 0"),
+            (
+                not self.kv_tiers or self.speculative.method != "mtp",
+                "KV tiers do not keep the MTP modules' KV yet: use --speculative ngram or draft with them",
+            ),
             (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
             (self.max_num_batched_tokens >= self.block_size, "max_num_batched_tokens must be >= block_size"),
         ]
@@ -185,6 +198,11 @@ class EngineConfig:
         plan = self.quant_plan  # validates format names and override syntax
         if not self.pack_weights and (plan.default != "none" or plan.rules):
             raise ValueError("quantization needs pack_weights=True")
+
+    @property
+    def kv_tiers(self) -> bool:
+        """Whether any KV tier below the engine's pool is on."""
+        return self.kv_host_gb > 0 or self.kv_disk_dir is not None
 
     @property
     def quant_plan(self) -> QuantPlan:

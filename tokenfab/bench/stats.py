@@ -100,6 +100,8 @@ class Summary:
     request_rate: float | None
     """Completed requests per second."""
     ttft_s: Percentiles
+    returning_ttft_s: Percentiles
+    """TTFT of agentic sessions' later turns (a session coming back after its think time; empty otherwise)."""
     tpot_s: Percentiles
     itl_s: Percentiles
     e2el_s: Percentiles
@@ -173,6 +175,7 @@ def summarize(
         total_tok_s=_rate(n_in + n_out, dur),
         request_rate=_rate(len(done), dur),
         ttft_s=percentiles(t for r in done if (t := r.ttft) is not None),
+        returning_ttft_s=percentiles(t for r in done if r.turn > 0 and (t := r.ttft) is not None),
         tpot_s=tpot_s,
         itl_s=percentiles(x for r in done for x in itl(r)),
         e2el_s=percentiles(r.e2el for r in done),

@@ -59,7 +59,7 @@ class KvIndex:
                 batches = subscriber.batches(0)
             except (RuntimeError, TimeoutError) as e:
                 log.warning("replica %d: KV events lost (%s); resyncing from its replay buffer", replica, e)
-                subscriber.blocks.clear()
+                subscriber.forget_blocks()
                 subscriber.last_seq = -1
                 self.resyncs += 1
                 batches = subscriber.batches(0, catch_up=True)

@@ -2,14 +2,19 @@
 
 Block 0 is the null block: it pads block tables (sliding-window layers drop blocks that left the window) and is
 never handed out. Free blocks keep their hash until they are reused, so a later request can still hit them; the
-free queue is ordered least-recently-freed first, and that is the eviction order. Hashes are the stable chained
+free queue is ordered least-recently-freed first, and that is the eviction order. A block released with a
+deadline (a session's KV kept for its next turn) is pinned instead: it is handed out only when the free queue is
+empty (earliest deadline first), and joins the free queue when its deadline passes. Hashes are the stable chained
 digests of `tokenfab.engine.block_hash`; with an event list attached, every eviction of a cached block is recorded
 there as a `BlockRemoved`.
 """
 
 from __future__ import annotations
 
+import heapq
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tokenfab.engine.block_hash import BlockHash, external_hash
@@ -37,10 +42,20 @@ class BlockPool:
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
         self.cached: dict[BlockHash, int] = {}
         self.evictions = 0
+        self.pinned: dict[int, float] = {}
+        """Unused cached blocks kept until a deadline (time.monotonic()) -> that deadline."""
+        self._deadlines: list[tuple[float, int]] = []
+        self.pin_expiries = 0
+        """Pinned blocks whose deadline passed (they joined the free queue)."""
+        self.pins_reclaimed = 0
+        """Pinned blocks handed out before their deadline because nothing else was free."""
         self.group_idx = group_idx
         self.medium = medium
         self.events: list[KVEvent] | None = None
         """Where evictions are recorded (None: not recorded)."""
+        self.on_evict: Callable[[int, int, BlockHash, BlockKey], None] | None = None
+        """Called with (group, block id, hash, key) just before a cached block is handed out again, while it still
+        holds its KV (the KV tiers keep a copy)."""
 
     @property
     def num_blocks(self) -> int:
@@ -48,13 +63,21 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
-        """Blocks that can be handed out now (cached-but-unused ones included)."""
-        return len(self.free)
+        """Blocks that can be handed out now (cached-but-unused ones included, pinned ones too)."""
+        return len(self.free) + len(self.pinned)
 
     def allocate(self) -> int:
-        block_id, _ = self.free.popitem(last=False)
+        self.expire()
+        if self.free:
+            block_id, _ = self.free.popitem(last=False)
+        else:
+            block_id = self._earliest_pinned()
+            del self.pinned[block_id]
+            self.pins_reclaimed += 1
         block = self.blocks[block_id]
         if block.hash is not None:
+            if self.on_evict is not None and block.key is not None:
+                self.on_evict(self.group_idx, block_id, block.hash, block.key)
             del self.cached[block.hash]
             if self.events is not None:
                 self._record_removed(block.hash)
@@ -79,16 +102,34 @@ class BlockPool:
             return None
         return block_id
 
+    def _earliest_pinned(self) -> int:
+        while True:
+            deadline, block_id = heapq.heappop(self._deadlines)
+            if self.pinned.get(block_id) == deadline:
+                return block_id
+
+    def expire(self, now: float | None = None) -> None:
+        """Pinned blocks whose deadline has passed join the free queue (as if released now)."""
+        now = time.monotonic() if now is None else now
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, block_id = heapq.heappop(self._deadlines)
+            if self.pinned.get(block_id) == deadline:
+                del self.pinned[block_id]
+                self.free[block_id] = None
+                self.pin_expiries += 1
+
     def touch(self, block_id: int) -> None:
-        """Take a reference on a cached block (reviving it from the free queue if unused)."""
+        """Take a reference on a cached block (reviving it from the free queue, or its pin, if unused)."""
         block = self.blocks[block_id]
         if block.ref_count == 0:
-            del self.free[block_id]
+            if self.pinned.pop(block_id, None) is None:
+                del self.free[block_id]
         block.ref_count += 1
 
-    def release(self, block_id: int, reuse_first: bool = False) -> None:
+    def release(self, block_id: int, reuse_first: bool = False, keep_until: float | None = None) -> None:
         """Drop a reference; an unused block joins the free queue at its end (evicted last), or at its front
-        with reuse_first (a block that never held reusable KV, so nothing is lost by handing it out first)."""
+        with reuse_first (a block that never held reusable KV, so nothing is lost by handing it out first), or
+        with keep_until (a cached block) is pinned until then."""
         if block_id == NULL_BLOCK:
             return
         block = self.blocks[block_id]
@@ -96,6 +137,10 @@ class BlockPool:
             raise RuntimeError(f"block {block_id} released with ref_count {block.ref_count}")
         block.ref_count -= 1
         if block.ref_count == 0:
+            if keep_until is not None and block.hash is not None:
+                self.pinned[block_id] = keep_until
+                heapq.heappush(self._deadlines, (keep_until, block_id))
+                return
             self.free[block_id] = None
             if reuse_first and block.hash is None:
                 self.free.move_to_end(block_id, last=False)
@@ -116,11 +161,17 @@ class BlockPool:
             self.blocks[block_id].hash = self.blocks[block_id].key = None
         n = len(self.cached)
         self.cached.clear()
+        for block_id in self.pinned:  # nothing left to keep them for
+            self.free[block_id] = None
+        self.pinned.clear()
+        self._deadlines.clear()
         return n
 
     def check_integrity(self) -> None:
-        free_ids = set(self.free)
-        assert len(free_ids) == len(self.free), "duplicate ids in the free queue"
+        assert not set(self.free) & set(self.pinned), "a block is both free and pinned"
+        assert all(self.blocks[b].hash is not None for b in self.pinned), "a pinned block holds no cached KV"
+        free_ids = set(self.free) | set(self.pinned)
+        assert len(set(self.free)) == len(self.free), "duplicate ids in the free queue"
         assert NULL_BLOCK not in free_ids, "null block is in the free queue"
         for block in self.blocks[1:]:
             in_free = block.block_id in free_ids

@@ -15,12 +15,14 @@ import time
 
 import torch
 
+from tokenfab.attention.backend import KVCache
 from tokenfab.config import EngineConfig
 from tokenfab.economics.attribution import CostMeter, RequestCost
 from tokenfab.engine.grammar import Grammars
 from tokenfab.engine.kv_cache_manager import KVCacheManager
 from tokenfab.engine.kv_events import MEDIUM_CPU, MEDIUM_GPU, EventBatch, KVEventPublisher
 from tokenfab.engine.kv_sizing import plan_kv_blocks
+from tokenfab.engine.kv_tiers import DiskTier, HostTier, KVTiers, TierStore, tier_namespace
 from tokenfab.engine.messages import CoreInfo, CoreOutput, CoreRequest, EngineStats
 from tokenfab.engine.model_runner import RunOutput
 from tokenfab.engine.prompt_logprobs import PromptLogprobs
@@ -29,7 +31,7 @@ from tokenfab.engine.scheduler import Emitted, Scheduler, StepUpdate
 from tokenfab.engine.speculative.policy import StepShape
 from tokenfab.engine.speculative.proposer import StepView
 from tokenfab.engine.speculative.speculator import TargetParts, build_speculator
-from tokenfab.engine.stats import CostStats, SpecStats
+from tokenfab.engine.stats import CostStats, SpecStats, TierStats
 from tokenfab.engine.types import Request, SampleResult, StepPlan
 from tokenfab.engine.worker import Worker
 from tokenfab.kernels.build import kernel_path
@@ -68,6 +70,9 @@ class EngineCore:
         log.info("model loaded in %.1f s", time.monotonic() - started)
         medium = MEDIUM_CPU if device.type == "cpu" else MEDIUM_GPU
         self.kv = self.worker.kv_manager(config.enable_prefix_caching, medium)
+        self.kv_tiers = _kv_tiers(config, self.worker.cache, self._tier_identity())
+        if self.kv_tiers is not None:
+            self.kv.attach_tiers(self.kv_tiers)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         self.kv_events = _kv_event_publisher(config, self.kv, self.scheduler)
         self.sampler = Sampler(config.seed)
@@ -144,7 +149,9 @@ class EngineCore:
             self.kv_events.publish(EventBatch(time.time(), self.kv.take_events()))
 
     def close(self) -> None:
-        """Stop publishing (the model itself needs no teardown)."""
+        """Stop publishing and finish the disk tier's writes (the model itself needs no teardown)."""
+        if self.kv_tiers is not None:
+            self.kv_tiers.close()
         if self.kv_events is not None:
             self.kv_events.flush()
             self.kv_events.close()
@@ -166,6 +173,7 @@ class EngineCore:
             self._back_to_back = False
             return []
         self.grammars.prepare(plan.scheduled)
+        executed = time.perf_counter()
         run = self.worker.execute(plan, self.kv.block_tables)
         self._prompt_logprobs.collect(plan, run)
         self.grammars.mask(run.logits, run.samplers)
@@ -177,6 +185,9 @@ class EngineCore:
         )
         self.grammars.advance(run.samplers, result)
         update = self.scheduler.update(plan, run.samplers, result)
+        if self.kv_tiers is not None:
+            prefill = sum(s.num_tokens for s in plan.scheduled if s.num_tokens > 1)
+            self.kv_tiers.observe_step(prefill, plan.num_batched_tokens, time.perf_counter() - executed)
         if self.speculator is not None:
             self._speculate(plan, run, result, time.perf_counter() - start)
         for part_id, part in self.meter.end_step({s.request.request_id: s.num_tokens for s in plan.scheduled}).items():
@@ -264,7 +275,39 @@ class EngineCore:
             self.kv.prefix_stats(),
             spec,
             CostStats(m.busy_seconds, m.joules, m.usd, m.energy_source, m.meter_name),
+            self.kv_tiers.snapshot() if self.kv_tiers is not None else TierStats(),
         )
+
+    def _tier_identity(self) -> tuple:
+        """What a disk tier's blocks depend on besides their tokens: model files, weight format, dtype, KV layout."""
+        path = self.source.path
+        files = sorted(path.iterdir()) if path.is_dir() else [path]
+        return (
+            path.name,
+            [(f.name, f.stat().st_size) for f in files if f.is_file()],
+            self.quantization_label,
+            str(self.dtype),
+            self.config.block_size,
+            [(g.window, g.layers) for g in self.worker.groups],
+            self.arch.num_kv_heads,
+            self.arch.head_dim,
+        )
+
+
+def _kv_tiers(config: EngineConfig, cache: KVCache, identity: tuple) -> KVTiers | None:
+    """The host and disk tiers the config asks for (None: neither)."""
+    if not config.kv_tiers:
+        return None
+    stores: list[TierStore] = []
+    if config.kv_host_gb > 0:
+        host = HostTier.for_cache(cache, config.kv_host_gb * 2**30)
+        stores.append(host)
+        log.info("KV host tier: %.2f GiB, %s blocks per group", config.kv_host_gb, host.slots)
+    if config.kv_disk_dir is not None:
+        disk = DiskTier(config.kv_disk_dir, tier_namespace(*identity), int(config.kv_disk_gb * 2**30))
+        stores.append(disk)
+        log.info("KV disk tier: %s (%.1f GiB; %d blocks found)", disk.dir, config.kv_disk_gb, disk.num_blocks)
+    return KVTiers(cache, stores)
 
 
 def _kv_event_publisher(config: EngineConfig, kv: KVCacheManager, scheduler: Scheduler) -> KVEventPublisher | None:

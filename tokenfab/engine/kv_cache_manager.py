@@ -10,15 +10,21 @@ to the set of cached blocks is kept as a KV event (`tokenfab.engine.kv_events`) 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgspec
+import torch
 
 from tokenfab.engine.block_hash import BlockHash, block_hash, external_hash
 from tokenfab.engine.block_pool import NULL_BLOCK, BlockKey, BlockPool
 from tokenfab.engine.kv_events import AllBlocksCleared, BlockStored, KVEvent
 from tokenfab.engine.stats import KVStats, PrefixCacheStats
 from tokenfab.engine.types import Request
+
+if TYPE_CHECKING:
+    from tokenfab.engine.kv_tiers import KVTiers
 
 
 @dataclass(slots=True)
@@ -47,6 +53,14 @@ class KVCacheManager:
         self.stats = PrefixCacheStats()
         self.medium = medium
         self._events: list[KVEvent] | None = None
+        self.tiers: KVTiers | None = None
+
+    def attach_tiers(self, tiers: KVTiers) -> None:
+        """Write evicted blocks back to `tiers` and load prefix hits from them (`KVTiers`)."""
+        self.tiers = tiers
+        tiers.events = self._events
+        for pool in self.pools:
+            pool.on_evict = tiers.save
 
     # -- KV events ----------------------------------------------------------------------------------------------
 
@@ -56,6 +70,8 @@ class KVCacheManager:
             self._events = []
             for pool in self.pools:
                 pool.events = self._events
+            if self.tiers is not None:
+                self.tiers.events = self._events
 
     def take_events(self) -> list[KVEvent]:
         """The events since the last call, oldest first (empty when not recording)."""
@@ -77,6 +93,8 @@ class KVCacheManager:
             pool.clear_cache()
         if self._events is not None:
             self._events.append(AllBlocksCleared())
+        if self.tiers is not None:
+            self.tiers.clear()
 
     def block_tables(self, request_id: str) -> tuple[list[int], ...]:
         return tuple(self.requests[request_id].tables)
@@ -87,7 +105,16 @@ class KVCacheManager:
         return min(caps) if caps else 1 << 62
 
     def kv_stats(self) -> KVStats:
-        return KVStats(self.usage, sum(self.num_free_blocks()), sum(p.num_blocks - 1 for p in self.pools))
+        for pool in self.pools:
+            pool.expire()
+        return KVStats(
+            self.usage,
+            sum(self.num_free_blocks()),
+            sum(p.num_blocks - 1 for p in self.pools),
+            sum(len(p.pinned) for p in self.pools),
+            sum(p.pin_expiries for p in self.pools),
+            sum(p.pins_reclaimed for p in self.pools),
+        )
 
     def prefix_stats(self) -> PrefixCacheStats:
         return msgspec.structs.replace(self.stats)
@@ -109,27 +136,24 @@ class KVCacheManager:
             state.keys.append(key)
             state.hashes.append(block_hash(*key))
 
-    def _hit_blocks(self, state: _ReqState) -> tuple[int, list[list[int | None]]]:
-        """Longest prefix (in blocks) backed in every group, and the cached block ids per group."""
-        found = [[p.lookup(h, k) for h, k in zip(state.hashes, state.keys)] for p in self.pools]
-        limit = len(state.hashes)
+    def _hit_limit(self, held: list[list[bool]]) -> int:
+        """Longest prefix (in blocks) backed in every group, given which blocks each group holds."""
+        limit = len(held[0]) if held else 0
         for g, window in enumerate(self.windows):
             if window is None:
                 run = 0
-                while run < limit and found[g][run] is not None:
+                while run < limit and held[g][run]:
                     run += 1
                 limit = run
         # Backing a hit of n blocks in a sliding group is not monotonic in n, so test every group at each n.
-        while limit > 0 and not all(
-            self._sliding_backs(found[g], limit, w) for g, w in enumerate(self.windows) if w is not None
-        ):
+        while limit > 0 and not all(all(held[g][self._first_kept(g, limit) : limit]) for g in range(len(held))):
             limit -= 1
-        return limit, found
+        return limit
 
-    def _sliding_backs(self, found: list[int | None], n: int, window: int) -> bool:
-        """Whether the blocks the next token's window needs after an n-block hit are all cached."""
-        first_needed = max(0, n * self.block_size - window + 1) // self.block_size
-        return all(b is not None for b in found[first_needed:n])
+    def _first_kept(self, g: int, n: int) -> int:
+        """The first of n blocks that the next token's window needs in group g (0 for full attention)."""
+        window = self.windows[g]
+        return 0 if window is None else max(0, n * self.block_size - window + 1) // self.block_size
 
     def get_computed_blocks(self, request: Request) -> int:
         """Admit a request: take references on its cached prefix; returns the number of computed tokens."""
@@ -141,21 +165,92 @@ class KVCacheManager:
         self._hashes(request, state, request.num_tokens - 1)
         if request.params.prompt_logprobs is not None:
             return 0  # every prompt position's logits are wanted: none may be skipped
-        n, found = self._hit_blocks(state)
+        found = [[p.lookup(h, k) for h, k in zip(state.hashes, state.keys)] for p in self.pools]
+        n = self._hit_limit([[b is not None for b in f] for f in found])
+        loads: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
+        if self.tiers is not None and n < len(state.hashes):
+            n, loads = self._tier_hit(state, found, n)
         self.stats.queries += request.num_tokens
         self.stats.hits += n * self.block_size
-        for g, (pool, window) in enumerate(zip(self.pools, self.windows)):
-            first_kept = 0 if window is None else max(0, n * self.block_size - window + 1) // self.block_size
+        # References on the pool's blocks first, so that allocating blocks for the loads cannot evict them.
+        for g, pool in enumerate(self.pools):
+            first_kept = self._first_kept(g, n)
             for i in range(n):
-                if i < first_kept:
-                    state.tables[g].append(NULL_BLOCK)
-                else:
-                    block_id = found[g][i]
-                    assert block_id is not None  # _hit_blocks checked every block it counts
+                block_id = found[g][i] if i >= first_kept else NULL_BLOCK
+                if block_id is not None and block_id != NULL_BLOCK:
                     pool.touch(block_id)
-                    state.tables[g].append(block_id)
+                state.tables[g].append(NULL_BLOCK if block_id is None else block_id)
+        for (g, i), (level, kv) in loads.items():
+            block_id = self.pools[g].allocate()
+            assert self.tiers is not None
+            self.tiers.write(g, block_id, kv, level, self.block_size)
+            state.tables[g][i] = block_id
+        self._register_loaded(state, sorted(loads))
         state.registered = n
         return n * self.block_size
+
+    def _tier_hit(
+        self, state: _ReqState, found: list[list[int | None]], n_pool: int
+    ) -> tuple[int, dict[tuple[int, int], tuple[int, torch.Tensor]]]:
+        """The prefix the tiers extend the pool's hit to, if loading it beats recomputing it: (blocks, the fetched
+        KV of each (group, position) to load with its tier level)."""
+        tiers = self.tiers
+        assert tiers is not None
+        levels = [
+            [None if b is not None else tiers.find(g, h) for b, h in zip(found[g], state.hashes)]
+            for g in range(len(self.pools))
+        ]
+        failed: set[tuple[int, int]] = set()
+        for deepest in range(len(tiers.stores) - 1, -1, -1):
+            while True:
+                held = [
+                    [
+                        b is not None or (lv is not None and lv <= deepest and (g, i) not in failed)
+                        for i, (b, lv) in enumerate(zip(found[g], levels[g]))
+                    ]
+                    for g in range(len(self.pools))
+                ]
+                n = self._hit_limit(held)
+                if n <= n_pool:
+                    break
+                wanted = [
+                    (g, i, lv)
+                    for g in range(len(self.pools))
+                    for i in range(self._first_kept(g, n), n)
+                    if found[g][i] is None and (lv := levels[g][i]) is not None
+                ]
+                room = all(
+                    sum(1 for w in wanted if w[0] == g) <= pool.num_free - self._free_hits(g, found, n)
+                    for g, pool in enumerate(self.pools)
+                )
+                if not room:
+                    break
+                if not tiers.worth_loading((n - n_pool) * self.block_size, [(g, lv) for g, _, lv in wanted]):
+                    tiers.declined()
+                    break
+                loads = {}
+                for g, i, lv in wanted:
+                    kv = tiers.fetch(g, state.hashes[i], state.keys[i], lv)
+                    if kv is None:
+                        failed.add((g, i))
+                        break
+                    loads[(g, i)] = (lv, kv)
+                else:
+                    return n, loads
+        return n_pool, {}
+
+    def _free_hits(self, g: int, found: list[list[int | None]], n: int) -> int:
+        """Blocks of an n-block hit that sit unused in group g's free queue (touching them takes them out)."""
+        pool = self.pools[g]
+        return sum(1 for b in found[g][self._first_kept(g, n) : n] if b is not None and pool.blocks[b].ref_count == 0)
+
+    def _register_loaded(self, state: _ReqState, loaded: list[tuple[int, int]]) -> None:
+        """Make loaded blocks findable like computed ones (and announce them, as stored in the pool)."""
+        for g, pool in enumerate(self.pools):
+            new = [
+                i for gg, i in loaded if gg == g and pool.register(state.tables[g][i], state.hashes[i], state.keys[i])
+            ]
+            self._announce(g, state, new)
 
     # -- allocation ---------------------------------------------------------------------------------------------
 
@@ -198,12 +293,15 @@ class KVCacheManager:
                 for i in range(state.registered, full)
                 if table[i] != NULL_BLOCK and pool.register(table[i], state.hashes[i], state.keys[i])
             ]
-            if new and self._events is not None:
-                # One BlockStored per run of consecutive newly cached blocks (a block whose contents another
-                # block already holds is not announced again).
-                starts = [k for k in range(len(new)) if k == 0 or new[k] != new[k - 1] + 1] + [len(new)]
-                self._events.extend(self._stored(g, state, new[x:y]) for x, y in zip(starts, starts[1:]))
+            self._announce(g, state, new)
         state.registered = full
+
+    def _announce(self, g: int, state: _ReqState, new: list[int]) -> None:
+        """One BlockStored per run of consecutive newly cached blocks (a block whose contents another block
+        already holds is not announced again)."""
+        if new and self._events is not None:
+            starts = [k for k in range(len(new)) if k == 0 or new[k] != new[k - 1] + 1] + [len(new)]
+            self._events.extend(self._stored(g, state, new[x:y]) for x, y in zip(starts, starts[1:]))
 
     def _stored(self, g: int, state: _ReqState, run: list[int]) -> BlockStored:
         first = run[0]
@@ -233,13 +331,16 @@ class KVCacheManager:
                 pool.release(table.pop(), reuse_first=True)
 
     def free(self, request: Request) -> None:
-        """Release in reverse so a sequence's tail is evicted before its (more shareable) head."""
+        """Release in reverse so a sequence's tail is evicted before its (more shareable) head; a request that
+        keeps its KV (`keep_kv_s`) pins its cached blocks until then."""
         state = self.requests.pop(request.request_id, None)
         if state is None:
             return
+        keep = request.params.keep_kv_s
+        until = time.monotonic() + keep if keep > 0 else None
         for pool, table in zip(self.pools, state.tables):
             for block_id in reversed(table):
-                pool.release(block_id)
+                pool.release(block_id, keep_until=until)
 
     def num_free_blocks(self) -> list[int]:
         return [p.num_free for p in self.pools]

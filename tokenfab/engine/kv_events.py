@@ -169,8 +169,8 @@ class KVEventPublisher:
 class KVEventSubscriber:
     """Follows one publisher: applies every batch in sequence order, fetching gaps from the replay socket.
 
-    `blocks` is the set of `(group_idx, block_hash)` the publisher holds, as far as the batches seen tell —
-    what a KV-aware router indexes per replica.
+    `blocks` is the set of `(group_idx, block_hash)` the publisher holds in any medium (its pool or a KV tier),
+    as far as the batches seen tell — what a KV-aware router indexes per replica; `media` says where each is.
     """
 
     def __init__(self, endpoint: str, replay_endpoint: str | None = None, topic: str = "kv-events") -> None:
@@ -181,6 +181,8 @@ class KVEventSubscriber:
         self._replay_endpoint = replay_endpoint
         self.last_seq = -1
         self.blocks: set[tuple[int | None, int]] = set()
+        self.media: dict[tuple[int | None, int], set[str | None]] = {}
+        """Per block held: the media holding it (a block leaves `blocks` when the last one drops it)."""
         self.replayed = 0
         """Batches recovered through replay."""
         self._on_batch: Callable[[int, EventBatch], None] | None = None
@@ -257,13 +259,29 @@ class KVEventSubscriber:
             self._on_batch(seq, batch)
 
     def apply(self, batch: EventBatch) -> None:
+        media = self.media
         for event in batch.events:
             if isinstance(event, BlockStored):
-                self.blocks.update((event.group_idx, h) for h in event.block_hashes)
+                for h in event.block_hashes:
+                    key = (event.group_idx, h)
+                    media.setdefault(key, set()).add(event.medium)
+                    self.blocks.add(key)
             elif isinstance(event, BlockRemoved):
-                self.blocks.difference_update((event.group_idx, h) for h in event.block_hashes)
+                for h in event.block_hashes:
+                    key = (event.group_idx, h)
+                    held = media.get(key)
+                    if held is not None:
+                        held.discard(event.medium)
+                        if not held:
+                            del media[key]
+                            self.blocks.discard(key)
             else:
-                self.blocks.clear()
+                self.forget_blocks()
+
+    def forget_blocks(self) -> None:
+        """Know nothing held (before a resync from the replay buffer)."""
+        self.blocks.clear()
+        self.media.clear()
 
     def close(self) -> None:
         self._sub.close(linger=0)

@@ -50,6 +50,15 @@ class KVStats(msgspec.Struct, gc=False):
     usage: Annotated[float, gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (1 = full)")] = 0.0
     free_blocks: Annotated[int, gauge("kv_cache_free_blocks", "KV blocks free (cached-free included), all groups")] = 0
     total_blocks: Annotated[int, gauge("kv_cache_total_blocks", "KV blocks, all groups")] = 0
+    pinned_blocks: Annotated[
+        int, gauge("kv_cache_pinned_blocks", "Unused KV blocks kept for a session's next turn (until its TTL)")
+    ] = 0
+    pin_expiries: Annotated[
+        int, counter("kv_cache_pin_expiries", "Kept KV blocks whose session TTL ran out (then evictable)")
+    ] = 0
+    pins_reclaimed: Annotated[
+        int, counter("kv_cache_pins_reclaimed", "Kept KV blocks handed out before their TTL (nothing else was free)")
+    ] = 0
 
 
 class PrefixCacheStats(msgspec.Struct, gc=False):
@@ -92,6 +101,38 @@ class CostStats(msgspec.Struct, gc=False):
     meter: str = ""
 
 
+class TierStats(msgspec.Struct, gc=False):
+    """KV tiers below the engine's pool (all zero without them)."""
+
+    media: str = ""
+    """The tiers' media, fastest first (`CPU_TIER,DISK`); empty without tiers."""
+    host_blocks: Annotated[int, gauge("kv_tier_host_blocks", "KV blocks held in the host-memory tier")] = 0
+    host_bytes: Annotated[int, gauge("kv_tier_host_bytes", "Bytes of KV held in the host-memory tier")] = 0
+    disk_blocks: Annotated[int, gauge("kv_tier_disk_blocks", "KV blocks held in the disk tier")] = 0
+    disk_bytes: Annotated[int, gauge("kv_tier_disk_bytes", "Bytes of KV held in the disk tier")] = 0
+    host_stored: Annotated[int, counter("kv_tier_host_stored_blocks", "Blocks written to the host tier")] = 0
+    disk_stored: Annotated[int, counter("kv_tier_disk_stored_blocks", "Blocks written to the disk tier")] = 0
+    host_hit_tokens: Annotated[
+        int, counter("kv_tier_host_hit_tokens", "Prompt tokens loaded from the host tier instead of recomputed")
+    ] = 0
+    disk_hit_tokens: Annotated[
+        int, counter("kv_tier_disk_hit_tokens", "Prompt tokens loaded from the disk tier instead of recomputed")
+    ] = 0
+    loads_declined: Annotated[
+        int, counter("kv_tier_loads_declined", "Tier hits recomputed because loading was predicted slower")
+    ] = 0
+    load_seconds: Annotated[float, counter("kv_tier_load_seconds", "Time spent loading blocks from the tiers")] = 0.0
+    store_seconds: Annotated[
+        float, counter("kv_tier_store_seconds", "Time spent copying evicted blocks into the tiers (on the step)")
+    ] = 0.0
+    corrupt_blocks: Annotated[
+        int, counter("kv_tier_corrupt_blocks", "Disk-tier blocks that failed their checks (dropped, recomputed)")
+    ] = 0
+    disk_write_errors: Annotated[
+        int, counter("kv_tier_disk_write_errors", "Disk-tier writes that failed (the tier then takes no more)")
+    ] = 0
+
+
 class EngineStats(msgspec.Struct, gc=False):
     """A snapshot of the core's gauges and counters, sent with step outputs."""
 
@@ -101,6 +142,7 @@ class EngineStats(msgspec.Struct, gc=False):
     prefix_cache: PrefixCacheStats
     spec: SpecStats
     cost: CostStats
+    tiers: TierStats = msgspec.field(default_factory=TierStats)
 
 
 @cache

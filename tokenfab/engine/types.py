@@ -12,6 +12,10 @@ if TYPE_CHECKING:
     import torch
 
 
+MAX_KEEP_KV_S = 3600.0
+"""The longest a finished request's KV blocks may be kept (an hour)."""
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """How to pick tokens for one request; validated on construction."""
@@ -46,6 +50,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     grammar: str | None = None
     """An llguidance grammar (tokenfab.engine.grammar) every generated token must follow; EOS once complete."""
+    keep_kv_s: float = 0.0
+    """Seconds the sequence's KV blocks stay in the pool after it finishes (an agent session's next turn finds
+    them there), unless the pool needs them for work it would otherwise have to refuse or preempt."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -65,6 +72,7 @@ class SamplingParams:
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
             (self.repetition_penalty > 0.0, "repetition_penalty must be > 0"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (0.0 <= self.keep_kv_s <= MAX_KEEP_KV_S, f"keep_kv_s must be in [0, {MAX_KEEP_KV_S:g}]"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be in [0, 20]"),
             (0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in [0, max_tokens]"),
             (

@@ -289,6 +289,8 @@ class _EngineCollector:
         parts: list[Struct] = [s.scheduler, s.kv, s.prefix_cache, s.cost]
         if s.spec.method != "none":
             parts.append(s.spec)
+        if s.tiers.media:
+            parts.append(s.tiers)
         for part in parts:
             for metric, value in exported(part):
                 if alive or metric.kind == "counter":  # a dead engine's gauges would be stale
