@@ -275,6 +275,24 @@ def test_request_log_bills_the_user(client, request_log):
     assert mine[0]["cost"]["usd"] == pytest.approx(resp.usage.model_extra["cost"]["usd"], rel=1e-9)
 
 
+def test_a_session_turn_keeps_its_kv_and_its_cost_is_logged_under_the_session(client, server, request_log):
+    prompt = " ".join(f"w{5 + i % 90}" for i in range(80))
+    resp = client.completions.create(model="tiny", prompt=prompt, max_tokens=3,
+                                     extra_body={"session": {"id": "agent-42", "ttl_s": 5}})
+    metrics = httpx.get(f"{server.url}/metrics").text
+    pinned = [line for line in metrics.splitlines() if line.startswith("tokenfab:kv_cache_pinned_blocks{")]
+    assert pinned and float(pinned[0].rsplit(" ", 1)[1]) >= 4  # the prompt's full blocks, kept for the next turn
+    records = [json.loads(line) for line in request_log.read_text().splitlines()]
+    assert [r["session"] for r in records if r["id"] == resp.id] == ["agent-42"]
+    again = client.completions.create(model="tiny", prompt=prompt + " w7", max_tokens=1)
+    assert again.usage.prompt_tokens_details.cached_tokens >= 64
+    for session, field in [({"id": "a", "ttl_s": 0}, "ttl_s"), ({"id": "a", "ttl_s": 1e6}, "ttl_s"),
+                           ({"id": "", "ttl_s": 5}, "id"), ({"id": "a"}, "ttl_s"),
+                           ({"id": "a", "ttl_s": 5, "pin": True}, "pin"), ("agent-42", "session")]:
+        r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "w5", "max_tokens": 1, "session": session})
+        assert r.status_code == 400 and field in r.json()["error"]["message"], (session, r.text)
+
+
 def test_echoed_prompts_are_scored_for_evaluation(client, offline):
     """lm-eval's loglikelihood request (token ids, echo, logprobs, max_tokens 1 or 0): the prompt's logprobs as the
     offline engine computes them in the prefill, the first token without one."""

@@ -35,7 +35,8 @@ def prepare(body: ChatCompletionRequest, state: ServerState) -> Job:
     budget = max_new_tokens(limit, [prompt], info, "messages")
     stops = stop_after_call(tool_plan) if tool_plan is not None else []
     params = sampling_params(body, budget, logprobs, info, None, rules, stops)
-    return Job(f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, body.priority, body.user, tool_plan)
+    session = body.session.id if body.session is not None else None
+    return Job(f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, body.priority, body.user, tool_plan, session)
 
 
 def reply(c: CompletionOutput, tool_plan: ToolPlan | None) -> tuple[dict, str | None]:

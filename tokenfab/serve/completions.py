@@ -32,7 +32,8 @@ def prepare(body: CompletionRequest, state: ServerState) -> Job:
     scored = body.logprobs if body.echo else None
     budget = max_new_tokens(limit, prompts, info, "prompt")
     params = sampling_params(body, budget, body.logprobs, info, scored, grammar(body))
-    return Job(f"cmpl-{uuid.uuid4().hex}", prompts, params, body.priority, body.user)
+    session = body.session.id if body.session is not None else None
+    return Job(f"cmpl-{uuid.uuid4().hex}", prompts, params, body.priority, body.user, session=session)
 
 
 def _generates(body: CompletionRequest) -> bool:

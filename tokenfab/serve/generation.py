@@ -40,6 +40,8 @@ class Job:
     """The caller's end-user id (OpenAI `user`), written to the request log with the request's cost."""
     tools: ToolPlan | None = None
     """A chat request's tool calling: how its replies are read (None: plain content)."""
+    session: str | None = None
+    """The agent session it is a turn of (the request extension `session.id`), written to the request log."""
 
     def prompt_ids(self) -> list[str]:
         """The engine request id of each prompt."""
@@ -117,7 +119,7 @@ class Generation:
                 energy = self.client.info.energy_source if self.client.info else "modelled"
                 outputs = [latest[i] for i in sorted(latest)]
                 self.request_log.write(
-                    job.request_id, job.user, status, usage(outputs, energy), time.monotonic() - start
+                    job.request_id, job.user, status, usage(outputs, energy), time.monotonic() - start, job.session
                 )
 
     async def _pump(self, job: Job, index: int, request_id: str, prompt: Prompt, queue: asyncio.Queue) -> None:

@@ -23,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 
+from tokenfab.engine.types import MAX_KEEP_KV_S
+
 MAX_N = 16
 MAX_STOP = 16
 MAX_STOP_CHARS = 512
@@ -68,6 +70,16 @@ NonEmpty = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 class StreamOptions(Strict):
     include_usage: StrictBool = False
     """Send a last chunk (empty choices) carrying the usage of the whole request."""
+
+
+class SessionOptions(Strict):
+    """Extension: the request is a turn of an agent session whose next turn will come back after a pause."""
+
+    id: Annotated[Text, Field(min_length=1, max_length=256)]
+    """The session's name (written to the request log, so a session's cost can be summed)."""
+    ttl_s: Annotated[StrictFloat | StrictInt, Field(gt=0, le=MAX_KEEP_KV_S)]
+    """Seconds this turn's KV blocks stay in the engine's pool after it finishes (unless the pool needs them for
+    work it would otherwise refuse; with a host tier they then move there)."""
 
 
 class SamplingFields(Strict):
@@ -116,6 +128,8 @@ class SamplingFields(Strict):
     skip_special_tokens: StrictBool = True
     priority: Annotated[StrictInt, Field(ge=-INT32, le=INT32)] = 0
     """Lower is served first (FCFS among equals)."""
+    session: SessionOptions | None = None
+    """Extension: keep this turn's KV for the session's next turn (`SessionOptions`)."""
     guided_regex: Annotated[Text, Field(min_length=1, max_length=4096)] | None = None
     """Extension (as vLLM's): every completion matches this regular expression, then ends."""
     guided_json: dict[str, Any] | Annotated[Text, Field(min_length=1, max_length=1 << 20)] | None = None

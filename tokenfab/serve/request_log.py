@@ -15,12 +15,15 @@ class RequestLog:
     def __init__(self, path: str | Path) -> None:
         self._file: TextIO = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives with the server
 
-    def write(self, request_id: str, user: str | None, status: str, usage: dict, seconds: float) -> None:
+    def write(
+        self, request_id: str, user: str | None, status: str, usage: dict, seconds: float, session: str | None = None
+    ) -> None:
         """`usage` is the request's OpenAI usage object (token counts and cost), as its response carries it."""
         record = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "id": request_id,
             "user": user,
+            "session": session,
             "status": status,
             "e2e_seconds": round(seconds, 6),
             **usage,

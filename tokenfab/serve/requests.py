@@ -234,6 +234,7 @@ def sampling_params(
             grammar=grammar,
             min_tokens=body.min_tokens,
             skip_special_tokens=body.skip_special_tokens,
+            keep_kv_s=float(body.session.ttl_s) if body.session is not None else 0.0,
         )
     except ValueError as e:
         raise bad_request(str(e)) from None
