@@ -51,6 +51,12 @@ def add_parser(sub) -> None:
         default=2,
         help="the replica rungs (round-robin, then KV-aware routing) split the machine into this many (1: none)",
     )
+    lad.add_argument(
+        "--kv-pool-gb",
+        type=float,
+        default=0.15,
+        help="the KV-tier rungs: the engine's KV pool cut to this size, then the host-memory KV tier added (0: none)",
+    )
     lad.add_argument("--rungs", default=None, help="run only these rungs (comma-separated numbers from 1)")
     lad.set_defaults(func=_ladder, slo_ttft=5.0, slo_tpot=0.25)
 

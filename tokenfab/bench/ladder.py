@@ -32,10 +32,14 @@ class Rung:
     """None: the ladder's concurrency list."""
 
 
-def rungs(concurrencies: tuple[int, ...], quantization: str = "none", replicas: int = 1) -> list[Rung]:
+def rungs(
+    concurrencies: tuple[int, ...], quantization: str = "none", replicas: int = 1, kv_pool_gb: float = 0.0
+) -> list[Rung]:
     """quantization: the weight format of its rung ('none' leaves that rung out); replicas > 1: two more rungs, the
     machine split into that many replicas behind round-robin, then behind the KV-aware router (same cores, same
-    KV memory in total, same price)."""
+    KV memory in total, same price); kv_pool_gb > 0: two more, on one engine with the rungs above the replicas',
+    its KV pool cut to that size (returning sessions find their prefix evicted), then the host-memory KV tier
+    added (the same pool)."""
     top = max(concurrencies)
     out = [
         Rung("naive: one request at a time, no prefix cache", ("--no-enable-prefix-caching",), 1, (1,)),
@@ -46,10 +50,15 @@ def rungs(concurrencies: tuple[int, ...], quantization: str = "none", replicas: 
     if quantization != "none":
         # The rungs compound: the last keeps everything above it.
         out.append(Rung(f"+ {quantization} weights", (*out[-1].flags, "--quantization", quantization), top))
+    single = out[-1].flags
     if replicas > 1:
-        split = (*out[-1].flags, "--replicas", str(replicas))
+        split = (*single, "--replicas", str(replicas))
         out.append(Rung(f"{replicas} replicas, round-robin", (*split, "--router", "round-robin"), top))
         out.append(Rung("+ KV-aware routing", (*split, "--router", "kv"), top))
+    if kv_pool_gb > 0:
+        small = (*single, "--kv-cache-memory-gb", f"{kv_pool_gb:g}")
+        out.append(Rung(f"one engine, KV pool cut to {kv_pool_gb:g} GB", small, top))
+        out.append(Rung("+ host-memory KV tier (2 GB)", (*small, "--kv-host-gb", "2"), top))
     return out
 
 
@@ -85,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
     doc["kind"] = "tokenfab-bench-ladder"
     out = args.out / "ladder.json"
     entries: list[tuple[Rung, dict]] = []
-    chosen = rungs(concurrencies, args.quantization, args.replicas)
+    chosen = rungs(concurrencies, args.quantization, args.replicas, args.kv_pool_gb)
     if args.rungs:
         chosen = [chosen[int(i) - 1] for i in args.rungs.split(",")]
     for rung in chosen:
