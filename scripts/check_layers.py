@@ -18,7 +18,7 @@ FLOORS = [
     ["engine", "evaluation", "quantize"],
     ["cluster"],
     ["llm", "__init__"],
-    ["serve", "bench", "cli"],
+    ["serve", "bench", "sim", "cli"],
 ]
 FLOOR = {unit: i for i, units in enumerate(FLOORS) for unit in units}
 

@@ -199,8 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=_convert)
     _add_quantize(sub)
     from tokenfab.evaluation.cli import add_parser as add_eval
+    from tokenfab.sim.cli import add_parsers as add_sim
 
     add_eval(sub)
+    add_sim(sub)
     return parser
 
 

@@ -12,16 +12,16 @@ def add_parser(sub) -> None:
     cmds = bench.add_subparsers(dest="bench_command", required=True)
     one = cmds.add_parser("serve", help="one load point against a running server")
     _target(one, launch=False)
-    _workload(one)
-    _load(one)
+    add_workload_args(one)
+    add_load_args(one)
     one.add_argument("--concurrency", type=int, default=None)
     one.add_argument("--rate", type=float, default=None, help="open loop: requests per second")
     one.add_argument("--out", type=Path, default=Path("results/bench-serve.json"))
     one.set_defaults(func=_serve)
     sw = cmds.add_parser("sweep", help="a concurrency or rate sweep, one or several systems, with a report")
     _target(sw, launch=True)
-    _workload(sw)
-    _load(sw)
+    add_workload_args(sw)
+    add_load_args(sw)
     sw.add_argument("--concurrency", default=None, help="comma list, e.g. 1,2,4,8")
     sw.add_argument("--rate", default=None, help="comma list of request rates (open loop)")
     sw.add_argument("--out", type=Path, default=Path("results/sweep"), help="directory for JSON, Markdown, PNGs")
@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
     rep.add_argument("--out", type=Path, default=Path("report"))
     rep.set_defaults(func=_report)
     lad = cmds.add_parser("ladder", help="tokens per dollar at an SLO: naive baseline, then each optimization")
-    _load(lad)
+    add_load_args(lad)
     lad.add_argument("--out", type=Path, default=Path("results/ladder"))
     lad.add_argument("--model", default=None, help="HF directory or .gguf (default: embedded Gemma 3 270M)")
     lad.add_argument("--concurrency", default="1,4,8", help="points searched for the best one within SLO")
@@ -72,7 +72,7 @@ def _target(p: argparse.ArgumentParser, launch: bool) -> None:
     p.add_argument("--model", default=None, help="tokenizer source: HF directory or .gguf (default: Gemma 3 270M)")
 
 
-def _workload(p: argparse.ArgumentParser) -> None:
+def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", default="random", choices=["random", "prefix", "agentic", "chat", "trace"])
     p.add_argument("--isl", type=int, default=1024, help="input length (random: uniform in [0.8, 1] x isl)")
     p.add_argument("--osl", type=int, default=128)
@@ -85,7 +85,7 @@ def _workload(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _load(p: argparse.ArgumentParser) -> None:
+def add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=0, help="per point (default: max(8, 2 x concurrency))")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--max-duration", type=float, default=None, help="seconds per point")

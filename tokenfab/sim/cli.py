@@ -1,0 +1,61 @@
+"""`tokenfab profile` (measure this machine's step costs) and `tokenfab simulate` (a load point in virtual time,
+with the same workload flags and the same JSON report shape as `tokenfab bench serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def add_parsers(sub) -> None:
+    from tokenfab.bench.cli import add_load_args, add_workload_args
+    from tokenfab.cluster.policies import POLICIES
+    from tokenfab.config_cli import add_engine_args
+
+    prof = sub.add_parser("profile", help="measure an engine's step times on this machine and fit a step-cost model")
+    add_engine_args(prof)
+    prof.add_argument("--out", type=Path, default=Path("prof"), help="directory for step_cost.json")
+    prof.set_defaults(func=_profile)
+
+    sim = sub.add_parser("simulate", help="a load point in virtual time: the real scheduler, a measured step cost")
+    sim.add_argument("--profile", type=Path, required=True, help="a `tokenfab profile` directory (per replica)")
+    sim.add_argument("--model", default=None, help="tokenizer source: HF directory or .gguf (default: Gemma 3 270M)")
+    add_workload_args(sim)
+    add_load_args(sim)
+    sim.add_argument("--concurrency", type=int, default=None)
+    sim.add_argument("--rate", type=float, default=None, help="open loop: requests per second")
+    sim.add_argument("--replicas", type=int, default=1, help="replicas, each as profiled (KV split evenly)")
+    sim.add_argument("--router", default="kv", choices=list(POLICIES))
+    sim.add_argument("--out", type=Path, default=Path("results/simulate.json"))
+    sim.set_defaults(func=_simulate)
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from tokenfab.config_cli import engine_config
+    from tokenfab.sim.profile import profile
+
+    config = engine_config(args)
+    model = profile(config, progress=lambda line: print(line, file=sys.stderr))
+    path = model.save(args.out)
+    print(json.dumps({"coef": model.coef, "median_rel_error": model.meta["median_rel_error"]}, indent=1))
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from tokenfab.bench import runner
+    from tokenfab.sim.run import simulate_point
+
+    if (args.concurrency is None) == (args.rate is None):
+        raise ValueError("give --concurrency or --rate")
+    started = time.monotonic()
+    doc = simulate_point(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1))
+    runner.print_summary(doc)
+    point = doc["systems"][0]["points"][0]
+    print(f"simulated {point['wall_s']:.1f} s in {time.monotonic() - started:.2f} s; wrote {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,67 @@
+"""Profile: measure an engine's step times over a grid of batches (prompt lengths x sequences at once) and fit a
+`StepCostModel` to them. The engine is the real one, in this process, with the config the server would use."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+from tokenfab.config import EngineConfig
+from tokenfab.engine.core import EngineCore
+from tokenfab.engine.messages import CoreRequest
+from tokenfab.engine.scheduler import StepUpdate
+from tokenfab.engine.types import SamplingParams
+from tokenfab.sim.step_cost import StepCostModel, StepFeatures, machine_meta
+
+GRID = [(64, 1), (64, 8), (256, 1), (256, 4), (256, 16), (1024, 1), (1024, 4), (1024, 12), (2048, 2), (512, 32)]
+"""(prompt tokens, sequences at once): short and long prompts, decoding alone and in large batches."""
+
+
+def profile(
+    config: EngineConfig, grid: list[tuple[int, int]] = GRID, max_tokens: int = 48,
+    progress: Callable[[str], None] | None = None,
+) -> StepCostModel:  # fmt: skip
+    core = EngineCore(config)
+    plans: list[StepUpdate] = []
+    core.scheduler.hooks.append(plans.append)
+    rng = random.Random(0)
+    vocab = core.arch.vocab_size
+    limit = core.max_model_len - max_tokens - 1
+    samples: list[tuple[StepFeatures, float]] = []
+    for n, (prompt_len, seqs) in enumerate(grid):
+        length = min(prompt_len, limit)
+        for i in range(seqs):
+            # Random ids past the first thousand (control tokens): no prefix is shared, every prompt is computed.
+            prompt = [rng.randrange(1000, vocab) for _ in range(length)]
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            core.add_request(CoreRequest(f"p{n}-{i}", prompt, params, time.monotonic()))
+        while core.has_unfinished():
+            plans.clear()
+            started = time.perf_counter()
+            core.step()
+            seconds = time.perf_counter() - started
+            if plans:
+                samples.append((StepFeatures.of(plans[0].plan), seconds))
+        if progress is not None:
+            progress(f"{length}-token prompts x {seqs}: {len(samples)} steps measured")
+    pools = core.kv.pools
+    meta = {
+        **machine_meta(),
+        "model": core.source.path.name,
+        "weights": core.quantization_label,
+        "dtype": str(core.dtype),
+        "threads": config.threads,
+        "shape": {
+            "windows": list(core.kv.windows),
+            "blocks_per_group": [p.num_blocks for p in pools],
+            "block_size": config.block_size,
+            "max_num_seqs": config.max_num_seqs,
+            "max_num_batched_tokens": config.max_num_batched_tokens,
+            "max_model_len": core.max_model_len,
+        },
+        "kv_cache_memory_gb": config.kv_cache_memory_gb,
+        "usd_per_hour": core.info().usd_per_hour,
+    }
+    core.close()
+    return StepCostModel.fit(samples, meta)
