@@ -65,7 +65,9 @@ def main() -> None:
         server = launch(ServerSpec("tokenfab", [*TOKENFAB, "serve", "--port", str(port)], dict(os.environ)), port,
                         Path(tmp))  # fmt: skip
         try:
-            for name, flags in CONFIGS.items():
+            for seed, (name, config_flags) in enumerate(CONFIGS.items(), 1):
+                # A seed of its own per configuration: the live server keeps its prefix cache between them.
+                flags = [*config_flags, "--seed", str(seed)]
                 measured, simulated = Path(tmp) / "m.json", Path(tmp) / "s.json"
                 subprocess.run([*TOKENFAB, "bench", "serve", "--url", server.url, *flags, "--out", str(measured)],
                                check=True, stdout=subprocess.DEVNULL)  # fmt: skip

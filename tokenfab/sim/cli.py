@@ -18,6 +18,12 @@ def add_parsers(sub) -> None:
     prof = sub.add_parser("profile", help="measure an engine's step times on this machine and fit a step-cost model")
     add_engine_args(prof)
     prof.add_argument("--out", type=Path, default=Path("prof"), help="directory for step_cost.json")
+    prof.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="then serve the same config for a minute to measure what serving adds to a step and a request",
+    )
     prof.set_defaults(func=_profile)
 
     sim = sub.add_parser("simulate", help="a load point in virtual time: the real scheduler, a measured step cost")
@@ -34,15 +40,36 @@ def add_parsers(sub) -> None:
 
 
 def _profile(args: argparse.Namespace) -> int:
+    import tempfile
+
     from tokenfab.config_cli import engine_config
-    from tokenfab.sim.profile import profile
+    from tokenfab.sim.profile import calibrate, profile
 
     config = engine_config(args)
     model = profile(config, progress=lambda line: print(line, file=sys.stderr))
+    if args.calibrate:
+        with tempfile.TemporaryDirectory() as tmp:
+            calibrate(model, _engine_flags(sys.argv), Path(tmp))
     path = model.save(args.out)
-    print(json.dumps({"coef": model.coef, "median_rel_error": model.meta["median_rel_error"]}, indent=1))
+    print(json.dumps({"coef": model.coef, "serving_step_s": model.serving_step_s,
+                      "request_latency_s": model.request_latency_s,
+                      "median_rel_error": model.meta["median_rel_error"]}, indent=1))  # fmt: skip
     print(f"wrote {path}", file=sys.stderr)
     return 0
+
+
+def _engine_flags(argv: list[str]) -> list[str]:
+    """The engine flags `tokenfab profile` was given (what the calibration server is started with)."""
+    rest = argv[argv.index("profile") + 1 :] if "profile" in argv else []
+    out, skip = [], False
+    for a in rest:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not (a.startswith("--out=") or a in ("--calibrate", "--no-calibrate")):
+            out.append(a)
+    return out
 
 
 def _simulate(args: argparse.Namespace) -> int:

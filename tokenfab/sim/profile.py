@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from tokenfab.config import EngineConfig
 from tokenfab.engine.core import EngineCore
@@ -65,3 +70,39 @@ def profile(
     }
     core.close()
     return StepCostModel.fit(samples, meta)
+
+
+def calibrate(model: StepCostModel, serve_flags: list[str], log_dir: Path) -> dict:
+    """Serve with the profiled config and measure one request at a time (256-token prompts, 64 tokens out): what
+    a served step takes beyond the engine's own time, and what a request spends before the engine sees it. Both
+    go into the model (`serving_step_s`, `request_latency_s`); returns the measurement."""
+    from tokenfab.bench.launch import ServerSpec, free_port, launch
+
+    port = free_port()
+    server = launch(
+        ServerSpec("tokenfab", [sys.executable, "-m", "tokenfab.cli", "serve", "--port", str(port), *serve_flags],
+                   dict(os.environ)),
+        port,
+        log_dir,
+    )  # fmt: skip
+    out = log_dir / "calibration.json"
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "tokenfab.cli", "bench", "serve", "--url", server.url, "--workload", "random",
+             "--isl", "256", "--osl", "64", "--concurrency", "1", "--num-requests", "8", "--seed", "991",
+             "--out", str(out)],
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+    finally:
+        server.stop()
+    s = json.loads(out.read_text())["systems"][0]["points"][0]["summary"]
+    prompt = s["input_tokens"] / max(s["completed"], 1)
+    tpot, ttft = s["tpot_s"]["p50"], s["ttft_s"]["p50"]
+    decode = model.engine_seconds(StepFeatures(decode_seqs=1, decode_context=int(prompt + 32)))
+    prefill = model.engine_seconds(StepFeatures(int(prompt), int(prompt) * prompt / 2 / 1000))
+    model.serving_step_s = max(0.0, tpot - decode)
+    model.request_latency_s = max(0.0, ttft - prefill - model.serving_step_s)
+    measured = {"tpot_p50": tpot, "ttft_p50": ttft, "prompt_tokens": prompt, "predicted_decode_step": decode,
+                "predicted_prefill_step": prefill}  # fmt: skip
+    model.meta["calibration"] = measured
+    return measured

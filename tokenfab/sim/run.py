@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from tokenfab.bench import runner
+from tokenfab.bench.load import LoadPlan
 from tokenfab.bench.stats import summarize
 from tokenfab.bench.sweep import new_document, requests_for
 from tokenfab.cluster.policies import make_policy
@@ -55,10 +56,13 @@ def simulate_point(args: argparse.Namespace) -> dict:
         sessions_loop(sim, sessions, int(point))
     else:
         warm = config.warmup
-        requests = [(tok.encode(r.prompt), r.max_tokens) for r in workload.requests[: n + warm]]
-        # As a measured run: the warm-up requests are sent but not recorded.
+        specs = workload.requests[: n + warm]
+        requests = [(tok.encode(r.prompt), r.max_tokens) for r in specs]
+        # As a measured run: the warm-up requests are sent but not recorded; arrival times drawn with the load
+        # generator's seed (LoadPlan's default), so both see the same arrivals.
         if open_:
-            open_loop(sim, requests, float(point), config.burstiness, args.seed, warm)
+            open_loop(sim, requests, float(point), config.burstiness, LoadPlan(rate=1.0).seed, warm,
+                      [r.arrival for r in specs])  # fmt: skip
         else:
             closed_loop(sim, requests, int(point), warm)
     sim.run()

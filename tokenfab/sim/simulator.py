@@ -133,9 +133,17 @@ class Simulator:
     # -- requests --------------------------------------------------------------------------------------------------
 
     def submit(self, req: SimRequest) -> None:
+        """Send a request now: it reaches a replica after the front end's measured latency."""
+        req.record.start = self.now
+        latency = self.replicas[0].cost.request_latency_s
+        if latency > 0:
+            self.at(self.now + latency, lambda: self._arrive(req))
+        else:
+            self._arrive(req)
+
+    def _arrive(self, req: SimRequest) -> None:
         """Route and queue a request now."""
         replica = self._route(req.prompt)
-        req.record.start = self.now
         req.uncached = max(len(req.prompt) - replica.cached_blocks(req.prompt) * replica.shape.block_size, 1)
         params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True)
         # Arrival order breaks ties in the scheduler's queue (a preempted request goes back ahead of later ones):
@@ -234,14 +242,23 @@ def closed_loop(sim: Simulator, requests: list[tuple[list[int], int]], concurren
 
 
 def open_loop(
-    sim: Simulator, requests: list[tuple[list[int], int]], rate: float, burstiness: float, seed: int, warmup: int = 0
+    sim: Simulator,
+    requests: list[tuple[list[int], int]],
+    rate: float,
+    burstiness: float,
+    seed: int = 0,
+    warmup: int = 0,
+    arrivals: list[float | None] | None = None,
 ) -> None:
-    """Arrivals at `rate` per second, gamma inter-arrival times of shape `burstiness` (1: Poisson)."""
-    rng, t = random.Random(seed), sim.now
+    """Arrivals at `rate` per second, gamma inter-arrival times of shape `burstiness` (1: Poisson), drawn as the
+    bench's load generator draws them (the same seed gives the same times); a request with its own arrival time
+    (a trace) keeps it."""
+    rng, elapsed = random.Random(seed), 0.0
     for i, (prompt, max_tokens) in enumerate(requests):
-        t += rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
+        own = arrivals[i] if arrivals is not None else None
+        elapsed = own if own is not None else elapsed + rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
         req = SimRequest(f"r{i}", prompt, max_tokens, RequestRecord(0.0, 0.0, len(prompt)), recorded=i >= warmup)
-        sim.at(t, functools.partial(sim.submit, req))
+        sim.at(sim.now + elapsed, functools.partial(sim.submit, req))
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,8 +52,18 @@ class StepCostModel:
     """Seconds per unit of each feature (`overhead`: per step)."""
     meta: dict = field(default_factory=dict)
     """Where it was measured: machine, versions, model, weight format, threads, fit error."""
+    serving_step_s: float = 0.0
+    """What serving adds to every step beyond the engine's own time (outputs to the front end, streaming: work
+    sharing the machine), measured against a live server (`calibrate`)."""
+    request_latency_s: float = 0.0
+    """What a request spends before the engine sees it (HTTP, templating, tokenizing), measured likewise."""
 
     def predict(self, f: StepFeatures) -> float:
+        """A served step's seconds."""
+        return self.engine_seconds(f) + self.serving_step_s
+
+    def engine_seconds(self, f: StepFeatures) -> float:
+        """The engine's own time for the step (what the profile measured)."""
         return sum(self.coef[name] * x for name, x in zip(FEATURES, f.row()))
 
     @classmethod
@@ -72,7 +82,7 @@ class StepCostModel:
                 break
             active = [a for a, s in zip(active, sol) if s >= 0] if (sol >= 0).any() else []
         model = cls({name: float(c) for name, c in zip(FEATURES, coef)}, dict(meta or {}))
-        predicted = x @ coef
+        predicted = x @ coef  # the engine's own time: serving terms are calibrated later
         rel = np.abs(predicted - y) / np.maximum(y, 1e-9)
         model.meta.update(
             steps=len(samples), median_rel_error=float(np.median(rel)), p90_rel_error=float(np.percentile(rel, 90))
@@ -95,7 +105,12 @@ class StepCostModel:
             raise ValueError(
                 f"{path}: a step-cost profile of other features {data.get('features')}; run tokenfab profile"
             )
-        return cls({k: float(v) for k, v in data["coef"].items()}, data.get("meta", {}))
+        return cls(
+            {k: float(v) for k, v in data["coef"].items()},
+            data.get("meta", {}),
+            float(data.get("serving_step_s", 0.0)),
+            float(data.get("request_latency_s", 0.0)),
+        )
 
 
 def machine_meta() -> dict:
