@@ -96,3 +96,24 @@ def test_default_model_is_cached_as_hf_and_matches_the_gguf(llm):
     params = SamplingParams(max_tokens=12, temperature=0)
     assert default.generate(PROMPTS[0], params)[0].outputs[0].token_ids == \
         llm.generate(PROMPTS[0], params)[0].outputs[0].token_ids
+
+
+def test_a_long_prefix_back_from_the_kv_tiers_gives_transformers_tokens(gguf_path, reference, tmp_path):
+    """A pool of about 1,400 tokens; a prompt past the 512-token window is pushed out of it by three others (through
+    the host tier, which their blocks fill, down to the disk), then its next turn loads the prefix back: the tokens
+    transformers gives."""
+    llm = LLM(str(gguf_path), dtype="float32", max_model_len=1024, max_num_batched_tokens=256,
+              kv_cache_memory_gb=0.05, kv_host_gb=0.02, kv_disk_dir=str(tmp_path))
+    first = long_prompt()
+    others = [first.replace("Station", name) for name in ("Post", "Camp", "Base")]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    llm.generate([first], params)
+    for other in others:
+        llm.generate([other], params)
+    ids = llm.tokenizer.encode(first + " and the coldest was")
+    out = llm.generate([ids], SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))[0]
+    stats = llm.engine.core.kv_tiers.snapshot()
+    assert stats.host_stored > 0 and stats.disk_stored > 0
+    assert stats.host_hit_tokens + stats.disk_hit_tokens > 512 and out.num_cached_tokens > 512
+    assert out.outputs[0].token_ids == hf_greedy(reference, ids, NEW_TOKENS)
+    llm.engine.core.close()
