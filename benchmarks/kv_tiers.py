@@ -61,6 +61,7 @@ def configs(pool_gb: float, disk_dir: str) -> dict[str, list[str] | None]:
     return {
         "tokenfab: no tiers": pool,
         "tokenfab: host tier 2 GB": [*pool, "--kv-host-gb", "2"],
+        "tokenfab: host tier, write-through at 2 hits": [*pool, "--kv-host-gb", "2", "--kv-write-through-hits", "2"],
         "tokenfab: disk tier": [*pool, "--kv-disk-dir", disk_dir, "--kv-disk-gb", "4"],
         "llama.cpp: --cache-ram 2048": None,  # started by `llamacpp`
     }
@@ -211,6 +212,13 @@ def markdown(doc: dict) -> str:
     for tier in (host, disk):
         for w in ("agentic", "random 1024/128"):
             lines.append(f"- {w}, {tier} throughput / no tiers': {ratio(w, tier, none, 'output_tok_s')} (>= 0.97)")
+    wt = "tokenfab: host tier, write-through at 2 hits"
+    lines += [
+        "",
+        "Write policy (host tier): write-through at 2 hits / write-back only — agentic returning TTFT p50 "
+        f"{ratio('agentic', wt, host, 'returning_ttft_p50')}, throughput {ratio('agentic', wt, host, 'output_tok_s')}; "
+        f"random 1024/128 throughput {ratio('random 1024/128', wt, host, 'output_tok_s')}",
+    ]
     lines += [
         "",
         f"Against llama.cpp ({CONCURRENCY} slots of {LLAMACPP_SLOT_TOKENS} tokens, more KV than tokenfab's pool, and "

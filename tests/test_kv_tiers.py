@@ -339,3 +339,46 @@ def test_the_ladder_gains_the_kv_tier_rungs():
     assert before == rungs((1, 4))
     assert small.flags == (*before[-1].flags, "--kv-cache-memory-gb", "0.15")
     assert tier.flags == (*small.flags, "--kv-host-gb", "2")
+
+
+def test_a_kept_session_pushed_to_the_host_tier_is_brought_back_before_its_next_turn(tmp_path):
+    """A session's turn is kept (TTL); a long request needs the whole pool, so the kept blocks go to the host
+    tier; once that request is done, prefetch brings them back into the pool, pinned — the next turn finds its
+    prefix in the pool, not in the tier."""
+    sched, cache, tiers, _ = tiered(tmp_path, host_slots=8, disk=False, blocks=12)
+    kv = sched.kv
+    session = list(range(10, 30))  # 5 full blocks
+    drive(sched, cache, [Request("t1", session, SamplingParams(max_tokens=1, keep_kv_s=60.0), 0.0)])
+    big = Request("big", list(range(200, 240)), SamplingParams(max_tokens=1), 1.0)  # 10 of 11 blocks
+    drive(sched, cache, [big])
+    assert kv.kv_stats().pins_reclaimed > 0
+    full_pool = kv.pools[0]
+    assert tiers.snapshot().prefetched_blocks > 0  # at the big request's last step, when its blocks were freed
+    assert sum(full_pool.lookup(block_hash(*k), k) is not None for k in _keys(session)) == 5
+    before = tiers.snapshot().host_hit_tokens
+    turn = Request("t2", session + [1, 2, 3], SamplingParams(max_tokens=1), 9.0)
+    drive(sched, cache, [turn])  # Model.run checks the prefetched blocks' KV position by position
+    assert turn.num_cached_tokens == 20 and tiers.snapshot().host_hit_tokens == before
+
+
+def test_write_through_copies_a_block_to_the_tier_once_it_is_hit_often(tmp_path):
+    sched, cache, tiers, _ = tiered(tmp_path, host_slots=8, disk=False)
+    tiers.write_through_hits = 2
+    shared = list(range(10, 26))  # 4 full blocks
+    stored = []
+    for i in range(3):
+        drive(sched, cache, [Request(f"r{i}", shared + [90 + i], SamplingParams(max_tokens=1), float(i))])
+        stored.append(tiers.snapshot().host_stored)
+    # Hit once by the second request, twice by the third: copied then — the 4 full-attention blocks and the
+    # sliding group's blocks in the window — with nothing evicted (not write-back).
+    assert stored[:2] == [0, 0] and stored[2] == 4 + 2
+    assert sum(pool.evictions for pool in sched.kv.pools) == 0
+
+
+def _keys(tokens: list[int]) -> list:
+    keys, parent = [], None
+    for i in range(len(tokens) // BS):
+        key = (parent, tuple(tokens[i * BS : (i + 1) * BS]))
+        keys.append(key)
+        parent = block_hash(*key)
+    return keys

@@ -160,6 +160,9 @@ class EngineConfig:
     written here as checksummed files per model, and found again after a restart."""
     kv_disk_gb: float = 16.0
     """Disk KV tier budget in GiB (least recently used files go first)."""
+    kv_write_through_hits: int = 0
+    """With KV tiers: also copy a pool block to the first tier once it has been hit this many times (0: only
+    write-back, when the pool evicts it)."""
     kv_events_endpoint: str | None = None
     """ZeroMQ address to publish KV cache events on (vLLM's wire format), e.g. `tcp://*:5557`; None: off."""
     kv_events_replay_endpoint: str | None = None
@@ -181,6 +184,7 @@ class EngineConfig:
             (self.max_model_len >= 16, "max_model_len must be >= 16"),
             (self.kv_cache_memory_gb > 0, "kv_cache_memory_gb must be > 0"),
             (self.kv_host_gb >= 0 and self.kv_disk_gb > 0, "kv_host_gb must be >= 0 and kv_disk_gb > 0"),
+            (self.kv_write_through_hits >= 0, "kv_write_through_hits must be >= 0"),
             (
                 not self.kv_tiers or self.speculative.method != "mtp",
                 "KV tiers do not keep the MTP modules' KV yet: use --speculative ngram or draft with them",

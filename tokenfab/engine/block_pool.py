@@ -32,6 +32,8 @@ class Block:
     ref_count: int = 0
     hash: BlockHash | None = None
     key: BlockKey | None = None
+    hits: int = 0
+    """Requests that found it cached since it was filled."""
 
 
 class BlockPool:
@@ -83,6 +85,7 @@ class BlockPool:
                 self._record_removed(block.hash)
             block.hash = block.key = None
             self.evictions += 1
+        block.hits = 0
         block.ref_count = 1
         return block_id
 

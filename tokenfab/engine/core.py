@@ -307,7 +307,7 @@ def _kv_tiers(config: EngineConfig, cache: KVCache, identity: tuple) -> KVTiers 
         disk = DiskTier(config.kv_disk_dir, tier_namespace(*identity), int(config.kv_disk_gb * 2**30))
         stores.append(disk)
         log.info("KV disk tier: %s (%.1f GiB; %d blocks found)", disk.dir, config.kv_disk_gb, disk.num_blocks)
-    return KVTiers(cache, stores)
+    return KVTiers(cache, stores, config.kv_write_through_hits)
 
 
 def _kv_event_publisher(config: EngineConfig, kv: KVCacheManager, scheduler: Scheduler) -> KVEventPublisher | None:

@@ -36,6 +36,10 @@ class _ReqState:
     """Leading blocks already offered to the prefix cache."""
 
 
+MAX_KEPT = 4096
+"""Kept sequences `prefetch` watches at most."""
+
+
 class KVCacheManager:
     def __init__(
         self,
@@ -54,6 +58,10 @@ class KVCacheManager:
         self.medium = medium
         self._events: list[KVEvent] | None = None
         self.tiers: KVTiers | None = None
+        self._kept: dict[str, tuple[float, list[BlockHash], list[BlockKey]]] = {}
+        """Finished sequences whose KV is kept (`keep_kv_s`): deadline and full blocks, for `prefetch`."""
+        self._reclaimed_seen = 0
+        self._still_missing = False
 
     def attach_tiers(self, tiers: KVTiers) -> None:
         """Write evicted blocks back to `tiers` and load prefix hits from them (`KVTiers`)."""
@@ -95,6 +103,7 @@ class KVCacheManager:
             self._events.append(AllBlocksCleared())
         if self.tiers is not None:
             self.tiers.clear()
+        self._kept.clear()
 
     def block_tables(self, request_id: str) -> tuple[list[int], ...]:
         return tuple(self.requests[request_id].tables)
@@ -179,6 +188,7 @@ class KVCacheManager:
                 block_id = found[g][i] if i >= first_kept else NULL_BLOCK
                 if block_id is not None and block_id != NULL_BLOCK:
                     pool.touch(block_id)
+                    self._hit(g, block_id)
                 state.tables[g].append(NULL_BLOCK if block_id is None else block_id)
         for (g, i), (level, kv) in loads.items():
             block_id = self.pools[g].allocate()
@@ -188,6 +198,16 @@ class KVCacheManager:
         self._register_loaded(state, sorted(loads))
         state.registered = n
         return n * self.block_size
+
+    def _hit(self, g: int, block_id: int) -> None:
+        """Count a prefix hit on a pool block; with write-through, a block hit often enough is copied to the first
+        tier now, so that its eviction later costs nothing."""
+        block = self.pools[g].blocks[block_id]
+        block.hits += 1
+        tiers = self.tiers
+        if tiers is not None and tiers.write_through_hits and block.hits == tiers.write_through_hits:
+            assert block.hash is not None and block.key is not None  # a hit is on a cached block
+            tiers.save(g, block_id, block.hash, block.key)
 
     def _tier_hit(
         self, state: _ReqState, found: list[list[int | None]], n_pool: int
@@ -341,6 +361,57 @@ class KVCacheManager:
         for pool, table in zip(self.pools, state.tables):
             for block_id in reversed(table):
                 pool.release(block_id, keep_until=until)
+        if until is not None and self.tiers is not None and state.registered:
+            n = state.registered
+            self._kept[request.request_id] = (until, state.hashes[:n], state.keys[:n])
+            while len(self._kept) > MAX_KEPT:  # the oldest first
+                del self._kept[next(iter(self._kept))]
+
+    def prefetch(self, max_blocks: int = 16) -> int:
+        """Bring blocks of kept sequences (a session's last turn, until its TTL) that the pool had to give up back
+        from the tiers, pinned again, so the session's next turn finds them in the pool. Only while a quarter of
+        the pool is free and unpinned (the least recently used cached blocks it then takes are written back to the
+        tiers in turn), at most `max_blocks` per call; returns how many were loaded."""
+        tiers = self.tiers
+        if tiers is None or not self._kept:
+            return 0
+        reclaimed = sum(p.pins_reclaimed for p in self.pools)
+        if reclaimed == self._reclaimed_seen and not self._still_missing:
+            return 0  # no kept block was given up since the last pass found them all
+        self._reclaimed_seen, self._still_missing = reclaimed, False
+        now, loaded = time.monotonic(), 0
+        for request_id, (until, hashes, keys) in list(self._kept.items()):
+            missing = False
+            for g, pool in enumerate(self.pools):
+                for i in range(self._first_kept(g, len(hashes)), len(hashes)):
+                    if until <= now:
+                        break
+                    if pool.lookup(hashes[i], keys[i]) is not None:
+                        continue
+                    level = tiers.find(g, hashes[i])
+                    if level is None:
+                        continue  # gone from the tiers too: nothing to bring back
+                    if loaded >= max_blocks or len(pool.free) <= pool.num_blocks // 4:
+                        missing = True
+                        continue
+                    block_id = pool.allocate()
+                    kv = tiers.fetch(g, hashes[i], keys[i], level)
+                    if kv is None or not pool.register(block_id, hashes[i], keys[i]):
+                        pool.release(block_id, reuse_first=True)
+                        continue
+                    tiers.write(g, block_id, kv, level, 0)
+                    tiers.stats.prefetched_blocks += 1
+                    self._announce_one(g, hashes, keys, i)
+                    pool.release(block_id, keep_until=until)
+                    loaded += 1
+            if until <= now:
+                del self._kept[request_id]
+            self._still_missing = self._still_missing or missing
+        return loaded
+
+    def _announce_one(self, g: int, hashes: list[BlockHash], keys: list[BlockKey], i: int) -> None:
+        state = _ReqState(tables=[], hashes=hashes, keys=keys)
+        self._announce(g, state, [i])
 
     def num_free_blocks(self) -> list[int]:
         return [p.num_free for p in self.pools]

@@ -228,6 +228,7 @@ class Scheduler:
             self._append(s, tokens, logprobs, accepted)
             for s, tokens, logprobs, accepted in zip(samplers, result.token_ids, result.logprobs, result.num_accepted)
         ]
+        self.kv.prefetch()  # kept sessions' blocks the pool gave up, back from the KV tiers while there is room
         update = StepUpdate(plan, emitted, self.kv.take_events())
         for hook in self.hooks:
             hook(update)

@@ -118,6 +118,9 @@ class TierStats(msgspec.Struct, gc=False):
     disk_hit_tokens: Annotated[
         int, counter("kv_tier_disk_hit_tokens", "Prompt tokens loaded from the disk tier instead of recomputed")
     ] = 0
+    prefetched_blocks: Annotated[
+        int, counter("kv_tier_prefetched_blocks", "Blocks of sessions within their TTL brought back to the pool early")
+    ] = 0
     loads_declined: Annotated[
         int, counter("kv_tier_loads_declined", "Tier hits recomputed because loading was predicted slower")
     ] = 0

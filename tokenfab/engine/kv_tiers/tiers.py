@@ -37,12 +37,14 @@ EWMA = 0.3
 
 
 class KVTiers:
-    def __init__(self, cache: KVCache, stores: Sequence[TierStore]) -> None:
-        """`stores` fastest first: a block the pool evicts goes to the first, what that one drops to the next."""
+    def __init__(self, cache: KVCache, stores: Sequence[TierStore], write_through_hits: int = 0) -> None:
+        """`stores` fastest first: a block the pool evicts goes to the first, what that one drops to the next;
+        `write_through_hits` > 0 also copies a pool block to the first tier when it is hit that many times."""
         if not stores:
             raise ValueError("KVTiers needs at least one tier")
         self.cache = cache
         self.stores = list(stores)
+        self.write_through_hits = write_through_hits
         self.events: list[KVEvent] | None = None
         """Where tier changes are recorded as KV events (the KV cache manager's list; None: not recorded)."""
         self.bandwidth = {s.medium: PRIOR_BANDWIDTH.get(s.medium, 2e8) for s in self.stores}
@@ -55,7 +57,8 @@ class KVTiers:
     # -- the pool's evictions --------------------------------------------------------------------------------------
 
     def save(self, group: int, block_id: int, h: BlockHash, key: BlockKey) -> None:
-        """The pool is about to reuse a cached block: keep a copy in the first tier (before its KV is overwritten)."""
+        """Keep a copy of a pool block in the first tier: the pool is about to reuse it (write-back, before its KV
+        is overwritten), or it was hit often (write-through). A block the tier holds already is only refreshed."""
         self._reap()
         started = time.perf_counter()
         k, v = self._views(group, block_id)
