@@ -61,7 +61,7 @@ def configs(pool_gb: float, disk_dir: str) -> dict[str, list[str] | None]:
     return {
         "tokenfab: no tiers": pool,
         "tokenfab: host tier 2 GB": [*pool, "--kv-host-gb", "2"],
-        "tokenfab: host tier, write-through at 2 hits": [*pool, "--kv-host-gb", "2", "--kv-write-through-hits", "2"],
+        "tokenfab: host tier + write-through at 2 hits": [*pool, "--kv-host-gb", "2", "--kv-write-through-hits", "2"],
         "tokenfab: disk tier": [*pool, "--kv-disk-dir", disk_dir, "--kv-disk-gb", "4"],
         "llama.cpp: --cache-ram 2048": None,  # started by `llamacpp`
     }
@@ -212,7 +212,7 @@ def markdown(doc: dict) -> str:
     for tier in (host, disk):
         for w in ("agentic", "random 1024/128"):
             lines.append(f"- {w}, {tier} throughput / no tiers': {ratio(w, tier, none, 'output_tok_s')} (>= 0.97)")
-    wt = "tokenfab: host tier, write-through at 2 hits"
+    wt = "tokenfab: host tier + write-through at 2 hits"
     lines += [
         "",
         "Write policy (host tier): write-through at 2 hits / write-back only — agentic returning TTFT p50 "
