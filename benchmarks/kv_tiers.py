@@ -46,14 +46,16 @@ TIER_COUNTERS = ("kv_tier_host_hit_tokens", "kv_tier_disk_hit_tokens", "kv_tier_
 
 def kv_bytes_per_token() -> int:
     """Pool bytes one token takes in every window group (Gemma 3 270M in the default dtype)."""
+    from tokenfab.attention.backend import KVCache
     from tokenfab.config import EngineConfig
     from tokenfab.engine.worker import kv_groups
     from tokenfab.models.loading import resolve_model
 
     arch = resolve_model(None).arch
     dtype, _ = EngineConfig().resolve_weights()
-    size = dtype.itemsize
-    return sum(2 * len(g.layers) * arch.num_kv_heads * arch.head_dim * size for g in kv_groups(arch))
+    return sum(
+        KVCache.bytes_per_block(len(g.layers), 1, arch.num_kv_heads, arch.head_dim, dtype) for g in kv_groups(arch)
+    )
 
 
 def configs(pool_gb: float, disk_dir: str) -> dict[str, list[str] | None]:

@@ -382,3 +382,17 @@ def _keys(tokens: list[int]) -> list:
         keys.append(key)
         parent = block_hash(*key)
     return keys
+
+
+def test_removals_from_the_pool_and_a_tier_stay_separate_events():
+    """The pool and the tiers write to one event list: a pool block removed right after a tier block of the same
+    group is its own event, with the pool's medium."""
+    from tokenfab.engine.kv_events import record_removed
+
+    events: list = []
+    record_removed(events, 1, "CPU_TIER", 0)
+    record_removed(events, 2, "CPU", 0)
+    record_removed(events, 3, "CPU", 0)
+    record_removed(events, 4, "CPU", 1)
+    assert [(e.medium, e.group_idx, e.block_hashes) for e in events] == [
+        ("CPU_TIER", 0, [1]), ("CPU", 0, [2, 3]), ("CPU", 1, [4])]

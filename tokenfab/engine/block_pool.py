@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tokenfab.engine.block_hash import BlockHash, external_hash
-from tokenfab.engine.kv_events import BlockRemoved, KVEvent
+from tokenfab.engine.kv_events import KVEvent, record_removed
 
 NULL_BLOCK = 0
 
@@ -90,13 +90,8 @@ class BlockPool:
         return block_id
 
     def _record_removed(self, h: BlockHash) -> None:
-        events = self.events
-        assert events is not None
-        last = events[-1] if events else None
-        if isinstance(last, BlockRemoved) and last.group_idx == self.group_idx:
-            last.block_hashes.append(external_hash(h))
-        else:
-            events.append(BlockRemoved([external_hash(h)], self.medium, self.group_idx))
+        assert self.events is not None
+        record_removed(self.events, external_hash(h), self.medium, self.group_idx)
 
     def lookup(self, h: BlockHash, key: BlockKey) -> int | None:
         """A cached block holding exactly these tokens after exactly this parent, or None."""
@@ -113,6 +108,8 @@ class BlockPool:
 
     def expire(self, now: float | None = None) -> None:
         """Pinned blocks whose deadline has passed join the free queue (as if released now)."""
+        if not self._deadlines:
+            return  # nothing pinned: the common case, on every allocation
         now = time.monotonic() if now is None else now
         while self._deadlines and self._deadlines[0][0] <= now:
             deadline, block_id = heapq.heappop(self._deadlines)

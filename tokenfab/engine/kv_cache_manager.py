@@ -15,15 +15,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import msgspec
-import torch
 
 from tokenfab.engine.block_hash import BlockHash, block_hash, external_hash
 from tokenfab.engine.block_pool import NULL_BLOCK, BlockKey, BlockPool
-from tokenfab.engine.kv_events import AllBlocksCleared, BlockStored, KVEvent
+from tokenfab.engine.kv_events import AllBlocksCleared, KVEvent, stored
 from tokenfab.engine.stats import KVStats, PrefixCacheStats
 from tokenfab.engine.types import Request
 
 if TYPE_CHECKING:
+    import torch
+
     from tokenfab.engine.kv_tiers import KVTiers
 
 
@@ -270,7 +271,7 @@ class KVCacheManager:
             new = [
                 i for gg, i in loaded if gg == g and pool.register(state.tables[g][i], state.hashes[i], state.keys[i])
             ]
-            self._announce(g, state, new)
+            self._announce(g, state.hashes, state.keys, new)
 
     # -- allocation ---------------------------------------------------------------------------------------------
 
@@ -313,31 +314,27 @@ class KVCacheManager:
                 for i in range(state.registered, full)
                 if table[i] != NULL_BLOCK and pool.register(table[i], state.hashes[i], state.keys[i])
             ]
-            self._announce(g, state, new)
+            self._announce(g, state.hashes, state.keys, new)
         state.registered = full
 
-    def _announce(self, g: int, state: _ReqState, new: list[int]) -> None:
+    def _announce(self, g: int, hashes: list[BlockHash], keys: list[BlockKey], new: list[int]) -> None:
         """One BlockStored per run of consecutive newly cached blocks (a block whose contents another block
         already holds is not announced again)."""
         if new and self._events is not None:
             starts = [k for k in range(len(new)) if k == 0 or new[k] != new[k - 1] + 1] + [len(new)]
-            self._events.extend(self._stored(g, state, new[x:y]) for x, y in zip(starts, starts[1:]))
-
-    def _stored(self, g: int, state: _ReqState, run: list[int]) -> BlockStored:
-        first = run[0]
-        window = self.windows[g]
-        return BlockStored(
-            block_hashes=[external_hash(state.hashes[i]) for i in run],
-            parent_block_hash=external_hash(state.hashes[first - 1]) if first > 0 else None,
-            token_ids=[t for i in run for t in state.keys[i][1]],
-            block_size=self.block_size,
-            lora_id=None,
-            medium=self.medium,
-            lora_name=None,
-            group_idx=g,
-            kv_cache_spec_kind="full_attention" if window is None else "sliding_window",
-            kv_cache_spec_sliding_window=window,
-        )
+            for x, y in zip(starts, starts[1:]):
+                run, first = new[x:y], new[x]
+                self._events.append(
+                    stored(
+                        [external_hash(hashes[i]) for i in run],
+                        external_hash(hashes[first - 1]) if first > 0 else None,
+                        [t for i in run for t in keys[i][1]],
+                        self.block_size,
+                        self.medium,
+                        g,
+                        self.windows[g],
+                    )
+                )
 
     def rollback(self, request: Request) -> None:
         """Give back the trailing blocks that hold no computed token: after a step that verified draft tokens,
@@ -401,17 +398,13 @@ class KVCacheManager:
                         continue
                     tiers.write(g, block_id, kv, level, 0)
                     tiers.stats.prefetched_blocks += 1
-                    self._announce_one(g, hashes, keys, i)
+                    self._announce(g, hashes, keys, [i])
                     pool.release(block_id, keep_until=until)
                     loaded += 1
             if until <= now:
                 del self._kept[request_id]
             self._still_missing = self._still_missing or missing
         return loaded
-
-    def _announce_one(self, g: int, hashes: list[BlockHash], keys: list[BlockKey], i: int) -> None:
-        state = _ReqState(tables=[], hashes=hashes, keys=keys)
-        self._announce(g, state, [i])
 
     def num_free_blocks(self) -> list[int]:
         return [p.num_free for p in self.pools]

@@ -63,6 +63,35 @@ class AllBlocksCleared(KVCacheEvent):
     pass
 
 
+def stored(
+    hashes: list[int], parent: int | None, token_ids: list[int], block_size: int, medium: str | None, group: int,
+    window: int | None,
+) -> BlockStored:  # fmt: skip
+    """A run of blocks of one window group that became findable in one medium (64-bit hashes)."""
+    return BlockStored(
+        block_hashes=hashes,
+        parent_block_hash=parent,
+        token_ids=token_ids,
+        block_size=block_size,
+        lora_id=None,
+        medium=medium,
+        lora_name=None,
+        group_idx=group,
+        kv_cache_spec_kind="full_attention" if window is None else "sliding_window",
+        kv_cache_spec_sliding_window=window,
+    )
+
+
+def record_removed(events: list[KVEvent], h: int, medium: str | None, group: int) -> None:
+    """Add a removed block (64-bit hash) to `events`, into the last event when that one removes blocks of the same
+    group from the same medium (the pool and the tiers share one list: their removals must not merge)."""
+    last = events[-1] if events else None
+    if isinstance(last, BlockRemoved) and last.group_idx == group and last.medium == medium:
+        last.block_hashes.append(h)
+    else:
+        events.append(BlockRemoved([h], medium, group))
+
+
 KVEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from tokenfab.bench.records import RequestRecord
 from tokenfab.cluster.policies import ReplicaLoad, RoutingPolicy
-from tokenfab.engine.block_hash import block_hash, external_hash
+from tokenfab.engine.block_hash import BlockHash, block_hashes, external_hash
 from tokenfab.engine.kv_cache_manager import KVCacheManager
 from tokenfab.engine.scheduler import Scheduler
 from tokenfab.engine.types import Request, SampleResult, SamplingParams, StepPlan
@@ -87,17 +87,16 @@ class SimReplica:
             usd_per_hour=self.shape.usd_per_hour,
         )
 
-    def cached_blocks(self, prompt: list[int]) -> int:
-        """Leading blocks of the prompt this replica's full-attention pools hold (what its KV events tell)."""
-        bs, parent, n = self.shape.block_size, None, 0
+    def cached_blocks(self, prompt: list[int], hashes: list[BlockHash]) -> int:
+        """Leading blocks of the prompt (`hashes`: its chain) this replica's full-attention pools hold (what its KV
+        events tell)."""
+        bs = self.shape.block_size
         full = [p for p, w in zip(self.kv.pools, self.kv.windows) if w is None] or self.kv.pools
-        for i in range(len(prompt) // bs):
-            key = (parent, tuple(prompt[i * bs : (i + 1) * bs]))
-            h = block_hash(*key)
+        for n, h in enumerate(hashes):
+            key = (hashes[n - 1] if n else None, tuple(prompt[n * bs : (n + 1) * bs]))
             if not all(p.lookup(h, key) is not None for p in full):
-                break
-            parent, n = h, n + 1
-        return n
+                return n
+        return len(hashes)
 
 
 class Simulator:
@@ -143,8 +142,11 @@ class Simulator:
 
     def _arrive(self, req: SimRequest) -> None:
         """Route and queue a request now."""
-        replica = self._route(req.prompt)
-        req.uncached = max(len(req.prompt) - replica.cached_blocks(req.prompt) * replica.shape.block_size, 1)
+        bs = self.replicas[0].shape.block_size
+        hashes = block_hashes(req.prompt, bs)  # once per request, for routing and the uncached count alike
+        blocks = [external_hash(h) for h in hashes]
+        replica = self._route(req.prompt, hashes, blocks)
+        req.uncached = max(len(req.prompt) - replica.cached_blocks(req.prompt, hashes) * bs, 1)
         params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True)
         # Arrival order breaks ties in the scheduler's queue (a preempted request goes back ahead of later ones):
         # requests submitted at one virtual instant keep the order they were submitted in, as in a real engine.
@@ -152,18 +154,18 @@ class Simulator:
         replica.flights[req.request_id] = req
         replica.scheduler.add(req.request)
         if self.policy is not None:
-            self.policy.sent(replica.index, _external(req.prompt, replica.shape.block_size))
+            self.policy.sent(replica.index, blocks)
         self._wake(replica)
 
-    def _route(self, prompt: list[int]) -> SimReplica:
+    def _route(self, prompt: list[int], hashes: list[BlockHash], blocks: list[int]) -> SimReplica:
         if len(self.replicas) == 1 or self.policy is None:
             return self.replicas[0]
         loads = [r.load() for r in self.replicas]
         if self.policy.uses_kv_index:
             for load, r in zip(loads, self.replicas):
-                load.cached_blocks = r.cached_blocks(prompt)
+                load.cached_blocks = r.cached_blocks(prompt, hashes)
         bs = self.replicas[0].shape.block_size
-        decision = self.policy.choose(_external(prompt, bs), len(prompt), bs, loads)
+        decision = self.policy.choose(blocks, len(prompt), bs, loads)
         return self.replicas[decision.replica]
 
     # -- stepping --------------------------------------------------------------------------------------------------
@@ -212,14 +214,6 @@ class Simulator:
 def _token(request_id: str, n: int) -> int:
     """A deterministic sampled token, the same in every run (never one of a vocabulary's first, control ids)."""
     return 1000 + zlib.crc32(f"{request_id}/{n}".encode()) % 20000
-
-
-def _external(prompt: list[int], block_size: int) -> list[int]:
-    out, parent = [], None
-    for i in range(len(prompt) // block_size):
-        parent = block_hash(parent, tuple(prompt[i * block_size : (i + 1) * block_size]))
-        out.append(external_hash(parent))
-    return out
 
 
 # -- load generation ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from tokenfab.engine.block_pool import BlockKey
 
 def block_bytes(cache: KVCache) -> list[int]:
     """Bytes of one block's K and V, per window group of the cache."""
-    return [2 * k[:, :1].numel() * cache.block_size * k.element_size() for k in cache.k]
+    return [KVCache.bytes_per_block(k.shape[0], cache.block_size, k.shape[2], k.shape[3], k.dtype) for k in cache.k]
 
 
 Evicted = Callable[[int, BlockHash, BlockKey | None, torch.Tensor | None], None]

@@ -23,7 +23,7 @@ import torch
 from tokenfab.attention.backend import KVCache
 from tokenfab.engine.block_hash import BlockHash, external_hash
 from tokenfab.engine.block_pool import BlockKey
-from tokenfab.engine.kv_events import BlockRemoved, BlockStored, KVEvent
+from tokenfab.engine.kv_events import KVEvent, record_removed, stored
 from tokenfab.engine.kv_tiers.disk import MEDIUM_DISK, DiskTier
 from tokenfab.engine.kv_tiers.host import MEDIUM_HOST
 from tokenfab.engine.kv_tiers.store import TierStore
@@ -173,32 +173,23 @@ class KVTiers:
     # -- events ----------------------------------------------------------------------------------------------------
 
     def _stored(self, store: TierStore, group: int, h: BlockHash, key: BlockKey) -> None:
-        if self.events is None:
-            return
-        parent, tokens = key
-        self.events.append(
-            BlockStored(
-                block_hashes=[external_hash(h)],
-                parent_block_hash=external_hash(parent) if parent is not None else None,
-                token_ids=list(tokens),
-                block_size=self.cache.block_size,
-                lora_id=None,
-                medium=store.medium,
-                lora_name=None,
-                group_idx=group,
-                kv_cache_spec_kind="full_attention" if self.cache.groups[group].window is None else "sliding_window",
-                kv_cache_spec_sliding_window=self.cache.groups[group].window,
+        if self.events is not None:
+            parent, tokens = key
+            self.events.append(
+                stored(
+                    [external_hash(h)],
+                    external_hash(parent) if parent is not None else None,
+                    list(tokens),
+                    self.cache.block_size,
+                    store.medium,
+                    group,
+                    self.cache.groups[group].window,
+                )
             )
-        )
 
     def _removed(self, store: TierStore, group: int, h: BlockHash) -> None:
-        if self.events is None:
-            return
-        last = self.events[-1] if self.events else None
-        if isinstance(last, BlockRemoved) and last.group_idx == group and last.medium == store.medium:
-            last.block_hashes.append(external_hash(h))
-        else:
-            self.events.append(BlockRemoved([external_hash(h)], store.medium, group))
+        if self.events is not None:
+            record_removed(self.events, external_hash(h), store.medium, group)
 
 
 _PREFIX = {MEDIUM_HOST: "host", MEDIUM_DISK: "disk"}
