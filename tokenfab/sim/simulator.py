@@ -77,12 +77,14 @@ class SimReplica:
     def load(self) -> ReplicaLoad:
         c = self.cost.coef
         per_token = c["prefill_tokens"] or 1e-4
+        # What one more decoding sequence adds to a step: its own cost and the KV it reads (a context like theirs).
+        context = sum(len(f.prompt) for f in self.flights.values()) / len(self.flights) if self.flights else 0
         return ReplicaLoad(
             self.index,
             len(self.flights),
             sum(f.uncached for f in self.flights.values() if not f.record.token_times),
             prefill_tokens_per_s=1 / per_token,
-            decode_seconds_per_seq=c["decode_seqs"] + c["decode_context"] * 512,
+            decode_seconds_per_seq=c["decode_seqs"] + c["decode_context"] * context,
             step_seconds=c["overhead"],
             usd_per_hour=self.shape.usd_per_hour,
         )
