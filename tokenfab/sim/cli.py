@@ -1,5 +1,6 @@
-"""`tokenfab profile` (measure this machine's step costs) and `tokenfab simulate` (a load point in virtual time,
-with the same workload flags and the same JSON report shape as `tokenfab bench serve`)."""
+"""`tokenfab profile` (measure this machine's step costs), `tokenfab simulate` (a load point in virtual time, with the
+same workload flags and the same JSON report shape as `tokenfab bench serve`) and `tokenfab plan` (the cheapest
+deployment meeting an SLO at a load, searched in the simulator)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,25 @@ def add_parsers(sub) -> None:
     sim.add_argument("--out", type=Path, default=Path("results/simulate.json"))
     sim.set_defaults(func=_simulate)
 
+    plan = sub.add_parser("plan", help="the cheapest deployment meeting an SLO at a load (searched in the simulator)")
+    plan.add_argument("--profile", type=Path, action="append", required=True,
+                      help="a `tokenfab profile` directory: one replica variant each (repeat for several)")  # fmt: skip
+    plan.add_argument("--model", default=None, help="tokenizer and shapes: HF directory or .gguf (default: Gemma)")
+    add_workload_args(plan)
+    add_load_args(plan)
+    plan.add_argument("--concurrency", type=int, default=None)
+    plan.add_argument("--rate", type=float, default=None, help="open loop: requests per second")
+    plan.add_argument("--devices", default="l4,a100,h100,h200",
+                      help="GPU kinds with roofline step costs (labelled modelled); 'none' for none")  # fmt: skip
+    plan.add_argument("--max-replicas", type=int, default=8)
+    plan.add_argument("--max-num-seqs", default=None,
+                      help="batch limits to try, comma-separated (default: 16, 32 and the profile's on a CPU; "
+                      "64, 256 on a GPU)")  # fmt: skip
+    plan.add_argument("--router", default="kv", choices=list(POLICIES))
+    plan.add_argument("--attainment", type=float, default=0.9, help="share of requests that must meet the SLO")
+    plan.add_argument("--out", type=Path, default=Path("plan"), help="directory for plan.json, plan.md, frontier.png")
+    plan.set_defaults(func=_plan)
+
 
 def _profile(args: argparse.Namespace) -> int:
     import tempfile
@@ -50,6 +70,7 @@ def _profile(args: argparse.Namespace) -> int:
     if args.calibrate:
         with tempfile.TemporaryDirectory() as tmp:
             calibrate(model, _engine_flags(sys.argv), Path(tmp))
+    model.meta["serve_flags"] = _engine_flags(sys.argv)
     path = model.save(args.out)
     print(json.dumps({"coef": model.coef, "serving_step_s": model.serving_step_s,
                       "request_latency_s": model.request_latency_s,
@@ -86,3 +107,29 @@ def _simulate(args: argparse.Namespace) -> int:
     point = doc["systems"][0]["points"][0]
     print(f"simulated {point['wall_s']:.1f} s in {time.monotonic() - started:.2f} s; wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from tokenfab.sim.plan_report import plan_document, variants, write
+    from tokenfab.sim.planner import search
+    from tokenfab.sim.run import prepare_load
+
+    if args.concurrency is not None and args.rate is not None:
+        raise ValueError("give --concurrency or --rate, not both")
+    if args.concurrency is None and args.rate is None and args.workload != "trace":
+        raise ValueError("give --concurrency, --rate or a --trace with its own arrival times")
+    limits = [int(x) for x in args.max_num_seqs.split(",")] if args.max_num_seqs else None
+    found = variants(args.profile, args.model, [d for d in args.devices.split(",") if d not in ("", "none")], limits)
+    load = prepare_load(args)
+    started = time.monotonic()
+    result = search(
+        load, found, args.max_replicas, args.router, args.attainment,
+        progress=lambda c: print(f"  {c.variant} x{c.replicas} max_num_seqs {c.max_num_seqs}: "
+                                 f"{'meets' if c.meets_slo else 'misses'} the SLO ({c.goodput_fraction:.0%})",
+                                 file=sys.stderr),
+    )  # fmt: skip
+    doc = plan_document(args, load, found, result, time.monotonic() - started)
+    paths = write(doc, args.out)
+    print(paths["md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    return 0 if result.best is not None else 1
