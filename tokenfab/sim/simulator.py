@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenfab.bench.records import RequestRecord
+from tokenfab.cluster.autoscaler import Autoscaler, ReplicaView, ScaleDecision
 from tokenfab.cluster.policies import ReplicaLoad, RoutingPolicy
 from tokenfab.engine.block_hash import BlockHash, block_hashes, external_hash
 from tokenfab.engine.kv_cache_manager import KVCacheManager
@@ -68,6 +69,14 @@ class SimReplica:
     steps: list[tuple[float, StepPlan]] = field(default_factory=list)
     """(start time, plan) of every step taken, when recorded."""
     record_steps: bool = False
+    state: str = "running"
+    """starting | running | draining (takes no new work, finishes its own) | stopped."""
+    joined: float = 0.0
+    """When it last started running."""
+    alive_since: float | None = 0.0
+    """When it last started (it is paid for from then until it stops); None while stopped."""
+    alive_s: float = 0.0
+    """Seconds it was paid for in its earlier lives."""
 
     def __post_init__(self) -> None:
         s = self.shape
@@ -110,6 +119,7 @@ class Simulator:
         if replicas > 1 and policy is None:
             raise ValueError("several replicas need a routing policy")
         self.replicas = [SimReplica(i, shape, cost) for i in range(replicas)]
+        self.shape, self.cost = shape, cost
         self.policy = policy
         self.now = 0.0
         self._events: list[tuple[float, int, Callable[[], None]]] = []
@@ -160,15 +170,60 @@ class Simulator:
         self._wake(replica)
 
     def _route(self, prompt: list[int], hashes: list[BlockHash], blocks: list[int]) -> SimReplica:
-        if len(self.replicas) == 1 or self.policy is None:
-            return self.replicas[0]
-        loads = [r.load() for r in self.replicas]
+        running = [r for r in self.replicas if r.state == "running"]
+        if len(running) == 1 or self.policy is None:
+            return running[0]
+        loads = [r.load() for r in running]
         if self.policy.uses_kv_index:
-            for load, r in zip(loads, self.replicas):
+            for load, r in zip(loads, running):
                 load.cached_blocks = r.cached_blocks(prompt, hashes)
         bs = self.replicas[0].shape.block_size
         decision = self.policy.choose(blocks, len(prompt), bs, loads)
         return self.replicas[decision.replica]
+
+    # -- scaling ---------------------------------------------------------------------------------------------------
+
+    def start_replica(self, cold_start_s: float = 0.0) -> SimReplica:
+        """A replica more (a stopped one again, with an empty cache, or a new one): paid for from now, taking work
+        once its cold start is over."""
+        stopped = [r for r in self.replicas if r.state == "stopped"]
+        if stopped:
+            r = stopped[0]
+            r.kv = KVCacheManager(list(r.shape.windows), list(r.shape.blocks_per_group), r.shape.block_size)
+            r.scheduler = Scheduler(r.kv, r.shape.max_num_seqs, r.shape.max_num_batched_tokens, r.shape.max_model_len)
+        else:
+            r = SimReplica(len(self.replicas), self.shape, self.cost)
+            self.replicas.append(r)
+        r.state, r.alive_since = "starting", self.now
+
+        def joined() -> None:
+            r.state, r.joined = "running", self.now
+
+        self.at(self.now + cold_start_s, joined)
+        return r
+
+    def drain_replica(self, index: int) -> None:
+        """Stop sending the replica work; it stops once its sequences have finished."""
+        r = self.replicas[index]
+        if r.state != "running" or sum(x.state == "running" for x in self.replicas) < 2:
+            raise ValueError(f"replica {index} cannot be drained ({r.state})")
+        r.state = "draining"
+        self._stop_if_drained(r)
+
+    def _stop_if_drained(self, r: SimReplica) -> None:
+        if r.state == "draining" and not r.flights and r.alive_since is not None:
+            r.state = "stopped"
+            r.alive_s += self.now - r.alive_since
+            r.alive_since = None
+
+    def replica_seconds(self) -> float:
+        """Replica time paid for so far (starting, running and draining)."""
+        return sum(r.alive_s + (self.now - r.alive_since if r.alive_since is not None else 0.0) for r in self.replicas)
+
+    @property
+    def busy(self) -> bool:
+        """Anything still to happen besides periodic looks: events pending or sequences in flight."""
+        return bool(self._events) or any(r.flights for r in self.replicas)
 
     # -- stepping --------------------------------------------------------------------------------------------------
 
@@ -210,7 +265,32 @@ class Simulator:
                 if req.on_finish is not None:
                     req.on_finish(req)
         replica.busy = False
+        self._stop_if_drained(replica)
         self._wake(replica)
+
+
+def autoscale(sim: Simulator, scaler: Autoscaler, cold_start_s: float = 10.0) -> list[tuple[float, int, ScaleDecision]]:
+    """Let `scaler` start and drain the simulator's replicas, looking every `interval_s` while anything is left to
+    happen; returns its decisions as (time, replicas paid for after it, decision) as they come."""
+    history: list[tuple[float, int, ScaleDecision]] = []
+
+    def look() -> None:
+        views = [
+            ReplicaView(r.load(), sim.now - r.joined if r.state == "running" else 0.0, r.state == "starting")
+            for r in sim.replicas
+            if r.state in ("running", "starting")
+        ]
+        decision = scaler.decide(sim.now, views)
+        if decision.action == "up":
+            sim.start_replica(cold_start_s)
+        elif decision.action == "down" and decision.replica is not None:
+            sim.drain_replica(decision.replica)
+        history.append((sim.now, sum(r.state in ("running", "starting") for r in sim.replicas), decision))
+        if sim.busy:
+            sim.at(sim.now + scaler.options.interval_s, look)
+
+    sim.at(sim.now, look)
+    return history
 
 
 def _token(request_id: str, n: int) -> int:

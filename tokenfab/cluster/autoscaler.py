@@ -1,0 +1,153 @@
+"""Autoscaler: how many replicas the load needs to stay within the SLO, decided from live step stats (load mode).
+
+Every `interval_s` it looks at the replicas: the sequences they run and the prefill work queued on them (summed over
+the replicas and moving-averaged over `smooth_s`), and each warm replica's fitted step cost (a step's fixed time, the time one more sequence adds, the prefill rate: what the kv
+router already fits). Spread evenly over k replicas, that load predicts
+
+    TPOT(k) = step + (running / k) x per-sequence time
+    TTFT(k) = step + (queued prefill / k) / prefill rate + (running / k) x per-sequence time
+
+- **Up** when TTFT or TPOT over the replicas running and starting reaches `up_at` of its SLO in `up_after`
+  consecutive looks: before the SLO breaks, not after, and a replica already starting counts as capacity (no second
+  start for the same surge).
+- **Down** only when the survivors can absorb the load: with one replica fewer both predictions stay under
+  `down_at` of the SLO, continuously for `down_after_s`, none starting, and no change for as long. The replica
+  running the fewest sequences is drained (its sequences move, or finish there with migration off).
+- **Cold starts are ignored**: a replica's fitted costs count only once it has been up `warmup_s` (its first steps
+  are slow and its fit starts from defaults); with no warm replica nothing is decided.
+
+The gap between `up_at` of the SLO over k replicas and `down_at` of it over k - 1 is the hysteresis that keeps a
+steady load from scaling 2 -> 1 -> 2. The same object decides in the router and in the simulator.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+from tokenfab.cluster.policies import ReplicaLoad
+
+
+@dataclass(frozen=True, slots=True)
+class AutoscaleOptions:
+    min_replicas: int = 1
+    max_replicas: int = 4
+    slo_ttft: float = 2.0
+    slo_tpot: float = 0.1
+    interval_s: float = 2.0
+    up_at: float = 0.8
+    """Scale up when a prediction reaches this share of its SLO."""
+    up_after: int = 2
+    """Consecutive looks over `up_at` before scaling up."""
+    down_at: float = 0.5
+    """Scale down when, on one replica fewer, both predictions stay under this share of their SLO..."""
+    down_after_s: float = 30.0
+    """...for this long (and this long after the last change)."""
+    warmup_s: float = 10.0
+    """A replica's fitted step costs are trusted once it has been up this long."""
+    smooth_s: float = 10.0
+    """Time constant of the moving average the load is read through (a burst of a steady load is not a trend)."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (1 <= self.min_replicas <= self.max_replicas, "need 1 <= min_replicas <= max_replicas"),
+            (self.slo_ttft > 0 and self.slo_tpot > 0, "the autoscaler needs SLOs > 0"),
+            (self.interval_s > 0 and self.up_after >= 1, "interval_s must be > 0 and up_after >= 1"),
+            (0 < self.down_at < self.up_at <= 1, "need 0 < down_at < up_at <= 1"),
+            (min(self.down_after_s, self.warmup_s, self.smooth_s) >= 0, "down_after_s, warmup_s, smooth_s >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaView:
+    """One replica as the autoscaler sees it."""
+
+    load: ReplicaLoad
+    up_s: float
+    """Seconds since it joined (0 while starting)."""
+    starting: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleDecision:
+    action: str
+    """up | down | hold"""
+    reason: str
+    replica: int | None = None
+    """The replica to drain (down)."""
+    ttft: float | None = None
+    """Predicted over the replicas there are (running and starting)."""
+    tpot: float | None = None
+
+
+class Autoscaler:
+    def __init__(self, options: AutoscaleOptions) -> None:
+        self.options = options
+        self._over = 0
+        self._fits_since: float | None = None
+        self._changed = float("-inf")
+        self._seen: tuple[float, float, float] | None = None
+        """(when, sequences, queued prefill tokens): the fleet's load, moving-averaged."""
+
+    def decide(self, now: float, replicas: list[ReplicaView]) -> ScaleDecision:
+        o = self.options
+        running = [v for v in replicas if not v.starting]
+        starting = len(replicas) - len(running)
+        if len(replicas) < o.min_replicas:
+            return self._act(now, ScaleDecision("up", "below the minimum"))
+        warm = [v.load for v in running if v.up_s >= o.warmup_s]
+        if not warm:
+            self._over, self._fits_since = 0, None
+            return ScaleDecision("hold", "no warm replica to predict from")
+        step = statistics.fmean(w.step_seconds for w in warm)
+        per_seq = statistics.fmean(w.decode_seconds_per_seq for w in warm)
+        rate = statistics.fmean(w.prefill_tokens_per_s for w in warm)
+        seqs, queued = self._smoothed(now, sum(v.load.running for v in running),
+                                      sum(v.load.queued_prefill for v in running))  # fmt: skip
+
+        def predict(k: int) -> tuple[float, float]:
+            tpot = step + seqs / k * per_seq
+            return step + queued / k / rate + seqs / k * per_seq, tpot
+
+        ttft, tpot = predict(len(replicas))
+        if ttft >= o.up_at * o.slo_ttft or tpot >= o.up_at * o.slo_tpot:
+            self._over += 1
+            self._fits_since = None
+            if len(replicas) >= o.max_replicas:
+                return ScaleDecision("hold", "at the maximum", None, ttft, tpot)
+            if self._over < o.up_after:
+                return ScaleDecision("hold", "over the SLO share once", None, ttft, tpot)
+            which = "ttft" if ttft >= o.up_at * o.slo_ttft else "tpot"
+            return self._act(now, ScaleDecision("up", f"predicted {which} near the SLO", None, ttft, tpot))
+        self._over = 0
+        if starting or len(running) <= o.min_replicas:
+            self._fits_since = None
+            return ScaleDecision("hold", "within the SLO", None, ttft, tpot)
+        fewer_ttft, fewer_tpot = predict(len(running) - 1)
+        if fewer_ttft > o.down_at * o.slo_ttft or fewer_tpot > o.down_at * o.slo_tpot:
+            self._fits_since = None
+            return ScaleDecision("hold", "within the SLO; one fewer would not be", None, ttft, tpot)
+        if self._fits_since is None:
+            self._fits_since = now
+        if now - self._fits_since < o.down_after_s or now - self._changed < o.down_after_s:
+            return ScaleDecision("hold", "one fewer would do: waiting", None, ttft, tpot)
+        idle = min(running, key=lambda v: (v.load.running, v.load.queued_prefill, v.up_s))
+        return self._act(now, ScaleDecision("down", "the others absorb the load", idle.load.index, ttft, tpot))
+
+    def _smoothed(self, now: float, seqs: int, queued: int) -> tuple[float, float]:
+        """The fleet's sequences and queued prefill through an exponential moving average over time."""
+        if self._seen is None or self.options.smooth_s == 0:
+            self._seen = (now, float(seqs), float(queued))
+        else:
+            at, s, q = self._seen
+            keep = math.exp(-(now - at) / self.options.smooth_s)
+            self._seen = (now, s * keep + seqs * (1 - keep), q * keep + queued * (1 - keep))
+        return self._seen[1], self._seen[2]
+
+    def _act(self, now: float, decision: ScaleDecision) -> ScaleDecision:
+        self._over, self._fits_since, self._changed = 0, None, now
+        return decision
