@@ -10,7 +10,7 @@ import pytest
 
 from tokenfab.bench.records import SLO
 from tokenfab.bench.stats import summarize
-from tokenfab.cluster.autoscaler import Autoscaler, AutoscaleOptions, ReplicaView
+from tokenfab.cluster.autoscaler import AutoscaleOptions, Autoscaler, ReplicaView
 from tokenfab.cluster.policies import ReplicaLoad, make_policy
 from tokenfab.sim.simulator import ReplicaShape, Simulator, autoscale, open_loop
 from tokenfab.sim.step_cost import StepCostModel

@@ -1,15 +1,16 @@
 """Autoscaler: how many replicas the load needs to stay within the SLO, decided from live step stats (load mode).
 
 Every `interval_s` it looks at the replicas: the sequences they run and the prefill work queued on them (summed over
-the replicas and moving-averaged over `smooth_s`), and each warm replica's fitted step cost (a step's fixed time, the time one more sequence adds, the prefill rate: what the kv
-router already fits). Spread evenly over k replicas, that load predicts
+the replicas and moving-averaged over `smooth_s`), and each warm replica's fitted step cost (a step's fixed time,
+the time one more sequence adds, the prefill rate: what the kv router already fits). Spread evenly over k replicas,
+that load predicts
 
     TPOT(k) = step + (running / k) x per-sequence time
     TTFT(k) = step + (queued prefill / k) / prefill rate + (running / k) x per-sequence time
 
 - **Up** when TTFT or TPOT over the replicas running and starting reaches `up_at` of its SLO in `up_after`
-  consecutive looks: before the SLO breaks, not after, and a replica already starting counts as capacity (no second
-  start for the same surge).
+  consecutive looks: before the SLO breaks, not after, and a replica already starting counts as capacity (a second
+  start only if the load outgrows it too).
 - **Down** only when the survivors can absorb the load: with one replica fewer both predictions stay under
   `down_at` of the SLO, continuously for `down_after_s`, none starting, and no change for as long. The replica
   running the fewest sequences is drained (its sequences move, or finish there with migration off).
