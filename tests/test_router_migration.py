@@ -10,6 +10,7 @@ import random
 
 import pytest
 
+from tokenfab.cluster.autoscaler import AutoscaleOptions
 from tokenfab.cluster.policies import LeastLoad
 from tokenfab.cluster.router import Router
 from tokenfab.economics.attribution import RequestCost
@@ -184,6 +185,44 @@ def test_a_restarted_replica_takes_one_sequence_at_a_time_until_it_has_finished_
             assert router.describe()[victim]["probation"] == 1 - n
         await router.add([request(f"c{i}") for i in range(4)])
         assert sum(r.request_id.startswith("c") for r in fresh.added) >= 2  # its share again
+        await router.shutdown()
+
+    asyncio.run(go())
+
+
+def test_the_autoscaler_resumes_a_replica_under_load_and_drains_it_after():
+    async def go() -> None:
+        made: list[Fake] = []
+
+        def factory() -> Fake:
+            made.append(Fake())
+            return made[-1]
+
+        options = AutoscaleOptions(1, 2, slo_ttft=10.0, slo_tpot=0.05, interval_s=0.05, up_after=1, down_after_s=0.3,
+                                   warmup_s=0.0, smooth_s=0.0)  # fmt: skip
+        router = Router([factory(), factory()], LeastLoad(random.Random(0)), [factory, factory], autoscale=options)
+        await router.start()
+        assert [r["state"] for r in router.states()] == ["running", "stopped"] and made[1].info is None
+        # 100 sequences on the one replica: its step fit (the defaults: 2 ms + 0.5 ms a sequence) predicts a
+        # 52 ms TPOT, over 0.8 x 50 ms: the stopped replica is started (a fresh client from its factory).
+        await router.add([request(f"r{i}") for i in range(100)])
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if router.states()[1]["state"] == "running":
+                break
+        assert router.replicas[1].client is made[2] and router.replicas[1].probation == 0
+        assert dict(router.scaling) == {("up", "predicted tpot near the SLO"): 1}
+        # They finish: one replica absorbs what is left (nothing), so after 0.3 s one is drained and stopped.
+        made[0].send(*[CoreOutput(f"r{i}", [1], finish_reason="length") for i in range(100)])
+        await next_outputs(router)
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if "stopped" in [r["state"] for r in router.states()]:
+                break
+        assert sorted(r["state"] for r in router.states()) == ["running", "stopped"]
+        assert router.scaling[("down", "the others absorb the load")] == 1
+        state = router.autoscale_state()
+        assert state["replicas"] == 1 and state["last"] is not None and state["replica_seconds"] > 0
         await router.shutdown()
 
     asyncio.run(go())

@@ -67,7 +67,9 @@ def add_fields(p: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
             options.update(action="append", default=None, metavar=f.metadata.get("metavar", "VALUE"))
             options["help"] += " (repeatable)"
         else:
-            options["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
+            options["type"] = f.metadata.get("type") or (
+                int if kind.startswith("int") else float if kind.startswith("float") else str
+            )
             if "choices" not in options:
                 options["metavar"] = f.metadata.get("metavar", f.name.upper())
         p.add_argument(_flag(f), **options)

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from tokenfab.cluster.autoscaler import AutoscaleOptions
 from tokenfab.cluster.policies import make_policy, parse_replica_prices
 from tokenfab.cluster.replica import Factory
 from tokenfab.cluster.router import Router
@@ -68,6 +69,8 @@ class RouterOptions:
     hang_timeout: float = 60.0
     prices: tuple[str, ...] = ()
     """Per-replica prices: `ID=USD_PER_HOUR` or `ID=PROFILE` (`replica_pricing`)."""
+    autoscale: AutoscaleOptions | None = None
+    """Start min_replicas of the replicas and scale between the bounds (None: run them all)."""
 
     def router(self, factories: list[Factory]) -> Router:
         return Router(
@@ -77,6 +80,7 @@ class RouterOptions:
             migration=self.migration,
             max_migrations=self.max_migrations,
             hang_timeout=self.hang_timeout,
+            autoscale=self.autoscale,
         )
 
 

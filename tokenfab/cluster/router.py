@@ -29,6 +29,7 @@ from typing import Any
 
 import msgspec
 
+from tokenfab.cluster.autoscaler import AutoscaleOptions, Autoscaler, ReplicaView, ScaleDecision
 from tokenfab.cluster.kv_index import KvIndex, prompt_blocks
 from tokenfab.cluster.policies import Decision, RoutingPolicy
 from tokenfab.cluster.replica import Factory, Flight, Replica, plus_cost, sum_stats
@@ -58,6 +59,7 @@ class Router(EngineClient):
         migration: bool = True,
         max_migrations: int = 3,
         hang_timeout: float = 60.0,
+        autoscale: AutoscaleOptions | None = None,
     ) -> None:
         super().__init__()
         if not clients:
@@ -84,21 +86,35 @@ class Router(EngineClient):
         PLAN_TTL: a refused request)."""
         self._results: asyncio.Queue[tuple[Replica | None, StepResult] | EngineDead] = asyncio.Queue()
         self._tasks: dict[str, asyncio.Task] = {}
+        self.autoscaler = Autoscaler(autoscale) if autoscale is not None else None
+        self.scaling: Counter[tuple[str, str]] = Counter()
+        """The autoscaler's decisions that changed something, by (action, reason)."""
+        self.last_scale: ScaleDecision | None = None
+        self._paid = (0.0, time.monotonic(), 0)
+        """Replica time paid for until a moment, that moment, and the replicas paid for since (`replica_seconds`)."""
         self._start_timeout = 600.0
         self._closing = False
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
     async def start(self, timeout: float = 600.0) -> CoreInfo:
+        """Start the replicas (with an autoscaler: its minimum; the others wait, stopped, until it needs them)."""
         self._start_timeout = timeout
-        infos = await asyncio.gather(*(r.client.start(timeout) for r in self.replicas))
-        for r, info in zip(self.replicas, infos):
+        initial = self.autoscaler.options.min_replicas if self.autoscaler is not None else len(self.replicas)
+        starting, waiting = self.replicas[:initial], self.replicas[initial:]
+        infos = await asyncio.gather(*(r.client.start(timeout) for r in starting))
+        for r, info in zip(starting, infos):
             self._join(r, r.client, info)
+        for r in waiting:
+            r.state, r.reason = "stopped", "not needed yet"
         self._tasks["watch"] = asyncio.create_task(self._watch(), name="replica-watch")
+        if self.autoscaler is not None:
+            self._tasks["autoscale"] = asyncio.create_task(self._autoscale(), name="autoscaler")
+        self._paid = (0.0, time.monotonic(), len(starting))
         first = infos[0]
         self.info = msgspec.structs.replace(
             first,
-            max_num_seqs=sum(i.max_num_seqs for i in infos),
+            max_num_seqs=sum(i.max_num_seqs for i in infos) + first.max_num_seqs * len(waiting),
             kv_capacity_tokens=min(i.kv_capacity_tokens for i in infos),
             usd_per_hour=sum(i.usd_per_hour for i in infos),
             kv_events_endpoint=None,
@@ -118,7 +134,7 @@ class Router(EngineClient):
         for flight in parked:
             self._spawn(f"resume-{flight.request.request_id}", self._move(flight, "parked"))
 
-    def _spawn(self, key: str, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, key: str, work: Coroutine[Any, Any, Any]) -> None:
         """Run `work` as a task the router cancels at shutdown; it is forgotten once done."""
 
         def done(finished: asyncio.Task) -> None:
@@ -248,13 +264,54 @@ class Router(EngineClient):
     # -- losing a replica, and continuing its sequences elsewhere -----------------------------------------------
 
     async def _watch(self) -> None:
-        """Every so often: a replica with work that has not stepped within hang_timeout is hung; it is killed."""
+        """Every so often: a replica with work that has not stepped within hang_timeout is hung; it is killed. The
+        replicas' paid-for time is counted here too."""
         while True:
             await asyncio.sleep(min(1.0, self.hang_timeout / 4))
+            self.replica_seconds  # noqa: B018 - brings the tally up to now
             try:
                 await self._kill_hung()
             except Exception:  # noqa: BLE001 - the watch must outlive one failed round
                 log.exception("replica watch")
+
+    async def _autoscale(self) -> None:
+        """Every interval: the autoscaler looks at the replicas; a replica more is resumed, one fewer is drained
+        (its sequences finish there: nothing is recomputed)."""
+        assert self.autoscaler is not None
+        while True:
+            await asyncio.sleep(self.autoscaler.options.interval_s)
+            try:
+                await self._scale()
+            except Exception:  # noqa: BLE001 - the autoscaler must outlive one failed round
+                log.exception("autoscaler")
+
+    async def _scale(self) -> None:
+        assert self.autoscaler is not None
+        now = time.monotonic()
+        views = [
+            ReplicaView(r.load(), now - r.up_since if r.live else 0.0, not r.live)
+            for r in self.replicas
+            if r.live or r.state in ("starting", "restarting")
+        ]
+        decision = self.last_scale = self.autoscaler.decide(now, views)
+        if decision.action == "hold":
+            return
+        if decision.action == "up":
+            stopped = [r for r in self.replicas if r.state == "stopped" and r.factory is not None]
+            if not stopped:
+                return
+            await self.resume(stopped[0].index)
+            which = stopped[0].index
+        else:
+            assert decision.replica is not None
+            which = decision.replica
+            self._spawn(f"drain-{which}", self.drain(which, move=False))
+        self.scaling[(decision.action, decision.reason)] += 1
+        self.replica_seconds  # noqa: B018 - the time before counted at the old number of replicas
+        log.info(
+            "autoscaler: %s (replica %d): %s; predicted TTFT %.3f s, TPOT %.3f s",
+            decision.action, which, decision.reason, decision.ttft or 0.0, decision.tpot or 0.0,
+        )  # fmt: skip
 
     async def _kill_hung(self) -> None:
         now = time.monotonic()
@@ -361,7 +418,8 @@ class Router(EngineClient):
             (None, StepResult([CoreOutput(rid, [], finish_reason="abort", lost=why)], self.merged_stats()))
         )
 
-    async def _restart(self, r: Replica) -> None:
+    async def _restart(self, r: Replica, probation: bool = True) -> None:
+        """Start the replica again (after a failure: with backoff, and on probation once it joins)."""
         assert r.factory is not None
         while not self._closing:
             delay = RESTART_BACKOFF[min(r.failures, len(RESTART_BACKOFF)) - 1] if r.failures else 0.0
@@ -376,15 +434,19 @@ class Router(EngineClient):
                 log.warning("replica %d: %s", r.index, r.reason)
                 await client.shutdown(1.0)
                 continue
-            r.restarts += 1
             self._join(r, client, info)
-            r.probation = PROBATION
-            log.info("replica %d rejoined (restart %d)", r.index, r.restarts)
+            if probation:
+                r.restarts += 1
+                r.probation = PROBATION
+                log.info("replica %d rejoined (restart %d)", r.index, r.restarts)
+            else:
+                log.info("replica %d resumed", r.index)
             return
 
-    async def drain(self, index: int) -> dict:
-        """Stop sending the replica work, move its sequences to the others (with migration off: let them finish
-        there) and stop it; it stays stopped until `resume`. The last replica taking work cannot be drained."""
+    async def drain(self, index: int, move: bool | None = None) -> dict:
+        """Stop sending the replica work, move its sequences to the others (with migration off, or `move` False:
+        let them finish there) and stop it; it stays stopped until `resume`. The last replica taking work cannot be
+        drained."""
         if not 0 <= index < len(self.replicas):
             raise KeyError(f"no replica {index}")
         r = self.replicas[index]
@@ -394,7 +456,8 @@ class Router(EngineClient):
             raise ValueError(f"replica {index} is the last one running; it cannot be drained")
         r.state, r.reason = "draining", "drained"
         held = [f.request.request_id for f in self._flights.values() if f.replica is r]
-        if self.migration:
+        move = self.migration if move is None else move
+        if move:
             if held:
                 await r.client.abort(held)
             await self._evacuate(r, "drained")
@@ -407,7 +470,8 @@ class Router(EngineClient):
         self.index.forget(r.index)
         await r.client.shutdown(10.0)
         r.state = "stopped"
-        return {"id": index, "state": r.state, "moved" if self.migration else "finished": len(held)}
+        self.replica_seconds  # noqa: B018 - the time before counted at the old number of replicas
+        return {"id": index, "state": r.state, "moved" if move else "finished": len(held)}
 
     async def resume(self, index: int) -> dict:
         """Start a drained replica again (it joins once its model is loaded)."""
@@ -417,7 +481,7 @@ class Router(EngineClient):
         if r.state != "stopped" or r.factory is None:
             raise ValueError(f"replica {index} is {r.state}; only a drained replica can be resumed")
         r.state, r.failures = "restarting", 0
-        self._spawn(f"restart-{r.index}", self._restart(r))
+        self._spawn(f"restart-{r.index}", self._restart(r, probation=False))
         return {"id": index, "state": r.state}
 
     # -- results ------------------------------------------------------------------------------------------------
@@ -468,6 +532,31 @@ class Router(EngineClient):
         used = total.kv.total_blocks - total.kv.free_blocks
         kv = msgspec.structs.replace(total.kv, usage=used / total.kv.total_blocks if total.kv.total_blocks else 0.0)
         return msgspec.structs.replace(total, time=max(p.time for p in parts) if parts else time.monotonic(), kv=kv)
+
+    @property
+    def replica_seconds(self) -> float:
+        """Replica time paid for: seconds summed over replicas starting, running or draining (counted as the
+        replicas were at each look: every second, and whenever it is read)."""
+        total, at, paid = self._paid
+        now = time.monotonic()
+        total += (now - at) * paid
+        self._paid = (total, now, sum(r.state not in ("stopped", "dead") for r in self.replicas))
+        return total
+
+    def autoscale_state(self) -> dict:
+        """What /replicas shows of the autoscaler: its bounds, the replicas paid for, its last look."""
+        assert self.autoscaler is not None
+        o, d = self.autoscaler.options, self.last_scale
+        return {
+            "min_replicas": o.min_replicas,
+            "max_replicas": o.max_replicas,
+            "slo_ttft": o.slo_ttft,
+            "slo_tpot": o.slo_tpot,
+            "replicas": sum(r.state not in ("stopped", "dead") for r in self.replicas),
+            "replica_seconds": round(self.replica_seconds, 1),
+            "last": None if d is None else {"action": d.action, "reason": d.reason, "ttft": d.ttft, "tpot": d.tpot},
+            "decisions": [{"action": a, "reason": why, "count": n} for (a, why), n in self.scaling.items()],
+        }
 
     def states(self) -> list[dict]:
         """Per replica: its state and why (what /health shows; cheap, unlike `describe`)."""

@@ -120,7 +120,11 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/replicas")
     async def replicas() -> dict:
-        return {"router": state.settings.router if state.router is not None else None, "replicas": state.replicas()}
+        router = state.router
+        out: dict = {"router": state.settings.router if router is not None else None, "replicas": state.replicas()}
+        if router is not None and router.autoscaler is not None:
+            out["autoscaler"] = router.autoscale_state()
+        return out
 
     @app.post("/replicas/{index}/drain", summary="Move a replica's requests to the others and stop it")
     async def drain(index: int) -> dict:

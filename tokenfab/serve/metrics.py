@@ -227,7 +227,9 @@ class _ReplicaCollector:
             moved.add_metric([self._model, cause], float(count))
         yield moved
         restarts = CounterMetricFamily(
-            "tokenfab:replica_restarts", "Times the replica was started again", labels=["model_name", "replica"]
+            "tokenfab:replica_restarts",
+            "Times the replica was started again after it failed",
+            labels=["model_name", "replica"],
         )
         up = GaugeMetricFamily(
             "tokenfab:replica_up", "1 while the replica takes work", labels=["model_name", "replica"]
@@ -246,6 +248,30 @@ class _ReplicaCollector:
             if row["kv_event_lag_s"] is not None:
                 lag.add_metric([self._model, str(row["id"])], row["kv_event_lag_s"])
         yield lag
+        paid = CounterMetricFamily(
+            "tokenfab:replica_seconds", "Replica time paid for: seconds over replicas starting, running or draining"
+        )
+        paid.add_metric([], self._router.replica_seconds)
+        yield paid
+        if self._router.autoscaler is not None:
+            scaled = CounterMetricFamily(
+                "tokenfab:autoscaler_decisions", "Replicas the autoscaler started (up) or drained (down), by reason",
+                labels=["model_name", "action", "reason"],
+            )  # fmt: skip
+            for (action, reason), count in self._router.scaling.items():
+                scaled.add_metric([self._model, action, reason], float(count))
+            yield scaled
+            last = self._router.last_scale
+            predicted = GaugeMetricFamily(
+                "tokenfab:autoscaler_predicted_seconds",
+                "TTFT and TPOT the autoscaler last predicted over the replicas there are",
+                labels=["model_name", "kind"],
+            )
+            if last is not None:
+                for which, value in (("ttft", last.ttft), ("tpot", last.tpot)):
+                    if value is not None:
+                        predicted.add_metric([self._model, which], value)
+            yield predicted
         index = GaugeMetricFamily("tokenfab:router_index_blocks", "Blocks in the router's KV index, all replicas")
         index.add_metric([], float(self._router.index.size()))
         yield index

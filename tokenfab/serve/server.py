@@ -61,14 +61,15 @@ def build_state(engine: EngineConfig, settings: ServerSettings) -> ServerState:
         settings.max_migrations,
         settings.replica_hang_timeout,
         settings.replica_price,
+        settings.autoscale_options(),
     )
     if settings.ray:
         from tokenfab.cluster.ray_pool import ray_router
 
-        core = ray_router(engine, settings.replicas, options, settings.ray_address)
+        core = ray_router(engine, settings.replica_slots, options, settings.ray_address)
         metrics.watch_router(core)
-    elif settings.replicas > 1:
-        core = local_router(engine, settings.replicas, options, settings.engine_transport)
+    elif settings.replica_slots > 1:
+        core = local_router(engine, settings.replica_slots, options, settings.engine_transport)
         metrics.watch_router(core)
     else:
         core = make_engine_client(engine, settings.engine_transport, spawn=not settings.external_core)

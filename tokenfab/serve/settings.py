@@ -5,10 +5,21 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from tokenfab.cluster.autoscaler import AutoscaleOptions
 from tokenfab.cluster.policies import POLICIES, parse_replica_prices
 from tokenfab.serve.tools import PARSERS
 
 API_KEY_ENV = "TOKENFAB_API_KEY"
+
+
+def replica_count(value: str) -> int | str:
+    """--replicas: a count >= 1, or auto."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--replicas {value!r}: a number of replicas or auto") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +64,14 @@ class ServerSettings:
     """Open client connections; beyond it the longest-idle one is closed (capped below the file limit)."""
     tokenizer_threads: int = 2
     """Threads that validate, template and tokenize requests off the event loop."""
-    replicas: int = 1
-    """Engine cores behind this front end (local processes, threads and KV memory split evenly between them)."""
+    replicas: int | str = field(default=1, metadata={"type": replica_count, "metavar": "N|auto"})
+    """Engine cores behind this front end (local processes, threads and KV memory split evenly between them); auto:
+    between --min-replicas and --max-replicas, as the load needs to meet --slo-ttft and --slo-tpot (the threads and
+    KV memory split over --max-replicas)."""
+    min_replicas: int = 1
+    """With --replicas auto: replicas kept running however light the load."""
+    max_replicas: int = 4
+    """With --replicas auto: replicas at most."""
     router: str = field(default="kv", metadata={"choices": lambda: POLICIES})
     """How requests are spread over replicas: kv (exact, from their KV events), prefix (approximate), least-load,
     round-robin."""
@@ -63,9 +80,11 @@ class ServerSettings:
     ray_address: str | None = None
     """The Ray cluster to join (`auto`: the one `ray start` runs here; default: start a local one)."""
     slo_ttft: float | None = None
-    """Seconds to first token the kv router aims for: the cheapest replica predicted to meet the SLOs wins."""
+    """Seconds to first token the kv router aims for (the cheapest replica predicted to meet the SLOs wins) and
+    --replicas auto scales to meet."""
     slo_tpot: float | None = None
-    """Seconds per output token the kv router aims for (a replica's decode step with the request added)."""
+    """Seconds per output token the kv router aims for (a replica's decode step with the request added) and
+    --replicas auto scales to meet."""
     replica_price: tuple[str, ...] = field(default=(), metadata={"metavar": "ID=PRICE"})
     """One replica's price: ID=USD_PER_HOUR (as --usd-per-hour: per core on a CPU) or ID=PROFILE (a device profile:
     cpu, h100, ...); replicas not named keep the engine's. With --slo-ttft/--slo-tpot the kv router sends each request
@@ -90,13 +109,21 @@ class ServerSettings:
             (self.body_timeout > 0 and self.header_timeout > 0, "body_timeout and header_timeout must be > 0"),
             (self.max_connections >= 1, "max_connections must be >= 1"),
             (self.tokenizer_threads >= 1, "tokenizer_threads must be >= 1"),
-            (self.replicas >= 1, "replicas must be >= 1"),
+            (self.autoscale or (isinstance(self.replicas, int) and self.replicas >= 1), "replicas: N >= 1 or auto"),
+            (
+                not self.autoscale or (self.slo_ttft is not None and self.slo_tpot is not None),
+                "--replicas auto scales to meet an SLO: give --slo-ttft and --slo-tpot",
+            ),
+            (
+                not self.autoscale or 1 <= self.min_replicas <= self.max_replicas >= 2,
+                "--replicas auto needs 1 <= --min-replicas <= --max-replicas and --max-replicas >= 2",
+            ),
             (self.max_migrations >= 0, "max_migrations must be >= 0"),
             (all(x is None or x > 0 for x in (self.slo_ttft, self.slo_tpot)), "slo_ttft and slo_tpot must be > 0"),
             (self.replica_hang_timeout > 0, "replica_hang_timeout must be > 0"),
             (self.router in POLICIES, f"router must be one of {', '.join(POLICIES)}"),
-            (self.replicas == 1 or not self.external_core, "external_core serves one replica"),
-            (self.replicas > 1 or self.ray or not self.replica_price, "replica_price needs --replicas 2 or more"),
+            (self.replica_slots == 1 or not self.external_core, "external_core serves one replica"),
+            (self.replica_slots > 1 or self.ray or not self.replica_price, "replica_price needs --replicas 2 or more"),
             (self.tool_call_parser in PARSERS, f"tool_call_parser must be one of {', '.join(PARSERS)}"),
             (0 < self.port < 65536, "port must be in 1..65535"),
             (self.max_queued_requests >= 0, "max_queued_requests must be >= 0"),
@@ -112,4 +139,19 @@ class ServerSettings:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        parse_replica_prices(self.replica_price, self.replicas)
+        parse_replica_prices(self.replica_price, self.replica_slots)
+
+    @property
+    def autoscale(self) -> bool:
+        return self.replicas == "auto"
+
+    @property
+    def replica_slots(self) -> int:
+        """Replicas there can be: --replicas N, or --max-replicas with auto."""
+        return self.max_replicas if self.autoscale else int(self.replicas)
+
+    def autoscale_options(self) -> AutoscaleOptions | None:
+        if not self.autoscale:
+            return None
+        assert self.slo_ttft is not None and self.slo_tpot is not None
+        return AutoscaleOptions(self.min_replicas, self.max_replicas, self.slo_ttft, self.slo_tpot)
