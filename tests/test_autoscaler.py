@@ -109,12 +109,12 @@ def test_down_only_when_the_survivors_absorb_the_load():
     # 16 sequences over 2: TPOT 0.052 now, 0.084 on one replica (over 0.5 x 0.1): hold, for as long as it lasts.
     busy = [view(0, 8), view(1, 8)]
     assert {scaler.decide(t, busy).action for t in range(0, 200, 2)} == {"hold"}
-    # 4 sequences from t = 200 s: once the moving average (10 s) has come down to where one replica would run
-    # under 0.05 s (7.5 sequences, about 12 s later), and 30 s after that, the least busy replica goes.
+    # 4 sequences from t = 200 s: once the slow moving average (15 s) has come down to where one replica would run
+    # under 0.05 s (7.5 sequences, about 18 s later), and 30 s after that, the least busy replica goes.
     light = [view(0, 3), view(1, 1)]
     actions = [(t, scaler.decide(t, light)) for t in range(200, 300, 2)]
     downs = [(t, d) for t, d in actions if d.action == "down"]
-    assert downs and 240 <= downs[0][0] <= 248 and downs[0][1].replica == 1
+    assert downs and 246 <= downs[0][0] <= 254 and downs[0][1].replica == 1
     # Never below the minimum.
     assert {Autoscaler(OPTIONS).decide(t, [view(0, 0)]).action for t in range(0, 100, 2)} == {"hold"}
 

@@ -119,3 +119,23 @@ def test_agentic_sessions_reuse_their_prefixes_and_open_loop_runs(model_path, tm
         assert point["rate"] == 40 and point["concurrency"] is None and point["summary"]["completed"] == 10
     finally:
         assert server.stop() == 0
+
+
+def test_simulate_validate_measures_and_simulates_each_configuration(model_path, tmp_path):
+    from tokenfab.config import EngineConfig
+    from tokenfab.sim.profile import profile
+    from tokenfab.sim.validate import validate
+
+    config = EngineConfig(model=str(model_path), max_num_seqs=8, kv_cache_memory_gb=0.05)
+    profile(config, grid=[(24, 1), (24, 4), (64, 2), (16, 8)], max_tokens=8).save(tmp_path / "prof")
+    doc = validate(tmp_path / "prof", tmp_path / "v", model=str(model_path),
+                   configs={"random 24/8, c=2": ["--workload", "random", "--isl", "24", "--osl", "8",
+                                                 "--concurrency", "2", "--num-requests", "8"]})  # fmt: skip
+    (row,) = doc["rows"]
+    for metric in ("output tok/s", "TTFT p50", "TPOT p50"):
+        assert row[metric]["measured"] > 0 and row[metric]["simulated"] > 0
+    # The server runs the profiled engine's limits, as the simulator does.
+    flags = doc["serve_flags"]
+    assert flags[flags.index("--max-num-seqs") + 1] == "8" and "--threads" in flags
+    md = (tmp_path / "v.md").read_text()
+    assert "| random 24/8, c=2 |" in md and "tokenfab simulate --validate" in md

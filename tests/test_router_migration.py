@@ -199,7 +199,7 @@ def test_the_autoscaler_resumes_a_replica_under_load_and_drains_it_after():
             return made[-1]
 
         options = AutoscaleOptions(1, 2, slo_ttft=10.0, slo_tpot=0.05, interval_s=0.05, up_after=1, down_after_s=0.3,
-                                   warmup_s=0.0, smooth_s=0.0)  # fmt: skip
+                                   warmup_s=0.0, smooth_up_s=0.0, smooth_down_s=0.0)  # fmt: skip
         router = Router([factory(), factory()], LeastLoad(random.Random(0)), [factory, factory], autoscale=options)
         await router.start()
         assert [r["state"] for r in router.states()] == ["running", "stopped"] and made[1].info is None

@@ -1,9 +1,9 @@
 """Autoscaler: how many replicas the load needs to stay within the SLO, decided from live step stats (load mode).
 
 Every `interval_s` it looks at the replicas: the sequences they run and the prefill work queued on them (summed over
-the replicas and moving-averaged over `smooth_s`), and each warm replica's fitted step cost (a step's fixed time,
-the time one more sequence adds, the prefill rate: what the kv router already fits). Spread evenly over k replicas,
-that load predicts
+the replicas and moving-averaged: over `smooth_up_s` to scale up, the longer `smooth_down_s` to scale down), and
+each warm replica's fitted step cost (a step's fixed time, the time one more sequence adds, the prefill rate: what
+the kv router already fits). Spread evenly over k replicas, that load predicts
 
     TPOT(k) = step + (running / k) x per-sequence time
     TTFT(k) = step + (queued prefill / k) / prefill rate + (running / k) x per-sequence time
@@ -47,8 +47,10 @@ class AutoscaleOptions:
     """...for this long (and this long after the last change)."""
     warmup_s: float = 10.0
     """A replica's fitted step costs are trusted once it has been up this long."""
-    smooth_s: float = 10.0
-    """Time constant of the moving average the load is read through (a burst of a steady load is not a trend)."""
+    smooth_up_s: float = 4.0
+    """Time constant of the moving average the load is read through for scaling up (a surge shows within seconds)..."""
+    smooth_down_s: float = 15.0
+    """...and for scaling down (a lull between bursts of a steady load is not a trend)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -56,7 +58,10 @@ class AutoscaleOptions:
             (self.slo_ttft > 0 and self.slo_tpot > 0, "the autoscaler needs SLOs > 0"),
             (self.interval_s > 0 and self.up_after >= 1, "interval_s must be > 0 and up_after >= 1"),
             (0 < self.down_at < self.up_at <= 1, "need 0 < down_at < up_at <= 1"),
-            (min(self.down_after_s, self.warmup_s, self.smooth_s) >= 0, "down_after_s, warmup_s, smooth_s >= 0"),
+            (
+                min(self.down_after_s, self.warmup_s, self.smooth_up_s, self.smooth_down_s) >= 0,
+                "down_after_s, warmup_s and the smoothing times must be >= 0",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -91,8 +96,8 @@ class Autoscaler:
         self._over = 0
         self._fits_since: float | None = None
         self._changed = float("-inf")
-        self._seen: tuple[float, float, float] | None = None
-        """(when, sequences, queued prefill tokens): the fleet's load, moving-averaged."""
+        self._seen: dict[float, tuple[float, float, float]] = {}
+        """Per time constant: (when, sequences, queued prefill tokens), the fleet's load moving-averaged."""
 
     def decide(self, now: float, replicas: list[ReplicaView]) -> ScaleDecision:
         o = self.options
@@ -107,14 +112,17 @@ class Autoscaler:
         step = statistics.fmean(w.step_seconds for w in warm)
         per_seq = statistics.fmean(w.decode_seconds_per_seq for w in warm)
         rate = statistics.fmean(w.prefill_tokens_per_s for w in warm)
-        seqs, queued = self._smoothed(now, sum(v.load.running for v in running),
-                                      sum(v.load.queued_prefill for v in running))  # fmt: skip
+        seqs = sum(v.load.running for v in running)
+        queued = sum(v.load.queued_prefill for v in running)
+        fast = self._smoothed(o.smooth_up_s, now, seqs, queued)
+        slow = self._smoothed(o.smooth_down_s, now, seqs, queued)
 
-        def predict(k: int) -> tuple[float, float]:
+        def predict(k: int, load: tuple[float, float]) -> tuple[float, float]:
+            seqs, queued = load
             tpot = step + seqs / k * per_seq
             return step + queued / k / rate + seqs / k * per_seq, tpot
 
-        ttft, tpot = predict(len(replicas))
+        ttft, tpot = predict(len(replicas), fast)
         if ttft >= o.up_at * o.slo_ttft or tpot >= o.up_at * o.slo_tpot:
             self._over += 1
             self._fits_since = None
@@ -128,7 +136,7 @@ class Autoscaler:
         if starting or len(running) <= o.min_replicas:
             self._fits_since = None
             return ScaleDecision("hold", "within the SLO", None, ttft, tpot)
-        fewer_ttft, fewer_tpot = predict(len(running) - 1)
+        fewer_ttft, fewer_tpot = predict(len(running) - 1, slow)
         if fewer_ttft > o.down_at * o.slo_ttft or fewer_tpot > o.down_at * o.slo_tpot:
             self._fits_since = None
             return ScaleDecision("hold", "within the SLO; one fewer would not be", None, ttft, tpot)
@@ -139,15 +147,17 @@ class Autoscaler:
         idle = min(running, key=lambda v: (v.load.running, v.load.queued_prefill, v.up_s))
         return self._act(now, ScaleDecision("down", "the others absorb the load", idle.load.index, ttft, tpot))
 
-    def _smoothed(self, now: float, seqs: int, queued: int) -> tuple[float, float]:
-        """The fleet's sequences and queued prefill through an exponential moving average over time."""
-        if self._seen is None or self.options.smooth_s == 0:
-            self._seen = (now, float(seqs), float(queued))
+    def _smoothed(self, tau: float, now: float, seqs: int, queued: int) -> tuple[float, float]:
+        """The fleet's sequences and queued prefill through an exponential moving average of time constant tau."""
+        seen = self._seen.get(tau)
+        if seen is None or tau == 0:
+            seen = (now, float(seqs), float(queued))
         else:
-            at, s, q = self._seen
-            keep = math.exp(-(now - at) / self.options.smooth_s)
-            self._seen = (now, s * keep + seqs * (1 - keep), q * keep + queued * (1 - keep))
-        return self._seen[1], self._seen[2]
+            at, s, q = seen
+            keep = math.exp(-(now - at) / tau)
+            seen = (now, s * keep + seqs * (1 - keep), q * keep + queued * (1 - keep))
+        self._seen[tau] = seen
+        return seen[1], seen[2]
 
     def _act(self, now: float, decision: ScaleDecision) -> ScaleDecision:
         self._over, self._fits_since, self._changed = 0, None, now

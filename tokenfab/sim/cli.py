@@ -37,6 +37,11 @@ def add_parsers(sub) -> None:
     sim.add_argument("--replicas", type=int, default=1, help="replicas, each as profiled (KV split evenly)")
     sim.add_argument("--router", default="kv", choices=list(POLICIES))
     sim.add_argument("--out", type=Path, default=Path("results/simulate.json"))
+    validate_help = (
+        "instead: measure held-out configurations against `tokenfab serve` (the profile's engine flags), simulate "
+        "each, report the errors (--out .json and .md; ~10 min on a quiet machine)"
+    )
+    sim.add_argument("--validate", action="store_true", help=validate_help)
     sim.set_defaults(func=_simulate)
 
     plan = sub.add_parser("plan", help="the cheapest deployment meeting an SLO at a load (searched in the simulator)")
@@ -97,6 +102,13 @@ def _simulate(args: argparse.Namespace) -> int:
     from tokenfab.bench import runner
     from tokenfab.sim.run import simulate_point
 
+    if args.validate:
+        from tokenfab.sim.validate import markdown, validate
+
+        doc = validate(args.profile, args.out, model=args.model)
+        print(markdown(doc, args.profile))
+        print(f"wrote {args.out.with_suffix('.json')} and .md", file=sys.stderr)
+        return 0
     if (args.concurrency is None) == (args.rate is None):
         raise ValueError("give --concurrency or --rate")
     started = time.monotonic()

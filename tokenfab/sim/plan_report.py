@@ -20,16 +20,26 @@ CPU_BATCH_LIMITS = (16, 32)
 GPU_BATCH_LIMITS = (64, 256)
 
 
-def profile_flags(meta: dict) -> tuple[str, ...]:
+def profile_flags(meta: dict, batch_limit: bool = True) -> tuple[str, ...]:
     """The engine flags a profile was measured with (recorded since profiles carry them; else rebuilt from its
-    threads, weight format and KV budget)."""
+    threads, weight format, KV budget and batch limit); without `batch_limit`, less --max-num-seqs (the planner
+    sets its own)."""
     if "serve_flags" in meta:
-        return tuple(meta["serve_flags"])
-    flags = ["--threads", str(meta.get("threads", 1))]
-    if meta.get("weights") not in (None, "none"):
-        flags += ["--quantization", str(meta["weights"])]
-    if meta.get("kv_cache_memory_gb"):
-        flags += ["--kv-cache-memory-gb", f"{meta['kv_cache_memory_gb']:g}"]
+        flags = list(meta["serve_flags"])
+    else:
+        flags = ["--threads", str(meta.get("threads", 1))]
+        if meta.get("weights") not in (None, "none"):
+            flags += ["--quantization", str(meta["weights"])]
+        if meta.get("kv_cache_memory_gb"):
+            flags += ["--kv-cache-memory-gb", f"{meta['kv_cache_memory_gb']:g}"]
+    shape = meta.get("shape", {})
+    for flag, key in (("--max-num-seqs", "max_num_seqs"), ("--max-num-batched-tokens", "max_num_batched_tokens")):
+        given = [i for i, f in enumerate(flags) if f == flag or f.startswith(flag + "=")]
+        if flag == "--max-num-seqs" and not batch_limit:
+            for i in reversed(given):
+                del flags[i : i + (1 if "=" in flags[i] else 2)]
+        elif not given and key in shape:
+            flags += [flag, str(shape[key])]
     return tuple(flags)
 
 
@@ -47,7 +57,7 @@ def variants(
         first = first or shape
         own = sorted({*CPU_BATCH_LIMITS, shape.max_num_seqs})
         name = f"{path.name} ({meta.get('threads', '?')} threads, {meta.get('weights', '?')})"
-        out.append(Variant(name, cost, shape, float(meta.get("usd_per_hour") or 0.0), profile_flags(meta), False,
+        out.append(Variant(name, cost, shape, float(meta.get("usd_per_hour") or 0.0), profile_flags(meta, False), False,
                            tuple(limits or own)))  # fmt: skip
     unknown = [d for d in devices if d not in GPUS]
     if unknown:

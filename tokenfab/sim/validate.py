@@ -1,30 +1,19 @@
-"""The simulator against measured runs: for held-out configurations, `tokenfab bench serve` against a live
-`tokenfab serve` and `tokenfab simulate` with this machine's profile, the same workload flags; the error of output
-throughput, TTFT p50/p90 and TPOT p50.
-
-    .venv/bin/python -m tokenfab.cli profile --out benchmarks/profiles/<name>    # ~1 minute
-    .venv/bin/python benchmarks/sim_validation.py --profile benchmarks/profiles/<name>   # quiet machine, ~10 min
-
-Writes sim-validation-<date>.json and .md under benchmarks/reports.
-"""
+"""Validation: the simulator against measured runs. For held-out configurations, `tokenfab bench serve` against a
+live `tokenfab serve` (with the profile's engine flags) and `tokenfab simulate` with the profile, the same workload
+flags; the error of output throughput, TTFT p50/p90 and TPOT p50 (`tokenfab simulate --validate`)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
-from datetime import date
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tokenfab.bench.launch import ServerSpec, free_port, launch  # noqa: E402
-from tokenfab.bench.report import fixed  # noqa: E402
-from tokenfab.platform import cpu_isa, machine  # noqa: E402
+from tokenfab.bench.launch import ServerSpec, free_port, launch
+from tokenfab.bench.report import fixed
+from tokenfab.platform import cpu_isa, machine
 
 TOKENFAB = [sys.executable, "-m", "tokenfab.cli"]
 CONFIGS = {
@@ -54,42 +43,47 @@ def summary(path: Path) -> dict:
     return json.loads(path.read_text())["systems"][0]["points"][0]["summary"]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profile", type=Path, required=True)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "reports" / f"sim-validation-{date.today()}")
-    args = ap.parse_args()
+def validate(profile: Path, out: Path, configs: dict[str, list[str]] | None = None, model: str | None = None) -> dict:
+    """Measure each configuration against `tokenfab serve` (run with the profile's engine flags) and simulate it
+    with the profile; writes out.json and out.md and returns the document."""
+    from tokenfab.sim.plan_report import profile_flags
+    from tokenfab.sim.step_cost import StepCostModel
+
+    serve_flags = list(profile_flags(StepCostModel.load(profile).meta))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
-        server = launch(ServerSpec("tokenfab", [*TOKENFAB, "serve", "--port", str(port)], dict(os.environ)), port,
-                        Path(tmp))  # fmt: skip
+        model_flags = ["--model", model] if model else []
+        command = [*TOKENFAB, "serve", "--port", str(port), *serve_flags, *model_flags]
+        server = launch(ServerSpec("tokenfab", command, dict(os.environ)), port, Path(tmp))
         try:
-            for seed, (name, config_flags) in enumerate(CONFIGS.items(), 1):
+            for seed, (name, config_flags) in enumerate((configs or CONFIGS).items(), 1):
                 # A seed of its own per configuration: the live server keeps its prefix cache between them.
-                flags = [*config_flags, "--seed", str(seed)]
+                flags = [*config_flags, "--seed", str(seed), *model_flags]
                 measured, simulated = Path(tmp) / "m.json", Path(tmp) / "s.json"
                 subprocess.run([*TOKENFAB, "bench", "serve", "--url", server.url, *flags, "--out", str(measured)],
                                check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-                subprocess.run([*TOKENFAB, "simulate", "--profile", str(args.profile), *flags, "--out",
+                subprocess.run([*TOKENFAB, "simulate", "--profile", str(profile), *flags, "--out",
                                 str(simulated)], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
                 m, s = summary(measured), summary(simulated)
-                row = {"config": name}
+                row: dict = {"config": name}
                 for metric, get in METRICS.items():
                     row[metric] = {"measured": get(m), "simulated": get(s)}
                 rows.append(row)
-                print(json.dumps(row), flush=True)
+                print(json.dumps(row), file=sys.stderr, flush=True)
         finally:
             server.stop()
     doc = {
         "machine": machine.describe(),
         "isa_levels": cpu_isa.describe()["isa_levels"],
-        "profile": json.loads((args.profile / "step_cost.json").read_text()),
+        "profile": json.loads((profile / "step_cost.json").read_text()),
+        "serve_flags": serve_flags,
         "rows": rows,
     }
-    args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(doc, args.profile))
-    print(markdown(doc, args.profile))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    out.with_suffix(".md").write_text(markdown(doc, profile))
+    return doc
 
 
 def error(cell: dict) -> float | None:
@@ -105,8 +99,8 @@ def markdown(doc: dict, profile: Path) -> str:
         f"{doc['machine']['cpu']} ({doc['machine']['cores']} cores; ISA levels {', '.join(doc['isa_levels'])}), "
         f"{meta['model']} ({meta['weights']}, {meta['dtype']}, {meta['threads']} threads). Profile `{profile}` "
         f"({meta['steps']} measured steps, fit error median {meta['median_rel_error']:.1%}); each configuration "
-        "measured with `tokenfab bench serve` against one `tokenfab serve` and simulated with `tokenfab simulate` on "
-        "the same flags. Command: `.venv/bin/python benchmarks/sim_validation.py --profile ...`.",
+        "measured with `tokenfab bench serve` against one `tokenfab serve` (the profile's engine flags) and simulated "
+        "with `tokenfab simulate` on the same flags. Command: `tokenfab simulate --validate --profile ...`.",
         "",
         "| configuration | " + " | ".join(f"{k} measured / simulated (error)" for k in METRICS) + " |",
         "|---|" + "---|" * len(METRICS),
@@ -131,7 +125,3 @@ def markdown(doc: dict, profile: Path) -> str:
         target = f"within ±{bound:.0%}: {within} of {len(errs)}" if bound else "no target"
         lines.append(f"- {metric}: worst error {worst:.0%}; {target}")
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    main()
