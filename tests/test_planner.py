@@ -117,7 +117,8 @@ def test_tokenfab_plan_writes_the_plan(tiny_model, tmp_path):
     best = doc["plan"]["best"]
     # The profiled CPU at $0.09/h meets a 50 ms TPOT at 4 req/s (steps of ~10 ms): it beats a $2.50/h H100.
     assert best["variant"].startswith("prof") and best["replicas"] == 1 and best["meets_slo"]
-    assert best["serve_command"] == "tokenfab serve --threads 2 --kv-cache-memory-gb 1 --max-num-seqs 16"
+    assert best["serve_command"] == ("tokenfab serve --threads 2 --kv-cache-memory-gb 1 --max-num-batched-tokens 256 "
+                                     "--max-num-seqs 16")
     assert any(v["modelled"] and v["name"] == "h100 (modelled)" for v in doc["variants"])
     md = (out / "plan.md").read_text()
     assert best["serve_command"] in md and "modelled" in md
