@@ -15,6 +15,7 @@ import json
 import math
 import random
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from tokenfab.bench.records import SLO
@@ -69,7 +70,7 @@ def main() -> int:
     for k in (int(x) for x in args.replicas.split(",")):
         started = time.monotonic()
         c = evaluate(load, variant, k, shape.max_num_seqs)
-        rows.append({**c.__dict__, "wall_s": round(time.monotonic() - started, 1)})
+        rows.append({**asdict(c), "wall_s": round(time.monotonic() - started, 1)})
         print(json.dumps(rows[-1]), flush=True)
     doc = {
         "note": "simulated fleet; H100 step costs from a roofline model (modelled); traffic shaped after the Azure LLM "
