@@ -50,9 +50,9 @@ def traffic(rate: float, seconds: float, seed: int) -> tuple[list[tuple[list[int
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rate", type=float, default=1200.0, help="requests per second, the whole fleet")
-    ap.add_argument("--seconds", type=float, default=30.0)
-    ap.add_argument("--replicas", default="90,100,110,120,130")
+    ap.add_argument("--rate", type=float, default=1100.0, help="requests per second, the whole fleet")
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--replicas", default="90,100,110")
     ap.add_argument("--gpu", default="h100", choices=list(GPUS))
     ap.add_argument("--slo-ttft", type=float, default=2.0)
     ap.add_argument("--slo-tpot", type=float, default=0.05)
@@ -62,7 +62,7 @@ def main() -> int:
     arch = arch_from_hf_config(LLAMA3_8B)
     price = PROFILES[args.gpu].usd_per_hour
     shape = roofline_shape(GPUS[args.gpu], arch, ReplicaShape([None], [1], 16, 256, 8192, 8192))
-    variant = Variant(f"{args.gpu} (modelled)", roofline_cost(GPUS[args.gpu], arch, price), shape, price)
+    variant = Variant(f"{args.gpu} (modelled)", roofline_cost(GPUS[args.gpu], arch, price), shape, price, modelled=True)
     requests, arrivals = traffic(args.rate, args.seconds, args.seed)
     config = SweepConfig([args.rate], True, len(requests), 0, slo=SLO(args.slo_ttft, args.slo_tpot))
     load = SimLoad(config, Workload("azure-conversation-shape", {}), args.rate, True, requests, arrivals)
