@@ -79,6 +79,7 @@ def _profile(args: argparse.Namespace) -> int:
     path = model.save(args.out)
     print(json.dumps({"coef": model.coef, "serving_step_s": model.serving_step_s,
                       "request_latency_s": model.request_latency_s,
+                      "busy_request_latency_s": model.busy_request_latency_s,
                       "median_rel_error": model.meta["median_rel_error"]}, indent=1))  # fmt: skip
     print(f"wrote {path}", file=sys.stderr)
     return 0

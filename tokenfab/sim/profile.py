@@ -73,9 +73,12 @@ def profile(
 
 
 def calibrate(model: StepCostModel, serve_flags: list[str], log_dir: Path) -> dict:
-    """Serve with the profiled config and measure one request at a time (256-token prompts, 64 tokens out): what
-    a served step takes beyond the engine's own time, and what a request spends before the engine sees it. Both
-    go into the model (`serving_step_s`, `request_latency_s`); returns the measurement."""
+    """Serve with the profiled config and measure what serving adds: one request at a time (256-token prompts, 64
+    tokens out) for what a served step takes beyond the engine's own time and what a request spends before the
+    engine has it while the engine is idle, then 8 at a time for that latency while the engine is busy (the front end
+    shares the machine with it). A request's front-end time is the client's TTFT less the server's own TTFT
+    histogram. All go into the model (`serving_step_s`, `request_latency_s`, `busy_request_latency_s`); returns the
+    measurement."""
     from tokenfab.bench.launch import ServerSpec, free_port, launch
 
     port = free_port()
@@ -85,24 +88,51 @@ def calibrate(model: StepCostModel, serve_flags: list[str], log_dir: Path) -> di
         port,
         log_dir,
     )  # fmt: skip
-    out = log_dir / "calibration.json"
-    try:
+
+    def run(concurrency: int, requests: int) -> tuple[dict, float]:
+        """The bench summary and the server's mean TTFT over the same requests."""
+        out = log_dir / f"calibration-{concurrency}.json"
+        before = _served_ttft(server.url)
         subprocess.run(
             [sys.executable, "-m", "tokenfab.cli", "bench", "serve", "--url", server.url, "--workload", "random",
-             "--isl", "256", "--osl", "64", "--concurrency", "1", "--num-requests", "8", "--seed", "991",
-             "--out", str(out)],
+             "--isl", "256", "--osl", "64", "--concurrency", str(concurrency), "--num-requests", str(requests),
+             "--seed", "991", "--out", str(out)],
             check=True, stdout=subprocess.DEVNULL,
         )  # fmt: skip
+        after = _served_ttft(server.url)
+        s = json.loads(out.read_text())["systems"][0]["points"][0]["summary"]
+        count = after[1] - before[1]
+        return s, (after[0] - before[0]) / count if count else s["ttft_s"]["mean"]
+
+    try:
+        idle, idle_served = run(1, 8)
+        busy, busy_served = run(8, 32)
     finally:
         server.stop()
-    s = json.loads(out.read_text())["systems"][0]["points"][0]["summary"]
-    prompt = s["input_tokens"] / max(s["completed"], 1)
-    tpot, ttft = s["tpot_s"]["p50"], s["ttft_s"]["p50"]
+    prompt = idle["input_tokens"] / max(idle["completed"], 1)
+    tpot, ttft = idle["tpot_s"]["p50"], idle["ttft_s"]["p50"]
     decode = model.engine_seconds(StepFeatures(decode_seqs=1, decode_context=int(prompt + 32)))
     prefill = model.engine_seconds(StepFeatures(int(prompt), int(prompt) * prompt / 2 / 1000))
     model.serving_step_s = max(0.0, tpot - decode)
-    model.request_latency_s = max(0.0, ttft - prefill - model.serving_step_s)
-    measured = {"tpot_p50": tpot, "ttft_p50": ttft, "prompt_tokens": prompt, "predicted_decode_step": decode,
+    model.request_latency_s = max(0.0, idle["ttft_s"]["mean"] - idle_served)
+    model.busy_request_latency_s = max(0.0, busy["ttft_s"]["mean"] - busy_served)
+    measured = {"tpot_p50": tpot, "ttft_p50": ttft, "ttft_mean": idle["ttft_s"]["mean"],
+                "served_ttft_mean": idle_served, "busy_ttft_mean": busy["ttft_s"]["mean"],
+                "busy_served_ttft_mean": busy_served, "prompt_tokens": prompt, "predicted_decode_step": decode,
                 "predicted_prefill_step": prefill}  # fmt: skip
     model.meta["calibration"] = measured
     return measured
+
+
+def _served_ttft(url: str) -> tuple[float, float]:
+    """(sum, count) of the server's time-to-first-token histogram."""
+    import re
+
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    values = []
+    for kind in ("sum", "count"):
+        found = re.search(rf"^tokenfab:time_to_first_token_seconds_{kind}{{[^}}]*}} (\S+)$", text, re.M)
+        values.append(float(found.group(1)) if found else 0.0)
+    return values[0], values[1]

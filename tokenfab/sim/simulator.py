@@ -144,9 +144,13 @@ class Simulator:
     # -- requests --------------------------------------------------------------------------------------------------
 
     def submit(self, req: SimRequest) -> None:
-        """Send a request now: it reaches a replica after the front end's measured latency."""
+        """Send a request now: it reaches a replica after the front end's measured latency (longer while a replica
+        is stepping: the front end shares the machine with it)."""
         req.record.start = self.now
-        latency = self.replicas[0].cost.request_latency_s
+        cost = self.replicas[0].cost
+        latency = cost.request_latency_s
+        if cost.busy_request_latency_s is not None and any(r.busy for r in self.replicas):
+            latency = cost.busy_request_latency_s
         if latency > 0:
             self.at(self.now + latency, lambda: self._arrive(req))
         else:

@@ -56,7 +56,10 @@ class StepCostModel:
     """What serving adds to every step beyond the engine's own time (outputs to the front end, streaming: work
     sharing the machine), measured against a live server (`calibrate`)."""
     request_latency_s: float = 0.0
-    """What a request spends before the engine sees it (HTTP, templating, tokenizing), measured likewise."""
+    """What a request spends before the engine sees it (HTTP, templating, tokenizing) while the engine is idle,
+    measured likewise..."""
+    busy_request_latency_s: float | None = None
+    """...and while it is busy (the front end then shares the machine's cores with it); None: as when idle."""
 
     def predict(self, f: StepFeatures) -> float:
         """A served step's seconds."""
@@ -110,6 +113,7 @@ class StepCostModel:
             data.get("meta", {}),
             float(data.get("serving_step_s", 0.0)),
             float(data.get("request_latency_s", 0.0)),
+            data.get("busy_request_latency_s"),
         )
 
 
