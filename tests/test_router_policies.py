@@ -11,7 +11,7 @@ from tokenfab.cluster.policies import KvAware, LeastLoad, Prefix, ReplicaLoad, R
 from tokenfab.cluster.pool import replica_configs, replica_pricing
 from tokenfab.cluster.replica import StepCost
 from tokenfab.config import EngineConfig, PricingConfig
-from tokenfab.serve.settings import ServerSettings
+from tokenfab.serve.settings import ServerSettings, replica_count
 
 
 def loads(*rows: tuple[int, int, int]) -> list[ReplicaLoad]:
@@ -137,3 +137,17 @@ def test_the_server_refuses_replica_prices_it_cannot_apply():
         ServerSettings(replica_price=("0=1",))
     with pytest.raises(ValueError, match="there are 2 replicas"):
         ServerSettings(replicas=2, replica_price=("2=1",))
+
+
+def test_replicas_auto_needs_its_slo_and_sane_bounds():
+    settings = ServerSettings(replicas=replica_count("auto"), max_replicas=3, slo_ttft=2.0, slo_tpot=0.1)
+    options = settings.autoscale_options()
+    assert settings.autoscale and settings.replica_slots == 3
+    assert options is not None and (options.min_replicas, options.max_replicas) == (1, 3)
+    assert ServerSettings(replicas=replica_count("2")).autoscale_options() is None
+    with pytest.raises(ValueError, match="give --slo-ttft and --slo-tpot"):
+        ServerSettings(replicas="auto", slo_ttft=2.0)
+    with pytest.raises(ValueError, match="--max-replicas >= 2"):
+        ServerSettings(replicas="auto", max_replicas=1, slo_ttft=2.0, slo_tpot=0.1)
+    with pytest.raises(ValueError, match="a number of replicas or auto"):
+        replica_count("many")

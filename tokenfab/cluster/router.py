@@ -268,7 +268,7 @@ class Router(EngineClient):
         replicas' paid-for time is counted here too."""
         while True:
             await asyncio.sleep(min(1.0, self.hang_timeout / 4))
-            self.replica_seconds  # noqa: B018 - brings the tally up to now
+            self.replica_seconds()
             try:
                 await self._kill_hung()
             except Exception:  # noqa: BLE001 - the watch must outlive one failed round
@@ -307,7 +307,7 @@ class Router(EngineClient):
             which = decision.replica
             self._spawn(f"drain-{which}", self.drain(which, move=False))
         self.scaling[(decision.action, decision.reason)] += 1
-        self.replica_seconds  # noqa: B018 - the time before counted at the old number of replicas
+        self.replica_seconds()  # the time before counted at the old number of replicas
         log.info(
             "autoscaler: %s (replica %d): %s; predicted TTFT %.3f s, TPOT %.3f s",
             decision.action, which, decision.reason, decision.ttft or 0.0, decision.tpot or 0.0,
@@ -470,7 +470,7 @@ class Router(EngineClient):
         self.index.forget(r.index)
         await r.client.shutdown(10.0)
         r.state = "stopped"
-        self.replica_seconds  # noqa: B018 - the time before counted at the old number of replicas
+        self.replica_seconds()  # the time before counted at the old number of replicas
         return {"id": index, "state": r.state, "moved" if move else "finished": len(held)}
 
     async def resume(self, index: int) -> dict:
@@ -481,6 +481,7 @@ class Router(EngineClient):
         if r.state != "stopped" or r.factory is None:
             raise ValueError(f"replica {index} is {r.state}; only a drained replica can be resumed")
         r.state, r.failures = "restarting", 0
+        self.replica_seconds()  # the time before counted at the old number of replicas
         self._spawn(f"restart-{r.index}", self._restart(r, probation=False))
         return {"id": index, "state": r.state}
 
@@ -533,10 +534,10 @@ class Router(EngineClient):
         kv = msgspec.structs.replace(total.kv, usage=used / total.kv.total_blocks if total.kv.total_blocks else 0.0)
         return msgspec.structs.replace(total, time=max(p.time for p in parts) if parts else time.monotonic(), kv=kv)
 
-    @property
     def replica_seconds(self) -> float:
-        """Replica time paid for: seconds summed over replicas starting, running or draining (counted as the
-        replicas were at each look: every second, and whenever it is read)."""
+        """Replica time paid for so far: seconds summed over replicas starting, running or draining (the tally is
+        brought up to now with the replicas as they were at its last update: every second, at every scaling
+        change, and whenever it is read)."""
         total, at, paid = self._paid
         now = time.monotonic()
         total += (now - at) * paid
@@ -553,7 +554,7 @@ class Router(EngineClient):
             "slo_ttft": o.slo_ttft,
             "slo_tpot": o.slo_tpot,
             "replicas": sum(r.state not in ("stopped", "dead") for r in self.replicas),
-            "replica_seconds": round(self.replica_seconds, 1),
+            "replica_seconds": round(self.replica_seconds(), 1),
             "last": None if d is None else {"action": d.action, "reason": d.reason, "ttft": d.ttft, "tpot": d.tpot},
             "decisions": [{"action": a, "reason": why, "count": n} for (a, why), n in self.scaling.items()],
         }

@@ -251,7 +251,7 @@ class _ReplicaCollector:
         paid = CounterMetricFamily(
             "tokenfab:replica_seconds", "Replica time paid for: seconds over replicas starting, running or draining"
         )
-        paid.add_metric([], self._router.replica_seconds)
+        paid.add_metric([], self._router.replica_seconds())
         yield paid
         if self._router.autoscaler is not None:
             scaled = CounterMetricFamily(

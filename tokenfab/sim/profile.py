@@ -37,8 +37,9 @@ def profile(
     for n, (prompt_len, seqs) in enumerate(grid):
         length = min(prompt_len, limit)
         for i in range(seqs):
-            # Random ids past the first thousand (control tokens): no prefix is shared, every prompt is computed.
-            prompt = [rng.randrange(1000, vocab) for _ in range(length)]
+            # Random ids past the first thousand (control tokens; half of a tiny vocabulary): no prefix is shared,
+            # every prompt is computed.
+            prompt = [rng.randrange(min(1000, vocab // 2), vocab) for _ in range(length)]
             params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
             core.add_request(CoreRequest(f"p{n}-{i}", prompt, params, time.monotonic()))
         while core.has_unfinished():
