@@ -64,7 +64,8 @@ def test_the_cheapest_deployment_meeting_the_slo_wins(load, big_price, best):
     # The runner-up is the other variant's cheapest deployment meeting the SLO.
     other = ("big", 1) if best[0] == "small" else ("small", 2)
     assert (plan.runners_up[0].variant, plan.runners_up[0].replicas) == other
-    assert plan.best.serve_command.startswith("tokenfab serve --threads 1 --max-num-seqs 64")
+    # Per-replica threads (1) times the replicas: `serve --replicas` splits the total back.
+    assert plan.best.serve_command.startswith(f"tokenfab serve --threads {best[1]} --max-num-seqs 64")
     if best[1] > 1:
         assert "--replicas 2 --router kv --slo-ttft 1 --slo-tpot 0.1" in plan.best.serve_command
     # Open loop: a variant's search stops one replica count past its first success.

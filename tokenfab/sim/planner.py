@@ -86,8 +86,18 @@ class Plan:
         }
 
 
+SPLIT_FLAGS = ("--threads", "--kv-cache-memory-gb")
+"""Engine flags `serve --replicas N` splits evenly between the replicas (a total): a variant's are per replica."""
+
+
 def serve_command(variant: Variant, replicas: int, max_num_seqs: int, router: str, slo: tuple[float, float]) -> str:
-    parts = ["tokenfab serve", *variant.serve_flags, f"--max-num-seqs {max_num_seqs}"]
+    """The command line that runs `replicas` replicas like the variant's on one machine (its threads and KV budget
+    times the replicas, which serve splits back)."""
+    flags = list(variant.serve_flags)
+    for i, flag in enumerate(flags[:-1]):
+        if flag in SPLIT_FLAGS and replicas > 1:
+            flags[i + 1] = f"{float(flags[i + 1]) * replicas:g}"
+    parts = ["tokenfab serve", *flags, f"--max-num-seqs {max_num_seqs}"]
     if replicas > 1:
         parts += [f"--replicas {replicas}", f"--router {router}", f"--slo-ttft {slo[0]:g}", f"--slo-tpot {slo[1]:g}"]
     return " ".join(parts)
