@@ -211,7 +211,7 @@ def test_the_autoscaler_resumes_a_replica_under_load_and_drains_it_after():
             if router.states()[1]["state"] == "running":
                 break
         assert router.replicas[1].client is made[2] and router.replicas[1].probation == 0
-        assert dict(router.scaling) == {("up", "predicted tpot near the SLO"): 1}
+        assert router.scaler is not None and dict(router.scaler.decisions) == {("up", "predicted tpot near the SLO"): 1}
         # They finish: one replica absorbs what is left (nothing), so after 0.3 s one is drained and stopped.
         made[0].send(*[CoreOutput(f"r{i}", [1], finish_reason="length") for i in range(100)])
         await next_outputs(router)
@@ -220,7 +220,7 @@ def test_the_autoscaler_resumes_a_replica_under_load_and_drains_it_after():
             if "stopped" in [r["state"] for r in router.states()]:
                 break
         assert sorted(r["state"] for r in router.states()) == ["running", "stopped"]
-        assert router.scaling[("down", "the others absorb the load")] == 1
+        assert router.scaler.decisions[("down", "the others absorb the load")] == 1
         state = router.autoscale_state()
         assert state["replicas"] == 1 and state["last"] is not None and state["replica_seconds"] > 0
         await router.shutdown()

@@ -17,13 +17,14 @@ from tokenfab.bench.launch import free_port, launch, server_spec
 from tokenfab.bench.records import SLO
 from tokenfab.bench.sweep import SweepConfig, Workload, items_needed, new_document, sweep_system
 from tokenfab.platform.prices import PROFILES
+from tokenfab.tokenizer import Tokenizer
 
 
-def build_workload(args: argparse.Namespace, n: int) -> Workload:
-    """The workload with n distinct requests (sessions for agentic)."""
+def build_workload(args: argparse.Namespace, n: int, tok: Tokenizer | None = None) -> Workload:
+    """The workload with n distinct requests (sessions for agentic), written with `tok` (default: the model's)."""
     from tokenfab.models.loading import load_tokenizer, resolve_model
 
-    tok = load_tokenizer(resolve_model(args.model))
+    tok = tok or load_tokenizer(resolve_model(args.model))
     name = args.workload
     if name == "random":
         return Workload(

@@ -23,11 +23,18 @@ steady load from scaling 2 -> 1 -> 2. The same object decides in the router and 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import statistics
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from tokenfab.cluster.policies import ReplicaLoad
+
+log = logging.getLogger("tokenfab.cluster")
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,3 +169,60 @@ class Autoscaler:
     def _act(self, now: float, decision: ScaleDecision) -> ScaleDecision:
         self._over, self._fits_since, self._changed = 0, None, now
         return decision
+
+
+class ScalingLoop:
+    """An Autoscaler at work on a replica pool: it looks every `interval_s` (`look`: the replicas running and
+    starting), starts one (`up`: the index started, None if none could be) or drains one (`down`), and keeps what
+    it decided for /replicas and the metrics."""
+
+    def __init__(
+        self,
+        options: AutoscaleOptions,
+        look: Callable[[float], list[ReplicaView]],
+        up: Callable[[], Awaitable[int | None]],
+        down: Callable[[int], None],
+    ) -> None:
+        self.options = options
+        self.autoscaler = Autoscaler(options)
+        self._look, self._up, self._down = look, up, down
+        self.decisions: Counter[tuple[str, str]] = Counter()
+        """Decisions that changed something, by (action, reason)."""
+        self.last: ScaleDecision | None = None
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.interval_s)
+            try:
+                await self.step(time.monotonic())
+            except Exception:  # noqa: BLE001 - the autoscaler must outlive one failed round
+                log.exception("autoscaler")
+
+    async def step(self, now: float) -> None:
+        decision = self.last = self.autoscaler.decide(now, self._look(now))
+        if decision.action == "up":
+            which = await self._up()
+        elif decision.action == "down" and decision.replica is not None:
+            which = decision.replica
+            self._down(which)
+        else:
+            return
+        if which is None:
+            return
+        self.decisions[(decision.action, decision.reason)] += 1
+        log.info(
+            "autoscaler: %s (replica %d): %s; predicted TTFT %.3f s, TPOT %.3f s",
+            decision.action, which, decision.reason, decision.ttft or 0.0, decision.tpot or 0.0,
+        )  # fmt: skip
+
+    def state(self) -> dict:
+        """Its bounds, its last look and what it decided."""
+        o, d = self.options, self.last
+        return {
+            "min_replicas": o.min_replicas,
+            "max_replicas": o.max_replicas,
+            "slo_ttft": o.slo_ttft,
+            "slo_tpot": o.slo_tpot,
+            "last": None if d is None else {"action": d.action, "reason": d.reason, "ttft": d.ttft, "tpot": d.tpot},
+            "decisions": [{"action": a, "reason": why, "count": n} for (a, why), n in self.decisions.items()],
+        }

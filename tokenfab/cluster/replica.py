@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +53,20 @@ class StepCost:
             self._held = self.per_token
 
 
+class PaidTime:
+    """Replica time paid for: seconds summed over the replicas paid for, tallied at each update with the count as
+    it was at the update before."""
+
+    def __init__(self, paid: int = 0) -> None:
+        self.total, self._at, self._paid = 0.0, time.monotonic(), paid
+
+    def update(self, paid: int) -> float:
+        now = time.monotonic()
+        self.total += (now - self._at) * self._paid
+        self._at, self._paid = now, paid
+        return self.total
+
+
 @dataclass(slots=True)
 class Replica:
     """One engine core behind the router, and what the router knows of it."""
@@ -98,6 +113,33 @@ class Replica:
             step_seconds=self.cost.overhead,
             usd_per_hour=usd,
         )
+
+    def describe(self, now: float, cached_blocks: int, kv_event_lag: float | None) -> dict:
+        """Its row of /replicas (`cached_blocks` and `kv_event_lag` from the router's KV index)."""
+        info, stats = self.client.info, self.client.stats
+        return {
+            "id": self.index,
+            "host": getattr(self.client, "node", None) or socket.gethostname(),
+            "pid": getattr(self.client, "pid", None),
+            "ray_node_id": getattr(self.client, "node_id", None),
+            "role": "aggregated",
+            "state": self.state,
+            "reason": self.reason,
+            "restarts": self.restarts,
+            "probation": self.probation,
+            "migrated_away": self.migrated_away,
+            "last_step_age_s": round(now - self.last_progress, 3) if self.state == "running" else None,
+            "running": len(self.running),
+            "waiting_prefill_tokens": sum(self.waiting_prefill.values()),
+            "routed": self.routed,
+            "kv_usage": stats.kv.usage if stats is not None and self.live else 0.0,
+            "cached_blocks": cached_blocks,
+            "kv_event_lag_s": kv_event_lag,
+            "prefix_hit_rate": stats.prefix_cache.hit_rate if stats is not None else 0.0,
+            "usd_per_hour": info.usd_per_hour if info is not None else 0.0,
+            "seconds_per_token": self.cost.per_token,
+            "seconds_per_step": self.cost.overhead,
+        }
 
     def observe(self, stats: EngineStats) -> None:
         last, self._last = self._last, stats

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import socket
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Coroutine
@@ -29,10 +28,10 @@ from typing import Any
 
 import msgspec
 
-from tokenfab.cluster.autoscaler import AutoscaleOptions, Autoscaler, ReplicaView, ScaleDecision
+from tokenfab.cluster.autoscaler import AutoscaleOptions, ReplicaView, ScalingLoop
 from tokenfab.cluster.kv_index import KvIndex, prompt_blocks
 from tokenfab.cluster.policies import Decision, RoutingPolicy
-from tokenfab.cluster.replica import Factory, Flight, Replica, plus_cost, sum_stats
+from tokenfab.cluster.replica import Factory, Flight, PaidTime, Replica, plus_cost, sum_stats
 from tokenfab.engine.client import EngineClient, EngineDead
 from tokenfab.engine.ipc import FromCore, StepResult
 from tokenfab.engine.messages import CoreInfo, CoreOutput, CoreRequest
@@ -86,12 +85,8 @@ class Router(EngineClient):
         PLAN_TTL: a refused request)."""
         self._results: asyncio.Queue[tuple[Replica | None, StepResult] | EngineDead] = asyncio.Queue()
         self._tasks: dict[str, asyncio.Task] = {}
-        self.autoscaler = Autoscaler(autoscale) if autoscale is not None else None
-        self.scaling: Counter[tuple[str, str]] = Counter()
-        """The autoscaler's decisions that changed something, by (action, reason)."""
-        self.last_scale: ScaleDecision | None = None
-        self._paid = (0.0, time.monotonic(), 0)
-        """Replica time paid for until a moment, that moment, and the replicas paid for since (`replica_seconds`)."""
+        self.scaler = ScalingLoop(autoscale, self._views, self._start_one, self._drain_one) if autoscale else None
+        self._paid = PaidTime()
         self._start_timeout = 600.0
         self._closing = False
 
@@ -100,7 +95,7 @@ class Router(EngineClient):
     async def start(self, timeout: float = 600.0) -> CoreInfo:
         """Start the replicas (with an autoscaler: its minimum; the others wait, stopped, until it needs them)."""
         self._start_timeout = timeout
-        initial = self.autoscaler.options.min_replicas if self.autoscaler is not None else len(self.replicas)
+        initial = self.scaler.options.min_replicas if self.scaler is not None else len(self.replicas)
         starting, waiting = self.replicas[:initial], self.replicas[initial:]
         infos = await asyncio.gather(*(r.client.start(timeout) for r in starting))
         for r, info in zip(starting, infos):
@@ -108,9 +103,9 @@ class Router(EngineClient):
         for r in waiting:
             r.state, r.reason = "stopped", "not needed yet"
         self._tasks["watch"] = asyncio.create_task(self._watch(), name="replica-watch")
-        if self.autoscaler is not None:
-            self._tasks["autoscale"] = asyncio.create_task(self._autoscale(), name="autoscaler")
-        self._paid = (0.0, time.monotonic(), len(starting))
+        if self.scaler is not None:
+            self._tasks["autoscale"] = asyncio.create_task(self.scaler.run(), name="autoscaler")
+        self._paid = PaidTime(len(starting))
         first = infos[0]
         self.info = msgspec.structs.replace(
             first,
@@ -274,44 +269,25 @@ class Router(EngineClient):
             except Exception:  # noqa: BLE001 - the watch must outlive one failed round
                 log.exception("replica watch")
 
-    async def _autoscale(self) -> None:
-        """Every interval: the autoscaler looks at the replicas; a replica more is resumed, one fewer is drained
-        (its sequences finish there: nothing is recomputed)."""
-        assert self.autoscaler is not None
-        while True:
-            await asyncio.sleep(self.autoscaler.options.interval_s)
-            try:
-                await self._scale()
-            except Exception:  # noqa: BLE001 - the autoscaler must outlive one failed round
-                log.exception("autoscaler")
+    # -- scaling (the autoscaler's view and hands) -----------------------------------------------------------------
 
-    async def _scale(self) -> None:
-        assert self.autoscaler is not None
-        now = time.monotonic()
-        views = [
+    def _views(self, now: float) -> list[ReplicaView]:
+        return [
             ReplicaView(r.load(), now - r.up_since if r.live else 0.0, not r.live)
             for r in self.replicas
             if r.live or r.state in ("starting", "restarting")
         ]
-        decision = self.last_scale = self.autoscaler.decide(now, views)
-        if decision.action == "hold":
-            return
-        if decision.action == "up":
-            stopped = [r for r in self.replicas if r.state == "stopped" and r.factory is not None]
-            if not stopped:
-                return
-            await self.resume(stopped[0].index)
-            which = stopped[0].index
-        else:
-            assert decision.replica is not None
-            which = decision.replica
-            self._spawn(f"drain-{which}", self.drain(which, move=False))
-        self.scaling[(decision.action, decision.reason)] += 1
-        self.replica_seconds()  # the time before counted at the old number of replicas
-        log.info(
-            "autoscaler: %s (replica %d): %s; predicted TTFT %.3f s, TPOT %.3f s",
-            decision.action, which, decision.reason, decision.ttft or 0.0, decision.tpot or 0.0,
-        )  # fmt: skip
+
+    async def _start_one(self) -> int | None:
+        stopped = [r for r in self.replicas if r.state == "stopped" and r.factory is not None]
+        if not stopped:
+            return None
+        await self.resume(stopped[0].index)
+        return stopped[0].index
+
+    def _drain_one(self, index: int) -> None:
+        """Drain without moving: its sequences finish where they are (nothing is recomputed)."""
+        self._spawn(f"drain-{index}", self.drain(index, move=False))
 
     async def _kill_hung(self) -> None:
         now = time.monotonic()
@@ -535,29 +511,15 @@ class Router(EngineClient):
         return msgspec.structs.replace(total, time=max(p.time for p in parts) if parts else time.monotonic(), kv=kv)
 
     def replica_seconds(self) -> float:
-        """Replica time paid for so far: seconds summed over replicas starting, running or draining (the tally is
-        brought up to now with the replicas as they were at its last update: every second, at every scaling
-        change, and whenever it is read)."""
-        total, at, paid = self._paid
-        now = time.monotonic()
-        total += (now - at) * paid
-        self._paid = (total, now, sum(r.state not in ("stopped", "dead") for r in self.replicas))
-        return total
+        """Replica time paid for so far: seconds summed over replicas starting, running or draining (tallied every
+        second, at every start and stop, and whenever it is read)."""
+        return self._paid.update(sum(r.state not in ("stopped", "dead") for r in self.replicas))
 
     def autoscale_state(self) -> dict:
-        """What /replicas shows of the autoscaler: its bounds, the replicas paid for, its last look."""
-        assert self.autoscaler is not None
-        o, d = self.autoscaler.options, self.last_scale
-        return {
-            "min_replicas": o.min_replicas,
-            "max_replicas": o.max_replicas,
-            "slo_ttft": o.slo_ttft,
-            "slo_tpot": o.slo_tpot,
-            "replicas": sum(r.state not in ("stopped", "dead") for r in self.replicas),
-            "replica_seconds": round(self.replica_seconds(), 1),
-            "last": None if d is None else {"action": d.action, "reason": d.reason, "ttft": d.ttft, "tpot": d.tpot},
-            "decisions": [{"action": a, "reason": why, "count": n} for (a, why), n in self.scaling.items()],
-        }
+        """What /replicas shows of the autoscaler: its bounds and decisions, the replicas and time paid for."""
+        assert self.scaler is not None
+        paid = sum(r.state not in ("stopped", "dead") for r in self.replicas)
+        return {**self.scaler.state(), "replicas": paid, "replica_seconds": round(self.replica_seconds(), 1)}
 
     def states(self) -> list[dict]:
         """Per replica: its state and why (what /health shows; cheap, unlike `describe`)."""
@@ -567,32 +529,4 @@ class Router(EngineClient):
         """Per replica: what /replicas shows (the index brought up to the events that have arrived)."""
         self.index.refresh()
         now = time.monotonic()
-        rows = []
-        for r in self.replicas:
-            info, stats = r.client.info, r.client.stats
-            rows.append(
-                {
-                    "id": r.index,
-                    "host": getattr(r.client, "node", None) or socket.gethostname(),
-                    "pid": getattr(r.client, "pid", None),
-                    "ray_node_id": getattr(r.client, "node_id", None),
-                    "role": "aggregated",
-                    "state": r.state,
-                    "reason": r.reason,
-                    "restarts": r.restarts,
-                    "probation": r.probation,
-                    "migrated_away": r.migrated_away,
-                    "last_step_age_s": round(now - r.last_progress, 3) if r.state == "running" else None,
-                    "running": len(r.running),
-                    "waiting_prefill_tokens": sum(r.waiting_prefill.values()),
-                    "routed": r.routed,
-                    "kv_usage": stats.kv.usage if stats is not None and r.live else 0.0,
-                    "cached_blocks": len(self.index.blocks(r.index)),
-                    "kv_event_lag_s": self.index.lag.get(r.index),
-                    "prefix_hit_rate": stats.prefix_cache.hit_rate if stats is not None else 0.0,
-                    "usd_per_hour": info.usd_per_hour if info is not None else 0.0,
-                    "seconds_per_token": r.cost.per_token,
-                    "seconds_per_step": r.cost.overhead,
-                }
-            )
-        return rows
+        return [r.describe(now, len(self.index.blocks(r.index)), self.index.lag.get(r.index)) for r in self.replicas]

@@ -122,7 +122,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
     async def replicas() -> dict:
         router = state.router
         out: dict = {"router": state.settings.router if router is not None else None, "replicas": state.replicas()}
-        if router is not None and router.autoscaler is not None:
+        if router is not None and router.scaler is not None:
             out["autoscaler"] = router.autoscale_state()
         return out
 

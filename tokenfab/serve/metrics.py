@@ -248,30 +248,7 @@ class _ReplicaCollector:
             if row["kv_event_lag_s"] is not None:
                 lag.add_metric([self._model, str(row["id"])], row["kv_event_lag_s"])
         yield lag
-        paid = CounterMetricFamily(
-            "tokenfab:replica_seconds", "Replica time paid for: seconds over replicas starting, running or draining"
-        )
-        paid.add_metric([], self._router.replica_seconds())
-        yield paid
-        if self._router.autoscaler is not None:
-            scaled = CounterMetricFamily(
-                "tokenfab:autoscaler_decisions", "Replicas the autoscaler started (up) or drained (down), by reason",
-                labels=["model_name", "action", "reason"],
-            )  # fmt: skip
-            for (action, reason), count in self._router.scaling.items():
-                scaled.add_metric([self._model, action, reason], float(count))
-            yield scaled
-            last = self._router.last_scale
-            predicted = GaugeMetricFamily(
-                "tokenfab:autoscaler_predicted_seconds",
-                "TTFT and TPOT the autoscaler last predicted over the replicas there are",
-                labels=["model_name", "kind"],
-            )
-            if last is not None:
-                for which, value in (("ttft", last.ttft), ("tpot", last.tpot)):
-                    if value is not None:
-                        predicted.add_metric([self._model, which], value)
-            yield predicted
+        yield from self._scaling()
         index = GaugeMetricFamily("tokenfab:router_index_blocks", "Blocks in the router's KV index, all replicas")
         index.add_metric([], float(self._router.index.size()))
         yield index
@@ -285,6 +262,34 @@ class _ReplicaCollector:
         )
         resyncs.add_metric([], float(self._router.index.resyncs))
         yield resyncs
+
+    def _scaling(self) -> Iterator[Metric]:
+        """Replica time paid for, and with an autoscaler its decisions and last predictions."""
+        paid = CounterMetricFamily(
+            "tokenfab:replica_seconds", "Replica time paid for: seconds over replicas starting, running or draining"
+        )
+        paid.add_metric([], self._router.replica_seconds())
+        yield paid
+        scaler = self._router.scaler
+        if scaler is None:
+            return
+        scaled = CounterMetricFamily(
+            "tokenfab:autoscaler_decisions", "Replicas the autoscaler started (up) or drained (down), by reason",
+            labels=["model_name", "action", "reason"],
+        )  # fmt: skip
+        for (action, reason), count in scaler.decisions.items():
+            scaled.add_metric([self._model, action, reason], float(count))
+        yield scaled
+        predicted = GaugeMetricFamily(
+            "tokenfab:autoscaler_predicted_seconds",
+            "TTFT and TPOT the autoscaler last predicted over the replicas there are",
+            labels=["model_name", "kind"],
+        )
+        last = scaler.last
+        for which, value in (("ttft", last.ttft), ("tpot", last.tpot)) if last is not None else ():
+            if value is not None:
+                predicted.add_metric([self._model, which], value)
+        yield predicted
 
 
 class _EngineCollector:

@@ -57,10 +57,10 @@ def prepare_load(args: argparse.Namespace) -> SimLoad:
     open_ = args.rate is not None or own_times
     point = (args.rate or 1.0) if open_ else args.concurrency
     config = runner.build_config(args, [point], open_)
-    workload = runner.build_workload(args, requests_for(config, point) + config.warmup)
+    tok = load_tokenizer(resolve_model(args.model))  # once: the workload's text and its tokens
+    workload = runner.build_workload(args, requests_for(config, point) + config.warmup, tok)
     n = requests_for(config, point, workload)
     if workload.sessions:
-        tok = load_tokenizer(resolve_model(args.model))
         sessions = [
             SessionTokens(
                 s.session,
@@ -72,7 +72,6 @@ def prepare_load(args: argparse.Namespace) -> SimLoad:
             for s in workload.sessions[:n]
         ]
         return SimLoad(config, workload, point, open_, sessions=sessions)
-    tok = load_tokenizer(resolve_model(args.model))
     warm = 0 if own_times else config.warmup
     specs = workload.requests[: n + warm]
     requests = [(tok.encode(r.prompt), r.max_tokens) for r in specs]
