@@ -169,6 +169,14 @@ class EngineConfig:
     """ROUTER address a subscriber asks for missed event batches, e.g. `tcp://*:5558`; None: no replay."""
     kv_events_topic: str = "kv-events"
     """Topic frame of every KV event message."""
+    kv_transport: str | None = field(default=None, metadata={"choices": lambda: ("shm", "tcp")})
+    """Move KV blocks to and from other replicas for prefill/decode splits: shm (shared memory, one host) or tcp
+    (ZeroMQ, any hosts); None: off. A replica with a transport holds a prefill leg's blocks for its decode replica
+    and pulls a decode leg's blocks from its prefill replica."""
+    kv_transfer_timeout_s: float = 30.0
+    """How long a finished prefill leg's blocks wait for a decode replica to pull and release them."""
+    kv_transfer_host: str = "127.0.0.1"
+    """Interface the tcp KV transport's server binds (the address decode replicas reach it at)."""
     pricing: PricingConfig = PricingConfig()
     speculative: SpeculativeConfig = SpeculativeConfig()
 
@@ -185,6 +193,12 @@ class EngineConfig:
             (self.kv_cache_memory_gb > 0, "kv_cache_memory_gb must be > 0"),
             (self.kv_host_gb >= 0 and self.kv_disk_gb > 0, "kv_host_gb must be >= 0 and kv_disk_gb > 0"),
             (self.kv_write_through_hits >= 0, "kv_write_through_hits must be >= 0"),
+            (self.kv_transport in (None, "shm", "tcp"), f"unknown kv_transport {self.kv_transport!r}: shm or tcp"),
+            (self.kv_transfer_timeout_s > 0, "kv_transfer_timeout_s must be > 0"),
+            (
+                self.kv_transport is None or self.enable_prefix_caching,
+                "a KV transport moves prefix-cache blocks: it needs enable_prefix_caching",
+            ),
             (
                 not self.kv_tiers or self.speculative.method != "mtp",
                 "KV tiers do not keep the MTP modules' KV yet: use --speculative ngram or draft with them",

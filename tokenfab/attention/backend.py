@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +48,10 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        alloc: Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor] | None = None,
     ) -> None:
+        """`alloc(shape, dtype, device)` gives each tensor zeroed memory of its own (shared memory that a peer
+        maps, for the shm KV transport); by default torch.zeros."""
         self.groups = groups
         self.block_size = block_size
         self.blocks_per_group = blocks_per_group
@@ -58,8 +61,9 @@ class KVCache:
         for g, (spec, blocks) in enumerate(zip(groups, blocks_per_group)):
             shape = (len(spec.layers), blocks * block_size, kv_heads, head_dim)
             # Zeros, not empty: padded gathers read the null block, and NaN garbage would survive a 0 weight.
-            self.k.append(torch.zeros(shape, dtype=dtype, device=device))
-            self.v.append(torch.zeros(shape, dtype=dtype, device=device))
+            make = alloc or (lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device))
+            self.k.append(make(shape, dtype, device))
+            self.v.append(make(shape, dtype, device))
             for i, layer in enumerate(spec.layers):
                 self.layer_slot[layer] = (g, i)
 

@@ -23,6 +23,7 @@ from tokenfab.engine.kv_cache_manager import KVCacheManager
 from tokenfab.engine.kv_events import MEDIUM_CPU, MEDIUM_GPU, EventBatch, KVEventPublisher
 from tokenfab.engine.kv_sizing import plan_kv_blocks
 from tokenfab.engine.kv_tiers import DiskTier, HostTier, KVTiers, TierStore, tier_namespace
+from tokenfab.engine.kv_transfer import ExportTable, KVPuller, KVServer, SharedSegments
 from tokenfab.engine.messages import CoreInfo, CoreOutput, CoreRequest, EngineStats
 from tokenfab.engine.model_runner import RunOutput
 from tokenfab.engine.prompt_logprobs import PromptLogprobs
@@ -31,8 +32,8 @@ from tokenfab.engine.scheduler import Emitted, Scheduler, StepUpdate
 from tokenfab.engine.speculative.policy import StepShape
 from tokenfab.engine.speculative.proposer import StepView
 from tokenfab.engine.speculative.speculator import TargetParts, build_speculator
-from tokenfab.engine.stats import CostStats, SpecStats, TierStats
-from tokenfab.engine.types import Request, SampleResult, StepPlan
+from tokenfab.engine.stats import CostStats, SpecStats, TierStats, TransferStats
+from tokenfab.engine.types import Request, RequestStatus, SampleResult, StepPlan
 from tokenfab.engine.worker import Worker
 from tokenfab.kernels.build import kernel_path
 from tokenfab.models.loading import ModelSource, load_tokenizer, resolve_model
@@ -56,6 +57,7 @@ class EngineCore:
         log.info(
             "loading %s on %s (%s, quantization %s)", self.source.path.name, device, self.dtype, config.quantization
         )
+        self._segments = SharedSegments() if config.kv_transport == "shm" else None
         self.worker = Worker.load(
             self.source,
             self.dtype,
@@ -65,6 +67,7 @@ class EngineCore:
             config.block_size,
             lambda groups: plan_kv_blocks(config, arch, groups, self.dtype, self.max_model_len),
             config.attention_backend,
+            self._segments.tensor if self._segments is not None else None,
         )
         self.model = self.worker.model
         log.info("model loaded in %.1f s", time.monotonic() - started)
@@ -73,6 +76,14 @@ class EngineCore:
         self.kv_tiers = _kv_tiers(config, self.worker.cache, self._tier_identity())
         if self.kv_tiers is not None:
             self.kv.attach_tiers(self.kv_tiers)
+        self.kv_server: KVServer | None = None
+        if config.kv_transport is not None:
+            exports = ExportTable(config.kv_transfer_timeout_s, config.kv_transport)
+            self.kv.attach_transfer(exports, KVPuller(self.worker.cache))
+            self.kv_server = KVServer(
+                exports, self.worker.cache, config.kv_transport, config.kv_transfer_host, self._segments
+            )
+            log.info("KV transport %s at %s", config.kv_transport, self.kv_server.endpoint)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         self.kv_events = _kv_event_publisher(config, self.kv, self.scheduler)
         self.sampler = Sampler(config.seed)
@@ -109,6 +120,10 @@ class EngineCore:
         eos = tuple(req.eos_token_ids) if req.eos_token_ids is not None else tuple(self.arch.eos_token_ids)
         request = Request(req.request_id, list(req.prompt_token_ids), req.params, req.arrival, req.priority, eos)
         request.output_token_ids = list(req.output_token_ids)
+        if req.kv_transfer is not None and (req.kv_transfer.do_remote_decode or req.kv_transfer.do_remote_prefill):
+            if self.kv_server is None:
+                raise ValueError("kv_transfer_params need a KV transport on this replica (--kv-transport)")
+            request.kv_transfer = req.kv_transfer
         leader = self.scheduler.requests.get(req.leader_id) if req.leader_id else None
         self.grammars.add(request)
         self._costs[req.request_id] = RequestCost()
@@ -148,8 +163,20 @@ class EngineCore:
         if self.kv_events is not None:
             self.kv_events.publish(EventBatch(time.time(), self.kv.take_events()))
 
+    def tick(self) -> None:
+        """Upkeep between steps, also while idle: free the blocks of prefill legs their decode replicas released
+        (or that timed out)."""
+        self.kv.settle_exports()
+
     def close(self) -> None:
-        """Stop publishing and finish the disk tier's writes (the model itself needs no teardown)."""
+        """Stop publishing and serving KV, finish the disk tier's writes (the model itself needs no teardown)."""
+        if self.kv_server is not None:
+            self.kv_server.close()
+            assert self.kv.puller is not None
+            self.kv.puller.close()
+            self.kv_server = None
+        if self._segments is not None:
+            self._segments.close()
         if self.kv_tiers is not None:
             self.kv_tiers.close()
         if self.kv_events is not None:
@@ -160,6 +187,7 @@ class EngineCore:
     # -- stepping -----------------------------------------------------------------------------------------------
 
     def step(self) -> list[CoreOutput]:
+        self.tick()
         if self._back_to_back:
             self.meter.continue_step()
         else:
@@ -215,6 +243,11 @@ class EngineCore:
         prompt_logprobs = self._prompt_logprobs.take(request)
         if e.status is not None:
             self._forget(request.request_id, finished=True)
+        transfer = None
+        held = e.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
+        if held and request.kv_transfer is not None and request.kv_transfer.do_remote_decode:
+            assert self.kv_server is not None  # add_request refuses the params without one
+            transfer = self.kv_server.params(request.request_id, request.num_prompt_tokens // self.config.block_size)
         return CoreOutput(
             request.request_id,
             e.token_ids,
@@ -225,6 +258,7 @@ class EngineCore:
             request.first_scheduled,
             cost,
             prompt_logprobs=prompt_logprobs,
+            kv_transfer=transfer,
         )
 
     def _forget(self, request_id: str, finished: bool) -> None:
@@ -263,6 +297,8 @@ class EngineCore:
             block_size=self.config.block_size,
             kv_events_endpoint=self.kv_events.endpoint if self.kv_events is not None else None,
             kv_events_replay_endpoint=self.kv_events.replay_endpoint if self.kv_events is not None else None,
+            kv_transport=self.config.kv_transport,
+            kv_transfer_endpoint=self.kv_server.endpoint if self.kv_server is not None else None,
         )
 
     def stats(self) -> EngineStats:
@@ -276,6 +312,7 @@ class EngineCore:
             spec,
             CostStats(m.busy_seconds, m.joules, m.usd, m.energy_source, m.meter_name),
             self.kv_tiers.snapshot() if self.kv_tiers is not None else TierStats(),
+            self.kv.exports.snapshot() if self.kv.exports is not None else TransferStats(),
         )
 
     def _tier_identity(self) -> tuple:

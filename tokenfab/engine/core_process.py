@@ -58,6 +58,7 @@ def serve_core(core: EngineCore, receive: Receive, send: Send, keep_going: Calla
         if not received and not core.has_unfinished() and not keep_going():
             core.close()
             return
+        core.tick()
         stepped = core.has_unfinished()
         outputs = core.step() if stepped else []
         if stepped or rejected or received:  # every step, so a long prefill shows progress too

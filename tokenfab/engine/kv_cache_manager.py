@@ -11,6 +11,7 @@ to the set of cached blocks is kept as a KV event (`tokenfab.engine.kv_events`) 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -20,12 +21,25 @@ from tokenfab.engine.block_hash import BlockHash, block_hash, external_hash
 from tokenfab.engine.block_pool import NULL_BLOCK, BlockKey, BlockPool
 from tokenfab.engine.kv_events import AllBlocksCleared, KVEvent, stored
 from tokenfab.engine.stats import KVStats, PrefixCacheStats
-from tokenfab.engine.types import Request
+from tokenfab.engine.types import KVTransferParams, Request, RequestStatus
 
 if TYPE_CHECKING:
     import torch
 
     from tokenfab.engine.kv_tiers import KVTiers
+    from tokenfab.engine.kv_transfer import ExportTable, KVPuller
+
+Load = Callable[[int], None]
+"""Writes a block's KV, got from elsewhere (a tier, a prefill replica), into the given pool block."""
+
+
+def _writer(write: Callable[..., None], group: int, kv: torch.Tensor, *rest: object) -> Load:
+    """A Load that calls write(group, block_id, kv, *rest)."""
+
+    def load(block_id: int) -> None:
+        write(group, block_id, kv, *rest)
+
+    return load
 
 
 @dataclass(slots=True)
@@ -63,6 +77,8 @@ class KVCacheManager:
         """Finished sequences whose KV is kept (`keep_kv_s`): deadline and full blocks, for `prefetch`."""
         self._reclaimed_seen = 0
         self._still_missing = False
+        self.exports: ExportTable | None = None
+        self.puller: KVPuller | None = None
 
     def attach_tiers(self, tiers: KVTiers) -> None:
         """Write evicted blocks back to `tiers` and load prefix hits from them (`KVTiers`)."""
@@ -70,6 +86,11 @@ class KVCacheManager:
         tiers.events = self._events
         for pool in self.pools:
             pool.on_evict = tiers.save
+
+    def attach_transfer(self, exports: ExportTable, puller: KVPuller) -> None:
+        """Hold finished prefill legs' blocks in `exports` for decode replicas, and pull a decode leg's prompt
+        blocks from its prefill replica with `puller` (tokenfab.engine.kv_transfer)."""
+        self.exports, self.puller = exports, puller
 
     # -- KV events ----------------------------------------------------------------------------------------------
 
@@ -177,8 +198,15 @@ class KVCacheManager:
             return 0  # every prompt position's logits are wanted: none may be skipped
         found = [[p.lookup(h, k) for h, k in zip(state.hashes, state.keys)] for p in self.pools]
         n = self._hit_limit([[b is not None for b in f] for f in found])
-        loads: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
-        if self.tiers is not None and n < len(state.hashes):
+        loads: dict[tuple[int, int], Load] = {}
+        remote = request.kv_transfer
+        if remote is not None and remote.do_remote_prefill and self.puller is not None:
+            request.kv_transfer = None  # one try: after a preemption the prompt is recomputed (or hit in the pool)
+            if n < len(state.hashes):
+                n, loads = self._remote_hit(remote, state, found, n)
+            else:
+                self.puller.release(remote)  # the pool holds the whole prompt already
+        if self.tiers is not None and n < len(state.hashes) and not loads:
             n, loads = self._tier_hit(state, found, n)
         self.stats.queries += request.num_tokens
         self.stats.hits += n * self.block_size
@@ -191,10 +219,9 @@ class KVCacheManager:
                     pool.touch(block_id)
                     self._hit(g, block_id)
                 state.tables[g].append(NULL_BLOCK if block_id is None else block_id)
-        for (g, i), (level, kv) in loads.items():
+        for (g, i), load in loads.items():
             block_id = self.pools[g].allocate()
-            assert self.tiers is not None
-            self.tiers.write(g, block_id, kv, level, self.block_size)
+            load(block_id)
             state.tables[g][i] = block_id
         self._register_loaded(state, sorted(loads))
         state.registered = n
@@ -210,9 +237,58 @@ class KVCacheManager:
             assert block.hash is not None and block.key is not None  # a hit is on a cached block
             tiers.save(g, block_id, block.hash, block.key)
 
+    def _remote_hit(
+        self, params: KVTransferParams, state: _ReqState, found: list[list[int | None]], n_pool: int
+    ) -> tuple[int, dict[tuple[int, int], Load]]:
+        """The prefix a prefill replica's export extends the pool's hit to (blocks whose hashes agree with this
+        prompt's, and only those the pool lacks: a sliding group's only within its window): (blocks, a load per
+        (group, position) to pull). The export is released whatever happens; a failed pull leaves the pool's hit."""
+        puller, exports = self.puller, self.exports
+        assert puller is not None and exports is not None
+        stats = exports.stats
+        started = time.perf_counter()
+        remote = puller.describe(params)
+        if remote is None:
+            stats.failures += 1
+            return n_pool, {}
+        loads: dict[tuple[int, int], Load] = {}
+        n = n_pool
+        try:
+            agree = 0
+            while agree < min(len(remote.hashes), len(state.hashes)) and remote.hashes[agree] == state.hashes[agree]:
+                agree += 1
+            held = [
+                [found[g][i] is not None or (i < agree and remote.tables[g][i] != NULL_BLOCK) for i in range(agree)]
+                + [f is not None for f in found[g][agree:]]
+                for g in range(len(self.pools))
+            ]
+            n = self._hit_limit(held)
+            wanted = [
+                (g, i) for g in range(len(self.pools)) for i in range(self._first_kept(g, n), n) if found[g][i] is None
+            ]
+            room = all(
+                sum(1 for w in wanted if w[0] == g) <= pool.num_free - self._free_hits(g, found, n)
+                for g, pool in enumerate(self.pools)
+            )
+            if n <= n_pool or not room:
+                return n_pool, {}
+            blocks = puller.fetch(params, remote, wanted)
+            if blocks is None:
+                stats.failures += 1
+                return n_pool, {}
+            for (g, i), kv in zip(wanted, blocks):
+                loads[(g, i)] = _writer(puller.write, g, kv)
+            stats.pulls += 1
+            stats.pulled_blocks += len(blocks)
+            stats.pulled_bytes += sum(b.numel() * b.element_size() for b in blocks)
+            return n, loads
+        finally:
+            puller.release(params)
+            stats.pull_seconds += time.perf_counter() - started
+
     def _tier_hit(
         self, state: _ReqState, found: list[list[int | None]], n_pool: int
-    ) -> tuple[int, dict[tuple[int, int], tuple[int, torch.Tensor]]]:
+    ) -> tuple[int, dict[tuple[int, int], Load]]:
         """The prefix the tiers extend the pool's hit to, if loading it beats recomputing it: (blocks, the fetched
         KV of each (group, position) to load with its tier level)."""
         tiers = self.tiers
@@ -249,13 +325,13 @@ class KVCacheManager:
                 if not tiers.worth_loading((n - n_pool) * self.block_size, [(g, lv) for g, _, lv in wanted]):
                     tiers.declined()
                     break
-                loads = {}
+                loads: dict[tuple[int, int], Load] = {}
                 for g, i, lv in wanted:
                     kv = tiers.fetch(g, state.hashes[i], state.keys[i], lv)
                     if kv is None:
                         failed.add((g, i))
                         break
-                    loads[(g, i)] = (lv, kv)
+                    loads[(g, i)] = _writer(tiers.write, g, kv, lv, self.block_size)
                 else:
                     return n, loads
         return n_pool, {}
@@ -353,6 +429,16 @@ class KVCacheManager:
         state = self.requests.pop(request.request_id, None)
         if state is None:
             return
+        transfer = request.kv_transfer
+        if (
+            transfer is not None
+            and transfer.do_remote_decode
+            and self.exports is not None
+            and request.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH)
+        ):
+            # A prefill leg: its blocks stay referenced, held for the decode replica that will pull them.
+            self.exports.hold(request.request_id, state.tables, state.hashes[: state.registered])
+            return
         keep = request.params.keep_kv_s
         until = time.monotonic() + keep if keep > 0 else None
         for pool, table in zip(self.pools, state.tables):
@@ -363,6 +449,17 @@ class KVCacheManager:
             self._kept[request.request_id] = (until, state.hashes[:n], state.keys[:n])
             while len(self._kept) > MAX_KEPT:  # the oldest first
                 del self._kept[next(iter(self._kept))]
+
+    def settle_exports(self) -> int:
+        """Free the blocks of held prefill legs that were released or timed out; returns how many exports."""
+        if self.exports is None:
+            return 0
+        done = self.exports.settle()
+        for export in done:
+            for pool, table in zip(self.pools, export.tables):
+                for block_id in reversed(table):
+                    pool.release(block_id)
+        return len(done)
 
     def prefetch(self, max_blocks: int = 16) -> int:
         """Bring blocks of kept sequences (a session's last turn, until its TTL) that the pool had to give up back
@@ -411,8 +508,9 @@ class KVCacheManager:
 
     def check_integrity(self) -> None:
         refs = [[0] * p.num_blocks for p in self.pools]
-        for state in self.requests.values():
-            for g, table in enumerate(state.tables):
+        held = [e.tables for e in self.exports.held()] if self.exports is not None else []
+        for tables in [state.tables for state in self.requests.values()] + held:
+            for g, table in enumerate(tables):
                 for block_id in table:
                     if block_id != NULL_BLOCK:
                         refs[g][block_id] += 1

@@ -11,7 +11,7 @@ import msgspec
 
 from tokenfab.economics.attribution import RequestCost
 from tokenfab.engine.stats import EngineStats
-from tokenfab.engine.types import SamplingParams, TokenLogprobs
+from tokenfab.engine.types import KVTransferParams, SamplingParams, TokenLogprobs
 
 __all__ = ["CoreInfo", "CoreOutput", "CoreRequest", "EngineStats"]
 
@@ -34,6 +34,9 @@ class CoreRequest(msgspec.Struct, gc=False):
     """Tokens this sequence already generated elsewhere (a request migrated from another replica): the core
     recomputes their KV, counts them as output (max_tokens, min_tokens, penalties, the grammar's state, a seeded
     request's random stream) and sends only what it generates after them."""
+    kv_transfer: KVTransferParams | None = None
+    """Its part in a prefill/decode split: hold its prompt's KV for a decode replica, or pull it from a prefill
+    replica (tokenfab.engine.kv_transfer)."""
 
 
 class CoreOutput(msgspec.Struct, gc=False):
@@ -56,6 +59,8 @@ class CoreOutput(msgspec.Struct, gc=False):
     """Sent once, with the sequence's first token, when its params ask for prompt logprobs."""
     lost: str | None = None
     """Set by a router when the sequence's replica was lost and it could not continue on another (why)."""
+    kv_transfer: KVTransferParams | None = None
+    """On the finished output of a prefill leg: where a decode replica pulls the prompt's KV from."""
 
 
 class CoreInfo(msgspec.Struct):
@@ -89,3 +94,6 @@ class CoreInfo(msgspec.Struct):
     kv_events_endpoint: str | None = None
     """Where the core publishes KV events (the bound address), if it does."""
     kv_events_replay_endpoint: str | None = None
+    kv_transport: str | None = None
+    """shm or tcp where the core moves KV for prefill/decode splits (its KV server at kv_transfer_endpoint)."""
+    kv_transfer_endpoint: str | None = None

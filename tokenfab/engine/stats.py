@@ -136,6 +136,33 @@ class TierStats(msgspec.Struct, gc=False):
     ] = 0
 
 
+class TransferStats(msgspec.Struct, gc=False):
+    """KV moved between replicas for prefill/decode splits (all zero without a KV transport)."""
+
+    transport: str = ""
+    """shm or tcp; empty when the engine has no KV transport."""
+    exports_held: Annotated[
+        int, gauge("kv_transfer_exports_held", "Finished prefills whose KV blocks wait for a decode replica")
+    ] = 0
+    exported: Annotated[int, counter("kv_transfer_exports", "Prefill legs whose KV was held for a decode replica")] = 0
+    exports_released: Annotated[
+        int, counter("kv_transfer_exports_released", "Held prefill KV released by the decode replica that pulled it")
+    ] = 0
+    exports_expired: Annotated[
+        int, counter("kv_transfer_exports_expired", "Held prefill KV freed because no decode replica released it")
+    ] = 0
+    pulls: Annotated[
+        int, counter("kv_transfer_pulls", "Sequences whose prompt KV was pulled from a prefill replica")
+    ] = 0
+    pulled_blocks: Annotated[int, counter("kv_transfer_pulled_blocks", "KV blocks pulled from prefill replicas")] = 0
+    pulled_bytes: Annotated[int, counter("kv_transfer_pulled_bytes", "Bytes of KV pulled from prefill replicas")] = 0
+    pull_seconds: Annotated[float, counter("kv_transfer_pull_seconds", "Time spent pulling KV (on the step)")] = 0.0
+    sent_bytes: Annotated[int, counter("kv_transfer_sent_bytes", "Bytes of KV sent to decode replicas over tcp")] = 0
+    failures: Annotated[
+        int, counter("kv_transfer_failures", "Pulls that failed or timed out (the prompt was computed here)")
+    ] = 0
+
+
 class EngineStats(msgspec.Struct, gc=False):
     """A snapshot of the core's gauges and counters, sent with step outputs."""
 
@@ -146,6 +173,7 @@ class EngineStats(msgspec.Struct, gc=False):
     spec: SpecStats
     cost: CostStats
     tiers: TierStats = msgspec.field(default_factory=TierStats)
+    transfer: TransferStats = msgspec.field(default_factory=TransferStats)
 
 
 @cache

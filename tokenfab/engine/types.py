@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from tokenfab.economics.attribution import RequestCost
 
 if TYPE_CHECKING:
@@ -94,6 +96,29 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
+class KVTransferParams(msgspec.Struct, gc=False, omit_defaults=True):
+    """A sequence's part in a prefill/decode split (vLLM's `kv_transfer_params`, its field names where it has them).
+
+    On the prefill leg, `do_remote_decode`: when the sequence finishes, its prompt's KV blocks stay held for a
+    decode replica to pull (until it releases them, or `tokenfab.engine.kv_transfer` times them out); the finished
+    output then carries the params a decode replica needs. On the decode leg, `do_remote_prefill`: the blocks of
+    the prompt this replica lacks are pulled from `remote_endpoint` before it computes the rest itself (any it
+    cannot get are recomputed)."""
+
+    do_remote_decode: bool = False
+    do_remote_prefill: bool = False
+    remote_engine_id: str | None = None
+    """The prefill replica's engine id."""
+    remote_endpoint: str | None = None
+    """Its KV server (a ZeroMQ address)."""
+    transfer_id: str | None = None
+    """What the prefill replica holds the blocks under (its sequence id)."""
+    transport: str | None = None
+    """shm (read the prefill replica's KV memory directly; same host) or tcp (blocks sent over ZeroMQ)."""
+    remote_blocks: int = 0
+    """Full blocks of the prompt the prefill replica holds."""
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -144,6 +169,8 @@ class Request:
     spec_probs: torch.Tensor | None = None
     """Draft distributions [len(spec_token_ids), vocab] the drafts were sampled from; None: chosen
     deterministically (the draft distribution is one-hot)."""
+    kv_transfer: KVTransferParams | None = None
+    """Its part in a prefill/decode split, if any."""
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -22,6 +22,9 @@ from tokenfab.models.decoder import DecoderModel
 from tokenfab.models.loading import ModelSource, load_model
 from tokenfab.quant.plan import QuantPlan
 
+KVAlloc = Callable[[tuple[int, ...], torch.dtype, torch.device], torch.Tensor]
+"""Zeroed memory for one KV cache tensor (shape, dtype, device)."""
+
 
 def kv_groups(arch: ArchConfig) -> list[KVGroupSpec]:
     """One KV group per distinct attention window (None: full attention), with the layers that use it."""
@@ -35,6 +38,7 @@ class Worker:
         blocks_per_group: list[int],
         block_size: int,
         backend: AttentionBackend | str = "torch",
+        kv_alloc: KVAlloc | None = None,
     ) -> None:
         arch = model.arch
         self.model = model
@@ -44,7 +48,14 @@ class Worker:
         self.groups = kv_groups(arch)
         self.blocks_per_group = blocks_per_group
         self.cache = KVCache(
-            self.groups, blocks_per_group, block_size, arch.num_kv_heads, arch.head_dim, self.dtype, self.device
+            self.groups,
+            blocks_per_group,
+            block_size,
+            arch.num_kv_heads,
+            arch.head_dim,
+            self.dtype,
+            self.device,
+            kv_alloc,
         )
         self.runner = ModelRunner(model, self.cache, self.backend, self.groups, self.device)
 
@@ -59,10 +70,12 @@ class Worker:
         block_size: int,
         blocks: Callable[[list[KVGroupSpec]], list[int]],
         backend: AttentionBackend | str = "torch",
+        kv_alloc: KVAlloc | None = None,
     ) -> Worker:
-        """Load a model and give it a KV cache of `blocks(groups)` blocks per window group."""
+        """Load a model and give it a KV cache of `blocks(groups)` blocks per window group (in memory from
+        `kv_alloc` where given: shared memory a prefill/decode peer reads)."""
         model = load_model(source, dtype, device, max_model_len, weights)
-        return cls(model, blocks(kv_groups(source.arch)), block_size, backend)
+        return cls(model, blocks(kv_groups(source.arch)), block_size, backend, kv_alloc)
 
     @property
     def block_size(self) -> int:

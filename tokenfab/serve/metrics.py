@@ -322,6 +322,8 @@ class _EngineCollector:
             parts.append(s.spec)
         if s.tiers.media:
             parts.append(s.tiers)
+        if s.transfer.transport:
+            parts.append(s.transfer)
         for part in parts:
             for metric, value in exported(part):
                 if alive or metric.kind == "counter":  # a dead engine's gauges would be stale
