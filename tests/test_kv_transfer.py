@@ -160,3 +160,21 @@ def test_a_prefill_leg_that_is_aborted_holds_nothing_and_params_need_a_transport
     with pytest.raises(ValueError, match="KV transport"):
         plain.add_request(request("y", PROMPT, leg, KVTransferParams(do_remote_decode=True)))
     plain.close()
+
+
+def test_speculative_decoding_on_the_decode_core(model):
+    from tokenfab.config import SpeculativeConfig
+
+    repetitive = [5 + i % 13 for i in range(90)]  # n-gram drafts get accepted
+    plain = core(model)
+    want = tokens(run(plain, [request("a", repetitive, GREEDY)])["a"])
+    plain.close()
+    p = core(model, kv_transport="shm")
+    d = core(model, kv_transport="shm", speculative=SpeculativeConfig(method="ngram"))
+    params = prefill(p, "r", repetitive)
+    assert tokens(run(d, [request("r", repetitive, GREEDY, params)])["r"]) == want
+    assert d.stats().transfer.pulls == 1 and d.stats().spec.proposed_tokens > 0
+    p.tick()
+    for engine in (p, d):
+        engine.kv.check_integrity()
+        engine.close()

@@ -176,7 +176,8 @@ class EngineConfig:
     kv_transfer_timeout_s: float = 30.0
     """How long a finished prefill leg's blocks wait for a decode replica to pull and release them."""
     kv_transfer_host: str = "127.0.0.1"
-    """Interface the tcp KV transport's server binds (the address decode replicas reach it at)."""
+    """Interface the tcp KV transport's server binds (the address decode replicas reach it at); 0.0.0.0: every
+    interface, reached at this host's address."""
     pricing: PricingConfig = PricingConfig()
     speculative: SpeculativeConfig = SpeculativeConfig()
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tokenfab.cluster.autoscaler import AutoscaleOptions
+from tokenfab.cluster.disagg import Disaggregation
 from tokenfab.cluster.policies import make_policy, parse_replica_prices
 from tokenfab.cluster.replica import Factory
 from tokenfab.cluster.router import Router
@@ -71,6 +72,10 @@ class RouterOptions:
     """Per-replica prices: `ID=USD_PER_HOUR` or `ID=PROFILE` (`replica_pricing`)."""
     autoscale: AutoscaleOptions | None = None
     """Start min_replicas of the replicas and scale between the bounds (None: run them all)."""
+    roles: tuple[str, ...] = ()
+    """Each replica's role (both, prefill, decode); empty: all both (tokenfab.cluster.disagg)."""
+    disaggregation: str = "conditional"
+    """With prefill replicas: conditional (per request, from the step costs) or always."""
 
     def router(self, factories: list[Factory]) -> Router:
         return Router(
@@ -81,6 +86,8 @@ class RouterOptions:
             max_migrations=self.max_migrations,
             hang_timeout=self.hang_timeout,
             autoscale=self.autoscale,
+            roles=self.roles,
+            disaggregation=Disaggregation(slo_ttft=self.slo_ttft, always=self.disaggregation == "always"),
         )
 
 

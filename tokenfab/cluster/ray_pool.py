@@ -101,6 +101,8 @@ def ray_router(config: EngineConfig, n: int, options: RouterOptions, address: st
 
     def factory(i: int, c: EngineConfig) -> Factory:
         c = dataclasses.replace(c, kv_events_endpoint=None, kv_events_replay_endpoint=None)
+        if c.kv_transport == "tcp" and c.kv_transfer_host == "127.0.0.1":
+            c = dataclasses.replace(c, kv_transfer_host="0.0.0.0")  # decode replicas may run on other nodes
         strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)
         return lambda: RayReplicaClient(c, host, {"num_cpus": threads, "scheduling_strategy": strategy})
 

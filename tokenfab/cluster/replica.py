@@ -92,6 +92,8 @@ class Replica:
     migrated_away: int = 0
     probation: int = 0
     """Sequences it must finish before it takes more than one at a time (after a restart)."""
+    role: str = "both"
+    """both (aggregated), prefill (only prefill legs of disaggregated requests) or decode."""
     up_since: float = 0.0
     last_progress: float = 0.0
     """When it last sent a step, or became busy."""
@@ -122,7 +124,7 @@ class Replica:
             "host": getattr(self.client, "node", None) or socket.gethostname(),
             "pid": getattr(self.client, "pid", None),
             "ray_node_id": getattr(self.client, "node_id", None),
-            "role": "aggregated",
+            "role": "aggregated" if self.role == "both" else self.role,
             "state": self.state,
             "reason": self.reason,
             "restarts": self.restarts,
@@ -173,6 +175,8 @@ class Flight:
     cached_tokens: int | None = None
     """Prompt tokens its first replica found cached (what usage reports)."""
     migrations: int = 0
+    pending: bool = False
+    """Its prompt is being computed on a prefill replica: not sent to `replica` yet."""
 
 
 def plus_cost(a: RequestCost | None, b: RequestCost) -> RequestCost:

@@ -23,12 +23,13 @@ import dataclasses
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import msgspec
 
 from tokenfab.cluster.autoscaler import AutoscaleOptions, ReplicaView, ScalingLoop
+from tokenfab.cluster.disagg import ROLES, Disaggregation, takes_requests
 from tokenfab.cluster.kv_index import KvIndex, prompt_blocks
 from tokenfab.cluster.policies import Decision, RoutingPolicy
 from tokenfab.cluster.replica import Factory, Flight, PaidTime, Replica, plus_cost, sum_stats
@@ -59,12 +60,22 @@ class Router(EngineClient):
         max_migrations: int = 3,
         hang_timeout: float = 60.0,
         autoscale: AutoscaleOptions | None = None,
+        roles: Sequence[str] = (),
+        disaggregation: Disaggregation | None = None,
     ) -> None:
+        """`roles`: each replica's (both, prefill, decode; default both); with prefill replicas, `disaggregation`
+        decides per request whether its prompt is computed on one (tokenfab.cluster.disagg)."""
         super().__init__()
         if not clients:
             raise ValueError("a router needs at least one replica")
+        roles = list(roles) or ["both"] * len(clients)
+        if len(roles) != len(clients) or any(r not in ROLES for r in roles):
+            raise ValueError(f"roles: one of {', '.join(ROLES)} per replica")
+        if not any(takes_requests(r) for r in roles):
+            raise ValueError("at least one replica must take requests (role both or decode)")
         factories = factories or [None] * len(clients)  # type: ignore[list-item]
-        self.replicas = [Replica(i, c, f) for i, (c, f) in enumerate(zip(clients, factories))]
+        self.replicas = [Replica(i, c, f, role=role) for i, (c, f, role) in enumerate(zip(clients, factories, roles))]
+        self.disagg = disaggregation if any(r == "prefill" for r in roles) else None
         self.policy = policy
         self.migration = migration
         self.max_migrations = max_migrations
@@ -192,14 +203,72 @@ class Router(EngineClient):
                 replica = self._route(blocks, len(prompt), group_id)
                 uncached = self._uncached(replica, blocks, len(prompt))
             predicted = self._predictions.pop(group_id, None)
+            prefill = self._prefill_replica(replica, blocks, uncached, len(prompt))
+            if prefill is not None:
+                uncached = self._block_size  # what is left to compute where it decodes: the last, partial block
             for req in group:
-                self._flights[req.request_id] = Flight(req, replica)
+                self._flights[req.request_id] = Flight(req, replica, pending=prefill is not None)
                 replica.waiting_prefill[req.request_id] = uncached if req is group[0] else 1
             if predicted is not None:
                 replica.predicted[group[0].request_id] = (time.monotonic(), predicted)
             replica.routed += len(group)
             self.policy.sent(replica.index, blocks)
-            await self._send(replica, group)
+            if prefill is not None:
+                lacking = self._uncached(prefill, blocks, len(prompt))
+                self._spawn(f"prefill-{group_id}", self._prefill_first(group, prefill, lacking))
+            else:
+                await self._send(replica, group)
+
+    def _prefill_replica(self, decode: Replica, blocks: list[int], uncached: int, prompt_len: int) -> Replica | None:
+        """Where the prompt is computed before it decodes on `decode`, if not there (tokenfab.cluster.disagg)."""
+        if self.disagg is None:
+            return None
+        candidates = [
+            (r, self._uncached(r, blocks, prompt_len))
+            for r in self.replicas
+            if r.live and r is not decode and r.role == "prefill" and not r.probation
+        ]
+        return self.disagg.choose_prefill(decode, uncached, self._block_size, candidates)
+
+    async def _prefill_first(self, group: list[CoreRequest], prefill: Replica, lacking: int) -> None:
+        """Run the group's prefill leg, then send the group where it decodes with the params to pull its KV (or,
+        when the leg failed, without: the prompt is computed there)."""
+        assert self.disagg is not None
+        leg_request = self.disagg.leg(group[0])
+        leg_id = leg_request.request_id
+        leg = self.disagg.open(leg_id, group[0].request_id.split("#")[0], prefill)
+        prefill.running.add(leg_id)
+        prefill.waiting_prefill[leg_id] = lacking
+        prefill.routed += 1
+        out = None
+        try:
+            await prefill.client.add([leg_request])
+            out = await asyncio.wait_for(asyncio.shield(leg.done), self.disagg.timeout_s)
+        except (TimeoutError, EngineDead) as e:
+            self.disagg.legs.pop(leg_id, None)
+            log.warning("prefill leg %s on replica %d failed (%s)", leg_id, prefill.index, type(e).__name__)
+            if prefill.client.alive:
+                await prefill.client.abort([leg_id])
+        finally:
+            prefill.running.discard(leg_id)
+            prefill.waiting_prefill.pop(leg_id, None)
+        flights = [f for r in group if (f := self._flights.get(r.request_id)) is not None and f.pending]
+        if not flights:
+            return  # aborted meanwhile; a held export times out on the prefill replica
+        params = self.disagg.params(out)
+        head = flights[0]
+        if out is not None and out.cost is not None:
+            head.carried = plus_cost(head.carried, out.cost)
+        head.cached_tokens = out.num_cached_tokens if out is not None and params is not None else None
+        by_replica: dict[int, list[CoreRequest]] = {}
+        for f in flights:
+            f.pending = False
+            request = f.request
+            if f is head and params is not None and f.request is group[0]:
+                request = msgspec.structs.replace(request, kv_transfer=params)
+            by_replica.setdefault(f.replica.index, []).append(request)
+        for index, requests in by_replica.items():
+            await self._send(self.replicas[index], requests)
 
     async def _send(self, replica: Replica, requests: list[CoreRequest]) -> None:
         ids = {r.request_id for r in requests}
@@ -225,13 +294,26 @@ class Router(EngineClient):
             self._parked = [f for f in self._parked if f is not flight]
             if len(self._parked) == parked and replica.client.alive:
                 by_replica.setdefault(replica.index, []).append(rid)
+        if self.disagg is not None:  # a prefill leg no sequence waits for any more
+            for group_id in {rid.split("#")[0] for rid in request_ids}:
+                leg = self.disagg.legs.get(f"{group_id}@prefill")
+                if leg is not None and not self._group_flights(group_id):
+                    del self.disagg.legs[f"{group_id}@prefill"]
+                    leg.done.cancel()
+                    if leg.replica.client.alive:
+                        by_replica.setdefault(leg.replica.index, []).append(f"{group_id}@prefill")
         for index, ids in by_replica.items():
             await self.replicas[index].client.abort(ids)
+
+    def _group_flights(self, group_id: str) -> list[Flight]:
+        return [f for rid, f in self._flights.items() if rid.split("#")[0] == group_id]
 
     def _route(self, blocks: list[int], prompt_len: int, request_id: str, avoid: Replica | None = None) -> Replica:
         live = [r for r in self.replicas if r.live and r is not avoid]
         if not live:
             raise EngineDead("no replica is running")
+        # Prefill replicas take requests only when no replica that decodes is left.
+        live = [r for r in live if takes_requests(r.role)] or live
         # A replica on probation (just restarted after failing) takes one sequence at a time, unless it is all
         # there is: the half-open state of a circuit breaker.
         trusted = [r for r in live if not r.probation or not r.running]
@@ -323,6 +405,8 @@ class Router(EngineClient):
         r.failures += 1
         self.index.forget(r.index)
         log.warning("replica %d lost (%s)", r.index, why)
+        if self.disagg is not None:
+            self.disagg.fail(r)
         await self._evacuate(r, cause)
         await client.shutdown(1.0)  # kills what is left of it and releases its sockets
         if r.factory is not None and not self._closing:
@@ -360,6 +444,9 @@ class Router(EngineClient):
         tokens = flight.request.prompt_token_ids + flight.generated
         blocks = prompt_blocks(tokens, self._block_size)
         target = self._route(blocks, len(tokens), rid, avoid=old)
+        if flight.pending:  # its prefill leg runs elsewhere: it is sent where it now decodes once that is done
+            flight.replica = target
+            return
         request = flight.request
         params = request.params
         if flight.generated and params.prompt_logprobs is not None:
@@ -477,6 +564,8 @@ class Router(EngineClient):
 
     def _settle(self, replica: Replica, out: CoreOutput) -> bool:
         """Account for one output; False for one from a replica its sequence has left (or that was aborted)."""
+        if self.disagg is not None and self.disagg.settle(out):
+            return False  # a prefill leg's: its task takes it
         flight = self._flights.get(out.request_id)
         if flight is None or flight.replica is not replica:
             return False
@@ -489,7 +578,7 @@ class Router(EngineClient):
             if flight.cached_tokens is None:
                 flight.cached_tokens = out.num_cached_tokens
         flight.generated.extend(out.new_token_ids)
-        if flight.migrations:
+        if flight.migrations or flight.cached_tokens is not None:
             out.num_cached_tokens = flight.cached_tokens or 0
         if out.cost is not None:
             flight.cost = out.cost

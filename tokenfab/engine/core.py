@@ -163,10 +163,15 @@ class EngineCore:
         if self.kv_events is not None:
             self.kv_events.publish(EventBatch(time.time(), self.kv.take_events()))
 
-    def tick(self) -> None:
+    def tick(self) -> bool:
         """Upkeep between steps, also while idle: free the blocks of prefill legs their decode replicas released
-        (or that timed out)."""
-        self.kv.settle_exports()
+        (or that timed out); whether any were freed."""
+        return self.kv.settle_exports() > 0
+
+    @property
+    def holds_exports(self) -> bool:
+        """Whether prefill legs' KV is held for decode replicas."""
+        return self.kv.exports is not None and bool(self.kv.exports.held())
 
     def close(self) -> None:
         """Stop publishing and serving KV, finish the disk tier's writes (the model itself needs no teardown)."""

@@ -33,6 +33,8 @@ from tokenfab.engine.messages import CoreOutput
 from tokenfab.platform.logs import log_to_stderr
 
 IDLE_POLL_MS = 1000
+EXPORT_POLL_MS = 50
+"""How often an idle core that holds prefill legs' KV frees what decode replicas released."""
 """How often an idle core checks that it should go on (its parent is alive, it was not stopped)."""
 
 Receive = Callable[[int], ToCore | None]
@@ -46,7 +48,7 @@ def serve_core(core: EngineCore, receive: Receive, send: Send, keep_going: Calla
     send(StepResult([], core.stats()))
     while True:
         rejected: list[CoreOutput] = []
-        timeout = 0 if core.has_unfinished() else IDLE_POLL_MS
+        timeout = 0 if core.has_unfinished() else EXPORT_POLL_MS if core.holds_exports else IDLE_POLL_MS
         received = False
         while (message := receive(timeout)) is not None:
             if isinstance(message, Shutdown):
@@ -58,10 +60,10 @@ def serve_core(core: EngineCore, receive: Receive, send: Send, keep_going: Calla
         if not received and not core.has_unfinished() and not keep_going():
             core.close()
             return
-        core.tick()
+        freed = core.tick()
         stepped = core.has_unfinished()
         outputs = core.step() if stepped else []
-        if stepped or rejected or received:  # every step, so a long prefill shows progress too
+        if stepped or rejected or received or freed:  # every step, so a long prefill shows progress too
             send(StepResult(rejected + outputs, core.stats()))
 
 

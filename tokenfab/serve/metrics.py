@@ -226,6 +226,16 @@ class _ReplicaCollector:
         for cause, count in self._router.migrations.items():
             moved.add_metric([self._model, cause], float(count))
         yield moved
+        if self._router.disagg is not None:
+            split = CounterMetricFamily(
+                "tokenfab:router_disaggregation",
+                "Where requests' prompts were computed: remote (a prefill replica), local (short or queue: the decode "
+                "replica), fallback (a prefill leg failed; computed on the decode replica)",
+                labels=["model_name", "decision"],
+            )
+            for decision, count in self._router.disagg.decisions.items():
+                split.add_metric([self._model, decision], float(count))
+            yield split
         restarts = CounterMetricFamily(
             "tokenfab:replica_restarts",
             "Times the replica was started again after it failed",

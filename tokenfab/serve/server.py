@@ -3,6 +3,7 @@ died, 1 if the server never started)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import signal
@@ -62,7 +63,11 @@ def build_state(engine: EngineConfig, settings: ServerSettings) -> ServerState:
         settings.replica_hang_timeout,
         settings.replica_price,
         settings.autoscale_options(),
+        settings.replica_roles,
+        settings.disaggregation,
     )
+    if settings.disaggregated and engine.kv_transport is None:
+        engine = dataclasses.replace(engine, kv_transport="tcp" if settings.ray else "shm")
     if settings.ray:
         from tokenfab.cluster.ray_pool import ray_router
 

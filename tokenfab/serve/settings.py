@@ -89,6 +89,16 @@ class ServerSettings:
     """One replica's price: ID=USD_PER_HOUR (as --usd-per-hour: per core on a CPU) or ID=PROFILE (a device profile:
     cpu, h100, ...); replicas not named keep the engine's. With --slo-ttft/--slo-tpot the kv router sends each request
     to the cheapest replica predicted to meet them."""
+    prefill_replicas: int = 0
+    """Replicas that only compute prompts (prefill/decode disaggregation, with --decode-replicas): a long prompt is
+    computed on one and its KV moved (--kv-transport) to the decode replica, when the measured step costs say that
+    is sooner or spares the decode replica's running sequences a stall."""
+    decode_replicas: int = 0
+    """Replicas that generate (with --prefill-replicas); short prompts are computed there too."""
+    disaggregation: str = field(default="conditional", metadata={"choices": lambda: ("conditional", "always")})
+    """With prefill replicas: conditional (a prompt goes to a prefill replica when the measured step costs predict
+    an earlier first token, or spare the decode replica's running sequences a stall) or always (every prompt of two
+    or more uncached blocks)."""
     migration: bool = True
     """With replicas: a request whose replica dies, hangs or is drained continues on another one (off: it fails
     with 503)."""
@@ -119,6 +129,17 @@ class ServerSettings:
                 "--replicas auto needs 1 <= --min-replicas <= --max-replicas and --max-replicas >= 2",
             ),
             (self.max_migrations >= 0, "max_migrations must be >= 0"),
+            (
+                (self.prefill_replicas == 0) == (self.decode_replicas == 0)
+                and self.prefill_replicas >= 0
+                and self.decode_replicas >= 0,
+                "disaggregation needs both --prefill-replicas and --decode-replicas (>= 1 each)",
+            ),
+            (self.disaggregation in ("conditional", "always"), "disaggregation must be conditional or always"),
+            (
+                not self.disaggregated or (self.replicas == 1 and not self.autoscale),
+                "--prefill-replicas/--decode-replicas give the replica count: drop --replicas",
+            ),
             (all(x is None or x > 0 for x in (self.slo_ttft, self.slo_tpot)), "slo_ttft and slo_tpot must be > 0"),
             (self.replica_hang_timeout > 0, "replica_hang_timeout must be > 0"),
             (self.router in POLICIES, f"router must be one of {', '.join(POLICIES)}"),
@@ -146,9 +167,20 @@ class ServerSettings:
         return self.replicas == "auto"
 
     @property
+    def disaggregated(self) -> bool:
+        return self.prefill_replicas > 0
+
+    @property
     def replica_slots(self) -> int:
-        """Replicas there can be: --replicas N, or --max-replicas with auto."""
+        """Replicas there can be: --replicas N, --max-replicas with auto, or the prefill and decode replicas."""
+        if self.disaggregated:
+            return self.prefill_replicas + self.decode_replicas
         return self.max_replicas if self.autoscale else int(self.replicas)
+
+    @property
+    def replica_roles(self) -> tuple[str, ...]:
+        """Each replica's role (empty: all aggregated)."""
+        return ("prefill",) * self.prefill_replicas + ("decode",) * self.decode_replicas
 
     def autoscale_options(self) -> AutoscaleOptions | None:
         if not self.autoscale:

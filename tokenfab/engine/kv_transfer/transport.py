@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -158,6 +159,9 @@ class KVServer:
         else:
             self._socket.bind(f"tcp://{host}:*")
         self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        if host == "0.0.0.0":  # every interface: peers reach it at this host's address
+            port = self.endpoint.rsplit(":", 1)[1]
+            self.endpoint = f"tcp://{socket.gethostbyname(socket.gethostname())}:{port}"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kv-transfer-server", daemon=True)
         self._thread.start()

@@ -1,0 +1,153 @@
+"""Prefill/decode disaggregation in the router: whether a request's prompt is computed on a prefill replica, and
+its prefill leg.
+
+Replicas have roles: `prefill` replicas run only prefill legs, `decode` replicas the requests themselves, and
+`both` (an aggregated replica) anything. A request goes to a decode (or aggregated) replica as usual; then, per
+request, `choose_prefill` decides whether its prompt is computed on a prefill replica first. The decision is from
+the replicas' measured step costs (`StepCost`), not constants:
+
+- local when the uncached part of the prompt is short (under two blocks: nothing worth moving);
+- remote when the prefill replica's predicted time to first token (its queued prefill + this prompt there + the
+  transfer) is no later than the decode replica's own (its queued prefill + this prompt);
+- remote, too, when the decode replica is decoding and computing the prompt there would stall its sequences for
+  longer than one of its steps takes, unless the prefill replica's queue would then break the TTFT SLO;
+- local otherwise (a long prefill queue).
+
+The prefill leg is the prompt with max_tokens 1 and `do_remote_decode`: the prefill replica computes it, holds its
+blocks and answers with the `kv_transfer_params` the decode replica pulls them with. A leg that fails (its replica
+dies, it errs, it takes longer than the timeout) leaves the request to compute its prompt on the decode replica:
+never lost, never wrong. The leg's cost is added to the request's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tokenfab.cluster.replica import Replica
+from tokenfab.engine.messages import CoreOutput, CoreRequest
+from tokenfab.engine.types import KVTransferParams, SamplingParams
+
+ROLES = ("both", "prefill", "decode")
+MIN_REMOTE_BLOCKS = 2
+"""Uncached blocks below which a prompt is always computed where it decodes."""
+PRIOR_TRANSFER_SECONDS_PER_TOKEN = 2e-6
+"""Per prompt token moved, until a decode replica has measured a pull."""
+
+
+def takes_requests(role: str) -> bool:
+    return role in ("both", "decode")
+
+
+def takes_prefills(role: str) -> bool:
+    return role in ("both", "prefill")
+
+
+@dataclass(slots=True)
+class Leg:
+    """A request's prefill leg in flight on a prefill replica."""
+
+    group_id: str
+    replica: Replica
+    done: asyncio.Future[CoreOutput | None]
+
+
+@dataclass(slots=True)
+class Disaggregation:
+    """The router's prefill legs in flight and its decisions."""
+
+    timeout_s: float = 120.0
+    """A prefill leg taking longer is abandoned (the decode replica computes the prompt)."""
+    slo_ttft: float | None = None
+    always: bool = False
+    """Every prompt of at least MIN_REMOTE_BLOCKS uncached blocks goes to a prefill replica (the least loaded by
+    predicted TTFT), whatever the step costs say."""
+    legs: dict[str, Leg] = field(default_factory=dict)
+    decisions: Counter[str] = field(default_factory=Counter)
+    """remote, local (short), local (queue), fallback (a leg that failed), by reason."""
+
+    def choose_prefill(
+        self, decode: Replica, uncached: int, block_size: int, candidates: list[tuple[Replica, int]]
+    ) -> Replica | None:
+        """The prefill replica to compute the prompt on, or None (computed on `decode`). `uncached`: the prompt's
+        tokens the decode replica lacks; `candidates`: live prefill replicas with the prompt's tokens each lacks."""
+        if not candidates:
+            return None
+        if uncached < MIN_REMOTE_BLOCKS * block_size:
+            self.decisions["local (short)"] += 1
+            return None
+        d = decode.cost
+        local = d.overhead + (sum(decode.waiting_prefill.values()) + uncached) * d.per_token
+        transfer = uncached * transfer_seconds_per_token(decode)
+
+        def remote_ttft(item: tuple[Replica, int]) -> float:
+            r, lacking = item
+            return r.cost.overhead + (sum(r.waiting_prefill.values()) + lacking) * r.cost.per_token + transfer
+
+        best, best_ttft = min(((c, remote_ttft(c)) for c in candidates), key=lambda x: x[1])
+        stall = uncached * d.per_token
+        decoding = bool(decode.running)
+        if (
+            self.always
+            or best_ttft <= local
+            or (decoding and stall > d.overhead and (self.slo_ttft is None or best_ttft <= self.slo_ttft))
+        ):
+            self.decisions["remote"] += 1
+            return best[0]
+        self.decisions["local (queue)"] += 1
+        return None
+
+    def leg(self, leader: CoreRequest) -> CoreRequest:
+        """The prefill leg of a request (its n siblings share it)."""
+        return CoreRequest(
+            f"{leader.request_id.split('#')[0]}@prefill",
+            leader.prompt_token_ids,
+            SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
+            leader.arrival,
+            leader.priority,
+            eos_token_ids=leader.eos_token_ids,
+            kv_transfer=KVTransferParams(do_remote_decode=True),
+        )
+
+    def open(self, leg_id: str, group_id: str, replica: Replica) -> Leg:
+        leg = Leg(group_id, replica, asyncio.get_running_loop().create_future())
+        self.legs[leg_id] = leg
+        return leg
+
+    def settle(self, out: CoreOutput) -> bool:
+        """Take a prefill leg's output (True); False for any other sequence's."""
+        leg = self.legs.get(out.request_id)
+        if leg is None:
+            return False
+        if out.finish_reason is not None:
+            del self.legs[out.request_id]
+            if not leg.done.done():
+                leg.done.set_result(out)
+        return True
+
+    def fail(self, replica: Replica) -> list[str]:
+        """The replica was lost: its legs end without a result (their requests compute their prompts)."""
+        lost = [leg_id for leg_id, leg in self.legs.items() if leg.replica is replica]
+        for leg_id in lost:
+            leg = self.legs.pop(leg_id)
+            if not leg.done.done():
+                leg.done.set_result(None)
+        return lost
+
+    def params(self, out: CoreOutput | None) -> KVTransferParams | None:
+        """What the decode replica pulls with, or None (counted as a fallback) when the leg failed."""
+        if out is None or out.error is not None or out.kv_transfer is None:
+            self.decisions["fallback"] += 1
+            return None
+        return out.kv_transfer
+
+
+def transfer_seconds_per_token(decode: Replica) -> float:
+    """Seconds the decode replica has measured per prompt token pulled (a prior until it has pulled)."""
+    stats = decode.client.stats
+    if stats is None or stats.transfer.pulled_blocks == 0:
+        return PRIOR_TRANSFER_SECONDS_PER_TOKEN
+    info = decode.client.info
+    block_size = info.block_size if info is not None else 16
+    return stats.transfer.pull_seconds / (stats.transfer.pulled_blocks * block_size)
