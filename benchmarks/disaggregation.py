@@ -36,7 +36,7 @@ from tokenfab.bench.report import fixed, millis  # noqa: E402
 from tokenfab.platform import machine  # noqa: E402
 
 CONFIGS = {
-    "1 replica, 2 threads": ["--replicas", "1"],
+    "1 replica (2 threads)": ["--replicas", "1"],
     "2 aggregated replicas (kv)": ["--replicas", "2", "--router", "kv"],
     "1P1D always": ["--prefill-replicas", "1", "--decode-replicas", "1", "--disaggregation", "always"],
     "1P1D conditional": ["--prefill-replicas", "1", "--decode-replicas", "1", "--disaggregation", "conditional"],
