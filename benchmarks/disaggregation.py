@@ -63,7 +63,10 @@ def mix_trace(path: Path, seconds: float, chat_rate: float, long_every: float, s
 def workloads(tmp: Path, seconds: float) -> dict[str, list[str]]:
     trace = mix_trace(tmp / "mix.jsonl", seconds, chat_rate=1.0, long_every=8.0)
     return {
-        "mix: long prompts among chat": ["--workload", "trace", "--trace", str(trace), *SLO],
+        "mix: long prompts among chat": [
+            *("--workload", "trace", "--trace", str(trace), "--rate", "1", "--warmup", "0"),  # its own arrival times
+            *SLO,
+        ],
         "random 1024/128": [
             *("--workload", "random", "--isl", "1024", "--osl", "128", "--concurrency", "4", "--num-requests", "16"),
             *SLO,
