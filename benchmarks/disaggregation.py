@@ -1,9 +1,9 @@
 """Prefill/decode disaggregation against aggregated serving, with this machine's cores in every configuration: one
 replica with all threads, two aggregated replicas behind the kv router, and one prefill + one decode replica (1P1D:
 every prompt of two or more uncached blocks computed on the prefill replica, `--disaggregation always`; and
-`conditional`, deciding per request from the measured step costs). Two workloads: a mix of long prompts (3,072
-tokens, 16 out) arriving among chatty short requests (128 in, 64 out) at a steady rate, and random 1024/128 at
-concurrency 4. Then the KV transports' bandwidth (shm, tcp), pulling a long prompt's blocks between two engine cores
+`conditional`, deciding per request from the measured step costs). Two workloads: a mix of long prompts (2,048
+tokens, 16 out, one every 12 s) arriving among chatty short requests (128 in, 64 out, 0.5 per second), and random
+1024/128 at concurrency 4. Then the KV transports' bandwidth (shm, tcp), pulling a long prompt's blocks between two engine cores
 on the real model, against this machine's memory copy bandwidth.
 
     .venv/bin/python benchmarks/disaggregation.py      # from the repository root, on a quiet machine (~15 minutes)
@@ -52,7 +52,7 @@ def mix_trace(path: Path, seconds: float, chat_rate: float, long_every: float, s
         rows.append({"timestamp": round(t, 3), "input_length": 128, "output_length": 64})
         t += rng.expovariate(chat_rate)
     rows += [
-        {"timestamp": round(long_every * (k + 0.5), 3), "input_length": 3072, "output_length": 16}
+        {"timestamp": round(long_every * (k + 0.5), 3), "input_length": 2048, "output_length": 16}
         for k in range(int(seconds / long_every))
     ]
     rows.sort(key=lambda r: r["timestamp"])
@@ -61,7 +61,7 @@ def mix_trace(path: Path, seconds: float, chat_rate: float, long_every: float, s
 
 
 def workloads(tmp: Path, seconds: float) -> dict[str, list[str]]:
-    trace = mix_trace(tmp / "mix.jsonl", seconds, chat_rate=1.0, long_every=8.0)
+    trace = mix_trace(tmp / "mix.jsonl", seconds, chat_rate=0.5, long_every=12.0)
     return {
         "mix: long prompts among chat": [
             *("--workload", "trace", "--trace", str(trace), "--rate", "1", "--warmup", "0"),  # its own arrival times

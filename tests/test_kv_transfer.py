@@ -178,3 +178,26 @@ def test_speculative_decoding_on_the_decode_core(model):
     for engine in (p, d):
         engine.kv.check_integrity()
         engine.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_gemma_real_prefill_and_decode_split_gives_the_aggregated_tokens(transport):
+    """The real default model (its 512-token sliding window): a 700-token prompt split over two cores."""
+    options = dict(kv_cache_memory_gb=0.1, max_model_len=1024, num_threads=1)
+    prompt = [2] + [1000 + (i * 37) % 20000 for i in range(699)]
+    plain = EngineCore(EngineConfig(**options))
+    want = tokens(run(plain, [request("a", prompt, GREEDY)])["a"])
+    plain.close()
+    p = EngineCore(EngineConfig(kv_transport=transport, **options))
+    d = EngineCore(EngineConfig(kv_transport=transport, **options))
+    params = prefill(p, "r", prompt)
+    outs = run(d, [request("r", prompt, GREEDY, params)])["r"]
+    assert tokens(outs) == want and outs[-1].num_cached_tokens == 688
+    pulled = d.stats().transfer
+    assert pulled.pulls == 1 and pulled.failures == 0
+    p.tick()
+    assert p.stats().transfer.exports_held == 0
+    for engine in (p, d):
+        engine.kv.check_integrity()
+        engine.close()

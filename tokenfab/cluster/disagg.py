@@ -10,7 +10,8 @@ the replicas' measured step costs (`StepCost`), not constants:
 - remote when the prefill replica's predicted time to first token (its queued prefill + this prompt there + the
   transfer) is no later than the decode replica's own (its queued prefill + this prompt);
 - remote, too, when the decode replica is decoding and computing the prompt there would stall its sequences for
-  longer than one of its steps takes, unless the prefill replica's queue would then break the TTFT SLO;
+  longer than one of its steps takes, as long as the prefill replica still meets the TTFT SLO (`--slo-ttft`, else
+  DEFAULT_SLO_TTFT): a prefill queue past it is not traded for the decoders' smoother tokens;
 - local otherwise (a long prefill queue).
 
 The prefill leg is the prompt with max_tokens 1 and `do_remote_decode`: the prefill replica computes it, holds its
@@ -32,6 +33,8 @@ from tokenfab.engine.types import KVTransferParams, SamplingParams
 ROLES = ("both", "prefill", "decode")
 MIN_REMOTE_BLOCKS = 2
 """Uncached blocks below which a prompt is always computed where it decodes."""
+DEFAULT_SLO_TTFT = 2.0
+"""Seconds to first token a prefill replica's queue may reach when no --slo-ttft is given."""
 PRIOR_TRANSFER_SECONDS_PER_TOKEN = 2e-6
 """Per prompt token moved, until a decode replica has measured a pull."""
 
@@ -88,11 +91,8 @@ class Disaggregation:
         best, best_ttft = min(((c, remote_ttft(c)) for c in candidates), key=lambda x: x[1])
         stall = uncached * d.per_token
         decoding = bool(decode.running)
-        if (
-            self.always
-            or best_ttft <= local
-            or (decoding and stall > d.overhead and (self.slo_ttft is None or best_ttft <= self.slo_ttft))
-        ):
+        slo = self.slo_ttft if self.slo_ttft is not None else DEFAULT_SLO_TTFT
+        if self.always or best_ttft <= local or (decoding and stall > d.overhead and best_ttft <= slo):
             self.decisions["remote"] += 1
             return best[0]
         self.decisions["local (queue)"] += 1
