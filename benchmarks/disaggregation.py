@@ -1,7 +1,8 @@
 """Prefill/decode disaggregation against aggregated serving, with this machine's cores in every configuration: one
 replica with all threads, two aggregated replicas behind the kv router, and one prefill + one decode replica (1P1D:
 every prompt of two or more uncached blocks computed on the prefill replica, `--disaggregation always`; and
-`conditional`, deciding per request from the measured step costs). Two workloads: a mix of long prompts (2,048
+`conditional`, deciding per request from the measured step costs), and two replicas under `--disaggregation auto`
+(aggregated until measured SLO misses call for one prefill replica). Two workloads: a mix of long prompts (2,048
 tokens, 16 out, one every 12 s) arriving among chatty short requests (128 in, 64 out, 0.5 per second), and random
 1024/128 at concurrency 4. Then the KV transports' bandwidth (shm, tcp), pulling a long prompt's blocks between two engine cores
 on the real model, against this machine's memory copy bandwidth.
@@ -40,6 +41,7 @@ CONFIGS = {
     "2 aggregated replicas (kv)": ["--replicas", "2", "--router", "kv"],
     "1P1D always": ["--prefill-replicas", "1", "--decode-replicas", "1", "--disaggregation", "always"],
     "1P1D conditional": ["--prefill-replicas", "1", "--decode-replicas", "1", "--disaggregation", "conditional"],
+    "2 replicas auto": ["--replicas", "2", "--disaggregation", "auto"],
 }
 SLO = ["--slo-ttft", "2", "--slo-tpot", "0.1"]
 
@@ -128,6 +130,7 @@ def main() -> None:
     ap.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="in total, split between the replicas")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--seconds", type=float, default=64.0, help="length of the mix trace")
+    ap.add_argument("--skip-bandwidth", action="store_true", help="leave out the transports' bandwidth")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "reports" / f"disaggregation-{date.today()}")
     args = ap.parse_args()
     rows = []
@@ -140,6 +143,7 @@ def main() -> None:
                 for name, workload in loads.items():
                     s = run(server.url, workload, Path(tmp) / "point.json")
                     metrics = httpx.get(f"{server.url}/metrics").text
+                    listed = httpx.get(f"{server.url}/replicas").json()
                     rows.append({
                         "config": config,
                         "workload": name,
@@ -155,11 +159,12 @@ def main() -> None:
                         "decisions": _counters(metrics, "tokenfab:router_disaggregation_total", "decision"),
                         "pulled_mib": _counters(metrics, "tokenfab:kv_transfer_pulled_bytes_total", None).get("", 0)
                         / 2**20,
+                        "disaggregation": listed.get("disaggregation"),
                     })
                     print(json.dumps(rows[-1]), flush=True)
             finally:
                 server.stop()
-    bandwidth = transfer_bandwidth()
+    bandwidth = [] if args.skip_bandwidth else transfer_bandwidth()
     doc = {
         "command": " ".join(sys.argv[1:]),
         "machine": machine.describe(),
@@ -207,15 +212,19 @@ def markdown(doc: dict) -> str:
         ]
         for r in (r for r in doc["rows"] if r["workload"] == workload):
             d = r["decisions"]
+            roles = (r.get("disaggregation") or {}).get("switches")
+            config = f"{r['config']} (switches: {roles or 'none'})" if "auto" in r["config"] else r["config"]
             local = d.get("local (short)", 0) + d.get("local (queue)", 0)
             split = f"{d.get('remote', 0):.0f} / {local:.0f} / {d.get('fallback', 0):.0f}" if d else "—"
             lines.append(
-                f"| {r['config']} | {millis(r['ttft_p50'])} / {millis(r['ttft_p99'])} | {millis(r['tpot_p50'])} / "
+                f"| {config} | {millis(r['ttft_p50'])} / {millis(r['ttft_p99'])} | {millis(r['tpot_p50'])} / "
                 f"{millis(r['tpot_p99'])} | {fixed(r['goodput_fraction'], 2)} ({r['completed']}/{r['sent']}) | "
                 f"{fixed(r['output_tok_s'], 1)} | {fixed(r['usd_per_mtok_output'], 2)} | {split} | "
                 f"{r['pulled_mib']:.0f} MiB |"
             )
         lines.append("")
+    if not doc["transfer"]:
+        return "\n".join(lines)
     lines += [
         "## KV transfer bandwidth",
         "",

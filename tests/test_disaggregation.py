@@ -140,3 +140,17 @@ def test_killing_the_prefill_replica_under_load_loses_nothing(model_path):
         assert held_and_used(server) == (0.0, 0.0)
     finally:
         assert server.stop() == 0
+
+
+def test_auto_serves_aggregated_and_reports_its_mode(model_path, expected):
+    server = LiveServer(model_path, "--replicas", "2", "--disaggregation", "auto")
+    try:
+        r = httpx.post(f"{server.url}/v1/completions", json=body(1, True, n=2), timeout=60)
+        assert [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])] == expected[(1, True)]
+        listed = httpx.get(f"{server.url}/replicas").json()
+        assert listed["disaggregation"]["mode"] == "aggregated" and listed["disaggregation"]["switches"] == {}
+        assert [row["role"] for row in listed["replicas"]] == ["aggregated", "aggregated"]
+        info = server.metrics()
+        assert info.get('tokenfab:kv_transfer_exports_held{model_name="tiny"}') == 0.0  # the transport is on
+    finally:
+        assert server.stop() == 0

@@ -23,7 +23,8 @@ never lost, never wrong. The leg's cost is added to the request's.
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
+import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from tokenfab.cluster.replica import Replica
@@ -35,6 +36,8 @@ MIN_REMOTE_BLOCKS = 2
 """Uncached blocks below which a prompt is always computed where it decodes."""
 DEFAULT_SLO_TTFT = 2.0
 """Seconds to first token a prefill replica's queue may reach when no --slo-ttft is given."""
+DEFAULT_SLO_TPOT = 0.1
+"""Seconds per output token `auto` holds the replicas to when no --slo-tpot is given."""
 PRIOR_TRANSFER_SECONDS_PER_TOKEN = 2e-6
 """Per prompt token moved, until a decode replica has measured a pull."""
 
@@ -66,6 +69,8 @@ class Disaggregation:
     always: bool = False
     """Every prompt of at least MIN_REMOTE_BLOCKS uncached blocks goes to a prefill replica (the least loaded by
     predicted TTFT), whatever the step costs say."""
+    roles: RoleSwitch | None = None
+    """With `--disaggregation auto`: when to turn a replica into a prefill replica and back."""
     legs: dict[str, Leg] = field(default_factory=dict)
     decisions: Counter[str] = field(default_factory=Counter)
     """remote, local (short), local (queue), fallback (a leg that failed), by reason."""
@@ -151,3 +156,60 @@ def transfer_seconds_per_token(decode: Replica) -> float:
     info = decode.client.info
     block_size = info.block_size if info is not None else 16
     return stats.transfer.pull_seconds / (stats.transfer.pulled_blocks * block_size)
+
+
+@dataclass(slots=True)
+class RoleSwitch:
+    """`--disaggregation auto`: the replicas serve aggregated until the requests that finish miss the TPOT SLO more
+    often than the TTFT SLO (long prompts stall the decoders) while one replica could carry every prompt; then one
+    replica (the least busy) computes only prompts. Back to aggregated when, split, TTFT misses dominate (the prefill
+    replica's queue) or the prefill replica is nearly always busy. Judged on the requests that finished over the
+    last `window_s` since the last switch (at least `min_samples` of them); a switch waits `dwell_s` after the one
+    before. Every switch is logged and counted."""
+
+    slo_ttft: float = DEFAULT_SLO_TTFT
+    slo_tpot: float = DEFAULT_SLO_TPOT
+    window_s: float = 30.0
+    dwell_s: float = 20.0
+    min_samples: int = 8
+    miss_share: float = 0.1
+    """Requests missing an SLO, of those judged, that calls for a switch."""
+    max_prefill_busy: float = 0.7
+    """The predicted (aggregated) or measured (split) busy share of the prefill replica beyond which it is not one."""
+    interval_s: float = 2.0
+    split: bool = False
+    switched_at: float = field(default_factory=time.monotonic)
+    switches: Counter[str] = field(default_factory=Counter)
+    """to split, to aggregated."""
+    finished: deque[tuple[float, bool, bool]] = field(default_factory=lambda: deque(maxlen=4096))
+    """(when, missed TTFT, missed TPOT) of finished requests."""
+
+    def observe(self, ttft: float, tpot: float | None, now: float | None = None) -> None:
+        """A request finished with this TTFT and mean TPOT (None: one token)."""
+        now = time.monotonic() if now is None else now
+        self.finished.append((now, ttft > self.slo_ttft, tpot is not None and tpot > self.slo_tpot))
+
+    def decide(self, prefill_busy: float, now: float | None = None) -> str | None:
+        """`split`, `aggregated` or None (stay). `prefill_busy`: the share of time one replica would spend on (or,
+        split, spends on) the prompts."""
+        now = time.monotonic() if now is None else now
+        if now - self.switched_at < self.dwell_s:
+            return None
+        since = max(now - self.window_s, self.switched_at)
+        recent = [(t, ttft, tpot) for t, ttft, tpot in self.finished if t >= since]
+        if len(recent) < self.min_samples:
+            return None
+        ttft_miss = sum(r[1] for r in recent) / len(recent)
+        tpot_miss = sum(r[2] for r in recent) / len(recent)
+        if not self.split and tpot_miss >= self.miss_share and tpot_miss > ttft_miss:
+            return "split" if prefill_busy < self.max_prefill_busy else None
+        if self.split and (
+            (ttft_miss >= self.miss_share and ttft_miss > tpot_miss) or prefill_busy > (1 + self.max_prefill_busy) / 2
+        ):
+            return "aggregated"
+        return None
+
+    def switched(self, to: str, now: float | None = None) -> None:
+        self.split = to == "split"
+        self.switched_at = time.monotonic() if now is None else now
+        self.switches[to] += 1

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tokenfab.cluster.autoscaler import AutoscaleOptions
-from tokenfab.cluster.disagg import Disaggregation
+from tokenfab.cluster.disagg import DEFAULT_SLO_TPOT, DEFAULT_SLO_TTFT, Disaggregation, RoleSwitch
 from tokenfab.cluster.policies import make_policy, parse_replica_prices
 from tokenfab.cluster.replica import Factory
 from tokenfab.cluster.router import Router
@@ -75,7 +75,8 @@ class RouterOptions:
     roles: tuple[str, ...] = ()
     """Each replica's role (both, prefill, decode); empty: all both (tokenfab.cluster.disagg)."""
     disaggregation: str = "conditional"
-    """With prefill replicas: conditional (per request, from the step costs) or always."""
+    """With prefill replicas: conditional (per request, from the step costs) or always; auto: aggregated replicas
+    one of which turns into a prefill replica (and back) as the measured SLO misses say (RoleSwitch)."""
 
     def router(self, factories: list[Factory]) -> Router:
         return Router(
@@ -87,7 +88,13 @@ class RouterOptions:
             hang_timeout=self.hang_timeout,
             autoscale=self.autoscale,
             roles=self.roles,
-            disaggregation=Disaggregation(slo_ttft=self.slo_ttft, always=self.disaggregation == "always"),
+            disaggregation=Disaggregation(
+                slo_ttft=self.slo_ttft,
+                always=self.disaggregation == "always",
+                roles=RoleSwitch(self.slo_ttft or DEFAULT_SLO_TTFT, self.slo_tpot or DEFAULT_SLO_TPOT)
+                if self.disaggregation == "auto"
+                else None,
+            ),
         )
 
 

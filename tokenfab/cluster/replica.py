@@ -177,6 +177,8 @@ class Flight:
     migrations: int = 0
     pending: bool = False
     """Its prompt is being computed on a prefill replica: not sent to `replica` yet."""
+    first_at: float | None = None
+    """When its first token came back."""
 
 
 def plus_cost(a: RequestCost | None, b: RequestCost) -> RequestCost:

@@ -75,7 +75,9 @@ class Router(EngineClient):
             raise ValueError("at least one replica must take requests (role both or decode)")
         factories = factories or [None] * len(clients)  # type: ignore[list-item]
         self.replicas = [Replica(i, c, f, role=role) for i, (c, f, role) in enumerate(zip(clients, factories, roles))]
-        self.disagg = disaggregation if any(r == "prefill" for r in roles) else None
+        split = any(r == "prefill" for r in roles)
+        self.disagg = disaggregation if split or (disaggregation is not None and disaggregation.roles) else None
+        self._role_look: tuple[float, int, dict[int, float]] | None = None
         self.policy = policy
         self.migration = migration
         self.max_migrations = max_migrations
@@ -116,6 +118,8 @@ class Router(EngineClient):
         self._tasks["watch"] = asyncio.create_task(self._watch(), name="replica-watch")
         if self.scaler is not None:
             self._tasks["autoscale"] = asyncio.create_task(self.scaler.run(), name="autoscaler")
+        if self.disagg is not None and self.disagg.roles is not None:
+            self._tasks["roles"] = asyncio.create_task(self._switch_roles(), name="role-switch")
         self._paid = PaidTime(len(starting))
         first = infos[0]
         self.info = msgspec.structs.replace(
@@ -351,6 +355,50 @@ class Router(EngineClient):
             except Exception:  # noqa: BLE001 - the watch must outlive one failed round
                 log.exception("replica watch")
 
+    # -- roles (--disaggregation auto) ---------------------------------------------------------------------------
+
+    async def _switch_roles(self) -> None:
+        assert self.disagg is not None and self.disagg.roles is not None
+        while True:
+            await asyncio.sleep(self.disagg.roles.interval_s)
+            try:
+                self._look_at_roles()
+            except Exception:  # noqa: BLE001 - the loop must outlive one failed look
+                log.exception("role switch")
+
+    def _look_at_roles(self) -> None:
+        """Measure the prompt load (and, split, the prefill replica's busy share) since the last look; switch
+        between aggregated and one prefill replica when the RoleSwitch says so."""
+        assert self.disagg is not None and self.disagg.roles is not None
+        roles = self.disagg.roles
+        now = time.monotonic()
+        live = [r for r in self.replicas if r.live and r.client.stats is not None]
+        stats = {r.index: r.client.stats for r in live if r.client.stats is not None}
+        prompt = sum(s.scheduler.prompt_tokens_computed for s in stats.values())
+        busy = {i: s.cost.busy_seconds for i, s in stats.items()}
+        last, self._role_look = self._role_look, (now, prompt, busy)
+        if last is None or len(live) < 2 or now <= last[0]:
+            return
+        elapsed = now - last[0]
+        prefill = [r for r in live if r.role == "prefill"]
+        if prefill:
+            share = max(0.0, busy[prefill[0].index] - last[2].get(prefill[0].index, busy[prefill[0].index]))
+            prefill_busy = share / elapsed
+        else:
+            per_token = sum(r.cost.per_token for r in live) / len(live)
+            prefill_busy = max(0, prompt - last[1]) / elapsed * per_token
+        to = roles.decide(prefill_busy, now)
+        if to == "split":
+            pick = min(live, key=lambda r: (len(r.running), sum(r.waiting_prefill.values()), r.index))
+            pick.role = "prefill"
+        elif to == "aggregated":
+            for r in self.replicas:
+                if r.role == "prefill":
+                    r.role = "both"
+        if to is not None:
+            roles.switched(to, now)
+            log.info("disaggregation auto: %s (prefill busy %.2f)", to, prefill_busy)
+
     # -- scaling (the autoscaler's view and hands) -----------------------------------------------------------------
 
     def _views(self, now: float) -> list[ReplicaView]:
@@ -577,6 +625,8 @@ class Router(EngineClient):
                 self.ttft_seconds["actual"] += time.monotonic() - sent[0]
             if flight.cached_tokens is None:
                 flight.cached_tokens = out.num_cached_tokens
+        if out.new_token_ids and flight.first_at is None:
+            flight.first_at = time.monotonic()
         flight.generated.extend(out.new_token_ids)
         if flight.migrations or flight.cached_tokens is not None:
             out.num_cached_tokens = flight.cached_tokens or 0
@@ -587,6 +637,11 @@ class Router(EngineClient):
         if out.finish_reason is not None:
             replica.running.discard(out.request_id)
             del self._flights[out.request_id]
+            roles = self.disagg.roles if self.disagg is not None else None
+            if roles is not None and flight.first_at is not None and out.error is None:
+                n = len(flight.generated)
+                tpot = (time.monotonic() - flight.first_at) / (n - 1) if n > 1 else None
+                roles.observe(flight.first_at - flight.request.arrival, tpot)
             if replica.probation and out.error is None:
                 replica.probation -= 1
         return True
@@ -609,6 +664,15 @@ class Router(EngineClient):
         assert self.scaler is not None
         paid = sum(r.state not in ("stopped", "dead") for r in self.replicas)
         return {**self.scaler.state(), "replicas": paid, "replica_seconds": round(self.replica_seconds(), 1)}
+
+    def disagg_state(self) -> dict:
+        """What /replicas shows of prefill/decode disaggregation: its decisions, and with auto the mode."""
+        assert self.disagg is not None
+        out: dict = {"decisions": dict(self.disagg.decisions), "prefill_legs_in_flight": len(self.disagg.legs)}
+        roles = self.disagg.roles
+        if roles is not None:
+            out |= {"mode": "split" if roles.split else "aggregated", "switches": dict(roles.switches)}
+        return out
 
     def states(self) -> list[dict]:
         """Per replica: its state and why (what /health shows; cheap, unlike `describe`)."""

@@ -124,6 +124,8 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         out: dict = {"router": state.settings.router if router is not None else None, "replicas": state.replicas()}
         if router is not None and router.scaler is not None:
             out["autoscaler"] = router.autoscale_state()
+        if router is not None and router.disagg is not None:
+            out["disaggregation"] = router.disagg_state()
         return out
 
     @app.post("/replicas/{index}/drain", summary="Move a replica's requests to the others and stop it")

@@ -236,6 +236,16 @@ class _ReplicaCollector:
             for decision, count in self._router.disagg.decisions.items():
                 split.add_metric([self._model, decision], float(count))
             yield split
+            roles = self._router.disagg.roles
+            if roles is not None:
+                switched = CounterMetricFamily(
+                    "tokenfab:router_role_switches",
+                    "--disaggregation auto: switches to one prefill replica (split) and back (aggregated)",
+                    labels=["model_name", "to"],
+                )
+                for to, count in roles.switches.items():
+                    switched.add_metric([self._model, to], float(count))
+                yield switched
         restarts = CounterMetricFamily(
             "tokenfab:replica_restarts",
             "Times the replica was started again after it failed",

@@ -66,7 +66,7 @@ def build_state(engine: EngineConfig, settings: ServerSettings) -> ServerState:
         settings.replica_roles,
         settings.disaggregation,
     )
-    if settings.disaggregated and engine.kv_transport is None:
+    if settings.moves_kv and engine.kv_transport is None:
         engine = dataclasses.replace(engine, kv_transport="tcp" if settings.ray else "shm")
     if settings.ray:
         from tokenfab.cluster.ray_pool import ray_router

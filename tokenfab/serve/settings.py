@@ -95,10 +95,11 @@ class ServerSettings:
     is sooner or spares the decode replica's running sequences a stall."""
     decode_replicas: int = 0
     """Replicas that generate (with --prefill-replicas); short prompts are computed there too."""
-    disaggregation: str = field(default="conditional", metadata={"choices": lambda: ("conditional", "always")})
+    disaggregation: str = field(default="conditional", metadata={"choices": lambda: ("conditional", "always", "auto")})
     """With prefill replicas: conditional (a prompt goes to a prefill replica when the measured step costs predict
     an earlier first token, or spare the decode replica's running sequences a stall) or always (every prompt of two
-    or more uncached blocks)."""
+    or more uncached blocks). auto, with --replicas N: the replicas serve aggregated and one turns into a prefill
+    replica while finished requests miss the TPOT SLO more than the TTFT SLO (and back when the reverse holds)."""
     migration: bool = True
     """With replicas: a request whose replica dies, hangs or is drained continues on another one (off: it fails
     with 503)."""
@@ -135,7 +136,15 @@ class ServerSettings:
                 and self.decode_replicas >= 0,
                 "disaggregation needs both --prefill-replicas and --decode-replicas (>= 1 each)",
             ),
-            (self.disaggregation in ("conditional", "always"), "disaggregation must be conditional or always"),
+            (
+                self.disaggregation in ("conditional", "always", "auto"),
+                "disaggregation must be conditional, always or auto",
+            ),
+            (
+                self.disaggregation != "auto"
+                or (not self.disaggregated and not self.autoscale and int(self.replicas) >= 2),
+                "--disaggregation auto switches roles among --replicas N (N >= 2) itself",
+            ),
             (
                 not self.disaggregated or (self.replicas == 1 and not self.autoscale),
                 "--prefill-replicas/--decode-replicas give the replica count: drop --replicas",
@@ -168,7 +177,13 @@ class ServerSettings:
 
     @property
     def disaggregated(self) -> bool:
+        """Prefill and decode replicas given."""
         return self.prefill_replicas > 0
+
+    @property
+    def moves_kv(self) -> bool:
+        """Whether replicas move KV between them (fixed roles, or auto)."""
+        return self.disaggregated or self.disaggregation == "auto"
 
     @property
     def replica_slots(self) -> int:
