@@ -43,7 +43,6 @@ CONFIGS = {
     "1P1D conditional": ["--prefill-replicas", "1", "--decode-replicas", "1", "--disaggregation", "conditional"],
     "2 replicas auto": ["--replicas", "2", "--disaggregation", "auto"],
 }
-SLO = ["--slo-ttft", "2", "--slo-tpot", "0.1"]
 
 
 def mix_trace(path: Path, seconds: float, chat_rate: float, long_every: float, seed: int = 0) -> Path:
@@ -62,16 +61,16 @@ def mix_trace(path: Path, seconds: float, chat_rate: float, long_every: float, s
     return path
 
 
-def workloads(tmp: Path, seconds: float) -> dict[str, list[str]]:
+def workloads(tmp: Path, seconds: float, slo: list[str]) -> dict[str, list[str]]:
     trace = mix_trace(tmp / "mix.jsonl", seconds, chat_rate=0.5, long_every=12.0)
     return {
         "mix: long prompts among chat": [
             *("--workload", "trace", "--trace", str(trace), "--rate", "1", "--warmup", "0"),  # its own arrival times
-            *SLO,
+            *slo,
         ],
         "random 1024/128": [
             *("--workload", "random", "--isl", "1024", "--osl", "128", "--concurrency", "4", "--num-requests", "16"),
-            *SLO,
+            *slo,
         ],
     }
 
@@ -97,27 +96,37 @@ def transfer_bandwidth(prompt_tokens: int = 3072, repeats: int = 5) -> list[dict
         config = EngineConfig(kv_transport=transport, kv_cache_memory_gb=0.5, max_model_len=prompt_tokens + 64)
         p, d = EngineCore(config), EngineCore(config)
         for k in range(repeats):
-            leg = CoreRequest(f"p{k}", prompt, SamplingParams(max_tokens=1, temperature=0), time.monotonic(),
-                              kv_transfer=KVTransferParams(do_remote_decode=True))
+            leg = CoreRequest(
+                f"p{k}",
+                prompt,
+                SamplingParams(max_tokens=1, temperature=0),
+                time.monotonic(),
+                kv_transfer=KVTransferParams(do_remote_decode=True),
+            )
             p.add_request(leg)
             params = None
             while p.has_unfinished():
                 params = next((o.kv_transfer for o in p.step() if o.kv_transfer is not None), params)
             d.reset_prefix_cache()
-            d.add_request(CoreRequest(f"d{k}", prompt, SamplingParams(max_tokens=1, temperature=0),
-                                      time.monotonic(), kv_transfer=params))
+            d.add_request(
+                CoreRequest(
+                    f"d{k}", prompt, SamplingParams(max_tokens=1, temperature=0), time.monotonic(), kv_transfer=params
+                )
+            )
             while d.has_unfinished():
                 d.step()
             p.tick()
             p.reset_prefix_cache()
         s = d.stats().transfer
-        rows.append({
-            "transport": transport,
-            "pulls": s.pulls,
-            "mib_per_pull": s.pulled_bytes / max(1, s.pulls) / 2**20,
-            "ms_per_pull": s.pull_seconds / max(1, s.pulls) * 1e3,
-            "gb_s": s.pulled_bytes / s.pull_seconds / 1e9 if s.pull_seconds else None,
-        })
+        rows.append(
+            {
+                "transport": transport,
+                "pulls": s.pulls,
+                "mib_per_pull": s.pulled_bytes / max(1, s.pulls) / 2**20,
+                "ms_per_pull": s.pull_seconds / max(1, s.pulls) * 1e3,
+                "gb_s": s.pulled_bytes / s.pull_seconds / 1e9 if s.pull_seconds else None,
+            }
+        )
         p.close()
         d.close()
     for row in rows:
@@ -130,37 +139,47 @@ def main() -> None:
     ap.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="in total, split between the replicas")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--seconds", type=float, default=64.0, help="length of the mix trace")
+    ap.add_argument("--workloads", default="mix,random", help="of: mix, random")
+    ap.add_argument("--slo-ttft", type=float, default=2.0)
+    ap.add_argument("--slo-tpot", type=float, default=0.1)
+    ap.add_argument(
+        "--slo-to-servers", action="store_true", help="serve with the SLO too (the router and auto aim for it)"
+    )
     ap.add_argument("--skip-bandwidth", action="store_true", help="leave out the transports' bandwidth")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "reports" / f"disaggregation-{date.today()}")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        loads = workloads(Path(tmp), args.seconds)
+        slo = ["--slo-ttft", str(args.slo_ttft), "--slo-tpot", str(args.slo_tpot)]
+        chosen = args.workloads.split(",")
+        loads = {k: v for k, v in workloads(Path(tmp), args.seconds, slo).items() if k.split()[0].strip(":") in chosen}
         for config in args.configs.split(","):
-            flags = [*CONFIGS[config], "--max-model-len", "4096"]
+            flags = [*CONFIGS[config], "--max-model-len", "4096", *(slo if args.slo_to_servers else [])]
             server = start(flags, args.kv_cache_memory_gb, Path(tmp))
             try:
                 for name, workload in loads.items():
                     s = run(server.url, workload, Path(tmp) / "point.json")
                     metrics = httpx.get(f"{server.url}/metrics").text
                     listed = httpx.get(f"{server.url}/replicas").json()
-                    rows.append({
-                        "config": config,
-                        "workload": name,
-                        "completed": s["completed"],
-                        "sent": s["sent"],
-                        "ttft_p50": s["ttft_s"]["p50"],
-                        "ttft_p99": s["ttft_s"]["p99"],
-                        "tpot_p50": s["tpot_s"]["p50"],
-                        "tpot_p99": s["tpot_s"]["p99"],
-                        "goodput_fraction": s["goodput_fraction"],
-                        "output_tok_s": s["output_tok_s"],
-                        "usd_per_mtok_output": s["usd_per_mtok_output"],
-                        "decisions": _counters(metrics, "tokenfab:router_disaggregation_total", "decision"),
-                        "pulled_mib": _counters(metrics, "tokenfab:kv_transfer_pulled_bytes_total", None).get("", 0)
-                        / 2**20,
-                        "disaggregation": listed.get("disaggregation"),
-                    })
+                    rows.append(
+                        {
+                            "config": config,
+                            "workload": name,
+                            "completed": s["completed"],
+                            "sent": s["sent"],
+                            "ttft_p50": s["ttft_s"]["p50"],
+                            "ttft_p99": s["ttft_s"]["p99"],
+                            "tpot_p50": s["tpot_s"]["p50"],
+                            "tpot_p99": s["tpot_s"]["p99"],
+                            "goodput_fraction": s["goodput_fraction"],
+                            "output_tok_s": s["output_tok_s"],
+                            "usd_per_mtok_output": s["usd_per_mtok_output"],
+                            "decisions": _counters(metrics, "tokenfab:router_disaggregation_total", "decision"),
+                            "pulled_mib": _counters(metrics, "tokenfab:kv_transfer_pulled_bytes_total", None).get("", 0)
+                            / 2**20,
+                            "disaggregation": listed.get("disaggregation"),
+                        }
+                    )
                     print(json.dumps(rows[-1]), flush=True)
             finally:
                 server.stop()
@@ -170,7 +189,7 @@ def main() -> None:
         "machine": machine.describe(),
         "threads": os.cpu_count(),
         "kv_cache_memory_gb_total": args.kv_cache_memory_gb,
-        "slo": {"ttft_s": 2.0, "tpot_s": 0.1},
+        "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot, "given_to_servers": args.slo_to_servers},
         "rows": rows,
         "transfer": bandwidth,
     }
@@ -199,7 +218,8 @@ def markdown(doc: dict) -> str:
         "",
         f"`benchmarks/disaggregation.py{' ' + doc['command'] if doc['command'] else ''}`; KV budget "
         f"{doc['kv_cache_memory_gb_total']} GiB in total; SLO TTFT <= {doc['slo']['ttft_s']} s, TPOT <= "
-        f"{doc['slo']['tpot_s'] * 1e3:.0f} ms.",
+        f"{doc['slo']['tpot_s'] * 1e3:.0f} ms"
+        f"{' (the servers given it too)' if doc['slo'].get('given_to_servers') else ''}.",
         "",
     ]
     for workload in dict.fromkeys(r["workload"] for r in doc["rows"]):
