@@ -4,8 +4,8 @@ every prompt of two or more uncached blocks computed on the prefill replica, `--
 `conditional`, deciding per request from the measured step costs), and two replicas under `--disaggregation auto`
 (aggregated until measured SLO misses call for one prefill replica). Two workloads: a mix of long prompts (2,048
 tokens, 16 out, one every 12 s) arriving among chatty short requests (128 in, 64 out, 0.5 per second), and random
-1024/128 at concurrency 4. Then the KV transports' bandwidth (shm, tcp), pulling a long prompt's blocks between two engine cores
-on the real model, against this machine's memory copy bandwidth.
+1024/128 at concurrency 4. Then the KV transports' bandwidth (shm, tcp), pulling a long prompt's blocks between two
+engine cores on the real model, against this machine's memory copy bandwidth.
 
     .venv/bin/python benchmarks/disaggregation.py      # from the repository root, on a quiet machine (~15 minutes)
 
@@ -32,7 +32,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from router import run, start  # noqa: E402
-
 from tokenfab.bench.report import fixed, millis  # noqa: E402
 from tokenfab.platform import machine  # noqa: E402
 

@@ -112,20 +112,44 @@ def test_an_abort_during_the_leg_stops_it_and_short_prompts_stay_local():
     asyncio.run(go())
 
 
-def test_auto_splits_on_tpot_misses_and_returns_on_ttft_misses():
+def test_auto_tries_split_on_tpot_misses_and_does_not_flap_back():
     roles = RoleSwitch(slo_ttft=2.0, slo_tpot=0.1, dwell_s=20, window_s=30, min_samples=8, switched_at=0.0)
     for t in range(10):
         roles.observe(0.5, 0.05, now=1.0 + t)  # all within the SLO
     assert roles.decide(prefill_busy=0.3, now=25.0) is None
     for t in range(10):
-        roles.observe(0.5, 0.3, now=26.0 + t)  # decoders stalled by prompts
+        roles.observe(0.5, 0.3, now=26.0 + t)  # decoders stalled by prompts: goodput 0.5 over the window
     assert roles.decide(prefill_busy=0.9, now=40.0) is None  # one replica could not carry the prompts
     assert roles.decide(prefill_busy=0.3, now=40.0) == "split"
     roles.switched("split", now=40.0)
     for t in range(10):
-        roles.observe(4.0, 0.03, now=41.0 + t)  # the prefill replica's queue
+        roles.observe(4.0, 0.03, now=41.0 + t)  # split: the prefill replica's queue; goodput 0
     assert roles.decide(prefill_busy=0.5, now=55.0) is None  # dwell
-    assert roles.decide(prefill_busy=0.5, now=61.0) == "aggregated"
+    assert roles.decide(prefill_busy=0.5, now=61.0) == "aggregated"  # aggregated had 0.5: back
     roles.switched("aggregated", now=61.0)
     assert roles.switches == {"split": 1, "aggregated": 1} and not roles.split
-    assert roles.decide(prefill_busy=0.1, now=85.0) is None  # nothing judged since the switch
+    for t in range(10):
+        roles.observe(0.5, 0.3, now=62.0 + t)  # the same TPOT misses again, goodput 0.
+    assert roles.decide(prefill_busy=0.3, now=90.0) is None  # split scored 0 within memory: not tried again
+    for t in range(10):
+        roles.observe(0.5, 0.3, now=400.0 + t)
+    assert roles.decide(prefill_busy=0.3, now=410.0) == "split"  # forgotten after memory_s: worth a new try
+
+
+def test_auto_returns_to_a_mode_that_measured_better():
+    roles = RoleSwitch(dwell_s=5, window_s=30, min_samples=4, switched_at=0.0)
+    for t in range(6):
+        roles.observe(0.5, 0.3 if t % 2 else 0.05, now=1.0 + t)  # goodput 0.5, TPOT misses
+    assert roles.decide(prefill_busy=0.2, now=10.0) == "split"
+    roles.switched("split", now=10.0)
+    for t in range(6):
+        roles.observe(0.5, 0.05, now=11.0 + t)  # split meets both SLOs
+    assert roles.decide(prefill_busy=0.2, now=20.0) is None  # better than aggregated's 0.5: stays
+
+
+def test_the_ladder_gains_the_disaggregation_rung():
+    from tokenfab.bench.ladder import rungs
+
+    *_, aggregated, auto = rungs((1, 4), replicas=2)
+    assert auto.name == "+ disaggregation (auto)"
+    assert auto.flags == (*aggregated.flags, "--disaggregation", "auto")

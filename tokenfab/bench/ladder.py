@@ -35,9 +35,10 @@ class Rung:
 def rungs(
     concurrencies: tuple[int, ...], quantization: str = "none", replicas: int = 1, kv_pool_gb: float = 0.0
 ) -> list[Rung]:
-    """quantization: the weight format of its rung ('none' leaves that rung out); replicas > 1: two more rungs, the
-    machine split into that many replicas behind round-robin, then behind the KV-aware router (same cores, same
-    KV memory in total, same price); kv_pool_gb > 0: two more, on one engine with the rungs above the replicas',
+    """quantization: the weight format of its rung ('none' leaves that rung out); replicas > 1: three more rungs,
+    the machine split into that many replicas behind round-robin, then behind the KV-aware router (same cores, same
+    KV memory in total, same price), then with prefill/decode roles switched as the load needs (--disaggregation
+    auto); kv_pool_gb > 0: two more, on one engine with the rungs above the replicas',
     its KV pool cut to that size (returning sessions find their prefix evicted), then the host-memory KV tier
     added (the same pool)."""
     top = max(concurrencies)
@@ -55,6 +56,7 @@ def rungs(
         split = (*single, "--replicas", str(replicas))
         out.append(Rung(f"{replicas} replicas, round-robin", (*split, "--router", "round-robin"), top))
         out.append(Rung("+ KV-aware routing", (*split, "--router", "kv"), top))
+        out.append(Rung("+ disaggregation (auto)", (*split, "--router", "kv", "--disaggregation", "auto"), top))
     if kv_pool_gb > 0:
         small = (*single, "--kv-cache-memory-gb", f"{kv_pool_gb:g}")
         out.append(Rung(f"one engine, KV pool cut to {kv_pool_gb:g} GB", small, top))

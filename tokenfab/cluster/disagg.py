@@ -160,12 +160,16 @@ def transfer_seconds_per_token(decode: Replica) -> float:
 
 @dataclass(slots=True)
 class RoleSwitch:
-    """`--disaggregation auto`: the replicas serve aggregated until the requests that finish miss the TPOT SLO more
-    often than the TTFT SLO (long prompts stall the decoders) while one replica could carry every prompt; then one
-    replica (the least busy) computes only prompts. Back to aggregated when, split, TTFT misses dominate (the prefill
-    replica's queue) or the prefill replica is nearly always busy. Judged on the requests that finished over the
-    last `window_s` since the last switch (at least `min_samples` of them); a switch waits `dwell_s` after the one
-    before. Every switch is logged and counted."""
+    """`--disaggregation auto`: which serves the load better now, the replicas aggregated or one of them computing
+    only prompts (split), judged on the requests that finish: over the last `window_s` since the last switch (at
+    least `min_samples` of them), the share meeting both SLOs (goodput) and the shares missing each.
+
+    A mode not tried lately is tried when the misses point to it: split when TPOT misses (decoders stalled by
+    prompts) reach `miss_share` and outnumber TTFT misses while one replica could carry the prompts; aggregated
+    when, split, TTFT misses (the prefill replica's queue) do, or the prefill replica is nearly always busy. The
+    goodput a mode had when it was left is remembered for `memory_s`: while remembered, the router goes back to it
+    only when it beat the current mode's by `margin`, so a switch that did not pay is undone once and not tried
+    again for a while (no flapping). A switch waits `dwell_s` after the one before; each is logged and counted."""
 
     slo_ttft: float = DEFAULT_SLO_TTFT
     slo_tpot: float = DEFAULT_SLO_TPOT
@@ -173,14 +177,18 @@ class RoleSwitch:
     dwell_s: float = 20.0
     min_samples: int = 8
     miss_share: float = 0.1
-    """Requests missing an SLO, of those judged, that calls for a switch."""
+    """Requests missing an SLO, of those judged, that calls for trying the other mode."""
     max_prefill_busy: float = 0.7
     """The predicted (aggregated) or measured (split) busy share of the prefill replica beyond which it is not one."""
+    memory_s: float = 300.0
+    margin: float = 0.05
     interval_s: float = 2.0
     split: bool = False
     switched_at: float = field(default_factory=time.monotonic)
     switches: Counter[str] = field(default_factory=Counter)
     """to split, to aggregated."""
+    left: dict[bool, tuple[float, float]] = field(default_factory=dict)
+    """split? -> (when the mode was left, its goodput then)."""
     finished: deque[tuple[float, bool, bool]] = field(default_factory=lambda: deque(maxlen=4096))
     """(when, missed TTFT, missed TPOT) of finished requests."""
 
@@ -196,20 +204,30 @@ class RoleSwitch:
         if now - self.switched_at < self.dwell_s:
             return None
         since = max(now - self.window_s, self.switched_at)
-        recent = [(t, ttft, tpot) for t, ttft, tpot in self.finished if t >= since]
+        recent = [(ttft, tpot) for t, ttft, tpot in self.finished if t >= since]
         if len(recent) < self.min_samples:
             return None
-        ttft_miss = sum(r[1] for r in recent) / len(recent)
-        tpot_miss = sum(r[2] for r in recent) / len(recent)
+        ttft_miss = sum(r[0] for r in recent) / len(recent)
+        tpot_miss = sum(r[1] for r in recent) / len(recent)
+        goodput = sum(not (a or b) for a, b in recent) / len(recent)
+        other = "aggregated" if self.split else "split"
+        remembered = self.left.get(not self.split)
+        if remembered is not None and now - remembered[0] < self.memory_s:
+            return other if remembered[1] > goodput + self.margin else None
         if not self.split and tpot_miss >= self.miss_share and tpot_miss > ttft_miss:
-            return "split" if prefill_busy < self.max_prefill_busy else None
+            return other if prefill_busy < self.max_prefill_busy else None
         if self.split and (
             (ttft_miss >= self.miss_share and ttft_miss > tpot_miss) or prefill_busy > (1 + self.max_prefill_busy) / 2
         ):
-            return "aggregated"
+            return other
         return None
 
     def switched(self, to: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        since = max(now - self.window_s, self.switched_at)
+        recent = [not (a or b) for t, a, b in self.finished if t >= since]
+        if recent:
+            self.left[self.split] = (now, sum(recent) / len(recent))
         self.split = to == "split"
-        self.switched_at = time.monotonic() if now is None else now
+        self.switched_at = now
         self.switches[to] += 1

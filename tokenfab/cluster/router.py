@@ -424,7 +424,8 @@ class Router(EngineClient):
         for r in self.replicas:
             if r.state != "running" or not r.running or now - r.last_progress <= self.hang_timeout:
                 continue
-            if not any(f.replica is r for f in self._flights.values()):
+            legs = self.disagg.legs.values() if self.disagg is not None else ()
+            if not any(f.replica is r for f in self._flights.values()) and not any(g.replica is r for g in legs):
                 continue  # only placements not yet added
             why = f"no step for {now - r.last_progress:.1f} s while it had work"
             log.warning("replica %d hung (%s): killing it", r.index, why)
