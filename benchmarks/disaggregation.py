@@ -233,7 +233,7 @@ def markdown(doc: dict) -> str:
             d = r["decisions"]
             roles = (r.get("disaggregation") or {}).get("switches")
             config = f"{r['config']} (switches: {roles or 'none'})" if "auto" in r["config"] else r["config"]
-            local = d.get("local (short)", 0) + d.get("local (queue)", 0)
+            local = d.get("local (short)", 0) + d.get("local (sooner here)", 0)
             split = f"{d.get('remote', 0):.0f} / {local:.0f} / {d.get('fallback', 0):.0f}" if d else "—"
             lines.append(
                 f"| {config} | {millis(r['ttft_p50'])} / {millis(r['ttft_p99'])} | {millis(r['tpot_p50'])} / "

@@ -73,7 +73,8 @@ class Disaggregation:
     """With `--disaggregation auto`: when to turn a replica into a prefill replica and back."""
     legs: dict[str, Leg] = field(default_factory=dict)
     decisions: Counter[str] = field(default_factory=Counter)
-    """remote, local (short), local (queue), fallback (a leg that failed), by reason."""
+    """remote; local (short): too few uncached blocks; local (sooner here): the decode replica predicted no later
+    and no stall worth a remote queue; fallback: a leg that failed."""
 
     def choose_prefill(
         self, decode: Replica, uncached: int, block_size: int, candidates: list[tuple[Replica, int]]
@@ -100,7 +101,7 @@ class Disaggregation:
         if self.always or best_ttft <= local or (decoding and stall > d.overhead and best_ttft <= slo):
             self.decisions["remote"] += 1
             return best[0]
-        self.decisions["local (queue)"] += 1
+        self.decisions["local (sooner here)"] += 1
         return None
 
     def leg(self, leader: CoreRequest) -> CoreRequest:
