@@ -54,6 +54,14 @@ def held_and_used(server: LiveServer) -> tuple[float, float]:
             m.get('tokenfab:kv_cache_usage_perc{model_name="tiny"}', -1.0))
 
 
+def assert_nothing_held(server: LiveServer) -> None:
+    """No export waits on the prefill replica and no KV block is in use on either side (within 5 s)."""
+    deadline = time.monotonic() + 5
+    while held_and_used(server) != (0.0, 0.0) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert held_and_used(server) == (0.0, 0.0)
+
+
 def test_disaggregated_requests_give_the_single_engine_tokens(model_path, expected):
     server = LiveServer(model_path, "--prefill-replicas", "1", "--decode-replicas", "1", "--disaggregation", "always")
     try:
@@ -83,10 +91,7 @@ def test_disaggregated_requests_give_the_single_engine_tokens(model_path, expect
         assert m.get('tokenfab:kv_transfer_pulled_bytes_total{model_name="tiny"}', 0) > 0
         rows = replicas(server.url)
         assert rows[0]["routed"] == 6 and rows[1]["routed"] == 25  # legs there, sequences here
-        deadline = time.monotonic() + 5
-        while held_and_used(server) != (0.0, 0.0) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert held_and_used(server) == (0.0, 0.0)
+        assert_nothing_held(server)
     finally:
         assert server.stop() == 0
 
@@ -134,10 +139,7 @@ def test_killing_the_prefill_replica_under_load_loses_nothing(model_path):
         got = [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
         assert got == [c.text for c in llm.generate([PROMPTS[0]], SamplingParams(
             **{k: v for k, v in body(0, False, n=2).items() if k != "prompt"}))[0].outputs]
-        deadline = time.monotonic() + 5
-        while held_and_used(server) != (0.0, 0.0) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert held_and_used(server) == (0.0, 0.0)
+        assert_nothing_held(server)
     finally:
         assert server.stop() == 0
 
