@@ -4,7 +4,7 @@ every prompt of two or more uncached blocks computed on the prefill replica, `--
 `conditional`, deciding per request from the measured step costs), and two replicas under `--disaggregation auto`
 (aggregated until measured SLO misses call for one prefill replica). Two workloads: a mix of long prompts (2,048
 tokens, 16 out, one every 12 s) arriving among chatty short requests (128 in, 64 out, 0.5 per second), and random
-1024/128 at concurrency 4. Then the KV transports' bandwidth (shm, tcp), pulling a long prompt's blocks between two
+1024/128 at concurrency 4. Then the KV transports' bandwidth (shm, tcp, nixl where installed), pulling a long prompt's blocks between two
 engine cores on the real model, against this machine's memory copy bandwidth.
 
     .venv/bin/python benchmarks/disaggregation.py      # from the repository root, on a quiet machine (~15 minutes)
@@ -91,7 +91,9 @@ def transfer_bandwidth(prompt_tokens: int = 3072, repeats: int = 5) -> list[dict
     memcpy = big.numel() * repeats / (time.perf_counter() - started)
     rows = [{"transport": "memory copy (torch, 256 MiB)", "gb_s": memcpy / 1e9}]
     prompt = [5 + (i * 7) % 5000 for i in range(prompt_tokens)]
-    for transport in ("shm", "tcp"):
+    from tokenfab.engine.kv_transfer.transport import nixl_api
+
+    for transport in ("shm", "tcp", *(("nixl",) if nixl_api() is not None else ())):
         config = EngineConfig(kv_transport=transport, kv_cache_memory_gb=0.5, max_model_len=prompt_tokens + 64)
         p, d = EngineCore(config), EngineCore(config)
         for k in range(repeats):
@@ -145,6 +147,7 @@ def main() -> None:
         "--slo-to-servers", action="store_true", help="serve with the SLO too (the router and auto aim for it)"
     )
     ap.add_argument("--skip-bandwidth", action="store_true", help="leave out the transports' bandwidth")
+    ap.add_argument("--only-bandwidth", action="store_true", help="only the transports' bandwidth")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "reports" / f"disaggregation-{date.today()}")
     args = ap.parse_args()
     rows = []
@@ -152,7 +155,7 @@ def main() -> None:
         slo = ["--slo-ttft", str(args.slo_ttft), "--slo-tpot", str(args.slo_tpot)]
         chosen = args.workloads.split(",")
         loads = {k: v for k, v in workloads(Path(tmp), args.seconds, slo).items() if k.split()[0].strip(":") in chosen}
-        for config in args.configs.split(","):
+        for config in [] if args.only_bandwidth else args.configs.split(","):
             flags = [*CONFIGS[config], "--max-model-len", "4096", *(slo if args.slo_to_servers else [])]
             server = start(flags, args.kv_cache_memory_gb, Path(tmp))
             try:

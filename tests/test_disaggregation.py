@@ -17,6 +17,7 @@ import pytest
 
 from live_server import LiveServer
 from tokenfab import LLM, SamplingParams
+from tokenfab.engine.kv_transfer.transport import nixl_api
 
 PROMPTS = [" ".join(f"w{5 + (i * 13 + k * 7) % 300}" for k in range(60 + 17 * i)) for i in range(6)]
 """60..145 tokens: past the 24-token window, several blocks each."""
@@ -62,8 +63,11 @@ def assert_nothing_held(server: LiveServer) -> None:
     assert held_and_used(server) == (0.0, 0.0)
 
 
-def test_disaggregated_requests_give_the_single_engine_tokens(model_path, expected):
-    server = LiveServer(model_path, "--prefill-replicas", "1", "--decode-replicas", "1", "--disaggregation", "always")
+@pytest.mark.parametrize("transport", ["shm", pytest.param("nixl", marks=pytest.mark.skipif(
+    nixl_api() is None, reason="NIXL is not installed (pip install 'tokenfab[nixl]')"))])
+def test_disaggregated_requests_give_the_single_engine_tokens(model_path, expected, transport):
+    server = LiveServer(model_path, "--prefill-replicas", "1", "--decode-replicas", "1", "--disaggregation", "always",
+                        "--kv-transport", transport)
     try:
         rows = replicas(server.url)
         assert [r["role"] for r in rows] == ["prefill", "decode"]

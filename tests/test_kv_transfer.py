@@ -1,5 +1,5 @@
 """Prefill/decode split between two engine cores (tiny Gemma 3: sliding-window and full-attention layers, prompts
-past the window), over each KV transport: the prefill core holds its prompt's blocks, the decode core pulls the ones
+past the window), over each KV transport (shm, tcp, and NIXL where it is installed): the prefill core holds its prompt's blocks, the decode core pulls the ones
 it lacks and generates exactly the tokens of one aggregated engine, alone and beside other sequences; a pull that
 cannot be had (the prefill core gone, the export expired, never released) falls back to computing the prompt; no
 block is leaked on either side."""
@@ -12,9 +12,12 @@ import pytest
 
 from tokenfab.config import EngineConfig
 from tokenfab.engine.core import EngineCore
+from tokenfab.engine.kv_transfer.transport import nixl_api
 from tokenfab.engine.messages import CoreOutput, CoreRequest
 from tokenfab.engine.types import KVTransferParams, SamplingParams
 
+TRANSPORTS = ["shm", "tcp", pytest.param("nixl", marks=pytest.mark.skipif(
+    nixl_api() is None, reason="NIXL is not installed (pip install 'tokenfab[nixl]')"))]
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=10, temperature=0.9, seed=11, ignore_eos=True)
 PROMPT = [5 + (i * 7) % 200 for i in range(101)]
@@ -72,7 +75,7 @@ def prefill(engine: EngineCore, rid: str, prompt: list[int]) -> KVTransferParams
     return out.kv_transfer
 
 
-@pytest.mark.parametrize("transport", ["shm", "tcp"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_the_decode_core_pulls_the_prompt_and_generates_the_aggregated_tokens(model, expected, transport):
     p, d = core(model, kv_transport=transport), core(model, kv_transport=transport)
     params = prefill(p, "r1", PROMPT)
@@ -181,7 +184,7 @@ def test_speculative_decoding_on_the_decode_core(model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", ["shm", "tcp"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_gemma_real_prefill_and_decode_split_gives_the_aggregated_tokens(transport):
     """The real default model (its 512-token sliding window): a 700-token prompt split over two cores."""
     options = dict(kv_cache_memory_gb=0.1, max_model_len=1024, num_threads=1)

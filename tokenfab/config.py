@@ -169,10 +169,11 @@ class EngineConfig:
     """ROUTER address a subscriber asks for missed event batches, e.g. `tcp://*:5558`; None: no replay."""
     kv_events_topic: str = "kv-events"
     """Topic frame of every KV event message."""
-    kv_transport: str | None = field(default=None, metadata={"choices": lambda: ("shm", "tcp")})
-    """Move KV blocks to and from other replicas for prefill/decode splits: shm (shared memory, one host) or tcp
-    (ZeroMQ, any hosts); None: off. A replica with a transport holds a prefill leg's blocks for its decode replica
-    and pulls a decode leg's blocks from its prefill replica."""
+    kv_transport: str | None = field(default=None, metadata={"choices": lambda: ("shm", "tcp", "nixl")})
+    """Move KV blocks to and from other replicas for prefill/decode splits: shm (shared memory, one host), tcp
+    (ZeroMQ, any hosts) or nixl (NVIDIA NIXL over UCX, any hosts; the `nixl` extra); None: off. A replica with a
+    transport holds a prefill leg's blocks for its decode replica and pulls a decode leg's blocks from its prefill
+    replica."""
     kv_transfer_timeout_s: float = 30.0
     """How long a finished prefill leg's blocks wait for a decode replica to pull and release them."""
     kv_transfer_host: str = "127.0.0.1"
@@ -194,7 +195,10 @@ class EngineConfig:
             (self.kv_cache_memory_gb > 0, "kv_cache_memory_gb must be > 0"),
             (self.kv_host_gb >= 0 and self.kv_disk_gb > 0, "kv_host_gb must be >= 0 and kv_disk_gb > 0"),
             (self.kv_write_through_hits >= 0, "kv_write_through_hits must be >= 0"),
-            (self.kv_transport in (None, "shm", "tcp"), f"unknown kv_transport {self.kv_transport!r}: shm or tcp"),
+            (
+                self.kv_transport in (None, "shm", "tcp", "nixl"),
+                f"unknown kv_transport {self.kv_transport!r}: shm, tcp or nixl",
+            ),
             (self.kv_transfer_timeout_s > 0, "kv_transfer_timeout_s must be > 0"),
             (
                 self.kv_transport is None or self.enable_prefix_caching,

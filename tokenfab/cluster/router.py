@@ -267,6 +267,9 @@ class Router(EngineClient):
         by_replica: dict[int, list[CoreRequest]] = {}
         for f in flights:
             f.pending = False
+            if not f.replica.live:  # its decode replica went meanwhile, and no other took it yet
+                await self._move(f, "died")
+                continue
             request = f.request
             if f is head and params is not None and f.request is group[0]:
                 request = msgspec.structs.replace(request, kv_transfer=params)

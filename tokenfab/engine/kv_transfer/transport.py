@@ -10,6 +10,10 @@ holds), pulls the blocks it lacks, and `release`s the export so the prefill repl
   freed under the read.
 - **tcp** (any hosts): `read` asks for blocks; the server copies them out of its cache (the export held open
   meanwhile) and sends them as ZeroMQ frames, one per block.
+- **nixl** (any hosts, where NVIDIA's NIXL installs: the `nixl` extra): both sides register their KV memory with a
+  NIXL agent (UCX; host memory needs no GPU); `describe` also gives the prefill replica's agent metadata and cache
+  addresses, and the decode replica READs the blocks' rows into a registered staging buffer, as vLLM's
+  NixlConnector does. Kept `READ_GRACE_S` past the describe, like shm.
 
 Every request has a timeout; a peer that does not answer costs the decode replica at most that, after which it
 computes the prompt itself (the caller's fallback).
@@ -17,6 +21,7 @@ computes the prompt itself (the caller's fallback).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import shutil
@@ -40,7 +45,7 @@ from tokenfab.engine.types import KVTransferParams
 
 log = logging.getLogger("tokenfab.engine")
 
-TRANSPORTS = ("shm", "tcp")
+TRANSPORTS = ("shm", "tcp", "nixl")
 READ_GRACE_S = 30.0
 """How long an export is kept past a shm describe, whatever else happens: the decode replica reads it directly."""
 POLL_MS = 100
@@ -119,6 +124,30 @@ def _map(name: str, spec: dict[str, Any]) -> torch.Tensor:
     return torch.from_file(str(path), shared=True, size=count, dtype=dtype).view(spec["shape"])
 
 
+def nixl_api() -> Any:
+    """NIXL's Python API (`nixl`, or the `nixl_cu12`/`nixl_cu13` build its wheels install), or None."""
+    for name in ("nixl", "nixl_cu12", "nixl_cu13"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "nixl_agent"):
+            return module
+    return None
+
+
+def _nixl_agent(name: str) -> Any:
+    api = nixl_api()
+    if api is None:
+        raise ValueError("the nixl KV transport needs NIXL: pip install 'tokenfab[nixl]' (or use shm or tcp)")
+    return api.nixl_agent(name, api.nixl_agent_config(backends=["UCX"]))
+
+
+def _cache_tensors(cache: KVCache) -> list[torch.Tensor]:
+    """The cache's tensors in the order K0, V0, K1, V1, ..."""
+    return [t for k, v in zip(cache.k, cache.v) for t in (k, v)]
+
+
 def _layout(cache: KVCache) -> list[dict[str, Any]]:
     """Shape and dtype of each cache tensor, in the order K0, V0, K1, V1, ... (what a mapping peer needs)."""
     return [
@@ -151,6 +180,10 @@ class KVServer:
             raise ValueError("the shm KV transport needs the cache allocated in SharedSegments")
         self.exports, self.cache, self.transport, self.segments = exports, cache, transport, segments
         self.engine_id = uuid.uuid4().hex[:12]
+        self._agent: Any = None
+        if transport == "nixl":
+            self._agent = _nixl_agent(f"tokenfab-{self.engine_id}")
+            self._agent.register_memory(_cache_tensors(cache))
         self._ctx = zmq.Context()
         self._socket = self._ctx.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -193,7 +226,7 @@ class KVServer:
         op, transfer_id = message["op"], message["id"]
         if op == "release":
             return [_encode({"ok": self.exports.release(transfer_id)})]
-        grace = READ_GRACE_S if op == "describe" and self.transport == "shm" else 0.0
+        grace = READ_GRACE_S if op == "describe" and self.transport in ("shm", "nixl") else 0.0
         with self.exports.reading(transfer_id, grace) as export:
             if export is None:
                 return [_encode({"ok": False, "error": f"no export {transfer_id!r}"})]
@@ -206,6 +239,13 @@ class KVServer:
                 }
                 if self.segments is not None:
                     reply["segments"], reply["layout"] = self.segments.names, _layout(self.cache)
+                if self._agent is not None:
+                    reply["nixl"] = {
+                        "agent": f"tokenfab-{self.engine_id}",
+                        "metadata": self._agent.get_agent_metadata(),
+                        "addrs": [t.data_ptr() for t in _cache_tensors(self.cache)],
+                    }
+                    reply["layout"] = _layout(self.cache)
                 return [_encode(reply)]
             if op == "read":
                 blocks = [
@@ -232,6 +272,8 @@ class Remote:
     tables: list[list[int]]
     segments: list[str] | None
     layout: list[dict[str, Any]] | None
+    nixl: dict[str, Any] | None = None
+    """Its NIXL agent's name and metadata, and the addresses of its cache tensors."""
 
 
 class KVPuller:
@@ -243,6 +285,10 @@ class KVPuller:
         self._ctx = zmq.Context()
         self._sockets: dict[str, zmq.Socket] = {}
         self._mapped: dict[str, list[torch.Tensor]] = {}
+        self._agent: Any = None
+        self._peers: set[str] = set()
+        self._staging: torch.Tensor | None = None
+        self._staging_reg: Any = None
 
     def describe(self, params: KVTransferParams) -> Remote | None:
         reply = self._ask(params, {"op": "describe", "id": params.transfer_id})
@@ -260,13 +306,15 @@ class KVPuller:
                 head["block_size"],
             )
             return None
-        return Remote(head["hashes"], head["tables"], head.get("segments"), head.get("layout"))
+        return Remote(head["hashes"], head["tables"], head.get("segments"), head.get("layout"), head.get("nixl"))
 
     def fetch(
         self, params: KVTransferParams, remote: Remote, wanted: list[tuple[int, int]]
     ) -> list[torch.Tensor] | None:
         """The blocks (group, index) of an export, in that order ([2, layers, block_size, kv_heads, head_dim]
         each), or None when any could not be had."""
+        if params.transport == "nixl":
+            return self._nixl_read(params, remote, wanted)
         if params.transport == "shm":
             tensors = self._map(params, remote)
             if tensors is None:
@@ -294,6 +342,71 @@ class KVPuller:
 
     def release(self, params: KVTransferParams) -> None:
         self._ask(params, {"op": "release", "id": params.transfer_id})
+
+    def _nixl_read(
+        self, params: KVTransferParams, remote: Remote, wanted: list[tuple[int, int]]
+    ) -> list[torch.Tensor] | None:
+        """READ each wanted block's rows (per layer, K then V) from the prefill replica's registered cache into
+        the staging buffer, one block after another, so that each block lands as [2, layers, block_size, heads,
+        dim]; the blocks returned view the buffer (they are written into the pool before the next pull)."""
+        info = remote.nixl
+        if info is None or remote.layout is None or len(info["addrs"]) != 2 * len(self.cache.k):
+            return None
+        if self._agent is None:
+            self._agent = _nixl_agent(f"tokenfab-pull-{uuid.uuid4().hex[:12]}")
+        if info["agent"] not in self._peers:
+            self._peers.add(self._agent.add_remote_agent(info["metadata"]))
+        bs = self.cache.block_size
+        remote_descs, shapes, total = [], [], 0
+        for g, i in wanted:
+            k = self.cache.k[g]
+            spec = remote.layout[2 * g]
+            if spec["shape"][0] != k.shape[0] or spec["shape"][2:] != list(k.shape[2:]):
+                return None
+            row = k.shape[2] * k.shape[3] * k.element_size()
+            rows_total = spec["shape"][1]
+            block = remote.tables[g][i]
+            for which in (0, 1):
+                base = info["addrs"][2 * g + which]
+                for layer in range(k.shape[0]):
+                    remote_descs.append((base + (layer * rows_total + block * bs) * row, bs * row, 0))
+            shapes.append((2, k.shape[0], bs, k.shape[2], k.shape[3]))
+            total += 2 * k.shape[0] * bs * row
+        staging = self._staging_for(total)
+        local_descs, offset = [], staging.data_ptr()
+        for _, length, _ in remote_descs:
+            local_descs.append((offset, length, 0))
+            offset += length
+        agent = self._agent
+        handle = agent.initialize_xfer(
+            "READ", agent.get_xfer_descs(local_descs, "DRAM"), agent.get_xfer_descs(remote_descs, "DRAM"), info["agent"]
+        )
+        try:
+            state = agent.transfer(handle)
+            deadline = time.monotonic() + self.timeout_s
+            while state == "PROC" and time.monotonic() < deadline:
+                state = agent.check_xfer_state(handle)
+        finally:
+            agent.release_xfer_handle(handle)
+        if state != "DONE":
+            log.warning("KV pull %s: NIXL read %s", params.transfer_id, state)
+            return None
+        out, at = [], 0
+        for (g, _), shape in zip(wanted, shapes):
+            dtype = self.cache.k[g].dtype
+            nbytes = torch.Size(shape).numel() * self.cache.k[g].element_size()
+            out.append(staging[at : at + nbytes].view(dtype).view(shape))
+            at += nbytes
+        return out
+
+    def _staging_for(self, nbytes: int) -> torch.Tensor:
+        """A registered host buffer of at least `nbytes` (grown, and registered again, when too small)."""
+        if self._staging is None or self._staging.numel() < nbytes:
+            if self._staging is not None:
+                self._agent.deregister_memory(self._staging_reg)
+            self._staging = torch.empty(max(nbytes, 1 << 20), dtype=torch.uint8)
+            self._staging_reg = self._agent.register_memory([self._staging])
+        return self._staging
 
     def _map(self, params: KVTransferParams, remote: Remote) -> list[torch.Tensor] | None:
         """The prefill replica's cache tensors, mapped from its shared memory (once per replica)."""
