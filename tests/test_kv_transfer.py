@@ -150,7 +150,7 @@ def test_a_failed_pull_falls_back_to_computing_the_prompt(model, expected):
     d.close()
 
 
-def test_a_prefill_leg_that_is_aborted_holds_nothing_and_params_need_a_transport(model):
+def test_aborted_legs_and_requests_hold_nothing_and_params_need_a_transport(model):
     p = core(model, kv_transport="shm")
     leg = SamplingParams(max_tokens=1, temperature=0)
     p.add_request(request("x", PROMPT, leg, KVTransferParams(do_remote_decode=True)))
@@ -158,7 +158,21 @@ def test_a_prefill_leg_that_is_aborted_holds_nothing_and_params_need_a_transport
     p.abort(["x"])
     assert p.stats().transfer.exports_held == 0 and p.stats().transfer.exported == 0
     p.kv.check_integrity()
-    p.close()
+    # A finished leg aborted (its request was): the export goes at once.
+    prefill(p, "y", PROMPT)
+    p.abort(["y"])
+    p.tick()
+    assert p.stats().transfer.exports_held == 0 and p.stats().transfer.exports_released == 1
+    # A decode request aborted before it was admitted: it releases the export it will never pull.
+    d = core(model, kv_transport="shm")
+    params = prefill(p, "z", PROMPT)
+    d.add_request(request("z", PROMPT, GREEDY, params))
+    d.abort(["z"])
+    p.tick()
+    assert p.stats().transfer.exports_held == 0 and p.stats().transfer.exports_released == 2
+    for engine in (p, d):
+        engine.kv.check_integrity()
+        engine.close()
     plain = core(model)
     with pytest.raises(ValueError, match="KV transport"):
         plain.add_request(request("y", PROMPT, leg, KVTransferParams(do_remote_decode=True)))

@@ -257,8 +257,10 @@ class Router(EngineClient):
             prefill.running.discard(leg_id)
             prefill.waiting_prefill.pop(leg_id, None)
         flights = [f for r in group if (f := self._flights.get(r.request_id)) is not None and f.pending]
-        if not flights:
-            return  # aborted meanwhile; a held export times out on the prefill replica
+        if not flights:  # aborted meanwhile: the prefill replica lets its export go
+            if out is not None and out.kv_transfer is not None and prefill.client.alive:
+                await prefill.client.abort([leg_id])
+            return
         params = self.disagg.params(out)
         head = flights[0]
         if out is not None and out.cost is not None:

@@ -148,6 +148,8 @@ class EngineCore:
         for request_id in request_ids:
             self.scheduler.abort(request_id)
             self._forget(request_id, finished=True)
+            if self.kv.exports is not None:
+                self.kv.exports.release(request_id)  # a finished prefill leg nobody will pull
         self._back_to_back = self._back_to_back and self.scheduler.has_unfinished()
 
     def abort_all(self) -> None:

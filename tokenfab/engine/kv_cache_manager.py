@@ -426,10 +426,14 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Release in reverse so a sequence's tail is evicted before its (more shareable) head; a request that
         keeps its KV (`keep_kv_s`) pins its cached blocks until then."""
+        transfer = request.kv_transfer
+        if transfer is not None and transfer.do_remote_prefill and self.puller is not None:
+            # Never admitted (an admitted one has used its params): nothing will be pulled, let the export go.
+            request.kv_transfer = None
+            self.puller.release(transfer)
         state = self.requests.pop(request.request_id, None)
         if state is None:
             return
-        transfer = request.kv_transfer
         if (
             transfer is not None
             and transfer.do_remote_decode
