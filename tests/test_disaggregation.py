@@ -49,6 +49,10 @@ def replicas(url: str) -> list[dict]:
     return httpx.get(f"{url}/replicas").json()["replicas"]
 
 
+def legs_in_flight(url: str) -> int:
+    return httpx.get(f"{url}/replicas").json()["disaggregation"]["prefill_legs_in_flight"]
+
+
 def held_and_used(server: LiveServer) -> tuple[float, float]:
     m = server.metrics()
     return (m.get('tokenfab:kv_transfer_exports_held{model_name="tiny"}', -1.0),
@@ -126,7 +130,10 @@ def test_killing_the_prefill_replica_under_load_loses_nothing(model_path):
             futures = [pool.submit(one, k) for k in range(len(LOAD))]
             while sum(f.done() for f in futures) < 6:
                 time.sleep(0.01)
-            os.kill(prefill_pid, signal.SIGKILL)  # legs in flight, and exports the decode replica has yet to pull
+            os.kill(prefill_pid, signal.SIGSTOP)  # frozen: the legs sent to it stay in flight
+            while not legs_in_flight(server.url):
+                time.sleep(0.01)
+            os.kill(prefill_pid, signal.SIGKILL)  # legs in flight (and maybe exports yet to be pulled)
             results = [f.result() for f in futures]
         wrong = [(k, status, text[:40]) for k, status, text in results if status != 200 or text != expected[k]]
         assert not wrong, wrong

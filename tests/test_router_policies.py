@@ -99,7 +99,7 @@ def test_kv_keeps_a_cheap_replica_whose_decode_would_miss_the_tpot_slo_out():
 def test_the_ladder_has_replica_rungs_round_robin_then_kv():
     from tokenfab.bench.ladder import rungs
 
-    *before, rr, kv = rungs((1, 4), "none", replicas=2)
+    *before, rr, kv, _ = rungs((1, 4), "none", replicas=2)  # the last: disaggregation (test_disagg_router)
     assert before == rungs((1, 4))
     assert rr.flags == (*before[-1].flags, "--replicas", "2", "--router", "round-robin")
     assert kv.flags == (*before[-1].flags, "--replicas", "2", "--router", "kv")
