@@ -83,8 +83,9 @@ def transfer_bandwidth(prompt_tokens: int = 3072, repeats: int = 5) -> list[dict
     from tokenfab.engine.messages import CoreRequest
     from tokenfab.engine.types import KVTransferParams, SamplingParams
 
-    big = torch.empty(256 * 2**20, dtype=torch.uint8)
-    copy = torch.empty_like(big)
+    big = torch.ones(256 * 2**20, dtype=torch.uint8)
+    copy = torch.zeros_like(big)
+    copy.copy_(big)  # every page touched before the timing
     started = time.perf_counter()
     for _ in range(repeats):
         copy.copy_(big)
