@@ -46,10 +46,6 @@ def takes_requests(role: str) -> bool:
     return role in ("both", "decode")
 
 
-def takes_prefills(role: str) -> bool:
-    return role in ("both", "prefill")
-
-
 @dataclass(slots=True)
 class Leg:
     """A request's prefill leg in flight on a prefill replica."""

@@ -346,9 +346,10 @@ class KVPuller:
     def _nixl_read(
         self, params: KVTransferParams, remote: Remote, wanted: list[tuple[int, int]]
     ) -> list[torch.Tensor] | None:
-        """READ each wanted block's rows (per layer, K then V) from the prefill replica's registered cache into
-        the staging buffer, one block after another, so that each block lands as [2, layers, block_size, heads,
-        dim]; the blocks returned view the buffer (they are written into the pool before the next pull)."""
+        """READ the wanted blocks from the prefill replica's registered cache into the staging buffer, laid out per
+        group as [K/V, layer, the group's wanted blocks' rows, heads, dim], so that a run of blocks with consecutive
+        ids there is one descriptor per layer and K/V. The blocks returned view the buffer ([2, layers, block_size,
+        heads, dim] each; written into the pool before the next pull)."""
         info = remote.nixl
         if info is None or remote.layout is None or len(info["addrs"]) != 2 * len(self.cache.k):
             return None
@@ -357,26 +358,41 @@ class KVPuller:
         if info["agent"] not in self._peers:
             self._peers.add(self._agent.add_remote_agent(info["metadata"]))
         bs = self.cache.block_size
-        remote_descs, shapes, total = [], [], 0
+        by_group: dict[int, list[int]] = {}
         for g, i in wanted:
-            k = self.cache.k[g]
-            spec = remote.layout[2 * g]
+            by_group.setdefault(g, []).append(i)
+        for g in by_group:
+            k, spec = self.cache.k[g], remote.layout[2 * g]
             if spec["shape"][0] != k.shape[0] or spec["shape"][2:] != list(k.shape[2:]):
                 return None
-            row = k.shape[2] * k.shape[3] * k.element_size()
-            rows_total = spec["shape"][1]
-            block = remote.tables[g][i]
+        row = {
+            g: self.cache.k[g].shape[2] * self.cache.k[g].shape[3] * self.cache.k[g].element_size() for g in by_group
+        }
+        sizes = {g: 2 * self.cache.k[g].shape[0] * len(idx) * bs * row[g] for g, idx in by_group.items()}
+        staging = self._staging_for(sum(sizes.values()))
+        remote_descs, local_descs, views, at = [], [], {}, 0
+        for g, indices in by_group.items():
+            k, n, rows_total = self.cache.k[g], len(indices), remote.layout[2 * g]["shape"][1]
+            blocks = [remote.tables[g][i] for i in indices]
+            runs, j = [], 0  # (first position, its block id, length) of each run of consecutive block ids
+            while j < n:
+                length = 1
+                while j + length < n and blocks[j + length] == blocks[j] + length:
+                    length += 1
+                runs.append((j, blocks[j], length))
+                j += length
             for which in (0, 1):
                 base = info["addrs"][2 * g + which]
                 for layer in range(k.shape[0]):
-                    remote_descs.append((base + (layer * rows_total + block * bs) * row, bs * row, 0))
-            shapes.append((2, k.shape[0], bs, k.shape[2], k.shape[3]))
-            total += 2 * k.shape[0] * bs * row
-        staging = self._staging_for(total)
-        local_descs, offset = [], staging.data_ptr()
-        for _, length, _ in remote_descs:
-            local_descs.append((offset, length, 0))
-            offset += length
+                    region = staging.data_ptr() + at + (which * k.shape[0] + layer) * n * bs * row[g]
+                    for first, block, length in runs:
+                        nbytes = length * bs * row[g]
+                        remote_descs.append((base + (layer * rows_total + block * bs) * row[g], nbytes, 0))
+                        local_descs.append((region + first * bs * row[g], nbytes, 0))
+            grid = staging[at : at + sizes[g]].view(k.dtype).view(2, k.shape[0], n * bs, k.shape[2], k.shape[3])
+            for j, i in enumerate(indices):
+                views[(g, i)] = grid[:, :, j * bs : (j + 1) * bs]
+            at += sizes[g]
         agent = self._agent
         handle = agent.initialize_xfer(
             "READ", agent.get_xfer_descs(local_descs, "DRAM"), agent.get_xfer_descs(remote_descs, "DRAM"), info["agent"]
@@ -391,13 +407,7 @@ class KVPuller:
         if state != "DONE":
             log.warning("KV pull %s: NIXL read %s", params.transfer_id, state)
             return None
-        out, at = [], 0
-        for (g, _), shape in zip(wanted, shapes):
-            dtype = self.cache.k[g].dtype
-            nbytes = torch.Size(shape).numel() * self.cache.k[g].element_size()
-            out.append(staging[at : at + nbytes].view(dtype).view(shape))
-            at += nbytes
-        return out
+        return [views[w] for w in wanted]
 
     def _staging_for(self, nbytes: int) -> torch.Tensor:
         """A registered host buffer of at least `nbytes` (grown, and registered again, when too small)."""
