@@ -153,3 +153,40 @@ def test_the_ladder_gains_the_disaggregation_rung():
     *_, aggregated, auto = rungs((1, 4), replicas=2)
     assert auto.name == "+ disaggregation (auto)"
     assert auto.flags == (*aggregated.flags, "--disaggregation", "auto")
+
+
+def test_auto_turns_the_least_busy_replica_into_a_prefill_replica_and_back():
+    import msgspec
+
+    from test_router_migration import stats
+
+    async def go() -> None:
+        roles = RoleSwitch(dwell_s=0, window_s=30, min_samples=4, switched_at=0.0)
+        a, b = Fake(), Fake()
+        router = Router([a, b], LeastLoad(random.Random(0)), disaggregation=Disaggregation(roles=roles))
+        await router.start()
+        await router.add([request("busy", LONG)])  # one sequence on one replica: the other is the least busy
+        busy = next(r for r in router.replicas if r.running)
+
+        def load(prompt_tokens: int) -> None:
+            for fake in (a, b):
+                s = stats()
+                fake.stats = msgspec.structs.replace(
+                    s, scheduler=msgspec.structs.replace(s.scheduler, prompt_tokens_computed=prompt_tokens))
+
+        load(0)
+        assert roles.look(router.replicas, now=100.0) is None  # the first look only measures
+        for t in range(6):
+            roles.observe(0.5, 0.3 if t % 2 else 0.05, now=101.0 + t)  # TPOT misses: decoders stalled by prompts
+        load(1000)  # 100 prompt tokens/s over 10 s: far from one replica's capacity
+        assert roles.look(router.replicas, now=110.0) == "split"
+        assert [r.role for r in router.replicas if r is not busy] == ["prefill"] and busy.role == "both"
+        assert router.disagg_state()["mode"] == "split"
+        for t in range(6):
+            roles.observe(4.0, 0.03, now=111.0 + t)  # the prefill replica's queue: worse than aggregated's 0.5
+        load(2000)
+        assert roles.look(router.replicas, now=120.0) == "aggregated"
+        assert [r.role for r in router.replicas] == ["both", "both"]
+        await router.shutdown()
+
+    asyncio.run(go())

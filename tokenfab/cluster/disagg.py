@@ -23,6 +23,7 @@ never lost, never wrong. The leg's cost is added to the request's.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from tokenfab.cluster.replica import Replica
 from tokenfab.engine.messages import CoreOutput, CoreRequest
 from tokenfab.engine.types import KVTransferParams, SamplingParams
 
+log = logging.getLogger("tokenfab.cluster")
 ROLES = ("both", "prefill", "decode")
 MIN_REMOTE_BLOCKS = 2
 """Uncached blocks below which a prompt is always computed where it decodes."""
@@ -188,6 +190,49 @@ class RoleSwitch:
     """split? -> (when the mode was left, its goodput then)."""
     finished: deque[tuple[float, bool, bool]] = field(default_factory=lambda: deque(maxlen=4096))
     """(when, missed TTFT, missed TPOT) of finished requests."""
+    _last: tuple[float, int, dict[int, float]] | None = None
+    """The last look: when, prompt tokens computed by then, each replica's busy seconds."""
+
+    async def run(self, replicas: list[Replica]) -> None:
+        """Look every `interval_s` (the router's task)."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                self.look(replicas)
+            except Exception:  # noqa: BLE001 - the loop must outlive one failed look
+                log.exception("role switch")
+
+    def look(self, replicas: list[Replica], now: float | None = None) -> str | None:
+        """Measure the prompt load (and, split, the prefill replica's busy share) since the last look and switch
+        the replicas' roles when `decide` says so; returns the switch made."""
+        now = time.monotonic() if now is None else now
+        live = [r for r in replicas if r.live and r.client.stats is not None]
+        stats = {r.index: r.client.stats for r in live if r.client.stats is not None}
+        prompt = sum(s.scheduler.prompt_tokens_computed for s in stats.values())
+        busy = {i: s.cost.busy_seconds for i, s in stats.items()}
+        last, self._last = self._last, (now, prompt, busy)
+        if last is None or len(live) < 2 or now <= last[0]:
+            return None
+        elapsed = now - last[0]
+        prefill = [r for r in live if r.role == "prefill"]
+        if prefill:
+            p = prefill[0].index
+            prefill_busy = max(0.0, busy[p] - last[2].get(p, busy[p])) / elapsed
+        else:
+            per_token = sum(r.cost.per_token for r in live) / len(live)
+            prefill_busy = max(0, prompt - last[1]) / elapsed * per_token
+        to = self.decide(prefill_busy, now)
+        if to == "split":
+            pick = min(live, key=lambda r: (len(r.running), sum(r.waiting_prefill.values()), r.index))
+            pick.role = "prefill"
+        elif to == "aggregated":
+            for r in replicas:
+                if r.role == "prefill":
+                    r.role = "both"
+        if to is not None:
+            self.switched(to, now)
+            log.info("disaggregation auto: %s (prefill busy %.2f)", to, prefill_busy)
+        return to
 
     def observe(self, ttft: float, tpot: float | None, now: float | None = None) -> None:
         """A request finished with this TTFT and mean TPOT (None: one token)."""

@@ -77,7 +77,6 @@ class Router(EngineClient):
         self.replicas = [Replica(i, c, f, role=role) for i, (c, f, role) in enumerate(zip(clients, factories, roles))]
         split = any(r == "prefill" for r in roles)
         self.disagg = disaggregation if split or (disaggregation is not None and disaggregation.roles) else None
-        self._role_look: tuple[float, int, dict[int, float]] | None = None
         self.policy = policy
         self.migration = migration
         self.max_migrations = max_migrations
@@ -119,7 +118,7 @@ class Router(EngineClient):
         if self.scaler is not None:
             self._tasks["autoscale"] = asyncio.create_task(self.scaler.run(), name="autoscaler")
         if self.disagg is not None and self.disagg.roles is not None:
-            self._tasks["roles"] = asyncio.create_task(self._switch_roles(), name="role-switch")
+            self._tasks["roles"] = asyncio.create_task(self.disagg.roles.run(self.replicas), name="role-switch")
         self._paid = PaidTime(len(starting))
         first = infos[0]
         self.info = msgspec.structs.replace(
@@ -359,50 +358,6 @@ class Router(EngineClient):
                 await self._kill_hung()
             except Exception:  # noqa: BLE001 - the watch must outlive one failed round
                 log.exception("replica watch")
-
-    # -- roles (--disaggregation auto) ---------------------------------------------------------------------------
-
-    async def _switch_roles(self) -> None:
-        assert self.disagg is not None and self.disagg.roles is not None
-        while True:
-            await asyncio.sleep(self.disagg.roles.interval_s)
-            try:
-                self._look_at_roles()
-            except Exception:  # noqa: BLE001 - the loop must outlive one failed look
-                log.exception("role switch")
-
-    def _look_at_roles(self) -> None:
-        """Measure the prompt load (and, split, the prefill replica's busy share) since the last look; switch
-        between aggregated and one prefill replica when the RoleSwitch says so."""
-        assert self.disagg is not None and self.disagg.roles is not None
-        roles = self.disagg.roles
-        now = time.monotonic()
-        live = [r for r in self.replicas if r.live and r.client.stats is not None]
-        stats = {r.index: r.client.stats for r in live if r.client.stats is not None}
-        prompt = sum(s.scheduler.prompt_tokens_computed for s in stats.values())
-        busy = {i: s.cost.busy_seconds for i, s in stats.items()}
-        last, self._role_look = self._role_look, (now, prompt, busy)
-        if last is None or len(live) < 2 or now <= last[0]:
-            return
-        elapsed = now - last[0]
-        prefill = [r for r in live if r.role == "prefill"]
-        if prefill:
-            share = max(0.0, busy[prefill[0].index] - last[2].get(prefill[0].index, busy[prefill[0].index]))
-            prefill_busy = share / elapsed
-        else:
-            per_token = sum(r.cost.per_token for r in live) / len(live)
-            prefill_busy = max(0, prompt - last[1]) / elapsed * per_token
-        to = roles.decide(prefill_busy, now)
-        if to == "split":
-            pick = min(live, key=lambda r: (len(r.running), sum(r.waiting_prefill.values()), r.index))
-            pick.role = "prefill"
-        elif to == "aggregated":
-            for r in self.replicas:
-                if r.role == "prefill":
-                    r.role = "both"
-        if to is not None:
-            roles.switched(to, now)
-            log.info("disaggregation auto: %s (prefill busy %.2f)", to, prefill_busy)
 
     # -- scaling (the autoscaler's view and hands) -----------------------------------------------------------------
 
