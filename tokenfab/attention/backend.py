@@ -67,6 +67,17 @@ class KVCache:
             for i, layer in enumerate(spec.layers):
                 self.layer_slot[layer] = (g, i)
 
+    def block(self, group: int, block_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of one block's K and V in a group: [layers_in_group, block_size, kv_heads, head_dim] each."""
+        rows = slice(block_id * self.block_size, (block_id + 1) * self.block_size)
+        return self.k[group][:, rows], self.v[group][:, rows]
+
+    def write_block(self, group: int, block_id: int, kv: torch.Tensor) -> None:
+        """Copy a block's KV ([2, layers_in_group, block_size, kv_heads, head_dim]) into a pool block."""
+        k, v = self.block(group, block_id)
+        k.copy_(kv[0])
+        v.copy_(kv[1])
+
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()

@@ -589,8 +589,8 @@ class Router(EngineClient):
         if out.new_token_ids and flight.first_at is None:
             flight.first_at = time.monotonic()
         flight.generated.extend(out.new_token_ids)
-        if flight.migrations or flight.cached_tokens is not None:
-            out.num_cached_tokens = flight.cached_tokens or 0
+        if flight.cached_tokens is not None:  # its first replica's (or, split, its prefill replica's) count
+            out.num_cached_tokens = flight.cached_tokens
         if out.cost is not None:
             flight.cost = out.cost
             if flight.carried is not None:

@@ -277,7 +277,7 @@ class KVCacheManager:
                 stats.failures += 1
                 return n_pool, {}
             for (g, i), kv in zip(wanted, blocks):
-                loads[(g, i)] = _writer(puller.write, g, kv)
+                loads[(g, i)] = _writer(puller.cache.write_block, g, kv)
             stats.pulls += 1
             stats.pulled_blocks += len(blocks)
             stats.pulled_bytes += sum(b.numel() * b.element_size() for b in blocks)

@@ -226,26 +226,7 @@ class _ReplicaCollector:
         for cause, count in self._router.migrations.items():
             moved.add_metric([self._model, cause], float(count))
         yield moved
-        if self._router.disagg is not None:
-            split = CounterMetricFamily(
-                "tokenfab:router_disaggregation",
-                "Where requests' prompts were computed: remote (a prefill replica), local (short or queue: the decode "
-                "replica), fallback (a prefill leg failed; computed on the decode replica)",
-                labels=["model_name", "decision"],
-            )
-            for decision, count in self._router.disagg.decisions.items():
-                split.add_metric([self._model, decision], float(count))
-            yield split
-            roles = self._router.disagg.roles
-            if roles is not None:
-                switched = CounterMetricFamily(
-                    "tokenfab:router_role_switches",
-                    "--disaggregation auto: switches to one prefill replica (split) and back (aggregated)",
-                    labels=["model_name", "to"],
-                )
-                for to, count in roles.switches.items():
-                    switched.add_metric([self._model, to], float(count))
-                yield switched
+        yield from self._disaggregation()
         restarts = CounterMetricFamily(
             "tokenfab:replica_restarts",
             "Times the replica was started again after it failed",
@@ -282,6 +263,30 @@ class _ReplicaCollector:
         )
         resyncs.add_metric([], float(self._router.index.resyncs))
         yield resyncs
+
+    def _disaggregation(self) -> Iterator[Metric]:
+        """Where prompts were computed, and with --disaggregation auto the role switches."""
+        if self._router.disagg is None:
+            return
+        split = CounterMetricFamily(
+            "tokenfab:router_disaggregation",
+            "Where requests' prompts were computed: remote (a prefill replica), local (short, or sooner here: the "
+            "decode replica), fallback (a prefill leg failed; computed on the decode replica)",
+            labels=["model_name", "decision"],
+        )
+        for decision, count in self._router.disagg.decisions.items():
+            split.add_metric([self._model, decision], float(count))
+        yield split
+        roles = self._router.disagg.roles
+        if roles is not None:
+            switched = CounterMetricFamily(
+                "tokenfab:router_role_switches",
+                "--disaggregation auto: switches to one prefill replica (split) and back (aggregated)",
+                labels=["model_name", "to"],
+            )
+            for to, count in roles.switches.items():
+                switched.add_metric([self._model, to], float(count))
+            yield switched
 
     def _scaling(self) -> Iterator[Metric]:
         """Replica time paid for, and with an autoscaler its decisions and last predictions."""

@@ -61,7 +61,7 @@ class KVTiers:
         is overwritten), or it was hit often (write-through). A block the tier holds already is only refreshed."""
         self._reap()
         started = time.perf_counter()
-        k, v = self._views(group, block_id)
+        k, v = self.cache.block(group, block_id)
         self._put(0, group, h, key, k, v)
         self.stats.store_seconds += time.perf_counter() - started
 
@@ -76,11 +76,6 @@ class KVTiers:
         if store.put(group, h, key, k, v, evicted):
             self._count(store, "stored", 1)
             self._stored(store, group, h, key)
-
-    def _views(self, group: int, block_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        bs = self.cache.block_size
-        rows = slice(block_id * bs, (block_id + 1) * bs)
-        return self.cache.k[group][:, rows], self.cache.v[group][:, rows]
 
     # -- hits ------------------------------------------------------------------------------------------------------
 
@@ -111,9 +106,7 @@ class KVTiers:
     def write(self, group: int, block_id: int, kv: torch.Tensor, level: int, tokens: int) -> None:
         """Put a fetched block's KV into a pool block."""
         started = time.perf_counter()
-        k, v = self._views(group, block_id)
-        k.copy_(kv[0])
-        v.copy_(kv[1])
+        self.cache.write_block(group, block_id, kv)
         self.stats.load_seconds += time.perf_counter() - started
         self._count(self.stores[level], "hit_tokens", tokens)
 

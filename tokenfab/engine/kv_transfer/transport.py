@@ -248,10 +248,7 @@ class KVServer:
                     reply["layout"] = _layout(self.cache)
                 return [_encode(reply)]
             if op == "read":
-                blocks = [
-                    _block(self.cache.k[g], self.cache.v[g], export.tables[g][i], self.cache.block_size)
-                    for g, i in message["blocks"]
-                ]
+                blocks = [torch.stack(self.cache.block(g, export.tables[g][i])) for g, i in message["blocks"]]
                 sizes = [b.numel() * b.element_size() for b in blocks]
                 self.exports.stats.sent_bytes += sum(sizes)
                 return [_encode({"ok": True}), *(b.view(torch.uint8).numpy() for b in blocks)]
@@ -333,12 +330,6 @@ class KVPuller:
                 return None
             out.append(data.view(k.dtype).view(shape))
         return out
-
-    def write(self, group: int, block_id: int, kv: torch.Tensor) -> None:
-        bs = self.cache.block_size
-        rows = slice(block_id * bs, (block_id + 1) * bs)
-        self.cache.k[group][:, rows].copy_(kv[0])
-        self.cache.v[group][:, rows].copy_(kv[1])
 
     def release(self, params: KVTransferParams) -> None:
         self._ask(params, {"op": "release", "id": params.transfer_id})
