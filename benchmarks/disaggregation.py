@@ -4,8 +4,8 @@ every prompt of two or more uncached blocks computed on the prefill replica, `--
 `conditional`, deciding per request from the measured step costs), and two replicas under `--disaggregation auto`
 (aggregated until measured SLO misses call for one prefill replica). Two workloads: a mix of long prompts (2,048
 tokens, 16 out, one every 12 s) arriving among chatty short requests (128 in, 64 out, 0.5 per second), and random
-1024/128 at concurrency 4. Then the KV transports' bandwidth (shm, tcp, nixl where installed), pulling a long prompt's blocks between two
-engine cores on the real model, against this machine's memory copy bandwidth.
+1024/128 at concurrency 4. Then the KV transports' bandwidth (shm, tcp, nixl where installed), pulling a long
+prompt's blocks between two engine cores on the real model, against this machine's memory copy bandwidth.
 
     .venv/bin/python benchmarks/disaggregation.py      # from the repository root, on a quiet machine (~15 minutes)
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from router import run, start  # noqa: E402
 from tokenfab.bench.report import fixed, millis  # noqa: E402
-from tokenfab.platform import machine  # noqa: E402
+from tokenfab.platform import cpu_isa, machine  # noqa: E402
 
 CONFIGS = {
     "1 replica (2 threads)": ["--replicas", "1"],
@@ -190,6 +190,7 @@ def main() -> None:
     doc = {
         "command": " ".join(sys.argv[1:]),
         "machine": machine.describe(),
+        "isa_levels": cpu_isa.describe()["isa_levels"],
         "threads": os.cpu_count(),
         "kv_cache_memory_gb_total": args.kv_cache_memory_gb,
         "slo": {"ttft_s": args.slo_ttft, "tpot_s": args.slo_tpot, "given_to_servers": args.slo_to_servers},
@@ -222,7 +223,8 @@ def markdown(doc: dict) -> str:
         f"`benchmarks/disaggregation.py{' ' + doc['command'] if doc['command'] else ''}`; KV budget "
         f"{doc['kv_cache_memory_gb_total']} GiB in total; SLO TTFT <= {doc['slo']['ttft_s']} s, TPOT <= "
         f"{doc['slo']['tpot_s'] * 1e3:.0f} ms"
-        f"{' (the servers given it too)' if doc['slo'].get('given_to_servers') else ''}.",
+        f"{' (the servers given it too)' if doc['slo'].get('given_to_servers') else ''}. CPU ISA levels: "
+        f"{', '.join(doc.get('isa_levels', [])) or 'not recorded'}.",
         "",
     ]
     for workload in dict.fromkeys(r["workload"] for r in doc["rows"]):
