@@ -80,7 +80,7 @@ def test_without_migration_a_killed_replica_fails_its_requests(model_path, expec
     try:
         with ClosedLoop(server.url, request, workers=4) as load:
             time.sleep(1.5)
-            killed = busiest(server.url, {0, 1})
+            killed = busiest(server.url, {0, 1}, freeze=True)  # stopped with requests in flight
             os.kill(killed["pid"], signal.SIGKILL)
             k = killed["id"]
             wait_for(server.url, lambda rows: rows[k]["state"] == "running" and rows[k]["restarts"] == 1,

@@ -92,15 +92,26 @@ def wait_for(url: str, check: Callable[[list[dict]], bool], what: str, timeout: 
     raise TimeoutError(f"timed out waiting for {what}: {replicas(url)}")
 
 
-def busiest(url: str, among: set[int], timeout: float = 10) -> dict:
-    """The replica (of `among`) with the most sequences in flight, so that a fault there hits requests."""
+def busiest(url: str, among: set[int], timeout: float = 10, freeze: bool = False) -> dict:
+    """The replica (of `among`) with the most sequences in flight, so that a fault there hits requests. With
+    `freeze` it is left stopped (SIGSTOP) with sequences still in flight — they cannot finish between the look and
+    the fault — and its row carries `frozen_at` (time.monotonic())."""
     deadline = time.monotonic() + timeout
     while True:
         rows = [r for r in replicas(url) if r["id"] in among]
         best = max(rows, key=lambda r: r["running"])
-        if best["running"] or time.monotonic() > deadline:
+        if not best["running"] and time.monotonic() <= deadline:
+            time.sleep(0.05)
+            continue
+        if not freeze:
             return best
-        time.sleep(0.05)
+        frozen_at = time.monotonic()
+        os.kill(best["pid"], signal.SIGSTOP)
+        time.sleep(0.2)  # what it sent before the stop reaches the router
+        row = next(r for r in replicas(url) if r["id"] == best["id"])
+        if row["running"] or time.monotonic() > deadline:
+            return {**row, "frozen_at": frozen_at}
+        os.kill(best["pid"], signal.SIGCONT)
 
 
 @dataclass(slots=True)
@@ -134,7 +145,7 @@ def kill_hang_drain(url: str, n: int = 3, settle: float = 1.0, before: float = 1
     the hang and restarted it; drain the third. `settle` seconds of load between faults."""
     log, everyone = FaultLog(), set(range(n))
     time.sleep(before)
-    victim = busiest(url, everyone)
+    victim = busiest(url, everyone, freeze=True)
     log.killed = k = victim["id"]
     log.events["kill"] = time.monotonic()
     os.kill(victim["pid"], signal.SIGKILL)
@@ -142,10 +153,9 @@ def kill_hang_drain(url: str, n: int = 3, settle: float = 1.0, before: float = 1
         url, lambda rows: rows[k]["state"] == "running" and rows[k]["restarts"] > victim["restarts"], "the restart"
     )
     time.sleep(settle)
-    stopped = busiest(url, everyone - {k})
+    stopped = busiest(url, everyone - {k}, freeze=True)
     log.hung = h = stopped["id"]
-    log.events["stop"] = time.monotonic()
-    os.kill(stopped["pid"], signal.SIGSTOP)
+    log.events["stop"] = stopped["frozen_at"]
     try:
         log.events["hang_noticed"] = wait_for(url, lambda rows: rows[h]["state"] != "running", "the hang")
     finally:
