@@ -1,4 +1,5 @@
-"""Tiny random-weight HF checkpoints (Llama, Qwen2, Qwen3, Gemma 3) written to disk for engine tests."""
+"""Tiny random-weight HF checkpoints (Llama, Qwen2, Qwen3, Gemma 3, Qwen3-MoE, Mixtral, DeepSeek-V3) written to disk
+for engine tests."""
 
 from __future__ import annotations
 
@@ -25,6 +26,25 @@ _CONFIGS = {
                    rope_local_base_freq=10000.0, sliding_window=24, query_pre_attn_scalar=32,
                    layer_types=["sliding_attention"] * 5 + ["full_attention"],
                    hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True),
+    # Layer 1 of 3 dense (mlp_only_layers), 8 experts, top 2, not renormalized: both of Qwen3-MoE's switches.
+    "qwen3_moe": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_size=64,
+                      intermediate_size=96, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                      norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1], num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                      rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False),
+    "mixtral": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], hidden_size=64,
+                    intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
+                    rope_theta=10000.0, sliding_window=None, tie_word_embeddings=False),
+    # MLA with a q bottleneck, 1 dense layer then 2 MoE layers: 8 routed experts in 4 groups (top 2 groups), top 3,
+    # one shared expert; the correction bias is randomized with the rest, so it changes which experts are picked.
+    "deepseek_v3": dict(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], hidden_size=64,
+                        intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+                        num_experts_per_tok=3, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                        first_k_dense_replace=1, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                        q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                        num_nextn_predict_layers=0, max_position_embeddings=1024, rms_norm_eps=1e-6,
+                        rope_theta=10000.0, tie_word_embeddings=False),
 }
 
 
@@ -58,6 +78,9 @@ def write_tiny_model(kind: str, directory: Path, seed: int = 0, **overrides) -> 
                 p.normal_(0.0 if kind == "gemma3" else 1.0, 0.1)
             else:
                 p.normal_(0.0, 0.08)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3: steers which experts are chosen
+                b.normal_(0.0, 0.05)
     model.save_pretrained(directory, safe_serialization=True)
     (directory / "tokenizer.json").write_text(json.dumps(_tokenizer_json(VOCAB)))
     (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "w1", "eos_token": "w2",

@@ -126,6 +126,21 @@ class AttentionBackend(abc.ABC):
     ) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, KVH, D] of this step's tokens. Writes k, v to the cache; returns [T, H, D]."""
 
+    def forward_latent(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        latent: torch.Tensor,
+        value_dim: int,
+        scale: float,
+        metadata: AttentionMetadata,
+        cache: KVCache,
+    ) -> torch.Tensor:
+        """Latent attention (MLA, absorbed; see tokenfab.models.mla): q [T, H, E] against one key head whose keys
+        are each token's latent [T, E] and whose values are the latent's first `value_dim` features. Writes the
+        step's latents to the cache (split across its K and V halves); returns [T, H, value_dim]."""
+        raise NotImplementedError(f"the {type(self).__name__} attention backend has no latent (MLA) attention")
+
     def forward_qkv(
         self,
         layer: int,

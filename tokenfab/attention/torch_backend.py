@@ -192,6 +192,55 @@ class TorchAttentionBackend(AttentionBackend):
             )
         return out
 
+    def forward_latent(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        latent: torch.Tensor,
+        value_dim: int,
+        scale: float,
+        metadata: AttentionMetadata,
+        cache: KVCache,
+    ) -> torch.Tensor:
+        """SDPA over the latents read back from the cache's two halves."""
+        assert isinstance(metadata, TorchMetadata)
+        g, i = cache.layer_slot[layer]
+        k_cache, v_cache = cache.k[g][i], cache.v[g][i]
+        meta = metadata.groups[g]
+        half = k_cache.shape[-1]
+        padded = F.pad(latent, (0, 2 * half - latent.shape[-1])).view(-1, 2, 1, half)
+        k_cache.index_copy_(0, meta.slot_mapping, padded[:, 0])
+        v_cache.index_copy_(0, meta.slot_mapping, padded[:, 1])
+        dim = latent.shape[-1]
+        out = q.new_empty(q.shape[0], q.shape[1], value_dim)
+        if meta.num_decodes:
+            assert meta.decode_index is not None and meta.decode_mask is not None
+            width = meta.decode_mask.shape[-1]
+            keys = torch.cat(
+                (_gather_blocks(k_cache, meta.decode_index, width), _gather_blocks(v_cache, meta.decode_index, width)),
+                dim=-1,
+            )[..., :dim]
+            qd = q[: meta.num_decodes].unsqueeze(1)  # [B, 1 key head, H, E]
+            attended = F.scaled_dot_product_attention(
+                qd, keys, keys[..., :value_dim], attn_mask=meta.decode_mask, scale=scale
+            )
+            out[: meta.num_decodes] = attended[:, 0]
+        for p in meta.prefills:
+            key_index, mask = p.sdpa()
+            keys = torch.cat((k_cache[key_index], v_cache[key_index]), dim=-1)[..., :dim].transpose(0, 1)
+            qp = q[p.token_start : p.token_end].transpose(0, 1).unsqueeze(0)
+            attended = F.scaled_dot_product_attention(
+                qp,
+                keys.unsqueeze(0),
+                keys[..., :value_dim].unsqueeze(0),
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=scale,
+                enable_gqa=True,
+            )
+            out[p.token_start : p.token_end] = attended[0].transpose(0, 1)
+        return out
+
     def forward_qkv(
         self,
         layer: int,

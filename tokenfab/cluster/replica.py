@@ -199,8 +199,16 @@ def sum_stats(parts: list) -> Any:
         head = items[0]
         if isinstance(head, msgspec.Struct):
             values[name] = sum_stats(items)
-        elif isinstance(head, (int, float)) and not isinstance(head, bool):
-            values[name] = sum(items)
         else:
-            values[name] = head
+            values[name] = _sum_values(items)
     return type(first)(**values)
+
+
+def _sum_values(items: list) -> Any:
+    """Numbers added; equal-length lists (of numbers or lists) added element by element; else the first."""
+    head = items[0]
+    if isinstance(head, (int, float)) and not isinstance(head, bool):
+        return sum(items)
+    if isinstance(head, list) and all(isinstance(i, list) and len(i) == len(head) for i in items):
+        return [_sum_values(list(column)) for column in zip(*items)]
+    return head

@@ -32,7 +32,7 @@ from tokenfab.engine.scheduler import Emitted, Scheduler, StepUpdate
 from tokenfab.engine.speculative.policy import StepShape
 from tokenfab.engine.speculative.proposer import StepView
 from tokenfab.engine.speculative.speculator import TargetParts, build_speculator
-from tokenfab.engine.stats import CostStats, SpecStats, TierStats, TransferStats
+from tokenfab.engine.stats import CostStats, MoEStats, SpecStats, TierStats, TransferStats
 from tokenfab.engine.types import Request, RequestStatus, SampleResult, StepPlan
 from tokenfab.engine.worker import Worker
 from tokenfab.kernels.build import kernel_path
@@ -70,6 +70,7 @@ class EngineCore:
             self._segments.tensor if self._segments is not None else None,
         )
         self.model = self.worker.model
+        self._expert_tokens: torch.Tensor | None = None
         log.info("model loaded in %.1f s", time.monotonic() - started)
         medium = MEDIUM_CPU if device.type == "cpu" else MEDIUM_GPU
         self.kv = self.worker.kv_manager(config.enable_prefix_caching, medium)
@@ -320,7 +321,16 @@ class EngineCore:
             CostStats(m.busy_seconds, m.joules, m.usd, m.energy_source, m.meter_name),
             self.kv_tiers.snapshot() if self.kv_tiers is not None else TierStats(),
             self.kv.exports.snapshot() if self.kv.exports is not None else TransferStats(),
+            self._moe_stats(),
         )
+
+    def _moe_stats(self) -> MoEStats:
+        """The experts' token counts since start (the model's counters are drained into the core's)."""
+        load = self.model.take_expert_load()
+        if load is None:
+            return MoEStats()
+        self._expert_tokens = load if self._expert_tokens is None else self._expert_tokens + load
+        return MoEStats(self._expert_tokens.tolist())
 
     def _tier_identity(self) -> tuple:
         """What a disk tier's blocks depend on besides their tokens: model files, weight format, dtype, KV layout."""
@@ -333,8 +343,7 @@ class EngineCore:
             str(self.dtype),
             self.config.block_size,
             [(g.window, g.layers) for g in self.worker.groups],
-            self.arch.num_kv_heads,
-            self.arch.head_dim,
+            self.arch.kv_cache_layout,
         )
 
 

@@ -25,8 +25,7 @@ def plan_kv_blocks(
     """Blocks per group (the null block included)."""
     budget = int(config.kv_cache_memory_gb * (1 << 30))
     per_block = [
-        KVCache.bytes_per_block(len(g.layers), config.block_size, arch.num_kv_heads, arch.head_dim, dtype)
-        for g in groups
+        KVCache.bytes_per_block(len(g.layers), config.block_size, *arch.kv_cache_layout, dtype) for g in groups
     ]
     caps = [None if g.window is None else sliding_cap(g.window, config) for g in groups]
     n = budget // sum(per_block)

@@ -163,6 +163,28 @@ class TransferStats(msgspec.Struct, gc=False):
     ] = 0
 
 
+class MoEStats(msgspec.Struct, gc=False):
+    """Where a mixture-of-experts model's tokens went (empty for a dense model)."""
+
+    expert_tokens: list[list[int]] = msgspec.field(default_factory=list)
+    """Since start, per MoE layer and expert: tokens routed there (a token counts once for each of its k experts)."""
+    rank_tokens: list[int] = msgspec.field(default_factory=list)
+    """With expert parallelism: token-expert pairs computed by each rank's experts, since start."""
+    rebalances: Annotated[int, counter("moe_rebalances", "Expert placements changed by the load balancer")] = 0
+
+    @property
+    def imbalance(self) -> float:
+        """Max over mean tokens per expert, averaged over the MoE layers (1 = even; 0 before any token)."""
+        ratios = [max(layer) * len(layer) / sum(layer) for layer in self.expert_tokens if sum(layer)]
+        return sum(ratios) / len(ratios) if ratios else 0.0
+
+    @property
+    def rank_imbalance(self) -> float:
+        """Max over mean of rank_tokens (1 = even; 0 without expert parallelism or before any token)."""
+        total = sum(self.rank_tokens)
+        return max(self.rank_tokens) * len(self.rank_tokens) / total if total else 0.0
+
+
 class EngineStats(msgspec.Struct, gc=False):
     """A snapshot of the core's gauges and counters, sent with step outputs."""
 
@@ -174,6 +196,7 @@ class EngineStats(msgspec.Struct, gc=False):
     cost: CostStats
     tiers: TierStats = msgspec.field(default_factory=TierStats)
     transfer: TransferStats = msgspec.field(default_factory=TransferStats)
+    moe: MoEStats = msgspec.field(default_factory=MoEStats)
 
 
 @cache

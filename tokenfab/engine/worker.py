@@ -48,14 +48,7 @@ class Worker:
         self.groups = kv_groups(arch)
         self.blocks_per_group = blocks_per_group
         self.cache = KVCache(
-            self.groups,
-            blocks_per_group,
-            block_size,
-            arch.num_kv_heads,
-            arch.head_dim,
-            self.dtype,
-            self.device,
-            kv_alloc,
+            self.groups, blocks_per_group, block_size, *arch.kv_cache_layout, self.dtype, self.device, kv_alloc
         )
         self.runner = ModelRunner(model, self.cache, self.backend, self.groups, self.device)
 

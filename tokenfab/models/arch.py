@@ -1,7 +1,10 @@
 """ArchConfig: the one description of a decoder-only model the engine needs, derived from an HF config dict.
 
 Llama, Mistral, Qwen2, Qwen3 and Gemma 3 differ only in a handful of switches (norm style, QK-norm, sandwich
-norms, activation, biases, per-layer sliding windows and rope bases), so one model class serves them all.
+norms, activation, biases, per-layer sliding windows and rope bases), so one model class serves them all; Qwen3-MoE
+and Mixtral are those with a mixture-of-experts feed-forward in some or all layers (tokenfab.models.moe), and
+DeepSeek-V3 adds multi-head latent attention (tokenfab.models.mla) and sigmoid, group-limited routing with shared
+experts.
 """
 
 from __future__ import annotations
@@ -10,7 +13,17 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma3_text",
+    "gemma3",
+    "qwen3_moe",
+    "mixtral",
+    "deepseek_v3",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +34,40 @@ class RopeConfig:
     """Base frequency."""
     scaling: dict[str, Any] | None = None
     """HF rope_scaling dict (types: linear, llama3) or None."""
+
+
+@dataclass(frozen=True, slots=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3): keys and values are expanded from one compressed latent per
+    token (`kv_lora_rank`) plus one shared rotary key (`qk_rope_head_dim`); the cache stores only those."""
+
+    kv_lora_rank: int
+    q_lora_rank: int | None
+    """Queries through a low-rank bottleneck of this size (None: one projection)."""
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool = True
+    """Rotary dims in interleaved pairs (x0, x1), (x2, x3), … rather than two halves."""
+
+    @property
+    def latent_dim(self) -> int:
+        """What the cache holds per token and layer: the latent and the rotary key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True, slots=True)
+class MoEConfig:
+    """Routing beyond Qwen3-MoE's and Mixtral's softmax top-k (DeepSeek-V3)."""
+
+    scoring: str = "softmax"
+    """'softmax' or 'sigmoid' (DeepSeek-V3: sigmoid scores, chosen with a learned bias, weighted without it)."""
+    num_groups: int = 1
+    """Experts in this many groups; a token's experts come from its `topk_groups` best groups only."""
+    topk_groups: int = 1
+    routed_scaling_factor: float = 1.0
+    num_shared_experts: int = 0
+    """Experts every token goes through, fused into one MLP of num_shared_experts × moe_intermediate_size."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +107,34 @@ class ArchConfig:
     num_mtp_layers: int = 0
     """Multi-token-prediction modules the checkpoint ships after its decoder layers (DeepSeek-V3 style,
     `num_nextn_predict_layers`); their weights are layers num_layers.. and only speculative decoding uses them."""
+    num_experts: int = 0
+    """Routed experts of a mixture-of-experts layer (0: a dense model)."""
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    """Renormalize each token's top-k routing weights to sum to one."""
+    moe_layers: tuple[bool, ...] = ()
+    """Per layer: whether its feed-forward is the mixture of experts (empty for a dense model)."""
+    moe: MoEConfig = MoEConfig()
+    mla: MLAConfig | None = None
+    """Latent attention (DeepSeek-V3); head_dim is then the rotary dims, which the rope tables are built for."""
+
+    @property
+    def kv_cache_layout(self) -> tuple[int, int]:
+        """(heads, dim) of the K and of the V tensor the cache holds per token and layer. MLA's latent is split
+        in two halves stored as "K" and "V" (padded by one where odd), so the cache, its tiers and its transfers
+        keep one shape for both while holding the latent's bytes only."""
+        if self.mla is not None:
+            return 1, -(-self.mla.latent_dim // 2)
+        return self.num_kv_heads, self.head_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return bool(self.moe_layers) and self.moe_layers[layer]
 
     @property
     def softmax_scale(self) -> float:
+        if self.mla is not None:
+            return self.attn_scale or (self.mla.qk_nope_head_dim + self.mla.qk_rope_head_dim) ** -0.5
         return self.attn_scale or self.head_dim**-0.5
 
     @property
@@ -83,14 +155,32 @@ class ArchConfig:
 
     @property
     def num_params(self) -> int:
+        return self._params(self.num_experts)
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token computes with: a MoE layer's k routed experts, not all of them."""
+        return self._params(self.num_experts_per_tok)
+
+    def _params(self, experts: int) -> int:
         attn = self.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
-        mlp = 3 * self.hidden_size * self.intermediate_size
+        if self.mla is not None:
+            m, h = self.mla, self.hidden_size
+            q_dim = self.num_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim)
+            q = h * q_dim if m.q_lora_rank is None else m.q_lora_rank * (h + q_dim)
+            kv = h * m.latent_dim + m.kv_lora_rank * self.num_heads * (m.qk_nope_head_dim + m.v_head_dim)
+            attn = q + kv + self.num_heads * m.v_head_dim * h
+        experts += self.moe.num_shared_experts
+        moe = sum(self.moe_layers)
+        dense_mlp = 3 * self.hidden_size * self.intermediate_size * (self.num_layers - moe)
+        expert = 3 * self.hidden_size * self.moe_intermediate_size
+        moe_mlp = moe * (expert * experts + self.hidden_size * self.num_experts)  # + the router
         embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * (attn + mlp) + embed
+        return self.num_layers * attn + dense_mlp + moe_mlp + embed
 
     def flops_per_token(self, context: int = 0) -> float:
         """Forward FLOPs for one token that samples (LM head included) at a given context length."""
-        dense = 2 * (self.num_params - self.vocab_size * self.hidden_size)
+        dense = 2 * (self.active_params - self.vocab_size * self.hidden_size)
         attention = 4 * self.num_layers * self.num_heads * self.head_dim * context
         return float(dense + 2 * self.vocab_size * self.hidden_size + attention)
 
@@ -154,9 +244,13 @@ def arch_from_hf_config(cfg: dict[str, Any]) -> ArchConfig:
     hidden = int(cfg["hidden_size"])
     heads = int(cfg["num_attention_heads"])
     head_dim = int(cfg.get("head_dim") or hidden // heads)
+    mla = _mla(cfg) if model_type == "deepseek_v3" else None
+    if mla is not None:
+        head_dim = mla.qk_rope_head_dim
     num_layers = int(cfg["num_hidden_layers"])
     rope_full, rope_sliding = _rope_configs(cfg, gemma)
     activation = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+    num_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts") or 0)
     return ArchConfig(
         model_type=model_type,
         vocab_size=int(cfg["vocab_size"]),
@@ -174,7 +268,7 @@ def arch_from_hf_config(cfg: dict[str, Any]) -> ArchConfig:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
         activation="gelu_tanh" if activation in ("gelu_pytorch_tanh", "gelu_tanh", "gelu") else "silu",
         qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
-        qk_norm=gemma or model_type == "qwen3",
+        qk_norm=gemma or model_type in ("qwen3", "qwen3_moe"),
         sandwich_norm=gemma,
         norm_plus_one=gemma,
         embed_scale=math.sqrt(hidden) if gemma else 1.0,
@@ -182,4 +276,48 @@ def arch_from_hf_config(cfg: dict[str, Any]) -> ArchConfig:
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
         num_mtp_layers=int(cfg.get("num_nextn_predict_layers") or 0),
+        num_experts=num_experts,
+        num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 0) if num_experts else 0,
+        moe_intermediate_size=int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]) if num_experts else 0,
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+        moe_layers=_moe_layers(cfg, num_layers, num_experts),
+        moe=_moe(cfg) if model_type == "deepseek_v3" else MoEConfig(),
+        mla=mla,
     )
+
+
+def _mla(cfg: dict[str, Any]) -> MLAConfig:
+    q_rank = cfg.get("q_lora_rank")
+    return MLAConfig(
+        kv_lora_rank=int(cfg["kv_lora_rank"]),
+        q_lora_rank=int(q_rank) if q_rank else None,
+        qk_nope_head_dim=int(cfg["qk_nope_head_dim"]),
+        qk_rope_head_dim=int(cfg["qk_rope_head_dim"]),
+        v_head_dim=int(cfg["v_head_dim"]),
+        rope_interleave=bool(cfg.get("rope_interleave", True)),
+    )
+
+
+def _moe(cfg: dict[str, Any]) -> MoEConfig:
+    if cfg.get("topk_method", "noaux_tc") != "noaux_tc" or cfg.get("scoring_func", "sigmoid") != "sigmoid":
+        raise ValueError("DeepSeek-V3 routing is sigmoid scoring with noaux_tc top-k; this checkpoint asks otherwise")
+    return MoEConfig(
+        scoring="sigmoid",
+        num_groups=int(cfg.get("n_group") or 1),
+        topk_groups=int(cfg.get("topk_group") or 1),
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+        num_shared_experts=int(cfg.get("n_shared_experts") or 0),
+    )
+
+
+def _moe_layers(cfg: dict[str, Any], num_layers: int, num_experts: int) -> tuple[bool, ...]:
+    """Mixtral: every layer; Qwen3-MoE: every `decoder_sparse_step`-th layer not in `mlp_only_layers`;
+    DeepSeek-V3: every layer from `first_k_dense_replace` on (every `moe_layer_freq`-th)."""
+    if not num_experts:
+        return ()
+    if "first_k_dense_replace" in cfg:
+        first, freq = int(cfg["first_k_dense_replace"]), int(cfg.get("moe_layer_freq") or 1)
+        return tuple(i >= first and i % freq == 0 for i in range(num_layers))
+    step = int(cfg.get("decoder_sparse_step") or 1)
+    dense = set(cfg.get("mlp_only_layers") or ())
+    return tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers))

@@ -19,7 +19,7 @@ from tokenfab.attention.backend import KVCache
 from tokenfab.attention.torch_backend import TorchMetadata
 from tokenfab.kernels import cpu as kernels
 from tokenfab.kernels.decode_layers import DecodeDims, DecodeLayers, GroupStep, KernelLinear, LayerTensors
-from tokenfab.models.decoder import DecoderLayer, DecoderModel
+from tokenfab.models.decoder import MLP, Attention, DecoderLayer, DecoderModel
 from tokenfab.models.layers import Linear, RMSNorm
 from tokenfab.quant import cpu_linear
 from tokenfab.quant.bf16 import BF16Weight
@@ -46,6 +46,8 @@ def _layer_tensors(
     layer: DecoderLayer, next_norm: torch.Tensor, cache: KVCache, index: int
 ) -> tuple[LayerTensors, int] | None:
     attn, mlp = layer.self_attn, layer.mlp
+    if not isinstance(mlp, MLP) or not isinstance(attn, Attention):
+        return None  # mixture-of-experts and latent-attention layers run in the forward
     found = [_kernel_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
     linears = [w for w in found if w is not None]
     if len(linears) < len(found) or any(m.bias is not None for m in (attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):

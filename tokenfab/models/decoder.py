@@ -1,4 +1,5 @@
-"""One decoder-only transformer for Llama, Mistral, Qwen2, Qwen3 and Gemma 3 text, over a flat token batch.
+"""One decoder-only transformer for Llama, Mistral, Qwen2, Qwen3, Gemma 3 text, Qwen3-MoE and Mixtral, over a flat
+token batch.
 
 forward(input_ids [T], positions [T]) -> hidden [T, hidden]; attention reads the step's metadata and KV cache from
 the scoped forward context. Weights arrive with HF names and are fused (QKV, gate/up) and packed at load time.
@@ -24,6 +25,8 @@ from tokenfab.models.layers import (
     apply_rotary,
     gated_activation,
 )
+from tokenfab.models.mla import MLAttention
+from tokenfab.models.moe import SparseMoE
 from tokenfab.quant import QUANTIZED_FORMATS, LinearWeight, build_weight
 from tokenfab.quant.bf16 import BF16Weight, fused_gated_mlp
 from tokenfab.quant.gguf_packed import GGUFWeight
@@ -112,8 +115,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.sliding = arch.layer_windows[layer] is not None
         eps = arch.rms_norm_eps
-        self.self_attn = Attention(arch, layer)
-        self.mlp = MLP(arch)
+        self.self_attn: Attention | MLAttention = MLAttention(arch, layer) if arch.mla else Attention(arch, layer)
+        self.mlp: MLP | SparseMoE = SparseMoE(arch) if arch.is_moe_layer(layer) else MLP(arch)
         self.attn_norm = RMSNorm(arch.hidden_size, eps)
         self.mlp_norm = RMSNorm(arch.hidden_size, eps)
         self.post_attn_norm = RMSNorm(arch.hidden_size, eps) if arch.sandwich_norm else None
@@ -227,7 +230,7 @@ class DecoderModel(nn.Module):
         if cls is None or not cls.supports(tuple(weight.shape)):
             return build_weight(fmt, weight)
         fused = name.rpartition(".")[2]
-        parts = weight.split(_shard_sizes(self.arch, fused)) if fused in ("qkv_proj", "gate_up_proj") else [weight]
+        parts = weight.split(_shard_sizes(self.arch, name)) if fused in ("qkv_proj", "gate_up_proj") else [weight]
         if hessian is not None and gptq.supports(cls):
             built = [gptq.gptq_quantize(cls, part, hessian) for part in parts]
         else:
@@ -235,10 +238,24 @@ class DecoderModel(nn.Module):
         return built[0] if len(built) == 1 else cls.cat_rows(built)
 
     def weight_bytes_per_token(self) -> int:
-        """Weight bytes a single-token forward reads (the embedding row lookup aside)."""
-        linears = sum(m.nbytes for m in self.modules() if isinstance(m, Linear))
+        """Weight bytes a single-token forward reads (the embedding row lookup aside): of a mixture-of-experts
+        layer, its router and the share of the experts one token is routed to."""
+        experts = {id(m) for moe in self.modules() if isinstance(moe, SparseMoE) for m in moe.experts.modules()}
+        linears = sum(m.nbytes for m in self.modules() if isinstance(m, Linear) and id(m) not in experts)
+        routed = sum(
+            moe.active_fraction * sum(m.nbytes for m in moe.experts.modules() if isinstance(m, Linear))
+            + moe.gate.weight.numel() * moe.gate.weight.element_size()
+            for moe in self.modules()
+            if isinstance(moe, SparseMoE)
+        )
         norms = sum(p.numel() * p.element_size() for n, p in self.named_parameters() if "norm" in n)
-        return linears + norms
+        return linears + int(routed) + norms
+
+    def take_expert_load(self) -> torch.Tensor | None:
+        """Tokens each expert of each MoE layer received since the last call, [MoE layers, experts] (None for a
+        dense model)."""
+        moes = [m for m in self.modules() if isinstance(m, SparseMoE)]
+        return torch.stack([m.take_load() for m in moes]) if moes else None
 
 
 _NORMS = {
@@ -246,6 +263,8 @@ _NORMS = {
     "pre_feedforward_layernorm": "mlp_norm",
     "post_feedforward_layernorm": "post_mlp_norm",
 }
+_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+"""Mixtral's names of an expert's projections."""
 _FUSED = {
     "q_proj": ("qkv_proj", 0),
     "k_proj": ("qkv_proj", 1),
@@ -260,6 +279,15 @@ def _target_name(arch: ArchConfig, name: str) -> tuple[str, int | None]:
     name = name.removeprefix("model.language_model.").removeprefix("language_model.model.").removeprefix("model.")
     parts = name.split(".")
     if parts[0] == "layers":
+        if parts[2] == "block_sparse_moe":  # Mixtral
+            parts[2] = "mlp"
+        if parts[2] == "mlp" and parts[3] == "experts" and len(parts) == 7:
+            return _expert_target(parts)
+        if parts[2] == "mlp" and parts[3] == "shared_experts" and parts[4] in _FUSED:  # DeepSeek-V3
+            fused, shard = _FUSED[parts[4]]
+            return ".".join(parts[:4] + [fused, parts[5]]), shard
+        if parts[2] == "self_attn" and arch.mla is not None:
+            return ".".join(parts), None  # latent attention's projections are not fused
         if parts[2] in ("self_attn", "mlp") and parts[3] in _FUSED:
             fused, shard = _FUSED[parts[3]]
             return ".".join(parts[:3] + [fused, parts[4]]), shard
@@ -271,14 +299,26 @@ def _target_name(arch: ArchConfig, name: str) -> tuple[str, int | None]:
     return name.removeprefix("language_model."), None
 
 
+def _expert_target(parts: list[str]) -> tuple[str, int | None]:
+    """layers.<i>.mlp.experts.<e>.<proj>.weight, proj in Qwen3-MoE's names or Mixtral's (w1, w3, w2)."""
+    proj = _EXPERT.get(parts[5], parts[5])
+    fused, shard = _FUSED.get(proj, (proj, None))
+    return ".".join(parts[:5] + [fused, parts[6]]), shard
+
+
 def layer_index(name: str) -> int | None:
     """The layer number of a mapped parameter name (layers.<i>.…), else None."""
     parts = name.split(".")
     return int(parts[1]) if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit() else None
 
 
-def _shard_sizes(a: ArchConfig, fused: str) -> list[int]:
-    return [a.q_size, a.kv_size, a.kv_size] if fused.startswith("qkv") else [a.intermediate_size] * 2
+def _shard_sizes(a: ArchConfig, name: str) -> list[int]:
+    """Row sizes of the projections fused in the layer `name` (qkv_proj or a gate_up_proj, an expert's too)."""
+    if "qkv_proj" in name:
+        return [a.q_size, a.kv_size, a.kv_size]
+    if ".shared_experts." in name:
+        return [a.moe.num_shared_experts * a.moe_intermediate_size] * 2
+    return [a.moe_intermediate_size if ".experts." in name else a.intermediate_size] * 2
 
 
 def linear_layer_name(hf_name: str) -> str | None:
@@ -288,6 +328,9 @@ def linear_layer_name(hf_name: str) -> str | None:
     parts = name.removeprefix("language_model.").split(".")
     if parts == ["lm_head", "weight"]:
         return "lm_head"
+    if len(parts) == 7 and parts[0] == "layers" and parts[3] == "experts" and parts[6] == "weight":
+        mapped, _ = _expert_target(["layers", parts[1], "mlp", *parts[3:]])
+        return mapped.removesuffix(".weight")
     if len(parts) != 5 or parts[0] != "layers" or parts[4] != "weight" or not parts[3].endswith("_proj"):
         return None
     return ".".join(parts[:3] + [_FUSED.get(parts[3], (parts[3],))[0]])
@@ -316,7 +359,7 @@ def load_hf_weights(
             raise ValueError(f"unexpected weight {hf_name!r} (mapped to {name!r})")
         target = params[name].data
         if shard is not None:
-            sizes = _shard_sizes(arch, name.split(".")[-2])
+            sizes = _shard_sizes(arch, name)
             offset = sum(sizes[:shard])
             target = target.narrow(0, offset, sizes[shard])
         if target.shape != tensor.shape:
@@ -350,7 +393,7 @@ def _install_stored(model: nn.Module, arch: ArchConfig, stored: Mapping[str, Lin
         if None in shards:
             weight, keys = shards[None], {name}
         else:
-            count = len(_shard_sizes(arch, name.split(".")[-2]))
+            count = len(_shard_sizes(arch, name))
             parts = [shards[i] for i in range(count) if i in shards]
             kinds = {type(p) for p in parts}
             cat_rows = getattr(kinds.pop(), "cat_rows", None) if len(kinds) == 1 else None

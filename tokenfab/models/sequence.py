@@ -22,7 +22,7 @@ def sequence_hidden(model: DecoderModel, ids: list[int]) -> torch.Tensor:
     device, dtype = model.norm.weight.device, model.norm.weight.dtype
     groups = [KVGroupSpec(w, tuple(layers)) for w, layers in arch.window_groups.items()]
     blocks = -(-len(ids) // BLOCK_SIZE) + 1  # + the null block, which no table uses
-    cache = KVCache(groups, [blocks] * len(groups), BLOCK_SIZE, arch.num_kv_heads, arch.head_dim, dtype, device)
+    cache = KVCache(groups, [blocks] * len(groups), BLOCK_SIZE, *arch.kv_cache_layout, dtype, device)
     table = list(range(1, blocks))
     layout = SeqLayout(0, len(ids), 0, tuple(table for _ in groups))
     backend = TorchAttentionBackend()

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from tokenfab.cluster.router import Router
-from tokenfab.engine.stats import EngineStats, SpecStats, exported
+from tokenfab.engine.stats import EngineStats, MoEStats, SpecStats, exported
 from tokenfab.engine.stats import Metric as StatMetric
 from tokenfab.engine.types import RequestOutput
 
@@ -364,6 +364,8 @@ class _EngineCollector:
         yield from self._rolling(s, labels)
         if s.spec.method != "none":
             yield from _speculative(s.spec, s.cost.busy_seconds, labels)
+        if s.moe.expert_tokens:
+            yield from _experts(s.moe, labels)
 
     def _rolling(self, s: EngineStats, labels: list[str]) -> Iterator[Metric]:
         first = self._history[0] if self._history else s
@@ -418,6 +420,41 @@ def _speculative(spec: SpecStats, busy_seconds: float, labels: list[str]) -> Ite
         labels,
         spec.draft_seconds / busy_seconds if busy_seconds else 0.0,
     )
+
+
+def _experts(moe: MoEStats, labels: list[str]) -> Iterator[Metric]:
+    """A mixture-of-experts model's load: per expert of each MoE layer, its imbalance, and per rank under expert
+    parallelism."""
+    tokens = CounterMetricFamily(
+        "tokenfab:moe_expert_tokens",
+        "Tokens routed to the expert (a token counts once for each of its experts), by MoE layer",
+        labels=["model_name", "layer", "expert"],
+    )
+    for layer, counts in enumerate(moe.expert_tokens):
+        for expert, n in enumerate(counts):
+            tokens.add_metric([*labels, str(layer), str(expert)], float(n))
+    yield tokens
+    yield _gauge(
+        "moe_expert_imbalance",
+        "Max over mean tokens per expert since start, averaged over MoE layers (1 = even)",
+        labels,
+        moe.imbalance,
+    )
+    if moe.rank_tokens:
+        ranks = CounterMetricFamily(
+            "tokenfab:moe_rank_tokens",
+            "Token-expert pairs computed by the rank's experts (expert parallelism)",
+            labels=["model_name", "rank"],
+        )
+        for rank, n in enumerate(moe.rank_tokens):
+            ranks.add_metric([*labels, str(rank)], float(n))
+        yield ranks
+        yield _gauge(
+            "moe_rank_imbalance",
+            "Max over mean token-expert pairs per expert-parallel rank since start (1 = even)",
+            labels,
+            moe.rank_imbalance,
+        )
 
 
 def _gauge(name: str, doc: str, labels: list[str], value: float) -> GaugeMetricFamily:

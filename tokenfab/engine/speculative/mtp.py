@@ -154,14 +154,9 @@ class MTPProposer(Proposer):
                 if isinstance(m, Linear):
                     m.use(build_weight("none", m.weight.data))
         spec = KVGroupSpec(window, tuple(range(first, first + n)))
+        heads, dim = arch.kv_cache_layout
         cache = KVCache(
-            [spec],
-            [target.cache.blocks_per_group[g]],
-            target.cache.block_size,
-            arch.num_kv_heads,
-            arch.head_dim,
-            target.dtype,
-            target.device,
+            [spec], [target.cache.blocks_per_group[g]], target.cache.block_size, heads, dim, target.dtype, target.device
         )
         return cls(modules, target.model, cache, g, spec, target.backend, target.kv, target.device)
 

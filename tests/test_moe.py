@@ -1,0 +1,102 @@
+"""Mixture-of-experts models (Qwen3-MoE, Mixtral, DeepSeek-V3 with latent attention) on tiny random-weight
+checkpoints: transformers' tokens and log-probabilities, alone and in mixed batches; experts in the weight formats;
+MLA's cache holding the latent only; the expert load the engine counts."""
+
+import pytest
+import torch
+
+from conftest import hf_greedy, random_prompts, tiny_llm
+from tokenfab import SamplingParams
+from tokenfab.models.layers import Linear
+from tokenfab.models.mla import MLAttention
+from tokenfab.models.moe import SparseMoE
+from tokenfab.quant.int8 import Int8Weight
+
+KINDS = ["qwen3_moe", "mixtral", "deepseek_v3"]
+GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_matches_transformers_alone_and_in_a_chunked_mixed_batch(kind, tiny_model, hf_model):
+    path = tiny_model(kind)
+    llm = tiny_llm(path)
+    prompts = random_prompts([5, 40, 100, 17, 70], seed=1)
+    sampled = SamplingParams(max_tokens=9, temperature=0.9, seed=3, ignore_eos=True)
+    outs = llm.generate(prompts + prompts[:2], [GREEDY] * 5 + [sampled] * 2)
+    hf = hf_model(path)
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 16)
+    alone = llm.generate([prompts[2]], GREEDY)[0].outputs[0].token_ids
+    assert alone == outs[2].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logprobs_match_transformers_at_every_step(kind, tiny_model, hf_model):
+    """Top-5 log-probabilities of 8 greedy steps against transformers' forward over the same tokens (tolerance
+    1e-4: fp32, different summation orders)."""
+    path = tiny_model(kind)
+    prompt = random_prompts([60], seed=2)[0]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=5)
+    out = tiny_llm(path).generate([prompt], params)[0].outputs[0]
+    with torch.no_grad():
+        logits = hf_model(path)(torch.tensor([prompt + out.token_ids[:-1]])).logits[0, len(prompt) - 1 :]
+    ref = torch.log_softmax(logits, dim=-1)
+    worst = 0.0
+    for step, lp in enumerate(out.logprobs):
+        values, ids = ref[step].topk(5)
+        assert [t for t, _ in lp.top] == ids.tolist()
+        worst = max(worst, max(abs(a - b) for (_, a), b in zip(lp.top, values.tolist())))
+    assert worst < 1e-4
+
+
+def test_mla_cache_holds_the_latent_only(tiny_model):
+    """DeepSeek-V3's cache: kv_lora_rank + qk_rope_head_dim numbers per token and layer (32 + 8 here), against
+    heads × (nope + rope) keys and heads × v_head_dim values for the equivalent MHA."""
+    llm = tiny_llm(tiny_model("deepseek_v3"))
+    core = llm.engine.core
+    arch, cache = core.model.arch, core.worker.cache
+    assert arch.mla is not None and all(isinstance(layer.self_attn, MLAttention) for layer in core.model.layers)
+    slots = sum(k.shape[0] * k.shape[1] for k in cache.k)  # layers × token slots
+    assert cache.nbytes == slots * (32 + 8) * 4
+    mha = arch.num_heads * (arch.mla.qk_nope_head_dim + arch.mla.qk_rope_head_dim + arch.mla.v_head_dim)
+    assert mha / (32 + 8) == 4.0  # 4 heads × (16 + 8 + 16) = 160 numbers per token and layer
+
+
+def test_experts_take_the_weight_formats(tiny_model):
+    """int8 experts: every expert projection stored int8, the routers kept, tokens close to the float model."""
+    path = tiny_model("qwen3_moe")
+    prompts = random_prompts([30, 50], seed=5)
+    ref = tiny_llm(path).generate(prompts, GREEDY)
+    llm = tiny_llm(path, quantization="int8", quantization_exclude=[])
+    moes = [m for m in llm.engine.core.model.modules() if isinstance(m, SparseMoE)]
+    assert len(moes) == 2  # layer 1 of 3 is dense (mlp_only_layers)
+    for moe in moes:
+        assert all(isinstance(e.gate_up_proj.stored, Int8Weight) for e in moe.experts)
+        assert all(isinstance(e.down_proj.stored, Int8Weight) for e in moe.experts)
+        assert moe.gate.weight.dtype == torch.float32
+    got = llm.generate(prompts, GREEDY)
+    agree = sum(a == b for r, g in zip(ref, got) for a, b in zip(r.outputs[0].token_ids, g.outputs[0].token_ids))
+    assert agree >= 0.6 * 32  # W8A8 on a random tiny model: near-ties flip; a broken path agrees ~never
+
+
+def test_a_token_reads_only_its_experts(tiny_model):
+    """weight_bytes_per_token (the bandwidth bound's numerator) counts 2 of the 8 routed experts of each MoE
+    layer, all of everything else."""
+    model = tiny_llm(tiny_model("qwen3_moe")).engine.core.model
+    routed = {id(m) for moe in model.modules() if isinstance(moe, SparseMoE) for m in moe.experts.modules()}
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    experts = sum(m.nbytes for m in linears if id(m) in routed)
+    others = sum(m.nbytes for m in linears if id(m) not in routed)
+    small = sum(p.numel() * 4 for name, p in model.named_parameters() if "norm" in name or name.endswith("gate.weight"))
+    assert experts > others  # the experts are most of the weights, as in a real MoE
+    assert model.weight_bytes_per_token() == others + experts * 2 // 8 + small
+
+
+def test_expert_load_is_counted_and_exported(tiny_model):
+    llm = tiny_llm(tiny_model("deepseek_v3"))
+    prompts = random_prompts([20, 33], seed=6)
+    llm.generate(prompts, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    moe = llm.engine.core.stats().moe
+    computed = 20 + 33 + 2 * 4  # prompts, then 4 decode steps each (the 5th token is sampled, not computed)
+    assert len(moe.expert_tokens) == 2 and all(sum(layer) == computed * 3 for layer in moe.expert_tokens)
+    assert moe.imbalance >= 1.0

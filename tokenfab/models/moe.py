@@ -1,0 +1,157 @@
+"""Mixture-of-experts feed-forward (Qwen3-MoE, Mixtral, DeepSeek-V3): a router picks each token's top-k experts,
+tokens are grouped by expert and each expert runs once per step on its whole group; DeepSeek-V3's shared experts
+run on every token beside them.
+
+Every expert is a gated MLP of the engine's own `Linear`s, so experts take any weight format (int8, int4, fp8,
+bf16, … see tokenfab.quant) and run on the same CPU kernels as a dense layer; the step's Python cost is one loop
+over the experts that received tokens, never over tokens. The layer counts the tokens each expert received
+(`take_load`), which the engine reports per expert and as an imbalance.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenfab.models.arch import ArchConfig
+from tokenfab.models.layers import Linear, gated_activation
+from tokenfab.quant.bf16 import fused_gated_mlp
+
+
+class Expert(nn.Module):
+    """One expert: down(act(gate(x)) * up(x)), gate and up fused as in the dense MLP."""
+
+    def __init__(self, hidden: int, intermediate: int, activation: str) -> None:
+        super().__init__()
+        self.activation = activation
+        self.gate_up_proj = Linear(hidden, 2 * intermediate)
+        self.down_proj = Linear(intermediate, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gelu = self.activation == "gelu_tanh"
+        fused = fused_gated_mlp(self.gate_up_proj.stored, self.down_proj.stored, x, gelu)
+        if fused is not None:
+            return fused
+        return self.down_proj(gated_activation(self.activation, self.gate_up_proj(x)))
+
+
+class Router(nn.Module):
+    """The gate: one logit per expert. Kept out of the weight formats (it is small, and routing decides which
+    experts run, so it stays in the model's dtype). `bias`: DeepSeek-V3's score correction, which steers the
+    choice of experts but not their weights."""
+
+    def __init__(self, hidden: int, num_experts: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden), requires_grad=False)
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def softmax_top_k(logits: torch.Tensor, k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k], experts [T, k]) of softmax routing: probabilities over all experts in fp32, the k largest,
+    renormalized to sum to one where `normalize` (Mixtral always, Qwen3-MoE by `norm_topk_prob`)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, experts = torch.topk(probs, k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+def sigmoid_group_top_k(
+    logits: torch.Tensor, k: int, bias: torch.Tensor, groups: int, topk_groups: int, normalize: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's routing: sigmoid scores; experts chosen on score + bias, from the `topk_groups` groups whose
+    two best biased scores sum highest; weighted by their unbiased scores (renormalized where `normalize`) times
+    `scale`."""
+    scores = torch.sigmoid(logits.float())
+    choice = scores + bias.float()
+    if groups > 1:
+        per_group = choice.view(choice.shape[0], groups, -1)
+        best = per_group.topk(min(2, per_group.shape[-1]), dim=-1)[0].sum(dim=-1)
+        kept = torch.zeros_like(best).scatter_(1, best.topk(topk_groups, dim=-1)[1], 1.0).bool()
+        choice = per_group.masked_fill(~kept.unsqueeze(-1), float("-inf")).view_as(choice)
+    experts = choice.topk(k, dim=-1)[1]
+    weights = scores.gather(1, experts)
+    if normalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scale, experts
+
+
+def group_by_expert(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (token, slot) pairs of a [T, k] routing sorted by expert (stable: within an expert, by token), as
+    flat indices into experts.view(-1), and how many each expert got."""
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    return order, torch.bincount(flat, minlength=num_experts)
+
+
+class SparseMoE(nn.Module):
+    """The MoE feed-forward of one layer."""
+
+    def __init__(self, arch: ArchConfig) -> None:
+        super().__init__()
+        self.num_experts = arch.num_experts
+        self.top_k = arch.num_experts_per_tok
+        self.normalize = arch.norm_topk_prob
+        self.routing = arch.moe
+        self.gate = Router(arch.hidden_size, arch.num_experts, bias=arch.moe.scoring == "sigmoid")
+        self.experts = nn.ModuleList(
+            Expert(arch.hidden_size, arch.moe_intermediate_size, arch.activation) for _ in range(arch.num_experts)
+        )
+        shared = arch.moe.num_shared_experts * arch.moe_intermediate_size
+        self.shared_experts = Expert(arch.hidden_size, shared, arch.activation) if shared else None
+        self._load: torch.Tensor | None = None
+        """Tokens routed to each expert since the engine last read it (see take_load)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, experts = self.route(x)
+        out = self.run_experts(x, weights, experts)
+        return out if self.shared_experts is None else out + self.shared_experts(x)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k] fp32, experts [T, k]) of each token."""
+        logits = self.gate(x)
+        r = self.routing
+        if r.scoring == "sigmoid":
+            assert self.gate.e_score_correction_bias is not None
+            return sigmoid_group_top_k(
+                logits,
+                self.top_k,
+                self.gate.e_score_correction_bias,
+                r.num_groups,
+                r.topk_groups,
+                self.normalize,
+                r.routed_scaling_factor,
+            )
+        return softmax_top_k(logits, self.top_k, self.normalize)
+
+    def run_experts(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """sum over each token's k experts of weight * expert(x), experts in ascending order (the order
+        transformers sums them in)."""
+        order, histogram = group_by_expert(experts, self.num_experts)
+        self._load = histogram if self._load is None else self._load + histogram
+        counts = histogram.tolist()
+        tokens = order // self.top_k
+        scale = weights.reshape(-1)[order].to(x.dtype).unsqueeze(1)
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                rows = tokens[start : start + n]
+                y = self.experts[e](x.index_select(0, rows)) * scale[start : start + n]
+                out.index_add_(0, rows, y)
+                start += n
+        return out
+
+    def take_load(self) -> torch.Tensor:
+        """Tokens per expert since the last call, and the counter reset."""
+        load, self._load = self._load, None
+        return load if load is not None else torch.zeros(self.num_experts, dtype=torch.int64)
+
+    @property
+    def active_fraction(self) -> float:
+        """The share of the routed experts' weights one token reads."""
+        return self.top_k / self.num_experts
