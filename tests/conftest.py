@@ -12,12 +12,12 @@ torch.set_num_threads(2)
 
 LANES = {
     "unit": ["test_admission", "test_autoscaler", "test_bench_launch", "test_bench_report", "test_bench_stats", "test_bench_workloads", "test_block_pool",
-             "test_cost_meter", "test_disagg_router", "test_guard", "test_router_migration", "test_router_policies", "test_tool_calls",
+             "test_cost_meter", "test_disagg_router", "test_eplb", "test_guard", "test_router_migration", "test_router_policies", "test_tool_calls",
              "test_cpu_isa", "test_cpu_kernels", "test_gguf_loader", "test_kv_cache_manager", "test_kv_tiers", "test_quant_formats",
              "test_quant_triton", "test_scheduler", "test_spec_scheduler"],
     "engine": ["test_cpu_decode", "test_engine_tiny", "test_kv_events", "test_kv_tiers_engine", "test_kv_transfer", "test_moe", "test_planner", "test_simulator", "test_migration", "test_prompt_logprobs", "test_quant_checkpoint", "test_quant_gguf_packed",
                "test_quant_model", "test_spec_engine", "test_spec_policy", "test_spec_rollback", "test_spec_sampling"],
-    "server": ["test_bench_live", "test_cli", "test_disaggregation", "test_engine_transports", "test_replica_faults", "test_replicas", "test_server", "test_server_abuse",
+    "server": ["test_bench_live", "test_cli", "test_disaggregation", "test_engine_transports", "test_expert_parallel", "test_replica_faults", "test_replicas", "test_server", "test_server_abuse",
                "test_server_fuzz",
                "test_server_load", "test_server_spec"],
     "real_model": ["test_gemma_real", "test_quant_gemma", "test_server_gemma", "test_spec_gemma",

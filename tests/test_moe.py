@@ -71,8 +71,8 @@ def test_experts_take_the_weight_formats(tiny_model):
     moes = [m for m in llm.engine.core.model.modules() if isinstance(m, SparseMoE)]
     assert len(moes) == 2  # layer 1 of 3 is dense (mlp_only_layers)
     for moe in moes:
-        assert all(isinstance(e.gate_up_proj.stored, Int8Weight) for e in moe.experts)
-        assert all(isinstance(e.down_proj.stored, Int8Weight) for e in moe.experts)
+        assert all(isinstance(e.gate_up_proj.stored, Int8Weight) for e in moe.experts.values())
+        assert all(isinstance(e.down_proj.stored, Int8Weight) for e in moe.experts.values())
         assert moe.gate.weight.dtype == torch.float32
     got = llm.generate(prompts, GREEDY)
     agree = sum(a == b for r, g in zip(ref, got) for a, b in zip(r.outputs[0].token_ids, g.outputs[0].token_ids))

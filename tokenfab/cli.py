@@ -93,7 +93,7 @@ def _generate(args: argparse.Namespace) -> int:
     assert final is not None, "a stream ends with a finished output"
     n = len(final.outputs[0].token_ids)
     sys.stdout.write("\n")
-    stats = llm.engine.core.stats()
+    stats = llm.engine.stats()
     spec = ""
     if stats.spec.verified_seqs:
         spec = (

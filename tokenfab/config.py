@@ -179,6 +179,25 @@ class EngineConfig:
     kv_transfer_host: str = "127.0.0.1"
     """Interface the tcp KV transport's server binds (the address decode replicas reach it at); 0.0.0.0: every
     interface, reached at this host's address."""
+    data_parallel_size: int = 1
+    """Engine processes (ranks) behind one front end, each with its own requests and KV cache (attention
+    data-parallel); the threads and KV memory are split between them. With expert_parallel, a mixture-of-experts
+    model's experts are split between them too."""
+    expert_parallel: bool = False
+    """Shard each MoE layer's experts over the data-parallel ranks (torch.distributed, gloo on CPU): tokens go to
+    their experts' ranks and back (all-to-all), the ranks step together."""
+    eplb: bool = False
+    """With expert_parallel: rebalance the experts over the ranks from the measured load every
+    eplb_interval_steps steps, without stopping service (hot experts get the redundant copies)."""
+    num_redundant_experts: int = 0
+    """Extra expert copies over all ranks (experts + these must be a multiple of the ranks); EPLB gives them to
+    the hottest experts."""
+    eplb_interval_steps: int = 100
+    """Steps of the group between two rebalancings."""
+    expert_parallel_rank: int = 0
+    """This engine's rank in the expert-parallel group (set by the front end that starts the ranks)."""
+    expert_parallel_master: str | None = None
+    """host:port of rank 0's rendezvous (set by the front end that starts the ranks)."""
     pricing: PricingConfig = PricingConfig()
     speculative: SpeculativeConfig = SpeculativeConfig()
 
@@ -208,6 +227,16 @@ class EngineConfig:
                 not self.kv_tiers or self.speculative.method != "mtp",
                 "KV tiers do not keep the MTP modules' KV yet: use --speculative ngram or draft with them",
             ),
+            (self.data_parallel_size >= 1, "data_parallel_size must be >= 1"),
+            (not self.eplb or self.expert_parallel, "eplb balances experts over ranks: it needs expert_parallel"),
+            (
+                self.num_redundant_experts >= 0 and self.eplb_interval_steps >= 1,
+                "num_redundant_experts must be >= 0 and eplb_interval_steps >= 1",
+            ),
+            (
+                not (self.expert_parallel and self.data_parallel_size > 1) or self.speculative.method == "none",
+                "speculative decoding does not run under expert parallelism yet",
+            ),
             (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
             (self.max_num_batched_tokens >= self.block_size, "max_num_batched_tokens must be >= block_size"),
         ]
@@ -221,6 +250,11 @@ class EngineConfig:
         plan = self.quant_plan  # validates format names and override syntax
         if not self.pack_weights and (plan.default != "none" or plan.rules):
             raise ValueError("quantization needs pack_weights=True")
+
+    @property
+    def expert_ranks(self) -> bool:
+        """Whether this engine is one rank of an expert-parallel group."""
+        return self.expert_parallel and self.data_parallel_size > 1
 
     @property
     def kv_tiers(self) -> bool:

@@ -1,4 +1,4 @@
-"""LLM: the offline API — generate, chat and stream over one in-process engine."""
+"""LLM: the offline API — generate, chat and stream over one in-process engine (or data-parallel engine processes)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import fields
 from typing import Any, cast
 
+from tokenfab.cluster.offline import RouterEngine
 from tokenfab.config import EngineConfig, SpeculativeConfig
 from tokenfab.engine.engine import LLMEngine
 from tokenfab.engine.types import RequestOutput, SamplingParams
@@ -31,16 +32,21 @@ class LLM:
             engine_options["speculative"] = SpeculativeConfig.parse(spec)
         elif isinstance(spec, dict):
             engine_options["speculative"] = SpeculativeConfig(**spec)
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
+        self.engine = _engine(EngineConfig(model=model, **engine_options))
         self.tokenizer = self.engine.tokenizer
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLM:
         """An LLM over an engine built from a complete EngineConfig (what the command line produces)."""
         llm = cls.__new__(cls)
-        llm.engine = LLMEngine(config)
+        llm.engine = _engine(config)
         llm.tokenizer = llm.engine.tokenizer
         return llm
+
+    def close(self) -> None:
+        """Stop the engine processes of a data-parallel LLM (at exit otherwise); an in-process engine needs none."""
+        if isinstance(self.engine, RouterEngine):
+            self.engine.close()
 
     def generate(
         self,
@@ -87,6 +93,11 @@ class LLM:
                     done[out.request_id] = out
                     pending.discard(out.request_id)
         return [done[i] for i in request_ids]
+
+
+def _engine(config: EngineConfig) -> LLMEngine | RouterEngine:
+    """One in-process engine, or with data_parallel_size > 1 that many engine processes behind a router."""
+    return RouterEngine(config) if config.data_parallel_size > 1 else LLMEngine(config)
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

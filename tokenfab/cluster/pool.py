@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import tempfile
 import uuid
 from collections.abc import Sequence
@@ -30,6 +31,10 @@ def replica_configs(config: EngineConfig, n: int, prices: Sequence[str] = ()) ->
     threads = max(1, config.threads // n)
     base = os.path.join(tempfile.gettempdir(), f"tokenfab-kv-{uuid.uuid4().hex[:12]}")
     pricing = replica_pricing(config.pricing, n, prices)
+    ranks = config.expert_ranks
+    if ranks and n != config.data_parallel_size:
+        raise ValueError(f"expert parallelism over {config.data_parallel_size} ranks runs {n} replicas: give one")
+    master = f"127.0.0.1:{free_port()}" if ranks else None
     return [
         dataclasses.replace(
             config,
@@ -38,9 +43,18 @@ def replica_configs(config: EngineConfig, n: int, prices: Sequence[str] = ()) ->
             kv_events_endpoint=f"ipc://{base}-{i}",
             kv_events_replay_endpoint=f"ipc://{base}-{i}-replay",
             pricing=pricing[i],
+            expert_parallel_rank=i,
+            expert_parallel_master=master,
         )
         for i in range(n)
     ]
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous that rank 0 opens)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def replica_pricing(base: PricingConfig, n: int, prices: Sequence[str]) -> list[PricingConfig]:

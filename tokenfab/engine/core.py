@@ -18,6 +18,7 @@ import torch
 from tokenfab.attention.backend import KVCache
 from tokenfab.config import EngineConfig
 from tokenfab.economics.attribution import CostMeter, RequestCost
+from tokenfab.engine.expert_ranks import ExpertRanks, check_expert_parallel
 from tokenfab.engine.grammar import Grammars
 from tokenfab.engine.kv_cache_manager import KVCacheManager
 from tokenfab.engine.kv_events import MEDIUM_CPU, MEDIUM_GPU, EventBatch, KVEventPublisher
@@ -58,6 +59,9 @@ class EngineCore:
             "loading %s on %s (%s, quantization %s)", self.source.path.name, device, self.dtype, config.quantization
         )
         self._segments = SharedSegments() if config.kv_transport == "shm" else None
+        check_expert_parallel(config, self.source)
+        self.ranks = ExpertRanks(config, arch) if config.expert_ranks else None
+        """This engine's rank of an expert-parallel group (None: it holds every expert)."""
         self.worker = Worker.load(
             self.source,
             self.dtype,
@@ -68,8 +72,11 @@ class EngineCore:
             lambda groups: plan_kv_blocks(config, arch, groups, self.dtype, self.max_model_len),
             config.attention_backend,
             self._segments.tensor if self._segments is not None else None,
+            self.ranks.held if self.ranks is not None else None,
         )
         self.model = self.worker.model
+        if self.ranks is not None:
+            self.ranks.attach(self.model, self.source, weight_plan)
         self._expert_tokens: torch.Tensor | None = None
         log.info("model loaded in %.1f s", time.monotonic() - started)
         medium = MEDIUM_CPU if device.type == "cpu" else MEDIUM_GPU
@@ -191,6 +198,9 @@ class EngineCore:
             self.kv_events.flush()
             self.kv_events.close()
             self.kv_events = None
+        if self.ranks is not None:
+            self.ranks.close()
+            self.ranks = None
 
     # -- stepping -----------------------------------------------------------------------------------------------
 
@@ -207,6 +217,8 @@ class EngineCore:
         if plan.empty:
             self.meter.end_step({})
             self._back_to_back = False
+            if self.ranks is not None:
+                self.ranks.idle_step()  # the other ranks' MoE layers wait for this one's
             return []
         self.grammars.prepare(plan.scheduled)
         executed = time.perf_counter()
@@ -230,7 +242,20 @@ class EngineCore:
             self._costs[part_id].add(part)
         outputs = [self._output(e) for e in update.emitted]
         self._back_to_back = self.scheduler.has_unfinished()
+        if self.ranks is not None:
+            self.ranks.after_step()
         return outputs
+
+    def group_step(self) -> list[CoreOutput] | None:
+        """Expert parallelism: one step of the group — this rank's own if it has work, else its idle part — when
+        any rank has work; None when none has (every rank calls this at the same point)."""
+        assert self.ranks is not None
+        if not self.ranks.parallel.any(self.has_unfinished()):
+            return None
+        if self.has_unfinished():
+            return self.step()
+        self.ranks.idle_step()
+        return []
 
     def _speculate(self, plan: StepPlan, run: RunOutput, result: SampleResult, seconds: float) -> None:
         assert self.speculator is not None
@@ -330,7 +355,10 @@ class EngineCore:
         if load is None:
             return MoEStats()
         self._expert_tokens = load if self._expert_tokens is None else self._expert_tokens + load
-        return MoEStats(self._expert_tokens.tolist())
+        if self.ranks is None:
+            return MoEStats(self._expert_tokens.tolist())
+        rebalances = self.ranks.rebalances if self.ranks.parallel.rank == 0 else 0  # the group's, counted once
+        return MoEStats(self._expert_tokens.tolist(), self.ranks.rank_tokens(), rebalances)
 
     def _tier_identity(self) -> tuple:
         """What a disk tier's blocks depend on besides their tokens: model files, weight format, dtype, KV layout."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import traceback
 from collections.abc import Callable
 
@@ -33,9 +34,12 @@ from tokenfab.engine.messages import CoreOutput
 from tokenfab.platform.logs import log_to_stderr
 
 IDLE_POLL_MS = 1000
+"""How often an idle core checks that it should go on (its parent is alive, it was not stopped)."""
 EXPORT_POLL_MS = 50
 """How often an idle core that holds prefill legs' KV frees what decode replicas released."""
-"""How often an idle core checks that it should go on (its parent is alive, it was not stopped)."""
+GROUP_POLL_MS = 2
+"""How long an idle rank of an expert-parallel group waits for requests before it asks the group whether any
+rank has work (a rank with work waits for the others at that question)."""
 
 Receive = Callable[[int], ToCore | None]
 """Wait up to the given milliseconds for the next message; None when none came."""
@@ -46,6 +50,9 @@ def serve_core(core: EngineCore, receive: Receive, send: Send, keep_going: Calla
     """Run until Shutdown (or until keep_going() says stop while idle). The core's stats go out once at the start,
     so its gauges (KV capacity among them) are known before the first request."""
     send(StepResult([], core.stats()))
+    if core.ranks is not None:
+        _serve_rank(core, receive, send, keep_going)
+        return
     while True:
         rejected: list[CoreOutput] = []
         timeout = 0 if core.has_unfinished() else EXPORT_POLL_MS if core.holds_exports else IDLE_POLL_MS
@@ -65,6 +72,31 @@ def serve_core(core: EngineCore, receive: Receive, send: Send, keep_going: Calla
         outputs = core.step() if stepped else []
         if stepped or rejected or received or freed:  # every step, so a long prefill shows progress too
             send(StepResult(rejected + outputs, core.stats()))
+
+
+def _serve_rank(core: EngineCore, receive: Receive, send: Send, keep_going: Callable[[], bool]) -> None:
+    """serve_core for one rank of an expert-parallel group: every pass of the loop asks the group whether any rank
+    has work and, if so, takes its part of one step (tokenfab.engine.expert_ranks)."""
+    idle_since = time.monotonic()
+    while True:
+        rejected: list[CoreOutput] = []
+        received = False
+        timeout = 0 if core.has_unfinished() else GROUP_POLL_MS
+        while (message := receive(timeout)) is not None:
+            if isinstance(message, Shutdown):
+                core.abort_all()
+                core.close()
+                return
+            _handle(core, message, rejected)
+            received, timeout = True, 0
+        outputs = core.group_step()
+        if outputs is None and time.monotonic() - idle_since > IDLE_POLL_MS / 1000:
+            idle_since = time.monotonic()
+            if not keep_going():
+                core.close()
+                return
+        if outputs is not None or rejected or received:  # idle parts too: its experts' load is in its stats
+            send(StepResult(rejected + (outputs or []), core.stats()))
 
 
 def _handle(core: EngineCore, message: AddRequests | Abort, rejected: list[CoreOutput]) -> None:

@@ -11,6 +11,7 @@ import time
 from tokenfab.config import EngineConfig
 from tokenfab.engine.core import EngineCore
 from tokenfab.engine.output_processor import OutputProcessor
+from tokenfab.engine.stats import EngineStats
 from tokenfab.engine.types import RequestOutput, SamplingParams
 from tokenfab.models.loading import load_tokenizer
 
@@ -44,6 +45,9 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
 
     def step(self) -> list[RequestOutput]:
         outputs, stopped = self.outputs.process(self.core.step(), time.monotonic())

@@ -8,7 +8,7 @@ bookkeeping stays outside: `kv_manager()` gives the KVCacheManager that matches 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -64,10 +64,12 @@ class Worker:
         blocks: Callable[[list[KVGroupSpec]], list[int]],
         backend: AttentionBackend | str = "torch",
         kv_alloc: KVAlloc | None = None,
+        experts_held: Callable[[int], Sequence[int]] | None = None,
     ) -> Worker:
         """Load a model and give it a KV cache of `blocks(groups)` blocks per window group (in memory from
-        `kv_alloc` where given: shared memory a prefill/decode peer reads)."""
-        model = load_model(source, dtype, device, max_model_len, weights)
+        `kv_alloc` where given: shared memory a prefill/decode peer reads). `experts_held`: this rank's routed
+        experts per MoE layer under expert parallelism."""
+        model = load_model(source, dtype, device, max_model_len, weights, experts_held)
         return cls(model, blocks(kv_groups(source.arch)), block_size, backend, kv_alloc)
 
     @property

@@ -7,7 +7,7 @@ the scoped forward context. Weights arrive with HF names and are fused (QKV, gat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import cast
 
 import torch
@@ -111,12 +111,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ArchConfig, layer: int) -> None:
+    def __init__(self, arch: ArchConfig, layer: int, held: Sequence[int] | None = None) -> None:
         super().__init__()
         self.sliding = arch.layer_windows[layer] is not None
         eps = arch.rms_norm_eps
         self.self_attn: Attention | MLAttention = MLAttention(arch, layer) if arch.mla else Attention(arch, layer)
-        self.mlp: MLP | SparseMoE = SparseMoE(arch) if arch.is_moe_layer(layer) else MLP(arch)
+        self.mlp: MLP | SparseMoE = SparseMoE(arch, held) if arch.is_moe_layer(layer) else MLP(arch)
         self.attn_norm = RMSNorm(arch.hidden_size, eps)
         self.mlp_norm = RMSNorm(arch.hidden_size, eps)
         self.post_attn_norm = RMSNorm(arch.hidden_size, eps) if arch.sandwich_norm else None
@@ -142,13 +142,19 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     embed_tokens: nn.Embedding | PackedEmbedding
 
-    def __init__(self, arch: ArchConfig, max_positions: int) -> None:
+    def __init__(
+        self, arch: ArchConfig, max_positions: int, experts_held: Callable[[int], Sequence[int]] | None = None
+    ) -> None:
+        """`experts_held(layer)`: the routed experts this process holds in a MoE layer (expert parallelism;
+        None: all of them)."""
         super().__init__()
         self.arch = arch
         self.build_rope(max_positions)
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(arch, i, experts_held(i) if experts_held is not None else None) for i in range(arch.num_layers)
+        )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = Linear(arch.hidden_size, arch.vocab_size)
         if arch.tie_word_embeddings:
@@ -199,9 +205,12 @@ class DecoderModel(nn.Module):
         `stored` gives, once `weights` is exhausted, the projections a quantized checkpoint holds in a weight
         format, by HF module name (see tokenfab.quant.checkpoint). MTP modules, stored as the layers after the
         decoder's, are left to speculative decoding."""
-        load_hf_weights(
-            self, self.arch, weights, stored, keep=lambda name: (layer_index(name) or 0) < self.arch.num_layers
-        )
+        names = {name for name, _ in self.named_parameters()}
+
+        def keep(name: str) -> bool:  # not MTP modules, nor (expert parallelism) the experts other ranks hold
+            return (layer_index(name) or 0) < self.arch.num_layers and (".experts." not in name or name in names)
+
+        load_hf_weights(self, self.arch, weights, stored, keep=keep)
 
     def prepare_weights(self, plan: str | QuantPlan, hessians: Mapping[str, torch.Tensor] | None = None) -> None:
         """Hand every linear's loaded weight to its storage format (see tokenfab.quant); layers a quantized
@@ -250,6 +259,31 @@ class DecoderModel(nn.Module):
         )
         norms = sum(p.numel() * p.element_size() for n, p in self.named_parameters() if "norm" in n)
         return linears + int(routed) + norms
+
+    @property
+    def moe_layers(self) -> list[SparseMoE]:
+        return [layer.mlp for layer in self.decoder_layers if isinstance(layer.mlp, SparseMoE)]
+
+    def add_expert(self, layer: int, expert: int, weights: Iterable[tuple[str, torch.Tensor]], plan: QuantPlan) -> None:
+        """Hold one more routed expert in a MoE layer (expert parallelism, rebalanced): its HF-named tensors
+        loaded and given the weight formats `plan` names for it."""
+        moe = self.decoder_layers[layer].mlp
+        assert isinstance(moe, SparseMoE)
+        new = moe.new_expert().to(self.norm.weight.dtype)
+        prefix = f"layers.{layer}.mlp.experts.{expert}."
+        params = dict(new.named_parameters())
+        for hf_name, tensor in weights:
+            name, shard = _target_name(self.arch, hf_name)
+            target = params[name.removeprefix(prefix)].data
+            if shard is not None:
+                sizes = _shard_sizes(self.arch, name)
+                target = target.narrow(0, sum(sizes[:shard]), sizes[shard])
+            target.copy_(tensor)
+        for sub, linear in new.named_modules():
+            if isinstance(linear, Linear):
+                name = prefix + sub
+                linear.use(self._build_weight(name, linear.weight.data, plan.format_for(name), None))
+        moe.experts[str(expert)] = new
 
     def take_expert_load(self) -> torch.Tensor | None:
         """Tokens each expert of each MoE layer received since the last call, [MoE layers, experts] (None for a

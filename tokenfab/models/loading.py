@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,19 @@ def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+def expert_tensors(source: ModelSource, layer: int, expert: int) -> list[tuple[str, torch.Tensor]]:
+    """The HF-named tensors of one routed expert of a MoE layer (Qwen3-MoE's, DeepSeek-V3's or Mixtral's
+    names), read from the checkpoint's safetensors files."""
+    prefixes = tuple(f"model.layers.{layer}.{block}.experts.{expert}." for block in ("mlp", "block_sparse_moe"))
+    out = []
+    for file in sorted(source.path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            out += [(name, f.get_tensor(name)) for name in f.keys() if name.startswith(prefixes)]
+    if not out:
+        raise ValueError(f"{source.path} has no tensors for expert {expert} of layer {layer}")
+    return out
+
+
 def load_tokenizer(source: ModelSource) -> Tokenizer:
     if source.is_gguf:
         return load_gguf_tokenizer(source.path, source.arch.model_type)
@@ -80,11 +93,13 @@ def load_model(
     device: torch.device,
     max_positions: int,
     weight_format: str | QuantPlan | None = "none",
+    experts_held: Callable[[int], Sequence[int]] | None = None,
 ) -> DecoderModel:
     """weight_format: a tokenfab.quant format (or a per-layer plan) for the linear layers, or None to keep plain
-    torch weights. Layers a quantized checkpoint stores keep the checkpoint's format either way."""
+    torch weights. Layers a quantized checkpoint stores keep the checkpoint's format either way. experts_held:
+    with expert parallelism, the routed experts this rank loads per MoE layer (None: all)."""
     with torch.device("meta"):
-        model = DecoderModel(source.arch, max_positions)
+        model = DecoderModel(source.arch, max_positions, experts_held)
     model = model.to_empty(device=device)
     if source.arch.tie_word_embeddings:
         # Materializing from meta creates new parameters, which unties them.

@@ -9,7 +9,8 @@ the query and the output (the "absorbed" form, as DeepSeek serves it): per head 
 
 so attention is one-key-head attention over [c, k_r] with values c, and the cache holds only [c, k_r] per token
 and layer — kv_lora_rank + qk_rope_head_dim numbers (DeepSeek-V3: 576) instead of heads × (key + value dims)
-(MHA with its shapes: 128 × (192 + 128) = 40,960). The latent is stored split across the cache's K and V tensors (ArchConfig.kv_cache_layout).
+(MHA with its shapes: 128 × (192 + 128) = 40,960). The latent is stored split across the cache's K and V tensors
+(ArchConfig.kv_cache_layout).
 """
 
 from __future__ import annotations

@@ -10,11 +10,14 @@ over the experts that received tokens, never over tokens. The layer counts the t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tokenfab.models.arch import ArchConfig
+from tokenfab.models.expert_parallel import ExpertParallel, Placement
 from tokenfab.models.layers import Linear, gated_activation
 from tokenfab.quant.bf16 import fused_gated_mlp
 
@@ -69,7 +72,7 @@ def sigmoid_group_top_k(
     scores = torch.sigmoid(logits.float())
     choice = scores + bias.float()
     if groups > 1:
-        per_group = choice.view(choice.shape[0], groups, -1)
+        per_group = choice.view(choice.shape[0], groups, choice.shape[1] // groups)
         best = per_group.topk(min(2, per_group.shape[-1]), dim=-1)[0].sum(dim=-1)
         kept = torch.zeros_like(best).scatter_(1, best.topk(topk_groups, dim=-1)[1], 1.0).bool()
         choice = per_group.masked_fill(~kept.unsqueeze(-1), float("-inf")).view_as(choice)
@@ -89,22 +92,42 @@ def group_by_expert(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tens
 
 
 class SparseMoE(nn.Module):
-    """The MoE feed-forward of one layer."""
+    """The MoE feed-forward of one layer. `experts`: the routed experts this process holds, by expert id (all of
+    them, or with expert parallelism this rank's share: see tokenfab.models.expert_parallel)."""
 
-    def __init__(self, arch: ArchConfig) -> None:
+    def __init__(self, arch: ArchConfig, held: Sequence[int] | None = None) -> None:
         super().__init__()
         self.num_experts = arch.num_experts
         self.top_k = arch.num_experts_per_tok
         self.normalize = arch.norm_topk_prob
         self.routing = arch.moe
+        self.activation = arch.activation
+        self.hidden_size, self.intermediate_size = arch.hidden_size, arch.moe_intermediate_size
         self.gate = Router(arch.hidden_size, arch.num_experts, bias=arch.moe.scoring == "sigmoid")
-        self.experts = nn.ModuleList(
-            Expert(arch.hidden_size, arch.moe_intermediate_size, arch.activation) for _ in range(arch.num_experts)
-        )
+        ids = range(arch.num_experts) if held is None else held
+        self.experts = nn.ModuleDict({str(e): self.new_expert() for e in ids})
         shared = arch.moe.num_shared_experts * arch.moe_intermediate_size
         self.shared_experts = Expert(arch.hidden_size, shared, arch.activation) if shared else None
         self._load: torch.Tensor | None = None
         """Tokens routed to each expert since the engine last read it (see take_load)."""
+        self.window: torch.Tensor | None = None
+        """Tokens routed to each expert since the load balancer last read it."""
+        self.parallel: ExpertParallel | None = None
+        self.hosts: torch.Tensor | None = None
+        """With expert parallelism, [experts, ranks]: the ranks holding each expert, repeated round to `ranks`
+        columns, so column (token mod ranks) spreads an expert's tokens over its copies."""
+        self.computed = 0
+        """Token-expert pairs this process's experts computed."""
+
+    def new_expert(self) -> Expert:
+        return Expert(self.hidden_size, self.intermediate_size, self.activation)
+
+    def place(self, parallel: ExpertParallel, placement: Placement) -> None:
+        """Serve as one rank of `parallel`: tokens go to the ranks `placement` names (whose experts this rank
+        holds: the caller loads them)."""
+        hosts = placement.hosts(self.num_experts)
+        self.parallel = parallel
+        self.hosts = torch.tensor([[h[i % len(h)] for i in range(parallel.size)] for h in hosts], dtype=torch.int64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)
@@ -130,20 +153,43 @@ class SparseMoE(nn.Module):
 
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """sum over each token's k experts of weight * expert(x), experts in ascending order (the order
-        transformers sums them in)."""
+        transformers sums them in), wherever the experts run."""
         order, histogram = group_by_expert(experts, self.num_experts)
         self._load = histogram if self._load is None else self._load + histogram
-        counts = histogram.tolist()
+        self.window = histogram if self.window is None else self.window + histogram
         tokens = order // self.top_k
+        pair_experts = experts.reshape(-1)[order]
+        if self.parallel is None:
+            y = self.compute(x.index_select(0, tokens), pair_experts)
+        else:
+            assert self.hosts is not None
+            dest = self.hosts[pair_experts, tokens % self.parallel.size]
+            by_dest = torch.argsort(dest, stable=True)
+            sent = self.parallel.exchange(
+                x.index_select(0, tokens[by_dest]), pair_experts[by_dest], dest[by_dest], self.compute
+            )
+            y = torch.empty_like(sent)
+            y[by_dest] = sent
         scale = weights.reshape(-1)[order].to(x.dtype).unsqueeze(1)
         out = torch.zeros_like(x)
         start = 0
-        for e, n in enumerate(counts):
+        for n in histogram.tolist():
             if n:
-                rows = tokens[start : start + n]
-                y = self.experts[e](x.index_select(0, rows)) * scale[start : start + n]
-                out.index_add_(0, rows, y)
+                out.index_add_(0, tokens[start : start + n], y[start : start + n] * scale[start : start + n])
                 start += n
+        return out
+
+    def compute(self, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Each row through its expert (one call per expert over all its rows); rows in any order."""
+        self.computed += rows.shape[0]
+        order = torch.argsort(experts, stable=True)
+        ids, counts = torch.unique_consecutive(experts[order], return_counts=True)
+        out = rows.new_empty(rows.shape[0], self.hidden_size)
+        start = 0
+        for e, n in zip(ids.tolist(), counts.tolist()):
+            picked = order[start : start + n]
+            out[picked] = self.experts[str(e)](rows.index_select(0, picked))
+            start += n
         return out
 
     def take_load(self) -> torch.Tensor:

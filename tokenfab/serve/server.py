@@ -14,6 +14,7 @@ import uvicorn
 from tokenfab.cluster.pool import RouterOptions, local_router
 from tokenfab.config import EngineConfig
 from tokenfab.engine.client import EngineClient, make_engine_client
+from tokenfab.engine.expert_ranks import check_expert_parallel
 from tokenfab.engine.speculative.speculator import check_speculative
 from tokenfab.models.loading import load_tokenizer, resolve_model
 from tokenfab.platform.logs import log_to_stderr
@@ -50,6 +51,7 @@ class _DrainingServer(uvicorn.Server):
 def build_state(engine: EngineConfig, settings: ServerSettings) -> ServerState:
     source = resolve_model(engine.model, prefer_gguf=engine.quant_plan.uses("gguf"))
     check_speculative(engine, source)
+    check_expert_parallel(engine, source)
     tokenizer = load_tokenizer(source)
     # Both lambdas look the other object up when called, after both exist.
     metrics = ServerMetrics(settings.served_model_name, lambda: client.stats, lambda: client.alive)
@@ -66,6 +68,11 @@ def build_state(engine: EngineConfig, settings: ServerSettings) -> ServerState:
         settings.replica_roles,
         settings.disaggregation,
     )
+    if engine.data_parallel_size > 1 and (settings.replica_slots > 1 or settings.ray or settings.moves_kv):
+        raise ValueError(
+            "--data-parallel-size runs its ranks as this server's replicas: drop --replicas, --ray and the "
+            "prefill/decode options"
+        )
     if settings.moves_kv and engine.kv_transport is None:
         engine = dataclasses.replace(engine, kv_transport="tcp" if settings.ray else "shm")
     if settings.ray:
@@ -73,8 +80,9 @@ def build_state(engine: EngineConfig, settings: ServerSettings) -> ServerState:
 
         core = ray_router(engine, settings.replica_slots, options, settings.ray_address)
         metrics.watch_router(core)
-    elif settings.replica_slots > 1:
-        core = local_router(engine, settings.replica_slots, options, settings.engine_transport)
+    elif settings.replica_slots > 1 or engine.data_parallel_size > 1:
+        slots = engine.data_parallel_size if engine.data_parallel_size > 1 else settings.replica_slots
+        core = local_router(engine, slots, options, settings.engine_transport)
         metrics.watch_router(core)
     else:
         core = make_engine_client(engine, settings.engine_transport, spawn=not settings.external_core)

@@ -1,0 +1,92 @@
+"""Expert parallelism over two engine processes (gloo): a MoE model's experts split between the ranks gives exactly
+the single engine's tokens (greedy and seeded, mixed batches), also while EPLB moves experts mid-run; offline
+(`LLM(data_parallel_size=2, expert_parallel=True)`) and served (`serve --data-parallel-size 2 --expert-parallel`)."""
+
+import time
+
+import httpx
+import pytest
+
+from conftest import random_prompts, tiny_llm
+from live_server import LiveServer
+from tokenfab import LLM, SamplingParams
+
+PROMPTS = random_prompts([5, 40, 100, 17, 70, 33], seed=1)
+PARAMS = [SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)] * 4 + [
+    SamplingParams(max_tokens=12, temperature=0.9, seed=5, ignore_eos=True)
+] * 2
+OPTIONS = dict(dtype="float32", kv_cache_memory_gb=0.04, max_num_batched_tokens=64)
+
+
+def tokens(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def single(tiny_model):
+    """kind -> the single engine's tokens for PROMPTS."""
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            cache[kind] = tokens(tiny_llm(tiny_model(kind), **OPTIONS).generate(PROMPTS, PARAMS))
+        return cache[kind]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_two_expert_parallel_ranks_give_the_single_engine_tokens(kind, tiny_model, single):
+    llm = LLM(str(tiny_model(kind)), data_parallel_size=2, expert_parallel=True, **OPTIONS)
+    try:
+        assert tokens(llm.generate(PROMPTS, PARAMS)) == single(kind)
+        moe = llm.engine.stats().moe
+        assert len(moe.rank_tokens) == 2 and all(n > 0 for n in moe.rank_tokens)  # both ranks' experts worked
+        assert moe.rebalances == 0
+    finally:
+        llm.close()
+
+
+def test_eplb_moving_experts_mid_run_changes_no_output(tiny_model, single):
+    """Every 4 steps the ranks rebalance 8 experts + 2 copies from the load they measured (DeepSeek-V3 routing)."""
+    llm = LLM(str(tiny_model("deepseek_v3")), data_parallel_size=2, expert_parallel=True, eplb=True,
+              num_redundant_experts=2, eplb_interval_steps=4, **OPTIONS)
+    try:
+        assert tokens(llm.generate(PROMPTS, PARAMS)) == single("deepseek_v3")
+        assert llm.engine.stats().moe.rebalances >= 2
+        assert tokens(llm.generate(PROMPTS[:2], PARAMS[:2])) == single("deepseek_v3")[:2]  # and after them
+    finally:
+        llm.close()
+
+
+def test_served_expert_parallel_ranks(tiny_model, single):
+    server = LiveServer(tiny_model("qwen3_moe"), "--data-parallel-size", "2", "--expert-parallel", "--dtype",
+                        "float32", "--max-num-batched-tokens", "64")
+    try:
+        for prompt, want in zip(PROMPTS[:3], single("qwen3_moe")[:3]):
+            r = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                           json={"prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200
+            assert r.json()["choices"][0]["text"] == " ".join(f"w{t}" for t in want)  # tiny vocabulary: w<id>
+        replicas = httpx.get(f"{server.url}/replicas").json()["replicas"]
+        assert [r["state"] for r in replicas] == ["running", "running"]
+        deadline = time.monotonic() + 10
+        while True:  # each rank's stats of the last step arrive on their own
+            m = server.metrics()
+            ranks = [m[f'tokenfab:moe_rank_tokens_total{{model_name="tiny",rank="{i}"}}'] for i in (0, 1)]
+            routed = sum(v for k, v in m.items() if k.startswith("tokenfab:moe_expert_tokens_total{"))
+            if routed == sum(ranks) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert all(n > 0 for n in ranks)
+        assert routed == sum(ranks)  # every pair routed was computed by one rank
+    finally:
+        assert server.stop() == 0
+
+
+def test_bad_expert_parallel_options_are_refused(tiny_model):
+    with pytest.raises(ValueError, match="eplb .* needs expert_parallel"):
+        LLM(str(tiny_model("qwen3_moe")), eplb=True)
+    with pytest.raises(ValueError, match="multiple of the ranks"):
+        LLM(str(tiny_model("qwen3_moe")), data_parallel_size=2, expert_parallel=True, num_redundant_experts=1,
+            **OPTIONS)
