@@ -48,3 +48,24 @@ def test_uniform_load_keeps_one_copy_each_and_balances():
 def test_impossible_placements_are_refused(experts, ranks, redundant, message):
     with pytest.raises(ValueError, match=message):
         rebalance([1.0] * experts, ranks, redundant)
+
+
+def test_the_ladder_gains_moe_rungs_ep_then_eplb_with_valid_flags():
+    from tokenfab.bench.ladder import Rung, ladder_rows, rungs
+    from tokenfab.cli import build_parser
+    from tokenfab.config_cli import engine_config
+
+    *_, ep, eplb = rungs((1, 4), moe_model="/models/moe")
+    assert (ep.model, eplb.model) == ("/models/moe", "/models/moe") and ep.baseline and not eplb.baseline
+    configs = [engine_config(build_parser().parse_args(["serve", *r.flags, "--model", r.model])) for r in (ep, eplb)]
+    assert [(c.data_parallel_size, c.expert_parallel, c.eplb) for c in configs] == [(2, True, False), (2, True, True)]
+    assert configs[1].num_redundant_experts == 2
+    assert not rungs((1, 4))[-1].model  # without --moe-model: no MoE rungs
+
+    def entry(tok_s):
+        return {"points": [{"concurrency": 4, "summary": {
+            "output_tok_s": tok_s, "ttft_s": {"p50": 0.1}, "tpot_s": {"p50": 0.01}, "goodput_fraction": 1.0}}]}
+
+    rows = ladder_rows([(Rung("dense", (), 4), entry(100.0)), (ep, entry(10.0)), (eplb, entry(12.0))], 1.0)
+    assert rows[1]["step_gain"] is None and rows[1]["compounded_gain"] == 1.0  # another model: a new baseline
+    assert abs(rows[2]["step_gain"] - 1.2) < 1e-9 and abs(rows[2]["compounded_gain"] - 1.2) < 1e-9

@@ -80,6 +80,8 @@ def test_served_expert_parallel_ranks(tiny_model, single):
             time.sleep(0.1)
         assert all(n > 0 for n in ranks)
         assert routed == sum(ranks)  # every pair routed was computed by one rank
+        assert m['tokenfab:moe_all_to_all_seconds_total{model_name="tiny"}'] > 0
+        assert 0 < m['tokenfab:moe_all_to_all_share{model_name="tiny"}'] < 1
     finally:
         assert server.stop() == 0
 

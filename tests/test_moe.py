@@ -100,3 +100,19 @@ def test_expert_load_is_counted_and_exported(tiny_model):
     computed = 20 + 33 + 2 * 4  # prompts, then 4 decode steps each (the 5th token is sampled, not computed)
     assert len(moe.expert_tokens) == 2 and all(sum(layer) == computed * 3 for layer in moe.expert_tokens)
     assert moe.imbalance >= 1.0
+
+
+def test_deepseek_v3_with_yarn_rope_matches_transformers(tmp_path, hf_model):
+    """DeepSeek-V3's own rope: YaRN (factor 4 over a 64-token trained context here), its mscale folded into the
+    attention scale; prompts past the trained context."""
+    from tiny_models import write_tiny_model
+
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+            "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}
+    path = write_tiny_model("deepseek_v3", tmp_path, rope_parameters=yarn)
+    prompts = random_prompts([30, 120], seed=7)
+    outs = tiny_llm(path).generate(prompts, GREEDY)
+    hf = hf_model(path)
+    assert hf.config.rope_parameters["rope_type"] == "yarn"
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 16)

@@ -57,6 +57,11 @@ def add_parser(sub) -> None:
         default=0.15,
         help="the KV-tier rungs: the engine's KV pool cut to this size, then the host-memory KV tier added (0: none)",
     )
+    lad.add_argument(
+        "--moe-model",
+        default=None,
+        help="the MoE rungs: this mixture-of-experts model over 2 expert-parallel ranks, then with EPLB (omit: none)",
+    )
     lad.add_argument("--rungs", default=None, help="run only these rungs (comma-separated numbers from 1)")
     lad.set_defaults(func=_ladder, slo_ttft=5.0, slo_tpot=0.25)
 

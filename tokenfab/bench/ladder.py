@@ -30,17 +30,26 @@ class Rung:
     max_seqs: int
     concurrencies: tuple[int, ...] | None = None
     """None: the ladder's concurrency list."""
+    model: str | None = None
+    """The model this rung serves (None: the ladder's)."""
+    baseline: bool = False
+    """The rung starts a new comparison (another model): the compounded gain counts from it."""
 
 
 def rungs(
-    concurrencies: tuple[int, ...], quantization: str = "none", replicas: int = 1, kv_pool_gb: float = 0.0
+    concurrencies: tuple[int, ...],
+    quantization: str = "none",
+    replicas: int = 1,
+    kv_pool_gb: float = 0.0,
+    moe_model: str | None = None,
 ) -> list[Rung]:
     """quantization: the weight format of its rung ('none' leaves that rung out); replicas > 1: three more rungs,
     the machine split into that many replicas behind round-robin, then behind the KV-aware router (same cores, same
     KV memory in total, same price), then with prefill/decode roles switched as the load needs (--disaggregation
     auto); kv_pool_gb > 0: two more, on one engine with the rungs above the replicas',
     its KV pool cut to that size (returning sessions find their prefix evicted), then the host-memory KV tier
-    added (the same pool)."""
+    added (the same pool); moe_model: two more on that mixture-of-experts model, its experts split over two
+    expert-parallel ranks (same cores), then rebalanced from the measured load (EPLB, two redundant copies)."""
     top = max(concurrencies)
     out = [
         Rung("naive: one request at a time, no prefix cache", ("--no-enable-prefix-caching",), 1, (1,)),
@@ -61,6 +70,11 @@ def rungs(
         small = (*single, "--kv-cache-memory-gb", f"{kv_pool_gb:g}")
         out.append(Rung(f"one engine, KV pool cut to {kv_pool_gb:g} GB", small, top))
         out.append(Rung("+ host-memory KV tier (2 GB)", (*small, "--kv-host-gb", "2"), top))
+    if moe_model is not None:
+        ep = ("--enable-prefix-caching", "--data-parallel-size", "2", "--expert-parallel")
+        out.append(Rung("MoE model: 2 expert-parallel ranks", ep, top, model=moe_model, baseline=True))
+        eplb = (*ep, "--eplb", "--num-redundant-experts", "2", "--eplb-interval-steps", "32")
+        out.append(Rung("+ EPLB (2 redundant experts)", eplb, top, model=moe_model))
     return out
 
 
@@ -70,14 +84,14 @@ def ladder_rows(entries: list[tuple[Rung, dict]], price_per_hour: float) -> list
         point = best_within_slo(entry["points"], "output_tok_s")
         tok_s = point["summary"]["output_tok_s"] if point else 0.0
         per_usd = tok_s * 3600 / price_per_hour if price_per_hour else None
-        base = per_usd if base is None else base
+        base = per_usd if base is None or rung.baseline else base
         rows.append(
             {
                 "rung": rung.name,
                 "concurrency": point["concurrency"] if point else None,
                 "output_tok_s": tok_s,
                 "tokens_per_usd": per_usd,
-                "step_gain": per_usd / previous if previous and per_usd else None,
+                "step_gain": per_usd / previous if previous and per_usd and not rung.baseline else None,
                 "compounded_gain": per_usd / base if base and per_usd else None,
                 "ttft_p50_s": point["summary"]["ttft_s"]["p50"] if point else None,
                 "tpot_p50_s": point["summary"]["tpot_s"]["p50"] if point else None,
@@ -96,13 +110,14 @@ def main(args: argparse.Namespace) -> int:
     doc["kind"] = "tokenfab-bench-ladder"
     out = args.out / "ladder.json"
     entries: list[tuple[Rung, dict]] = []
-    chosen = rungs(concurrencies, args.quantization, args.replicas, args.kv_pool_gb)
+    chosen = rungs(concurrencies, args.quantization, args.replicas, args.kv_pool_gb, args.moe_model)
     if args.rungs:
         chosen = [chosen[int(i) - 1] for i in args.rungs.split(",")]
     for rung in chosen:
         rung_config = config if rung.concurrencies is None else replace(config, points=list(rung.concurrencies))
         port = free_port()
-        extra = list(rung.flags) + (["--model", args.model] if args.model else [])
+        model = rung.model or args.model
+        extra = list(rung.flags) + (["--model", model] if model else [])
         spec = server_spec("tokenfab", port, Path(".peers"), 2, rung.max_seqs, 4096, extra)
         server = launch(spec, port, args.out / "logs")
         try:

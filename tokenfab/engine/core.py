@@ -358,7 +358,9 @@ class EngineCore:
         if self.ranks is None:
             return MoEStats(self._expert_tokens.tolist())
         rebalances = self.ranks.rebalances if self.ranks.parallel.rank == 0 else 0  # the group's, counted once
-        return MoEStats(self._expert_tokens.tolist(), self.ranks.rank_tokens(), rebalances)
+        return MoEStats(
+            self._expert_tokens.tolist(), self.ranks.rank_tokens(), rebalances, self.ranks.parallel.exchange_seconds
+        )
 
     def _tier_identity(self) -> tuple:
         """What a disk tier's blocks depend on besides their tokens: model files, weight format, dtype, KV layout."""

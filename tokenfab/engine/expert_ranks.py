@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -19,10 +20,13 @@ from tokenfab.config import EngineConfig
 from tokenfab.models.arch import ArchConfig
 from tokenfab.models.decoder import DecoderModel
 from tokenfab.models.expert_parallel import ExpertParallel, Placement, rebalance
-from tokenfab.models.loading import ModelSource, expert_tensors
+from tokenfab.models.loading import ModelSource, expert_files, expert_tensors
 from tokenfab.quant.plan import QuantPlan
 
 log = logging.getLogger("tokenfab.engine")
+
+MIN_GAIN = 0.02
+"""A new placement is applied when it lowers the ranks' max/mean load of the window by at least this much."""
 
 
 def check_expert_parallel(config: EngineConfig, source: ModelSource) -> None:
@@ -50,6 +54,7 @@ class ExpertRanks:
         self.steps = 0
         self.rebalances = 0
         self.rebalance_seconds = 0.0
+        self._files: dict[tuple[int, int], list[tuple[Path, str]]] | None = None
         self.imbalance: list[float] = []
         """Max over mean token-expert pairs per rank of each window the balancer measured (before rebalancing)."""
 
@@ -102,14 +107,15 @@ class ExpertRanks:
         for i, (moe, layer) in enumerate(zip(self.moes, self.layers)):
             counts = load[i].tolist()
             old = self.placements[i]
-            self.imbalance.append(_rank_imbalance(counts, old))
+            before = _rank_imbalance(counts, old)
+            self.imbalance.append(before)
             new = rebalance(counts, size, self.config.num_redundant_experts)
-            if new == old:
-                continue
+            if new == old or before - _rank_imbalance(counts, new) < MIN_GAIN:
+                continue  # moving experts costs a pause and their reads; not for noise
             mine, had = set(new.ranks[rank]), {int(e) for e in moe.experts}
             plan = self.plan if self.plan is not None else QuantPlan("none")
             for e in sorted(mine - had):
-                self.model.add_expert(layer, e, expert_tensors(self.source, layer, e), plan)
+                self.model.add_expert(layer, e, self._tensors(layer, e), plan)
             for e in had - mine:
                 del moe.experts[str(e)]
             moe.place(self.parallel, new)
@@ -119,6 +125,12 @@ class ExpertRanks:
             self.rebalances += 1
         self.rebalance_seconds += time.perf_counter() - start
         log.info("expert placement of %d MoE layers rebalanced in %.2f s", changed, time.perf_counter() - start)
+
+    def _tensors(self, layer: int, expert: int) -> list[tuple[str, torch.Tensor]]:
+        """One expert's checkpoint tensors (the files indexed once)."""
+        if self._files is None:
+            self._files = expert_files(self.source)
+        return expert_tensors(self._files, layer, expert)
 
     def close(self) -> None:
         self.parallel.close()

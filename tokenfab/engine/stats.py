@@ -171,6 +171,9 @@ class MoEStats(msgspec.Struct, gc=False):
     rank_tokens: list[int] = msgspec.field(default_factory=list)
     """With expert parallelism: token-expert pairs computed by each rank's experts, since start."""
     rebalances: Annotated[int, counter("moe_rebalances", "Expert placements changed by the load balancer")] = 0
+    exchange_seconds: Annotated[
+        float, counter("moe_all_to_all_seconds", "Time expert-parallel ranks spent in the experts' all-to-alls")
+    ] = 0.0
 
     @property
     def imbalance(self) -> float:

@@ -134,7 +134,14 @@ class ArchConfig:
     @property
     def softmax_scale(self) -> float:
         if self.mla is not None:
-            return self.attn_scale or (self.mla.qk_nope_head_dim + self.mla.qk_rope_head_dim) ** -0.5
+            scale = self.attn_scale or (self.mla.qk_nope_head_dim + self.mla.qk_rope_head_dim) ** -0.5
+            yarn = self.rope_full.scaling or {}
+            if yarn.get("rope_type", yarn.get("type")) == "yarn" and yarn.get("mscale_all_dim"):
+                # DeepSeek scales every query-key product (rotary dims or not) by YaRN's mscale, squared
+                from tokenfab.models.layers import yarn_mscale
+
+                scale *= yarn_mscale(float(yarn["factor"]), float(yarn["mscale_all_dim"])) ** 2
+            return scale
         return self.attn_scale or self.head_dim**-0.5
 
     @property

@@ -112,7 +112,39 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> tu
         return inv_freq / float(scaling["factor"]), 1.0
     if kind == "llama3":
         return _llama3_inv_freq(inv_freq, scaling), 1.0
-    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3)")
+    if kind == "yarn":
+        return _yarn_inv_freq(inv_freq, head_dim, theta, scaling)
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: linear, llama3, yarn)")
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention scaling of a context `scale`-times the trained one: 0.1 mscale ln(scale) + 1."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, dim: int, theta: float, s: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """YaRN (DeepSeek-V3, Qwen long context): frequencies above `beta_fast` rotations over the trained context kept,
+    below `beta_slow` divided by `factor`, a linear ramp between; cos/sin scaled by the attention factor."""
+    factor, trained = float(s["factor"]), float(s["original_max_position_embeddings"])
+    factor_attn = s.get("attention_factor")
+    if factor_attn is None:
+        mscale, mscale_all = s.get("mscale"), s.get("mscale_all_dim")
+        factor_attn = (
+            yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+            if mscale and mscale_all
+            else (yarn_mscale(factor))
+        )
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(trained / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(float(s.get("beta_fast") or 32)), correction_dim(float(s.get("beta_slow") or 1))
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    kept = 1 - ramp
+    return inv_freq / factor * (1 - kept) + inv_freq * kept, float(factor_attn)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:

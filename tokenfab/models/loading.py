@@ -68,16 +68,33 @@ def iter_weights(source: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def expert_tensors(source: ModelSource, layer: int, expert: int) -> list[tuple[str, torch.Tensor]]:
-    """The HF-named tensors of one routed expert of a MoE layer (Qwen3-MoE's, DeepSeek-V3's or Mixtral's
-    names), read from the checkpoint's safetensors files."""
-    prefixes = tuple(f"model.layers.{layer}.{block}.experts.{expert}." for block in ("mlp", "block_sparse_moe"))
-    out = []
+def expert_files(source: ModelSource) -> dict[tuple[int, int], list[tuple[Path, str]]]:
+    """Where each routed expert's tensors are: (layer, expert) -> [(safetensors file, tensor name)] (Qwen3-MoE's,
+    DeepSeek-V3's or Mixtral's names)."""
+    out: dict[tuple[int, int], list[tuple[Path, str]]] = {}
     for file in sorted(source.path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
-            out += [(name, f.get_tensor(name)) for name in f.keys() if name.startswith(prefixes)]
-    if not out:
-        raise ValueError(f"{source.path} has no tensors for expert {expert} of layer {layer}")
+            for name in f.keys():
+                parts = name.split(".")
+                if len(parts) == 8 and parts[0] == "model" and parts[4] == "experts" and parts[3] in _MOE_BLOCKS:
+                    out.setdefault((int(parts[2]), int(parts[5])), []).append((file, name))
+    return out
+
+
+_MOE_BLOCKS = ("mlp", "block_sparse_moe")
+
+
+def expert_tensors(
+    files: dict[tuple[int, int], list[tuple[Path, str]]], layer: int, expert: int
+) -> list[tuple[str, torch.Tensor]]:
+    """The HF-named tensors of one routed expert of a MoE layer, read from the files `expert_files` found."""
+    where = files.get((layer, expert))
+    if not where:
+        raise ValueError(f"the checkpoint has no tensors for expert {expert} of layer {layer}")
+    out = []
+    for file, name in where:
+        with safe_open(str(file), framework="pt") as f:
+            out.append((name, f.get_tensor(name)))
     return out
 
 
