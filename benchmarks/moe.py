@@ -238,8 +238,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--work", default=None, help="where the models are written (kept, and reused if there)")
     parser.add_argument("--write-model", default=None, help="only write the benchmark's model to this directory")
-    parser.add_argument("--skew", type=float, default=0.0, help="with --write-model: the router's skew (6: skewed)")
+    parser.add_argument("--skew", type=float, default=0.0, help="with --write-model: the router's skew (2: skewed)")
+    parser.add_argument("--markdown", default=None, help="only rewrite the Markdown of this JSON report")
     args = parser.parse_args()
+    if args.markdown:
+        report = json.loads(Path(args.markdown).read_text())
+        Path(args.markdown).with_suffix(".md").write_text(markdown(report))
+        return 0
     if args.write_model:
         print(write_checkpoint(Path(args.write_model), skew=args.skew))
         return 0
@@ -304,12 +309,13 @@ def markdown(r: dict) -> str:
         "",
         "## Decode (one engine, every thread)",
         "",
-        "| batch | decode tok/s | experts read per step (all MoE layers) | MB read per step | GB/s |",
-        "|---|---|---|---|---|",
+        "| batch | decode tok/s | experts read per step (all MoE layers) | MB read per step | GB/s | experts GB/s |",
+        "|---|---|---|---|---|---|",
     ]
     for d in r["decode"]:
+        experts = d["experts_per_step"] * d["expert_bytes"] * d["steps"] / d["decode_s"] / 1e9
         lines.append(f"| {d['batch']} | {d['tok_per_s']} | {d['experts_per_step']} | "
-                     f"{d['bytes_per_step'] / 1e6:.0f} | {d['gbps']} |")
+                     f"{d['bytes_per_step'] / 1e6:.0f} | {d['gbps']} | {experts:.2f} |")
     b = r["batch1"]
     lines += ["", f"Batch 1 reads {r['decode'][0]['bytes_per_step'] / 1e6:.0f} MB per token: bandwidth bound "
               f"{b['bound_tok_s']} tok/s; measured {r['decode'][0]['tok_per_s']} = **{b['fraction_of_bound']} of the "
