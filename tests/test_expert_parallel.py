@@ -92,3 +92,39 @@ def test_bad_expert_parallel_options_are_refused(tiny_model):
     with pytest.raises(ValueError, match="multiple of the ranks"):
         LLM(str(tiny_model("qwen3_moe")), data_parallel_size=2, expert_parallel=True, num_redundant_experts=1,
             **OPTIONS)
+
+
+def test_a_killed_rank_takes_its_group_down_and_back_without_losing_a_request(tiny_model):
+    """kill -9 of one rank with sequences in flight on both: the other fails at its next exchange, both restart and
+    rendezvous again, and every request completes with the single engine's tokens (migrated where they were)."""
+    import os
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tokenfab.bench.faults import busiest
+
+    path = tiny_model("qwen3_moe")
+    prompts = random_prompts([30, 12, 50, 25, 40, 9], seed=8)
+    params = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
+    want = tokens(tiny_llm(path, **OPTIONS).generate(prompts, params))
+    server = LiveServer(path, "--data-parallel-size", "2", "--expert-parallel", "--dtype", "float32")
+    try:
+        def one(prompt):
+            r = httpx.post(f"{server.url}/v1/completions", timeout=300,
+                           json={"prompt": prompt, "max_tokens": 300, "temperature": 0, "ignore_eos": True})
+            return r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else r.text
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            futures = [pool.submit(one, p) for p in prompts]
+            victim = busiest(server.url, {0, 1}, freeze=True)
+            os.kill(victim["pid"], signal.SIGKILL)
+            results = [f.result() for f in futures]
+        assert [s for s, _ in results] == [200] * len(prompts), results
+        assert [t for _, t in results] == [" ".join(f"w{i}" for i in w) for w in want]
+        rows = httpx.get(f"{server.url}/replicas").json()["replicas"]
+        assert [r["state"] for r in rows] == ["running", "running"] and all(r["restarts"] == 1 for r in rows)
+        m = server.metrics()
+        assert m.get('tokenfab:router_migrations_total{cause="lost",model_name="tiny"}', 0) == 0
+        assert m['tokenfab:router_migrations_total{cause="parked",model_name="tiny"}'] > 0  # waited, then moved
+    finally:
+        assert server.stop() == 0

@@ -445,7 +445,11 @@ class Router(EngineClient):
             self._give_up(flight, f"replica {old.index} was lost ({old.reason}); {why}")
             return
         if not any(r.live and r is not old for r in self.replicas):
-            if any(r.state in ("restarting", "starting") for r in self.replicas):
+            # Parked until a replica (re)joins: one restarting, or the lost one itself, which restarts (the ranks of
+            # an expert-parallel group all go down together and come back together).
+            if any(r.state in ("restarting", "starting") for r in self.replicas) or (
+                old.factory is not None and not self._closing
+            ):
                 self._parked.append(flight)
                 return
             self._give_up(flight, f"replica {old.index} was lost ({old.reason}) and no other replica runs")
