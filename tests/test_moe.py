@@ -1,12 +1,13 @@
 """Mixture-of-experts models (Qwen3-MoE, Mixtral, DeepSeek-V3 with latent attention) on tiny random-weight
 checkpoints: transformers' tokens and log-probabilities, alone and in mixed batches; experts in the weight formats;
-MLA's cache holding the latent only; the expert load the engine counts."""
+MLA's cache holding the latent only, through the KV tiers and between prefill and decode cores; YaRN rope; the
+expert load the engine counts."""
 
 import pytest
 import torch
 
 from conftest import hf_greedy, random_prompts, tiny_llm
-from tokenfab import SamplingParams
+from tokenfab import LLM, SamplingParams
 from tokenfab.models.layers import Linear
 from tokenfab.models.mla import MLAttention
 from tokenfab.models.moe import SparseMoE
@@ -116,3 +117,41 @@ def test_deepseek_v3_with_yarn_rope_matches_transformers(tmp_path, hf_model):
     assert hf.config.rope_parameters["rope_type"] == "yarn"
     for prompt, out in zip(prompts, outs):
         assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 16)
+
+
+def test_mla_latents_come_back_from_the_kv_tiers_with_the_same_tokens(tiny_model, tmp_path):
+    """DeepSeek-V3's latent cache through the host and disk tiers: an evicted prefix loaded back gives the tokens of
+    an engine without tiers."""
+    from test_kv_tiers_engine import FILLERS, NEXT_TURN, SESSION
+
+    def engine(**tiers) -> LLM:  # about 50 blocks of 8 tokens (480 bytes per token: the fillers evict the session)
+        return LLM(model, dtype="float32", kv_cache_memory_gb=0.0002, max_model_len=256, block_size=8,
+                   max_num_batched_tokens=64, num_threads=1, **tiers)
+
+    model = str(tiny_model("deepseek_v3"))
+    want = engine().generate([NEXT_TURN], GREEDY)[0].outputs[0].token_ids
+    llm = engine(kv_host_gb=0.0002, kv_disk_dir=str(tmp_path))
+    llm.generate([SESSION], GREEDY)
+    llm.generate(FILLERS, GREEDY)
+    out = llm.generate([NEXT_TURN], GREEDY)[0]
+    stats = llm.engine.core.kv_tiers.snapshot()
+    assert out.outputs[0].token_ids == want
+    assert stats.host_hit_tokens + stats.disk_hit_tokens > 0 and out.num_cached_tokens >= 112
+    llm.engine.core.kv.check_integrity()
+    llm.engine.core.close()
+
+
+def test_mla_latents_move_from_a_prefill_core_to_a_decode_core(tiny_model):
+    from test_kv_transfer import GREEDY as TEN, PROMPT, core, prefill, request, run, tokens
+
+    model = tiny_model("deepseek_v3")
+    aggregated = core(model)
+    want = tokens(run(aggregated, [request("a", PROMPT, TEN)])["a"])
+    aggregated.close()
+    p, d = core(model, kv_transport="shm"), core(model, kv_transport="shm")
+    params = prefill(p, "r", PROMPT)
+    outs = run(d, [request("r", PROMPT, TEN, params)])["r"]
+    assert tokens(outs) == want
+    assert d.stats().transfer.pulled_blocks == 12 and outs[-1].num_cached_tokens == 96
+    for engine in (p, d):
+        engine.close()
