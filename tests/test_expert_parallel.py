@@ -128,3 +128,33 @@ def test_a_killed_rank_takes_its_group_down_and_back_without_losing_a_request(ti
         assert m['tokenfab:router_migrations_total{cause="parked",model_name="tiny"}'] > 0  # waited, then moved
     finally:
         assert server.stop() == 0
+
+
+def test_expert_parallel_ranks_on_two_ray_nodes(tiny_model, single):
+    """The ranks as Ray actors on a simulated two-node cluster (two raylets here, one CPU each): they meet at the
+    rendezvous on bundle 0's node and give the single engine's tokens."""
+    pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        server = LiveServer(tiny_model("qwen3_moe"), "--data-parallel-size", "2", "--expert-parallel", "--ray",
+                            "--ray-address", cluster.address, "--dtype", "float32", "--max-num-batched-tokens", "64",
+                            startup_timeout=300)
+        try:
+            texts = []
+            for prompt in PROMPTS[:4]:
+                r = httpx.post(f"{server.url}/v1/completions", timeout=120,
+                               json={"prompt": prompt, "max_tokens": 16, "temperature": 0, "ignore_eos": True})
+                texts.append(r.json()["choices"][0]["text"])
+            rows = httpx.get(f"{server.url}/replicas").json()["replicas"]
+            m = server.metrics()
+        finally:
+            assert server.stop() == 0
+    finally:
+        cluster.shutdown()
+    assert texts == [" ".join(f"w{t}" for t in want) for want in single("qwen3_moe")[:4]]
+    assert len({r["ray_node_id"] for r in rows}) == 2  # one rank per node
+    assert all(m[f'tokenfab:moe_rank_tokens_total{{model_name="tiny",rank="{i}"}}'] > 0 for i in (0, 1))

@@ -2,6 +2,8 @@
 nodes where it can) and supervises it; tokens and KV events still travel over ZeroMQ on TCP between each core and
 this front end, exactly as with `tokenfab core --connect`. Needs the `ray` extra and a Ray cluster (`ray start
 --head` on this machine, `ray start --address HEAD:6379` on the others; without an address a local one starts).
+The ranks of an expert-parallel group (`--data-parallel-size N --expert-parallel`) meet at a rendezvous on the node
+of bundle 0, wherever the others are.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ class _CoreActor:
         import ray
 
         return ray.util.get_node_ip_address(), os.getpid(), ray.get_runtime_context().get_node_id()
+
+    def free_port(self) -> int:
+        from tokenfab.cluster.pool import free_port
+
+        return free_port()
 
     def run(self, config: EngineConfig, to_core: str, from_core: str) -> None:
         import ray
@@ -98,6 +105,18 @@ def ray_router(config: EngineConfig, n: int, options: RouterOptions, address: st
     group = placement_group([{"CPU": threads}] * n, strategy="SPREAD")
     ray.get(group.ready(), timeout=300)
     host = ray.util.get_node_ip_address()
+    if config.expert_ranks:
+        # Rank 0 opens the expert-parallel rendezvous where its bundle is: that node, whichever actor runs there.
+        probe: Any = (
+            ray.remote(_CoreActor)
+            .options(
+                num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+            )
+            .remote()
+        )
+        (ip, _, _), port = ray.get([probe.node.remote(), probe.free_port.remote()], timeout=300)
+        ray.kill(probe)
+        configs = [dataclasses.replace(c, expert_parallel_master=f"{ip}:{port}") for c in configs]
 
     def factory(i: int, c: EngineConfig) -> Factory:
         c = dataclasses.replace(c, kv_events_endpoint=None, kv_events_replay_endpoint=None)

@@ -68,20 +68,20 @@ def build_state(engine: EngineConfig, settings: ServerSettings) -> ServerState:
         settings.replica_roles,
         settings.disaggregation,
     )
-    if engine.data_parallel_size > 1 and (settings.replica_slots > 1 or settings.ray or settings.moves_kv):
+    if engine.data_parallel_size > 1 and (settings.replica_slots > 1 or settings.moves_kv):
         raise ValueError(
-            "--data-parallel-size runs its ranks as this server's replicas: drop --replicas, --ray and the "
-            "prefill/decode options"
+            "--data-parallel-size runs its ranks as this server's replicas: drop --replicas and the prefill/decode "
+            "options"
         )
+    slots = engine.data_parallel_size if engine.data_parallel_size > 1 else settings.replica_slots
     if settings.moves_kv and engine.kv_transport is None:
         engine = dataclasses.replace(engine, kv_transport="tcp" if settings.ray else "shm")
     if settings.ray:
         from tokenfab.cluster.ray_pool import ray_router
 
-        core = ray_router(engine, settings.replica_slots, options, settings.ray_address)
+        core = ray_router(engine, slots, options, settings.ray_address)
         metrics.watch_router(core)
-    elif settings.replica_slots > 1 or engine.data_parallel_size > 1:
-        slots = engine.data_parallel_size if engine.data_parallel_size > 1 else settings.replica_slots
+    elif slots > 1:
         core = local_router(engine, slots, options, settings.engine_transport)
         metrics.watch_router(core)
     else:
