@@ -283,7 +283,10 @@ class Router(EngineClient):
         if not any(f.replica is replica and rid not in ids for rid, f in self._flights.items()):
             replica.last_progress = time.monotonic()  # idle until now: the hang clock starts here
         replica.running.update(ids)
-        await replica.client.add(requests)
+        try:
+            await replica.client.add(requests)
+        except EngineDead as e:  # gone before its reader noticed: the loss moves these sequences with the rest
+            log.warning("replica %d is gone (%s); its new sequences move when the loss is handled", replica.index, e)
 
     def _uncached(self, replica: Replica, blocks: list[int], prompt_len: int) -> int:
         return max(prompt_len - self._cached(replica, blocks) * self._block_size, 1)

@@ -15,6 +15,7 @@ The protocol is the same wherever the core runs: `start` (wait until its model i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import queue
@@ -179,10 +180,22 @@ class CoreProcessClient(EngineClient):
 
     async def abort(self, request_ids: list[str]) -> None:
         if self.alive:
-            await self._send(Abort(request_ids))
+            with contextlib.suppress(EngineDead):  # a core that died holds nothing to abort
+                await self._send(Abort(request_ids))
 
     async def _send(self, message: ToCore) -> None:
-        await self._to_core.send(encoder.encode(message))
+        """Queue a message for the core; raises EngineDead when the core has gone (a PUSH socket without its peer
+        would otherwise wait for one forever)."""
+        data = encoder.encode(message)
+        while True:
+            try:
+                await self._to_core.send(data, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                gone = self._gone()
+                if gone is not None:
+                    raise EngineDead(gone) from None
+                await asyncio.sleep(0.01)
 
     async def _next(self) -> FromCore:
         while not await self._from_core.poll(1000):
@@ -211,7 +224,8 @@ class CoreProcessClient(EngineClient):
     async def shutdown(self, timeout: float = 10.0) -> None:
         gone = self._gone()  # died before it was asked to stop (and maybe before the reader noticed)
         if self.alive:
-            await self._send(Shutdown())
+            with contextlib.suppress(EngineDead):  # it died meanwhile: nothing left to stop
+                await self._send(Shutdown())
         if self._process is not None and self._process.is_alive():
             await asyncio.to_thread(self._process.join, timeout)
             if self._process.is_alive():

@@ -252,10 +252,14 @@ class EngineCore:
         assert self.ranks is not None
         if not self.ranks.parallel.any(self.has_unfinished()):
             return None
+        start = time.perf_counter()
         if self.has_unfinished():
-            return self.step()
-        self.ranks.idle_step()
-        return []
+            outputs = self.step()
+        else:
+            self.ranks.idle_step()
+            outputs = []
+        self.ranks.step_seconds += time.perf_counter() - start
+        return outputs
 
     def _speculate(self, plan: StepPlan, run: RunOutput, result: SampleResult, seconds: float) -> None:
         assert self.speculator is not None
@@ -359,7 +363,11 @@ class EngineCore:
             return MoEStats(self._expert_tokens.tolist())
         rebalances = self.ranks.rebalances if self.ranks.parallel.rank == 0 else 0  # the group's, counted once
         return MoEStats(
-            self._expert_tokens.tolist(), self.ranks.rank_tokens(), rebalances, self.ranks.parallel.exchange_seconds
+            self._expert_tokens.tolist(),
+            self.ranks.rank_tokens(),
+            rebalances,
+            self.ranks.parallel.exchange_seconds,
+            self.ranks.step_seconds,
         )
 
     def _tier_identity(self) -> tuple:

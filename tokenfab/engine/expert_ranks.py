@@ -47,11 +47,13 @@ class ExpertRanks:
         assert config.expert_parallel_master is not None and arch.num_experts
         self.config = config
         self.parallel = ExpertParallel(
-            config.expert_parallel_rank, config.data_parallel_size, config.expert_parallel_master
+            config.expert_parallel_rank, config.data_parallel_size, config.expert_parallel_master, config.torch_device
         )
         self.placement = Placement.initial(arch.num_experts, config.data_parallel_size, config.num_redundant_experts)
         self.placements: list[Placement] = []
         self.steps = 0
+        self.step_seconds = 0.0
+        """Time in the group's steps, this rank's part (its own or idle), exchanges included."""
         self.rebalances = 0
         self.rebalance_seconds = 0.0
         self._files: dict[tuple[int, int], list[tuple[Path, str]]] | None = None
@@ -73,7 +75,8 @@ class ExpertRanks:
     @torch.inference_mode()
     def idle_step(self) -> None:
         """This rank's part of a step it has no tokens for."""
-        empty = torch.empty(0, self.model.arch.hidden_size, dtype=self.model.norm.weight.dtype)
+        weight = self.model.norm.weight
+        empty = torch.empty(0, self.model.arch.hidden_size, dtype=weight.dtype, device=weight.device)
         for moe in self.moes:
             moe(empty)
         self.after_step()
@@ -94,9 +97,9 @@ class ExpertRanks:
         """Every rank at once: the window's loads summed over the ranks, a new placement per layer, experts loaded
         and dropped to match."""
         start = time.perf_counter()
-        window = torch.stack(
-            [m.window if m.window is not None else torch.zeros(m.num_experts, dtype=torch.int64) for m in self.moes]
-        )
+        device = self.parallel.device
+        zeros = torch.zeros(self.model.arch.num_experts, dtype=torch.int64, device=device)
+        window = torch.stack([m.window.to(device) if m.window is not None else zeros for m in self.moes])
         for m in self.moes:
             m.window = None
         load = self.parallel.sum(window.clone())

@@ -174,6 +174,15 @@ class MoEStats(msgspec.Struct, gc=False):
     exchange_seconds: Annotated[
         float, counter("moe_all_to_all_seconds", "Time expert-parallel ranks spent in the experts' all-to-alls")
     ] = 0.0
+    step_seconds: Annotated[
+        float,
+        counter("moe_rank_step_seconds", "Time expert-parallel ranks spent in the group's steps (idle parts too)"),
+    ] = 0.0
+
+    @property
+    def exchange_share(self) -> float:
+        """The ranks' time in all-to-alls over their time in steps (0 without expert parallelism)."""
+        return self.exchange_seconds / self.step_seconds if self.step_seconds else 0.0
 
     @property
     def imbalance(self) -> float:

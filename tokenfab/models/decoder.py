@@ -223,6 +223,9 @@ class DecoderModel(nn.Module):
                 hessian = hessians.get(name) if hessians is not None and plan.method == "gptq" else None
                 stored = self._build_weight(name, module.weight.data, plan.format_for(name), hessian)
                 module.use(stored, keep_plain=tied and not isinstance(stored, BF16Weight))
+        if self.norm.weight.is_cuda:
+            for moe in self.moe_layers:
+                moe.stack_experts()  # one grouped GEMM per projection for all the experts (Triton)
         # bf16 storage: the lookup reads a bf16 table too (the LM head's own when tied) and widens its rows.
         if isinstance(self.lm_head.stored, BF16Weight) and self.arch.tie_word_embeddings:
             self.embed_tokens.weight = nn.Parameter(self.lm_head.stored.weight, requires_grad=False)

@@ -1,5 +1,5 @@
 """Expert parallelism: the experts of each MoE layer spread over the ranks of a torch.distributed group (gloo on
-CPU, NCCL on GPU), attention data-parallel (each rank its own requests and KV cache).
+CPU; NCCL on GPU, not yet run on one), attention data-parallel (each rank its own requests and KV cache).
 
 Each rank holds `slots` experts per MoE layer (E / ranks, plus its share of the redundant copies EPLB adds). In a
 MoE layer a rank routes its own tokens, sends each (token, expert) pair to a rank holding that expert (all-to-all:
@@ -83,20 +83,28 @@ def rebalance(load: Sequence[float], num_ranks: int, redundant: int) -> Placemen
 class ExpertParallel:
     """This process's rank of the expert-parallel group, and the exchanges of its MoE layers."""
 
-    def __init__(self, rank: int, size: int, master: str, timeout_s: float = 120.0) -> None:
-        """`master`: host:port of rank 0's rendezvous store (every rank gives the same)."""
+    def __init__(
+        self, rank: int, size: int, master: str, device: torch.device | None = None, timeout_s: float = 120.0
+    ) -> None:
+        """`master`: host:port of rank 0's rendezvous store (every rank gives the same); `device`: where the
+        exchanged tensors live (gloo on CPU, NCCL on CUDA)."""
         self.rank, self.size = rank, size
+        self.device = device or torch.device("cpu")
         host, _, port = master.rpartition(":")
         store = dist.TCPStore(host, int(port), size, is_master=rank == 0, timeout=datetime.timedelta(seconds=timeout_s))
         dist.init_process_group(
-            "gloo", store=store, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=timeout_s)
+            "nccl" if self.device.type == "cuda" else "gloo",
+            store=store,
+            rank=rank,
+            world_size=size,
+            timeout=datetime.timedelta(seconds=timeout_s),
         )
         self.exchange_seconds = 0.0
         """Time spent in the all-to-alls (the share of the step the experts' communication costs)."""
 
     def any(self, flag: bool) -> bool:
         """Whether `flag` holds on any rank (every rank calls this at the same point)."""
-        t = torch.tensor([int(flag)], dtype=torch.int32)
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 

@@ -11,15 +11,18 @@ over the experts that received tokens, never over tokens. The layer counts the t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenfab.kernels import triton_moe
 from tokenfab.models.arch import ArchConfig
 from tokenfab.models.expert_parallel import ExpertParallel, Placement
 from tokenfab.models.layers import Linear, gated_activation
 from tokenfab.quant.bf16 import fused_gated_mlp
+from tokenfab.quant.dense import DenseWeight
 
 
 class Expert(nn.Module):
@@ -118,6 +121,9 @@ class SparseMoE(nn.Module):
         columns, so column (token mod ranks) spreads an expert's tokens over its copies."""
         self.computed = 0
         """Token-expert pairs this process's experts computed."""
+        self.stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        """(gate_up [experts held, 2I, H], down [experts held, H, I], slot of each expert id) for the grouped GEMM
+        (see stack_experts)."""
 
     def new_expert(self) -> Expert:
         return Expert(self.hidden_size, self.intermediate_size, self.activation)
@@ -126,6 +132,8 @@ class SparseMoE(nn.Module):
         """Serve as one rank of `parallel`: tokens go to the ranks `placement` names (whose experts this rank
         holds: the caller loads them)."""
         hosts = placement.hosts(self.num_experts)
+        if self.stacked is not None:
+            self.stack_experts()  # the experts held changed
         self.parallel = parallel
         self.hosts = torch.tensor([[h[i % len(h)] for i in range(parallel.size)] for h in hosts], dtype=torch.int64)
 
@@ -180,17 +188,46 @@ class SparseMoE(nn.Module):
         return out
 
     def compute(self, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Each row through its expert (one call per expert over all its rows); rows in any order."""
+        """Each row through its expert (one call per expert over all its rows, or with stacked experts one grouped
+        GEMM launch per projection for all of them); rows in any order."""
         self.computed += rows.shape[0]
         order = torch.argsort(experts, stable=True)
         ids, counts = torch.unique_consecutive(experts[order], return_counts=True)
         out = rows.new_empty(rows.shape[0], self.hidden_size)
+        if self.stacked is not None and rows.shape[0]:
+            gate_up, down, slot = self.stacked
+            picked, slots = rows.index_select(0, order), slot[ids].tolist()
+            h = gated_activation(self.activation, triton_moe.grouped_matmul(picked, gate_up, slots, counts.tolist()))
+            out[order] = triton_moe.grouped_matmul(h, down, slots, counts.tolist())
+            return out
         start = 0
         for e, n in zip(ids.tolist(), counts.tolist()):
             picked = order[start : start + n]
             out[picked] = self.experts[str(e)](rows.index_select(0, picked))
             start += n
         return out
+
+    def stack_experts(self) -> bool:
+        """Hold the experts' weights as two stacked tensors ([experts, 2 × intermediate, hidden] and [experts,
+        hidden, intermediate]) that the Triton grouped GEMM reads (tokenfab.kernels.triton_moe; the GPU path);
+        each expert's projections become views of them, so nothing is held twice. Only for plain and unquantized
+        dense weights (quantized experts keep their own kernels); whether the experts are stacked now."""
+        self.stacked = None
+        held = sorted(int(e) for e in self.experts)
+        experts = [cast(Expert, self.experts[str(e)]) for e in held]
+        linears = [(x.gate_up_proj, x.down_proj) for x in experts]
+        dense = [_dense(linear) for pair in linears for linear in pair]
+        if not triton_moe.available() or not held or any(w is None for w in dense):
+            return False
+        gate_up = torch.stack([w for w in dense[0::2] if w is not None])
+        down = torch.stack([w for w in dense[1::2] if w is not None])
+        for i, (a, b) in enumerate(linears):
+            _rebind(a, gate_up[i])
+            _rebind(b, down[i])
+        slot = torch.full((self.num_experts,), -1, dtype=torch.int64)
+        slot[held] = torch.arange(len(held))
+        self.stacked = (gate_up, down, slot)
+        return True
 
     def take_load(self) -> torch.Tensor:
         """Tokens per expert since the last call, and the counter reset."""
@@ -201,3 +238,17 @@ class SparseMoE(nn.Module):
     def active_fraction(self) -> float:
         """The share of the routed experts' weights one token reads."""
         return self.top_k / self.num_experts
+
+
+def _dense(linear: Linear) -> torch.Tensor | None:
+    """The plain weight a Linear computes with, if it is plain or dense-stored; None for packed or quantized."""
+    if linear.stored is None:
+        return linear.weight.data
+    return linear.stored.weight if isinstance(linear.stored, DenseWeight) else None
+
+
+def _rebind(linear: Linear, view: torch.Tensor) -> None:
+    if linear.stored is None:
+        linear.weight = nn.Parameter(view, requires_grad=False)
+    else:
+        linear.stored = DenseWeight(view)

@@ -368,12 +368,12 @@ class _EngineCollector:
             yield from _experts(s.moe, labels)
             if s.moe.rank_tokens:
                 yield from (_family(m, labels, v, s.cost.energy_source) for m, v in exported(s.moe))
-                share = s.moe.exchange_seconds / s.cost.busy_seconds if s.cost.busy_seconds else 0.0
                 yield _gauge(
                     "moe_all_to_all_share",
-                    "Time in the experts' all-to-alls / engine busy time, summed over the ranks, since start",
+                    "Time in the experts' all-to-alls (waiting for the other ranks included) / time in the group's "
+                    "steps, summed over the ranks, since start",
                     labels,
-                    share,
+                    s.moe.exchange_share,
                 )
 
     def _rolling(self, s: EngineStats, labels: list[str]) -> Iterator[Metric]:
