@@ -175,10 +175,7 @@ class TorchAttentionBackend(AttentionBackend):
         metadata: AttentionMetadata,
         cache: KVCache,
     ) -> torch.Tensor:
-        assert isinstance(metadata, TorchMetadata)
-        g, i = cache.layer_slot[layer]
-        k_cache, v_cache = cache.k[g][i], cache.v[g][i]
-        meta = metadata.groups[g]
+        k_cache, v_cache, meta = _layer_cache(layer, metadata, cache)
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
         if meta.num_decodes == q.shape[0]:  # decodes only: no output to assemble
@@ -203,10 +200,7 @@ class TorchAttentionBackend(AttentionBackend):
         cache: KVCache,
     ) -> torch.Tensor:
         """SDPA over the latents read back from the cache's two halves."""
-        assert isinstance(metadata, TorchMetadata)
-        g, i = cache.layer_slot[layer]
-        k_cache, v_cache = cache.k[g][i], cache.v[g][i]
-        meta = metadata.groups[g]
+        k_cache, v_cache, meta = _layer_cache(layer, metadata, cache)
         half = k_cache.shape[-1]
         padded = F.pad(latent, (0, 2 * half - latent.shape[-1])).view(-1, 2, 1, half)
         k_cache.index_copy_(0, meta.slot_mapping, padded[:, 0])
@@ -277,6 +271,15 @@ class TorchAttentionBackend(AttentionBackend):
             cache.block_size,
             layout.scale,
         )
+
+
+def _layer_cache(
+    layer: int, metadata: AttentionMetadata, cache: KVCache
+) -> tuple[torch.Tensor, torch.Tensor, GroupMetadata]:
+    """A layer's K and V cache tensors and its window group's step metadata."""
+    assert isinstance(metadata, TorchMetadata)
+    g, i = cache.layer_slot[layer]
+    return cache.k[g][i], cache.v[g][i], metadata.groups[g]
 
 
 def _kernel_decode(k_cache: torch.Tensor) -> bool:

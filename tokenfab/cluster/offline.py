@@ -67,9 +67,7 @@ class RouterEngine:
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None, priority: int = 0
     ) -> str:
         request_id = request_id or f"req-{next(self._ids)}"
-        text = prompt if isinstance(prompt, str) else None
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._call(self.router.add(self.outputs.add_group(request_id, text, ids, params, time.monotonic(), priority)))
+        self._call(self.router.add(self.outputs.add_prompt(request_id, prompt, params, time.monotonic(), priority)))
         return request_id
 
     def abort_request(self, request_id: str) -> None:

@@ -54,16 +54,12 @@ def serve_core(core: EngineCore, receive: Receive, send: Send, keep_going: Calla
         _serve_rank(core, receive, send, keep_going)
         return
     while True:
-        rejected: list[CoreOutput] = []
-        timeout = 0 if core.has_unfinished() else EXPORT_POLL_MS if core.holds_exports else IDLE_POLL_MS
-        received = False
-        while (message := receive(timeout)) is not None:
-            if isinstance(message, Shutdown):
-                core.abort_all()
-                core.close()
-                return
-            _handle(core, message, rejected)
-            received, timeout = True, 0
+        taken = _take_messages(
+            core, receive, 0 if core.has_unfinished() else EXPORT_POLL_MS if core.holds_exports else IDLE_POLL_MS
+        )
+        if taken is None:
+            return
+        rejected, received = taken
         if not received and not core.has_unfinished() and not keep_going():
             core.close()
             return
@@ -79,16 +75,10 @@ def _serve_rank(core: EngineCore, receive: Receive, send: Send, keep_going: Call
     has work and, if so, takes its part of one step (tokenfab.engine.expert_ranks)."""
     idle_since = time.monotonic()
     while True:
-        rejected: list[CoreOutput] = []
-        received = False
-        timeout = 0 if core.has_unfinished() else GROUP_POLL_MS
-        while (message := receive(timeout)) is not None:
-            if isinstance(message, Shutdown):
-                core.abort_all()
-                core.close()
-                return
-            _handle(core, message, rejected)
-            received, timeout = True, 0
+        taken = _take_messages(core, receive, 0 if core.has_unfinished() else GROUP_POLL_MS)
+        if taken is None:
+            return
+        rejected, received = taken
         outputs = core.group_step()
         if outputs is None and time.monotonic() - idle_since > IDLE_POLL_MS / 1000:
             idle_since = time.monotonic()
@@ -97,6 +87,21 @@ def _serve_rank(core: EngineCore, receive: Receive, send: Send, keep_going: Call
                 return
         if outputs is not None or rejected or received:  # idle parts too: its experts' load is in its stats
             send(StepResult(rejected + (outputs or []), core.stats()))
+
+
+def _take_messages(core: EngineCore, receive: Receive, timeout: int) -> tuple[list[CoreOutput], bool] | None:
+    """Apply what has arrived, waiting up to `timeout` ms for the first message: the outputs of the requests the
+    core refused and whether anything came; None after Shutdown (the core is closed)."""
+    rejected: list[CoreOutput] = []
+    received = False
+    while (message := receive(timeout)) is not None:
+        if isinstance(message, Shutdown):
+            core.abort_all()
+            core.close()
+            return None
+        _handle(core, message, rejected)
+        received, timeout = True, 0
+    return rejected, received
 
 
 def _handle(core: EngineCore, message: AddRequests | Abort, rejected: list[CoreOutput]) -> None:

@@ -28,9 +28,7 @@ class LLMEngine:
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None, priority: int = 0
     ) -> str:
         request_id = request_id or f"req-{next(self._ids)}"
-        text = prompt if isinstance(prompt, str) else None
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        core_requests = self.outputs.add_group(request_id, text, ids, params, time.monotonic(), priority)
+        core_requests = self.outputs.add_prompt(request_id, prompt, params, time.monotonic(), priority)
         try:
             for core_request in core_requests:
                 self.core.add_request(core_request)  # validates the prompt

@@ -129,6 +129,14 @@ class OutputProcessor:
         self.groups[request_id] = group
         return core
 
+    def add_prompt(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, arrival: float, priority: int = 0
+    ) -> list[CoreRequest]:
+        """add_group for a prompt given as text (tokenized here) or as token ids."""
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return self.add_group(request_id, text, ids, params, arrival, priority)
+
     def child_ids(self, request_id: str) -> list[str]:
         group = self.groups.get(request_id)
         return [c.child_id for c in group.children] if group else []
