@@ -210,29 +210,19 @@ class TorchAttentionBackend(AttentionBackend):
         if meta.num_decodes:
             assert meta.decode_index is not None and meta.decode_mask is not None
             width = meta.decode_mask.shape[-1]
-            keys = torch.cat(
-                (_gather_blocks(k_cache, meta.decode_index, width), _gather_blocks(v_cache, meta.decode_index, width)),
-                dim=-1,
-            )[..., :dim]
-            qd = q[: meta.num_decodes].unsqueeze(1)  # [B, 1 key head, H, E]
-            attended = F.scaled_dot_product_attention(
-                qd, keys, keys[..., :value_dim], attn_mask=meta.decode_mask, scale=scale
+            halves = (
+                _gather_blocks(k_cache, meta.decode_index, width),
+                _gather_blocks(v_cache, meta.decode_index, width),
             )
-            out[: meta.num_decodes] = attended[:, 0]
+            keys = torch.cat(halves, dim=-1)[..., :dim]  # [B, 1 key head, context, E]
+            out[: meta.num_decodes] = _latent_sdpa(
+                q[: meta.num_decodes].unsqueeze(1), keys, value_dim, meta.decode_mask, scale
+            )[:, 0]
         for p in meta.prefills:
             key_index, mask = p.sdpa()
-            keys = torch.cat((k_cache[key_index], v_cache[key_index]), dim=-1)[..., :dim].transpose(0, 1)
+            keys = torch.cat((k_cache[key_index], v_cache[key_index]), dim=-1)[..., :dim].transpose(0, 1).unsqueeze(0)
             qp = q[p.token_start : p.token_end].transpose(0, 1).unsqueeze(0)
-            attended = F.scaled_dot_product_attention(
-                qp,
-                keys.unsqueeze(0),
-                keys[..., :value_dim].unsqueeze(0),
-                attn_mask=mask,
-                is_causal=mask is None,
-                scale=scale,
-                enable_gqa=True,
-            )
-            out[p.token_start : p.token_end] = attended[0].transpose(0, 1)
+            out[p.token_start : p.token_end] = _latent_sdpa(qp, keys, value_dim, mask, scale)[0].transpose(0, 1)
         return out
 
     def forward_qkv(
@@ -280,6 +270,16 @@ def _layer_cache(
     assert isinstance(metadata, TorchMetadata)
     g, i = cache.layer_slot[layer]
     return cache.k[g][i], cache.v[g][i], metadata.groups[g]
+
+
+def _latent_sdpa(
+    q: torch.Tensor, keys: torch.Tensor, value_dim: int, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Attention over one head of latent keys whose first `value_dim` features are the values (causal without a
+    mask)."""
+    return F.scaled_dot_product_attention(
+        q, keys, keys[..., :value_dim], attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+    )
 
 
 def _kernel_decode(k_cache: torch.Tensor) -> bool:
