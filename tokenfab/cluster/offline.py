@@ -40,7 +40,13 @@ class RouterEngine:
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="router-engine", daemon=True).start()
         self.router = local_router(config, config.data_parallel_size, RouterOptions())
-        self._call(self.router.start())
+        try:
+            self._call(self.router.start())
+        except EngineDead as e:
+            raise EngineDead(
+                f"{e}\n(the ranks are spawned processes: a script that makes this LLM must guard its entry point "
+                'with `if __name__ == "__main__":`)'
+            ) from e
         self._pumping: asyncio.Task = self._call(self._start_pump())
         self._closed = False
         atexit.register(self.close)
