@@ -77,7 +77,6 @@ class EngineCore:
         self.model = self.worker.model
         if self.ranks is not None:
             self.ranks.attach(self.model, self.source, weight_plan)
-        self._expert_tokens: torch.Tensor | None = None
         log.info("model loaded in %.1f s", time.monotonic() - started)
         medium = MEDIUM_CPU if device.type == "cpu" else MEDIUM_GPU
         self.kv = self.worker.kv_manager(config.enable_prefix_caching, medium)
@@ -354,16 +353,15 @@ class EngineCore:
         )
 
     def _moe_stats(self) -> MoEStats:
-        """The experts' token counts since start (the model's counters are drained into the core's)."""
-        load = self.model.take_expert_load()
-        if load is None:
+        """The experts' token counts since start."""
+        tokens = self.model.expert_tokens()
+        if tokens is None:
             return MoEStats()
-        self._expert_tokens = load if self._expert_tokens is None else self._expert_tokens + load
         if self.ranks is None:
-            return MoEStats(self._expert_tokens.tolist())
+            return MoEStats(tokens.tolist())
         rebalances = self.ranks.rebalances if self.ranks.parallel.rank == 0 else 0  # the group's, counted once
         return MoEStats(
-            self._expert_tokens.tolist(),
+            tokens.tolist(),
             self.ranks.rank_tokens(),
             rebalances,
             self.ranks.parallel.exchange_seconds,

@@ -55,10 +55,9 @@ class ExpertRanks:
         self.step_seconds = 0.0
         """Time in the group's steps, this rank's part (its own or idle), exchanges included."""
         self.rebalances = 0
-        self.rebalance_seconds = 0.0
         self._files: dict[tuple[int, int], list[tuple[Path, str]]] | None = None
-        self.imbalance: list[float] = []
-        """Max over mean token-expert pairs per rank of each window the balancer measured (before rebalancing)."""
+        self._seen: torch.Tensor | None = None
+        """The experts' token counts at the last rebalancing (the window is what came since)."""
 
     def held(self, layer: int) -> tuple[int, ...]:
         """The experts this rank loads at start (every MoE layer alike)."""
@@ -97,26 +96,21 @@ class ExpertRanks:
         """Every rank at once: the window's loads summed over the ranks, a new placement per layer, experts loaded
         and dropped to match."""
         start = time.perf_counter()
-        device = self.parallel.device
-        zeros = torch.zeros(self.model.arch.num_experts, dtype=torch.int64, device=device)
-        window = torch.stack([m.window.to(device) if m.window is not None else zeros for m in self.moes])
-        for m in self.moes:
-            m.window = None
-        load = self.parallel.sum(window.clone())
+        tokens = torch.stack([m.tokens for m in self.moes]).to(self.parallel.device)
+        window, self._seen = tokens - (self._seen if self._seen is not None else 0), tokens
+        load = self.parallel.sum(window)
         if not int(load.sum()):
             return
         rank, size = self.parallel.rank, self.parallel.size
+        plan = self.plan if self.plan is not None else QuantPlan("none")
         changed = 0
         for i, (moe, layer) in enumerate(zip(self.moes, self.layers)):
             counts = load[i].tolist()
             old = self.placements[i]
-            before = _rank_imbalance(counts, old)
-            self.imbalance.append(before)
             new = rebalance(counts, size, self.config.num_redundant_experts)
-            if new == old or before - _rank_imbalance(counts, new) < MIN_GAIN:
+            if new == old or _rank_imbalance(counts, old) - _rank_imbalance(counts, new) < MIN_GAIN:
                 continue  # moving experts costs a pause and their reads; not for noise
             mine, had = set(new.ranks[rank]), {int(e) for e in moe.experts}
-            plan = self.plan if self.plan is not None else QuantPlan("none")
             for e in sorted(mine - had):
                 self.model.add_expert(layer, e, self._tensors(layer, e), plan)
             for e in had - mine:
@@ -126,7 +120,6 @@ class ExpertRanks:
             changed += 1
         if changed:
             self.rebalances += 1
-        self.rebalance_seconds += time.perf_counter() - start
         log.info("expert placement of %d MoE layers rebalanced in %.2f s", changed, time.perf_counter() - start)
 
     def _tensors(self, layer: int, expert: int) -> list[tuple[str, torch.Tensor]]:

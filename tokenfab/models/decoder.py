@@ -288,11 +288,11 @@ class DecoderModel(nn.Module):
                 linear.use(self._build_weight(name, linear.weight.data, plan.format_for(name), None))
         moe.experts[str(expert)] = new
 
-    def take_expert_load(self) -> torch.Tensor | None:
-        """Tokens each expert of each MoE layer received since the last call, [MoE layers, experts] (None for a
-        dense model)."""
-        moes = [m for m in self.modules() if isinstance(m, SparseMoE)]
-        return torch.stack([m.take_load() for m in moes]) if moes else None
+    def expert_tokens(self) -> torch.Tensor | None:
+        """Tokens each expert of each MoE layer received since start, [MoE layers, experts] (None for a dense
+        model)."""
+        moes = self.moe_layers
+        return torch.stack([m.tokens for m in moes]) if moes else None
 
 
 _NORMS = {

@@ -5,7 +5,7 @@ run on every token beside them.
 Every expert is a gated MLP of the engine's own `Linear`s, so experts take any weight format (int8, int4, fp8,
 bf16, … see tokenfab.quant) and run on the same CPU kernels as a dense layer; the step's Python cost is one loop
 over the experts that received tokens, never over tokens. The layer counts the tokens each expert received
-(`take_load`), which the engine reports per expert and as an imbalance.
+(`tokens`), which the engine reports per expert and as an imbalance.
 """
 
 from __future__ import annotations
@@ -111,10 +111,7 @@ class SparseMoE(nn.Module):
         self.experts = nn.ModuleDict({str(e): self.new_expert() for e in ids})
         shared = arch.moe.num_shared_experts * arch.moe_intermediate_size
         self.shared_experts = Expert(arch.hidden_size, shared, arch.activation) if shared else None
-        self._load: torch.Tensor | None = None
-        """Tokens routed to each expert since the engine last read it (see take_load)."""
-        self.window: torch.Tensor | None = None
-        """Tokens routed to each expert since the load balancer last read it."""
+        self._tokens: torch.Tensor | None = None  # set at the first forward (the module may be built on meta)
         self.parallel: ExpertParallel | None = None
         self.hosts: torch.Tensor | None = None
         """With expert parallelism, [experts, ranks]: the ranks holding each expert, repeated round to `ranks`
@@ -163,12 +160,11 @@ class SparseMoE(nn.Module):
         """sum over each token's k experts of weight * expert(x), experts in ascending order (the order
         transformers sums them in), wherever the experts run."""
         order, histogram = group_by_expert(experts, self.num_experts)
-        self._load = histogram if self._load is None else self._load + histogram
-        self.window = histogram if self.window is None else self.window + histogram
+        self._tokens = histogram if self._tokens is None else self._tokens + histogram
         tokens = order // self.top_k
         pair_experts = experts.reshape(-1)[order]
-        if self.parallel is None:
-            y = self.compute(x.index_select(0, tokens), pair_experts)
+        if self.parallel is None:  # the pairs are in expert order already
+            y = self._compute_sorted(x.index_select(0, tokens), histogram)
         else:
             assert self.hosts is not None
             dest = self.hosts[pair_experts, tokens % self.parallel.size]
@@ -190,20 +186,27 @@ class SparseMoE(nn.Module):
     def compute(self, rows: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Each row through its expert (one call per expert over all its rows, or with stacked experts one grouped
         GEMM launch per projection for all of them); rows in any order."""
-        self.computed += rows.shape[0]
         order = torch.argsort(experts, stable=True)
-        ids, counts = torch.unique_consecutive(experts[order], return_counts=True)
-        out = rows.new_empty(rows.shape[0], self.hidden_size)
+        out = torch.empty_like(rows)
+        out[order] = self._compute_sorted(
+            rows.index_select(0, order), torch.bincount(experts, minlength=self.num_experts)
+        )
+        return out
+
+    def _compute_sorted(self, rows: torch.Tensor, histogram: torch.Tensor) -> torch.Tensor:
+        """compute() of rows already in expert order, `histogram[e]` of them for expert e."""
+        self.computed += rows.shape[0]
+        ids = histogram.nonzero().flatten()
+        counts = histogram[ids].tolist()
         if self.stacked is not None and rows.shape[0]:
             gate_up, down, slot = self.stacked
-            picked, slots = rows.index_select(0, order), slot[ids].tolist()
-            h = gated_activation(self.activation, triton_moe.grouped_matmul(picked, gate_up, slots, counts.tolist()))
-            out[order] = triton_moe.grouped_matmul(h, down, slots, counts.tolist())
-            return out
+            slots = slot[ids].tolist()
+            h = gated_activation(self.activation, triton_moe.grouped_matmul(rows, gate_up, slots, counts))
+            return triton_moe.grouped_matmul(h, down, slots, counts)
+        out = torch.empty_like(rows)
         start = 0
-        for e, n in zip(ids.tolist(), counts.tolist()):
-            picked = order[start : start + n]
-            out[picked] = self.experts[str(e)](rows.index_select(0, picked))
+        for e, n in zip(ids.tolist(), counts):
+            out[start : start + n] = self.experts[str(e)](rows[start : start + n])
             start += n
         return out
 
@@ -229,10 +232,10 @@ class SparseMoE(nn.Module):
         self.stacked = (gate_up, down, slot)
         return True
 
-    def take_load(self) -> torch.Tensor:
-        """Tokens per expert since the last call, and the counter reset."""
-        load, self._load = self._load, None
-        return load if load is not None else torch.zeros(self.num_experts, dtype=torch.int64)
+    @property
+    def tokens(self) -> torch.Tensor:
+        """Tokens routed to each expert since start (the engine's stats and the load balancer read it)."""
+        return self._tokens if self._tokens is not None else torch.zeros(self.num_experts, dtype=torch.int64)
 
     @property
     def active_fraction(self) -> float:
