@@ -35,8 +35,8 @@ def _needs(level: str) -> None:
 def test_the_best_level_the_cpu_has_is_chosen() -> None:
     assert cpu_isa.choose(None, ZEN3).level == cpu_isa.level("avx2")
     assert cpu_isa.choose(None, ALDER_LAKE).level == cpu_isa.level("avx2_vnni")
-    assert cpu_isa.choose(None, ZEN4).level == cpu_isa.level("avx512_vnni")
-    assert [lv.name for lv in cpu_isa.supported(ZEN4)] == ["avx512_vnni", "avx512", "avx2"]
+    assert cpu_isa.choose(None, ZEN4).level == cpu_isa.level("avx512_bf16")
+    assert [lv.name for lv in cpu_isa.supported(ZEN4)] == ["avx512_bf16", "avx512_vnni", "avx512", "avx2"]
     assert cpu_isa.choose("avx2", ZEN4).level == cpu_isa.level("avx2")
     assert cpu_isa.choose(None, SAPPHIRE_RAPIDS).level == cpu_isa.level("amx")
     assert cpu_isa.choose("avx512_vnni", SAPPHIRE_RAPIDS).level == cpu_isa.level("avx512_vnni")
@@ -107,7 +107,7 @@ def _gguf_kernels(K: int, N: int) -> dict:
 def test_every_format_gives_each_row_the_same_bits_at_every_batch_size_and_level(level: str) -> None:
     """A row of x gives bit-identical outputs alone and in any batch (register, GEMM and tile paths) at every ISA
     level, and the same bits as at avx2 (one order of accumulation for the float kernels, exact integer dot
-    products, VNNI or not) except the tiled formats on a tile level, which stay within TILE_TOLERANCE of them."""
+    products, VNNI or not) except a level's split formats, which stay within TILE_TOLERANCE of them."""
     _needs(level)
     K, N = 512, 75
     x = torch.randn(max(BATCHES), K, generator=torch.Generator().manual_seed(1))
@@ -117,7 +117,7 @@ def test_every_format_gives_each_row_the_same_bits_at_every_batch_size_and_level
     with build.use_level(level):
         for name, f in formats.items():
             alone = reference[name]
-            if name in cpu_isa.TILED_FORMATS and level in cpu_isa.TILE_LEVELS:
+            if name in cpu_isa.level(level).split_formats:
                 alone = [f(x[i : i + 1]) for i in range(x.shape[0])]
                 for own, fp32 in zip(alone, reference[name], strict=True):
                     error = (own - fp32).abs().max() / fp32.abs().max()
@@ -128,12 +128,15 @@ def test_every_format_gives_each_row_the_same_bits_at_every_batch_size_and_level
                     assert torch.equal(batch[i : i + 1], alone[i]), (name, m, i)
 
 
-@pytest.mark.parametrize("level", sorted(cpu_isa.TILE_LEVELS))
-@pytest.mark.parametrize("fmt", cpu_isa.TILED_FORMATS)
-def test_tiles_keep_rows_apart_across_passes_and_tails(level: str, fmt: str) -> None:
-    """A long K makes the bf16 tile path take x in several passes (two groups of 16 rows each), and K % 64 == 32
-    leaves the int8 packing a half step; N leaves rows past the last tile for the lower level's kernel. Every row is
-    still its own bits, in any batch, and close to the lower levels' result."""
+SPLIT = [(lv.name, fmt) for lv in cpu_isa.LEVELS for fmt in lv.split_formats]
+
+
+@pytest.mark.parametrize(("level", "fmt"), SPLIT)
+def test_split_formats_keep_rows_apart_across_passes_and_tails(level: str, fmt: str) -> None:
+    """A long K makes the bf16 tile path take x in several passes (two groups of 16 rows each) and the vdpbf16ps
+    path in passes of a few rows, and K % 64 == 32 leaves the int8 packing a half step; N leaves rows past the last
+    tile (and the last block of weight rows). Every row is still its own bits, in any batch, and close to the lower
+    levels' result."""
     _needs(level)
     g = torch.Generator().manual_seed(5)
     K, N = 8160, 53

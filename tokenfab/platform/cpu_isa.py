@@ -25,6 +25,9 @@ class IsaLevel:
     """What the compiler targets for it (also the build key)."""
     what: str
     """What the kernels do differently at this level."""
+    split_formats: tuple[str, ...] = ()
+    """Weight formats whose products this level computes over x split into two bf16 terms (AMX tiles, vdpbf16ps):
+    within TILE_TOLERANCE of the lower levels' result, and each row's result the same bits at every batch size."""
 
 
 _AVX2 = ("avx2", "fma", "f16c")
@@ -40,6 +43,14 @@ LEVELS: tuple[IsaLevel, ...] = (
         (*_VNNI512, "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"),
         (*_GCC_VNNI512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mamx-int8"),
         "bf16 weights (x split into two bf16 terms) and int8 weights (W8A8) on AMX tiles; otherwise as avx512_vnni",
+        ("bf16", "W8A8"),
+    ),
+    IsaLevel(
+        "avx512_bf16",
+        (*_VNNI512, "avx512_bf16"),
+        (*_GCC_VNNI512, "-mavx512bf16"),
+        "bf16 weights with vdpbf16ps (x split into two bf16 terms); otherwise as avx512_vnni",
+        ("bf16",),
     ),
     IsaLevel("avx512_vnni", _VNNI512, _GCC_VNNI512, "16-lane fp32 GEMM tiles; int8 dot products with vpdpbusd"),
     IsaLevel("avx512", _AVX2 + _AVX512, _GCC_AVX2 + _GCC_AVX512, "16-lane fp32 GEMM tiles"),
@@ -51,17 +62,16 @@ LEVELS: tuple[IsaLevel, ...] = (
     ),
     IsaLevel("avx2", _AVX2, _GCC_AVX2, "8-lane fp32 tiles; int8 dot products with vpmaddubsw"),
 )
-"""Best first. Every level below amx computes the same numbers: the float kernels accumulate in one order on all of
-them and the integer dot products are exact, so the choice changes speed only. amx computes bf16-weight products
-(x carried to 16 significand bits), int8-weight W8A8 products (the same exact block dot products, summed per
-block rather than per lane) and attention on tiles in their own order, within TILE_TOLERANCE of what the lower
-levels compute; every other format computes what the lower levels compute. On every level each row's result is the
-same bits at every batch size, and a token's attention the same bits in a prefill chunk as when it decodes."""
+"""Best first. Every level from avx512_vnni down computes the same numbers: the float kernels accumulate in one order
+on all of them and the integer dot products are exact, so the choice changes speed only. A level's split_formats
+(bf16-weight products with x carried to 16 significand bits; on amx also int8-weight W8A8 products, the same exact
+block dot products summed per block rather than per lane) and amx's attention on tiles run in their own order,
+within TILE_TOLERANCE of what the lower levels compute; every other format computes what the lower levels compute.
+On every level each row's result is the same bits at every batch size, and a token's attention the same bits in a
+prefill chunk as when it decodes."""
 
 TILE_LEVELS = frozenset({"amx"})
-"""Levels whose bf16 and W8A8 products (and attention) differ from the lower levels' within TILE_TOLERANCE."""
-TILED_FORMATS = ("bf16", "W8A8")
-"""The weight formats a tile level runs on tiles."""
+"""Levels with AMX tiles: their split formats run on tiles, and so does attention (see TILE_ATTENTION_DIM)."""
 TILE_TOLERANCE = 2e-5
 """Largest difference from the lower levels' result, relative to the output's scale, of a product on AMX tiles."""
 TILE_ATTENTION_DIM = 32

@@ -382,6 +382,115 @@ inline void linear_amx(const BF16& d, const float* x, float* y, int64_t M, int64
 }
 #endif
 
+#if defined(__AVX512BF16__) && !defined(TF_AMX)
+#define TF_DPBF16 1
+// bf16 weights with vdpbf16ps (the avx512_bf16 level: AVX-512 BF16 without AMX tiles, e.g. AMD Zen 4). As on the
+// tiles, x is split into hi = bf16(x) and lo = bf16(x - hi) (16 of its 24 significand bits) and the products of two
+// bf16 values are exact in fp32; each vdpbf16ps adds 32 of them into 16 fp32 lanes. Every output y[m, n] is one
+// accumulator: lane j takes the column pair (2j, 2j + 1) of each 32-column step, steps in increasing k, the
+// weights' products with hi and then with lo; the lanes are summed last by one fixed reduction. Every tile shape
+// (1-4 rows of x against 1, 4 or 8 weight rows) runs that sequence for each of its outputs, so a row's result is
+// the same bits alone or in any batch; it stays within TILE_TOLERANCE of the fp32 kernels' result (a different
+// order of additions over x rounded to 16 bits), as the tiles' does.
+namespace tf_dpbf16 {
+
+constexpr int64_t STEP = 32;   // columns per vdpbf16ps
+constexpr int64_t ROWS = 4;    // rows of x per tile
+constexpr int64_t CHUNK_BYTES = 256 << 10;  // x's terms per pass over the weights (they stay in L2)
+
+inline bool runs(int64_t K) { return K % STEP == 0; }
+
+// Row m of x -> its terms at xs + 2 m K: hi [K], then lo [K].
+inline void split_row(const float* x, int64_t K, uint16_t* xs) {
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512 v = _mm512_loadu_ps(x + k);
+    const __m256bh h = _mm512_cvtneps_pbh(v);
+    const __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(v, _mm512_cvtpbh_ps(h)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xs + k), reinterpret_cast<const __m256i&>(h));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xs + K + k), reinterpret_cast<const __m256i&>(l));
+  }
+}
+
+// Rows [m0, m0 + MB) of x (terms xs) against weight rows [n0, n0 + NBK); PREFETCH streams the weights ahead (the
+// small-M, memory-bound shapes).
+template <int MB, int NBK, bool PREFETCH>
+inline void tile(const BF16& d, const uint16_t* xs, int64_t K, float* y, int64_t N, int64_t m0, int64_t n0) {
+  __m512 acc[MB][NBK];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NBK; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += STEP) {
+    if constexpr (PREFETCH) prefetch_block<BF16, NBK>(d, K, n0, k, STEP);
+    __m512bh w[NBK];
+    for (int j = 0; j < NBK; ++j) w[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(d.w + (n0 + j) * K + k));
+    for (int i = 0; i < MB; ++i) {
+      const uint16_t* row = xs + 2 * (m0 + i) * K + k;
+      const __m512bh hi = reinterpret_cast<__m512bh>(_mm512_loadu_si512(row));
+      const __m512bh lo = reinterpret_cast<__m512bh>(_mm512_loadu_si512(row + K));
+      for (int j = 0; j < NBK; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], w[j], hi);
+      for (int j = 0; j < NBK; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], w[j], lo);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NBK; ++j) y[(m0 + i) * N + n0 + j] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+// Rows [m0, m1) of x against weight rows [n0, n0 + NBK), ROWS at a time; the first tile fetches the weights ahead
+// of the block's progress (the later ones find them in cache).
+template <int NBK>
+inline void rows_of_x(const BF16& d, const uint16_t* xs, int64_t K, float* y, int64_t N, int64_t m0, int64_t m1,
+                      int64_t n0) {
+  int64_t m = m0;
+  if (m + ROWS <= m1) {
+    tile<ROWS, NBK, true>(d, xs, K, y, N, m, n0);
+    m += ROWS;
+  }
+  for (; m + ROWS <= m1; m += ROWS) tile<ROWS, NBK, false>(d, xs, K, y, N, m, n0);
+  const bool first = m == m0;
+  switch (m1 - m) {
+    case 3: first ? tile<3, NBK, true>(d, xs, K, y, N, m, n0) : tile<3, NBK, false>(d, xs, K, y, N, m, n0); break;
+    case 2: first ? tile<2, NBK, true>(d, xs, K, y, N, m, n0) : tile<2, NBK, false>(d, xs, K, y, N, m, n0); break;
+    case 1: first ? tile<1, NBK, true>(d, xs, K, y, N, m, n0) : tile<1, NBK, false>(d, xs, K, y, N, m, n0); break;
+    default: break;
+  }
+}
+
+// The product for the threads of the enclosing region: x split once (by each thread for itself when it is a few
+// rows, no barrier; else shared), then blocks of weight rows handed out per pass over CHUNK_BYTES of x's terms.
+inline void linear(const BF16& d, const float* x, float* y, int64_t M, int64_t N, int64_t K, GemmScratch& shared) {
+  const int threads = omp_get_num_threads();
+  const uint16_t* xs;
+  if (M <= ROWS) {
+    uint16_t* own = tf::reusable<uint16_t, 1>(2 * M * K);
+    for (int64_t m = 0; m < M; ++m) split_row(x + m * K, K, own + 2 * m * K);
+    xs = own;
+  } else {
+#pragma omp single
+    shared.xb = tf::reusable<uint16_t, 0>(2 * M * K);
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) split_row(x + m * K, K, shared.xb + 2 * m * K);
+    xs = shared.xb;
+  }
+  if (M == 1) {  // eight weight rows a block: eight independent chains hide the latency
+    const int64_t blocks = (N + 2 * NB - 1) / (2 * NB);
+#pragma omp for schedule(dynamic, chunk_of(blocks, threads))
+    for (int64_t b = 0; b < blocks; ++b)
+      row_block<2 * NB>(b, N, [&](int64_t n0) { tile<1, 2 * NB, true>(d, xs, K, y, N, 0, n0); },
+                        [&](int64_t n) { tile<1, 1, true>(d, xs, K, y, N, 0, n); });
+    return;
+  }
+  const int64_t blocks = (N + NB - 1) / NB, chunk = std::max<int64_t>(ROWS, CHUNK_BYTES / (4 * K) / ROWS * ROWS);
+  for (int64_t c0 = 0; c0 < M; c0 += chunk) {
+    const int64_t c1 = std::min(M, c0 + chunk);
+#pragma omp for schedule(dynamic, chunk_of(blocks, threads))
+    for (int64_t b = 0; b < blocks; ++b)
+      row_block(b, N, [&](int64_t n0) { rows_of_x<NB>(d, xs, K, y, N, c0, c1, n0); },
+                [&](int64_t n) { rows_of_x<1>(d, xs, K, y, N, c0, c1, n); });
+  }
+}
+
+}  // namespace tf_dpbf16
+#endif
+
 // The blocks of y's N columns shared among the threads of the enclosing parallel region (an orphaned omp for:
 // the caller opens the region, so several products can run in one). `panel`: PANEL_ROWS * K floats of this
 // thread's own when M >= PANEL_MIN_M; `shared`: one for the whole region.
@@ -393,6 +502,14 @@ void linear_shared(const D& d, const float* x, float* y, int64_t M, int64_t N, i
   if constexpr (std::is_same_v<D, BF16>) {
     if (tf_amx::runs(N, K)) {
       linear_amx(d, x, y, M, N, K, shared);
+      return;
+    }
+  }
+#endif
+#ifdef TF_DPBF16
+  if constexpr (std::is_same_v<D, BF16>) {
+    if (tf_dpbf16::runs(K)) {
+      tf_dpbf16::linear(d, x, y, M, N, K, shared);
       return;
     }
   }
