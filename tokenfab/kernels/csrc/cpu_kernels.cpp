@@ -756,6 +756,89 @@ inline void linear_i8_amx(const I8Int& d, const Q8Rows& xr, float* y, int64_t M,
 }
 #endif
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(TF_AMX_INT8)
+#define TF_VNNI512 1
+// int8 weights (W8A8) against several rows of x with 512-bit VNNI: block_int's arithmetic, two weight rows per
+// register. x is taken as unsigned (x + 128, one xor per row and block) and each lane's dot product starts from -128
+// times its four weights' sum (computed once per weight block, for every row of x), which leaves exactly the signed
+// dot product block_int takes; each lane then gets the same conversion and FMA, blocks in the same order, and the
+// same horizontal sum. So the same bits as block_int, with a third of its instructions per product.
+namespace tf_vnni512 {
+
+constexpr int ROWS = 4;                     // rows of x per tile
+constexpr int PAIRS = 4;                    // pairs of weight rows per tile
+constexpr int64_t CHUNK_BYTES = 256 << 10;  // x's codes per pass over the weights (they stay in L2)
+
+template <int MB, int NP, bool PREFETCH>
+inline void tile(const I8Int& d, const Q8Rows& xr, int64_t K, float* y, int64_t N, int64_t m0, int64_t n0) {
+  const int64_t blocks = K / 32;
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80)), zero = _mm512_setzero_si512();
+  __m512 acc[MB][NP];
+  for (int i = 0; i < MB; ++i)
+    for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < blocks; ++j) {
+    if constexpr (PREFETCH) prefetch_block<I8Int, 2 * NP>(d, K, n0, j * 32, 32);
+    __m512i w[NP], start[NP];
+    for (int p = 0; p < NP; ++p) {
+      const int8_t* row = d.w + (n0 + 2 * p) * K + j * 32;
+      w[p] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row))),
+                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + K)), 1);
+      start[p] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, w[p]));
+    }
+    for (int i = 0; i < MB; ++i) {
+      const int64_t m = m0 + i;
+      const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.q + m * K + j * 32));
+      const __m512i xu = _mm512_xor_si512(_mm512_broadcast_i64x4(xq), bias);
+      const __m512 s = _mm512_set1_ps(xr.s[m * blocks + j]);
+      for (int p = 0; p < NP; ++p)
+        acc[i][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start[p], xu, w[p])), s, acc[i][p]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int p = 0; p < NP; ++p) {
+      float* out = y + (m0 + i) * N + n0 + 2 * p;
+      out[0] = hsum(_mm512_castps512_ps256(acc[i][p])) * d.row_scale(n0 + 2 * p);
+      out[1] = hsum(_mm512_extractf32x8_ps(acc[i][p], 1)) * d.row_scale(n0 + 2 * p + 1);
+    }
+}
+
+// Rows [m0, m1) of x against weight rows [n0, n0 + 2 PAIRS), ROWS at a time; the first tile fetches the weights
+// ahead of the block's progress.
+inline void rows_of_x(const I8Int& d, const Q8Rows& xr, int64_t K, float* y, int64_t N, int64_t m0, int64_t m1,
+                      int64_t n0) {
+  int64_t m = m0;
+  if (m + ROWS <= m1) {
+    tile<ROWS, PAIRS, true>(d, xr, K, y, N, m, n0);
+    m += ROWS;
+  }
+  for (; m + ROWS <= m1; m += ROWS) tile<ROWS, PAIRS, false>(d, xr, K, y, N, m, n0);
+  const bool first = m == m0;
+  switch (m1 - m) {
+    case 3: first ? tile<3, PAIRS, true>(d, xr, K, y, N, m, n0) : tile<3, PAIRS, false>(d, xr, K, y, N, m, n0); break;
+    case 2: first ? tile<2, PAIRS, true>(d, xr, K, y, N, m, n0) : tile<2, PAIRS, false>(d, xr, K, y, N, m, n0); break;
+    case 1: first ? tile<1, PAIRS, true>(d, xr, K, y, N, m, n0) : tile<1, PAIRS, false>(d, xr, K, y, N, m, n0); break;
+    default: break;
+  }
+}
+
+inline void linear(const I8Int& d, const Q8Rows& xr, float* y, int64_t M, int64_t N, int64_t K, int threads) {
+  constexpr int64_t BLOCK = 2 * PAIRS;
+  const int64_t blocks = (N + BLOCK - 1) / BLOCK, chunk = std::max<int64_t>(ROWS, CHUNK_BYTES / K / ROWS * ROWS);
+#pragma omp parallel num_threads(threads)
+  for (int64_t c0 = 0; c0 < M; c0 += chunk) {
+    const int64_t c1 = std::min(M, c0 + chunk);
+#pragma omp for schedule(dynamic, chunk_of(blocks, threads))
+    for (int64_t b = 0; b < blocks; ++b)
+      row_block<BLOCK>(b, N, [&](int64_t n0) { rows_of_x(d, xr, K, y, N, c0, c1, n0); },
+                       [&](int64_t n) {
+                         for (int64_t m = c0; m < c1; ++m) tile_int<I8Int, 1, 1>(d, xr, K, y, N, m, n);
+                       });
+  }
+}
+
+}  // namespace tf_vnni512
+#endif
+
 template <class D>
 void linear_int(const D& d, const float* x, float* y, int64_t M, int64_t N, int64_t K, bool even_odd_16,
                 int threads) {
@@ -764,6 +847,14 @@ void linear_int(const D& d, const float* x, float* y, int64_t M, int64_t N, int6
   if constexpr (std::is_same_v<D, I8Int>) {
     if (tf_amx::runs(N, K)) {
       linear_i8_amx(d, xr, y, M, N, K, threads);
+      return;
+    }
+  }
+#endif
+#ifdef TF_VNNI512
+  if constexpr (std::is_same_v<D, I8Int>) {
+    if (M >= 2) {
+      tf_vnni512::linear(d, xr, y, M, N, K, threads);
       return;
     }
   }
