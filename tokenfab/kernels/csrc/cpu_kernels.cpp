@@ -756,72 +756,103 @@ inline void linear_i8_amx(const I8Int& d, const Q8Rows& xr, float* y, int64_t M,
 }
 #endif
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(TF_AMX_INT8)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define TF_VNNI512 1
-// int8 weights (W8A8) against several rows of x with 512-bit VNNI: block_int's arithmetic, two weight rows per
-// register. x is taken as unsigned (x + 128, one xor per row and block) and each lane's dot product starts from -128
-// times its four weights' sum (computed once per weight block, for every row of x), which leaves exactly the signed
-// dot product block_int takes; each lane then gets the same conversion and FMA, blocks in the same order, and the
-// same horizontal sum. So the same bits as block_int, with a third of its instructions per product.
+// W8A8 and W4A8 (int8 and 4-bit weights against int8 x) for several rows of x with 512-bit VNNI: block_int's
+// arithmetic, two weight rows per register. x is taken as unsigned (x + 128, one xor per row and block) and each
+// lane's dot product starts from -128 times its four weights' sum (computed once per weight block, for every row of
+// x), which leaves exactly the signed dot product block_int takes; each lane then gets the same scale, conversion and
+// FMA, blocks in the same order, and the same horizontal sum. So the same bits as block_int, with a third of its
+// instructions per product (and each weight block decoded once per pass rather than once per pair of rows).
 namespace tf_vnni512 {
 
 constexpr int ROWS = 4;                     // rows of x per tile
 constexpr int PAIRS = 4;                    // pairs of weight rows per tile
 constexpr int64_t CHUNK_BYTES = 256 << 10;  // x's codes per pass over the weights (they stay in L2)
 
-template <int MB, int NP, bool PREFETCH>
-inline void tile(const I8Int& d, const Q8Rows& xr, int64_t K, float* y, int64_t N, int64_t m0, int64_t n0) {
-  const int64_t blocks = K / 32;
+// Block j of weight rows n and n + 1 as one register of int8 (row n in the low half) and their per-lane scales.
+template <class D>
+inline void load_pair(const D& d, int64_t n, int64_t j, __m512i& w, __m512& scale) {
+  __m256i abs0, w0, abs1, w1;
+  __m256 s0, s1;
+  d.load(n, j, abs0, w0, s0);
+  d.load(n + 1, j, abs1, w1, s1);
+  w = _mm512_inserti64x4(_mm512_castsi256_si512(w0), w1, 1);
+  scale = _mm512_insertf32x8(_mm512_castps256_ps512(s0), s1, 1);
+}
+
+// Weight rows [n0, n0 + 2 PAIRS) decoded once for every row of x: per block and pair, the int8 register, its
+// scales and its lanes' starting values (-128 times the weights' sums), 64 bytes each, in `out`.
+constexpr int64_t DECODED = 3 * 16;  // int32 words per block and pair
+
+template <class D>
+inline void decode(const D& d, int64_t K, int64_t n0, int32_t* out) {
   const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80)), zero = _mm512_setzero_si512();
-  __m512 acc[MB][NP];
-  for (int i = 0; i < MB; ++i)
-    for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < blocks; ++j) {
-    if constexpr (PREFETCH) prefetch_block<I8Int, 2 * NP>(d, K, n0, j * 32, 32);
-    __m512i w[NP], start[NP];
-    for (int p = 0; p < NP; ++p) {
-      const int8_t* row = d.w + (n0 + 2 * p) * K + j * 32;
-      w[p] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row))),
-                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + K)), 1);
-      start[p] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, w[p]));
+  for (int64_t j = 0; j < K / 32; ++j) {
+    prefetch_block<D, 2 * PAIRS>(d, K, n0, j * 32, 32);
+    for (int p = 0; p < PAIRS; ++p) {
+      __m512i w;
+      __m512 ws;
+      load_pair(d, n0 + 2 * p, j, w, ws);
+      int32_t* o = out + (j * PAIRS + p) * DECODED;
+      _mm512_storeu_si512(o, w);
+      _mm512_storeu_ps(reinterpret_cast<float*>(o + 16), ws);
+      _mm512_storeu_si512(o + 32, _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, w)));
     }
+  }
+}
+
+// Rows [m0, m0 + MB) of x against the decoded weight rows at n0.
+template <class D, int MB>
+inline void tile(const D& d, const int32_t* dec, const Q8Rows& xr, int64_t K, float* y, int64_t N, int64_t m0,
+                 int64_t n0) {
+  constexpr bool unit_scale = std::is_same_v<D, I8Int>;  // its block scales are 1: ws * xs is xs
+  const int64_t blocks = K / 32;
+  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[MB][PAIRS];
+  for (int i = 0; i < MB; ++i)
+    for (int p = 0; p < PAIRS; ++p) acc[i][p] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < blocks; ++j) {
+    const int32_t* dj = dec + j * PAIRS * DECODED;
     for (int i = 0; i < MB; ++i) {
       const int64_t m = m0 + i;
       const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.q + m * K + j * 32));
       const __m512i xu = _mm512_xor_si512(_mm512_broadcast_i64x4(xq), bias);
-      const __m512 s = _mm512_set1_ps(xr.s[m * blocks + j]);
-      for (int p = 0; p < NP; ++p)
-        acc[i][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start[p], xu, w[p])), s, acc[i][p]);
+      const __m512 xs = _mm512_set1_ps(xr.s[m * blocks + j]);
+      for (int p = 0; p < PAIRS; ++p) {
+        const int32_t* o = dj + p * DECODED;
+        const __m512 s = unit_scale ? xs : _mm512_mul_ps(_mm512_loadu_ps(reinterpret_cast<const float*>(o + 16)), xs);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(o + 32), xu, _mm512_loadu_si512(o));
+        acc[i][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[i][p]);
+      }
     }
   }
   for (int i = 0; i < MB; ++i)
-    for (int p = 0; p < NP; ++p) {
+    for (int p = 0; p < PAIRS; ++p) {
       float* out = y + (m0 + i) * N + n0 + 2 * p;
       out[0] = hsum(_mm512_castps512_ps256(acc[i][p])) * d.row_scale(n0 + 2 * p);
       out[1] = hsum(_mm512_extractf32x8_ps(acc[i][p], 1)) * d.row_scale(n0 + 2 * p + 1);
     }
 }
 
-// Rows [m0, m1) of x against weight rows [n0, n0 + 2 PAIRS), ROWS at a time; the first tile fetches the weights
-// ahead of the block's progress.
-inline void rows_of_x(const I8Int& d, const Q8Rows& xr, int64_t K, float* y, int64_t N, int64_t m0, int64_t m1,
+// Rows [m0, m1) of x against weight rows [n0, n0 + 2 PAIRS): the weights decoded once, then ROWS rows of x at a time.
+template <class D>
+inline void rows_of_x(const D& d, const Q8Rows& xr, int64_t K, float* y, int64_t N, int64_t m0, int64_t m1,
                       int64_t n0) {
+  int32_t* dec = tf::reusable<int32_t, 6>(K / 32 * PAIRS * DECODED);
+  decode(d, K, n0, dec);
   int64_t m = m0;
-  if (m + ROWS <= m1) {
-    tile<ROWS, PAIRS, true>(d, xr, K, y, N, m, n0);
-    m += ROWS;
-  }
-  for (; m + ROWS <= m1; m += ROWS) tile<ROWS, PAIRS, false>(d, xr, K, y, N, m, n0);
-  const bool first = m == m0;
+  for (; m + ROWS <= m1; m += ROWS) tile<D, ROWS>(d, dec, xr, K, y, N, m, n0);
   switch (m1 - m) {
-    case 3: first ? tile<3, PAIRS, true>(d, xr, K, y, N, m, n0) : tile<3, PAIRS, false>(d, xr, K, y, N, m, n0); break;
-    case 2: first ? tile<2, PAIRS, true>(d, xr, K, y, N, m, n0) : tile<2, PAIRS, false>(d, xr, K, y, N, m, n0); break;
-    case 1: first ? tile<1, PAIRS, true>(d, xr, K, y, N, m, n0) : tile<1, PAIRS, false>(d, xr, K, y, N, m, n0); break;
+    case 3: tile<D, 3>(d, dec, xr, K, y, N, m, n0); break;
+    case 2: tile<D, 2>(d, dec, xr, K, y, N, m, n0); break;
+    case 1: tile<D, 1>(d, dec, xr, K, y, N, m, n0); break;
     default: break;
   }
 }
 
-inline void linear(const I8Int& d, const Q8Rows& xr, float* y, int64_t M, int64_t N, int64_t K, int threads) {
+template <class D>
+inline void linear(const D& d, const Q8Rows& xr, float* y, int64_t M, int64_t N, int64_t K, int threads) {
   constexpr int64_t BLOCK = 2 * PAIRS;
   const int64_t blocks = (N + BLOCK - 1) / BLOCK, chunk = std::max<int64_t>(ROWS, CHUNK_BYTES / K / ROWS * ROWS);
 #pragma omp parallel num_threads(threads)
@@ -831,7 +862,7 @@ inline void linear(const I8Int& d, const Q8Rows& xr, float* y, int64_t M, int64_
     for (int64_t b = 0; b < blocks; ++b)
       row_block<BLOCK>(b, N, [&](int64_t n0) { rows_of_x(d, xr, K, y, N, c0, c1, n0); },
                        [&](int64_t n) {
-                         for (int64_t m = c0; m < c1; ++m) tile_int<I8Int, 1, 1>(d, xr, K, y, N, m, n);
+                         for (int64_t m = c0; m < c1; ++m) tile_int<D, 1, 1>(d, xr, K, y, N, m, n);
                        });
   }
 }
@@ -852,11 +883,9 @@ void linear_int(const D& d, const float* x, float* y, int64_t M, int64_t N, int6
   }
 #endif
 #ifdef TF_VNNI512
-  if constexpr (std::is_same_v<D, I8Int>) {
-    if (M >= 2) {
-      tf_vnni512::linear(d, xr, y, M, N, K, threads);
-      return;
-    }
+  if (M >= 2) {  // (int8 weights on AMX tiles where the level has them, above)
+    tf_vnni512::linear(d, xr, y, M, N, K, threads);
+    return;
   }
 #endif
   const int64_t blocks = (N + NB - 1) / NB;
