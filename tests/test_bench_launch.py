@@ -35,3 +35,10 @@ def test_llama_cpp_takes_the_build_without_amx_on_an_amx_cpu_where_it_exists(mon
     assert _spec("llama.cpp", tmp_path).cmd[0] == str(noamx)
     monkeypatch.setattr(cpu_isa, "cpu_flags", lambda: ZEN4)
     assert _spec("llama.cpp", tmp_path).cmd[0] == str(native)
+
+
+def test_a_tokenfab_variant_serves_its_weight_format(tmp_path) -> None:
+    plain, int8 = _spec("tokenfab", tmp_path), _spec("tokenfab-int8", tmp_path)
+    assert "--quantization" not in plain.cmd
+    assert int8.cmd[int8.cmd.index("--quantization") + 1] == "int8"
+    assert [a for a in int8.cmd if a not in ("--quantization", "int8")] == plain.cmd

@@ -77,7 +77,9 @@ def server_spec(
 
     extra = extra or []
     env = dict(os.environ)
-    if system == "tokenfab":
+    if system.startswith("tokenfab-"):  # a weight format: tokenfab-int8, tokenfab-gguf, ...
+        extra = ["--quantization", system.removeprefix("tokenfab-"), *extra]
+    if system == "tokenfab" or system.startswith("tokenfab-"):
         cmd = [
             sys.executable,
             "-m",
