@@ -111,8 +111,8 @@ class EngineConfig:
     """HF directory or .gguf file; None serves the embedded default (Gemma 3 270M)."""
     dtype: str = field(default="auto", metadata={"choices": lambda: ("auto", "float32", "bfloat16", "float16")})
     """auto | float32 | bfloat16 | float16; auto picks bfloat16 where the hardware computes it fast, else float32.
-    On CPU, bfloat16 means bf16 weights with fp32 activations on tokenfab's kernels (fp32 FMA, or AMX tiles over x
-    split into two bf16 terms on the amx level; see batch_invariant)."""
+    On CPU, bfloat16 means bf16 weights with fp32 activations on tokenfab's kernels (fp32 FMA, or AMX tiles or
+    vdpbf16ps over x split into two bf16 terms on the amx and avx512_bf16 levels; see batch_invariant)."""
     batch_invariant: bool = True
     """A request's greedy tokens and seeded samples never depend on what else is batched: on CPU every linear layer
     runs tokenfab's kernels, which sum each output in one order at every batch size. False lets a CPU with native bf16
