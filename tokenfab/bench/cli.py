@@ -70,7 +70,11 @@ def _target(p: argparse.ArgumentParser, launch: bool) -> None:
     p.add_argument("--url", default=None, help="base URL of a running OpenAI-compatible server")
     p.add_argument("--system", default=None, help="name to report the --url server under (default: from /v1/models)")
     if launch:
-        p.add_argument("--launch", default=None, help="start these servers in turn: tokenfab,vllm,llama.cpp; tokenfab-FORMAT serves --quantization FORMAT")
+        p.add_argument(
+            "--launch",
+            default=None,
+            help="start these servers in turn: tokenfab,vllm,llama.cpp; tokenfab-FORMAT serves --quantization FORMAT",
+        )
         p.add_argument("--peers-dir", type=Path, default=Path(".peers"))
         p.add_argument("--server-threads", type=int, default=2)
         p.add_argument("--max-model-len", type=int, default=2048)
