@@ -417,10 +417,22 @@ __attribute__((noinline)) void tile(const uint8_t* w, int64_t K, const XRow* x, 
     for (int jn = 0; jn < NBK; ++jn) y[i * ldy + jn] = hsum(acc[jn][i]);
 }
 
+// Rows of x per tile: four where AVX-512 gives 32 vector registers (each weight block decoded once for four rows),
+// else two. Each output keeps its own accumulator and steps either way, so the bits do not change.
+#ifdef __AVX512VL__
+constexpr int MB_WIDE = 4;
+#else
+constexpr int MB_WIDE = 2;
+#endif
+
 template <class F, int NBK>
 inline void rows_against_x(const uint8_t* w, int64_t K, const std::vector<XRow>& x, float* y, int64_t ldy) {
   const int64_t M = static_cast<int64_t>(x.size());
   int64_t m = 0;
+  for (; m + MB_WIDE <= M; m += MB_WIDE) {
+    if (m == 0) tile<F, MB_WIDE, NBK, true>(w, K, x.data() + m, y + m * ldy, ldy);
+    else tile<F, MB_WIDE, NBK, false>(w, K, x.data() + m, y + m * ldy, ldy);
+  }
   for (; m + 2 <= M; m += 2) {
     if (m == 0) tile<F, 2, NBK, true>(w, K, x.data() + m, y + m * ldy, ldy);
     else tile<F, 2, NBK, false>(w, K, x.data() + m, y + m * ldy, ldy);
