@@ -70,6 +70,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _tokenfab_cmd(
+    system: str, port: int, threads: int, max_seqs: int, max_model_len: int, extra: list[str]
+) -> list[str]:
+    """`tokenfab serve` for `tokenfab` or a weight format's variant (`tokenfab-int8`, `tokenfab-gguf`, ...)."""
+    if system != "tokenfab":
+        extra = ["--quantization", system.removeprefix("tokenfab-"), *extra]
+    serve = ["serve", "--port", str(port), "--threads", str(threads), "--max-num-seqs", str(max_seqs)]
+    limits = ["--max-model-len", str(max_model_len), "--max-queued-requests", str(4 * max_seqs)]
+    return [sys.executable, "-m", "tokenfab.cli", *serve, *limits, *extra]
+
+
 def server_spec(
     system: str, port: int, peers: Path, threads: int, max_seqs: int, max_model_len: int, extra: list[str] | None = None
 ) -> ServerSpec:
@@ -77,27 +88,8 @@ def server_spec(
 
     extra = extra or []
     env = dict(os.environ)
-    if system.startswith("tokenfab-"):  # a weight format: tokenfab-int8, tokenfab-gguf, ...
-        extra = ["--quantization", system.removeprefix("tokenfab-"), *extra]
     if system == "tokenfab" or system.startswith("tokenfab-"):
-        cmd = [
-            sys.executable,
-            "-m",
-            "tokenfab.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--threads",
-            str(threads),
-            "--max-num-seqs",
-            str(max_seqs),
-            "--max-model-len",
-            str(max_model_len),
-            "--max-queued-requests",
-            str(4 * max_seqs),
-            *extra,
-        ]
-        return ServerSpec(system, cmd, env)
+        return ServerSpec(system, _tokenfab_cmd(system, port, threads, max_seqs, max_model_len, extra), env)
     if system == "vllm":
         python = peers / "vllm" / "bin" / "python"
         env.update(
