@@ -140,6 +140,26 @@ def test_rows_are_batch_invariant() -> None:
 
 
 @needs_kernels
+def test_q8_0_rows_with_every_code_are_the_same_bits_at_every_batch_size() -> None:
+    """Q8_0 with codes over the whole int8 range (-128 included, which a file may hold though ggml never writes
+    it): every batch size gives each row the bits it gets alone (several rows of x take the 512-bit VNNI tiles
+    where the level has them, one row the 256-bit ones), and the products stay exact."""
+    N, K = 27, 640  # three whole tasks of 8 rows and a partial one
+    rng = np.random.default_rng(5)
+    blocks = rng.integers(0, 256, size=(N, K // 32, 34), dtype=np.uint8)
+    blocks[:, :, :2] = (rng.standard_normal((N, K // 32)) * 0.01).astype(np.float16).view(np.uint8).reshape(N, -1, 2)
+    blocks[2, :, 2:] = 0x80  # a row of -128 codes
+    blocks = np.ascontiguousarray(blocks.reshape(N, -1))
+    weight, w = packed(T.Q8_0, blocks, K), reference(blocks, T.Q8_0, K)
+    x = torch.randn(21, K, generator=torch.Generator().manual_seed(6))
+    alone = torch.cat([weight.matmul(x[i : i + 1]) for i in range(21)])
+    for M in (2, 3, 5, 8, 13, 21):
+        assert torch.equal(weight.matmul(x[:M]), alone[:M])
+    exact = cpu_kernels.quantize_rows_q8(x) @ w.T
+    torch.testing.assert_close(alone, exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
+
+
+@needs_kernels
 def test_fused_rows_of_mixed_types_are_the_parts_side_by_side() -> None:
     K = 512
     types = [T.Q5_0, T.Q5_0, T.Q8_0, T.Q4_K]  # the first two merge into one segment

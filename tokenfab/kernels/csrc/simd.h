@@ -68,7 +68,7 @@ inline void rmsnorm_row(const float* x, const float* w, float* out, int64_t dim,
 // At least n elements of the calling thread's buffer `Tag`, kept between calls: a fresh allocation of a batch's
 // size would fault in zeroed pages on every call (measured: 14 % of a 512-row int8 product, 23 % of a 1024-token
 // prefill). A buffer grows, never shrinks, and callers write every element they read. Tags are unique across the
-// library (cpu_kernels.cpp 0-5 per type, attention_kernels.cpp 10-18).
+// library (cpu_kernels.cpp 0-6 per type, attention_kernels.cpp 10-18, gguf_kernels.cpp 20).
 template <class T, int Tag>
 T* reusable(size_t n) {
   static thread_local std::vector<T> buffer;
