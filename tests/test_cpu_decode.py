@@ -68,6 +68,16 @@ def test_int8_decode_steps_equal_the_model_forward(kind, tiny_model):
     check_decode_steps(llm, random_prompts([5, 40, 100, 17, 3], seed=5))
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_bf16_activation_decode_steps_equal_the_model_forward(kind, tiny_model):
+    """bf16-act: the fused step takes x as bf16 where the kernels do (tf_bf16_activations) exactly as the forward."""
+    llm = LLM(str(tiny_model(kind)), quantization="bf16-act", kv_cache_memory_gb=0.02, max_model_len=1024,
+              max_num_batched_tokens=64)
+    native = "bf16 activations (vdpbf16ps)" if kernels.bf16_activations() else "fp32 activations"
+    assert f"bf16-act: {native}" in llm.engine.core.info().quantization  # what /v1/models reports
+    check_decode_steps(llm, random_prompts([5, 40, 100, 17], seed=6))
+
+
 def test_other_weight_formats_keep_the_forward(tiny_model):
     """fp32 weights (oneDNN) and the formats without a bound kernel keep the per-layer forward."""
     path = tiny_model("llama")

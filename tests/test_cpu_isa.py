@@ -64,6 +64,7 @@ def test_each_level_builds_its_own_library(level: str) -> None:
         assert build.kernel_path() == build.KernelPath(level, "use_level")
         assert build.load_library() is lib
         assert lib.tf_amx_tiles() == (level in cpu_isa.TILE_LEVELS)
+        assert lib.tf_bf16_activations() == cpu_isa.level(level).bf16_activations
     assert build.kernel_path().reason != "use_level"
     with pytest.raises(ValueError, match="unknown"), build.use_level("avx9"):
         pass
@@ -83,6 +84,7 @@ def _float_kernels(K: int, N: int) -> dict:
     scales16 = (torch.rand(N, K // 32, generator=g) + 0.1).half()
     return {
         "bf16": lambda x: kernels.linear_bf16(x, w_bf16),
+        "bf16-act": lambda x: kernels.linear_bf16_act(x, w_bf16),
         "int8 weight-only": lambda x: kernels.linear_int8(x, q, scale),
         "fp8": lambda x: kernels.linear_fp8(x, w_fp8, scale),
         "int4 weight-only": lambda x: kernels.linear_lut4(x, codes, scales16, 32, None, kernels.INT4_TWOS_COMPLEMENT,
@@ -107,21 +109,29 @@ def _gguf_kernels(K: int, N: int) -> dict:
 def test_every_format_gives_each_row_the_same_bits_at_every_batch_size_and_level(level: str) -> None:
     """A row of x gives bit-identical outputs alone and in any batch (register, GEMM and tile paths) at every ISA
     level, and the same bits as at avx2 (one order of accumulation for the float kernels, exact integer dot
-    products, VNNI or not) except a level's split formats, which stay within TILE_TOLERANCE of them."""
+    products, VNNI or not) except a level's split formats, which stay within TILE_TOLERANCE of them, and bf16-act
+    where the level takes x as bf16, within BF16_TOLERANCE."""
     _needs(level)
+    lv = cpu_isa.level(level)
     K, N = 512, 75
     x = torch.randn(max(BATCHES), K, generator=torch.Generator().manual_seed(1))
     formats = {**_float_kernels(K, N), **_gguf_kernels(K, N)}
     with build.use_level("avx2"):
         reference = {name: [f(x[i : i + 1]) for i in range(x.shape[0])] for name, f in formats.items()}
+    assert all(torch.equal(a, b) for a, b in zip(reference["bf16-act"], reference["bf16"], strict=True))
     with build.use_level(level):
         for name, f in formats.items():
             alone = reference[name]
-            if name in cpu_isa.level(level).split_formats:
+            bounds = None  # (least, most) difference from avx2's result, relative to its scale
+            if name == "bf16-act" and lv.bf16_activations:  # x rounded to bf16: more than the split's difference
+                bounds = (cpu_isa.TILE_TOLERANCE, cpu_isa.BF16_TOLERANCE)
+            elif name in lv.split_formats or (name == "bf16-act" and "bf16" in lv.split_formats):
+                bounds = (0, cpu_isa.TILE_TOLERANCE)
+            if bounds is not None:
                 alone = [f(x[i : i + 1]) for i in range(x.shape[0])]
                 for own, fp32 in zip(alone, reference[name], strict=True):
                     error = (own - fp32).abs().max() / fp32.abs().max()
-                    assert 0 < error < cpu_isa.TILE_TOLERANCE, error
+                    assert bounds[0] < error < bounds[1], (name, error)
             for m in BATCHES:
                 batch = f(x[:m])
                 for i in range(m):

@@ -38,11 +38,12 @@ def test_logprobs_match_transformers(kind, tiny_model, hf_model):
     assert lp.rank == 1 and lp.token_id == top_ids[0]
 
 
-@pytest.mark.parametrize("options", [{}, {"dtype": "bfloat16"}, {"quantization": "int8"}],
-                         ids=["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("options", [{}, {"dtype": "bfloat16"}, {"quantization": "int8"}, {"quantization": "bf16-act"}],
+                         ids=["fp32", "bf16", "int8", "bf16-act"])
 def test_batch_invariance_of_greedy_and_seeded_requests(options, tiny_model):
     """A request alone and inside a 16-request mixed batch (its prefill chunked beside decodes): the same tokens
-    and the same logprobs to the bit. bf16 is the default where the CPU has native bf16."""
+    and the same logprobs to the bit. bf16 is the default where the CPU has native bf16; bf16-act takes bf16
+    activations there."""
     llm = make_llm(tiny_model("gemma3"), max_num_batched_tokens=96, **options)
     probe = random_prompts([50], seed=3)[0]
     greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2)

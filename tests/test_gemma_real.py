@@ -117,3 +117,22 @@ def test_a_long_prefix_back_from_the_kv_tiers_gives_transformers_tokens(gguf_pat
     assert stats.host_hit_tokens + stats.disk_hit_tokens > 512 and out.num_cached_tokens > 512
     assert out.outputs[0].token_ids == hf_greedy(reference, ids, NEW_TOKENS)
     llm.engine.core.close()
+
+
+def test_bf16_activations_keep_the_greedy_tokens_of_bf16_weights(gguf_path, reference):
+    """bf16-act (x rounded to bf16 where the CPU computes bf16 natively, else as bf16) gives the prompts the greedy
+    tokens of bf16 weights with fp32 activations, and its next-token logprobs stay within 0.1 of transformers' fp32
+    ones (bf16 weights and activations both rounded; fp32 itself agrees within 2e-3)."""
+    options = {"max_model_len": 2048, "max_num_batched_tokens": 256, "kv_cache_memory_gb": 0.25}
+    act = LLM(str(gguf_path), quantization="bf16-act", **options)
+    bf16 = LLM(str(gguf_path), dtype="bfloat16", **options)
+    ids = [act.tokenizer.encode(p) for p in PROMPTS + [long_prompt()]]
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=5)
+    for prompt_ids, got, expected in zip(ids, act.generate(ids, params), bf16.generate(ids, params)):
+        assert got.outputs[0].token_ids == expected.outputs[0].token_ids, act.tokenizer.decode(prompt_ids)
+        with torch.no_grad():
+            ref = torch.log_softmax(reference(torch.tensor([prompt_ids])).logits[0, -1].float(), -1)
+        top = got.outputs[0].logprobs[0].top
+        assert max(abs(lp - ref[t].item()) for t, lp in top) < 0.1
+    for engine in (act, bf16):
+        engine.engine.core.close()

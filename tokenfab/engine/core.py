@@ -41,6 +41,7 @@ from tokenfab.models.loading import ModelSource, load_tokenizer, resolve_model
 from tokenfab.platform import cpu_isa
 from tokenfab.platform.power import select_meter
 from tokenfab.platform.prices import load_prices
+from tokenfab.quant.bf16 import activations_note
 
 log = logging.getLogger("tokenfab.engine")
 
@@ -78,6 +79,8 @@ class EngineCore:
         if self.ranks is not None:
             self.ranks.attach(self.model, self.source, weight_plan)
         log.info("model loaded in %.1f s", time.monotonic() - started)
+        if config.quant_plan.uses("bf16-act"):
+            log.info("bf16-act layers take %s", activations_note())
         medium = MEDIUM_CPU if device.type == "cpu" else MEDIUM_GPU
         self.kv = self.worker.kv_manager(config.enable_prefix_caching, medium)
         self.kv_tiers = _kv_tiers(config, self.worker.cache, self._tier_identity())
@@ -114,6 +117,8 @@ class EngineCore:
     def quantization_label(self) -> str:
         """What the linear layers are stored as, e.g. `int4 (lm_head: int8)` or `checkpoint nvfp4; none`."""
         label = self.config.quant_plan.label
+        if self.config.quant_plan.uses("bf16-act"):
+            label += f"; bf16-act: {activations_note()}"
         stored = self.source.quantization
         return f"checkpoint {stored.format}; {label}" if stored is not None else label
 

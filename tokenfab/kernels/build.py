@@ -178,6 +178,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     shape = [i64, i64, i64, i32]
     signatures = {
         "tf_linear_bf16": [p, p, p, *shape],
+        "tf_linear_bf16_act": [p, p, p, *shape],
         "tf_linear_i8": [p, p, p, p, *shape],
         "tf_linear_fp8": [p, p, p, p, *shape],
         "tf_linear_lut4": [p, p, p, i64, p, p, f32, p, *shape],
@@ -188,6 +189,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         "tf_argmax_rows": [p, i64, i64, p],
         "tf_gated_act": [p, p, i64, i64, i32, i32],
         "tf_gated_mlp_bf16": [p, p, p, p, i64, i64, i64, i64, i32, i32],
+        "tf_gated_mlp_bf16_x": [p, p, p, p, i64, i64, i64, i64, i32, i32, i32],
         "tf_qk_norm_rope": [p, i64, i64, i64, i64, i64, p, p, f32, p, p, i32],
         "tf_paged_decode_attention": [p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, f32, p, i32],
         "tf_paged_prefill_attention": [p, p, p, p, i64, p, p, i64, i64, i64, i64, i64, f32, p, i32],
@@ -234,4 +236,6 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.tf_gguf_repack.restype = i32
     lib.tf_amx_tiles.argtypes = []
     lib.tf_amx_tiles.restype = i32
+    lib.tf_bf16_activations.argtypes = []
+    lib.tf_bf16_activations.restype = i32
     return lib

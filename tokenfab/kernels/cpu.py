@@ -67,14 +67,26 @@ class BoundLinear:
         return launch(self._fn, x, self.N, self.K, *self._args)
 
 
-def bind_linear_bf16(w: torch.Tensor) -> BoundLinear:
-    """linear_bf16 with `w` bound (see BoundLinear)."""
-    return BoundLinear("tf_linear_bf16", (w,), *w.shape)
+def bind_linear_bf16(w: torch.Tensor, bf16_activations: bool = False) -> BoundLinear:
+    """linear_bf16 (or linear_bf16_act) with `w` bound (see BoundLinear)."""
+    return BoundLinear("tf_linear_bf16_act" if bf16_activations else "tf_linear_bf16", (w,), *w.shape)
 
 
 def linear_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """w bfloat16 [N, K], K % 16 == 0."""
     return _linear("tf_linear_bf16", x, *w.shape, _ptr(w))
+
+
+def linear_bf16_act(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """linear_bf16 with bf16 activations where the CPU computes them natively (`bf16_activations()`): x rounded to
+    bf16 once, each output summed in one order at every batch size; elsewhere exactly linear_bf16."""
+    return _linear("tf_linear_bf16_act", x, *w.shape, _ptr(w))
+
+
+def bf16_activations() -> bool:
+    """Whether linear_bf16_act takes x as bf16 here (the avx512_bf16 level), rather than fp32 like linear_bf16."""
+    lib = load_library()
+    return lib is not None and bool(lib.tf_bf16_activations())
 
 
 def linear_int8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -163,10 +175,12 @@ def gated_act(gate_up: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
     return out
 
 
-def gated_mlp_bf16(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, gelu_tanh: bool) -> torch.Tensor:
+def gated_mlp_bf16(
+    x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, gelu_tanh: bool, bf16_activations: bool = False
+) -> torch.Tensor:
     """down(act(gate(x)) * up(x)) for x float32 [M, K] contiguous, w_gate_up bfloat16 [2 * inter, K] (gate rows
-    first), w_down bfloat16 [hidden, inter]; K and inter % 16 == 0. One call, equal bit for bit to linear_bf16,
-    gated_act and linear_bf16 in turn. Returns [M, hidden]."""
+    first), w_down bfloat16 [hidden, inter]; K and inter % 16 == 0. One call, equal bit for bit to linear_bf16 (or
+    linear_bf16_act), gated_act and linear_bf16 (linear_bf16_act) in turn. Returns [M, hidden]."""
     (two_inter, K), (hidden, inter) = w_gate_up.shape, w_down.shape
     if x.dim() != 2 or x.shape[1] != K or two_inter != 2 * inter or x.dtype != torch.float32 or not x.is_contiguous():
         raise ValueError(
@@ -174,7 +188,7 @@ def gated_mlp_bf16(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
             f"down {tuple(w_down.shape)}"
         )
     y = torch.empty(x.shape[0], hidden, dtype=torch.float32)
-    library().tf_gated_mlp_bf16(
+    library().tf_gated_mlp_bf16_x(
         x.data_ptr(),
         w_gate_up.data_ptr(),
         w_down.data_ptr(),
@@ -184,6 +198,7 @@ def gated_mlp_bf16(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
         inter,
         hidden,
         int(gelu_tanh),
+        int(bf16_activations),
         torch.get_num_threads(),
     )
     return y

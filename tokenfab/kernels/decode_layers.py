@@ -45,7 +45,7 @@ class _Linear(ctypes.Structure):
     ]
 
 
-_BF16, _GGUF, _INT8 = 1, 2, 3
+_BF16, _GGUF, _INT8, _BF16_ACT = 1, 2, 3, 4
 _NORMS = ("q_norm", "k_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm", "next_norm", "k_cache", "v_cache")
 
 
@@ -87,12 +87,15 @@ class KernelLinear:
     N: int
     K: int
     bf16: torch.Tensor | None = None
+    bf16_activations: bool = False
+    """With `bf16`: x taken as bf16 (kernels.linear_bf16_act)."""
     int8: tuple[torch.Tensor, torch.Tensor] | None = None
     gguf: SegmentTable | None = None
 
     def _struct(self) -> _Linear:
         if self.bf16 is not None:
-            return _Linear(_BF16, self.N, self.K, self.bf16.data_ptr(), None, 0, None, None, None)
+            kind = _BF16_ACT if self.bf16_activations else _BF16
+            return _Linear(kind, self.N, self.K, self.bf16.data_ptr(), None, 0, None, None, None)
         if self.int8 is not None:
             q, scale = self.int8
             return _Linear(_INT8, self.N, self.K, q.data_ptr(), scale.data_ptr(), 0, None, None, None)

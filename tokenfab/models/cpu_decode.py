@@ -34,7 +34,7 @@ def _kernel_linear(linear: Linear) -> tuple[KernelLinear, int] | None:
         return None
     n, k = stored.shape
     if isinstance(stored, BF16Weight) and stored.use_kernel:
-        return KernelLinear(n, k, bf16=stored.weight), sys.maxsize
+        return KernelLinear(n, k, bf16=stored.weight, bf16_activations=stored.bf16_activations), sys.maxsize
     if isinstance(stored, GGUFWeight) and stored.kernel_table is not None:
         return KernelLinear(n, k, gguf=stored.kernel_table), sys.maxsize
     if isinstance(stored, Int8Weight) and cpu_linear.int8_runs_kernel(stored):

@@ -229,7 +229,7 @@ class DecoderModel(nn.Module):
         # bf16 storage: the lookup reads a bf16 table too (the LM head's own when tied) and widens its rows.
         if isinstance(self.lm_head.stored, BF16Weight) and self.arch.tie_word_embeddings:
             self.embed_tokens.weight = nn.Parameter(self.lm_head.stored.weight, requires_grad=False)
-        elif plan.default == "bf16" and isinstance(self.embed_tokens, nn.Embedding):
+        elif plan.default in ("bf16", "bf16-act") and isinstance(self.embed_tokens, nn.Embedding):
             self.embed_tokens.weight = nn.Parameter(self.embed_tokens.weight.data.bfloat16(), requires_grad=False)
 
     def _build_weight(self, name: str, weight: torch.Tensor, fmt: str, hessian: torch.Tensor | None) -> LinearWeight:

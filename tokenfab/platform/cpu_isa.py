@@ -28,6 +28,9 @@ class IsaLevel:
     split_formats: tuple[str, ...] = ()
     """Weight formats whose products this level computes over x split into two bf16 terms (AMX tiles, vdpbf16ps):
     within TILE_TOLERANCE of the lower levels' result, and each row's result the same bits at every batch size."""
+    bf16_activations: bool = False
+    """Whether the `bf16-act` weight format takes x as bf16 here (one term, vLLM's precision: within BF16_TOLERANCE
+    of the fp32 result, each row the same bits at every batch size); elsewhere it computes as `bf16`."""
 
 
 _AVX2 = ("avx2", "fma", "f16c")
@@ -49,8 +52,10 @@ LEVELS: tuple[IsaLevel, ...] = (
         "avx512_bf16",
         (*_VNNI512, "avx512_bf16"),
         (*_GCC_VNNI512, "-mavx512bf16"),
-        "bf16 weights with vdpbf16ps (x split into two bf16 terms); otherwise as avx512_vnni",
+        "bf16 weights with vdpbf16ps (x split into two bf16 terms, or rounded to bf16 for bf16-act); otherwise as "
+        "avx512_vnni",
         ("bf16",),
+        bf16_activations=True,
     ),
     IsaLevel("avx512_vnni", _VNNI512, _GCC_VNNI512, "16-lane fp32 GEMM tiles; int8 dot products with vpdpbusd"),
     IsaLevel("avx512", _AVX2 + _AVX512, _GCC_AVX2 + _GCC_AVX512, "16-lane fp32 GEMM tiles"),
@@ -74,6 +79,8 @@ TILE_LEVELS = frozenset({"amx"})
 """Levels with AMX tiles: their split formats run on tiles, and so does attention (see TILE_ATTENTION_DIM)."""
 TILE_TOLERANCE = 2e-5
 """Largest difference from the lower levels' result, relative to the output's scale, of a product on AMX tiles."""
+BF16_TOLERANCE = 2**-8
+"""Largest difference from the fp32 result, relative to the output's scale, of a product with x rounded to bf16."""
 TILE_ATTENTION_DIM = 32
 """A tile level also runs attention on tiles (queries, keys, values and weights split into two bf16 terms, within
 TILE_TOLERANCE) for head dims that are a multiple of this with at most 16 query heads per kv head."""

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from tokenfab.quant.base import LinearWeight, QuantizedWeight
-from tokenfab.quant.bf16 import BF16Weight
+from tokenfab.quant.bf16 import BF16ActWeight, BF16Weight
 from tokenfab.quant.dense import DenseWeight, OneDNNPackedWeight, onednn_packing_supported
 from tokenfab.quant.fp8 import FP8Weight
 from tokenfab.quant.int4 import Int4Weight
@@ -40,6 +40,7 @@ def _quantized(cls: type[QuantizedWeight]) -> Callable[[torch.Tensor], LinearWei
 WEIGHT_FORMATS: dict[str, Callable[[torch.Tensor], LinearWeight]] = {
     "none": _dense,
     "bf16": BF16Weight.quantize,
+    "bf16-act": BF16ActWeight.quantize,
     **{name: _quantized(cls) for name, cls in QUANTIZED_FORMATS.items()},
     # A GGUF file's own blocks, which tokenfab.models.loading keeps packed; a layer that still reaches a builder
     # arrived as floats (a type without a kernel in the file) and stays dense.

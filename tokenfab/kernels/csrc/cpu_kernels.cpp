@@ -400,20 +400,24 @@ constexpr int64_t CHUNK_BYTES = 256 << 10;  // x's terms per pass over the weigh
 
 inline bool runs(int64_t K) { return K % STEP == 0; }
 
-// Row m of x -> its terms at xs + 2 m K: hi [K], then lo [K].
+// Row m of x -> its terms at xs + 2 m K: hi [K], then (TERMS == 2) lo [K]. With one term x is simply rounded to
+// bf16 (bf16 activations: vLLM's and oneDNN's precision, half the products).
+template <int TERMS>
 inline void split_row(const float* x, int64_t K, uint16_t* xs) {
   for (int64_t k = 0; k < K; k += 16) {
     const __m512 v = _mm512_loadu_ps(x + k);
     const __m256bh h = _mm512_cvtneps_pbh(v);
-    const __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(v, _mm512_cvtpbh_ps(h)));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(xs + k), reinterpret_cast<const __m256i&>(h));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xs + K + k), reinterpret_cast<const __m256i&>(l));
+    if constexpr (TERMS == 2) {
+      const __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(v, _mm512_cvtpbh_ps(h)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xs + K + k), reinterpret_cast<const __m256i&>(l));
+    }
   }
 }
 
 // Rows [m0, m0 + MB) of x (terms xs) against weight rows [n0, n0 + NBK); PREFETCH streams the weights ahead (the
 // small-M, memory-bound shapes).
-template <int MB, int NBK, bool PREFETCH>
+template <int TERMS, int MB, int NBK, bool PREFETCH>
 inline void tile(const BF16& d, const uint16_t* xs, int64_t K, float* y, int64_t N, int64_t m0, int64_t n0) {
   __m512 acc[MB][NBK];
   for (int i = 0; i < MB; ++i)
@@ -425,9 +429,11 @@ inline void tile(const BF16& d, const uint16_t* xs, int64_t K, float* y, int64_t
     for (int i = 0; i < MB; ++i) {
       const uint16_t* row = xs + 2 * (m0 + i) * K + k;
       const __m512bh hi = reinterpret_cast<__m512bh>(_mm512_loadu_si512(row));
-      const __m512bh lo = reinterpret_cast<__m512bh>(_mm512_loadu_si512(row + K));
       for (int j = 0; j < NBK; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], w[j], hi);
-      for (int j = 0; j < NBK; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], w[j], lo);
+      if constexpr (TERMS == 2) {
+        const __m512bh lo = reinterpret_cast<__m512bh>(_mm512_loadu_si512(row + K));
+        for (int j = 0; j < NBK; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], w[j], lo);
+      }
     }
   }
   for (int i = 0; i < MB; ++i)
@@ -436,56 +442,71 @@ inline void tile(const BF16& d, const uint16_t* xs, int64_t K, float* y, int64_t
 
 // Rows [m0, m1) of x against weight rows [n0, n0 + NBK), ROWS at a time; the first tile fetches the weights ahead
 // of the block's progress (the later ones find them in cache).
-template <int NBK>
+template <int TERMS, int NBK>
 inline void rows_of_x(const BF16& d, const uint16_t* xs, int64_t K, float* y, int64_t N, int64_t m0, int64_t m1,
                       int64_t n0) {
   int64_t m = m0;
   if (m + ROWS <= m1) {
-    tile<ROWS, NBK, true>(d, xs, K, y, N, m, n0);
+    tile<TERMS, ROWS, NBK, true>(d, xs, K, y, N, m, n0);
     m += ROWS;
   }
-  for (; m + ROWS <= m1; m += ROWS) tile<ROWS, NBK, false>(d, xs, K, y, N, m, n0);
+  for (; m + ROWS <= m1; m += ROWS) tile<TERMS, ROWS, NBK, false>(d, xs, K, y, N, m, n0);
   const bool first = m == m0;
   switch (m1 - m) {
-    case 3: first ? tile<3, NBK, true>(d, xs, K, y, N, m, n0) : tile<3, NBK, false>(d, xs, K, y, N, m, n0); break;
-    case 2: first ? tile<2, NBK, true>(d, xs, K, y, N, m, n0) : tile<2, NBK, false>(d, xs, K, y, N, m, n0); break;
-    case 1: first ? tile<1, NBK, true>(d, xs, K, y, N, m, n0) : tile<1, NBK, false>(d, xs, K, y, N, m, n0); break;
+    case 3:
+      first ? tile<TERMS, 3, NBK, true>(d, xs, K, y, N, m, n0) : tile<TERMS, 3, NBK, false>(d, xs, K, y, N, m, n0);
+      break;
+    case 2:
+      first ? tile<TERMS, 2, NBK, true>(d, xs, K, y, N, m, n0) : tile<TERMS, 2, NBK, false>(d, xs, K, y, N, m, n0);
+      break;
+    case 1:
+      first ? tile<TERMS, 1, NBK, true>(d, xs, K, y, N, m, n0) : tile<TERMS, 1, NBK, false>(d, xs, K, y, N, m, n0);
+      break;
     default: break;
   }
 }
 
 // The product for the threads of the enclosing region: x split once (by each thread for itself when it is a few
 // rows, no barrier; else shared), then blocks of weight rows handed out per pass over CHUNK_BYTES of x's terms.
-inline void linear(const BF16& d, const float* x, float* y, int64_t M, int64_t N, int64_t K, GemmScratch& shared) {
+template <int TERMS>
+inline void linear_terms(const BF16& d, const float* x, float* y, int64_t M, int64_t N, int64_t K,
+                         GemmScratch& shared) {
   const int threads = omp_get_num_threads();
   const uint16_t* xs;
   if (M <= ROWS) {
     uint16_t* own = tf::reusable<uint16_t, 1>(2 * M * K);
-    for (int64_t m = 0; m < M; ++m) split_row(x + m * K, K, own + 2 * m * K);
+    for (int64_t m = 0; m < M; ++m) split_row<TERMS>(x + m * K, K, own + 2 * m * K);
     xs = own;
   } else {
 #pragma omp single
     shared.xb = tf::reusable<uint16_t, 0>(2 * M * K);
 #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m) split_row(x + m * K, K, shared.xb + 2 * m * K);
+    for (int64_t m = 0; m < M; ++m) split_row<TERMS>(x + m * K, K, shared.xb + 2 * m * K);
     xs = shared.xb;
   }
   if (M == 1) {  // eight weight rows a block: eight independent chains hide the latency
     const int64_t blocks = (N + 2 * NB - 1) / (2 * NB);
 #pragma omp for schedule(dynamic, chunk_of(blocks, threads))
     for (int64_t b = 0; b < blocks; ++b)
-      row_block<2 * NB>(b, N, [&](int64_t n0) { tile<1, 2 * NB, true>(d, xs, K, y, N, 0, n0); },
-                        [&](int64_t n) { tile<1, 1, true>(d, xs, K, y, N, 0, n); });
+      row_block<2 * NB>(b, N, [&](int64_t n0) { tile<TERMS, 1, 2 * NB, true>(d, xs, K, y, N, 0, n0); },
+                        [&](int64_t n) { tile<TERMS, 1, 1, true>(d, xs, K, y, N, 0, n); });
     return;
   }
-  const int64_t blocks = (N + NB - 1) / NB, chunk = std::max<int64_t>(ROWS, CHUNK_BYTES / (4 * K) / ROWS * ROWS);
+  const int64_t blocks = (N + NB - 1) / NB;
+  const int64_t chunk = std::max<int64_t>(ROWS, CHUNK_BYTES / (2 * TERMS * K) / ROWS * ROWS);
   for (int64_t c0 = 0; c0 < M; c0 += chunk) {
     const int64_t c1 = std::min(M, c0 + chunk);
 #pragma omp for schedule(dynamic, chunk_of(blocks, threads))
     for (int64_t b = 0; b < blocks; ++b)
-      row_block(b, N, [&](int64_t n0) { rows_of_x<NB>(d, xs, K, y, N, c0, c1, n0); },
-                [&](int64_t n) { rows_of_x<1>(d, xs, K, y, N, c0, c1, n); });
+      row_block(b, N, [&](int64_t n0) { rows_of_x<TERMS, NB>(d, xs, K, y, N, c0, c1, n0); },
+                [&](int64_t n) { rows_of_x<TERMS, 1>(d, xs, K, y, N, c0, c1, n); });
   }
+}
+
+inline void linear(const BF16& d, const float* x, float* y, int64_t M, int64_t N, int64_t K, GemmScratch& shared,
+                   bool bf16_x) {
+  if (bf16_x) linear_terms<1>(d, x, y, M, N, K, shared);
+  else linear_terms<2>(d, x, y, M, N, K, shared);
 }
 
 }  // namespace tf_dpbf16
@@ -493,10 +514,11 @@ inline void linear(const BF16& d, const float* x, float* y, int64_t M, int64_t N
 
 // The blocks of y's N columns shared among the threads of the enclosing parallel region (an orphaned omp for:
 // the caller opens the region, so several products can run in one). `panel`: PANEL_ROWS * K floats of this
-// thread's own when M >= PANEL_MIN_M; `shared`: one for the whole region.
+// thread's own when M >= PANEL_MIN_M; `shared`: one for the whole region. `bf16_x`: bf16 weights take x rounded
+// to bf16 where the level computes bf16 natively with vdpbf16ps (see tf_bf16_activations); fp32 x elsewhere.
 template <class D>
 void linear_shared(const D& d, const float* x, float* y, int64_t M, int64_t N, int64_t K, float* panel,
-                   GemmScratch& shared) {
+                   GemmScratch& shared, bool bf16_x = false) {
   const int threads = omp_get_num_threads();
 #ifdef TF_AMX
   if constexpr (std::is_same_v<D, BF16>) {
@@ -509,7 +531,7 @@ void linear_shared(const D& d, const float* x, float* y, int64_t M, int64_t N, i
 #ifdef TF_DPBF16
   if constexpr (std::is_same_v<D, BF16>) {
     if (tf_dpbf16::runs(K)) {
-      tf_dpbf16::linear(d, x, y, M, N, K, shared);
+      tf_dpbf16::linear(d, x, y, M, N, K, shared, bf16_x);
       return;
     }
   }
@@ -545,12 +567,12 @@ void linear_shared(const D& d, const float* x, float* y, int64_t M, int64_t N, i
 }
 
 template <class D>
-void linear(const D& d, const float* x, float* y, int64_t M, int64_t N, int64_t K, int threads) {
+void linear(const D& d, const float* x, float* y, int64_t M, int64_t N, int64_t K, int threads, bool bf16_x = false) {
   GemmScratch shared;
 #pragma omp parallel num_threads(threads)
   {
     float* panel = tf::reusable<float, 2>(M >= PANEL_MIN_M ? PANEL_ROWS * K : 0);
-    linear_shared(d, x, y, M, N, K, panel, shared);
+    linear_shared(d, x, y, M, N, K, panel, shared, bf16_x);
   }
 }
 
@@ -944,6 +966,22 @@ int tf_amx_tiles() {
 void tf_linear_bf16(const float* x, const uint16_t* w, float* y, int64_t M, int64_t N, int64_t K, int threads) {
   linear(BF16{w, K}, x, y, M, N, K, threads);
 }
+// As tf_linear_bf16 with bf16 activations where the level has them (tf_bf16_activations): x rounded to bf16, one
+// vdpbf16ps per pair of products, the same single order of accumulation at every batch size.
+void tf_linear_bf16_act(const float* x, const uint16_t* w, float* y, int64_t M, int64_t N, int64_t K,
+                        int threads) {
+  linear(BF16{w, K}, x, y, M, N, K, threads, true);
+}
+
+// 1 where the bf16 kernels take bf16 activations natively (the avx512_bf16 level), 0 where tf_linear_bf16_act
+// computes as tf_linear_bf16 (fp32 activations).
+int tf_bf16_activations() {
+#ifdef TF_DPBF16
+  return 1;
+#else
+  return 0;
+#endif
+}
 void tf_linear_i8(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t N, int64_t K,
                   int threads) {
   linear(I8{w, scale, K}, x, y, M, N, K, threads);
@@ -1016,20 +1054,25 @@ void tf_gated_act(const float* gu, float* out, int64_t rows, int64_t inter, int 
 
 // A gated MLP, y = down(act(gate(x)) * up(x)), with gate/up fused in w_gu [2 * inter, K] (gate rows first) and
 // w_down [hidden, inter], both bf16: the two products and the activation in one parallel region, each step
-// computed exactly as tf_linear_bf16 and tf_gated_act compute it (so the result is theirs bit for bit).
-void tf_gated_mlp_bf16(const float* x, const uint16_t* w_gu, const uint16_t* w_down, float* y, int64_t M, int64_t K,
-                       int64_t inter, int64_t hidden, int gelu, int threads) {
+// computed exactly as tf_linear_bf16 (bf16_x = 0; tf_linear_bf16_act with 1) and tf_gated_act compute it (so the
+// result is theirs bit for bit).
+void tf_gated_mlp_bf16_x(const float* x, const uint16_t* w_gu, const uint16_t* w_down, float* y, int64_t M,
+                         int64_t K, int64_t inter, int64_t hidden, int gelu, int bf16_x, int threads) {
   float* gu = tf::reusable<float, 3>(M * 2 * inter);
   float* act = tf::reusable<float, 4>(M * inter);
   GemmScratch shared;
 #pragma omp parallel num_threads(threads)
   {
     float* panel = tf::reusable<float, 2>(M >= PANEL_MIN_M ? PANEL_ROWS * std::max(K, inter) : 0);
-    linear_shared(BF16{w_gu, K}, x, gu, M, 2 * inter, K, panel, shared);
+    linear_shared(BF16{w_gu, K}, x, gu, M, 2 * inter, K, panel, shared, bf16_x != 0);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < M; ++r) gated_act_row(gu + r * 2 * inter, act + r * inter, inter, gelu != 0);
-    linear_shared(BF16{w_down, inter}, act, y, M, hidden, inter, panel, shared);
+    linear_shared(BF16{w_down, inter}, act, y, M, hidden, inter, panel, shared, bf16_x != 0);
   }
+}
+void tf_gated_mlp_bf16(const float* x, const uint16_t* w_gu, const uint16_t* w_down, float* y, int64_t M, int64_t K,
+                       int64_t inter, int64_t hidden, int gelu, int threads) {
+  tf_gated_mlp_bf16_x(x, w_gu, w_down, y, M, K, inter, hidden, gelu, 0, threads);
 }
 
 // out[r] = the first index of the largest value of row r (a NaN counts as the largest, as in torch.argmax);

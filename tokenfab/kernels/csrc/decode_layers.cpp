@@ -19,9 +19,9 @@ struct TfDecodeDims {
   int64_t gelu;  // gated activation: gelu (tanh approximation) or silu
 };
 
-// A projection's weight [N, K] in a format with a kernel: bf16 rows, int8 rows with a scale per row (W8A8, see
-// tf_linear_i8_q8), or GGUF block rows in segments (see tf_gguf_linear).
-enum TfLinearKind : int64_t { TF_BF16 = 1, TF_GGUF = 2, TF_INT8 = 3 };
+// A projection's weight [N, K] in a format with a kernel: bf16 rows (fp32 x, or bf16 x: tf_linear_bf16_act), int8
+// rows with a scale per row (W8A8, see tf_linear_i8_q8), or GGUF block rows in segments (see tf_gguf_linear).
+enum TfLinearKind : int64_t { TF_BF16 = 1, TF_GGUF = 2, TF_INT8 = 3, TF_BF16_ACT = 4 };
 struct TfLinear {
   int64_t kind, N, K;
   const void* w;
@@ -35,6 +35,7 @@ struct TfLinear {
 void linear(const TfLinear& w, const float* x, float* y, int64_t M, int threads) {
   switch (w.kind) {
     case TF_BF16: tf_linear_bf16(x, static_cast<const uint16_t*>(w.w), y, M, w.N, w.K, threads); break;
+    case TF_BF16_ACT: tf_linear_bf16_act(x, static_cast<const uint16_t*>(w.w), y, M, w.N, w.K, threads); break;
     case TF_INT8: tf_linear_i8_q8(x, static_cast<const int8_t*>(w.w), w.scale, y, M, w.N, w.K, threads); break;
     default: tf_gguf_linear(x, static_cast<int>(w.segments), w.layouts, w.rows, w.data, y, M, w.N, w.K, threads);
   }
@@ -90,9 +91,10 @@ void tf_decode_layers(const TfDecodeDims* dims, const TfDecodeLayer* layers, int
                              g.lo, g.hi, d.block_size, d.scale, attn.data(), threads);
     linear(L.o, attn.data(), h.data(), M, threads);
     tf_add_rmsnorm(x, h.data(), L.post_attn_norm, L.mlp_norm, normed, M, d.hidden, d.eps, threads);
-    if (L.gate_up.kind == TF_BF16 && L.down.kind == TF_BF16) {
-      tf_gated_mlp_bf16(normed, static_cast<const uint16_t*>(L.gate_up.w), static_cast<const uint16_t*>(L.down.w),
-                        h.data(), M, d.hidden, d.inter, d.hidden, static_cast<int>(d.gelu), threads);
+    if ((L.gate_up.kind == TF_BF16 || L.gate_up.kind == TF_BF16_ACT) && L.down.kind == L.gate_up.kind) {
+      tf_gated_mlp_bf16_x(normed, static_cast<const uint16_t*>(L.gate_up.w), static_cast<const uint16_t*>(L.down.w),
+                          h.data(), M, d.hidden, d.inter, d.hidden, static_cast<int>(d.gelu),
+                          L.gate_up.kind == TF_BF16_ACT ? 1 : 0, threads);
     } else {
       gu.resize(M * 2 * d.inter);
       act.resize(M * d.inter);
