@@ -34,10 +34,11 @@ from tokenfab.platform.machine import cpu_name  # noqa: E402
 WORKLOADS = ("offline", "tg128", "pp512")
 TOKENFAB_VARIANTS = {"tokenfab": [], "tokenfab-bf16": ["--dtype", "bfloat16"],
                      "tokenfab-torch-bf16": ["--dtype", "bfloat16", "--no-batch-invariant"],
-                     **{f"tokenfab-{q}": ["--quantization", q] for q in ("int8", "int4", "nvfp4", "gguf")}}
+                     **{f"tokenfab-{q}": ["--quantization", q] for q in ("bf16-act", "int8", "int4", "nvfp4", "gguf")}}
 """tokenfab configurations: the default (fp32 on CPUs without bf16 arithmetic, else bf16 weights computed in fp32
 by the kernels), bf16 weight storage, torch's native bf16 matmuls (not batch-invariant; only differs from
-tokenfab-bf16 on CPUs with native bf16), the quantized formats with their default plans (4-bit formats keep the LM
+tokenfab-bf16 on CPUs with native bf16), bf16-act (bf16 weights and activations on tokenfab's kernels where the CPU
+computes bf16 natively: batch-invariant, vLLM's precision), the quantized formats with their default plans (4-bit formats keep the LM
 head in int8), and gguf: the GGUF file's own Q4_K_M blocks, the bytes llama.cpp reads."""
 
 
