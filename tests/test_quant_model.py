@@ -145,6 +145,16 @@ def test_eval_scores_the_reference_like_transformers(tiny_model, hf_model, tmp_p
     assert abs(ref["perplexity"] / torch.tensor(nll / count).exp().item() - 1) < 1e-4
 
 
+def test_eval_variants_name_every_weight_format():
+    from tokenfab.quant import WEIGHT_FORMATS
+
+    for fmt in WEIGHT_FORMATS:
+        assert parse_variant(fmt).plan.default == fmt
+        assert parse_variant(f"{fmt}[lm_head=int8]").plan.format_for("lm_head") == "int8"
+    with pytest.raises(ValueError, match="bad variant"):
+        parse_variant("-int8")
+
+
 def test_eval_command_writes_json_and_markdown(tiny_model, tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("w5 w6 w7 w8 w9 " * 30)

@@ -25,7 +25,7 @@ from tokenfab.models.loading import ModelSource, load_model, load_tokenizer, qua
 from tokenfab.quant.plan import QuantPlan, build_plan, parse_override
 from tokenfab.tokenizer import token_windows
 
-_SPEC = re.compile(r"^(?P<fmt>[a-z0-9]+)(/(?P<method>[a-z]+))?(\[(?P<rules>[^\]]*)\])?$")
+_SPEC = re.compile(r"^(?P<fmt>[a-z0-9][a-z0-9-]*)(/(?P<method>[a-z]+))?(\[(?P<rules>[^\]]*)\])?$")
 
 
 @dataclass(frozen=True, slots=True)
