@@ -188,7 +188,7 @@ def gated_mlp_bf16(
             f"down {tuple(w_down.shape)}"
         )
     y = torch.empty(x.shape[0], hidden, dtype=torch.float32)
-    library().tf_gated_mlp_bf16_x(
+    library().tf_gated_mlp_bf16(
         x.data_ptr(),
         w_gate_up.data_ptr(),
         w_down.data_ptr(),

@@ -61,10 +61,6 @@ class BF16ActWeight(BF16Weight):
         self.bf16_activations = kernels.bf16_activations()
         super().__init__(weight)
 
-    @classmethod
-    def quantize(cls, weight: torch.Tensor) -> BF16ActWeight:
-        return cls(weight)
-
 
 def fused_gated_mlp(
     gate_up: LinearWeight | None, down: LinearWeight | None, x: torch.Tensor, gelu_tanh: bool

@@ -809,7 +809,6 @@ constexpr int64_t DECODED = 3 * 16;  // int32 words per block and pair
 
 template <class D>
 inline void decode(const D& d, int64_t K, int64_t n0, int32_t* out) {
-  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80)), zero = _mm512_setzero_si512();
   for (int64_t j = 0; j < K / 32; ++j) {
     prefetch_block<D, 2 * PAIRS>(d, K, n0, j * 32, 32);
     for (int p = 0; p < PAIRS; ++p) {
@@ -819,7 +818,7 @@ inline void decode(const D& d, int64_t K, int64_t n0, int32_t* out) {
       int32_t* o = out + (j * PAIRS + p) * DECODED;
       _mm512_storeu_si512(o, w);
       _mm512_storeu_ps(reinterpret_cast<float*>(o + 16), ws);
-      _mm512_storeu_si512(o + 32, _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, w)));
+      _mm512_storeu_si512(o + 32, tf::minus_128_sums(w));
     }
   }
 }
@@ -1056,8 +1055,8 @@ void tf_gated_act(const float* gu, float* out, int64_t rows, int64_t inter, int 
 // w_down [hidden, inter], both bf16: the two products and the activation in one parallel region, each step
 // computed exactly as tf_linear_bf16 (bf16_x = 0; tf_linear_bf16_act with 1) and tf_gated_act compute it (so the
 // result is theirs bit for bit).
-void tf_gated_mlp_bf16_x(const float* x, const uint16_t* w_gu, const uint16_t* w_down, float* y, int64_t M,
-                         int64_t K, int64_t inter, int64_t hidden, int gelu, int bf16_x, int threads) {
+void tf_gated_mlp_bf16(const float* x, const uint16_t* w_gu, const uint16_t* w_down, float* y, int64_t M, int64_t K,
+                       int64_t inter, int64_t hidden, int gelu, int bf16_x, int threads) {
   float* gu = tf::reusable<float, 3>(M * 2 * inter);
   float* act = tf::reusable<float, 4>(M * inter);
   GemmScratch shared;
@@ -1069,10 +1068,6 @@ void tf_gated_mlp_bf16_x(const float* x, const uint16_t* w_gu, const uint16_t* w
     for (int64_t r = 0; r < M; ++r) gated_act_row(gu + r * 2 * inter, act + r * inter, inter, gelu != 0);
     linear_shared(BF16{w_down, inter}, act, y, M, hidden, inter, panel, shared, bf16_x != 0);
   }
-}
-void tf_gated_mlp_bf16(const float* x, const uint16_t* w_gu, const uint16_t* w_down, float* y, int64_t M, int64_t K,
-                       int64_t inter, int64_t hidden, int gelu, int threads) {
-  tf_gated_mlp_bf16_x(x, w_gu, w_down, y, M, K, inter, hidden, gelu, 0, threads);
 }
 
 // out[r] = the first index of the largest value of row r (a NaN counts as the largest, as in torch.argmax);

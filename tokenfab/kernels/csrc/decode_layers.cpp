@@ -92,9 +92,9 @@ void tf_decode_layers(const TfDecodeDims* dims, const TfDecodeLayer* layers, int
     linear(L.o, attn.data(), h.data(), M, threads);
     tf_add_rmsnorm(x, h.data(), L.post_attn_norm, L.mlp_norm, normed, M, d.hidden, d.eps, threads);
     if ((L.gate_up.kind == TF_BF16 || L.gate_up.kind == TF_BF16_ACT) && L.down.kind == L.gate_up.kind) {
-      tf_gated_mlp_bf16_x(normed, static_cast<const uint16_t*>(L.gate_up.w), static_cast<const uint16_t*>(L.down.w),
-                          h.data(), M, d.hidden, d.inter, d.hidden, static_cast<int>(d.gelu),
-                          L.gate_up.kind == TF_BF16_ACT ? 1 : 0, threads);
+      tf_gated_mlp_bf16(normed, static_cast<const uint16_t*>(L.gate_up.w), static_cast<const uint16_t*>(L.down.w),
+                        h.data(), M, d.hidden, d.inter, d.hidden, static_cast<int>(d.gelu),
+                        L.gate_up.kind == TF_BF16_ACT ? 1 : 0, threads);
     } else {
       gu.resize(M * 2 * d.inter);
       act.resize(M * d.inter);

@@ -469,7 +469,6 @@ constexpr int64_t WORDS = 3 * 16;  // int32 words per block and pair: codes, sca
 
 inline void decode(const uint8_t* w, int64_t K, int32_t* out) {
   const int64_t row_bytes = K / 32 * 34;
-  const __m512i bias = _mm512_set1_epi8(static_cast<char>(0x80)), zero = _mm512_setzero_si512();
   const char* fetched = reinterpret_cast<const char*>(w) + PREFETCH_AHEAD;
   for (int64_t j = 0; j < K / 32; ++j) {
     for (const char* until = fetched + ROWS * 34; fetched < until; fetched += 64) _mm_prefetch(fetched, _MM_HINT_T1);
@@ -482,7 +481,7 @@ inline void decode(const uint8_t* w, int64_t K, int32_t* out) {
       int32_t* o = out + (j * PAIRS + p) * WORDS;
       _mm512_storeu_si512(o, codes);
       _mm512_storeu_ps(reinterpret_cast<float*>(o + 16), scale);
-      _mm512_storeu_si512(o + 32, _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, codes)));
+      _mm512_storeu_si512(o + 32, tf::minus_128_sums(codes));
     }
   }
 }

@@ -24,6 +24,16 @@ inline __m256i dot_u8s8(__m256i u, __m256i s) {
 #endif
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// The unsigned-x form of a signed u8 x s8 dot product (512-bit VNNI paths): with x taken as x + 128 (a xor of
+// 0x80), a lane started from -128 times the sum of its four weights ends at exactly sum(x * w). These are the start
+// values of int8 weights w; x + 128 = 0x80 ^ x per byte.
+inline __m512i minus_128_sums(__m512i w) {
+  const __m512i zero = _mm512_setzero_si512();
+  return _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, _mm512_set1_epi8(static_cast<char>(0x80)), w));
+}
+#endif
+
 inline float hsum(__m256 v) {
   __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
