@@ -1,16 +1,19 @@
 """The autoscaler: on a step-function load in the simulator it scales up through the surge and back down after it
 without oscillating, holds a steady load at one replica count, ignores a cold replica's samples, scales down only
-when the survivors can absorb the load, and keeps to its bounds."""
+when the survivors can absorb the load, forecasts a surge from its arrivals before the sequences pile up, and keeps
+to its bounds."""
 
 from __future__ import annotations
 
+import math
 import random
+from dataclasses import replace
 
 import pytest
 
 from tokenfab.bench.records import SLO
 from tokenfab.bench.stats import summarize
-from tokenfab.cluster.autoscaler import AutoscaleOptions, Autoscaler, ReplicaView
+from tokenfab.cluster.autoscaler import AutoscaleOptions, Autoscaler, ReplicaView, Traffic
 from tokenfab.cluster.policies import ReplicaLoad, make_policy
 from tokenfab.sim.simulator import ReplicaShape, Simulator, autoscale, open_loop
 from tokenfab.sim.step_cost import StepCostModel
@@ -23,7 +26,7 @@ SHAPE = ReplicaShape([None], [4000], 16, 64, 512, 2048)
 OPTIONS = AutoscaleOptions(min_replicas=1, max_replicas=4, slo_ttft=1.0, slo_tpot=0.1)
 
 
-def run(phases: list[tuple[float, float]], seed: int = 0):
+def run(phases: list[tuple[float, float]], seed: int = 0, forecast: bool = True):
     """Poisson arrivals at each phase's rate for its seconds; returns the simulator and the scaler's history."""
     rng, arrivals, t = random.Random(seed), [], 0.0
     for rate, seconds in phases:
@@ -35,7 +38,7 @@ def run(phases: list[tuple[float, float]], seed: int = 0):
     requests = [([1000 + (i * 131 + j) % 9000 for j in range(128)], 32) for i in range(len(arrivals))]
     sim = Simulator(SHAPE, COST, 1, make_policy("kv", slo_ttft=1.0, slo_tpot=0.1))
     open_loop(sim, requests, 1.0, 1.0, arrivals=arrivals)
-    history = autoscale(sim, Autoscaler(OPTIONS), cold_start_s=10.0)
+    history = autoscale(sim, Autoscaler(replace(OPTIONS, forecast=forecast)), cold_start_s=10.0)
     sim.run()
     return sim, history
 
@@ -62,6 +65,18 @@ def test_a_step_function_load_scales_up_then_down_without_oscillating():
     assert 420 + 2 * 120 < sim.replica_seconds() < peak * 420 * 0.6
     s = summarize(sim.records, slo=SLO(1.0, 0.1))
     assert s.completed == s.sent and s.goodput_fraction > 0.75  # the surge arrives faster than a replica starts
+
+
+def test_the_arrivals_bring_the_first_start_forward_on_a_surge():
+    # The same surge as above, with and without the arrivals' forecast: the load seen alone waits for the surge's
+    # sequences to pile up (and for its moving average); the forecast sees the surge in its arrivals.
+    firsts = {}
+    for forecast in (True, False):
+        sim, history = run([(1.0, 120), (12.0, 120), (1.0, 180)], forecast=forecast)
+        firsts[forecast] = min(t for t, _, d in history if d.action == "up" and t > 100) - 120
+        s = summarize(sim.records, slo=SLO(1.0, 0.1))
+        assert s.completed == s.sent
+    assert firsts[True] <= 6.0 and firsts[True] < firsts[False]
 
 
 def test_a_steady_load_settles_on_one_count():
@@ -117,6 +132,32 @@ def test_down_only_when_the_survivors_absorb_the_load():
     assert downs and 246 <= downs[0][0] <= 254 and downs[0][1].replica == 1
     # Never below the minimum.
     assert {Autoscaler(OPTIONS).decide(t, [view(0, 0)]).action for t in range(0, 100, 2)} == {"hold"}
+
+
+def test_arrivals_forecast_a_surge_before_the_sequences_pile_up():
+    # Two sequences running (TPOT 0.028 s predicted from them), 32 output tokens per request. At 12 requests/s one
+    # replica would decode 12 x 32 x 0.004 = 1.5 s of sequence time per second: more than it has, so the forecast
+    # says up on its second look at the rate; at 2 requests/s it settles near 2 sequences and holds.
+    for rate in (12, 2):
+        scaler, traffic, actions = Autoscaler(OPTIONS), Traffic(), []
+        for _ in range(4):
+            traffic.finish(32)
+        for t in range(0, 10, 2):
+            actions.append(scaler.decide(t, [view(0, 2)], traffic))
+            for _ in range(2 * rate):
+                traffic.arrive(128)
+        if rate == 12:
+            assert [a.action for a in actions][:3] == ["hold", "hold", "up"]
+            assert actions[2].reason.startswith("arrivals forecast") and actions[2].tpot == math.inf
+        else:
+            assert {a.action for a in actions} == {"hold"} and max(a.tpot or 0.0 for a in actions) < 0.03
+    # Without the arrivals, the same views hold: two sequences are nothing to scale for.
+    scaler = Autoscaler(OPTIONS)
+    assert {scaler.decide(t, [view(0, 2)]).action for t in range(0, 10, 2)} == {"hold"}
+    # Siblings of one prompt share its prefill: the prompt tokens per request are the prefill's share.
+    traffic = Traffic()
+    traffic.arrive(300, n=3)
+    assert traffic.arrived == 3 and traffic.prompt_tokens == 100
 
 
 def test_bounds():

@@ -8,6 +8,13 @@ the kv router already fits). Spread evenly over k replicas, that load predicts
     TPOT(k) = step + (running / k) x per-sequence time
     TTFT(k) = step + (queued prefill / k) / prefill rate + (running / k) x per-sequence time
 
+Where it is given the fleet's `Traffic`, "running" is also forecast from the arrivals (throughput mode, by Little's
+law): at an arrival rate lambda (moving-averaged over `smooth_up_s`) of requests with P uncached prompt tokens and L
+output tokens (their recent means), a request stays P / prefill rate + L x TPOT(k), so the sequences running settle
+at s = lambda (P / prefill rate + L x step) / (1 - lambda L per-sequence time / k) — without bound once the arrivals
+outgrow what k replicas can decode. The predictions take the larger of the running count seen and this forecast: a
+surge shows as soon as its arrivals do, not only once the sequences it started have piled up.
+
 - **Up** when TTFT or TPOT over the replicas running and starting reaches `up_at` of its SLO in `up_after`
   consecutive looks: before the SLO breaks, not after, and a replica already starting counts as capacity (a second
   start only if the load outgrows it too).
@@ -58,6 +65,8 @@ class AutoscaleOptions:
     """Time constant of the moving average the load is read through for scaling up (a surge shows within seconds)..."""
     smooth_down_s: float = 15.0
     """...and for scaling down (a lull between bursts of a steady load is not a trend)."""
+    forecast: bool = True
+    """Also forecast the sequences running from the arrivals, where the caller keeps them (see `Traffic`)."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -73,6 +82,30 @@ class AutoscaleOptions:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+
+@dataclass(slots=True)
+class Traffic:
+    """The fleet's requests as the autoscaler forecasts from them: how many arrived, and the recent means of their
+    uncached prompt tokens and of the tokens they were given (an exponential average over about `SPAN` requests)."""
+
+    SPAN = 32
+
+    arrived: int = 0
+    prompt_tokens: float | None = None
+    output_tokens: float | None = None
+
+    def arrive(self, prompt_tokens: int, n: int = 1) -> None:
+        """`n` requests (the siblings of one prompt: one prefill) arrived."""
+        self.arrived += n
+        self.prompt_tokens = _mean(self.prompt_tokens, prompt_tokens / n)
+
+    def finish(self, output_tokens: int) -> None:
+        self.output_tokens = _mean(self.output_tokens, output_tokens)
+
+
+def _mean(average: float | None, x: float) -> float:
+    return float(x) if average is None else average + (x - average) / Traffic.SPAN
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +138,11 @@ class Autoscaler:
         self._changed = float("-inf")
         self._seen: dict[float, tuple[float, float, float]] = {}
         """Per time constant: (when, sequences, queued prefill tokens), the fleet's load moving-averaged."""
+        self._arrivals: tuple[float, int, float | None] | None = None
+        """(when, requests arrived by then, arrival rate moving-averaged over smooth_up_s)."""
 
-    def decide(self, now: float, replicas: list[ReplicaView]) -> ScaleDecision:
+    def decide(self, now: float, replicas: list[ReplicaView], traffic: Traffic | None = None) -> ScaleDecision:
+        """`traffic`: the fleet's arrivals, to forecast the sequences they will keep running (none: the load seen)."""
         o = self.options
         running = [v for v in replicas if not v.starting]
         starting = len(replicas) - len(running)
@@ -123,9 +159,18 @@ class Autoscaler:
         queued = sum(v.load.queued_prefill for v in running)
         fast = self._smoothed(o.smooth_up_s, now, seqs, queued)
         slow = self._smoothed(o.smooth_down_s, now, seqs, queued)
+        arrival_rate = self._arrival_rate(now, traffic) if o.forecast else None
+
+        def settled(k: int) -> float:
+            """The sequences the arrivals keep running on k replicas (Little's law; 0 without a forecast)."""
+            if traffic is None or arrival_rate is None or traffic.output_tokens is None:
+                return 0.0
+            prompt, out = traffic.prompt_tokens or 0.0, traffic.output_tokens
+            busy = arrival_rate * out * per_seq / k
+            return math.inf if busy >= 1 else arrival_rate * (prompt / rate + out * step) / (1 - busy)
 
         def predict(k: int, load: tuple[float, float]) -> tuple[float, float]:
-            seqs, queued = load
+            seqs, queued = max(load[0], settled(k)), load[1]
             tpot = step + seqs / k * per_seq
             return step + queued / k / rate + seqs / k * per_seq, tpot
 
@@ -138,7 +183,8 @@ class Autoscaler:
             if self._over < o.up_after:
                 return ScaleDecision("hold", "over the SLO share once", None, ttft, tpot)
             which = "ttft" if ttft >= o.up_at * o.slo_ttft else "tpot"
-            return self._act(now, ScaleDecision("up", f"predicted {which} near the SLO", None, ttft, tpot))
+            why = "arrivals forecast" if settled(len(replicas)) > fast[0] else "predicted"
+            return self._act(now, ScaleDecision("up", f"{why} {which} near the SLO", None, ttft, tpot))
         self._over = 0
         if starting or len(running) <= o.min_replicas:
             self._fits_since = None
@@ -166,6 +212,23 @@ class Autoscaler:
         self._seen[tau] = seen
         return seen[1], seen[2]
 
+    def _arrival_rate(self, now: float, traffic: Traffic | None) -> float | None:
+        """Requests per second arriving, moving-averaged over smooth_up_s (None before two looks)."""
+        if traffic is None:
+            return None
+        if self._arrivals is None:
+            self._arrivals = (now, traffic.arrived, None)
+            return None
+        at, arrived, average = self._arrivals
+        if now <= at:
+            return average
+        rate = (traffic.arrived - arrived) / (now - at)
+        tau = self.options.smooth_up_s
+        keep = math.exp(-(now - at) / tau) if tau > 0 else 0.0
+        average = rate if average is None else average * keep + rate * (1 - keep)
+        self._arrivals = (now, traffic.arrived, average)
+        return average
+
     def _act(self, now: float, decision: ScaleDecision) -> ScaleDecision:
         self._over, self._fits_since, self._changed = 0, None, now
         return decision
@@ -182,10 +245,13 @@ class ScalingLoop:
         look: Callable[[float], list[ReplicaView]],
         up: Callable[[], Awaitable[int | None]],
         down: Callable[[int], None],
+        traffic: Traffic | None = None,
     ) -> None:
         self.options = options
         self.autoscaler = Autoscaler(options)
         self._look, self._up, self._down = look, up, down
+        self.traffic = traffic
+        """The fleet's arrivals, kept by the caller, for the autoscaler's forecast."""
         self.decisions: Counter[tuple[str, str]] = Counter()
         """Decisions that changed something, by (action, reason)."""
         self.last: ScaleDecision | None = None
@@ -199,7 +265,7 @@ class ScalingLoop:
                 log.exception("autoscaler")
 
     async def step(self, now: float) -> None:
-        decision = self.last = self.autoscaler.decide(now, self._look(now))
+        decision = self.last = self.autoscaler.decide(now, self._look(now), self.traffic)
         if decision.action == "up":
             which = await self._up()
         elif decision.action == "down" and decision.replica is not None:

@@ -28,7 +28,7 @@ from typing import Any
 
 import msgspec
 
-from tokenfab.cluster.autoscaler import AutoscaleOptions, ReplicaView, ScalingLoop
+from tokenfab.cluster.autoscaler import AutoscaleOptions, ReplicaView, ScalingLoop, Traffic
 from tokenfab.cluster.disagg import ROLES, Disaggregation, takes_requests
 from tokenfab.cluster.kv_index import KvIndex, prompt_blocks
 from tokenfab.cluster.policies import Decision, RoutingPolicy
@@ -97,7 +97,11 @@ class Router(EngineClient):
         PLAN_TTL: a refused request)."""
         self._results: asyncio.Queue[tuple[Replica | None, StepResult] | EngineDead] = asyncio.Queue()
         self._tasks: dict[str, asyncio.Task] = {}
-        self.scaler = ScalingLoop(autoscale, self._views, self._start_one, self._drain_one) if autoscale else None
+        self.traffic = Traffic()
+        """Requests arrived and their sizes (the autoscaler's forecast)."""
+        self.scaler = (
+            ScalingLoop(autoscale, self._views, self._start_one, self._drain_one, self.traffic) if autoscale else None
+        )
         self._paid = PaidTime()
         self._start_timeout = 600.0
         self._closing = False
@@ -206,6 +210,7 @@ class Router(EngineClient):
                 replica = self._route(blocks, len(prompt), group_id)
                 uncached = self._uncached(replica, blocks, len(prompt))
             predicted = self._predictions.pop(group_id, None)
+            self.traffic.arrive(uncached, len(group))
             prefill = self._prefill_replica(replica, blocks, uncached, len(prompt))
             if prefill is not None:
                 uncached = self._block_size  # what is left to compute where it decodes: the last, partial block
@@ -605,6 +610,8 @@ class Router(EngineClient):
         if out.finish_reason is not None:
             replica.running.discard(out.request_id)
             del self._flights[out.request_id]
+            if out.error is None:
+                self.traffic.finish(len(flight.generated))
             roles = self.disagg.roles if self.disagg is not None else None
             if roles is not None and flight.first_at is not None and out.error is None:
                 n = len(flight.generated)

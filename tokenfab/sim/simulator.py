@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenfab.bench.records import RequestRecord
-from tokenfab.cluster.autoscaler import Autoscaler, ReplicaView, ScaleDecision
+from tokenfab.cluster.autoscaler import Autoscaler, ReplicaView, ScaleDecision, Traffic
 from tokenfab.cluster.policies import ReplicaLoad, RoutingPolicy
 from tokenfab.engine.block_hash import BlockHash, block_hashes, external_hash
 from tokenfab.engine.kv_cache_manager import KVCacheManager
@@ -126,6 +126,8 @@ class Simulator:
         self._order = itertools.count()
         self._submitted = itertools.count()
         self.records: list[RequestRecord] = []
+        self.traffic = Traffic()
+        """Requests arrived and their sizes, as the router keeps them (for an autoscaler's forecast)."""
 
     # -- events ----------------------------------------------------------------------------------------------------
 
@@ -163,6 +165,7 @@ class Simulator:
         blocks = [external_hash(h) for h in hashes]
         replica = self._route(req.prompt, hashes, blocks)
         req.uncached = max(len(req.prompt) - replica.cached_blocks(req.prompt, hashes) * bs, 1)
+        self.traffic.arrive(req.uncached)
         params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True)
         # Arrival order breaks ties in the scheduler's queue (a preempted request goes back ahead of later ones):
         # requests submitted at one virtual instant keep the order they were submitted in, as in a real engine.
@@ -263,6 +266,7 @@ class Simulator:
                     rec.cached_tokens = e.request.num_cached_tokens
             if e.status is not None:
                 rec.end = self.now
+                self.traffic.finish(rec.output_tokens)
                 del replica.flights[req.request_id]
                 if req.recorded:
                     self.records.append(rec)
@@ -284,7 +288,7 @@ def autoscale(sim: Simulator, scaler: Autoscaler, cold_start_s: float = 10.0) ->
             for r in sim.replicas
             if r.state in ("running", "starting")
         ]
-        decision = scaler.decide(sim.now, views)
+        decision = scaler.decide(sim.now, views, sim.traffic)
         if decision.action == "up":
             sim.start_replica(cold_start_s)
         elif decision.action == "down" and decision.replica is not None:
