@@ -7,6 +7,9 @@ what the fewest replicas meeting it for the whole trace would have cost standing
 
     .venv/bin/python -m tokenfab.cli profile --threads 1 --kv-cache-memory-gb 1 --out benchmarks/profiles/<name>
     .venv/bin/python benchmarks/autoscale_ramp.py --profile benchmarks/profiles/<name>     # quiet machine, ~7 min
+
+The server runs the profile's engine flags (a weight format given to `tokenfab profile`, say), so the replicas are
+the variant the planner's optimum is computed for.
 """
 
 from __future__ import annotations
@@ -88,6 +91,21 @@ def planner_optimum(args: argparse.Namespace, trace: Path, phases: list[tuple[fl
     return {"phases": out, "whole_trace_replicas": whole.best.replicas if whole.best else None}
 
 
+def profiled_flags(profile: Path) -> list[str]:
+    """The engine flags the profile was measured with (its weight format, ...), less the threads and KV budget, which
+    `--replicas auto` splits over the maximum itself."""
+    given = json.loads((profile / "step_cost.json").read_text())["meta"].get("serve_flags", [])
+    out, skip = [], False
+    for flag in given:
+        if skip:
+            skip = False
+        elif flag in ("--threads", "--kv-cache-memory-gb"):
+            skip = True
+        elif not flag.startswith(("--threads=", "--kv-cache-memory-gb=")):
+            out.append(flag)
+    return out
+
+
 def load_args(args: argparse.Namespace, trace: Path) -> argparse.Namespace:
     from tokenfab.bench.cli import add_load_args, add_workload_args
 
@@ -118,7 +136,8 @@ def main() -> int:
     trace = work / "trace.jsonl"
     counts = write_trace(trace, args.phases, args.isl, args.osl, args.seed)
     flags = ["--replicas", "auto", "--min-replicas", "1", "--max-replicas", str(args.max_replicas),
-             "--slo-ttft", str(args.slo_ttft), "--slo-tpot", str(args.slo_tpot)]  # fmt: skip
+             "--slo-ttft", str(args.slo_ttft), "--slo-tpot", str(args.slo_tpot),
+             *profiled_flags(args.profile)]  # fmt: skip
     port = free_port()
     server = launch(ServerSpec("tokenfab", [*TOKENFAB, "serve", "--port", str(port), *flags], dict(os.environ)),
                     port, work)  # fmt: skip

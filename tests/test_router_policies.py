@@ -84,6 +84,25 @@ def test_step_cost_separates_a_steps_overhead_from_its_tokens():
     assert cost.per_token == pytest.approx(0.0004, rel=0.05)
 
 
+def test_step_cost_tells_a_decoding_sequence_from_a_prompt_token():
+    """A decode token costs more than a prompt token (it carries a sequence's share of the LM head and its own
+    attention): from steps mixing prefill chunks and decodes the fit tells them apart, and a long run of decodes at
+    one batch size keeps both."""
+    cost = StepCost()
+    rng = random.Random(2)
+    for _ in range(200):
+        prompt, seqs = rng.choice([0, 0, 128, 512]), rng.randint(1, 16)
+        cost.observe(1, prompt + seqs, 0.008 + prompt * 0.0015 + seqs * 0.0045, prompt_tokens=prompt)
+    assert cost.per_token == pytest.approx(0.0015, rel=0.02) and cost.per_seq == pytest.approx(0.0045, rel=0.02)
+    assert cost.overhead == pytest.approx(0.008, rel=0.05)
+    for _ in range(300):
+        cost.observe(1, 8, 0.008 + 8 * 0.0045, prompt_tokens=0)  # eight sequences decoding, nothing else
+    assert cost.per_token == pytest.approx(0.0015, rel=0.05) and cost.per_seq == pytest.approx(0.0045, rel=0.05)
+    # Several steps in one report: their means.
+    cost.observe(4, 4 * 200, 4 * (0.008 + 192 * 0.0015 + 8 * 0.0045), prompt_tokens=4 * 192)
+    assert cost.per_seq == pytest.approx(0.0045, rel=0.05)
+
+
 def test_kv_keeps_a_cheap_replica_whose_decode_would_miss_the_tpot_slo_out():
     """The cheaper replica runs 6 sequences: its next decode step (with this one) is 0.002 + 7 x 0.002 s, past a
     10 ms TPOT SLO, so the dearer idle one wins; with a looser SLO the cheap one does."""

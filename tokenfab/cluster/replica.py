@@ -21,36 +21,49 @@ Factory = Callable[[], EngineClient]
 
 
 class StepCost:
-    """A replica's step time = overhead + per_token x tokens in the step, fitted by least squares over its own
-    recent steps (exponentially forgotten, DECAY per step). While its steps are all alike (a run of decodes, where
-    the token count barely varies) the slope is held near the last one the data determined, so the per-token cost
-    of a prefill is not read off decode steps, whose time is mostly overhead."""
+    """A replica's step time = overhead + per_token x prompt tokens + per_seq x decode tokens in the step, fitted by
+    least squares over its own recent steps (exponentially forgotten, DECAY per step). Each slope is held near the
+    last value the data determined while the steps do not vary in its feature (a run of decodes says nothing of a
+    prefill's per-token cost; a run of prefills at one batch size nothing of what a sequence adds to a decode), so
+    neither is read off steps whose time is mostly overhead. A decode token costs what a prompt token does until the
+    replica's steps have told them apart."""
 
     DECAY = 0.98
     HOLD = 64.0**2
-    """Weight of the held slope: as much as one step lying 64 tokens off the mean."""
+    """Weight of the held per-token slope: as much as one step lying 64 prompt tokens off the mean..."""
+    HOLD_SEQ = 4.0**2
+    """...and of the held per-sequence slope: one step lying 4 decoding sequences off the mean."""
 
-    def __init__(self, overhead: float = 0.002, per_token: float = 1 / 2000) -> None:
+    def __init__(self, overhead: float = 0.002, per_token: float = 1 / 2000, per_seq: float | None = None) -> None:
         self.overhead, self.per_token = overhead, per_token
-        self._held = per_token
-        self._w = self._x = self._y = self._xx = self._xy = 0.0
+        self.per_seq = per_token if per_seq is None else per_seq
+        self._held = [self.per_token, self.per_seq]
+        self._sums = [0.0] * 9
+        """Forgotten weighted sums: w, p, d, y, pp, dd, pd, py, dy (p, d: prompt and decode tokens per step)."""
 
-    def observe(self, steps: int, tokens: int, seconds: float) -> None:
+    def observe(self, steps: int, tokens: int, seconds: float, prompt_tokens: int | None = None) -> None:
+        """`steps` steps ran `tokens` tokens in `seconds`; `prompt_tokens` of them were prompt tokens (None: all)."""
         if steps <= 0 or tokens <= 0 or seconds <= 0:
             return
-        x, y, forget = tokens / steps, seconds / steps, self.DECAY**steps
-        self._w = self._w * forget + steps
-        self._x = self._x * forget + steps * x
-        self._y = self._y * forget + steps * y
-        self._xx = self._xx * forget + steps * x * x
-        self._xy = self._xy * forget + steps * x * y
-        mean_x, mean_y = self._x / self._w, self._y / self._w
-        spread = self._xx - self._w * mean_x * mean_x
-        slope = (self._xy - self._w * mean_x * mean_y + self.HOLD * self._held) / (spread + self.HOLD)
-        self.per_token = max(slope, 1e-7)
-        self.overhead = max(mean_y - self.per_token * mean_x, 0.0)
-        if spread > 10 * self.HOLD:
-            self._held = self.per_token
+        prompt = tokens if prompt_tokens is None else min(max(prompt_tokens, 0), tokens)
+        p, d, y, forget = prompt / steps, (tokens - prompt) / steps, seconds / steps, self.DECAY**steps
+        terms = (1.0, p, d, y, p * p, d * d, p * d, p * y, d * y)
+        self._sums = [s * forget + steps * t for s, t in zip(self._sums, terms)]
+        w, sp, sd, sy, spp, sdd, spd, spy, sdy = self._sums
+        mp, md, my = sp / w, sd / w, sy / w
+        # Centred (co)variances, then the two slopes with each pulled towards its held value (2 x 2 ridge system).
+        vpp, vdd, vpd = spp - w * mp * mp, sdd - w * md * md, spd - w * mp * md
+        cpy, cdy = spy - w * mp * my, sdy - w * md * my
+        a11, a22, a12 = vpp + self.HOLD, vdd + self.HOLD_SEQ, vpd
+        b1, b2 = cpy + self.HOLD * self._held[0], cdy + self.HOLD_SEQ * self._held[1]
+        det = a11 * a22 - a12 * a12
+        self.per_token = max((b1 * a22 - b2 * a12) / det, 1e-7)
+        self.per_seq = max((a11 * b2 - a12 * b1) / det, 1e-7)
+        self.overhead = max(my - self.per_token * mp - self.per_seq * md, 0.0)
+        if vpp > 10 * self.HOLD:
+            self._held[0] = self.per_token
+        if vdd > 10 * self.HOLD_SEQ:
+            self._held[1] = self.per_seq
 
 
 class PaidTime:
@@ -111,7 +124,7 @@ class Replica:
             len(self.running),
             sum(self.waiting_prefill.values()),
             prefill_tokens_per_s=1 / self.cost.per_token,
-            decode_seconds_per_seq=self.cost.per_token,
+            decode_seconds_per_seq=self.cost.per_seq,
             step_seconds=self.cost.overhead,
             usd_per_hour=usd,
         )
@@ -140,6 +153,7 @@ class Replica:
             "prefix_hit_rate": stats.prefix_cache.hit_rate if stats is not None else 0.0,
             "usd_per_hour": info.usd_per_hour if info is not None else 0.0,
             "seconds_per_token": self.cost.per_token,
+            "seconds_per_sequence": self.cost.per_seq,
             "seconds_per_step": self.cost.overhead,
         }
 
@@ -150,6 +164,7 @@ class Replica:
                 stats.scheduler.steps - last.scheduler.steps,
                 stats.scheduler.tokens_computed - last.scheduler.tokens_computed,
                 stats.cost.busy_seconds - last.cost.busy_seconds,
+                stats.scheduler.prompt_tokens_computed - last.scheduler.prompt_tokens_computed,
             )
 
     def forget_work(self) -> None:
