@@ -9,7 +9,8 @@ what the fewest replicas meeting it for the whole trace would have cost standing
     .venv/bin/python benchmarks/autoscale_ramp.py --profile benchmarks/profiles/<name>     # quiet machine, ~7 min
 
 The server runs the profile's engine flags (a weight format given to `tokenfab profile`, say), so the replicas are
-the variant the planner's optimum is computed for.
+the variant the planner's optimum is computed for, and starts its replicas' step-cost fits from the profile
+(`--step-profile`).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def main() -> int:
     counts = write_trace(trace, args.phases, args.isl, args.osl, args.seed)
     flags = ["--replicas", "auto", "--min-replicas", "1", "--max-replicas", str(args.max_replicas),
              "--slo-ttft", str(args.slo_ttft), "--slo-tpot", str(args.slo_tpot),
-             *profiled_flags(args.profile)]  # fmt: skip
+             "--step-profile", str(args.profile), *profiled_flags(args.profile)]  # fmt: skip
     port = free_port()
     server = launch(ServerSpec("tokenfab", [*TOKENFAB, "serve", "--port", str(port), *flags], dict(os.environ)),
                     port, work)  # fmt: skip

@@ -84,8 +84,10 @@ def test_a_steady_load_settles_on_one_count():
     sim, history = run([(1.0, 30), (7.0, 400)])
     steps = changes(history)
     # Up (past what it needs while the backlog of the first seconds clears), then down to it, and never up again.
+    # It keeps 3: on 2 the arrivals' prompts (18 % of each replica's time) stretch a decode step to 0.056 s
+    # predicted, over half the TPOT SLO, which is where scaling down stops (the hysteresis).
     assert steps and steps[0] == 1 and sum(a != b for a, b in zip(steps, steps[1:])) <= 1
-    assert {n for t, n, _ in history if 230 <= t <= 430} == {2}
+    assert {n for t, n, _ in history if 230 <= t <= 430} == {3}
     s = summarize(sim.records, slo=SLO(1.0, 0.1))
     assert s.goodput_fraction > 0.9
 
@@ -150,7 +152,8 @@ def test_arrivals_forecast_a_surge_before_the_sequences_pile_up():
             assert [a.action for a in actions][:3] == ["hold", "hold", "up"]
             assert actions[2].reason.startswith("arrivals forecast") and actions[2].tpot == math.inf
         else:
-            assert {a.action for a in actions} == {"hold"} and max(a.tpot or 0.0 for a in actions) < 0.03
+            # 0.028 s, stretched by the prompts' 10 % of the replica's time: 0.031 s.
+            assert {a.action for a in actions} == {"hold"} and max(a.tpot or 0.0 for a in actions) < 0.032
     # Without the arrivals, the same views hold: two sequences are nothing to scale for.
     scaler = Autoscaler(OPTIONS)
     assert {scaler.decide(t, [view(0, 2)]).action for t in range(0, 10, 2)} == {"hold"}

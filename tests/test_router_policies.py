@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 
 import pytest
@@ -170,3 +171,19 @@ def test_replicas_auto_needs_its_slo_and_sane_bounds():
         ServerSettings(replicas="auto", max_replicas=1, slo_ttft=2.0, slo_tpot=0.1)
     with pytest.raises(ValueError, match="a number of replicas or auto"):
         replica_count("many")
+
+
+def test_step_costs_start_from_a_profile(tmp_path):
+    """--step-profile: each replica's fit starts from the profile's measured terms (what a decoding sequence costs
+    is known before a light load's one-at-a-time decodes could tell it), and a directory without one is refused."""
+    coef = {"overhead": 0.0078, "prefill_tokens": 0.0015, "prefill_attention": 7e-4, "decode_seqs": 0.0046}
+    (tmp_path / "step_cost.json").write_text(json.dumps({"coef": coef}))
+    prior = StepCost.measured(str(tmp_path))
+    assert prior == (0.0078, 0.0015, 0.0046)
+    cost = StepCost(*prior)
+    for _ in range(100):
+        cost.observe(1, 1, 0.0078 + 0.0046, prompt_tokens=0)  # one decode at a time: nothing tells the terms apart
+    assert cost.per_seq == pytest.approx(0.0046, rel=0.02) and cost.per_token == pytest.approx(0.0015, rel=0.02)
+    assert ServerSettings(step_profile=str(tmp_path)).step_profile == str(tmp_path)
+    with pytest.raises(ValueError, match="no step_cost.json"):
+        ServerSettings(step_profile=str(tmp_path / "missing"))

@@ -10,10 +10,12 @@ the kv router already fits). Spread evenly over k replicas, that load predicts
 
 Where it is given the fleet's `Traffic`, "running" is also forecast from the arrivals (throughput mode, by Little's
 law): at an arrival rate lambda (moving-averaged over `smooth_up_s`) of requests with P uncached prompt tokens and L
-output tokens (their recent means), a request stays P / prefill rate + L x TPOT(k), so the sequences running settle
-at s = lambda (P / prefill rate + L x step) / (1 - lambda L per-sequence time / k) — without bound once the arrivals
-outgrow what k replicas can decode. The predictions take the larger of the running count seen and this forecast: a
-surge shows as soon as its arrivals do, not only once the sequences it started have piled up.
+output tokens (their recent means), the prompts take a share u = lambda P / prefill rate / k of each replica's time,
+which stretches every decode step by 1 / (1 - u); a request stays P / prefill rate + L x TPOT(k), so the sequences
+running settle at s = lambda (P / prefill rate + L step / (1 - u)) / (1 - lambda L per-sequence time / (k (1 - u)))
+— without bound once the arrivals outgrow what k replicas can compute. The predictions take the larger of the
+running count seen and this forecast, and TPOT the stretch: a surge shows as soon as its arrivals do, not only once
+the sequences it started have piled up.
 
 - **Up** when TTFT or TPOT over the replicas running and starting reaches `up_at` of its SLO in `up_after`
   consecutive looks: before the SLO breaks, not after, and a replica already starting counts as capacity (a second
@@ -161,17 +163,26 @@ class Autoscaler:
         slow = self._smoothed(o.smooth_down_s, now, seqs, queued)
         arrival_rate = self._arrival_rate(now, traffic) if o.forecast else None
 
+        def prefill_share(k: int) -> float:
+            """The share of each of k replicas' time the arrivals' prompts take (0 without a forecast)."""
+            if traffic is None or arrival_rate is None:
+                return 0.0
+            return arrival_rate * (traffic.prompt_tokens or 0.0) / rate / k
+
         def settled(k: int) -> float:
             """The sequences the arrivals keep running on k replicas (Little's law; 0 without a forecast)."""
             if traffic is None or arrival_rate is None or traffic.output_tokens is None:
                 return 0.0
-            prompt, out = traffic.prompt_tokens or 0.0, traffic.output_tokens
-            busy = arrival_rate * out * per_seq / k
-            return math.inf if busy >= 1 else arrival_rate * (prompt / rate + out * step) / (1 - busy)
+            prompt, out, share = traffic.prompt_tokens or 0.0, traffic.output_tokens, prefill_share(k)
+            busy = arrival_rate * out * per_seq / k / (1 - share) if share < 1 else math.inf
+            if busy >= 1:
+                return math.inf
+            return arrival_rate * (prompt / rate + out * step / (1 - share)) / (1 - busy)
 
         def predict(k: int, load: tuple[float, float]) -> tuple[float, float]:
-            seqs, queued = max(load[0], settled(k)), load[1]
-            tpot = step + seqs / k * per_seq
+            """TTFT and TPOT over k replicas; a decode step is stretched by the prompts computed between steps."""
+            seqs, queued, share = max(load[0], settled(k)), load[1], prefill_share(k)
+            tpot = (step + seqs / k * per_seq) / (1 - share) if share < 1 else math.inf
             return step + queued / k / rate + seqs / k * per_seq, tpot
 
         ttft, tpot = predict(len(replicas), fast)

@@ -91,6 +91,8 @@ class RouterOptions:
     disaggregation: str = "conditional"
     """With prefill replicas: conditional (per request, from the step costs) or always; auto: aggregated replicas
     one of which turns into a prefill replica (and back) as the measured SLO misses say (RoleSwitch)."""
+    step_prior: tuple[float, float, float] | None = None
+    """What each replica's step-cost fit starts from: (overhead, per_token, per_seq), from a profile."""
 
     def router(self, factories: list[Factory]) -> Router:
         return Router(
@@ -109,6 +111,7 @@ class RouterOptions:
                 if self.disaggregation == "auto"
                 else None,
             ),
+            step_prior=self.step_prior,
         )
 
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -40,6 +42,14 @@ class StepCost:
         self._held = [self.per_token, self.per_seq]
         self._sums = [0.0] * 9
         """Forgotten weighted sums: w, p, d, y, pp, dd, pd, py, dy (p, d: prompt and decode tokens per step)."""
+
+    @staticmethod
+    def measured(directory: str) -> tuple[float, float, float]:
+        """(overhead, per_token, per_seq) from a `tokenfab profile` directory's step_cost.json (its fitted step
+        time's fixed part, prefill token and decoding sequence terms)."""
+        with open(os.path.join(directory, "step_cost.json")) as f:
+            coef = json.load(f)["coef"]
+        return float(coef["overhead"]), max(float(coef["prefill_tokens"]), 1e-7), max(float(coef["decode_seqs"]), 1e-7)
 
     def observe(self, steps: int, tokens: int, seconds: float, prompt_tokens: int | None = None) -> None:
         """`steps` steps ran `tokens` tokens in `seconds`; `prompt_tokens` of them were prompt tokens (None: all)."""

@@ -32,7 +32,7 @@ from tokenfab.cluster.autoscaler import AutoscaleOptions, ReplicaView, ScalingLo
 from tokenfab.cluster.disagg import ROLES, Disaggregation, takes_requests
 from tokenfab.cluster.kv_index import KvIndex, prompt_blocks
 from tokenfab.cluster.policies import Decision, RoutingPolicy
-from tokenfab.cluster.replica import Factory, Flight, PaidTime, Replica, plus_cost, sum_stats
+from tokenfab.cluster.replica import Factory, Flight, PaidTime, Replica, StepCost, plus_cost, sum_stats
 from tokenfab.engine.client import EngineClient, EngineDead
 from tokenfab.engine.ipc import FromCore, StepResult
 from tokenfab.engine.messages import CoreInfo, CoreOutput, CoreRequest
@@ -62,9 +62,11 @@ class Router(EngineClient):
         autoscale: AutoscaleOptions | None = None,
         roles: Sequence[str] = (),
         disaggregation: Disaggregation | None = None,
+        step_prior: tuple[float, float, float] | None = None,
     ) -> None:
         """`roles`: each replica's (both, prefill, decode; default both); with prefill replicas, `disaggregation`
-        decides per request whether its prompt is computed on one (tokenfab.cluster.disagg)."""
+        decides per request whether its prompt is computed on one (tokenfab.cluster.disagg). `step_prior`: the
+        (overhead, per_token, per_seq) each replica's step-cost fit starts from (StepCost.measured)."""
         super().__init__()
         if not clients:
             raise ValueError("a router needs at least one replica")
@@ -74,7 +76,10 @@ class Router(EngineClient):
         if not any(takes_requests(r) for r in roles):
             raise ValueError("at least one replica must take requests (role both or decode)")
         factories = factories or [None] * len(clients)  # type: ignore[list-item]
-        self.replicas = [Replica(i, c, f, role=role) for i, (c, f, role) in enumerate(zip(clients, factories, roles))]
+        self.replicas = [
+            Replica(i, c, f, role=role, cost=StepCost(*step_prior) if step_prior else StepCost())
+            for i, (c, f, role) in enumerate(zip(clients, factories, roles))
+        ]
         split = any(r == "prefill" for r in roles)
         self.disagg = disaggregation if split or (disaggregation is not None and disaggregation.roles) else None
         self.policy = policy

@@ -12,6 +12,7 @@ import time
 import uvicorn
 
 from tokenfab.cluster.pool import RouterOptions, local_router
+from tokenfab.cluster.replica import StepCost
 from tokenfab.config import EngineConfig
 from tokenfab.engine.client import EngineClient, make_engine_client
 from tokenfab.engine.expert_ranks import check_expert_parallel
@@ -67,6 +68,7 @@ def build_state(engine: EngineConfig, settings: ServerSettings) -> ServerState:
         settings.autoscale_options(),
         settings.replica_roles,
         settings.disaggregation,
+        StepCost.measured(settings.step_profile) if settings.step_profile else None,
     )
     if engine.data_parallel_size > 1 and (settings.replica_slots > 1 or settings.moves_kv):
         raise ValueError(

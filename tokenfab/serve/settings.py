@@ -108,6 +108,11 @@ class ServerSettings:
     replica_hang_timeout: float = 60.0
     """Seconds an engine core with work may go without finishing a step before it counts as hung: a replica is
     killed (its requests move, it restarts); a single engine makes /health answer 503."""
+    step_profile: str | None = None
+    """A `tokenfab profile` directory measured with one replica's configuration: each replica's step-cost fit (kv
+    routing, --replicas auto) starts from its measured costs instead of defaults, so what a decoding sequence costs
+    is known before the replicas' own steps have told it apart from a prompt token (a light load decodes one
+    sequence at a time)."""
     tool_call_parser: str = field(default="auto", metadata={"choices": lambda: PARSERS})
     """How tool calls are written and read: auto (from the chat template), hermes or llama3_json."""
 
@@ -151,6 +156,10 @@ class ServerSettings:
             ),
             (all(x is None or x > 0 for x in (self.slo_ttft, self.slo_tpot)), "slo_ttft and slo_tpot must be > 0"),
             (self.replica_hang_timeout > 0, "replica_hang_timeout must be > 0"),
+            (
+                self.step_profile is None or os.path.isfile(os.path.join(self.step_profile, "step_cost.json")),
+                f"--step-profile {self.step_profile}: no step_cost.json there (write one with `tokenfab profile`)",
+            ),
             (self.router in POLICIES, f"router must be one of {', '.join(POLICIES)}"),
             (self.replica_slots == 1 or not self.external_core, "external_core serves one replica"),
             (self.replica_slots > 1 or self.ray or not self.replica_price, "replica_price needs --replicas 2 or more"),
